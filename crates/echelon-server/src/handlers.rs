@@ -1,0 +1,94 @@
+//! The endpoint handlers.
+
+use axum::Json;
+use axum::extract::State;
+use axum::extract::rejection::BytesRejection;
+use axum::response::{IntoResponse, Response};
+use bytes::Bytes;
+use echelon_types::{ErrorBody, parse_request};
+use http::StatusCode;
+use serde_json::json;
+
+use crate::AppState;
+use crate::reply::{error_response, gateway_error_response, json_response, put_route_headers};
+use crate::sse::stream_response;
+
+/// `POST /v1/chat/completions`.
+pub(crate) async fn chat_completions(
+    State(state): State<AppState>,
+    body: Result<Bytes, BytesRejection>,
+) -> Response {
+    let body = match body {
+        Ok(b) => b,
+        Err(rejection) => {
+            let status = rejection.status();
+            return error_response(
+                status,
+                ErrorBody::new("invalid_request_error", rejection.body_text())
+                    .with_code(if status == StatusCode::PAYLOAD_TOO_LARGE {
+                        "request_too_large"
+                    } else {
+                        "invalid_body"
+                    }),
+            );
+        }
+    };
+    let req = match parse_request(&body) {
+        Ok(r) => r,
+        Err(e) => {
+            let mut err = ErrorBody::new("invalid_request_error", e.message);
+            err.error.param = e.path;
+            return error_response(StatusCode::BAD_REQUEST, err.with_code("invalid_request"));
+        }
+    };
+    if req.is_stream() {
+        match state.gateway.chat_stream(req).await {
+            Ok(stream) => stream_response(stream),
+            Err(e) => gateway_error_response(&e),
+        }
+    } else {
+        match state.gateway.chat(req).await {
+            Ok(done) => {
+                let mut resp = json_response(StatusCode::OK, &done.response);
+                put_route_headers(resp.headers_mut(), &done.model, &done.attempts);
+                resp
+            }
+            Err(e) => gateway_error_response(&e),
+        }
+    }
+}
+
+/// `GET /v1/models`: every route (models, task groups, echelons) in OpenAI's list shape,
+/// with Echelon's `kind` and `models` added.
+pub(crate) async fn list_models(State(state): State<AppState>) -> Response {
+    let data: Vec<_> = state
+        .gateway
+        .routes()
+        .iter()
+        .map(|r| {
+            json!({
+                "id": r.id,
+                "object": "model",
+                "created": 0,
+                "owned_by": "echelon",
+                "kind": r.kind,
+                "models": r.models,
+            })
+        })
+        .collect();
+    Json(json!({"object": "list", "data": data})).into_response()
+}
+
+/// `GET /health`.
+pub(crate) async fn health() -> Response {
+    Json(json!({"status": "ok"})).into_response()
+}
+
+/// Anything else: 404 in the OpenAI error body.
+pub(crate) async fn not_found(uri: http::Uri) -> Response {
+    error_response(
+        StatusCode::NOT_FOUND,
+        ErrorBody::new("invalid_request_error", format!("no such endpoint: {}", uri.path()))
+            .with_code("unknown_url"),
+    )
+}

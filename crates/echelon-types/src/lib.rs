@@ -1,0 +1,24 @@
+//! OpenAI chat-completion wire types for Echelon.
+//!
+//! The gateway models only the fields it acts on (`model`, `messages`, `stream`,
+//! `max_tokens`, `usage`, …). Everything else a client or provider sends — `tools`,
+//! `response_format`, `logprobs`, llama.cpp's `timings`, vendor extras — is kept in an
+//! `extra` map (`#[serde(flatten)]`) and passes through both ways untouched.
+//!
+//! Shapes follow the OpenAI API reference for `POST /v1/chat/completions`
+//! (<https://platform.openai.com/docs/api-reference/chat>).
+
+mod chat;
+mod error;
+mod request_check;
+mod stream;
+
+pub use chat::{
+    ChatCompletion, ChatCompletionRequest, ChatMessage, Choice, Role, StreamOptions, Usage,
+};
+pub use error::{Attempt, ErrorBody, ErrorObject};
+pub use request_check::{RequestError, parse_request};
+pub use stream::{ChatCompletionChunk, ChunkChoice, Delta};
+
+/// A JSON object of fields the gateway does not model, kept as they came.
+pub type Extra = serde_json::Map<String, serde_json::Value>;

@@ -1,0 +1,18 @@
+//! Echelon, a resilient LLM gateway: one OpenAI-compatible interface in front of many
+//! providers, with tiered failover that never answers with a placeholder.
+//!
+//! The modules follow the request path (DESIGN.md §3):
+//! - [`config`]: the YAML/JSON configuration, validated with file:line:col errors;
+//! - [`routing`]: route names → task groups / models, and the failover loop;
+//! - [`provider`]: one HTTP call to one OpenAI-compatible endpoint, classified errors;
+//! - [`key`]: API keys and the short ids that stand for them;
+//! - [`error`]: the typed error a caller gets when every attempt failed.
+
+pub mod config;
+pub mod error;
+pub mod key;
+pub mod provider;
+pub mod routing;
+
+pub use error::GatewayError;
+pub use routing::{Completion, Gateway, GatewayStream, RouteInfo};
