@@ -1,1 +1,183 @@
-//! placeholder
+//! A fault-injecting OpenAI-compatible upstream for Echelon's tests and
+//! benchmarks.
+//!
+//! [`TestUpstream`] serves `POST /v1/chat/completions` (plain and streamed),
+//! `GET /v1/models` and `GET /health` on a local port. A normal answer echoes
+//! the last user message (`"echo: <text>"`); a [`Behavior`] makes one request
+//! (or every request) fail in a chosen way: an error status with
+//! `Retry-After`, a stall, a cut connection, a stream cut or stalled
+//! mid-way, a malformed body, or a delay. A [`FaultPlan`] injects faults at
+//! random, reproducibly from a seed.
+//!
+//! ```no_run
+//! # async fn demo() -> std::io::Result<()> {
+//! use echelon_testkit::{Behavior, TestUpstream};
+//!
+//! let upstream = TestUpstream::start().await?;
+//! upstream.push_behavior(Behavior::Status {
+//!     status: 429,
+//!     retry_after: Some(1),
+//!     message: "slow down".into(),
+//! });
+//! // Point a client at `upstream.base_url()`: its first chat completion gets
+//! // the 429, later ones the echo answer.
+//! assert_eq!(upstream.chat_requests(), 0);
+//! upstream.shutdown().await;
+//! # Ok(())
+//! # }
+//! ```
+
+pub mod real;
+mod behavior;
+mod server;
+mod wire;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use tokio::net::{TcpListener, ToSocketAddrs};
+use tokio::sync::oneshot;
+use tokio::task::JoinHandle;
+
+pub use behavior::{Behavior, FaultPlan, ParseBehaviorError};
+/// The header map type of [`RecordedRequest::headers`] (hyper's re-export of `http`).
+pub use hyper::HeaderMap;
+
+/// Options of a [`TestUpstream`]; build with `..Default::default()`.
+#[derive(Clone, Debug)]
+pub struct UpstreamOptions {
+    /// Answered as `model` in completions and listed by `/v1/models`.
+    /// Default `"test-model"`.
+    pub model_alias: String,
+    /// If set, `/v1/*` requires `Authorization: Bearer <key>`; anything else
+    /// gets 401 with an OpenAI `invalid_api_key` error body.
+    pub api_key: Option<String>,
+    /// Added before answering a chat completion (for streams: after the
+    /// headers, before the first chunk). Default 0.
+    pub latency: Duration,
+    /// Pause between stream chunks. Default 0.
+    pub chunk_delay: Duration,
+    /// If set, a request whose messages hold more than `4 * window`
+    /// characters (characters / 4 > window, integer division) gets 400 with
+    /// llama.cpp's `exceed_context_size_error` and code
+    /// `context_length_exceeded`.
+    pub context_window: Option<usize>,
+    /// Random faults for requests that find the one-shot queue empty.
+    pub fault_rate: Option<FaultPlan>,
+    /// Keep every chat-completion request for [`TestUpstream::recorded`].
+    /// Default `true`; the binary turns it off so long benchmark runs do not
+    /// grow without bound ([`TestUpstream::chat_requests`] still counts).
+    pub record_requests: bool,
+}
+
+impl Default for UpstreamOptions {
+    fn default() -> UpstreamOptions {
+        UpstreamOptions {
+            model_alias: "test-model".to_owned(),
+            api_key: None,
+            latency: Duration::ZERO,
+            chunk_delay: Duration::ZERO,
+            context_window: None,
+            fault_rate: None,
+            record_requests: true,
+        }
+    }
+}
+
+/// One `POST /v1/chat/completions` request as the upstream received it.
+#[derive(Clone, Debug)]
+pub struct RecordedRequest {
+    /// The parsed JSON body, or `None` if it was not JSON.
+    pub body: Option<serde_json::Value>,
+    /// The `Authorization` header value, if any.
+    pub authorization: Option<String>,
+    /// Every request header.
+    pub headers: HeaderMap,
+    /// When the request arrived (before its body was read).
+    pub at: Instant,
+}
+
+/// A running fake upstream. Dropping it (or `shutdown().await`) stops the
+/// server: the listener closes and every open connection (stalled ones
+/// included) is dropped.
+#[derive(Debug)]
+pub struct TestUpstream {
+    addr: SocketAddr,
+    state: Arc<server::State>,
+    stop: oneshot::Sender<()>,
+    task: JoinHandle<()>,
+}
+
+impl TestUpstream {
+    /// Start on 127.0.0.1:0 with default options.
+    pub async fn start() -> std::io::Result<TestUpstream> {
+        TestUpstream::start_with(UpstreamOptions::default()).await
+    }
+
+    /// Start on 127.0.0.1:0 with these options.
+    pub async fn start_with(options: UpstreamOptions) -> std::io::Result<TestUpstream> {
+        TestUpstream::start_on("127.0.0.1:0", options).await
+    }
+
+    /// Start on the given address (e.g. `"0.0.0.0:8080"`; port 0 picks a free
+    /// port) with these options.
+    pub async fn start_on(
+        addr: impl ToSocketAddrs,
+        options: UpstreamOptions,
+    ) -> std::io::Result<TestUpstream> {
+        let listener = TcpListener::bind(addr).await?;
+        let addr = listener.local_addr()?;
+        let state = Arc::new(server::State::new(options));
+        let (stop, stopped) = oneshot::channel();
+        let task = tokio::spawn(server::serve(listener, Arc::clone(&state), stopped));
+        Ok(TestUpstream {
+            addr,
+            state,
+            stop,
+            task,
+        })
+    }
+
+    /// The bound address.
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// `"http://127.0.0.1:PORT/v1"`.
+    pub fn base_url(&self) -> String {
+        format!("http://{}/v1", self.addr)
+    }
+
+    /// Behaviour for every request that finds the one-shot queue empty
+    /// (and, with a [`FaultPlan`], draws no fault). Initially `Normal`.
+    pub fn set_behavior(&self, b: Behavior) {
+        self.state.set_behavior(b);
+    }
+
+    /// Queue a one-shot behaviour; queued behaviours are consumed FIFO by the
+    /// next chat-completion requests that pass the auth and context checks.
+    pub fn push_behavior(&self, b: Behavior) {
+        self.state.push_behavior(b);
+    }
+
+    /// Number of `POST /v1/chat/completions` requests received (including
+    /// failed ones).
+    pub fn chat_requests(&self) -> usize {
+        self.state.chat_requests()
+    }
+
+    /// The recorded chat-completion requests, in arrival order (empty when
+    /// [`UpstreamOptions::record_requests`] is off).
+    pub fn recorded(&self) -> Vec<RecordedRequest> {
+        self.state.recorded()
+    }
+
+    /// Stop the server and wait until the listener and every connection are
+    /// closed.
+    pub async fn shutdown(self) {
+        let TestUpstream { stop, task, .. } = self;
+        let _ = stop.send(());
+        let _ = task.await;
+    }
+}

@@ -1,0 +1,457 @@
+//! The HTTP side: a tokio accept loop, one hyper HTTP/1 connection per
+//! accepted socket, and the request handler.
+//!
+//! Faults rely on two hyper behaviours: a service future that resolves to
+//! `Err` makes hyper drop the connection without writing a response, and a
+//! body that yields `Err` makes hyper stop writing mid-body (the chunked
+//! encoding is never terminated) and drop the connection.
+
+use std::collections::VecDeque;
+use std::convert::Infallible;
+use std::fmt;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use bytes::Bytes;
+use http_body_util::combinators::UnsyncBoxBody;
+use http_body_util::{BodyExt, Full, StreamBody};
+use hyper::body::{Frame, Incoming};
+use hyper::header::{AUTHORIZATION, CONTENT_LENGTH, CONTENT_TYPE, HeaderValue, RETRY_AFTER};
+use hyper::server::conn::http1;
+use hyper::service::service_fn;
+use hyper::{Method, Request, Response, StatusCode};
+use hyper_util::rt::TokioIo;
+use serde_json::{Value, json};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::oneshot;
+use tokio::task::JoinSet;
+
+use crate::behavior::{Behavior, FaultDraws};
+use crate::wire::{self, Answer};
+use crate::{RecordedRequest, UpstreamOptions};
+
+/// Error type of response bodies.
+type BoxError = Box<dyn std::error::Error + Send + Sync>;
+/// Every response body.
+type Body = UnsyncBoxBody<Bytes, BoxError>;
+
+/// Pause before an injected cut so hyper flushes what was written before.
+const FLUSH_BEFORE_CUT: Duration = Duration::from_millis(25);
+
+/// The deliberate error that makes hyper drop a connection.
+#[derive(Debug)]
+struct Cut;
+
+impl fmt::Display for Cut {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("echelon-testkit: injected connection cut")
+    }
+}
+
+impl std::error::Error for Cut {}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+/// State shared by the handle and every connection.
+#[derive(Debug)]
+pub(crate) struct State {
+    options: UpstreamOptions,
+    default: Mutex<Behavior>,
+    queue: Mutex<VecDeque<Behavior>>,
+    faults: Option<Mutex<FaultDraws>>,
+    chat_requests: AtomicUsize,
+    next_id: AtomicU64,
+    recorded: Mutex<Vec<RecordedRequest>>,
+}
+
+impl State {
+    pub(crate) fn new(options: UpstreamOptions) -> State {
+        let faults = options
+            .fault_rate
+            .clone()
+            .map(|plan| Mutex::new(FaultDraws::new(plan)));
+        State {
+            options,
+            default: Mutex::new(Behavior::Normal),
+            queue: Mutex::new(VecDeque::new()),
+            faults,
+            chat_requests: AtomicUsize::new(0),
+            next_id: AtomicU64::new(1),
+            recorded: Mutex::new(Vec::new()),
+        }
+    }
+
+    pub(crate) fn set_behavior(&self, b: Behavior) {
+        *lock(&self.default) = b;
+    }
+
+    pub(crate) fn push_behavior(&self, b: Behavior) {
+        lock(&self.queue).push_back(b);
+    }
+
+    pub(crate) fn chat_requests(&self) -> usize {
+        self.chat_requests.load(Ordering::SeqCst)
+    }
+
+    pub(crate) fn recorded(&self) -> Vec<RecordedRequest> {
+        lock(&self.recorded).clone()
+    }
+
+    /// The next one-shot behaviour, else a fault-plan draw, else the default.
+    fn next_behavior(&self) -> Behavior {
+        if let Some(b) = lock(&self.queue).pop_front() {
+            return b;
+        }
+        if let Some(fault) = self.faults.as_ref().and_then(|f| lock(f).draw()) {
+            return fault;
+        }
+        lock(&self.default).clone()
+    }
+}
+
+/// Accepts connections until `stop` fires (or its sender is dropped), then
+/// closes the listener and every open connection.
+pub(crate) async fn serve(
+    listener: TcpListener,
+    state: Arc<State>,
+    mut stop: oneshot::Receiver<()>,
+) {
+    let mut conns = JoinSet::new();
+    loop {
+        tokio::select! {
+            _ = &mut stop => break,
+            accepted = listener.accept() => match accepted {
+                Ok((stream, _)) => {
+                    conns.spawn(serve_connection(stream, Arc::clone(&state)));
+                }
+                Err(error) => {
+                    // E.g. too many open files: back off instead of spinning.
+                    tracing::warn!(%error, "echelon-testkit: accept failed");
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
+            },
+            Some(_) = conns.join_next(), if !conns.is_empty() => {}
+        }
+    }
+    drop(listener);
+    conns.shutdown().await;
+}
+
+async fn serve_connection(stream: TcpStream, state: Arc<State>) {
+    let _ = stream.set_nodelay(true);
+    let service = service_fn(move |req| handle(Arc::clone(&state), req));
+    let result = http1::Builder::new()
+        // No hyper timer is configured; idle keep-alive connections stay open.
+        .header_read_timeout(None)
+        .serve_connection(TokioIo::new(stream), service)
+        .await;
+    if let Err(error) = result {
+        tracing::debug!(%error, "echelon-testkit: connection ended");
+    }
+}
+
+async fn handle(state: Arc<State>, req: Request<Incoming>) -> Result<Response<Body>, Cut> {
+    let path = req.uri().path().to_owned();
+    let is_api = path == "/v1" || path.starts_with("/v1/");
+    match (req.method(), path.as_str()) {
+        (&Method::POST, "/v1/chat/completions") => chat(&state, req).await,
+        (_, "/health") | (_, "/v1/models") if req.method() != Method::GET => {
+            Ok(error_response(405, "method not allowed"))
+        }
+        (_, "/health") => Ok(json_response(StatusCode::OK, &json!({"status": "ok"}))),
+        _ if is_api && !authorized(&state.options, &req) => Ok(unauthorized()),
+        (_, "/v1/models") => Ok(json_response(
+            StatusCode::OK,
+            &json!({
+                "object": "list",
+                "data": [{
+                    "id": state.options.model_alias,
+                    "object": "model",
+                    "owned_by": "echelon-testkit",
+                }],
+            }),
+        )),
+        (_, "/v1/chat/completions") => Ok(error_response(405, "method not allowed")),
+        _ => Ok(error_response(404, &format!("unknown path {path}"))),
+    }
+}
+
+fn authorized<B>(options: &UpstreamOptions, req: &Request<B>) -> bool {
+    let Some(key) = &options.api_key else {
+        return true;
+    };
+    req.headers()
+        .get(AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .is_some_and(|given| given == key)
+}
+
+fn unauthorized() -> Response<Body> {
+    json_response(
+        StatusCode::UNAUTHORIZED,
+        &json!({"error": {
+            "message": "Invalid API Key",
+            "type": "authentication_error",
+            "code": "invalid_api_key",
+        }}),
+    )
+}
+
+async fn chat(state: &State, req: Request<Incoming>) -> Result<Response<Body>, Cut> {
+    let arrived = Instant::now();
+    state.chat_requests.fetch_add(1, Ordering::SeqCst);
+    let ok = authorized(&state.options, &req);
+    let (parts, body) = req.into_parts();
+    // A client that goes away mid-body gets nothing more.
+    let bytes = body.collect().await.map_err(|_| Cut)?.to_bytes();
+    let json: Option<Value> = serde_json::from_slice(&bytes).ok();
+    if state.options.record_requests {
+        lock(&state.recorded).push(RecordedRequest {
+            body: json.clone(),
+            authorization: parts
+                .headers
+                .get(AUTHORIZATION)
+                .and_then(|v| v.to_str().ok())
+                .map(str::to_owned),
+            headers: parts.headers,
+            at: arrived,
+        });
+    }
+
+    if !ok {
+        return Ok(unauthorized());
+    }
+    let Some(body) = json.filter(Value::is_object) else {
+        return Ok(error_response(400, "the request body is not a JSON object"));
+    };
+    if let Some(n_ctx) = state.options.context_window {
+        let prompt_tokens = wire::prompt_chars(&body) / 4;
+        if prompt_tokens > n_ctx {
+            return Ok(json_response(
+                StatusCode::BAD_REQUEST,
+                &wire::context_error(prompt_tokens, n_ctx),
+            ));
+        }
+    }
+
+    let behavior = state.next_behavior();
+    let stream = body.get("stream").and_then(Value::as_bool).unwrap_or(false);
+    let id = state.next_id.fetch_add(1, Ordering::SeqCst);
+    let created = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0);
+    let answer = Answer::for_request(
+        &body,
+        format!("chatcmpl-test-{id}"),
+        created,
+        state.options.model_alias.clone(),
+    );
+    let latency = state.options.latency;
+    let chunk_delay = state.options.chunk_delay;
+
+    // Streams take their latency inside the body (headers first, then the
+    // wait before the first chunk); everything else waits before answering.
+    let streamed = stream
+        && matches!(
+            behavior,
+            Behavior::Normal
+                | Behavior::Delay(_)
+                | Behavior::StreamCut { .. }
+                | Behavior::StreamStall { .. }
+                | Behavior::Malformed
+        );
+    if !streamed {
+        sleep(latency).await;
+    }
+
+    match behavior {
+        Behavior::Status {
+            status,
+            retry_after,
+            message,
+        } => {
+            let mut resp = error_response(status, &message);
+            if let Some(secs) = retry_after {
+                resp.headers_mut()
+                    .insert(RETRY_AFTER, HeaderValue::from(secs));
+            }
+            Ok(resp)
+        }
+        Behavior::Stall => std::future::pending().await,
+        Behavior::CutConnection => Err(Cut),
+        Behavior::Delay(d) => {
+            sleep(d).await;
+            Ok(normal(&answer, stream, latency, chunk_delay))
+        }
+        Behavior::Normal => Ok(normal(&answer, stream, latency, chunk_delay)),
+        Behavior::Malformed if stream => {
+            let mut steps = vec![
+                Step::Sleep(latency),
+                Step::Data(event(&answer.role_chunk())),
+            ];
+            steps.push(Step::Data(Bytes::from_static(b"data: {not json\n\n")));
+            steps.extend(rest_of_stream(&answer, chunk_delay));
+            Ok(sse_response(steps))
+        }
+        Behavior::Malformed => {
+            let text = format!(
+                "{{\"id\":\"{}\",\"object\":\"chat.completion\",\"choices\":[{{\"message\":{{\"content\":\"echo",
+                answer.id
+            );
+            Ok(json_bytes_response(StatusCode::OK, Bytes::from(text)))
+        }
+        Behavior::StreamCut { chunks } | Behavior::StreamStall { chunks } => {
+            let end = if matches!(behavior, Behavior::StreamCut { .. }) {
+                Step::Cut
+            } else {
+                Step::Stall
+            };
+            if stream {
+                let mut steps = vec![
+                    Step::Sleep(latency),
+                    Step::Data(event(&answer.role_chunk())),
+                ];
+                for chunk in answer.content_chunks().into_iter().take(chunks) {
+                    steps.push(Step::Sleep(chunk_delay));
+                    steps.push(Step::Data(event(&chunk)));
+                }
+                steps.push(end);
+                return Ok(sse_response(steps));
+            }
+            // Headers announce the whole body; half of it arrives.
+            let full = Bytes::from(answer.completion().to_string());
+            let partial = full.slice(..full.len() / 2);
+            let mut resp = body_response(
+                StatusCode::OK,
+                "application/json",
+                vec![Step::Data(partial), end],
+            );
+            resp.headers_mut()
+                .insert(CONTENT_LENGTH, HeaderValue::from(full.len()));
+            Ok(resp)
+        }
+    }
+}
+
+/// A normal answer: the completion object, or the whole stream.
+fn normal(
+    answer: &Answer,
+    stream: bool,
+    latency: Duration,
+    chunk_delay: Duration,
+) -> Response<Body> {
+    if !stream {
+        return json_response(StatusCode::OK, &answer.completion());
+    }
+    let mut steps = vec![
+        Step::Sleep(latency),
+        Step::Data(event(&answer.role_chunk())),
+    ];
+    steps.extend(rest_of_stream(answer, chunk_delay));
+    sse_response(steps)
+}
+
+/// Everything after the role chunk: content chunks, finish chunk, optional
+/// usage chunk and `[DONE]`, each preceded by `chunk_delay`.
+fn rest_of_stream(answer: &Answer, chunk_delay: Duration) -> Vec<Step> {
+    let mut events: Vec<Bytes> = answer.content_chunks().iter().map(event).collect();
+    events.push(event(&answer.finish_chunk()));
+    if let Some(usage) = answer.usage_chunk() {
+        events.push(event(&usage));
+    }
+    events.push(Bytes::from(wire::sse("[DONE]")));
+    events
+        .into_iter()
+        .flat_map(|e| [Step::Sleep(chunk_delay), Step::Data(e)])
+        .collect()
+}
+
+fn event(chunk: &Value) -> Bytes {
+    Bytes::from(wire::sse(&chunk.to_string()))
+}
+
+async fn sleep(d: Duration) {
+    if !d.is_zero() {
+        tokio::time::sleep(d).await;
+    }
+}
+
+/// One step of a scripted response body.
+#[derive(Debug)]
+enum Step {
+    /// Wait (zero is skipped).
+    Sleep(Duration),
+    /// Send these bytes as one body frame.
+    Data(Bytes),
+    /// Let hyper flush, then fail the body so the connection is dropped.
+    Cut,
+    /// Never send anything more.
+    Stall,
+}
+
+/// A body that plays `steps` in order, flushing each data frame as it goes.
+fn scripted_body(steps: Vec<Step>) -> Body {
+    let frames = futures::stream::unfold(steps.into_iter(), |mut steps| async move {
+        loop {
+            match steps.next()? {
+                Step::Sleep(d) => sleep(d).await,
+                Step::Data(bytes) => return Some((Ok(Frame::data(bytes)), steps)),
+                Step::Cut => {
+                    tokio::time::sleep(FLUSH_BEFORE_CUT).await;
+                    let error: BoxError = Box::new(Cut);
+                    return Some((Err(error), steps));
+                }
+                Step::Stall => std::future::pending::<()>().await,
+            }
+        }
+    });
+    StreamBody::new(frames).boxed_unsync()
+}
+
+fn body_response(
+    status: StatusCode,
+    content_type: &'static str,
+    steps: Vec<Step>,
+) -> Response<Body> {
+    let mut resp = Response::new(scripted_body(steps));
+    *resp.status_mut() = status;
+    resp.headers_mut()
+        .insert(CONTENT_TYPE, HeaderValue::from_static(content_type));
+    resp
+}
+
+fn sse_response(steps: Vec<Step>) -> Response<Body> {
+    let mut resp = body_response(StatusCode::OK, "text/event-stream", steps);
+    resp.headers_mut()
+        .insert("cache-control", HeaderValue::from_static("no-cache"));
+    resp
+}
+
+fn full_body(bytes: Bytes) -> Body {
+    Full::new(bytes)
+        .map_err(|never: Infallible| match never {})
+        .boxed_unsync()
+}
+
+fn json_bytes_response(status: StatusCode, bytes: Bytes) -> Response<Body> {
+    let mut resp = Response::new(full_body(bytes));
+    *resp.status_mut() = status;
+    resp.headers_mut()
+        .insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    resp
+}
+
+fn json_response(status: StatusCode, value: &Value) -> Response<Body> {
+    json_bytes_response(status, Bytes::from(value.to_string()))
+}
+
+/// An OpenAI error body with this status (an invalid status becomes 500).
+fn error_response(status: u16, message: &str) -> Response<Body> {
+    let code = StatusCode::from_u16(status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+    json_response(code, &wire::error_body(code.as_u16(), message))
+}

@@ -1,0 +1,279 @@
+//! The OpenAI wire format as the fake upstream writes it: completions,
+//! stream chunks and error bodies.
+
+use serde_json::{Map, Value, json};
+
+/// The text of a message `content`: a string, or the `text` of each part of
+/// an array joined with single spaces. Anything else is empty.
+pub(crate) fn content_text(content: Option<&Value>) -> String {
+    match content {
+        Some(Value::String(s)) => s.clone(),
+        Some(Value::Array(parts)) => parts
+            .iter()
+            .filter_map(|p| p.get("text").and_then(Value::as_str))
+            .collect::<Vec<_>>()
+            .join(" "),
+        _ => String::new(),
+    }
+}
+
+fn messages(body: &Value) -> &[Value] {
+    body.get("messages")
+        .and_then(Value::as_array)
+        .map(Vec::as_slice)
+        .unwrap_or_default()
+}
+
+/// The text of the last message with role `user` (empty if none).
+pub(crate) fn last_user_text(body: &Value) -> String {
+    messages(body)
+        .iter()
+        .rev()
+        .find(|m| m.get("role").and_then(Value::as_str) == Some("user"))
+        .map(|m| content_text(m.get("content")))
+        .unwrap_or_default()
+}
+
+/// Total characters of every message's text.
+pub(crate) fn prompt_chars(body: &Value) -> usize {
+    messages(body)
+        .iter()
+        .map(|m| content_text(m.get("content")).chars().count())
+        .sum()
+}
+
+/// Whitespace-separated words of every message's text.
+pub(crate) fn prompt_words(body: &Value) -> usize {
+    messages(body)
+        .iter()
+        .map(|m| content_text(m.get("content")).split_whitespace().count())
+        .sum()
+}
+
+/// Splits `s` into pieces of one word each, every piece but the first
+/// carrying the whitespace before its word, so that the pieces concatenate
+/// back to `s` exactly (trailing whitespace stays on the last piece).
+pub(crate) fn word_pieces(s: &str) -> Vec<&str> {
+    let mut starts = vec![0];
+    let mut prev_ws = true;
+    for (i, c) in s.char_indices() {
+        let ws = c.is_whitespace();
+        if ws && !prev_ws && i > 0 {
+            starts.push(i);
+        }
+        prev_ws = ws;
+    }
+    // Trailing whitespace is not a word of its own.
+    if starts.len() > 1 && s[starts[starts.len() - 1]..].trim().is_empty() {
+        starts.pop();
+    }
+    if s.is_empty() {
+        return Vec::new();
+    }
+    let mut ends: Vec<usize> = starts.iter().skip(1).copied().collect();
+    ends.push(s.len());
+    starts.iter().zip(ends).map(|(&a, b)| &s[a..b]).collect()
+}
+
+/// The answer to one chat-completion request, before it is serialised.
+#[derive(Debug)]
+pub(crate) struct Answer {
+    pub(crate) id: String,
+    pub(crate) created: u64,
+    pub(crate) model: String,
+    pub(crate) content: String,
+    pub(crate) finish_reason: &'static str,
+    pub(crate) prompt_tokens: usize,
+    pub(crate) x_echo: Option<Value>,
+    pub(crate) include_usage: bool,
+}
+
+impl Answer {
+    /// Builds the echo answer for a parsed request body.
+    pub(crate) fn for_request(body: &Value, id: String, created: u64, model: String) -> Answer {
+        let full = format!("echo: {}", last_user_text(body));
+        let max_tokens = ["max_completion_tokens", "max_tokens"]
+            .iter()
+            .find_map(|k| body.get(*k).and_then(Value::as_u64))
+            .and_then(|n| usize::try_from(n).ok());
+        let pieces = word_pieces(&full);
+        let (content, finish_reason) = match max_tokens {
+            Some(max) if pieces.len() > max => (pieces[..max].concat(), "length"),
+            _ => (full.clone(), "stop"),
+        };
+        let include_usage = body
+            .pointer("/stream_options/include_usage")
+            .and_then(Value::as_bool)
+            .unwrap_or(false);
+        Answer {
+            id,
+            created,
+            model,
+            content,
+            finish_reason,
+            prompt_tokens: prompt_words(body),
+            x_echo: body.get("x_echo").cloned(),
+            include_usage,
+        }
+    }
+
+    fn usage(&self) -> Value {
+        let completion = word_pieces(&self.content).len();
+        json!({
+            "prompt_tokens": self.prompt_tokens,
+            "completion_tokens": completion,
+            "total_tokens": self.prompt_tokens + completion,
+        })
+    }
+
+    fn with_x_echo(&self, mut v: Value) -> Value {
+        if let (Some(x), Some(obj)) = (&self.x_echo, v.as_object_mut()) {
+            obj.insert("x_echo".into(), x.clone());
+        }
+        v
+    }
+
+    /// The non-stream `chat.completion` object.
+    pub(crate) fn completion(&self) -> Value {
+        self.with_x_echo(json!({
+            "id": self.id,
+            "object": "chat.completion",
+            "created": self.created,
+            "model": self.model,
+            "choices": [{
+                "index": 0,
+                "message": {"role": "assistant", "content": self.content},
+                "finish_reason": self.finish_reason,
+            }],
+            "usage": self.usage(),
+            "timings": {"predicted_ms": 1.0},
+        }))
+    }
+
+    fn chunk(&self, delta: Value, finish_reason: Option<&str>) -> Value {
+        self.with_x_echo(json!({
+            "id": self.id,
+            "object": "chat.completion.chunk",
+            "created": self.created,
+            "model": self.model,
+            "choices": [{"index": 0, "delta": delta, "finish_reason": finish_reason}],
+        }))
+    }
+
+    /// The first chunk: `delta: {role: assistant, content: null}`.
+    pub(crate) fn role_chunk(&self) -> Value {
+        self.chunk(json!({"role": "assistant", "content": null}), None)
+    }
+
+    /// One chunk per word piece of the content.
+    pub(crate) fn content_chunks(&self) -> Vec<Value> {
+        word_pieces(&self.content)
+            .into_iter()
+            .map(|piece| self.chunk(json!({"content": piece}), None))
+            .collect()
+    }
+
+    /// The chunk with an empty delta and the finish reason (and llama.cpp's
+    /// `timings`).
+    pub(crate) fn finish_chunk(&self) -> Value {
+        let mut chunk = self.chunk(json!({}), Some(self.finish_reason));
+        if let Some(obj) = chunk.as_object_mut() {
+            obj.insert("timings".into(), json!({"predicted_ms": 1.0}));
+        }
+        chunk
+    }
+
+    /// The `choices: []` usage chunk, if the request asked for one.
+    pub(crate) fn usage_chunk(&self) -> Option<Value> {
+        self.include_usage.then(|| {
+            self.with_x_echo(json!({
+                "id": self.id,
+                "object": "chat.completion.chunk",
+                "created": self.created,
+                "model": self.model,
+                "choices": [],
+                "usage": self.usage(),
+            }))
+        })
+    }
+}
+
+/// An SSE event carrying `data`.
+pub(crate) fn sse(data: &str) -> String {
+    format!("data: {data}\n\n")
+}
+
+/// `error.type` and `error.code` used for an HTTP status.
+fn error_kind(status: u16) -> (&'static str, &'static str) {
+    match status {
+        400 => ("invalid_request_error", "invalid_request"),
+        401 => ("authentication_error", "invalid_api_key"),
+        403 => ("permission_error", "permission_denied"),
+        404 => ("not_found_error", "not_found"),
+        405 => ("invalid_request_error", "method_not_allowed"),
+        408 => ("timeout_error", "timeout"),
+        413 => ("invalid_request_error", "request_too_large"),
+        422 => ("invalid_request_error", "unprocessable_entity"),
+        429 => ("rate_limit_error", "rate_limit_exceeded"),
+        503 => ("server_error", "service_unavailable"),
+        500..=599 => ("server_error", "server_error"),
+        _ => ("api_error", "error"),
+    }
+}
+
+/// The OpenAI error body `{"error":{"message","type","code"}}` for a status.
+pub(crate) fn error_body(status: u16, message: &str) -> Value {
+    let (kind, code) = error_kind(status);
+    json!({"error": {"message": message, "type": kind, "code": code}})
+}
+
+/// llama.cpp's context-overflow error (with OpenAI's code).
+pub(crate) fn context_error(prompt_tokens: usize, n_ctx: usize) -> Value {
+    let mut error = Map::new();
+    error.insert(
+        "message".into(),
+        json!(format!(
+            "the request exceeds the available context size: {prompt_tokens} prompt tokens, \
+             context size {n_ctx} tokens"
+        )),
+    );
+    error.insert("type".into(), json!("exceed_context_size_error"));
+    error.insert("code".into(), json!("context_length_exceeded"));
+    error.insert("n_prompt_tokens".into(), json!(prompt_tokens));
+    error.insert("n_ctx".into(), json!(n_ctx));
+    json!({ "error": error })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn word_pieces_concatenate_back() {
+        assert_eq!(
+            word_pieces("echo: hello  world"),
+            vec!["echo:", " hello", "  world"]
+        );
+        assert_eq!(word_pieces("echo: "), vec!["echo: "]);
+        assert_eq!(word_pieces(" a b \n"), vec![" a", " b \n"]);
+        assert_eq!(word_pieces(""), Vec::<&str>::new());
+        for s in ["echo: x", "a\nb\tc ", "  ", "héllo wörld ünïcode"] {
+            assert_eq!(word_pieces(s).concat(), s);
+        }
+    }
+
+    #[test]
+    fn content_text_reads_strings_and_parts() {
+        assert_eq!(content_text(Some(&json!("hi"))), "hi");
+        assert_eq!(
+            content_text(Some(&json!([
+                {"type": "text", "text": "a"},
+                {"type": "image_url", "image_url": {"url": "x"}},
+                {"type": "text", "text": "b"}
+            ]))),
+            "a b"
+        );
+        assert_eq!(content_text(Some(&json!(null))), "");
+        assert_eq!(content_text(None), "");
+    }
+}
