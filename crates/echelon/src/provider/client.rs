@@ -160,7 +160,8 @@ pub(crate) fn from_reqwest(e: reqwest::Error) -> ProviderError {
     } else {
         ErrorKind::Connect
     };
-    let mut msg = e.without_url().to_string();
+    let e = e.without_url();
+    let mut msg = e.to_string();
     let mut src = std::error::Error::source(&e);
     while let Some(s) = src {
         msg.push_str(": ");

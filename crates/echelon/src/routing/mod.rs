@@ -7,5 +7,5 @@ mod router;
 mod stream;
 
 pub use model::Model;
-pub use router::{Completion, Gateway, RouteInfo};
+pub use router::{Completion, Gateway, MAX_RETRY_WAIT, RouteInfo};
 pub use stream::GatewayStream;

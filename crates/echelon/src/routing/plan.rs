@@ -63,7 +63,6 @@ impl Tier {
 /// What a route name resolves to: its tiers, tried in order (the seeds' `echelon_down`).
 #[derive(Debug)]
 pub(crate) struct Route {
-    pub(crate) kind: RouteKind,
     pub(crate) tiers: Vec<Arc<Tier>>,
 }
 

@@ -89,7 +89,6 @@ impl Gateway {
             routes.insert(
                 id.clone(),
                 Route {
-                    kind: RouteKind::Model,
                     tiers: vec![Arc::new(tier)],
                 },
             );
@@ -124,7 +123,6 @@ impl Gateway {
                 routes.insert(
                     label.clone(),
                     Route {
-                        kind: RouteKind::Echelon,
                         tiers: vec![tier.clone()],
                     },
                 );
@@ -149,7 +147,6 @@ impl Gateway {
             routes.insert(
                 name.clone(),
                 Route {
-                    kind: RouteKind::TaskGroup,
                     tiers,
                 },
             );

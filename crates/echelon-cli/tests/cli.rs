@@ -1,0 +1,149 @@
+//! The `echelon` binary: config validate, chat, and serve's graceful shutdown.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::io::{BufRead, BufReader};
+use std::path::PathBuf;
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use echelon_testkit::{TestUpstream, UpstreamOptions};
+
+const BIN: &str = env!("CARGO_BIN_EXE_echelon");
+
+fn write(dir: &tempfile::TempDir, name: &str, text: &str) -> PathBuf {
+    let p = dir.path().join(name);
+    std::fs::write(&p, text).unwrap();
+    p
+}
+
+fn config_for(base_url: &str) -> String {
+    format!(
+        r#"providers:
+  local: {{ base_url: "{base_url}" }}
+models:
+  m1: {{ provider: local, max_retries: 0 }}
+task_groups:
+  grp:
+    echelon1: {{ models: [m1] }}
+"#
+    )
+}
+
+#[test]
+fn validate_prints_ok_for_a_good_config() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = write(&dir, "good.yaml", &config_for("http://127.0.0.1:9/v1"));
+    let out = Command::new(BIN).args(["config", "validate"]).arg(&p).output().unwrap();
+    assert!(out.status.success());
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "ok");
+}
+
+#[test]
+fn validate_names_file_line_column_for_a_typo_and_a_wrong_type() {
+    let dir = tempfile::tempdir().unwrap();
+    let typo = "providers:\n  local: { base_url: \"http://x/v1\" }\nmodels:\n  m1:\n    provider: local\n    timout: 30\n";
+    let p = write(&dir, "typo.yaml", typo);
+    let out = Command::new(BIN).args(["config", "validate"]).arg(&p).output().unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains(&format!("{}:6:5", p.display())), "{text}");
+    assert!(text.contains("timout"), "{text}");
+    assert!(text.contains("timeout"), "the hint names the right key: {text}");
+
+    let wrong = "providers:\n  local: { base_url: \"http://x/v1\" }\nmodels:\n  m1:\n    provider: local\n    timeout: soon\n";
+    let p = write(&dir, "wrong.yaml", wrong);
+    let out = Command::new(BIN).args(["config", "validate"]).arg(&p).output().unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains(&format!("{}:6:", p.display())), "{text}");
+    assert!(text.contains("models.m1.timeout"), "{text}");
+}
+
+#[tokio::test]
+async fn chat_prints_the_answer_and_streams_tokens() {
+    let up = TestUpstream::start().await.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let p = write(&dir, "c.yaml", &config_for(&up.base_url()));
+    let out = tokio::process::Command::new(BIN)
+        .args(["chat", "--config"])
+        .arg(&p)
+        .args(["--route", "grp", "say hi"])
+        .output()
+        .await
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "echo: say hi");
+    assert!(String::from_utf8_lossy(&out.stderr).contains("answered by m1"));
+
+    let out = tokio::process::Command::new(BIN)
+        .args(["chat", "--stream", "--config"])
+        .arg(&p)
+        .args(["--route", "grp", "say hi"])
+        .output()
+        .await
+        .unwrap();
+    assert!(out.status.success());
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "echo: say hi");
+}
+
+#[tokio::test]
+async fn chat_exits_1_with_the_attempts_when_everything_fails() {
+    let dir = tempfile::tempdir().unwrap();
+    // Port 9 (discard) on loopback: nothing listens, the connection is refused.
+    let p = write(&dir, "c.yaml", &config_for("http://127.0.0.1:9/v1"));
+    let out = tokio::process::Command::new(BIN)
+        .args(["chat", "--config"])
+        .arg(&p)
+        .args(["--route", "grp", "hi"])
+        .output()
+        .await
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("HTTP 502"), "{err}");
+    assert!(err.contains("m1 (provider local, key -) → connect"), "{err}");
+    assert!(out.stdout.is_empty(), "no placeholder answer");
+}
+
+#[tokio::test]
+async fn serve_finishes_in_flight_requests_on_sigterm() {
+    let up = TestUpstream::start_with(UpstreamOptions {
+        latency: Duration::from_millis(800),
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let p = write(&dir, "c.yaml", &config_for(&up.base_url()));
+    let mut child = std::process::Command::new(BIN)
+        .args(["serve", "--port", "0", "--config"])
+        .arg(&p)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    BufReader::new(child.stdout.take().unwrap()).read_line(&mut line).unwrap();
+    let url = line.trim().strip_prefix("echelon listening on ").unwrap().to_owned();
+
+    let req = tokio::spawn({
+        let url = url.clone();
+        async move {
+            reqwest::Client::new()
+                .post(format!("{url}/v1/chat/completions"))
+                .json(&serde_json::json!({"model": "grp", "messages": [{"role": "user", "content": "slow"}]}))
+                .send()
+                .await
+        }
+    });
+    while up.chat_requests() == 0 {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let kill = Command::new("kill").args(["-TERM", &child.id().to_string()]).status().unwrap();
+    assert!(kill.success());
+    let resp = req.await.unwrap().expect("the in-flight request completes");
+    assert_eq!(resp.status(), 200);
+    let status = tokio::task::spawn_blocking(move || child.wait()).await.unwrap().unwrap();
+    assert!(status.success(), "serve exits cleanly after draining: {status:?}");
+    assert!(reqwest::Client::new().get(format!("{url}/health")).send().await.is_err());
+}

@@ -1,0 +1,19 @@
+#!/usr/bin/env bash
+# Every test: Rust unit and integration tests (the end-to-end ones against real
+# llama-server instances) and the official openai Python SDK against `echelon serve`.
+# Installs what it needs first (llama-server + SmolLM2 offline, cached; a Python venv).
+set -euo pipefail
+root="$(cd "$(dirname "$0")/.." && pwd)"
+cd "$root"
+
+scripts/real-upstream.sh install
+scripts/python-venv.sh >/dev/null
+
+# A missing real upstream fails the run instead of skipping.
+export ECHELON_REQUIRE_REAL_UPSTREAM=1
+
+echo "== cargo test --workspace"
+cargo test --workspace --locked
+
+echo "== openai Python SDK against echelon serve"
+scripts/test-python-sdk.sh
