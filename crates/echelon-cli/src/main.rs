@@ -151,7 +151,10 @@ fn init_tracing(format: LogFormat) {
 }
 
 fn run(fut: impl Future<Output = anyhow::Result<ExitCode>>) -> ExitCode {
-    let rt = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+    let rt = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("error: cannot start the async runtime: {e}");

@@ -33,7 +33,11 @@ task_groups:
 fn validate_prints_ok_for_a_good_config() {
     let dir = tempfile::tempdir().unwrap();
     let p = write(&dir, "good.yaml", &config_for("http://127.0.0.1:9/v1"));
-    let out = Command::new(BIN).args(["config", "validate"]).arg(&p).output().unwrap();
+    let out = Command::new(BIN)
+        .args(["config", "validate"])
+        .arg(&p)
+        .output()
+        .unwrap();
     assert!(out.status.success());
     assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "ok");
 }
@@ -43,16 +47,27 @@ fn validate_names_file_line_column_for_a_typo_and_a_wrong_type() {
     let dir = tempfile::tempdir().unwrap();
     let typo = "providers:\n  local: { base_url: \"http://x/v1\" }\nmodels:\n  m1:\n    provider: local\n    timout: 30\n";
     let p = write(&dir, "typo.yaml", typo);
-    let out = Command::new(BIN).args(["config", "validate"]).arg(&p).output().unwrap();
+    let out = Command::new(BIN)
+        .args(["config", "validate"])
+        .arg(&p)
+        .output()
+        .unwrap();
     assert_eq!(out.status.code(), Some(1));
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(text.contains(&format!("{}:6:5", p.display())), "{text}");
     assert!(text.contains("timout"), "{text}");
-    assert!(text.contains("timeout"), "the hint names the right key: {text}");
+    assert!(
+        text.contains("timeout"),
+        "the hint names the right key: {text}"
+    );
 
     let wrong = "providers:\n  local: { base_url: \"http://x/v1\" }\nmodels:\n  m1:\n    provider: local\n    timeout: soon\n";
     let p = write(&dir, "wrong.yaml", wrong);
-    let out = Command::new(BIN).args(["config", "validate"]).arg(&p).output().unwrap();
+    let out = Command::new(BIN)
+        .args(["config", "validate"])
+        .arg(&p)
+        .output()
+        .unwrap();
     assert_eq!(out.status.code(), Some(1));
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(text.contains(&format!("{}:6:", p.display())), "{text}");
@@ -71,7 +86,11 @@ async fn chat_prints_the_answer_and_streams_tokens() {
         .output()
         .await
         .unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "echo: say hi");
     assert!(String::from_utf8_lossy(&out.stderr).contains("answered by m1"));
 
@@ -101,7 +120,10 @@ async fn chat_exits_1_with_the_attempts_when_everything_fails() {
     assert_eq!(out.status.code(), Some(1));
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("HTTP 502"), "{err}");
-    assert!(err.contains("m1 (provider local, key -) → connect"), "{err}");
+    assert!(
+        err.contains("m1 (provider local, key -) → connect"),
+        "{err}"
+    );
     assert!(out.stdout.is_empty(), "no placeholder answer");
 }
 
@@ -123,8 +145,14 @@ async fn serve_finishes_in_flight_requests_on_sigterm() {
         .spawn()
         .unwrap();
     let mut line = String::new();
-    BufReader::new(child.stdout.take().unwrap()).read_line(&mut line).unwrap();
-    let url = line.trim().strip_prefix("echelon listening on ").unwrap().to_owned();
+    BufReader::new(child.stdout.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    let url = line
+        .trim()
+        .strip_prefix("echelon listening on ")
+        .unwrap()
+        .to_owned();
 
     let req = tokio::spawn({
         let url = url.clone();
@@ -139,11 +167,26 @@ async fn serve_finishes_in_flight_requests_on_sigterm() {
     while up.chat_requests() == 0 {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    let kill = Command::new("kill").args(["-TERM", &child.id().to_string()]).status().unwrap();
+    let kill = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .unwrap();
     assert!(kill.success());
     let resp = req.await.unwrap().expect("the in-flight request completes");
     assert_eq!(resp.status(), 200);
-    let status = tokio::task::spawn_blocking(move || child.wait()).await.unwrap().unwrap();
-    assert!(status.success(), "serve exits cleanly after draining: {status:?}");
-    assert!(reqwest::Client::new().get(format!("{url}/health")).send().await.is_err());
+    let status = tokio::task::spawn_blocking(move || child.wait())
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(
+        status.success(),
+        "serve exits cleanly after draining: {status:?}"
+    );
+    assert!(
+        reqwest::Client::new()
+            .get(format!("{url}/health"))
+            .send()
+            .await
+            .is_err()
+    );
 }

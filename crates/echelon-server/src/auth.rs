@@ -37,9 +37,13 @@ impl GatewayKeys {
     /// Whether `presented` is one of the keys.
     pub fn accepts(&self, presented: &str) -> bool {
         let d: [u8; 32] = Sha256::digest(presented.as_bytes()).into();
-        self.digests
-            .iter()
-            .fold(false, |found, k| found | (k.iter().zip(d.iter()).fold(0u8, |acc, (a, b)| acc | (a ^ b)) == 0))
+        self.digests.iter().fold(false, |found, k| {
+            found
+                | (k.iter()
+                    .zip(d.iter())
+                    .fold(0u8, |acc, (a, b)| acc | (a ^ b))
+                    == 0)
+        })
     }
 }
 

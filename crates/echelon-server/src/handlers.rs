@@ -24,12 +24,13 @@ pub(crate) async fn chat_completions(
             let status = rejection.status();
             return error_response(
                 status,
-                ErrorBody::new("invalid_request_error", rejection.body_text())
-                    .with_code(if status == StatusCode::PAYLOAD_TOO_LARGE {
+                ErrorBody::new("invalid_request_error", rejection.body_text()).with_code(
+                    if status == StatusCode::PAYLOAD_TOO_LARGE {
                         "request_too_large"
                     } else {
                         "invalid_body"
-                    }),
+                    },
+                ),
             );
         }
     };
@@ -88,7 +89,10 @@ pub(crate) async fn health() -> Response {
 pub(crate) async fn not_found(uri: http::Uri) -> Response {
     error_response(
         StatusCode::NOT_FOUND,
-        ErrorBody::new("invalid_request_error", format!("no such endpoint: {}", uri.path()))
-            .with_code("unknown_url"),
+        ErrorBody::new(
+            "invalid_request_error",
+            format!("no such endpoint: {}", uri.path()),
+        )
+        .with_code("unknown_url"),
     )
 }

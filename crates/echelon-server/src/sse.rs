@@ -36,8 +36,14 @@ pub(crate) fn stream_response(stream: GatewayStream) -> Response {
     let mut resp = Response::new(Body::from_stream(events));
     *resp.status_mut() = StatusCode::OK;
     let h = resp.headers_mut();
-    h.insert(http::header::CONTENT_TYPE, HeaderValue::from_static("text/event-stream"));
-    h.insert(http::header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
+    h.insert(
+        http::header::CONTENT_TYPE,
+        HeaderValue::from_static("text/event-stream"),
+    );
+    h.insert(
+        http::header::CACHE_CONTROL,
+        HeaderValue::from_static("no-cache"),
+    );
     h.extend(headers);
     resp
 }

@@ -54,7 +54,10 @@ task_groups:
         let config = Config::from_str(&yaml, "t.yaml").unwrap();
         let gateway = Arc::new(Gateway::from_config(&config).unwrap());
         let options = ServerOptions {
-            api_keys: gateway_keys.iter().map(|k| SecretString::from(*k)).collect(),
+            api_keys: gateway_keys
+                .iter()
+                .map(|k| SecretString::from(*k))
+                .collect(),
             body_limit_bytes,
         };
         let app = echelon_server::router(gateway, &options);
@@ -101,10 +104,18 @@ async fn answers_and_passes_unknown_fields_both_ways() {
     let resp = h.post(body).await;
     assert_eq!(resp.status(), 200);
     assert_eq!(resp.headers()["x-echelon-model"], "a");
-    assert!(resp.headers()["x-echelon-attempts"].to_str().unwrap().starts_with("a:ok:200:"));
+    assert!(
+        resp.headers()["x-echelon-attempts"]
+            .to_str()
+            .unwrap()
+            .starts_with("a:ok:200:")
+    );
     let v: Value = resp.json().await.unwrap();
     assert_eq!(v["choices"][0]["message"]["content"], "echo: hi there");
-    assert!(v["timings"].is_object(), "llama.cpp-style extras pass through: {v}");
+    assert!(
+        v["timings"].is_object(),
+        "llama.cpp-style extras pass through: {v}"
+    );
     assert_eq!(v["x_echo"], json!({"vendor": 1}));
     let sent = h.a.recorded()[0].body.clone().unwrap();
     assert_eq!(sent["tools"][0]["function"]["name"], "f");
@@ -121,7 +132,12 @@ async fn malformed_requests_get_400_naming_the_json_path() {
     let v: Value = resp.json().await.unwrap();
     assert_eq!(v["error"]["type"], "invalid_request_error");
     assert_eq!(v["error"]["param"], "messages[0].role");
-    assert!(v["error"]["message"].as_str().unwrap().contains("messages[0].role"));
+    assert!(
+        v["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("messages[0].role")
+    );
 
     let resp = h
         .http
@@ -161,14 +177,30 @@ async fn gateway_keys_are_required_when_configured() {
         .unwrap();
     assert_eq!(resp.status(), 200);
     // /health stays open for load balancers.
-    assert_eq!(h.http.get(h.url("/health")).send().await.unwrap().status(), 200);
+    assert_eq!(
+        h.http.get(h.url("/health")).send().await.unwrap().status(),
+        200
+    );
 }
 
 #[tokio::test]
 async fn lists_routes_and_404s_unknown_ones() {
     let h = Harness::start(&[]).await;
-    let v: Value = h.http.get(h.url("/v1/models")).send().await.unwrap().json().await.unwrap();
-    let ids: Vec<_> = v["data"].as_array().unwrap().iter().map(|m| m["id"].as_str().unwrap()).collect();
+    let v: Value = h
+        .http
+        .get(h.url("/v1/models"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let ids: Vec<_> = v["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| m["id"].as_str().unwrap())
+        .collect();
     assert_eq!(ids, vec!["a", "b", "grp", "grp.echelon1", "grp.echelon2"]);
     assert_eq!(v["data"][2]["kind"], "task_group");
 
@@ -181,15 +213,26 @@ async fn lists_routes_and_404s_unknown_ones() {
 #[tokio::test]
 async fn failover_is_visible_in_headers_and_total_failure_in_the_body() {
     let h = Harness::start(&[]).await;
-    h.a.set_behavior(Behavior::Status { status: 500, retry_after: None, message: "boom".into() });
+    h.a.set_behavior(Behavior::Status {
+        status: 500,
+        retry_after: None,
+        message: "boom".into(),
+    });
     let resp = h.post(chat("grp")).await;
     assert_eq!(resp.status(), 200);
     assert_eq!(resp.headers()["x-echelon-model"], "b");
-    let attempts = resp.headers()["x-echelon-attempts"].to_str().unwrap().to_owned();
+    let attempts = resp.headers()["x-echelon-attempts"]
+        .to_str()
+        .unwrap()
+        .to_owned();
     assert!(attempts.starts_with("a:server_error:500:"), "{attempts}");
     assert!(attempts.contains(", b:ok:200:"), "{attempts}");
 
-    h.b.set_behavior(Behavior::Status { status: 503, retry_after: None, message: "down".into() });
+    h.b.set_behavior(Behavior::Status {
+        status: 503,
+        retry_after: None,
+        message: "down".into(),
+    });
     let resp = h.post(chat("grp")).await;
     assert_eq!(resp.status(), 502);
     let v: Value = resp.json().await.unwrap();
@@ -230,7 +273,12 @@ async fn streams_chunks_and_ends_with_done() {
         .collect();
     assert_eq!(text, "echo: hi there");
     assert!(chunks.len() >= 4, "content arrives in several chunks");
-    assert!(chunks.last().unwrap()["usage"]["total_tokens"].as_u64().unwrap() > 0);
+    assert!(
+        chunks.last().unwrap()["usage"]["total_tokens"]
+            .as_u64()
+            .unwrap()
+            > 0
+    );
 }
 
 #[tokio::test]

@@ -41,7 +41,8 @@ task_groups:
         servers[0].base_url(),
         servers[1].base_url()
     );
-    let gateway = Arc::new(Gateway::from_config(&Config::from_str(&yaml, "e2e.yaml").unwrap()).unwrap());
+    let gateway =
+        Arc::new(Gateway::from_config(&Config::from_str(&yaml, "e2e.yaml").unwrap()).unwrap());
     let app = echelon_server::router(gateway, &ServerOptions::default());
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
@@ -49,7 +50,11 @@ task_groups:
     tokio::spawn(echelon_server::serve(listener, app, async {
         let _ = rx.await;
     }));
-    Some(Stack { servers, addr, _shutdown: tx })
+    Some(Stack {
+        servers,
+        addr,
+        _shutdown: tx,
+    })
 }
 
 fn body(content: &str, stream: bool) -> Value {
@@ -71,44 +76,72 @@ async fn post(addr: SocketAddr, body: &Value) -> reqwest::Response {
 
 #[tokio::test]
 async fn plain_chat_is_answered_by_the_real_model() {
-    let Some(s) = stack("key-a").await else { return };
+    let Some(s) = stack("key-a").await else {
+        return;
+    };
     let resp = post(s.addr, &body("Name a colour.", false)).await;
     assert_eq!(resp.status(), 200);
     assert_eq!(resp.headers()["x-echelon-model"], "real-a");
     let v: Value = resp.json().await.unwrap();
     assert_eq!(v["model"], "real-a", "llama-server answers with its alias");
-    assert!(!v["choices"][0]["message"]["content"].as_str().unwrap().is_empty());
+    assert!(
+        !v["choices"][0]["message"]["content"]
+            .as_str()
+            .unwrap()
+            .is_empty()
+    );
     assert!(v["usage"]["completion_tokens"].as_u64().unwrap() > 0);
     assert!(v["timings"].is_object(), "llama.cpp's timings pass through");
 }
 
 #[tokio::test]
 async fn streamed_chat_arrives_in_several_chunks() {
-    let Some(s) = stack("key-a").await else { return };
+    let Some(s) = stack("key-a").await else {
+        return;
+    };
     let resp = post(s.addr, &body("Count from one to ten.", true)).await;
     assert_eq!(resp.status(), 200);
     let text = resp.text().await.unwrap();
-    let events: Vec<&str> = text.split("\n\n").filter_map(|e| e.strip_prefix("data: ")).collect();
+    let events: Vec<&str> = text
+        .split("\n\n")
+        .filter_map(|e| e.strip_prefix("data: "))
+        .collect();
     assert_eq!(events.last(), Some(&"[DONE]"));
     let pieces: Vec<String> = events[..events.len() - 1]
         .iter()
         .map(|e| serde_json::from_str::<Value>(e).unwrap())
-        .filter_map(|c| c["choices"][0]["delta"]["content"].as_str().map(str::to_owned))
+        .filter_map(|c| {
+            c["choices"][0]["delta"]["content"]
+                .as_str()
+                .map(str::to_owned)
+        })
         .filter(|t| !t.is_empty())
         .collect();
-    assert!(pieces.len() >= 3, "content in several chunks, got {pieces:?}");
+    assert!(
+        pieces.len() >= 3,
+        "content in several chunks, got {pieces:?}"
+    );
 }
 
 #[tokio::test]
 async fn a_killed_echelon1_fails_over_to_echelon2() {
-    let Some(mut s) = stack("key-a").await else { return };
+    let Some(mut s) = stack("key-a").await else {
+        return;
+    };
     s.servers[0].kill();
     let resp = post(s.addr, &body("Say hello.", false)).await;
     assert_eq!(resp.status(), 200);
     assert_eq!(resp.headers()["x-echelon-model"], "real-b");
-    let attempts = resp.headers()["x-echelon-attempts"].to_str().unwrap().to_owned();
+    let attempts = resp.headers()["x-echelon-attempts"]
+        .to_str()
+        .unwrap()
+        .to_owned();
     assert!(attempts.starts_with("real-a:connect:-:"), "{attempts}");
-    assert_eq!(attempts.matches("real-a:connect").count(), 2, "one retry: {attempts}");
+    assert_eq!(
+        attempts.matches("real-a:connect").count(),
+        2,
+        "one retry: {attempts}"
+    );
     let v: Value = resp.json().await.unwrap();
     assert_eq!(v["model"], "real-b");
 
@@ -120,25 +153,40 @@ async fn a_killed_echelon1_fails_over_to_echelon2() {
 
 #[tokio::test]
 async fn a_wrong_upstream_key_moves_to_the_next_echelon() {
-    let Some(s) = stack("not-the-key").await else { return };
+    let Some(s) = stack("not-the-key").await else {
+        return;
+    };
     let resp = post(s.addr, &body("Say hello.", false)).await;
     assert_eq!(resp.status(), 200);
     assert_eq!(resp.headers()["x-echelon-model"], "real-b");
-    let attempts = resp.headers()["x-echelon-attempts"].to_str().unwrap().to_owned();
+    let attempts = resp.headers()["x-echelon-attempts"]
+        .to_str()
+        .unwrap()
+        .to_owned();
     assert!(attempts.starts_with("real-a:auth:401:"), "{attempts}");
-    assert_eq!(attempts.matches("real-a").count(), 1, "a 401 is not retried: {attempts}");
+    assert_eq!(
+        attempts.matches("real-a").count(),
+        1,
+        "a 401 is not retried: {attempts}"
+    );
 }
 
 #[tokio::test]
 async fn a_too_long_prompt_is_a_400_without_retry() {
-    let Some(s) = stack("key-a").await else { return };
+    let Some(s) = stack("key-a").await else {
+        return;
+    };
     let long = "lorem ipsum dolor sit amet ".repeat(1200); // far beyond -c 2048
     let resp = post(s.addr, &body(&long, false)).await;
     assert_eq!(resp.status(), 400);
     let v: Value = resp.json().await.unwrap();
     assert_eq!(v["error"]["code"], "context_length_exceeded");
     let attempts = v["error"]["attempts"].as_array().unwrap();
-    assert_eq!(attempts.len(), 1, "no retry, no failover to an equal window: {attempts:?}");
+    assert_eq!(
+        attempts.len(),
+        1,
+        "no retry, no failover to an equal window: {attempts:?}"
+    );
     assert_eq!(attempts[0]["error_kind"], "context_length");
     assert_eq!(attempts[0]["status"], 400);
 }

@@ -27,8 +27,8 @@
 //! # }
 //! ```
 
-pub mod real;
 mod behavior;
+pub mod real;
 mod server;
 mod wire;
 

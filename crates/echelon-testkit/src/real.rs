@@ -26,7 +26,9 @@ pub fn cache_dir() -> PathBuf {
     if let Some(dir) = std::env::var_os("ECHELON_CACHE") {
         return PathBuf::from(dir);
     }
-    let home = std::env::var_os("HOME").map(PathBuf::from).unwrap_or_default();
+    let home = std::env::var_os("HOME")
+        .map(PathBuf::from)
+        .unwrap_or_default();
     home.join(".cache").join("echelon")
 }
 
@@ -70,8 +72,24 @@ impl LlamaServer {
         let child = Command::new(&bin)
             .arg("-m")
             .arg(&model)
-            .args(["--alias", alias, "--api-key", api_key, "--host", "127.0.0.1"])
-            .args(["--port", &port.to_string(), "-c", "2048", "-t", "1", "-np", "2"])
+            .args([
+                "--alias",
+                alias,
+                "--api-key",
+                api_key,
+                "--host",
+                "127.0.0.1",
+            ])
+            .args([
+                "--port",
+                &port.to_string(),
+                "-c",
+                "2048",
+                "-t",
+                "1",
+                "-np",
+                "2",
+            ])
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
@@ -151,7 +169,9 @@ async fn health_ok(port: u16) -> bool {
 pub async fn start_or_skip(specs: &[(&str, &str)]) -> Result<Option<Vec<LlamaServer>>, String> {
     if let Err(why) = locate() {
         if required() {
-            return Err(format!("{REQUIRE_ENV}=1 but the real upstream is missing: {why}"));
+            return Err(format!(
+                "{REQUIRE_ENV}=1 but the real upstream is missing: {why}"
+            ));
         }
         eprintln!("SKIPPED: real upstream not installed: {why}");
         return Ok(None);

@@ -187,7 +187,10 @@ fn check_message(i: usize, m: &Value) -> Result<(), RequestError> {
         }
         Some(v) => Err(RequestError::at(
             format!("messages[{i}].content"),
-            format!("expected a string or an array of parts, found {}", type_name(v)),
+            format!(
+                "expected a string or an array of parts, found {}",
+                type_name(v)
+            ),
         )),
     }
 }
@@ -203,17 +206,22 @@ mod tests {
 
     #[test]
     fn accepts_a_minimal_request() {
-        let r = parse_request(br#"{"model":"m","messages":[{"role":"user","content":"hi"}]}"#)
-            .unwrap();
+        let r =
+            parse_request(br#"{"model":"m","messages":[{"role":"user","content":"hi"}]}"#).unwrap();
         assert_eq!(r.model, "m");
         assert!(!r.is_stream());
     }
 
     #[test]
     fn names_the_path_of_a_bad_role() {
-        let e = err(r#"{"model":"m","messages":[{"role":"user","content":"a"},{"role":"robot","content":"b"}]}"#);
+        let e = err(
+            r#"{"model":"m","messages":[{"role":"user","content":"a"},{"role":"robot","content":"b"}]}"#,
+        );
         assert_eq!(e.path.as_deref(), Some("messages[1].role"));
-        assert!(e.message.starts_with("messages[1].role: unknown role `robot`"));
+        assert!(
+            e.message
+                .starts_with("messages[1].role: unknown role `robot`")
+        );
     }
 
     #[test]
@@ -221,25 +229,35 @@ mod tests {
         assert_eq!(err(r#"{"messages":[]}"#).path.as_deref(), Some("model"));
         assert_eq!(err(r#"{"model":"m"}"#).path.as_deref(), Some("messages"));
         assert_eq!(
-            err(r#"{"model":"m","messages":[{"content":"x"}]}"#).path.as_deref(),
+            err(r#"{"model":"m","messages":[{"content":"x"}]}"#)
+                .path
+                .as_deref(),
             Some("messages[0].role")
         );
         assert_eq!(
-            err(r#"{"model":"m","messages":[{"role":"user","content":5}]}"#).path.as_deref(),
+            err(r#"{"model":"m","messages":[{"role":"user","content":5}]}"#)
+                .path
+                .as_deref(),
             Some("messages[0].content")
         );
         assert_eq!(
-            err(r#"{"model":"m","messages":[{"role":"user"}],"stream":"yes"}"#).path.as_deref(),
+            err(r#"{"model":"m","messages":[{"role":"user"}],"stream":"yes"}"#)
+                .path
+                .as_deref(),
             Some("stream")
         );
         assert_eq!(
-            err(r#"{"model":"m","messages":[{"role":"user"}],"max_tokens":-1}"#).path.as_deref(),
+            err(r#"{"model":"m","messages":[{"role":"user"}],"max_tokens":-1}"#)
+                .path
+                .as_deref(),
             Some("max_tokens")
         );
         assert_eq!(
-            err(r#"{"model":"m","messages":[{"role":"user"}],"stream_options":{"include_usage":1}}"#)
-                .path
-                .as_deref(),
+            err(
+                r#"{"model":"m","messages":[{"role":"user"}],"stream_options":{"include_usage":1}}"#
+            )
+            .path
+            .as_deref(),
             Some("stream_options.include_usage")
         );
     }

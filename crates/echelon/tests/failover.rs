@@ -52,8 +52,12 @@ async fn pair() -> (TestUpstream, TestUpstream) {
         ..UpstreamOptions::default()
     };
     (
-        TestUpstream::start_with(opts("alias-a", "key-a")).await.unwrap(),
-        TestUpstream::start_with(opts("alias-b", "key-b")).await.unwrap(),
+        TestUpstream::start_with(opts("alias-a", "key-a"))
+            .await
+            .unwrap(),
+        TestUpstream::start_with(opts("alias-b", "key-b"))
+            .await
+            .unwrap(),
     )
 }
 
@@ -92,7 +96,11 @@ async fn server_errors_are_retried_then_fail_over_to_the_next_echelon() {
     let done = gw.chat(request("grp")).await.unwrap();
     assert_eq!(done.model, "b");
     assert_eq!(a.chat_requests(), 3, "1 call + 2 retries on a");
-    let k: Vec<_> = done.attempts.iter().map(|a| (a.model.as_str(), a.error_kind.as_str(), a.status)).collect();
+    let k: Vec<_> = done
+        .attempts
+        .iter()
+        .map(|a| (a.model.as_str(), a.error_kind.as_str(), a.status))
+        .collect();
     assert_eq!(
         k,
         vec![
@@ -116,7 +124,10 @@ async fn retry_after_is_honoured_on_429() {
     let started = std::time::Instant::now();
     let done = gw.chat(request("grp")).await.unwrap();
     assert_eq!(done.model, "a", "the retry on a succeeds");
-    assert!(started.elapsed() >= Duration::from_secs(1), "waited for Retry-After");
+    assert!(
+        started.elapsed() >= Duration::from_secs(1),
+        "waited for Retry-After"
+    );
     assert_eq!(done.attempts[0].error_kind, "rate_limited");
     assert_eq!(b.chat_requests(), 0);
 }
@@ -207,7 +218,10 @@ task_groups:
     req.messages = vec![ChatMessage::new(Role::User, "word ".repeat(200))];
     let e = gw.chat(req).await.unwrap_err();
     assert_eq!(e.status(), 400);
-    assert_eq!(e.to_body().error.code.as_deref(), Some("context_length_exceeded"));
+    assert_eq!(
+        e.to_body().error.code.as_deref(),
+        Some("context_length_exceeded")
+    );
     assert_eq!(kinds(&e), vec![("a".into(), "context_length".into())]);
     assert_eq!(a.chat_requests(), 1);
     assert_eq!(b.chat_requests(), 0, "b's window is no larger than a's");
@@ -216,7 +230,11 @@ task_groups:
 #[tokio::test]
 async fn every_tier_failing_gives_a_typed_error_naming_each_attempt() {
     let (a, b) = pair().await;
-    a.set_behavior(Behavior::Status { status: 503, retry_after: None, message: "down".into() });
+    a.set_behavior(Behavior::Status {
+        status: 503,
+        retry_after: None,
+        message: "down".into(),
+    });
     b.set_behavior(Behavior::CutConnection);
     let gw = gateway(&a, &b, "max_retries: 1");
     let e = gw.chat(request("grp")).await.unwrap_err();
@@ -234,14 +252,23 @@ async fn every_tier_failing_gives_a_typed_error_naming_each_attempt() {
     let body = serde_json::to_value(e.to_body()).unwrap();
     assert_eq!(body["error"]["type"], "upstream_error");
     assert_eq!(body["error"]["attempts"].as_array().unwrap().len(), 4);
-    assert!(body["error"]["message"].as_str().unwrap().contains("a → server_error (HTTP 503)"));
+    assert!(
+        body["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("a → server_error (HTTP 503)")
+    );
 }
 
 #[tokio::test]
 async fn all_rate_limited_is_429_and_all_timeouts_is_504() {
     let (a, b) = pair().await;
     for u in [&a, &b] {
-        u.set_behavior(Behavior::Status { status: 429, retry_after: Some(3600), message: "no".into() });
+        u.set_behavior(Behavior::Status {
+            status: 429,
+            retry_after: Some(3600),
+            message: "no".into(),
+        });
     }
     let gw = gateway(&a, &b, "max_retries: 1, timeout: 0.2");
     assert_eq!(gw.chat(request("grp")).await.unwrap_err().status(), 429);
@@ -269,7 +296,11 @@ async fn unknown_routes_are_404_and_single_echelons_are_routes() {
 #[tokio::test]
 async fn a_client_fault_400_is_returned_without_failover() {
     let (a, b) = pair().await;
-    a.push_behavior(Behavior::Status { status: 400, retry_after: None, message: "bad tools".into() });
+    a.push_behavior(Behavior::Status {
+        status: 400,
+        retry_after: None,
+        message: "bad tools".into(),
+    });
     let gw = gateway(&a, &b, "max_retries: 2");
     let e = gw.chat(request("grp")).await.unwrap_err();
     assert_eq!(e.status(), 400);
@@ -277,7 +308,10 @@ async fn a_client_fault_400_is_returned_without_failover() {
     assert_eq!(b.chat_requests(), 0);
 }
 
-async fn collect_stream(gw: &Gateway, route: &str) -> (String, Vec<(String, String)>, Option<GatewayError>) {
+async fn collect_stream(
+    gw: &Gateway,
+    route: &str,
+) -> (String, Vec<(String, String)>, Option<GatewayError>) {
     let mut req = request(route);
     req.stream = Some(true);
     let mut s = gw.chat_stream(req).await.unwrap();
@@ -305,7 +339,11 @@ async fn collect_stream(gw: &Gateway, route: &str) -> (String, Vec<(String, Stri
 async fn a_stream_fails_over_transparently_before_its_first_chunk() {
     let (a, b) = pair().await;
     a.push_behavior(Behavior::StreamCut { chunks: 0 }); // role-only chunk, then cut
-    a.push_behavior(Behavior::Status { status: 500, retry_after: None, message: "x".into() });
+    a.push_behavior(Behavior::Status {
+        status: 500,
+        retry_after: None,
+        message: "x".into(),
+    });
     let gw = gateway(&a, &b, "max_retries: 0");
     let (text, attempts, err) = collect_stream(&gw, "grp").await;
     assert!(err.is_none());
@@ -330,7 +368,11 @@ async fn a_stream_cut_after_its_first_chunk_ends_with_an_error() {
     assert!(!text.is_empty());
     assert_eq!(err.status(), 502);
     assert_eq!(attempts, vec![("a".into(), "stream_cut".into())]);
-    assert_eq!(b.chat_requests(), 0, "no failover once content reached the client");
+    assert_eq!(
+        b.chat_requests(),
+        0,
+        "no failover once content reached the client"
+    );
 }
 
 #[tokio::test]
@@ -351,5 +393,8 @@ async fn malformed_sse_before_content_fails_over() {
     let (text, attempts, err) = collect_stream(&gw, "grp").await;
     assert!(err.is_none());
     assert_eq!(text, "echo: hello there");
-    assert_eq!(attempts, vec![("a".into(), "malformed".into()), ("b".into(), "ok".into())]);
+    assert_eq!(
+        attempts,
+        vec![("a".into(), "malformed".into()), ("b".into(), "ok".into())]
+    );
 }

@@ -217,14 +217,13 @@ impl ChunkStream {
                 _ => (gap_deadline, false),
             };
             let event = match tokio::time::timeout_at(deadline, self.events.next()).await {
-                Err(_) if first => return Some(Err(first_token_timeout(self.timeouts.first_token))),
+                Err(_) if first => {
+                    return Some(Err(first_token_timeout(self.timeouts.first_token)));
+                }
                 Err(_) => {
                     return Some(Err(ProviderError::new(
                         ErrorKind::Timeout,
-                        format!(
-                            "no chunk within {} ms",
-                            self.timeouts.chunk_gap.as_millis()
-                        ),
+                        format!("no chunk within {} ms", self.timeouts.chunk_gap.as_millis()),
                     )));
                 }
                 Ok(e) => e,
@@ -245,7 +244,9 @@ impl ChunkStream {
                         Ok(None) => continue,
                         Err(e) => return Some(Err(e)),
                     };
-                    if chunk.has_content() || chunk.choices.iter().any(|c| c.finish_reason.is_some()) {
+                    if chunk.has_content()
+                        || chunk.choices.iter().any(|c| c.finish_reason.is_some())
+                    {
                         self.first_token_deadline = None;
                     }
                     if chunk.choices.iter().any(|c| c.finish_reason.is_some()) {

@@ -153,10 +153,7 @@ fn parse_error_body(body: &[u8]) -> (String, Option<String>, Option<String>) {
             .map(str::to_owned)
     };
     let message = field("message")
-        .or_else(|| {
-            err.and_then(serde_json::Value::as_str)
-                .map(str::to_owned)
-        })
+        .or_else(|| err.and_then(serde_json::Value::as_str).map(str::to_owned))
         .unwrap_or_else(|| String::from_utf8_lossy(body).trim().to_owned());
     (truncate(message), field("type"), field("code"))
 }
@@ -205,7 +202,10 @@ mod tests {
         let e = ProviderError::from_response(400, None, openai.as_bytes());
         assert!(e.is_context_length());
         assert!(!e.is_retryable());
-        assert_eq!(e.message, "This model's maximum context length is 8192 tokens");
+        assert_eq!(
+            e.message,
+            "This model's maximum context length is 8192 tokens"
+        );
     }
 
     #[test]

@@ -22,7 +22,12 @@ pub(crate) enum SseEvent {
 
 /// The events of a response body.
 pub(crate) struct SseEvents {
-    inner: Pin<Box<dyn Stream<Item = Result<eventsource_stream::Event, EventStreamError<reqwest::Error>>> + Send>>,
+    inner: Pin<
+        Box<
+            dyn Stream<Item = Result<eventsource_stream::Event, EventStreamError<reqwest::Error>>>
+                + Send,
+        >,
+    >,
 }
 
 impl SseEvents {

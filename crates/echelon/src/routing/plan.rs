@@ -56,7 +56,11 @@ impl Tier {
     pub(crate) fn ordered(&self) -> impl Iterator<Item = &Arc<Model>> {
         let n = self.models.len().max(1);
         let start = self.next.fetch_add(1, Ordering::Relaxed) % n;
-        self.models.iter().cycle().skip(start).take(self.models.len())
+        self.models
+            .iter()
+            .cycle()
+            .skip(start)
+            .take(self.models.len())
     }
 }
 

@@ -115,9 +115,7 @@ impl Gateway {
                     temperature: ech.temperature,
                     max_tokens: ech.max_tokens,
                     max_retries: ech.max_retries,
-                    timeout: ech
-                        .timeout
-                        .map(|s| Duration::from_secs_f64(s.max(0.001))),
+                    timeout: ech.timeout.map(|s| Duration::from_secs_f64(s.max(0.001))),
                 };
                 let tier = Arc::new(Tier::new(label.clone(), members, defaults));
                 routes.insert(
@@ -144,12 +142,7 @@ impl Gateway {
                     models: t.models.iter().map(|m| m.id().to_owned()).collect(),
                 });
             }
-            routes.insert(
-                name.clone(),
-                Route {
-                    tiers,
-                },
-            );
+            routes.insert(name.clone(), Route { tiers });
         }
         Ok(Gateway {
             models,
@@ -252,7 +245,14 @@ impl Gateway {
                 let mut retries = 0;
                 while let Ok(key) = model.pick_key(&refused_keys) {
                     let started = Instant::now();
-                    let result = attempt(model, key.map(|k| k.1), &body, stream, tier.defaults.timeout).await;
+                    let result = attempt(
+                        model,
+                        key.map(|k| k.1),
+                        &body,
+                        stream,
+                        tier.defaults.timeout,
+                    )
+                    .await;
                     let latency_ms = started.elapsed().as_millis() as u64;
                     let key_id = key.map(|(_, k)| k.id().to_owned());
                     let e = match result {
@@ -340,8 +340,8 @@ async fn attempt(
         // sends `content: null`) must not commit the client to this candidate.
         while let Some(chunk) = rest.next().await {
             let chunk = chunk?;
-            let decisive = chunk.has_content()
-                || chunk.choices.iter().any(|c| c.finish_reason.is_some());
+            let decisive =
+                chunk.has_content() || chunk.choices.iter().any(|c| c.finish_reason.is_some());
             buffered.push_back(chunk);
             if decisive {
                 break;
@@ -445,7 +445,10 @@ mod tests {
         assert_eq!(backoff(d, 0, None), Some(Duration::from_millis(100)));
         assert_eq!(backoff(d, 2, None), Some(Duration::from_millis(400)));
         assert_eq!(backoff(d, 30, None), Some(MAX_BACKOFF));
-        assert_eq!(backoff(d, 0, Some(Duration::from_secs(2))), Some(Duration::from_secs(2)));
+        assert_eq!(
+            backoff(d, 0, Some(Duration::from_secs(2))),
+            Some(Duration::from_secs(2))
+        );
         assert_eq!(backoff(d, 0, Some(Duration::from_secs(60))), None);
     }
 
@@ -464,7 +467,10 @@ mod tests {
     #[test]
     fn exhausted_status_follows_the_attempts() {
         assert_eq!(exhausted("r", vec![]).status(), 503);
-        assert_eq!(exhausted("r", vec![att("rate_limited"), att("rate_limited")]).status(), 429);
+        assert_eq!(
+            exhausted("r", vec![att("rate_limited"), att("rate_limited")]).status(),
+            429
+        );
         assert_eq!(exhausted("r", vec![att("timeout")]).status(), 504);
         let mixed = exhausted("r", vec![att("timeout"), att("connect")]);
         assert_eq!(mixed.status(), 502);

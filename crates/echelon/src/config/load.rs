@@ -1,0 +1,760 @@
+//! Loading: files and directories, recognising each file's shape, merging the
+//! pieces, resolving API keys, and checking every reference.
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::{Path, PathBuf};
+
+use secrecy::SecretString;
+
+use super::env::EnvLookup;
+use super::error::{ConfigError, ConfigErrors, closest, reference_hint};
+use super::model::{Config, ModelConfig, ProviderConfig, ServerConfig, TaskGroupConfig};
+use super::node::{Entry, Format, Kind, Node, Pos, join, parse};
+use super::read::{Ctx, located, map};
+use super::sections::{self, GroupRefs, Ref, echelon_number};
+use super::seed_provider;
+
+/// The top-level sections of the native format.
+pub(crate) const SECTION_KEYS: &[&str] = &["server", "providers", "models", "task_groups"];
+
+/// Something defined in one file, with where.
+pub(crate) struct Item<T, R> {
+    /// Its id (provider id, model id, group name).
+    pub(crate) id: String,
+    /// The file it is in.
+    pub(crate) file: String,
+    /// Where its id is written.
+    pub(crate) pos: Pos,
+    /// Its key path in the file.
+    pub(crate) path: String,
+    /// The value.
+    pub(crate) value: T,
+    /// Its references to check.
+    pub(crate) refs: R,
+}
+
+/// Everything one file defines.
+#[derive(Default)]
+pub(crate) struct Fragment {
+    pub(crate) server: Option<Item<ServerConfig, ()>>,
+    pub(crate) providers: Vec<Item<ProviderConfig, ()>>,
+    pub(crate) models: Vec<Item<ModelConfig, Option<Ref>>>,
+    pub(crate) groups: Vec<Item<TaskGroupConfig, GroupRefs>>,
+}
+
+/// The shape of a file's top level.
+#[derive(Debug, PartialEq, Eq)]
+enum Shape {
+    /// `server`, `providers`, `models`, `task_groups` (also the fallback shape, so
+    /// unknown keys are reported against these).
+    Native,
+    /// A seed task group file: `name` and/or `echelon<N>` keys, `fallback_config`, ….
+    Group,
+    /// A seed polling pool file (`rotation_strategy`, `task_groups: [..]`).
+    Pool,
+    /// A seed `provider.json`: provider → model → settings.
+    SeedProvider,
+}
+
+fn shape(entries: &[Entry]) -> Shape {
+    let has = |k: &str| entries.iter().any(|e| e.key == k);
+    let pool_groups = entries
+        .iter()
+        .any(|e| e.key == "task_groups" && matches!(e.value.kind, Kind::Seq(_)));
+    if has("rotation_strategy") || pool_groups {
+        return Shape::Pool;
+    }
+    if SECTION_KEYS.iter().any(|k| has(k)) {
+        return Shape::Native;
+    }
+    if has("name") || entries.iter().any(|e| echelon_number(&e.key).is_some()) {
+        return Shape::Group;
+    }
+    let map_of_maps = |node: &Node| {
+        node.entries()
+            .is_some_and(|inner| inner.iter().all(|e| matches!(e.value.kind, Kind::Map(_))))
+    };
+    // A misspelt section (`modles:`) is reported as such, not read as a seed provider.
+    let near_section = entries
+        .iter()
+        .any(|e| closest(&e.key, SECTION_KEYS.iter().copied()).is_some());
+    if !entries.is_empty() && !near_section && entries.iter().all(|e| map_of_maps(&e.value)) {
+        return Shape::SeedProvider;
+    }
+    Shape::Native
+}
+
+/// The outcome of reading files: what they define and what is wrong.
+#[derive(Default)]
+pub(crate) struct Loaded {
+    pub(crate) fragments: Vec<Fragment>,
+    pub(crate) errors: Vec<ConfigError>,
+    /// Whether a file could not be parsed at all (then references are not checked:
+    /// they could point into that file).
+    pub(crate) incomplete: bool,
+}
+
+/// Reads one configuration text. `stem` names a group file that has no `name:`.
+pub(crate) fn read_text(
+    loaded: &mut Loaded,
+    text: &str,
+    file: &str,
+    stem: &str,
+    env: EnvLookup<'_>,
+) {
+    let (root, errors) = parse(text, file, Format::from_origin(file), env);
+    loaded.errors.extend(errors);
+    let Some(root) = root else {
+        loaded.incomplete = true;
+        return;
+    };
+    let mut ctx = Ctx::new(file);
+    let mut fragment = Fragment::default();
+    if matches!(root.kind, Kind::Null) {
+        return;
+    }
+    let Some(view) = map(&mut ctx, &root, "") else {
+        loaded.errors.extend(ctx.errors);
+        loaded.incomplete = true;
+        return;
+    };
+    match shape(view.entries) {
+        Shape::Native => {
+            view.check_keys(&mut ctx, SECTION_KEYS);
+            native(&mut ctx, &view, &mut fragment);
+        }
+        Shape::Group => {
+            let name = view
+                .get("name")
+                .and_then(|e| match &e.value.kind {
+                    Kind::Str { value, .. } => Some((value.clone(), e.value.pos)),
+                    _ => None,
+                })
+                .unwrap_or_else(|| (stem.to_owned(), Pos::default()));
+            let (value, refs) = sections::task_group(&mut ctx, &view, &name.0, name.1, false);
+            fragment.groups.push(Item {
+                id: name.0,
+                file: file.to_owned(),
+                pos: name.1,
+                path: String::new(),
+                value,
+                refs,
+            });
+        }
+        Shape::Pool => {
+            ctx.error(
+                Pos::default(),
+                "",
+                "polling pool files are not supported yet",
+                Some(
+                    "move the file out of the configuration directory; a task group can be \
+                     routed to directly"
+                        .to_owned(),
+                ),
+            );
+        }
+        Shape::SeedProvider => seed_provider::read(&mut ctx, &view, &mut fragment),
+    }
+    loaded.errors.extend(ctx.errors);
+    loaded.fragments.push(fragment);
+}
+
+fn native(ctx: &mut Ctx, view: &super::read::MapView<'_>, fragment: &mut Fragment) {
+    let file = ctx.file.clone();
+    if let Some(entry) = view.get("server") {
+        let value = sections::server(ctx, &entry.value, "server");
+        fragment.server = Some(Item {
+            id: "server".to_owned(),
+            file: file.clone(),
+            pos: entry.key_pos,
+            path: "server".to_owned(),
+            value,
+            refs: (),
+        });
+    }
+    if let Some(providers) = view
+        .value("providers")
+        .and_then(|n| map(ctx, n, "providers"))
+    {
+        for entry in providers.entries {
+            let path = join("providers", &entry.key);
+            let value = sections::provider(ctx, &entry.value, &path);
+            fragment.providers.push(Item {
+                id: entry.key.clone(),
+                file: file.clone(),
+                pos: entry.key_pos,
+                path,
+                value,
+                refs: (),
+            });
+        }
+    }
+    if let Some(models) = view.value("models").and_then(|n| map(ctx, n, "models")) {
+        for entry in models.entries {
+            let path = join("models", &entry.key);
+            let (value, refs) = sections::model(ctx, &entry.value, &entry.key, &path);
+            fragment.models.push(Item {
+                id: entry.key.clone(),
+                file: file.clone(),
+                pos: entry.key_pos,
+                path,
+                value,
+                refs,
+            });
+        }
+    }
+    if let Some(groups) = view
+        .value("task_groups")
+        .and_then(|n| map(ctx, n, "task_groups"))
+    {
+        for entry in groups.entries {
+            let path = join("task_groups", &entry.key);
+            let Some(group) = map(ctx, &entry.value, &path) else {
+                continue;
+            };
+            let (value, refs) = sections::task_group(ctx, &group, &entry.key, entry.key_pos, true);
+            fragment.groups.push(Item {
+                id: entry.key.clone(),
+                file: file.clone(),
+                pos: entry.key_pos,
+                path,
+                value,
+                refs,
+            });
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------
+// files and directories
+
+fn is_config_file(path: &Path) -> bool {
+    path.extension()
+        .and_then(|e| e.to_str())
+        .is_some_and(|e| matches!(e.to_ascii_lowercase().as_str(), "yaml" | "yml" | "json"))
+}
+
+fn is_hidden(path: &Path) -> bool {
+    path.file_name()
+        .and_then(|n| n.to_str())
+        .is_some_and(|n| n.starts_with('.'))
+}
+
+/// Directories deeper than this are not followed (guards against symlink loops).
+const MAX_DEPTH: usize = 16;
+
+fn collect(dir: &Path, depth: usize, files: &mut Vec<PathBuf>, errors: &mut Vec<ConfigError>) {
+    let entries = match std::fs::read_dir(dir) {
+        Ok(entries) => entries,
+        Err(e) => {
+            errors.push(file_error(dir, format!("cannot read directory: {e}")));
+            return;
+        }
+    };
+    for entry in entries {
+        let path = match entry {
+            Ok(entry) => entry.path(),
+            Err(e) => {
+                errors.push(file_error(dir, format!("cannot read directory: {e}")));
+                continue;
+            }
+        };
+        if is_hidden(&path) {
+            continue;
+        }
+        match std::fs::metadata(&path) {
+            Ok(meta) if meta.is_dir() => {
+                if depth < MAX_DEPTH {
+                    collect(&path, depth + 1, files, errors);
+                } else {
+                    errors.push(file_error(&path, "directory nesting too deep".to_owned()));
+                }
+            }
+            Ok(meta) if meta.is_file() && is_config_file(&path) => files.push(path),
+            Ok(_) => {}
+            Err(e) => errors.push(file_error(&path, format!("cannot read: {e}"))),
+        }
+    }
+}
+
+fn file_error(path: &Path, message: String) -> ConfigError {
+    located(
+        &path.display().to_string(),
+        Pos::default(),
+        "",
+        message,
+        None,
+    )
+}
+
+fn read_file(loaded: &mut Loaded, path: &Path, env: EnvLookup<'_>) {
+    let file = path.display().to_string();
+    match std::fs::read_to_string(path) {
+        Ok(text) => {
+            let stem = path
+                .file_stem()
+                .and_then(|s| s.to_str())
+                .unwrap_or_default();
+            read_text(loaded, &text, &file, stem, env);
+        }
+        Err(e) => {
+            loaded
+                .errors
+                .push(file_error(path, format!("cannot read: {e}")));
+            loaded.incomplete = true;
+        }
+    }
+}
+
+/// Loads a file or a directory (every `*.yaml`, `*.yml`, `*.json` under it,
+/// recursively, sorted by path; names starting with `.` are skipped).
+pub(crate) fn load_path(path: &Path, env: EnvLookup<'_>) -> Result<Config, ConfigErrors> {
+    let origin = path.display().to_string();
+    let meta = std::fs::metadata(path)
+        .map_err(|e| ConfigErrors::from(file_error(path, format!("cannot read: {e}"))))?;
+    let mut loaded = Loaded::default();
+    if meta.is_dir() {
+        let mut files = Vec::new();
+        collect(path, 0, &mut files, &mut loaded.errors);
+        if !loaded.errors.is_empty() {
+            loaded.incomplete = true;
+        }
+        files.sort();
+        if files.is_empty() && loaded.errors.is_empty() {
+            return Err(file_error(
+                path,
+                "no *.yaml, *.yml or *.json files in this directory".to_owned(),
+            )
+            .into());
+        }
+        for file in &files {
+            read_file(&mut loaded, file, env);
+        }
+    } else {
+        read_file(&mut loaded, path, env);
+    }
+    assemble(loaded, &origin, env)
+}
+
+/// Loads one in-memory text named `origin`.
+pub(crate) fn load_text(
+    text: &str,
+    origin: &str,
+    env: EnvLookup<'_>,
+) -> Result<Config, ConfigErrors> {
+    let mut loaded = Loaded::default();
+    let stem = Path::new(origin)
+        .file_stem()
+        .and_then(|s| s.to_str())
+        .unwrap_or(origin);
+    read_text(&mut loaded, text, origin, stem, env);
+    assemble(loaded, origin, env)
+}
+
+// ---------------------------------------------------------------------------
+// merging and checking
+
+fn at(file: &str, pos: Pos) -> String {
+    match (pos.line, pos.column) {
+        (0, _) => file.to_owned(),
+        (l, 0) => format!("{file}:{l}"),
+        (l, c) => format!("{file}:{l}:{c}"),
+    }
+}
+
+/// Adds `items` to `into`, reporting ids already defined (by any file).
+fn merge<T, R>(
+    kind: &str,
+    items: Vec<Item<T, R>>,
+    seen: &mut HashMap<String, (String, Pos)>,
+    into: &mut Vec<Item<T, R>>,
+    errors: &mut Vec<ConfigError>,
+) {
+    for item in items {
+        if let Some((file, pos)) = seen.get(&item.id) {
+            let same_file = *file == item.file;
+            errors.push(located(
+                &item.file,
+                item.pos,
+                &item.path,
+                format!(
+                    "{kind} `{}` is already defined at {}",
+                    item.id,
+                    at(file, *pos)
+                ),
+                Some(if same_file {
+                    "ids must be unique; rename or remove one".to_owned()
+                } else {
+                    format!(
+                        "ids must be unique across files: {} and {} both define it",
+                        file, item.file
+                    )
+                }),
+            ));
+            continue;
+        }
+        seen.insert(item.id.clone(), (item.file.clone(), item.pos));
+        into.push(item);
+    }
+}
+
+/// The environment variable that overrides a provider's keys: `local-a` →
+/// `LOCAL_A_API_KEY`.
+pub(crate) fn key_env_var(provider_id: &str) -> String {
+    let mut name: String = provider_id
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() {
+                c.to_ascii_uppercase()
+            } else {
+                '_'
+            }
+        })
+        .collect();
+    name.push_str("_API_KEY");
+    name
+}
+
+/// The keys from `<ID>_API_KEY` when it is set and not empty (comma-separated; empty
+/// parts dropped).
+pub(crate) fn keys_from_env(provider_id: &str, env: EnvLookup<'_>) -> Option<Vec<SecretString>> {
+    let value = env(&key_env_var(provider_id))?;
+    let keys: Vec<SecretString> = value
+        .split(',')
+        .map(str::trim)
+        .filter(|k| !k.is_empty())
+        .map(SecretString::from)
+        .collect();
+    (!keys.is_empty()).then_some(keys)
+}
+
+fn sort_errors(errors: &mut [ConfigError]) {
+    errors.sort_by(|a, b| {
+        (&a.file, a.line.unwrap_or(0), a.column.unwrap_or(0)).cmp(&(
+            &b.file,
+            b.line.unwrap_or(0),
+            b.column.unwrap_or(0),
+        ))
+    });
+}
+
+/// Merges the fragments, applies the key environment variables and checks references.
+pub(crate) fn assemble(
+    loaded: Loaded,
+    origin: &str,
+    env: EnvLookup<'_>,
+) -> Result<Config, ConfigErrors> {
+    let Loaded {
+        fragments,
+        mut errors,
+        incomplete,
+    } = loaded;
+
+    let mut servers = Vec::new();
+    let mut providers = Vec::new();
+    let mut models = Vec::new();
+    let mut groups = Vec::new();
+    let (mut seen_server, mut seen_providers, mut seen_models, mut seen_groups) = (
+        HashMap::new(),
+        HashMap::new(),
+        HashMap::new(),
+        HashMap::new(),
+    );
+    for fragment in fragments {
+        merge(
+            "section",
+            fragment.server.into_iter().collect(),
+            &mut seen_server,
+            &mut servers,
+            &mut errors,
+        );
+        merge(
+            "provider",
+            fragment.providers,
+            &mut seen_providers,
+            &mut providers,
+            &mut errors,
+        );
+        merge(
+            "model",
+            fragment.models,
+            &mut seen_models,
+            &mut models,
+            &mut errors,
+        );
+        merge(
+            "task group",
+            fragment.groups,
+            &mut seen_groups,
+            &mut groups,
+            &mut errors,
+        );
+    }
+
+    let mut config = Config {
+        server: servers.pop().map(|s| s.value).unwrap_or_default(),
+        ..Config::default()
+    };
+
+    // API keys, step 1: `<ID>_API_KEY` replaces the provider's keys and its models'.
+    let mut env_keyed = Vec::new();
+    for item in &providers {
+        let mut provider = item.value.clone();
+        if let Some(keys) = keys_from_env(&item.id, env) {
+            provider.api_keys = keys;
+            env_keyed.push(item.id.clone());
+        }
+        config.providers.insert(item.id.clone(), provider);
+    }
+    for item in &models {
+        let mut model = item.value.clone();
+        if env_keyed.contains(&model.provider) {
+            model.api_keys = None;
+        }
+        config.models.insert(item.id.clone(), model);
+    }
+    for item in &groups {
+        config
+            .task_groups
+            .insert(item.id.clone(), item.value.clone());
+    }
+
+    if !incomplete {
+        check_references(&config, &models, &groups, &mut errors);
+        if config.models.is_empty() {
+            errors.push(located(
+                origin,
+                Pos::default(),
+                "",
+                "no models are defined",
+                Some(
+                    "add a `models:` section, e.g. `models: { my-model: { provider: local, \
+                     model: smollm2 } }`"
+                        .to_owned(),
+                ),
+            ));
+        }
+    }
+
+    if errors.is_empty() {
+        Ok(config)
+    } else {
+        sort_errors(&mut errors);
+        Err(ConfigErrors(errors))
+    }
+}
+
+fn check_references(
+    config: &Config,
+    models: &[Item<ModelConfig, Option<Ref>>],
+    groups: &[Item<TaskGroupConfig, GroupRefs>],
+    errors: &mut Vec<ConfigError>,
+) {
+    let provider_ids = || config.providers.keys().map(String::as_str);
+    let model_ids = || config.models.keys().map(String::as_str);
+    let group_names = || config.task_groups.keys().map(String::as_str);
+
+    for item in models {
+        if let Some(r) = &item.refs
+            && !config.providers.contains_key(&r.value)
+        {
+            errors.push(located(
+                &item.file,
+                r.pos,
+                &r.path,
+                format!(
+                    "model `{}` names provider `{}`, which is not defined",
+                    item.id, r.value
+                ),
+                Some(reference_hint(&r.value, "providers", provider_ids())),
+            ));
+        }
+    }
+
+    let model_at: BTreeMap<&str, &Item<ModelConfig, Option<Ref>>> =
+        models.iter().map(|m| (m.id.as_str(), m)).collect();
+    for item in groups {
+        if item.id.contains('.') {
+            errors.push(located(
+                &item.file,
+                item.pos,
+                &item.path,
+                format!("task group name `{}` contains `.`", item.id),
+                Some(
+                    "routes use `.` to name an echelon (`group.echelon2`); rename the group"
+                        .to_owned(),
+                ),
+            ));
+        }
+        if let Some(model) = model_at.get(item.id.as_str()) {
+            errors.push(located(
+                &item.file,
+                item.pos,
+                &item.path,
+                format!("`{}` is both a task group and a model id", item.id),
+                Some(format!(
+                    "the model is defined at {}; rename one so routes are unambiguous",
+                    at(&model.file, model.pos)
+                )),
+            ));
+        }
+        for r in &item.refs.models {
+            if !config.models.contains_key(&r.value) {
+                errors.push(located(
+                    &item.file,
+                    r.pos,
+                    &r.path,
+                    format!("model `{}` is not defined", r.value),
+                    Some(reference_hint(&r.value, "models", model_ids())),
+                ));
+            }
+        }
+        for r in &item.refs.fallback_groups {
+            if let Some(problem) = route_problem(config, &r.value) {
+                errors.push(located(
+                    &item.file,
+                    r.pos,
+                    &r.path,
+                    problem,
+                    Some(reference_hint(
+                        r.value.split('.').next().unwrap_or_default(),
+                        "task groups",
+                        group_names(),
+                    )),
+                ));
+            }
+        }
+    }
+}
+
+/// Why a `fallback_groups` entry does not name a task group, a `group.echelonN` or a
+/// model; `None` when it does.
+fn route_problem(config: &Config, route: &str) -> Option<String> {
+    if config.task_groups.contains_key(route) || config.models.contains_key(route) {
+        return None;
+    }
+    if let Some((group, echelon)) = route.split_once('.')
+        && let Some(g) = config.task_groups.get(group)
+    {
+        if g.echelons.iter().any(|e| e.name == echelon) {
+            return None;
+        }
+        let names: Vec<&str> = g.echelons.iter().map(|e| e.name.as_str()).collect();
+        return Some(format!(
+            "`{route}`: task group `{group}` has no `{echelon}` (it has {})",
+            names.join(", ")
+        ));
+    }
+    Some(format!(
+        "`{route}` is not a task group, `group.echelonN` or model"
+    ))
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use secrecy::ExposeSecret;
+
+    use super::*;
+
+    fn exposed(keys: &[SecretString]) -> Vec<&str> {
+        keys.iter().map(|k| k.expose_secret()).collect()
+    }
+
+    const KEYS_YAML: &str = "\
+providers:
+  local-a: { base_url: \"http://h/v1\", api_keys: [\"${RESOLVE_FILE_KEY}\", inline-key, \"${RESOLVE_EMPTY:-}\"] }
+  other: { base_url: \"http://o/v1\", api_keys: [other-key] }
+models:
+  m: { provider: local-a, api_keys: [model-key] }
+  n: { provider: other, api_keys: [\"${RESOLVE_EMPTY:-}\"] }
+";
+
+    #[test]
+    fn key_resolution_file_references_then_inline_literals() {
+        let env = |name: &str| (name == "RESOLVE_FILE_KEY").then(|| "from-file-ref".to_owned());
+        let config = load_text(KEYS_YAML, "k.yaml", &env).unwrap();
+        // (2) `${VAR}` from the file, (3) inline literal; the empty one is dropped.
+        assert_eq!(
+            exposed(&config.providers["local-a"].api_keys),
+            ["from-file-ref", "inline-key"]
+        );
+        assert_eq!(
+            exposed(config.models["m"].api_keys.as_deref().unwrap()),
+            ["model-key"]
+        );
+        // A model list that is empty after dropping empties inherits the provider's.
+        assert!(config.models["n"].api_keys.is_none());
+    }
+
+    #[test]
+    fn key_resolution_env_var_wins_over_file_and_model_overrides() {
+        let env = |name: &str| match name {
+            "RESOLVE_FILE_KEY" => Some("from-file-ref".to_owned()),
+            "LOCAL_A_API_KEY" => Some("env-key-1,env-key-2".to_owned()),
+            _ => None,
+        };
+        let config = load_text(KEYS_YAML, "k.yaml", &env).unwrap();
+        assert_eq!(
+            exposed(&config.providers["local-a"].api_keys),
+            ["env-key-1", "env-key-2"]
+        );
+        assert!(config.models["m"].api_keys.is_none());
+        assert_eq!(exposed(&config.providers["other"].api_keys), ["other-key"]);
+    }
+
+    #[test]
+    fn key_env_var_does_not_excuse_a_missing_file_reference() {
+        // The file's `${VAR}` must still resolve: a missing variable is an error even
+        // when `<ID>_API_KEY` would replace the keys.
+        let env = |name: &str| (name == "LOCAL_A_API_KEY").then(|| "env-key".to_owned());
+        let errors = load_text(KEYS_YAML, "k.yaml", &env).unwrap_err();
+        assert_eq!(errors.0.len(), 1);
+        assert_eq!(
+            errors.0[0].message,
+            "environment variable `RESOLVE_FILE_KEY` is not set"
+        );
+        assert_eq!((errors.0[0].line, errors.0[0].column), (Some(2), Some(51)));
+    }
+
+    #[test]
+    fn shapes() {
+        let shape_of = |text: &str| {
+            let (node, _) = parse(text, "s.yaml", Format::Yaml, &|_: &str| None);
+            let node = node.unwrap();
+            shape(node.entries().unwrap())
+        };
+        assert_eq!(shape_of("models: {}\n"), Shape::Native);
+        assert_eq!(shape_of("name: g\necheon1: {}\n"), Shape::Group);
+        assert_eq!(shape_of("echelon1: { models: [m] }\n"), Shape::Group);
+        assert_eq!(
+            shape_of("openai: { gpt-4: { model: gpt-4 } }\n"),
+            Shape::SeedProvider
+        );
+        assert_eq!(shape_of("modles: { m: { provider: p } }\n"), Shape::Native);
+        assert_eq!(shape_of("name: p\ntask_groups: [g]\n"), Shape::Pool);
+        assert_eq!(shape_of("foo: 1\n"), Shape::Native);
+    }
+
+    #[test]
+    fn key_env_var_names() {
+        assert_eq!(key_env_var("openai"), "OPENAI_API_KEY");
+        assert_eq!(key_env_var("local-a.b"), "LOCAL_A_B_API_KEY");
+        assert_eq!(key_env_var("local_a"), "LOCAL_A_API_KEY");
+    }
+
+    #[test]
+    fn keys_from_env_splits_and_drops_empty() {
+        use secrecy::ExposeSecret;
+        let env = |name: &str| match name {
+            "A_API_KEY" => Some(" k1 ,,k2, ".to_owned()),
+            "B_API_KEY" => Some(" , ".to_owned()),
+            _ => None,
+        };
+        let keys = keys_from_env("a", &env).unwrap_or_default();
+        let keys: Vec<&str> = keys.iter().map(|k| k.expose_secret()).collect();
+        assert_eq!(keys, ["k1", "k2"]);
+        assert!(keys_from_env("b", &env).is_none());
+        assert!(keys_from_env("c", &env).is_none());
+    }
+}

@@ -1,0 +1,295 @@
+//! The configuration as plain data (DESIGN.md §2 and §5). No behaviour here beyond
+//! defaults; loading and validation live in the sibling modules.
+
+use std::collections::BTreeMap;
+
+use secrecy::SecretString;
+
+/// Loaded, validated configuration.
+///
+/// Every reference in it resolves: each model's `provider` names an entry of
+/// [`providers`](Self::providers), each echelon's models name entries of
+/// [`models`](Self::models), and no name is both a model id and a task group.
+#[derive(Debug, Clone, Default)]
+pub struct Config {
+    /// The gateway's own HTTP server.
+    pub server: ServerConfig,
+    /// Providers by id (e.g. `local_a`).
+    pub providers: BTreeMap<String, ProviderConfig>,
+    /// Models by id (e.g. `smollm-a`, or `openai/gpt-4` from a seed `provider.json`).
+    pub models: BTreeMap<String, ModelConfig>,
+    /// Task groups by name (e.g. `fast_group`).
+    pub task_groups: BTreeMap<String, TaskGroupConfig>,
+}
+
+/// The gateway's HTTP server (`server:` section).
+#[derive(Debug, Clone)]
+pub struct ServerConfig {
+    /// Address to listen on. Default [`ServerConfig::DEFAULT_HOST`] (`127.0.0.1`).
+    pub host: String,
+    /// TCP port; 0 means any free port. Default [`ServerConfig::DEFAULT_PORT`] (4000).
+    pub port: u16,
+    /// Keys a client must present (`Authorization: Bearer …`) to use the gateway.
+    /// Entries that are empty after `${VAR}` substitution are dropped; an empty list
+    /// means no gateway authentication.
+    pub api_keys: Vec<SecretString>,
+    /// Largest accepted request body, in bytes. Default
+    /// [`ServerConfig::DEFAULT_BODY_LIMIT_BYTES`] (8 MiB).
+    pub body_limit_bytes: usize,
+}
+
+impl ServerConfig {
+    /// Default listen address.
+    pub const DEFAULT_HOST: &'static str = "127.0.0.1";
+    /// Default TCP port.
+    pub const DEFAULT_PORT: u16 = 4000;
+    /// Default body limit, in bytes (8 MiB).
+    pub const DEFAULT_BODY_LIMIT_BYTES: usize = 8 * 1024 * 1024;
+}
+
+impl Default for ServerConfig {
+    fn default() -> Self {
+        ServerConfig {
+            host: Self::DEFAULT_HOST.to_owned(),
+            port: Self::DEFAULT_PORT,
+            api_keys: Vec::new(),
+            body_limit_bytes: Self::DEFAULT_BODY_LIMIT_BYTES,
+        }
+    }
+}
+
+/// A provider: an API family and endpoint (`providers.<id>:`).
+///
+/// # API keys
+/// The keys are resolved in this order (seed 000):
+/// 1. the environment variable `<ID>_API_KEY`, where `<ID>` is the provider id
+///    upper-cased with every non-alphanumeric character replaced by `_` (provider
+///    `local-a` → `LOCAL_A_API_KEY`). When set and not empty it holds one key or
+///    several separated by commas, and it replaces the keys of this provider **and**
+///    the per-model `api_keys` overrides of its models;
+/// 2. otherwise the file's entries, where `${VAR}`, `$VAR` and `${VAR:-default}`
+///    references have been replaced from the environment;
+/// 3. inline literal keys are used as written.
+///
+/// Surrounding whitespace is trimmed and keys that are then empty (after
+/// substitution, or between commas) are dropped. An empty list is allowed: the
+/// upstream then gets no `Authorization` header.
+#[derive(Debug, Clone)]
+pub struct ProviderConfig {
+    /// `http://` or `https://` URL of the API root, without trailing slash, e.g.
+    /// `http://127.0.0.1:8082/v1`.
+    pub base_url: String,
+    /// The provider's key pool (see the type's docs for the resolution order).
+    pub api_keys: Vec<SecretString>,
+    /// The wire format. Default [`ProviderApi::OpenAi`].
+    pub api: ProviderApi,
+}
+
+/// The wire format a provider speaks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum ProviderApi {
+    /// OpenAI chat completions (`api: openai`); also llama.cpp, vLLM, DeepSeek, ….
+    #[default]
+    OpenAi,
+}
+
+impl ProviderApi {
+    /// Every accepted value, as written in the file.
+    pub const NAMES: &'static [&'static str] = &["openai"];
+
+    /// The name as written in the file.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ProviderApi::OpenAi => "openai",
+        }
+    }
+}
+
+/// A model: one callable target (`models.<id>:`).
+#[derive(Debug, Clone)]
+pub struct ModelConfig {
+    /// Id of the provider serving it (a key of [`Config::providers`]).
+    pub provider: String,
+    /// Upstream model name sent in requests; defaults to the model id.
+    pub model: String,
+    /// Overrides the provider's `base_url` (same form: no trailing slash).
+    pub base_url: Option<String>,
+    /// Overrides the provider's keys; `None` uses the provider's. A list that is empty
+    /// after dropping empty entries counts as `None`. See [`ProviderConfig`] for the
+    /// resolution order.
+    pub api_keys: Option<Vec<SecretString>>,
+    /// Total time allowed for one attempt, in seconds (> 0). Default 60.
+    pub timeout: f64,
+    /// Time allowed to open the connection, in seconds (> 0). Default 5.
+    pub connect_timeout: f64,
+    /// Streaming: time allowed until the first token, in seconds (> 0); `None` means
+    /// [`timeout`](Self::timeout).
+    pub first_token_timeout: Option<f64>,
+    /// Streaming: largest gap allowed between two chunks, in seconds (> 0). Default 30.
+    pub chunk_timeout: f64,
+    /// Retries of the same model after a retryable failure (so at most
+    /// `max_retries + 1` attempts). Default 2.
+    pub max_retries: u32,
+    /// Base delay between retries, in seconds (≥ 0). Default 1.0.
+    pub retry_delay: f64,
+    /// Context window, in tokens.
+    pub context_window: Option<u32>,
+    /// Token-bucket capacity, in requests (seed 004 `rate_limit_capacity`, > 0).
+    pub rate_limit_capacity: Option<f64>,
+    /// Token-bucket refill rate, in requests per second (seed 004
+    /// `rate_limit_refill_rate`, > 0).
+    pub rate_limit_refill_rate: Option<f64>,
+    /// Requests per minute (≥ 1).
+    pub rpm_limit: Option<u32>,
+    /// Tokens per minute (≥ 1).
+    pub tpm_limit: Option<u32>,
+    /// Requests in flight at once (≥ 1).
+    pub concurrency_limit: Option<u32>,
+}
+
+impl ModelConfig {
+    /// Default [`timeout`](Self::timeout), in seconds.
+    pub const DEFAULT_TIMEOUT: f64 = 60.0;
+    /// Default [`connect_timeout`](Self::connect_timeout), in seconds.
+    pub const DEFAULT_CONNECT_TIMEOUT: f64 = 5.0;
+    /// Default [`chunk_timeout`](Self::chunk_timeout), in seconds.
+    pub const DEFAULT_CHUNK_TIMEOUT: f64 = 30.0;
+    /// Default [`max_retries`](Self::max_retries).
+    pub const DEFAULT_MAX_RETRIES: u32 = 2;
+    /// Default [`retry_delay`](Self::retry_delay), in seconds.
+    pub const DEFAULT_RETRY_DELAY: f64 = 1.0;
+
+    /// A model of `provider` named `model` upstream, every other field at its default.
+    pub fn new(provider: impl Into<String>, model: impl Into<String>) -> Self {
+        ModelConfig {
+            provider: provider.into(),
+            model: model.into(),
+            base_url: None,
+            api_keys: None,
+            timeout: Self::DEFAULT_TIMEOUT,
+            connect_timeout: Self::DEFAULT_CONNECT_TIMEOUT,
+            first_token_timeout: None,
+            chunk_timeout: Self::DEFAULT_CHUNK_TIMEOUT,
+            max_retries: Self::DEFAULT_MAX_RETRIES,
+            retry_delay: Self::DEFAULT_RETRY_DELAY,
+            context_window: None,
+            rate_limit_capacity: None,
+            rate_limit_refill_rate: None,
+            rpm_limit: None,
+            tpm_limit: None,
+            concurrency_limit: None,
+        }
+    }
+}
+
+/// A task group: a named, ordered set of echelons plus its fallback
+/// (`task_groups.<name>:`, or a seed group file).
+#[derive(Debug, Clone)]
+pub struct TaskGroupConfig {
+    /// Free text.
+    pub description: Option<String>,
+    /// The echelons in order: `echelon1`, `echelon2`, … (numbers contiguous from 1;
+    /// at least one, each with at least one model).
+    pub echelons: Vec<EchelonConfig>,
+    /// How the group fails over; `None` means the defaults of [`FallbackConfig`].
+    pub fallback_config: Option<FallbackConfig>,
+}
+
+/// One tier of a task group (`echelon<N>:`). The optional values override the
+/// models' own settings for calls made through this echelon.
+#[derive(Debug, Clone)]
+pub struct EchelonConfig {
+    /// `echelon1`, `echelon2`, ….
+    pub name: String,
+    /// Model ids (keys of [`Config::models`]), at least one.
+    pub models: Vec<String>,
+    /// Requests in flight at once through this echelon (≥ 1).
+    pub concurrency_limit: Option<u32>,
+    /// Requests per minute through this echelon (≥ 1).
+    pub rpm_limit: Option<u32>,
+    /// Priority (seed field; lower runs first).
+    pub priority: Option<u32>,
+    /// Total time per attempt, in seconds (> 0).
+    pub timeout: Option<f64>,
+    /// Retries per model.
+    pub max_retries: Option<u32>,
+    /// Sampling temperature sent when the request has none.
+    pub temperature: Option<f64>,
+    /// `max_tokens` sent when the request has none (≥ 1).
+    pub max_tokens: Option<u32>,
+}
+
+/// How a task group fails over (`fallback_config:`).
+#[derive(Debug, Clone, Default)]
+pub struct FallbackConfig {
+    /// The strategy. Default [`FallbackStrategy::EchelonDown`].
+    pub strategy: FallbackStrategy,
+    /// Routes to try after this group: a task group name, or `group.echelonN`.
+    pub fallback_groups: Vec<String>,
+    /// Most attempts in total for one request (≥ 1).
+    pub max_attempts: Option<u32>,
+    /// Delay between fallback steps, in seconds (≥ 0).
+    pub retry_delay: Option<f64>,
+    /// Per-model circuit breaker settings.
+    pub circuit_breaker: Option<CircuitBreakerConfig>,
+}
+
+/// A fallback strategy (seed 001).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum FallbackStrategy {
+    /// `echelon_down`: the next echelon of the same group.
+    #[default]
+    EchelonDown,
+    /// `task_group_switch`: the groups of `fallback_groups`.
+    TaskGroupSwitch,
+    /// `provider_failover`: a model of another provider.
+    ProviderFailover,
+}
+
+impl FallbackStrategy {
+    /// Every accepted value, as written in the file.
+    pub const NAMES: &'static [&'static str] =
+        &["echelon_down", "task_group_switch", "provider_failover"];
+
+    /// The name as written in the file.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            FallbackStrategy::EchelonDown => "echelon_down",
+            FallbackStrategy::TaskGroupSwitch => "task_group_switch",
+            FallbackStrategy::ProviderFailover => "provider_failover",
+        }
+    }
+
+    /// The strategy written `name` in the file.
+    pub fn from_name(name: &str) -> Option<Self> {
+        match name {
+            "echelon_down" => Some(FallbackStrategy::EchelonDown),
+            "task_group_switch" => Some(FallbackStrategy::TaskGroupSwitch),
+            "provider_failover" => Some(FallbackStrategy::ProviderFailover),
+            _ => None,
+        }
+    }
+}
+
+/// Circuit breaker settings (`circuit_breaker:`): closed → open after
+/// `failure_threshold` failures → half-open after `recovery_time` seconds, letting
+/// `half_open_requests` probes through → closed on success.
+#[derive(Debug, Clone, PartialEq)]
+pub struct CircuitBreakerConfig {
+    /// Consecutive failures that open the breaker (≥ 1). Default 5.
+    pub failure_threshold: u32,
+    /// Seconds the breaker stays open before probing (≥ 0). Default 60.
+    pub recovery_time: f64,
+    /// Probes let through while half-open (≥ 1). Default 1.
+    pub half_open_requests: u32,
+}
+
+impl Default for CircuitBreakerConfig {
+    fn default() -> Self {
+        CircuitBreakerConfig {
+            failure_threshold: 5,
+            recovery_time: 60.0,
+            half_open_requests: 1,
+        }
+    }
+}

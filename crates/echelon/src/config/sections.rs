@@ -1,0 +1,497 @@
+//! Reading the sections of a configuration file: `server`, `providers.<id>`,
+//! `models.<id>` and task groups (`task_groups.<name>` or a seed group file).
+
+use super::error::{did_you_mean, reference_hint};
+use super::model::{
+    CircuitBreakerConfig, EchelonConfig, FallbackConfig, FallbackStrategy, ModelConfig,
+    ProviderApi, ProviderConfig, ServerConfig, TaskGroupConfig,
+};
+use super::node::{Node, Pos};
+use super::read::{At, Bound, Ctx, MapView, map};
+
+/// Keys of the `server:` section.
+pub(crate) const SERVER_KEYS: &[&str] = &["host", "port", "api_keys", "body_limit_bytes"];
+/// Keys of a provider.
+pub(crate) const PROVIDER_KEYS: &[&str] = &["base_url", "api_keys", "api"];
+/// Keys of a model.
+pub(crate) const MODEL_KEYS: &[&str] = &[
+    "provider",
+    "model",
+    "base_url",
+    "api_keys",
+    "timeout",
+    "connect_timeout",
+    "first_token_timeout",
+    "chunk_timeout",
+    "max_retries",
+    "retry_delay",
+    "context_window",
+    "rate_limit_capacity",
+    "rate_limit_refill_rate",
+    "rpm_limit",
+    "tpm_limit",
+    "concurrency_limit",
+];
+/// Keys of an echelon.
+pub(crate) const ECHELON_KEYS: &[&str] = &[
+    "models",
+    "concurrency_limit",
+    "rpm_limit",
+    "priority",
+    "timeout",
+    "max_retries",
+    "temperature",
+    "max_tokens",
+];
+/// Keys of a task group besides `echelon<N>`.
+pub(crate) const GROUP_KEYS: &[&str] = &["description", "name", "fallback_config"];
+/// Keys of `fallback_config:`.
+pub(crate) const FALLBACK_KEYS: &[&str] = &[
+    "strategy",
+    "fallback_groups",
+    "max_attempts",
+    "retry_delay",
+    "circuit_breaker",
+];
+/// Keys of `circuit_breaker:`.
+pub(crate) const BREAKER_KEYS: &[&str] =
+    &["failure_threshold", "recovery_time", "half_open_requests"];
+
+/// A reference to something defined elsewhere (a provider, a model, a route).
+pub(crate) type Ref = At<String>;
+
+/// The references of a task group, checked once every file is read.
+#[derive(Default)]
+pub(crate) struct GroupRefs {
+    /// Every model named by an echelon.
+    pub(crate) models: Vec<Ref>,
+    /// Every `fallback_groups` entry.
+    pub(crate) fallback_groups: Vec<Ref>,
+}
+
+/// Reads `server:`.
+pub(crate) fn server(ctx: &mut Ctx, node: &Node, path: &str) -> ServerConfig {
+    let mut server = ServerConfig::default();
+    let Some(view) = map(ctx, node, path) else {
+        return server;
+    };
+    view.check_keys(ctx, SERVER_KEYS);
+    if let Some(host) = view.string(ctx, "host") {
+        server.host = host;
+    }
+    if let Some(port) = view
+        .int(ctx, "port", 0, i128::from(u16::MAX))
+        .and_then(|p| u16::try_from(p).ok())
+    {
+        server.port = port;
+    }
+    if let Some(keys) = view.secret_list(ctx, "api_keys") {
+        server.api_keys = keys;
+    }
+    if let Some(limit) = view
+        .int(ctx, "body_limit_bytes", 1, i128::from(u64::MAX))
+        .and_then(|l| usize::try_from(l).ok())
+    {
+        server.body_limit_bytes = limit;
+    }
+    server
+}
+
+/// Checks and normalises a URL: `http://` or `https://` plus a host, no spaces;
+/// trailing slashes removed.
+pub(crate) fn base_url(ctx: &mut Ctx, url: At<String>) -> Option<String> {
+    let trimmed = url.value.trim();
+    let rest = trimmed
+        .strip_prefix("http://")
+        .or_else(|| trimmed.strip_prefix("https://"));
+    match rest {
+        Some(rest)
+            if !rest.is_empty()
+                && !rest.starts_with('/')
+                && !trimmed.contains(char::is_whitespace) =>
+        {
+            Some(trimmed.trim_end_matches('/').to_owned())
+        }
+        Some(_) => {
+            ctx.error(
+                url.pos,
+                &url.path,
+                "`base_url` needs a host after the scheme and no spaces",
+                Some("e.g. `http://127.0.0.1:8082/v1`".to_owned()),
+            );
+            None
+        }
+        None => {
+            ctx.error(
+                url.pos,
+                &url.path,
+                "`base_url` must start with `http://` or `https://`",
+                Some("e.g. `https://api.openai.com/v1`".to_owned()),
+            );
+            None
+        }
+    }
+}
+
+/// Reads one provider (`providers.<id>:`).
+pub(crate) fn provider(ctx: &mut Ctx, node: &Node, path: &str) -> ProviderConfig {
+    let mut provider = ProviderConfig {
+        base_url: String::new(),
+        api_keys: Vec::new(),
+        api: ProviderApi::default(),
+    };
+    let Some(view) = map(ctx, node, path) else {
+        return provider;
+    };
+    view.check_keys(ctx, PROVIDER_KEYS);
+    match view.string_at(ctx, "base_url") {
+        Some(url) => {
+            if let Some(url) = base_url(ctx, url) {
+                provider.base_url = url;
+            }
+        }
+        None if view.value("base_url").is_none() => view.missing(
+            ctx,
+            "base_url",
+            Some("e.g. `base_url: \"http://127.0.0.1:8082/v1\"`".to_owned()),
+        ),
+        None => {}
+    }
+    if let Some(keys) = view.secret_list(ctx, "api_keys") {
+        provider.api_keys = keys;
+    }
+    if let Some(api) = view.string_at(ctx, "api") {
+        match api.value.as_str() {
+            "openai" => provider.api = ProviderApi::OpenAi,
+            other => ctx.error(
+                api.pos,
+                &api.path,
+                format!("unknown provider api `{other}`"),
+                Some(
+                    did_you_mean(other, ProviderApi::NAMES.iter().copied())
+                        .unwrap_or_else(|| format!("supported: {}", ProviderApi::NAMES.join(", "))),
+                ),
+            ),
+        }
+    }
+    provider
+}
+
+/// Reads the fields of one model from `view` (whose keys the caller has checked).
+/// `provider` is given by the seed format; otherwise the `provider` key is required.
+/// Returns the model and the reference to its provider.
+pub(crate) fn model_fields(
+    ctx: &mut Ctx,
+    view: &MapView<'_>,
+    id: &str,
+    provider: Option<&str>,
+) -> (ModelConfig, Option<Ref>) {
+    let mut provider_ref = None;
+    let provider_id = match provider {
+        Some(p) => p.to_owned(),
+        None => match view.string_at(ctx, "provider") {
+            Some(p) => {
+                let id = p.value.clone();
+                provider_ref = Some(p);
+                id
+            }
+            None => {
+                if view.value("provider").is_none() {
+                    view.missing(
+                        ctx,
+                        "provider",
+                        Some("name one of the `providers:` entries".to_owned()),
+                    );
+                }
+                String::new()
+            }
+        },
+    };
+    let upstream = view.string(ctx, "model").unwrap_or_else(|| id.to_owned());
+    let mut model = ModelConfig::new(provider_id, upstream);
+    model.base_url = view
+        .string_at(ctx, "base_url")
+        .and_then(|url| base_url(ctx, url));
+    model.api_keys = view
+        .secret_list(ctx, "api_keys")
+        .filter(|keys| !keys.is_empty());
+    if let Some(v) = view.f64(ctx, "timeout", Bound::Positive) {
+        model.timeout = v;
+    }
+    if let Some(v) = view.f64(ctx, "connect_timeout", Bound::Positive) {
+        model.connect_timeout = v;
+    }
+    model.first_token_timeout = view.f64(ctx, "first_token_timeout", Bound::Positive);
+    if let Some(v) = view.f64(ctx, "chunk_timeout", Bound::Positive) {
+        model.chunk_timeout = v;
+    }
+    if let Some(v) = view.u32(ctx, "max_retries", 0) {
+        model.max_retries = v;
+    }
+    if let Some(v) = view.f64(ctx, "retry_delay", Bound::NonNegative) {
+        model.retry_delay = v;
+    }
+    model.context_window = view.u32(ctx, "context_window", 1);
+    model.rate_limit_capacity = view.f64(ctx, "rate_limit_capacity", Bound::Positive);
+    model.rate_limit_refill_rate = view.f64(ctx, "rate_limit_refill_rate", Bound::Positive);
+    model.rpm_limit = view.u32(ctx, "rpm_limit", 1);
+    model.tpm_limit = view.u32(ctx, "tpm_limit", 1);
+    model.concurrency_limit = view.u32(ctx, "concurrency_limit", 1);
+    (model, provider_ref)
+}
+
+/// Reads one model (`models.<id>:`).
+pub(crate) fn model(
+    ctx: &mut Ctx,
+    node: &Node,
+    id: &str,
+    path: &str,
+) -> (ModelConfig, Option<Ref>) {
+    match map(ctx, node, path) {
+        Some(view) => {
+            view.check_keys(ctx, MODEL_KEYS);
+            model_fields(ctx, &view, id, None)
+        }
+        None => (ModelConfig::new(String::new(), id), None),
+    }
+}
+
+/// The number of an `echelon<N>` key: `Some(N)` for `echelon1`, `echelon2`, … (no
+/// sign, no leading zero; `echelon0` gives `Some(0)`, which the caller rejects).
+pub(crate) fn echelon_number(key: &str) -> Option<u32> {
+    let digits = key.strip_prefix("echelon")?;
+    if digits.is_empty()
+        || !digits.bytes().all(|b| b.is_ascii_digit())
+        || (digits.len() > 1 && digits.starts_with('0'))
+    {
+        return None;
+    }
+    digits.parse().ok()
+}
+
+/// Reads a task group from the mapping `view`. `name` is the group's name (the map
+/// key, or the file's `name:`); `key_pos` is where it is written. When `check_name`
+/// holds, a `name:` key must equal `name`.
+pub(crate) fn task_group(
+    ctx: &mut Ctx,
+    view: &MapView<'_>,
+    name: &str,
+    key_pos: Pos,
+    check_name: bool,
+) -> (TaskGroupConfig, GroupRefs) {
+    let mut refs = GroupRefs::default();
+    let mut numbered: Vec<(u32, Pos, String)> = view
+        .entries
+        .iter()
+        .filter_map(|e| echelon_number(&e.key).map(|n| (n, e.key_pos, e.key.clone())))
+        .collect();
+    let next = numbered
+        .iter()
+        .map(|(n, _, _)| *n)
+        .max()
+        .unwrap_or(0)
+        .saturating_add(1);
+    let candidates: Vec<String> = GROUP_KEYS
+        .iter()
+        .map(|k| (*k).to_owned())
+        .chain((1..=next).map(|n| format!("echelon{n}")))
+        .collect();
+    for entry in view.entries {
+        let key = entry.key.as_str();
+        if GROUP_KEYS.contains(&key) {
+            continue;
+        }
+        match echelon_number(key) {
+            Some(0) => ctx.error(
+                entry.key_pos,
+                &view.path_of(key),
+                "echelon numbers start at 1",
+                Some("rename it `echelon1`".to_owned()),
+            ),
+            Some(_) => {}
+            None => ctx.error(
+                entry.key_pos,
+                &view.path_of(key),
+                format!("unknown key `{key}`"),
+                Some(
+                    did_you_mean(key, candidates.iter().map(String::as_str)).unwrap_or_else(|| {
+                        "a task group has `echelon1`, `echelon2`, …, `description`, `name` \
+                         and `fallback_config`"
+                            .to_owned()
+                    }),
+                ),
+            ),
+        }
+    }
+    numbered.retain(|(n, _, _)| *n > 0);
+    numbered.sort_by_key(|(n, _, _)| *n);
+    let mut expected = 1u32;
+    for (n, pos, key) in &numbered {
+        if *n != expected {
+            ctx.error(
+                *pos,
+                &view.path_of(key),
+                format!(
+                    "echelon numbers must be contiguous from 1: `{key}` comes after {}",
+                    if expected == 1 {
+                        "nothing".to_owned()
+                    } else {
+                        format!("`echelon{}`", expected - 1)
+                    }
+                ),
+                Some(format!("rename it `echelon{expected}`")),
+            );
+        }
+        expected = n.saturating_add(1);
+    }
+
+    if let Some(given) = view.string_at(ctx, "name")
+        && check_name
+        && given.value != name
+    {
+        ctx.error(
+            given.pos,
+            &given.path,
+            format!("`name` is `{}` but the group is `{name}`", given.value),
+            Some(format!("remove `name` or make it `{name}`")),
+        );
+    }
+    let description = view.string(ctx, "description");
+
+    let mut echelons = Vec::new();
+    for (_, _, key) in &numbered {
+        let Some(entry) = view.get(key) else { continue };
+        let (echelon, models) = echelon(ctx, &entry.value, key, &view.path_of(key));
+        refs.models.extend(models);
+        echelons.push(echelon);
+    }
+    if numbered.is_empty() {
+        ctx.error(
+            key_pos,
+            &view.path,
+            format!("task group `{name}` has no echelons"),
+            Some("add `echelon1: { models: [some-model] }`".to_owned()),
+        );
+    }
+
+    let fallback_config = view.value("fallback_config").and_then(|node| {
+        let path = view.path_of("fallback_config");
+        fallback(ctx, node, &path, &mut refs)
+    });
+
+    (
+        TaskGroupConfig {
+            description,
+            echelons,
+            fallback_config,
+        },
+        refs,
+    )
+}
+
+fn echelon(ctx: &mut Ctx, node: &Node, name: &str, path: &str) -> (EchelonConfig, Vec<Ref>) {
+    let mut echelon = EchelonConfig {
+        name: name.to_owned(),
+        models: Vec::new(),
+        concurrency_limit: None,
+        rpm_limit: None,
+        priority: None,
+        timeout: None,
+        max_retries: None,
+        temperature: None,
+        max_tokens: None,
+    };
+    let Some(view) = map(ctx, node, path) else {
+        return (echelon, Vec::new());
+    };
+    view.check_keys(ctx, ECHELON_KEYS);
+    let models = view.string_list(ctx, "models");
+    let models_failed = models.is_none() && view.value("models").is_some();
+    let models = models.unwrap_or_default();
+    if models.is_empty() && !models_failed {
+        let (pos, path) = match view.get("models") {
+            Some(entry) => (entry.key_pos, view.path_of("models")),
+            None => (view.pos, view.path.clone()),
+        };
+        ctx.error(
+            pos,
+            &path,
+            format!("echelon `{name}` has no models"),
+            Some("add `models: [some-model]`".to_owned()),
+        );
+    }
+    echelon.models = models.iter().map(|m| m.value.clone()).collect();
+    echelon.concurrency_limit = view.u32(ctx, "concurrency_limit", 1);
+    echelon.rpm_limit = view.u32(ctx, "rpm_limit", 1);
+    echelon.priority = view.u32(ctx, "priority", 0);
+    echelon.timeout = view.f64(ctx, "timeout", Bound::Positive);
+    echelon.max_retries = view.u32(ctx, "max_retries", 0);
+    echelon.temperature = view.f64(ctx, "temperature", Bound::NonNegative);
+    echelon.max_tokens = view.u32(ctx, "max_tokens", 1);
+    (echelon, models)
+}
+
+fn fallback(
+    ctx: &mut Ctx,
+    node: &Node,
+    path: &str,
+    refs: &mut GroupRefs,
+) -> Option<FallbackConfig> {
+    let view = map(ctx, node, path)?;
+    view.check_keys(ctx, FALLBACK_KEYS);
+    let mut config = FallbackConfig::default();
+    if let Some(strategy) = view.string_at(ctx, "strategy") {
+        match FallbackStrategy::from_name(&strategy.value) {
+            Some(s) => config.strategy = s,
+            None => ctx.error(
+                strategy.pos,
+                &strategy.path,
+                format!("unknown fallback strategy `{}`", strategy.value),
+                Some(reference_hint(
+                    &strategy.value,
+                    "strategies",
+                    FallbackStrategy::NAMES.iter().copied(),
+                )),
+            ),
+        }
+    }
+    let groups = view.string_list(ctx, "fallback_groups").unwrap_or_default();
+    config.fallback_groups = groups.iter().map(|g| g.value.clone()).collect();
+    refs.fallback_groups.extend(groups);
+    config.max_attempts = view.u32(ctx, "max_attempts", 1);
+    config.retry_delay = view.f64(ctx, "retry_delay", Bound::NonNegative);
+    if let Some(node) = view.value("circuit_breaker") {
+        let path = view.path_of("circuit_breaker");
+        if let Some(b) = map(ctx, node, &path) {
+            b.check_keys(ctx, BREAKER_KEYS);
+            let mut breaker = CircuitBreakerConfig::default();
+            if let Some(v) = b.u32(ctx, "failure_threshold", 1) {
+                breaker.failure_threshold = v;
+            }
+            if let Some(v) = b.f64(ctx, "recovery_time", Bound::NonNegative) {
+                breaker.recovery_time = v;
+            }
+            if let Some(v) = b.u32(ctx, "half_open_requests", 1) {
+                breaker.half_open_requests = v;
+            }
+            config.circuit_breaker = Some(breaker);
+        }
+    }
+    Some(config)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn echelon_numbers() {
+        assert_eq!(echelon_number("echelon1"), Some(1));
+        assert_eq!(echelon_number("echelon12"), Some(12));
+        assert_eq!(echelon_number("echelon0"), Some(0));
+        assert_eq!(echelon_number("echelon01"), None);
+        assert_eq!(echelon_number("echelon"), None);
+        assert_eq!(echelon_number("echelon_1"), None);
+        assert_eq!(echelon_number("echelon+1"), None);
+    }
+}
