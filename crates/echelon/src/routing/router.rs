@@ -10,7 +10,7 @@ use tokio::time::Instant;
 use super::model::Model;
 use super::plan::{EchelonDefaults, Route, RouteKind, Tier};
 use super::stream::GatewayStream;
-use crate::config::Config;
+use crate::config::{Config, FallbackStrategy};
 use crate::error::{GatewayError, GatewayErrorKind};
 use crate::key::ApiKey;
 use crate::provider::{ChunkStream, ErrorKind, ProviderError};
@@ -78,6 +78,19 @@ impl Gateway {
             let provider = config.providers.get(&mc.provider).ok_or_else(|| {
                 build_err(format!("model `{id}`: unknown provider `{}`", mc.provider))
             })?;
+            warn_unenforced(
+                &format!("model `{id}`"),
+                &[
+                    ("rate_limit_capacity", mc.rate_limit_capacity.is_some()),
+                    (
+                        "rate_limit_refill_rate",
+                        mc.rate_limit_refill_rate.is_some(),
+                    ),
+                    ("rpm_limit", mc.rpm_limit.is_some()),
+                    ("tpm_limit", mc.tpm_limit.is_some()),
+                    ("concurrency_limit", mc.concurrency_limit.is_some()),
+                ],
+            );
             let model = Model::from_config(id, mc, provider)
                 .map_err(|e| build_err(format!("model `{id}`: {e}")))?;
             models.insert(id.clone(), Arc::new(model));
@@ -99,6 +112,21 @@ impl Gateway {
             });
         }
         for (name, group) in &config.task_groups {
+            if let Some(fb) = &group.fallback_config {
+                warn_unenforced(
+                    &format!("task group `{name}` fallback_config"),
+                    &[
+                        (
+                            "a strategy other than echelon_down",
+                            fb.strategy != FallbackStrategy::EchelonDown,
+                        ),
+                        ("fallback_groups", !fb.fallback_groups.is_empty()),
+                        ("max_attempts", fb.max_attempts.is_some()),
+                        ("retry_delay", fb.retry_delay.is_some()),
+                        ("circuit_breaker", fb.circuit_breaker.is_some()),
+                    ],
+                );
+            }
             let mut tiers = Vec::new();
             for ech in &group.echelons {
                 let label = format!("{name}.{}", ech.name);
@@ -111,6 +139,14 @@ impl Gateway {
                         })
                     })
                     .collect::<Result<Vec<_>, _>>()?;
+                warn_unenforced(
+                    &format!("echelon `{label}`"),
+                    &[
+                        ("concurrency_limit", ech.concurrency_limit.is_some()),
+                        ("rpm_limit", ech.rpm_limit.is_some()),
+                        ("priority", ech.priority.is_some()),
+                    ],
+                );
                 let defaults = EchelonDefaults {
                     temperature: ech.temperature,
                     max_tokens: ech.max_tokens,
@@ -319,6 +355,15 @@ impl Gateway {
             return Err(context_error(attempts));
         }
         Err(exhausted(&req.model, attempts))
+    }
+}
+
+/// Says which configured keys this build accepts but does not act on yet, so that a
+/// limit nobody enforces is never silently trusted.
+fn warn_unenforced(what: &str, keys: &[(&str, bool)]) {
+    let set: Vec<&str> = keys.iter().filter(|k| k.1).map(|k| k.0).collect();
+    if !set.is_empty() {
+        tracing::warn!("{what}: {} accepted but not enforced yet", set.join(", "));
     }
 }
 
