@@ -80,6 +80,11 @@ pub(crate) async fn list_models(State(state): State<AppState>) -> Response {
     Json(json!({"object": "list", "data": data})).into_response()
 }
 
+/// `GET /admin/state`: the router's live state (see [`echelon::Gateway::admin_state`]).
+pub(crate) async fn admin_state(State(state): State<AppState>) -> Response {
+    Json(state.gateway.admin_state()).into_response()
+}
+
 /// `GET /health`.
 pub(crate) async fn health() -> Response {
     Json(json!({"status": "ok"})).into_response()

@@ -1,8 +1,9 @@
 //! Echelon's OpenAI-compatible HTTP server (axum).
 //!
 //! Endpoints: `POST /v1/chat/completions` (streamed and not), `GET /v1/models` (the
-//! routes), `GET /health`. Gateway keys, when configured, are checked as
-//! `Authorization: Bearer` on `/v1/*`. Every error is the OpenAI error body
+//! routes), `GET /health`, `GET /admin/state` (breakers, buckets, keys, in-flight
+//! counts). Gateway keys, when configured, are checked as `Authorization: Bearer` on
+//! `/v1/*` and `/admin/*`. Every error is the OpenAI error body
 //! (`{"error": {"message", "type", "param", "code", "attempts"}}`) with the status
 //! DESIGN.md §4 gives.
 //!
@@ -65,8 +66,15 @@ pub fn router(gateway: Arc<Gateway>, options: &ServerOptions) -> Router {
             state.clone(),
             auth::require_gateway_key,
         ));
+    let admin = Router::new()
+        .route("/state", get(handlers::admin_state))
+        .route_layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            auth::require_gateway_key,
+        ));
     Router::new()
         .nest("/v1", v1)
+        .nest("/admin", admin)
         .route("/health", get(handlers::health))
         .fallback(handlers::not_found)
         .layer(DefaultBodyLimit::max(options.body_limit_bytes))

@@ -317,3 +317,24 @@ async fn oversized_bodies_get_413_in_the_openai_shape() {
     let v: Value = resp.json().await.unwrap();
     assert_eq!(v["error"]["code"], "request_too_large");
 }
+
+#[tokio::test]
+async fn admin_state_is_protected_and_shows_breakers_and_keys_without_secrets() {
+    let h = Harness::start(&["gw-secret"]).await;
+    let resp = h.http.get(h.url("/admin/state")).send().await.unwrap();
+    assert_eq!(resp.status(), 401);
+    let v: Value = h
+        .http
+        .get(h.url("/admin/state"))
+        .bearer_auth("gw-secret")
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(v["models"]["a"]["breaker"]["state"], "closed");
+    assert_eq!(v["models"]["a"]["in_flight"], 0);
+    assert!(v["echelons"]["grp.echelon1"]["models"].is_array());
+    assert!(!v.to_string().contains("gw-secret"));
+}

@@ -4,6 +4,7 @@
 //! The modules follow the request path (DESIGN.md §3):
 //! - [`config`]: the YAML/JSON configuration, validated with file:line:col errors;
 //! - [`routing`]: route names → task groups / models, and the failover loop;
+//! - [`resilience`]: circuit breaker, token buckets, concurrency limits, key pools, retry budget;
 //! - [`provider`]: one HTTP call to one OpenAI-compatible endpoint, classified errors;
 //! - [`key`]: API keys and the short ids that stand for them;
 //! - [`error`]: the typed error a caller gets when every attempt failed.
@@ -12,7 +13,9 @@ pub mod config;
 pub mod error;
 pub mod key;
 pub mod provider;
+pub mod resilience;
 pub mod routing;
+pub mod tokens;
 
 pub use error::GatewayError;
 pub use routing::{Completion, Gateway, GatewayStream, RouteInfo};

@@ -134,7 +134,8 @@ fn good_yaml_loads_every_field() {
         Some(CircuitBreakerConfig {
             failure_threshold: 5,
             recovery_time: 60.0,
-            half_open_requests: 1
+            half_open_requests: 1,
+            ..CircuitBreakerConfig::default()
         })
     );
     let backup = &config.task_groups["backup_group"];

@@ -272,9 +272,11 @@ async fn all_rate_limited_is_429_and_all_timeouts_is_504() {
     }
     let gw = gateway(&a, &b, "max_retries: 1, timeout: 0.2");
     assert_eq!(gw.chat(request("grp")).await.unwrap_err().status(), 429);
+    // The 429s put both keys into cooldown: a fresh gateway for the timeout case.
     for u in [&a, &b] {
         u.set_behavior(Behavior::Stall);
     }
+    let gw = gateway(&a, &b, "max_retries: 1, timeout: 0.2");
     assert_eq!(gw.chat(request("grp")).await.unwrap_err().status(), 504);
 }
 

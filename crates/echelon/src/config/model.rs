@@ -83,6 +83,14 @@ pub struct ProviderConfig {
     pub api_keys: Vec<SecretString>,
     /// The wire format. Default [`ProviderApi::OpenAi`].
     pub api: ProviderApi,
+    /// Seconds a key cools down after a 429 without `Retry-After` (≥ 0). Default 30.
+    /// Either way the cooldown is capped at 300 s.
+    pub key_cooldown: f64,
+}
+
+impl ProviderConfig {
+    /// Default [`key_cooldown`](Self::key_cooldown), in seconds.
+    pub const DEFAULT_KEY_COOLDOWN: f64 = 30.0;
 }
 
 /// The wire format a provider speaks.
@@ -145,9 +153,23 @@ pub struct ModelConfig {
     pub tpm_limit: Option<u32>,
     /// Requests in flight at once (≥ 1).
     pub concurrency_limit: Option<u32>,
+    /// Longest wait for a token bucket or a concurrency slot before this model is skipped
+    /// for the next candidate, in milliseconds (`queue_timeout`). Default 100.
+    pub queue_timeout_ms: u64,
+    /// Overrides the provider's `key_cooldown` (seconds) for the model's own keys.
+    pub key_cooldown: Option<f64>,
+    /// Retries may add at most this share of extra load on the model (0–1, e.g. 0.2 =
+    /// 20%), over a 10 s window, plus one retry per second always. Default 0.2.
+    pub retry_budget: f64,
+    /// The model's circuit breaker (`circuit_breaker:`); the defaults when absent.
+    pub circuit_breaker: CircuitBreakerConfig,
 }
 
 impl ModelConfig {
+    /// Default [`queue_timeout_ms`](Self::queue_timeout_ms).
+    pub const DEFAULT_QUEUE_TIMEOUT_MS: u64 = 100;
+    /// Default [`retry_budget`](Self::retry_budget).
+    pub const DEFAULT_RETRY_BUDGET: f64 = 0.2;
     /// Default [`timeout`](Self::timeout), in seconds.
     pub const DEFAULT_TIMEOUT: f64 = 60.0;
     /// Default [`connect_timeout`](Self::connect_timeout), in seconds.
@@ -178,6 +200,10 @@ impl ModelConfig {
             rpm_limit: None,
             tpm_limit: None,
             concurrency_limit: None,
+            queue_timeout_ms: Self::DEFAULT_QUEUE_TIMEOUT_MS,
+            key_cooldown: None,
+            retry_budget: Self::DEFAULT_RETRY_BUDGET,
+            circuit_breaker: CircuitBreakerConfig::default(),
         }
     }
 }
@@ -282,6 +308,13 @@ pub struct CircuitBreakerConfig {
     pub recovery_time: f64,
     /// Probes let through while half-open (≥ 1). Default 1.
     pub half_open_requests: u32,
+    /// Also open when the share of failed requests over `window` reaches this (0–1);
+    /// `None` (default) uses consecutive failures only.
+    pub failure_rate: Option<f64>,
+    /// The failure-rate window, in seconds (> 0). Default 60.
+    pub window: f64,
+    /// Fewest requests in the window before the failure rate counts (≥ 1). Default 20.
+    pub min_requests: u32,
 }
 
 impl Default for CircuitBreakerConfig {
@@ -290,6 +323,9 @@ impl Default for CircuitBreakerConfig {
             failure_threshold: 5,
             recovery_time: 60.0,
             half_open_requests: 1,
+            failure_rate: None,
+            window: 60.0,
+            min_requests: 20,
         }
     }
 }

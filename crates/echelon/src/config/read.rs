@@ -124,6 +124,11 @@ impl<'n> MapView<'n> {
         }
     }
 
+    /// Where the value of `key` is written (the mapping's position when absent).
+    pub(crate) fn pos_of(&self, key: &str) -> Pos {
+        self.get(key).map_or(self.pos, |e| e.value.pos)
+    }
+
     /// The entry for `key`.
     pub(crate) fn get(&self, key: &str) -> Option<&'n Entry> {
         self.entries.iter().find(|e| e.key == key)

@@ -12,7 +12,7 @@ use super::read::{At, Bound, Ctx, MapView, map};
 /// Keys of the `server:` section.
 pub(crate) const SERVER_KEYS: &[&str] = &["host", "port", "api_keys", "body_limit_bytes"];
 /// Keys of a provider.
-pub(crate) const PROVIDER_KEYS: &[&str] = &["base_url", "api_keys", "api"];
+pub(crate) const PROVIDER_KEYS: &[&str] = &["base_url", "api_keys", "api", "key_cooldown"];
 /// Keys of a model.
 pub(crate) const MODEL_KEYS: &[&str] = &[
     "provider",
@@ -31,6 +31,10 @@ pub(crate) const MODEL_KEYS: &[&str] = &[
     "rpm_limit",
     "tpm_limit",
     "concurrency_limit",
+    "queue_timeout",
+    "key_cooldown",
+    "retry_budget",
+    "circuit_breaker",
 ];
 /// Keys of an echelon.
 pub(crate) const ECHELON_KEYS: &[&str] = &[
@@ -54,8 +58,14 @@ pub(crate) const FALLBACK_KEYS: &[&str] = &[
     "circuit_breaker",
 ];
 /// Keys of `circuit_breaker:`.
-pub(crate) const BREAKER_KEYS: &[&str] =
-    &["failure_threshold", "recovery_time", "half_open_requests"];
+pub(crate) const BREAKER_KEYS: &[&str] = &[
+    "failure_threshold",
+    "recovery_time",
+    "half_open_requests",
+    "failure_rate",
+    "window",
+    "min_requests",
+];
 
 /// A reference to something defined elsewhere (a provider, a model, a route).
 pub(crate) type Ref = At<String>;
@@ -139,6 +149,7 @@ pub(crate) fn provider(ctx: &mut Ctx, node: &Node, path: &str) -> ProviderConfig
         base_url: String::new(),
         api_keys: Vec::new(),
         api: ProviderApi::default(),
+        key_cooldown: ProviderConfig::DEFAULT_KEY_COOLDOWN,
     };
     let Some(view) = map(ctx, node, path) else {
         return provider;
@@ -159,6 +170,9 @@ pub(crate) fn provider(ctx: &mut Ctx, node: &Node, path: &str) -> ProviderConfig
     }
     if let Some(keys) = view.secret_list(ctx, "api_keys") {
         provider.api_keys = keys;
+    }
+    if let Some(v) = view.f64(ctx, "key_cooldown", Bound::NonNegative) {
+        provider.key_cooldown = v;
     }
     if let Some(api) = view.string_at(ctx, "api") {
         match api.value.as_str() {
@@ -237,6 +251,24 @@ pub(crate) fn model_fields(
     model.rpm_limit = view.u32(ctx, "rpm_limit", 1);
     model.tpm_limit = view.u32(ctx, "tpm_limit", 1);
     model.concurrency_limit = view.u32(ctx, "concurrency_limit", 1);
+    if let Some(v) = view.u32(ctx, "queue_timeout", 0) {
+        model.queue_timeout_ms = u64::from(v);
+    }
+    model.key_cooldown = view.f64(ctx, "key_cooldown", Bound::NonNegative);
+    if let Some(v) = view.f64(ctx, "retry_budget", Bound::NonNegative) {
+        if v > 1.0 {
+            ctx.error(
+                view.pos_of("retry_budget"),
+                &view.path_of("retry_budget"),
+                format!("must be between 0 and 1, got {v}"),
+                Some("a share of extra load: 0.2 means retries add at most 20%".to_owned()),
+            );
+        }
+        model.retry_budget = v;
+    }
+    if let Some(b) = breaker(ctx, view) {
+        model.circuit_breaker = b;
+    }
     (model, provider_ref)
 }
 
@@ -460,24 +492,44 @@ fn fallback(
     refs.fallback_groups.extend(groups);
     config.max_attempts = view.u32(ctx, "max_attempts", 1);
     config.retry_delay = view.f64(ctx, "retry_delay", Bound::NonNegative);
-    if let Some(node) = view.value("circuit_breaker") {
-        let path = view.path_of("circuit_breaker");
-        if let Some(b) = map(ctx, node, &path) {
-            b.check_keys(ctx, BREAKER_KEYS);
-            let mut breaker = CircuitBreakerConfig::default();
-            if let Some(v) = b.u32(ctx, "failure_threshold", 1) {
-                breaker.failure_threshold = v;
-            }
-            if let Some(v) = b.f64(ctx, "recovery_time", Bound::NonNegative) {
-                breaker.recovery_time = v;
-            }
-            if let Some(v) = b.u32(ctx, "half_open_requests", 1) {
-                breaker.half_open_requests = v;
-            }
-            config.circuit_breaker = Some(breaker);
-        }
-    }
+    config.circuit_breaker = breaker(ctx, &view);
     Some(config)
+}
+
+/// Reads `circuit_breaker:` of `view`, when present (seed 001).
+fn breaker(ctx: &mut Ctx, view: &MapView<'_>) -> Option<CircuitBreakerConfig> {
+    let node = view.value("circuit_breaker")?;
+    let path = view.path_of("circuit_breaker");
+    let b = map(ctx, node, &path)?;
+    b.check_keys(ctx, BREAKER_KEYS);
+    let mut breaker = CircuitBreakerConfig::default();
+    if let Some(v) = b.u32(ctx, "failure_threshold", 1) {
+        breaker.failure_threshold = v;
+    }
+    if let Some(v) = b.f64(ctx, "recovery_time", Bound::NonNegative) {
+        breaker.recovery_time = v;
+    }
+    if let Some(v) = b.u32(ctx, "half_open_requests", 1) {
+        breaker.half_open_requests = v;
+    }
+    if let Some(v) = b.f64(ctx, "failure_rate", Bound::Positive) {
+        if v > 1.0 {
+            ctx.error(
+                b.pos_of("failure_rate"),
+                &b.path_of("failure_rate"),
+                format!("must be a share between 0 and 1, got {v}"),
+                Some("0.5 opens the breaker when half the requests fail".to_owned()),
+            );
+        }
+        breaker.failure_rate = Some(v);
+    }
+    if let Some(v) = b.f64(ctx, "window", Bound::Positive) {
+        breaker.window = v;
+    }
+    if let Some(v) = b.u32(ctx, "min_requests", 1) {
+        breaker.min_requests = v;
+    }
+    Some(breaker)
 }
 
 #[cfg(test)]

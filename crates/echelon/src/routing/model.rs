@@ -1,11 +1,33 @@
-//! A model: one callable target (provider endpoint + upstream model name + keys + limits).
+//! A model: one callable target (provider endpoint + upstream model name + keys + limits),
+//! with its resilience units in the order DESIGN.md §3 draws: circuit breaker → token
+//! buckets → concurrency limit → key pool → retry.
 
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::Duration;
 
-use crate::config::{ModelConfig, ProviderConfig};
-use crate::key::ApiKey;
+use crate::config::{CircuitBreakerConfig, ModelConfig, ProviderConfig};
 use crate::provider::{OpenAiClient, ProviderError, Timeouts};
+use crate::resilience::breaker::{BreakerSettings, CircuitBreaker, FailureRate};
+use crate::resilience::concurrency::ConcurrencyLimit;
+use crate::resilience::key_pool::KeyPool;
+use crate::resilience::retry_budget::RetryBudget;
+use crate::resilience::token_bucket::TokenBucket;
+
+/// Window over which the retry budget is counted.
+const RETRY_BUDGET_WINDOW: Duration = Duration::from_secs(10);
+/// Retries per second always allowed by the budget, so that low traffic can retry.
+const RETRY_BUDGET_MIN_PER_SEC: f64 = 1.0;
+
+/// A named token bucket of a model: requests (`rpm_limit`, `rate_limit_*`) or tokens
+/// (`tpm_limit`).
+#[derive(Debug)]
+pub(crate) struct NamedBucket {
+    /// `rpm_limit`, `rate_limit` or `tpm_limit`.
+    pub(crate) name: &'static str,
+    /// The bucket.
+    pub(crate) bucket: TokenBucket,
+}
 
 /// One model of the configuration, ready to call (DESIGN.md §2 "model").
 #[derive(Debug)]
@@ -14,17 +36,56 @@ pub struct Model {
     provider: String,
     upstream_model: String,
     client: OpenAiClient,
-    keys: Vec<ApiKey>,
-    next_key: AtomicUsize,
+    keys: Arc<KeyPool>,
+    key_cooldown: Duration,
     max_retries: u32,
     retry_delay: Duration,
     context_window: Option<u32>,
+    queue_timeout: Duration,
+    pub(crate) breaker: CircuitBreaker,
+    /// Request buckets: one request each.
+    pub(crate) request_buckets: Vec<NamedBucket>,
+    /// The `tpm_limit` bucket: prompt tokens + max_tokens reserved per request.
+    pub(crate) tpm: Option<TokenBucket>,
+    pub(crate) concurrency: Option<ConcurrencyLimit>,
+    pub(crate) retry_budget: RetryBudget,
+    in_flight: AtomicU32,
+}
+
+/// Counts one request in flight on a model until dropped.
+#[derive(Debug)]
+pub(crate) struct InFlight(Arc<Model>);
+
+impl InFlight {
+    pub(crate) fn new(model: &Arc<Model>) -> Self {
+        model.in_flight.fetch_add(1, Ordering::Relaxed);
+        InFlight(model.clone())
+    }
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.0.in_flight.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// Breaker settings from config (seed 001 `circuit_breaker`).
+pub(crate) fn breaker_settings(c: &CircuitBreakerConfig) -> BreakerSettings {
+    BreakerSettings {
+        failure_threshold: c.failure_threshold,
+        recovery_time: Duration::from_secs_f64(c.recovery_time.max(0.0)),
+        half_open_requests: c.half_open_requests,
+        failure_rate: c.failure_rate.map(|threshold| FailureRate {
+            threshold,
+            window: Duration::from_secs_f64(c.window.max(0.001)),
+            min_requests: c.min_requests,
+        }),
+    }
 }
 
 impl Model {
-    /// Builds model `id` from its config and its provider's.
-    ///
-    /// Keys: the model's own `api_keys` when it names some, else the provider's.
+    /// Builds model `id` from its config and its provider's. `keys` is the key pool it
+    /// draws from: the provider's (shared with every model using it) or its own.
     ///
     /// # Errors
     /// When the HTTP client cannot be built.
@@ -32,6 +93,7 @@ impl Model {
         id: &str,
         config: &ModelConfig,
         provider: &ProviderConfig,
+        keys: Arc<KeyPool>,
     ) -> Result<Model, ProviderError> {
         let secs = |s: f64| Duration::from_secs_f64(s.max(0.001));
         let total = secs(config.timeout);
@@ -42,24 +104,48 @@ impl Model {
             chunk_gap: secs(config.chunk_timeout),
         };
         let base_url = config.base_url.as_deref().unwrap_or(&provider.base_url);
-        let keys = config
-            .api_keys
-            .as_ref()
-            .unwrap_or(&provider.api_keys)
-            .iter()
-            .cloned()
-            .map(ApiKey::new)
-            .collect();
+        let mut request_buckets = Vec::new();
+        if let Some(rpm) = config.rpm_limit {
+            request_buckets.push(NamedBucket {
+                name: "rpm_limit",
+                bucket: TokenBucket::per_minute(f64::from(rpm)),
+            });
+        }
+        if let (Some(cap), Some(rate)) = (config.rate_limit_capacity, config.rate_limit_refill_rate)
+        {
+            request_buckets.push(NamedBucket {
+                name: "rate_limit",
+                bucket: TokenBucket::new(cap, rate),
+            });
+        }
         Ok(Model {
             id: id.to_owned(),
             provider: config.provider.clone(),
             upstream_model: config.model.clone(),
             client: OpenAiClient::new(base_url, timeouts)?,
             keys,
-            next_key: AtomicUsize::new(0),
+            key_cooldown: Duration::from_secs_f64(
+                config
+                    .key_cooldown
+                    .unwrap_or(provider.key_cooldown)
+                    .max(0.0),
+            ),
             max_retries: config.max_retries,
             retry_delay: Duration::from_secs_f64(config.retry_delay.max(0.0)),
             context_window: config.context_window,
+            queue_timeout: Duration::from_millis(config.queue_timeout_ms),
+            breaker: CircuitBreaker::new(id, breaker_settings(&config.circuit_breaker)),
+            request_buckets,
+            tpm: config
+                .tpm_limit
+                .map(|tpm| TokenBucket::per_minute(f64::from(tpm))),
+            concurrency: config.concurrency_limit.map(ConcurrencyLimit::new),
+            retry_budget: RetryBudget::new(
+                config.retry_budget,
+                RETRY_BUDGET_WINDOW,
+                RETRY_BUDGET_MIN_PER_SEC,
+            ),
+            in_flight: AtomicU32::new(0),
         })
     }
 
@@ -83,12 +169,22 @@ impl Model {
         &self.client
     }
 
+    /// The key pool it draws from (possibly shared with other models).
+    pub fn keys(&self) -> &Arc<KeyPool> {
+        &self.keys
+    }
+
+    /// Cooldown of a key after a 429 without Retry-After.
+    pub fn key_cooldown(&self) -> Duration {
+        self.key_cooldown
+    }
+
     /// Retries of the same model after a retryable error (seed 004 `max_retries`).
     pub fn max_retries(&self) -> u32 {
         self.max_retries
     }
 
-    /// Base delay before a retry; doubled on each further retry (seed 004 `retry_delay`).
+    /// Base delay before a retry; grows exponentially with jitter (seed 004 `retry_delay`).
     pub fn retry_delay(&self) -> Duration {
         self.retry_delay
     }
@@ -98,23 +194,18 @@ impl Model {
         self.context_window
     }
 
-    /// Number of keys; 0 means the provider needs none.
-    pub fn key_count(&self) -> usize {
-        self.keys.len()
+    /// Longest wait for a bucket or a concurrency slot before the model is skipped.
+    pub fn queue_timeout(&self) -> Duration {
+        self.queue_timeout
     }
 
-    /// The next key in round-robin order that is not in `refused` (indices of keys the
-    /// provider refused during this request). `Ok(None)` when the model uses no key;
-    /// `Err(())` when every key was refused.
-    pub(crate) fn pick_key(&self, refused: &[usize]) -> Result<Option<(usize, &ApiKey)>, ()> {
-        if self.keys.is_empty() {
-            return Ok(None);
-        }
-        let start = self.next_key.fetch_add(1, Ordering::Relaxed);
-        (0..self.keys.len())
-            .map(|i| (start + i) % self.keys.len())
-            .find(|i| !refused.contains(i))
-            .map(|i| Some((i, &self.keys[i])))
-            .ok_or(())
+    /// The circuit breaker.
+    pub fn breaker(&self) -> &CircuitBreaker {
+        &self.breaker
+    }
+
+    /// Requests in flight on this model now (calls and streams holding a slot or key).
+    pub fn in_flight(&self) -> u32 {
+        self.in_flight.load(Ordering::Relaxed)
     }
 }

@@ -7,6 +7,8 @@ use std::time::Duration;
 use echelon_types::ChatCompletionRequest;
 
 use super::model::Model;
+use crate::resilience::concurrency::ConcurrencyLimit;
+use crate::resilience::token_bucket::TokenBucket;
 
 /// Request defaults an echelon applies when the request does not set them (seed 001).
 #[derive(Debug, Clone, Default)]
@@ -31,6 +33,13 @@ impl EchelonDefaults {
     }
 }
 
+/// Limits an echelon puts on the requests through it (seed 001).
+#[derive(Debug, Clone, Copy, Default)]
+pub(crate) struct EchelonLimits {
+    pub(crate) concurrency_limit: Option<u32>,
+    pub(crate) rpm_limit: Option<u32>,
+}
+
 /// One tier: an echelon of a task group, or a lone model.
 #[derive(Debug)]
 pub(crate) struct Tier {
@@ -38,16 +47,29 @@ pub(crate) struct Tier {
     pub(crate) label: String,
     pub(crate) models: Vec<Arc<Model>>,
     pub(crate) defaults: EchelonDefaults,
+    /// The echelon's `concurrency_limit`, over all its models.
+    pub(crate) concurrency: Option<ConcurrencyLimit>,
+    /// The echelon's `rpm_limit`, over all its models.
+    pub(crate) rpm: Option<TokenBucket>,
     /// Spreads requests over the tier's models: each request starts one further along.
     next: AtomicUsize,
 }
 
 impl Tier {
-    pub(crate) fn new(label: String, models: Vec<Arc<Model>>, defaults: EchelonDefaults) -> Self {
+    pub(crate) fn new(
+        label: String,
+        models: Vec<Arc<Model>>,
+        defaults: EchelonDefaults,
+        limits: EchelonLimits,
+    ) -> Self {
         Tier {
             label,
             models,
             defaults,
+            concurrency: limits.concurrency_limit.map(ConcurrencyLimit::new),
+            rpm: limits
+                .rpm_limit
+                .map(|rpm| TokenBucket::per_minute(f64::from(rpm))),
             next: AtomicUsize::new(0),
         }
     }

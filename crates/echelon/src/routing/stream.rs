@@ -5,6 +5,7 @@ use std::sync::Arc;
 
 use echelon_types::{Attempt, ChatCompletionChunk};
 
+use super::attempt::{Guards, settle_tpm};
 use super::model::Model;
 use crate::error::{GatewayError, GatewayErrorKind};
 use crate::provider::{ChunkStream, ErrorKind};
@@ -21,6 +22,10 @@ pub struct GatewayStream {
     buffered: VecDeque<ChatCompletionChunk>,
     rest: ChunkStream,
     failed: bool,
+    /// Concurrency slots and key lease, held until the stream is dropped.
+    _guards: Guards,
+    /// Tokens reserved in the model's `tpm_limit` bucket, settled on the usage chunk.
+    tpm_reserved: Option<u64>,
 }
 
 impl GatewayStream {
@@ -29,6 +34,8 @@ impl GatewayStream {
         attempts: Vec<Attempt>,
         buffered: VecDeque<ChatCompletionChunk>,
         rest: ChunkStream,
+        guards: Guards,
+        tpm_reserved: Option<u64>,
     ) -> Self {
         GatewayStream {
             model,
@@ -36,6 +43,8 @@ impl GatewayStream {
             buffered,
             rest,
             failed: false,
+            _guards: guards,
+            tpm_reserved,
         }
     }
 
@@ -54,6 +63,14 @@ impl GatewayStream {
         &self.attempts
     }
 
+    fn settle(&mut self, chunk: &ChatCompletionChunk) {
+        if let (Some(usage), Some(tpm)) = (&chunk.usage, &self.model.tpm)
+            && let Some(reserved) = self.tpm_reserved.take()
+        {
+            settle_tpm(tpm, reserved, usage.total_tokens);
+        }
+    }
+
     /// The next chunk, `None` at a complete end, or the error that cut the stream.
     ///
     /// # Errors
@@ -61,13 +78,17 @@ impl GatewayStream {
     /// the streaming attempt, marked with what cut it.
     pub async fn next(&mut self) -> Option<Result<ChatCompletionChunk, GatewayError>> {
         if let Some(chunk) = self.buffered.pop_front() {
+            self.settle(&chunk);
             return Some(Ok(chunk));
         }
         if self.failed {
             return None;
         }
         match self.rest.next().await? {
-            Ok(chunk) => Some(Ok(chunk)),
+            Ok(chunk) => {
+                self.settle(&chunk);
+                Some(Ok(chunk))
+            }
             Err(e) => {
                 self.failed = true;
                 tracing::warn!(model = self.model.id(), kind = %e.kind, "stream failed after its first chunk: {}", e.message);

@@ -1,0 +1,565 @@
+//! Token bucket: the rate limiter behind a model's RPM and TPM limits.
+//!
+//! DESIGN.md §2 "token bucket" (`capacity` tokens, refilled at `refill_rate` per second)
+//! and seed 004 `TokenBucket` (provider.json `rate_limit_capacity` /
+//! `rate_limit_refill_rate`). An RPM limit is a bucket of `rpm` tokens refilled at
+//! `rpm / 60` per second, one token per request; a TPM limit reserves the estimated
+//! tokens of a request up front and settles with [`TokenBucket::refund`] /
+//! [`TokenBucket::charge`] once the real usage is known.
+//!
+//! Waiting ([`TokenBucket::acquire`]) is first come, first served: a waiter reserves its
+//! tokens at once (the level may go below zero) and sleeps until the refill has paid
+//! them back, so a large request is never starved by a stream of small ones and nobody
+//! polls.
+
+use std::sync::{Mutex, MutexGuard, PoisonError};
+use std::time::Duration;
+
+use tokio::time::Instant;
+
+/// Slack for floating-point rounding when comparing a level with a request (tokens).
+const EPSILON: f64 = 1e-9;
+
+/// A token bucket: at most `capacity` tokens, refilled continuously at `refill_per_sec`.
+///
+/// `Send + Sync`; share it behind an `Arc`. Every operation takes a `std::sync::Mutex`
+/// for a few arithmetic operations and never awaits while holding it.
+///
+/// Methods ending in `_at` take the current time, so tests can drive the clock; the
+/// others read [`Instant::now`]. All instants given to one bucket must come from the
+/// same clock; an instant earlier than one already seen counts as no time passed.
+#[derive(Debug)]
+pub struct TokenBucket {
+    capacity: f64,
+    refill_per_sec: f64,
+    level: Mutex<Level>,
+}
+
+/// The mutable part: the level (tokens, may be negative) as of `at`.
+#[derive(Debug)]
+struct Level {
+    tokens: f64,
+    at: Instant,
+}
+
+/// Why [`TokenBucket::acquire`] gave up: the tokens could not be had within `max_wait`
+/// (or never: more than the capacity was asked for, or the bucket never refills).
+///
+/// It fails at once, without sleeping, when the wait it would need already exceeds
+/// `max_wait` (seed 004: acquire with a timeout).
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+#[error("token bucket: {needed} tokens not available within {} ms", max_wait.as_millis())]
+pub struct AcquireTimeout {
+    /// The tokens asked for.
+    pub needed: f64,
+    /// The longest the caller was willing to wait.
+    pub max_wait: Duration,
+}
+
+impl TokenBucket {
+    /// A bucket holding at most `capacity` tokens, refilled at `refill_per_sec` tokens
+    /// per second; it starts full.
+    ///
+    /// Both should be > 0 (config validation rejects anything else). Here a negative or
+    /// NaN value is taken as 0: a capacity of 0 grants nothing but zero-token requests,
+    /// a refill of 0 never refills. Infinite values mean "no limit".
+    pub fn new(capacity: f64, refill_per_sec: f64) -> Self {
+        let capacity = non_negative(capacity);
+        TokenBucket {
+            capacity,
+            refill_per_sec: non_negative(refill_per_sec),
+            level: Mutex::new(Level {
+                tokens: capacity,
+                at: Instant::now(),
+            }),
+        }
+    }
+
+    /// A per-minute limit (RPM or TPM, DESIGN.md §2 echelon `rpm_limit`): a burst of
+    /// `limit` tokens, refilled at `limit / 60` tokens per second.
+    pub fn per_minute(limit: f64) -> Self {
+        TokenBucket::new(limit, limit / 60.0)
+    }
+
+    /// The most tokens the bucket holds.
+    pub fn capacity(&self) -> f64 {
+        self.capacity
+    }
+
+    /// Tokens added per second.
+    pub fn refill_per_sec(&self) -> f64 {
+        self.refill_per_sec
+    }
+
+    /// The level in tokens after refilling up to `now`; negative while waiters hold
+    /// reservations or after a [`charge`](Self::charge) beyond the level.
+    pub fn available_at(&self, now: Instant) -> f64 {
+        self.refilled(now).tokens
+    }
+
+    /// [`available_at`](Self::available_at) now.
+    pub fn available(&self) -> f64 {
+        self.available_at(Instant::now())
+    }
+
+    /// Takes `n` tokens if the level (refilled up to `now`) covers them and returns
+    /// true; otherwise takes nothing and returns false. A request above the capacity
+    /// (or not a number) can never be granted and returns false; `n <= 0` is granted
+    /// and takes nothing.
+    pub fn try_acquire_at(&self, n: f64, now: Instant) -> bool {
+        if !self.grantable(n) {
+            return false;
+        }
+        if n <= 0.0 {
+            return true;
+        }
+        let mut level = self.refilled(now);
+        if level.tokens + EPSILON >= n {
+            level.tokens -= n;
+            true
+        } else {
+            false
+        }
+    }
+
+    /// [`try_acquire_at`](Self::try_acquire_at) now.
+    pub fn try_acquire(&self, n: f64) -> bool {
+        self.try_acquire_at(n, Instant::now())
+    }
+
+    /// How long from `now` until `n` tokens are available, if nobody else takes any:
+    /// `Duration::ZERO` if they are available now, `None` if they never will be
+    /// (`n` above the capacity, or a bucket that never refills).
+    pub fn wait_time_at(&self, n: f64, now: Instant) -> Option<Duration> {
+        if !self.grantable(n) {
+            return None;
+        }
+        let level = self.refilled(now);
+        self.wait_for(n, level.tokens)
+    }
+
+    /// [`wait_time_at`](Self::wait_time_at) now.
+    pub fn wait_time(&self, n: f64) -> Option<Duration> {
+        self.wait_time_at(n, Instant::now())
+    }
+
+    /// Reserves `n` tokens in order of arrival and returns how long after `now` the
+    /// caller must wait before using them (`Duration::ZERO`: at once).
+    ///
+    /// The tokens are taken right away, so the level may go below zero and later
+    /// callers queue behind this one. If that wait would exceed `max_wait`, or the
+    /// tokens can never be granted, nothing is taken and it fails. A caller that
+    /// reserves and then gives up must [`refund`](Self::refund) `n`.
+    /// [`acquire`](Self::acquire) is this plus the sleep.
+    pub fn reserve_at(
+        &self,
+        n: f64,
+        max_wait: Duration,
+        now: Instant,
+    ) -> Result<Duration, AcquireTimeout> {
+        let timeout = AcquireTimeout {
+            needed: n,
+            max_wait,
+        };
+        if !self.grantable(n) {
+            return Err(timeout);
+        }
+        if n <= 0.0 {
+            return Ok(Duration::ZERO);
+        }
+        let mut level = self.refilled(now);
+        match self.wait_for(n, level.tokens) {
+            Some(wait) if wait <= max_wait => {
+                level.tokens -= n;
+                Ok(wait)
+            }
+            _ => Err(timeout),
+        }
+    }
+
+    /// Waits up to `max_wait` for `n` tokens and takes them (seed 004: acquire with a
+    /// timeout).
+    ///
+    /// Callers are served first come, first served (see [`reserve_at`](Self::reserve_at)):
+    /// it sleeps once, exactly as long as the refill needs, and never polls. It fails at
+    /// once, without sleeping, if the wait would exceed `max_wait` or `n` can never be
+    /// granted. If the future is dropped while it sleeps (the request was cancelled),
+    /// the reserved tokens are given back.
+    pub async fn acquire(&self, n: f64, max_wait: Duration) -> Result<(), AcquireTimeout> {
+        self.acquire_with(n, max_wait, Instant::now(), tokio::time::sleep_until)
+            .await
+    }
+
+    /// [`acquire`](Self::acquire) with the clock and the sleep given (tests).
+    async fn acquire_with<F>(
+        &self,
+        n: f64,
+        max_wait: Duration,
+        now: Instant,
+        sleep_until: impl FnOnce(Instant) -> F,
+    ) -> Result<(), AcquireTimeout>
+    where
+        F: std::future::Future<Output = ()>,
+    {
+        let wait = self.reserve_at(n, max_wait, now)?;
+        if wait.is_zero() {
+            return Ok(());
+        }
+        let mut guard = RefundOnDrop {
+            bucket: self,
+            tokens: n,
+        };
+        sleep_until(now + wait).await;
+        guard.tokens = 0.0;
+        Ok(())
+    }
+
+    /// Gives back `n` tokens as of `now` (e.g. a TPM reservation larger than the real
+    /// usage, or a reservation not used); the level never goes above the capacity.
+    pub fn refund_at(&self, n: f64, now: Instant) {
+        if n.is_nan() || n <= 0.0 {
+            return;
+        }
+        let mut level = self.refilled(now);
+        level.tokens = (level.tokens + n).min(self.capacity);
+    }
+
+    /// [`refund_at`](Self::refund_at) now.
+    pub fn refund(&self, n: f64) {
+        self.refund_at(n, Instant::now());
+    }
+
+    /// Takes `n` more tokens as of `now` unconditionally (e.g. the real usage came out
+    /// above the TPM reservation); the level may go below zero, and later acquires wait
+    /// until the refill has paid the debt.
+    pub fn charge_at(&self, n: f64, now: Instant) {
+        if !n.is_finite() || n <= 0.0 {
+            return;
+        }
+        let mut level = self.refilled(now);
+        level.tokens -= n;
+    }
+
+    /// [`charge_at`](Self::charge_at) now.
+    pub fn charge(&self, n: f64) {
+        self.charge_at(n, Instant::now());
+    }
+
+    /// Whether `n` tokens could ever be granted.
+    fn grantable(&self, n: f64) -> bool {
+        n.is_finite() && n <= self.capacity
+    }
+
+    /// The wait until `tokens` (the current level) has grown to `n`; `None` if never.
+    fn wait_for(&self, n: f64, tokens: f64) -> Option<Duration> {
+        let deficit = n - tokens;
+        if deficit <= EPSILON {
+            return Some(Duration::ZERO);
+        }
+        if self.refill_per_sec <= 0.0 {
+            return None;
+        }
+        Some(ceil_duration(deficit / self.refill_per_sec))
+    }
+
+    /// Locks the level and refills it up to `now`.
+    fn refilled(&self, now: Instant) -> MutexGuard<'_, Level> {
+        // The level is a pair of numbers that is never left half-written, so a panic
+        // elsewhere while holding the lock cannot have broken it.
+        let mut level = self.level.lock().unwrap_or_else(PoisonError::into_inner);
+        if now > level.at {
+            if level.tokens < self.capacity {
+                let elapsed = (now - level.at).as_secs_f64();
+                level.tokens = (level.tokens + elapsed * self.refill_per_sec).min(self.capacity);
+            }
+            level.at = now;
+        }
+        level
+    }
+}
+
+/// Gives reserved tokens back if [`TokenBucket::acquire`] is dropped while sleeping.
+struct RefundOnDrop<'a> {
+    bucket: &'a TokenBucket,
+    tokens: f64,
+}
+
+impl Drop for RefundOnDrop<'_> {
+    fn drop(&mut self) {
+        if self.tokens > 0.0 {
+            self.bucket.refund(self.tokens);
+        }
+    }
+}
+
+/// `x`, or 0 if it is negative or NaN.
+fn non_negative(x: f64) -> f64 {
+    if x > 0.0 { x } else { 0.0 }
+}
+
+/// `secs` as a duration, rounded up to the nanosecond so that the refill is complete
+/// when it has passed; saturates at `Duration::MAX`.
+fn ceil_duration(secs: f64) -> Duration {
+    let nanos = (secs * 1e9).ceil();
+    if nanos.is_nan() || nanos <= 0.0 {
+        Duration::ZERO
+    } else if nanos >= u64::MAX as f64 {
+        Duration::MAX
+    } else {
+        Duration::from_nanos(nanos as u64)
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use std::sync::Arc;
+
+    use futures::FutureExt;
+
+    use super::*;
+
+    fn ms(n: u64) -> Duration {
+        Duration::from_millis(n)
+    }
+
+    fn close(a: f64, b: f64) -> bool {
+        (a - b).abs() < 1e-6
+    }
+
+    #[test]
+    fn is_send_and_sync() {
+        fn check<T: Send + Sync>() {}
+        check::<TokenBucket>();
+    }
+
+    #[test]
+    fn starts_full_and_grants_up_to_capacity() {
+        let b = TokenBucket::new(5.0, 1.0);
+        let t0 = Instant::now();
+        assert!(close(b.available_at(t0), 5.0));
+        for _ in 0..5 {
+            assert!(b.try_acquire_at(1.0, t0));
+        }
+        assert!(!b.try_acquire_at(1.0, t0));
+        assert!(close(b.available_at(t0), 0.0));
+    }
+
+    #[test]
+    fn a_refused_request_takes_nothing() {
+        let b = TokenBucket::new(5.0, 1.0);
+        let t0 = Instant::now();
+        assert!(b.try_acquire_at(3.0, t0));
+        assert!(!b.try_acquire_at(3.0, t0));
+        assert!(close(b.available_at(t0), 2.0));
+        assert!(b.try_acquire_at(2.0, t0));
+    }
+
+    #[test]
+    fn refills_at_the_rate_and_stops_at_capacity() {
+        let b = TokenBucket::new(10.0, 2.0);
+        let t0 = Instant::now();
+        assert!(b.try_acquire_at(10.0, t0));
+        assert!(close(b.available_at(t0 + ms(500)), 1.0));
+        assert!(close(b.available_at(t0 + ms(2_500)), 5.0));
+        assert!(close(b.available_at(t0 + Duration::from_secs(3_600)), 10.0));
+    }
+
+    #[test]
+    fn per_minute_is_a_burst_of_the_limit_refilled_over_a_minute() {
+        let b = TokenBucket::per_minute(120.0);
+        assert!(close(b.capacity(), 120.0));
+        assert!(close(b.refill_per_sec(), 2.0));
+        let t0 = Instant::now();
+        assert!(b.try_acquire_at(120.0, t0));
+        assert!(!b.try_acquire_at(1.0, t0));
+        assert!(b.try_acquire_at(60.0, t0 + Duration::from_secs(30)));
+    }
+
+    #[test]
+    fn more_than_the_capacity_is_never_granted() {
+        let b = TokenBucket::new(5.0, 1.0);
+        let t0 = Instant::now();
+        assert!(!b.try_acquire_at(5.5, t0 + Duration::from_secs(100)));
+        assert_eq!(b.wait_time_at(5.5, t0), None);
+        assert_eq!(b.wait_time_at(f64::NAN, t0), None);
+        assert_eq!(
+            b.reserve_at(6.0, Duration::from_secs(3_600), t0),
+            Err(AcquireTimeout {
+                needed: 6.0,
+                max_wait: Duration::from_secs(3_600)
+            })
+        );
+        assert!(close(b.available_at(t0), 5.0));
+    }
+
+    #[test]
+    fn wait_time_is_exactly_the_refill_needed() {
+        let b = TokenBucket::new(10.0, 2.0);
+        let t0 = Instant::now();
+        assert_eq!(b.wait_time_at(3.0, t0), Some(Duration::ZERO));
+        assert!(b.try_acquire_at(10.0, t0));
+        let wait = b.wait_time_at(3.0, t0).unwrap();
+        assert_eq!(wait, ms(1_500));
+        assert!(!b.try_acquire_at(3.0, t0 + wait - ms(1)));
+        assert!(b.try_acquire_at(3.0, t0 + wait));
+    }
+
+    #[test]
+    fn a_bucket_that_never_refills_has_no_wait_time() {
+        let b = TokenBucket::new(2.0, 0.0);
+        let t0 = Instant::now();
+        assert!(b.try_acquire_at(2.0, t0));
+        assert_eq!(b.wait_time_at(1.0, t0 + Duration::from_secs(10)), None);
+    }
+
+    #[test]
+    fn an_earlier_instant_counts_as_no_time_passed() {
+        let b = TokenBucket::new(10.0, 1.0);
+        let t0 = Instant::now() + Duration::from_secs(10);
+        assert!(b.try_acquire_at(10.0, t0));
+        assert!(close(b.available_at(t0 - Duration::from_secs(5)), 0.0));
+        assert!(close(b.available_at(t0 + Duration::from_secs(1)), 1.0));
+    }
+
+    #[test]
+    fn charge_goes_into_debt_and_delays_later_requests() {
+        let b = TokenBucket::new(10.0, 1.0);
+        let t0 = Instant::now();
+        assert!(b.try_acquire_at(8.0, t0));
+        b.charge_at(5.0, t0);
+        assert!(close(b.available_at(t0), -3.0));
+        assert_eq!(b.wait_time_at(1.0, t0), Some(Duration::from_secs(4)));
+        assert!(!b.try_acquire_at(1.0, t0 + ms(3_999)));
+        assert!(b.try_acquire_at(1.0, t0 + Duration::from_secs(4)));
+    }
+
+    #[test]
+    fn charge_counts_the_refill_before_it() {
+        // Full after a long idle period: the charge comes off a full bucket.
+        let b = TokenBucket::new(10.0, 1.0);
+        let t0 = Instant::now();
+        assert!(b.try_acquire_at(10.0, t0));
+        b.charge_at(4.0, t0 + Duration::from_secs(100));
+        assert!(close(b.available_at(t0 + Duration::from_secs(100)), 6.0));
+    }
+
+    #[test]
+    fn refund_never_rises_above_capacity() {
+        let b = TokenBucket::new(10.0, 1.0);
+        let t0 = Instant::now();
+        assert!(b.try_acquire_at(6.0, t0));
+        b.refund_at(2.0, t0);
+        assert!(close(b.available_at(t0), 6.0));
+        b.refund_at(100.0, t0);
+        assert!(close(b.available_at(t0), 10.0));
+    }
+
+    #[test]
+    fn reservations_queue_first_come_first_served() {
+        let b = TokenBucket::new(10.0, 1.0);
+        let t0 = Instant::now();
+        let max = Duration::from_secs(60);
+        assert_eq!(b.reserve_at(10.0, max, t0), Ok(Duration::ZERO));
+        assert_eq!(b.reserve_at(2.0, max, t0), Ok(Duration::from_secs(2)));
+        // The second waiter queues behind the first one's tokens.
+        assert_eq!(b.reserve_at(3.0, max, t0), Ok(Duration::from_secs(5)));
+        // Someone arriving later cannot jump the queue with try_acquire.
+        assert!(!b.try_acquire_at(1.0, t0 + Duration::from_secs(4)));
+        assert!(b.try_acquire_at(1.0, t0 + Duration::from_secs(6)));
+    }
+
+    #[test]
+    fn a_reservation_beyond_max_wait_fails_and_takes_nothing() {
+        let b = TokenBucket::new(10.0, 1.0);
+        let t0 = Instant::now();
+        assert!(b.try_acquire_at(10.0, t0));
+        let err = b.reserve_at(5.0, ms(4_999), t0).unwrap_err();
+        assert_eq!(err.needed, 5.0);
+        assert_eq!(
+            err.to_string(),
+            "token bucket: 5 tokens not available within 4999 ms"
+        );
+        assert!(close(b.available_at(t0), 0.0));
+        assert_eq!(b.reserve_at(5.0, ms(5_000), t0), Ok(ms(5_000)));
+    }
+
+    #[tokio::test]
+    async fn acquire_takes_available_tokens_at_once() {
+        let b = TokenBucket::new(10.0, 0.001);
+        b.acquire(4.0, Duration::ZERO).await.unwrap();
+        assert!((b.available() - 6.0).abs() < 0.01);
+    }
+
+    #[tokio::test]
+    async fn acquire_fails_at_once_when_the_wait_exceeds_max_wait() {
+        // 1 token per 1000 s: the wait is far beyond max_wait, so it must fail on the
+        // first poll instead of sleeping.
+        let b = TokenBucket::new(1.0, 0.001);
+        assert!(b.try_acquire(1.0));
+        let result = b.acquire(1.0, Duration::from_secs(60)).now_or_never();
+        assert!(matches!(result, Some(Err(AcquireTimeout { needed, .. })) if needed == 1.0));
+        let never = b.acquire(2.0, Duration::from_secs(3_600)).now_or_never();
+        assert!(matches!(never, Some(Err(_))));
+        assert!(b.available() < 0.01);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn acquire_waits_for_the_refill() {
+        // Paused tokio time: the sleep inside acquire advances the clock, no real wait.
+        let b = Arc::new(TokenBucket::new(10.0, 2.0));
+        assert!(b.try_acquire(10.0));
+        let start = Instant::now();
+        let task = tokio::spawn({
+            let b = b.clone();
+            async move { b.acquire(3.0, Duration::from_secs(5)).await }
+        });
+        task.await.unwrap().unwrap();
+        assert_eq!(start.elapsed(), ms(1_500));
+        assert!(b.available().abs() < 1e-6, "the tokens stay taken");
+        assert!(!b.try_acquire(1.0));
+    }
+
+    #[tokio::test]
+    async fn acquire_sleeps_once_until_the_tokens_are_paid_and_keeps_them() {
+        let b = TokenBucket::new(10.0, 2.0);
+        let t0 = Instant::now() + Duration::from_secs(1);
+        assert!(b.try_acquire_at(10.0, t0));
+        let mut slept_until = Vec::new();
+        let sleep = |deadline| {
+            slept_until.push(deadline);
+            std::future::ready(())
+        };
+        b.acquire_with(4.0, Duration::from_secs(2), t0, sleep)
+            .await
+            .unwrap();
+        assert_eq!(slept_until, vec![t0 + Duration::from_secs(2)]);
+        // The tokens stay taken once the sleep is over: at the deadline the refill has
+        // just paid for them.
+        assert!(close(b.available_at(t0), -4.0));
+        assert!(close(b.available_at(t0 + Duration::from_secs(2)), 0.0));
+    }
+
+    #[tokio::test]
+    async fn acquire_does_not_sleep_past_max_wait() {
+        let b = TokenBucket::new(10.0, 2.0);
+        let t0 = Instant::now() + Duration::from_secs(1);
+        assert!(b.try_acquire_at(10.0, t0));
+        let sleep = |_| -> std::future::Ready<()> { panic!("must not sleep") };
+        let err = b.acquire_with(4.0, ms(1_999), t0, sleep).await.unwrap_err();
+        assert_eq!(err.max_wait, ms(1_999));
+        assert!(close(b.available_at(t0), 0.0));
+    }
+
+    #[tokio::test]
+    async fn a_cancelled_acquire_gives_its_tokens_back() {
+        let b = TokenBucket::new(10.0, 0.001);
+        assert!(b.try_acquire(10.0));
+        // Needs ~5000 s; allowed to wait that long, so it reserves and sleeps.
+        let mut fut = Box::pin(b.acquire(5.0, Duration::from_secs(10_000)));
+        assert!((&mut fut).now_or_never().is_none());
+        assert!(b.available() < -4.9, "the waiter holds a reservation");
+        drop(fut);
+        assert!(b.available().abs() < 0.01, "the reservation was refunded");
+    }
+}
