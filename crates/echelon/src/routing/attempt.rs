@@ -143,6 +143,7 @@ pub(crate) async fn try_model(
     let queue = model.queue_timeout();
     let mut refused_keys: Vec<usize> = Vec::new();
     let mut calls: u32 = 0;
+    let mut cooldown_waits: u32 = 0;
     model.retry_budget.deposit();
     loop {
         let tried = calls > 0;
@@ -225,7 +226,12 @@ pub(crate) async fn try_model(
                 Err(NoKey::CoolingDown { until }) => {
                     give_back(tpm_reserved);
                     let wait = until.saturating_duration_since(Instant::now());
-                    if calls <= max_retries && wait <= MAX_RETRY_WAIT {
+                    cooldown_waits += 1;
+                    // Bounded: other requests may keep re-cooling the keys.
+                    if calls <= max_retries
+                        && cooldown_waits <= max_retries + 1
+                        && wait <= MAX_RETRY_WAIT
+                    {
                         drop(permit);
                         drop(guards);
                         tokio::time::sleep(wait).await;
