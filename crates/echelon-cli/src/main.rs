@@ -122,17 +122,9 @@ fn main() -> ExitCode {
                 messages.push(ChatMessage::new(Role::System, s));
             }
             messages.push(ChatMessage::new(Role::User, prompt));
-            let req = ChatCompletionRequest {
-                model: route,
-                messages,
-                stream: None,
-                stream_options: None,
-                max_tokens,
-                max_completion_tokens: None,
-                temperature,
-                user: None,
-                extra: Default::default(),
-            };
+            let mut req = ChatCompletionRequest::new(route, messages);
+            req.max_tokens = max_tokens;
+            req.temperature = temperature;
             run(chat(config, req, stream))
         }
     }

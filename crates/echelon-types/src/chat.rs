@@ -38,6 +38,21 @@ pub struct ChatCompletionRequest {
 }
 
 impl ChatCompletionRequest {
+    /// A request for `model` (a route) with `messages` and nothing else set.
+    pub fn new(model: impl Into<String>, messages: Vec<ChatMessage>) -> Self {
+        ChatCompletionRequest {
+            model: model.into(),
+            messages,
+            stream: None,
+            stream_options: None,
+            max_tokens: None,
+            max_completion_tokens: None,
+            temperature: None,
+            user: None,
+            extra: Extra::new(),
+        }
+    }
+
     /// Whether the client asked for a stream.
     pub fn is_stream(&self) -> bool {
         self.stream.unwrap_or(false)

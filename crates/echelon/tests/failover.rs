@@ -9,17 +9,7 @@ use echelon_testkit::{Behavior, TestUpstream, UpstreamOptions};
 use echelon_types::{ChatCompletionRequest, ChatMessage, Role};
 
 fn request(route: &str) -> ChatCompletionRequest {
-    ChatCompletionRequest {
-        model: route.to_owned(),
-        messages: vec![ChatMessage::new(Role::User, "hello there")],
-        stream: None,
-        stream_options: None,
-        max_tokens: None,
-        max_completion_tokens: None,
-        temperature: None,
-        user: None,
-        extra: Default::default(),
-    }
+    ChatCompletionRequest::new(route, vec![ChatMessage::new(Role::User, "hello there")])
 }
 
 /// A gateway with models `a` and `b` on two upstreams and task group `grp` (echelon1: a,

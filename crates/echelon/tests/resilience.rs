@@ -12,17 +12,7 @@ use echelon_types::{ChatCompletionRequest, ChatMessage, Role};
 use serde_json::Value;
 
 fn request(route: &str) -> ChatCompletionRequest {
-    ChatCompletionRequest {
-        model: route.to_owned(),
-        messages: vec![ChatMessage::new(Role::User, "hello there")],
-        stream: None,
-        stream_options: None,
-        max_tokens: None,
-        max_completion_tokens: None,
-        temperature: None,
-        user: None,
-        extra: Default::default(),
-    }
+    ChatCompletionRequest::new(route, vec![ChatMessage::new(Role::User, "hello there")])
 }
 
 fn gateway(yaml: &str) -> Arc<Gateway> {
