@@ -562,4 +562,174 @@ mod tests {
         drop(fut);
         assert!(b.available().abs() < 0.01, "the reservation was refunded");
     }
+
+    // Property tests: the bucket against the arithmetic it promises, on arbitrary
+    // capacities, rates and request sequences, with the clock driven by hand.
+
+    use proptest::prelude::*;
+
+    /// Float slack for a sum of many grants: relative to the size of the numbers.
+    fn slack(scale: f64) -> f64 {
+        1e-6 * (1.0 + scale)
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(64))]
+
+        /// Whatever the sequence of requests, the bucket never grants more than it can
+        /// have held: by time t at most `capacity + refill × t` tokens in all, and never
+        /// more than `capacity` in one grant. It also never refuses a request its level
+        /// (tracked independently here) covers.
+        #[test]
+        fn grants_never_exceed_capacity_plus_refill(
+            capacity in 1.0f64..1000.0,
+            refill in 0.1f64..1000.0,
+            // (time step in µs, request as a fraction of the capacity; > 1 is oversize)
+            ops in prop::collection::vec((0u64..3_000_000, 0.0f64..1.3), 1..200),
+        ) {
+            let b = TokenBucket::new(capacity, refill);
+            let t0 = Instant::now();
+            let mut now = t0;
+            let mut granted = 0.0;
+            // The level as the spec defines it, kept apart from the bucket's own.
+            let mut model = capacity;
+            let mut last = t0;
+            for (step_us, fraction) in ops {
+                now += Duration::from_micros(step_us);
+                let n = fraction * capacity;
+                model = (model + (now - last).as_secs_f64() * refill).min(capacity);
+                last = now;
+                let ok = b.try_acquire_at(n, now);
+                if ok {
+                    prop_assert!(n <= capacity, "granted {n} > capacity {capacity}");
+                    prop_assert!(model >= n - slack(capacity), "granted {n} with only {model}");
+                    granted += n;
+                    model -= n;
+                } else if n <= capacity {
+                    prop_assert!(model < n + slack(capacity), "refused {n} with {model} available");
+                }
+                let t = (now - t0).as_secs_f64();
+                let bound = capacity + refill * t;
+                prop_assert!(
+                    granted <= bound + slack(bound),
+                    "granted {granted} by t = {t} s, bound {bound}"
+                );
+                let level = b.available_at(now);
+                prop_assert!(level <= capacity + EPSILON, "level {level} above capacity");
+                prop_assert!((level - model).abs() <= slack(capacity), "level {level}, model {model}");
+            }
+        }
+
+        /// Small requests arriving faster than the refill, over a long simulated run:
+        /// the admitted rate converges on the refill rate (within ±2 %).
+        #[test]
+        fn long_run_admitted_rate_is_the_refill_rate(
+            capacity in 1.0f64..1000.0,
+            // Seconds to refill from empty: the buckets in use refill in 1 s to minutes
+            // (an RPM/TPM bucket takes 60 s).
+            refill_secs in 1.0f64..600.0,
+            // Requests as a fraction of the capacity ("small").
+            size_fraction in 0.01f64..0.1,
+            // Offered load over the refill rate.
+            overload in 1.2f64..3.0,
+            // Irregular arrivals: the gaps cycle through these multipliers (mean ~1).
+            jitter in prop::collection::vec(0.0f64..2.0, 1..16),
+        ) {
+            let refill = capacity / refill_secs;
+            let size = size_fraction * capacity;
+            let b = TokenBucket::new(capacity, refill);
+            // Long enough for the initial burst (one capacity) to be under 0.5 % of
+            // the total, and at least 10,000 s.
+            let horizon = (200.0 * refill_secs).max(10_000.0);
+            let mean_gap = size / (overload * refill);
+            let jitter_mean = jitter.iter().sum::<f64>() / jitter.len() as f64;
+            let t0 = Instant::now();
+            let mut now = t0;
+            let mut elapsed = 0.0;
+            let mut admitted = 0.0;
+            let mut offered = 0.0;
+            let mut i = 0;
+            while elapsed < horizon {
+                let gap = mean_gap * jitter[i % jitter.len()] / jitter_mean.max(1e-3);
+                now += Duration::from_secs_f64(gap);
+                elapsed = (now - t0).as_secs_f64();
+                offered += size;
+                if b.try_acquire_at(size, now) {
+                    admitted += size;
+                }
+                i += 1;
+            }
+            let rate = admitted / elapsed;
+            prop_assert!(offered > 1.1 * admitted, "the load must exceed the refill");
+            prop_assert!(
+                (rate - refill).abs() <= 0.02 * refill,
+                "admitted {rate}/s vs refill {refill}/s over {elapsed} s ({i} requests)"
+            );
+        }
+
+        /// TPM settlement: reserve R up front, refund R − U once the usage U is known,
+        /// and the level is exactly what was there minus U; a charge beyond the level
+        /// puts the bucket in debt and delays the next grant by exactly debt / refill.
+        #[test]
+        fn reserve_refund_and_charge_arithmetic(
+            capacity in 1.0f64..1000.0,
+            refill in 0.1f64..1000.0,
+            spent_fraction in 0.0f64..1.0,
+            reserve_fraction in 0.0f64..1.0,
+            used_fraction in 0.0f64..1.0,
+            idle_ms in 0u64..5_000,
+            overcharge_fraction in 0.01f64..3.0,
+            next_fraction in 0.01f64..1.0,
+        ) {
+            let b = TokenBucket::new(capacity, refill);
+            let t0 = Instant::now();
+            // Some earlier traffic, so the level is below the capacity.
+            let spent = spent_fraction * capacity;
+            prop_assert!(b.try_acquire_at(spent, t0));
+            let before = capacity - spent;
+            // Reserve R out of what is left, then settle with the real usage U ≤ R.
+            let reserved = reserve_fraction * before;
+            prop_assert!(b.try_acquire_at(reserved, t0));
+            prop_assert!((b.available_at(t0) - (before - reserved)).abs() <= slack(capacity));
+            let used = used_fraction * reserved;
+            b.refund_at(reserved - used, t0);
+            let level = before - used;
+            prop_assert!(
+                (b.available_at(t0) - level).abs() <= slack(capacity),
+                "level {} after reserving {reserved} and using {used}, expected {level}",
+                b.available_at(t0)
+            );
+
+            // Later, the usage of another request comes out above the level.
+            let t1 = t0 + Duration::from_millis(idle_ms);
+            let level = (level + refill * (idle_ms as f64 / 1000.0)).min(capacity);
+            prop_assert!((b.available_at(t1) - level).abs() <= slack(capacity));
+            let debt = overcharge_fraction * capacity;
+            b.charge_at(level + debt, t1);
+            prop_assert!(
+                (b.available_at(t1) + debt).abs() <= slack(capacity),
+                "level {} after charging {debt} beyond it", b.available_at(t1)
+            );
+
+            // The next request of n tokens waits for the debt and then for n itself.
+            let n = next_fraction * capacity;
+            let expected = (debt + n) / refill;
+            let wait = b.wait_time_at(n, t1).unwrap();
+            prop_assert!(
+                (wait.as_secs_f64() - expected).abs() <= 1e-6 * (1.0 + expected),
+                "wait {wait:?}, expected {expected} s"
+            );
+            // The same n from an empty bucket with no debt would wait n / refill: the
+            // debt adds exactly debt / refill.
+            let without_debt = n / refill;
+            prop_assert!(
+                ((wait.as_secs_f64() - without_debt) - debt / refill).abs()
+                    <= 1e-6 * (1.0 + expected)
+            );
+            let early = wait - wait / 1000;
+            prop_assert!(!b.try_acquire_at(n, t1 + early), "granted before the debt was paid");
+            prop_assert!(b.try_acquire_at(n, t1 + wait), "refused once the debt was paid");
+            prop_assert!(b.available_at(t1 + wait).abs() <= slack(capacity));
+        }
+    }
 }
