@@ -33,6 +33,7 @@ providers:
 models:
   real-a: {{ provider: pa, model: smollm2, timeout: 60, max_retries: 1, retry_delay: 0.05, context_window: 2048 }}
   real-b: {{ provider: pb, model: smollm2, timeout: 60, max_retries: 1, retry_delay: 0.05, context_window: 2048 }}
+  real-a-undeclared: {{ provider: pa, model: smollm2, timeout: 60, max_retries: 2, retry_delay: 0.05 }}
 task_groups:
   demo:
     echelon1: {{ models: [real-a] }}
@@ -177,16 +178,37 @@ async fn a_too_long_prompt_is_a_400_without_retry() {
         return;
     };
     let long = "lorem ipsum dolor sit amet ".repeat(1200); // far beyond -c 2048
-    let resp = post(s.addr, &body(&long, false)).await;
+
+    // A model that declares no window: llama-server refuses, and that is not retried.
+    let mut req = body(&long, false);
+    req["model"] = "real-a-undeclared".into();
+    let resp = post(s.addr, &req).await;
     assert_eq!(resp.status(), 400);
     let v: Value = resp.json().await.unwrap();
     assert_eq!(v["error"]["code"], "context_length_exceeded");
     let attempts = v["error"]["attempts"].as_array().unwrap();
-    assert_eq!(
-        attempts.len(),
-        1,
-        "no retry, no failover to an equal window: {attempts:?}"
-    );
+    assert_eq!(attempts.len(), 1, "no retry: {attempts:?}");
     assert_eq!(attempts[0]["error_kind"], "context_length");
     assert_eq!(attempts[0]["status"], 400);
+
+    // Models that declare their window: skipped before sending (counted with tiktoken).
+    let resp = post(s.addr, &body(&long, false)).await;
+    assert_eq!(resp.status(), 400);
+    let v: Value = resp.json().await.unwrap();
+    assert_eq!(v["error"]["code"], "context_length_exceeded");
+    let kinds: Vec<_> = v["error"]["attempts"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|a| {
+            (
+                a["model"].as_str().unwrap(),
+                a["error_kind"].as_str().unwrap(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        kinds,
+        vec![("real-a", "context_window"), ("real-b", "context_window")]
+    );
 }

@@ -68,9 +68,7 @@ fn concurrency_acquire_release(b: Bencher) {
         .build()
         .unwrap();
     let limit = ConcurrencyLimit::new(64);
-    b.bench_local(|| {
-        rt.block_on(async { drop(limit.acquire(Duration::ZERO).await.unwrap()) })
-    });
+    b.bench_local(|| rt.block_on(async { drop(limit.acquire(Duration::ZERO).await.unwrap()) }));
 }
 
 /// Every layer in the order a request passes them: breaker → request bucket → tpm bucket

@@ -59,6 +59,14 @@ impl GatewayError {
         self
     }
 
+    /// Appends a sentence to the message.
+    pub fn with_note(mut self, note: impl AsRef<str>) -> Self {
+        self.message.push_str(" (");
+        self.message.push_str(note.as_ref());
+        self.message.push(')');
+        self
+    }
+
     /// Sets the attempts.
     pub fn with_attempts(mut self, attempts: Vec<Attempt>) -> Self {
         self.attempts = attempts;

@@ -6,7 +6,10 @@
 use std::path::PathBuf;
 
 use echelon::config::{
-    CircuitBreakerConfig, Config, ConfigError, ConfigErrors, FallbackStrategy, ProviderApi,
+    CircuitBreakerConfig, Config, ConfigError, ConfigErrors, FallbackConfig, FallbackStrategy,
+    HealthCheckKind, MigrateError, MigrateOptions, MigrationReport, PollingPoolConfig,
+    PoolFallbackConfig, PoolFallbackStrategy, ProviderApi, RotationStrategy, WrapperConfig,
+    migrate_with_env,
 };
 use secrecy::{ExposeSecret, SecretString};
 
@@ -514,7 +517,8 @@ task_groups:
                 10,
                 77,
                 "task_groups.g.fallback_config.fallback_groups[1]",
-                "`nowhere` is not a task group, `group.echelonN` or model"
+                "`nowhere` is not a route (a model id, task group, `group.echelonN`, polling pool \
+                 or wrapper)"
             ),
         ]
     );
@@ -605,15 +609,23 @@ fn json_syntax_error_has_position() {
 }
 
 #[test]
-fn polling_pool_files_are_rejected_not_ignored() {
+fn a_lone_polling_pool_file_is_read_and_needs_its_task_group() {
     let text = "name: fast_pool\ntask_groups: [fast_group]\nrotation_strategy: round_robin\n";
     let errors = errors_of(Config::from_str_with_env(text, "pool.yaml", &no_env));
-    let messages: Vec<&str> = errors.iter().map(|e| e.message.as_str()).collect();
+    let got: Vec<(Option<u64>, Option<u64>, &str, &str)> = errors
+        .iter()
+        .map(|e| (e.line, e.column, e.key_path.as_str(), e.message.as_str()))
+        .collect();
     assert_eq!(
-        messages,
+        got,
         [
-            "polling pool files are not supported yet",
-            "no models are defined"
+            (None, None, "", "no models are defined"),
+            (
+                Some(2),
+                Some(15),
+                "task_groups[0]",
+                "polling pool `fast_pool` names task group `fast_group`, which is not defined"
+            ),
         ]
     );
 }
@@ -669,4 +681,914 @@ fn group_file_alone_needs_models_and_uses_its_name() {
         ]
     );
     assert_eq!(errors[2].hint.as_deref(), Some("did you mean `echelon1`?"));
+}
+
+// ---------------------------------------------------------------------------
+// polling pools, wrappers, default route
+
+/// Copies the fixture directory `name` into a new temporary directory.
+fn fixture_copy(name: &str) -> tempfile::TempDir {
+    fn copy(from: &std::path::Path, to: &std::path::Path) {
+        std::fs::create_dir_all(to).unwrap();
+        for entry in std::fs::read_dir(from).unwrap() {
+            let entry = entry.unwrap();
+            let target = to.join(entry.file_name());
+            if entry.file_type().unwrap().is_dir() {
+                copy(&entry.path(), &target);
+            } else {
+                std::fs::copy(entry.path(), target).unwrap();
+            }
+        }
+    }
+    let dir = tempfile::tempdir().unwrap();
+    copy(&fixture(name), dir.path());
+    dir
+}
+
+#[test]
+fn polling_pools_wrappers_and_default_route_load() {
+    let config = Config::load_with_env(fixture("pools.yaml"), &no_env).unwrap();
+
+    let pools: Vec<&str> = config.polling_pools.keys().map(String::as_str).collect();
+    assert_eq!(pools, ["fast_pool", "plain_pool", "thinking_pool"]);
+    let fast = &config.polling_pools["fast_pool"];
+    assert_eq!(
+        *fast,
+        PollingPoolConfig {
+            description: Some("fast task only".to_owned()),
+            task_group: "fast_group".to_owned(),
+            rotation_strategy: RotationStrategy::Weighted,
+            weights: [("smollm-a".to_owned(), 3), ("smollm-c".to_owned(), 2)]
+                .into_iter()
+                .collect(),
+            health_check_interval: 15.0,
+            health_check: HealthCheckKind::Completion,
+            failure_threshold: 2,
+            recovery_time: 120.0,
+            fallback_config: PoolFallbackConfig {
+                strategy: PoolFallbackStrategy::SimpleRetry,
+                max_instance_attempts: 4,
+            },
+        }
+    );
+    // `task_group:` (singular) and seed 002's top-level fallback form.
+    let thinking = &config.polling_pools["thinking_pool"];
+    assert_eq!(thinking.task_group, "thinking_group");
+    assert_eq!(thinking.rotation_strategy, RotationStrategy::LeastBusy);
+    assert_eq!(
+        thinking.fallback_config,
+        PoolFallbackConfig {
+            strategy: PoolFallbackStrategy::InstanceRotation,
+            max_instance_attempts: 3,
+        }
+    );
+    // Every default.
+    assert_eq!(
+        config.polling_pools["plain_pool"],
+        PollingPoolConfig::new("thinking_group")
+    );
+    let defaults = PollingPoolConfig::default();
+    assert_eq!(defaults.rotation_strategy, RotationStrategy::RoundRobin);
+    assert_eq!(defaults.health_check_interval, 30.0);
+    assert_eq!(defaults.health_check, HealthCheckKind::Models);
+    assert_eq!(defaults.failure_threshold, 3);
+    assert_eq!(defaults.recovery_time, 60.0);
+    assert_eq!(defaults.fallback_config.max_instance_attempts, 2);
+
+    assert_eq!(
+        config.wrappers["fast_wrapper"],
+        WrapperConfig {
+            description: Some("seed 001 TaskGroupWrapper".to_owned()),
+            target: "fast_group.echelon1".to_owned(),
+            fallback_groups: vec![
+                "fast_group.echelon2".to_owned(),
+                "fast_group.echelon3".to_owned()
+            ],
+        }
+    );
+    let outer = &config.wrappers["outer_wrapper"];
+    assert_eq!(outer.target, "fast_wrapper", "a wrapper may wrap a wrapper");
+    assert_eq!(
+        outer.fallback_groups,
+        ["thinking_pool", "smollm-c", "thinking_group"]
+    );
+    assert_eq!(config.default_route.as_deref(), Some("fast_wrapper"));
+    // A task group may fall back to a pool or a wrapper.
+    assert_eq!(
+        config.task_groups["fast_group"]
+            .fallback_config
+            .as_ref()
+            .unwrap()
+            .fallback_groups,
+        ["fast_pool", "fast_wrapper"]
+    );
+}
+
+#[test]
+fn enum_names_round_trip() {
+    for name in RotationStrategy::NAMES {
+        assert_eq!(RotationStrategy::from_name(name).unwrap().as_str(), *name);
+    }
+    for name in HealthCheckKind::NAMES {
+        assert_eq!(HealthCheckKind::from_name(name).unwrap().as_str(), *name);
+    }
+    for name in PoolFallbackStrategy::NAMES {
+        assert_eq!(
+            PoolFallbackStrategy::from_name(name).unwrap().as_str(),
+            *name
+        );
+    }
+}
+
+#[test]
+fn seed_pool_files_load_from_a_directory() {
+    let config = Config::load_with_env(fixture("pool_dir"), &no_env).unwrap();
+    let pools: Vec<&str> = config.polling_pools.keys().map(String::as_str).collect();
+    assert_eq!(pools, ["fast_pool", "spare_pool", "thinking_pool"]);
+
+    // Seed 001's pool file, as it is.
+    let fast = &config.polling_pools["fast_pool"];
+    assert_eq!(fast.description.as_deref(), Some("快速响应任务专用轮询池"));
+    assert_eq!(fast.task_group, "fast_group");
+    assert_eq!(fast.rotation_strategy, RotationStrategy::RoundRobin);
+    assert_eq!(fast.health_check_interval, 30.0);
+    assert_eq!(fast.failure_threshold, 3);
+    assert_eq!(fast.recovery_time, 60.0);
+    assert_eq!(
+        fast.fallback_config,
+        PoolFallbackConfig {
+            strategy: PoolFallbackStrategy::InstanceRotation,
+            max_instance_attempts: 2
+        }
+    );
+    // Seed 002's variant: `fallback_strategy` and `max_instance_attempts` at the top.
+    let thinking = &config.polling_pools["thinking_pool"];
+    assert_eq!(thinking.task_group, "thinking_group");
+    assert_eq!(thinking.health_check_interval, 60.0);
+    assert_eq!(thinking.failure_threshold, 2);
+    assert_eq!(thinking.recovery_time, 120.0);
+    assert_eq!(
+        thinking.fallback_config.strategy,
+        PoolFallbackStrategy::InstanceRotation
+    );
+    assert_eq!(thinking.fallback_config.max_instance_attempts, 2);
+    // No `name:`: named by the file stem.
+    let spare = &config.polling_pools["spare_pool"];
+    assert_eq!(spare.task_group, "thinking_group");
+    assert_eq!(spare.rotation_strategy, RotationStrategy::LeastBusy);
+
+    assert_eq!(config.default_route.as_deref(), Some("fast_pool"));
+}
+
+#[test]
+fn a_pool_naming_two_task_groups_is_an_error_at_the_list() {
+    let errors = errors_of(Config::load_with_env(fixture("bad_pool_dir"), &no_env));
+    let empty = file("bad_pool_dir/polling_pools/empty_pool.yaml");
+    let mixed = file("bad_pool_dir/polling_pools/mixed_pool.yaml");
+    assert_eq!(
+        where_(&errors),
+        [
+            (empty.clone(), Some(3), Some(3), "task_groups".to_owned()),
+            (
+                empty.clone(),
+                Some(5),
+                Some(1),
+                "fallback_strategy".to_owned()
+            ),
+            (
+                empty.clone(),
+                Some(6),
+                Some(20),
+                "rotation_strategy".to_owned()
+            ),
+            (mixed.clone(), Some(3), Some(14), "task_groups".to_owned()),
+        ]
+    );
+    assert_eq!(
+        errors[3].to_string(),
+        format!(
+            "{mixed}:3:14: task_groups: a polling pool serves exactly one task group, found 2\n  \
+             hint: seed 002, task isolation: a pool rotates the models of one task only; make \
+             one pool per task group (e.g. `fast_pool` with `task_groups: [fast_group]`)"
+        )
+    );
+    assert_eq!(
+        errors[0].message,
+        "a polling pool serves exactly one task group, found 0"
+    );
+    assert_eq!(
+        errors[1].message,
+        "`fallback_strategy` and `fallback_config` both set the pool's fallback"
+    );
+    assert_eq!(
+        errors[2].hint.as_deref(),
+        Some("did you mean `round_robin`?")
+    );
+}
+
+#[test]
+fn pool_key_errors() {
+    let text = "\
+providers: { p: { base_url: \"http://h\" } }
+models: { m: { provider: p } }
+task_groups: { g: { echelon1: { models: [m] } } }
+polling_pools:
+  a: { task_group: g, task_groups: [g] }
+  b: { name: c, task_groups: [g], rotation_stratgy: weighted, health_check: ping }
+  d: { task_groups: [g], fallback_config: { strategy: echelon_down, max_instance_attempts: 0 } }
+  e: { task_groups: [g], rotation_strategy: weighted, weights: { m: 0 } }
+  f: { description: no group }
+";
+    let errors = errors_of(Config::from_str_with_env(text, "p.yaml", &no_env));
+    let got: Vec<(u64, u64, &str, &str)> = errors
+        .iter()
+        .map(|e| {
+            (
+                e.line.unwrap(),
+                e.column.unwrap(),
+                e.key_path.as_str(),
+                e.message.as_str(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        got,
+        [
+            (
+                5,
+                8,
+                "polling_pools.a.task_group",
+                "`task_group` and `task_groups` both name the pool's task group"
+            ),
+            (
+                6,
+                14,
+                "polling_pools.b.name",
+                "`name` is `c` but the pool is `b`"
+            ),
+            (
+                6,
+                35,
+                "polling_pools.b.rotation_stratgy",
+                "unknown key `rotation_stratgy`"
+            ),
+            (
+                6,
+                77,
+                "polling_pools.b.health_check",
+                "unknown health check `ping`"
+            ),
+            (
+                7,
+                55,
+                "polling_pools.d.fallback_config.strategy",
+                "unknown pool fallback strategy `echelon_down`"
+            ),
+            (
+                7,
+                92,
+                "polling_pools.d.fallback_config.max_instance_attempts",
+                "must be 1 or more, found 0"
+            ),
+            (
+                8,
+                69,
+                "polling_pools.e.weights.m",
+                "must be 1 or more, found 0"
+            ),
+            (
+                9,
+                6,
+                "polling_pools.f",
+                "missing required key `task_groups`"
+            ),
+        ]
+    );
+    assert_eq!(
+        errors[2].hint.as_deref(),
+        Some("did you mean `rotation_strategy`?")
+    );
+    assert_eq!(
+        errors[3].hint.as_deref(),
+        Some("defined values: `models`, `completion`")
+    );
+    assert_eq!(
+        errors[4].hint.as_deref(),
+        Some("defined values: `instance_rotation`, `simple_retry`")
+    );
+}
+
+#[test]
+fn names_clash_across_kinds_naming_both_places() {
+    let errors = errors_of(Config::load_with_env(fixture("clash_dir"), &no_env));
+    let a = file("clash_dir/a.yaml");
+    let b = file("clash_dir/b.yaml");
+    let got: Vec<(String, Option<u64>, Option<u64>, &str)> = errors
+        .iter()
+        .map(|e| (e.file.clone(), e.line, e.column, e.message.as_str()))
+        .collect();
+    assert_eq!(
+        got,
+        [
+            (
+                b.clone(),
+                Some(2),
+                Some(3),
+                "`fast` is both a polling pool and a model id"
+            ),
+            (
+                b.clone(),
+                Some(3),
+                Some(3),
+                "polling pool name `p.q` contains `.`"
+            ),
+            (
+                b.clone(),
+                Some(5),
+                Some(3),
+                "`g` is both a wrapper and a task group"
+            ),
+            (
+                b.clone(),
+                Some(6),
+                Some(3),
+                "`fast` is both a wrapper and a model id"
+            ),
+        ]
+    );
+    assert_eq!(
+        errors[0].hint.as_deref(),
+        Some(
+            format!(
+                "the model is defined at {a}:4:3 and the polling pool at {b}:2:3; rename one \
+                 so routes are unambiguous"
+            )
+            .as_str()
+        )
+    );
+    assert_eq!(
+        errors[2].hint.as_deref(),
+        Some(
+            format!(
+                "the task group is defined at {a}:7:3 and the wrapper at {b}:5:3; rename one \
+                 so routes are unambiguous"
+            )
+            .as_str()
+        )
+    );
+}
+
+#[test]
+fn wrapper_and_route_reference_errors() {
+    let errors = errors_of(Config::load_with_env(
+        fixture("wrapper_errors.yaml"),
+        &no_env,
+    ));
+    let got: Vec<(u64, u64, &str, &str)> = errors
+        .iter()
+        .map(|e| {
+            (
+                e.line.unwrap(),
+                e.column.unwrap(),
+                e.key_path.as_str(),
+                e.message.as_str(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        got,
+        [
+            (
+                8,
+                52,
+                "task_groups.g.fallback_config.fallback_groups[1]",
+                "`g_pool.echelon1`: `g_pool` is a polling pool, and only task groups have echelons"
+            ),
+            (
+                10,
+                28,
+                "polling_pools.g_pool.weights",
+                "`weights` only apply to `rotation_strategy: weighted`, but this pool uses \
+                 `round_robin`"
+            ),
+            (
+                10,
+                45,
+                "polling_pools.g_pool.weights.n",
+                "`n` is not a model of task group `g`, so it has no weight in pool `g_pool`"
+            ),
+            (
+                12,
+                25,
+                "wrappers.w_dangling.target",
+                "`g.echelon2`: task group `g` has no `echelon2` (it has echelon1)"
+            ),
+            (
+                12,
+                55,
+                "wrappers.w_dangling.fallback_groups[0]",
+                "`g_poll` is not a route (a model id, task group, `group.echelonN`, polling pool \
+                 or wrapper)"
+            ),
+            (
+                13,
+                16,
+                "wrappers.w_no_target",
+                "missing required key `target`"
+            ),
+            (
+                16,
+                23,
+                "wrappers.w_loop_c.target",
+                "wrapper cycle: w_loop_a → w_loop_b → w_loop_c → w_loop_a"
+            ),
+            (16, 33, "wrappers.w_loop_c.tagret", "unknown key `tagret`"),
+            (
+                17,
+                21,
+                "wrappers.w_self.target",
+                "wrapper cycle: w_self → w_self"
+            ),
+            (
+                18,
+                16,
+                "default_route",
+                "`nowhere` is not a route (a model id, task group, `group.echelonN`, polling \
+                 pool or wrapper)"
+            ),
+        ]
+    );
+    let hints: Vec<Option<&str>> = errors.iter().map(|e| e.hint.as_deref()).collect();
+    assert_eq!(hints[0], Some("name `g_pool` itself"));
+    assert_eq!(hints[2], Some("did you mean `m`?"));
+    assert_eq!(
+        hints[3],
+        Some("name one of `g.echelon1`, or the whole group `g`")
+    );
+    assert_eq!(hints[4], Some("did you mean `g_pool`?"));
+    assert_eq!(hints[7], Some("did you mean `target`?"));
+    assert!(
+        hints[9]
+            .unwrap()
+            .starts_with("defined routes: `g`, `g_pool`, `m`, `w_dangling`"),
+        "{:?}",
+        hints[9]
+    );
+}
+
+#[test]
+fn default_route_and_pools_defined_twice_name_both_files() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(
+        dir.path().join("a.yaml"),
+        "providers: { p: { base_url: \"http://h\" } }\nmodels: { m: { provider: p } }\n\
+         task_groups: { g: { echelon1: { models: [m] } } }\ndefault_route: g\n",
+    )
+    .unwrap();
+    std::fs::write(
+        dir.path().join("b.yaml"),
+        "default_route: m\npolling_pools: { g_pool: { task_group: g } }\n",
+    )
+    .unwrap();
+    std::fs::write(dir.path().join("g_pool.yaml"), "task_groups: [g]\n").unwrap();
+    let errors = errors_of(Config::load_with_env(dir.path(), &no_env));
+    let a = dir.path().join("a.yaml").display().to_string();
+    let b = dir.path().join("b.yaml").display().to_string();
+    let got: Vec<(String, Option<u64>, &str)> = errors
+        .iter()
+        .map(|e| (e.file.clone(), e.line, e.message.as_str()))
+        .collect();
+    assert_eq!(
+        got,
+        [
+            (
+                b.clone(),
+                Some(1),
+                format!("setting `default_route` is already defined at {a}:4:1").as_str()
+            ),
+            (
+                dir.path().join("g_pool.yaml").display().to_string(),
+                None,
+                format!("polling pool `g_pool` is already defined at {b}:2:18").as_str()
+            ),
+        ]
+    );
+}
+
+#[test]
+fn global_fallback_file_is_refused_with_a_migrate_hint() {
+    let errors = errors_of(Config::load_with_env(fixture("migrate_dir"), &no_env));
+    assert_eq!(
+        where_(&errors),
+        [(
+            file("migrate_dir/global_fallback.yaml"),
+            Some(2),
+            Some(1),
+            String::new()
+        )]
+    );
+    assert_eq!(
+        errors[0].hint.as_deref(),
+        Some(
+            format!(
+                "run `echelon config migrate {}` to turn it into per-group `fallback_config` \
+                 sections",
+                file("migrate_dir")
+            )
+            .as_str()
+        )
+    );
+    // Recognised by its keys under any name, too.
+    let errors = errors_of(Config::from_str_with_env(
+        "fallback_groups: [a]\nmax_attempts: 2\n",
+        "legacy.yaml",
+        &no_env,
+    ));
+    assert!(
+        errors
+            .iter()
+            .any(|e| e.message.starts_with("this is a global fallback file")),
+        "{errors:?}"
+    );
+}
+
+// ---------------------------------------------------------------------------
+// migration
+
+/// Every file under `dir` with its contents, sorted by path.
+fn snapshot(dir: &std::path::Path) -> Vec<(String, String)> {
+    fn walk(root: &std::path::Path, dir: &std::path::Path, out: &mut Vec<(String, String)>) {
+        for entry in std::fs::read_dir(dir).unwrap() {
+            let path = entry.unwrap().path();
+            if path.is_dir() {
+                walk(root, &path, out);
+            } else {
+                let rel = path.strip_prefix(root).unwrap().display().to_string();
+                out.push((rel, std::fs::read_to_string(&path).unwrap()));
+            }
+        }
+    }
+    let mut out = Vec::new();
+    walk(dir, dir, &mut out);
+    out.sort();
+    out
+}
+
+const MIGRATE_CHANGES: &[&str] = &[
+    "groups/fast_group.yaml: added fallback_config (strategy echelon_down, max_attempts 3) from \
+     global_fallback.yaml",
+    "groups/json_group.json: added fallback_config (strategy echelon_down, max_attempts 3) from \
+     global_fallback.yaml",
+    "groups/thinking_group.yml: kept its own fallback_config (the `groups.thinking_group` entry \
+     of global_fallback.yaml is not used)",
+    "llms.yaml: task_groups.backup_group: added fallback_config (strategy provider_failover, \
+     max_attempts 2) from global_fallback.yaml and its `groups.backup_group` entry; \
+     `backup_group` left out of its own fallback_groups",
+    "llms.yaml: task_groups.coding_group: added fallback_config (strategy echelon_down, \
+     max_attempts 3) from global_fallback.yaml",
+    "global_fallback.yaml: renamed to global_fallback.yaml.migrated, so it is no longer loaded",
+];
+
+#[test]
+fn migrate_moves_the_global_fallback_into_each_group() {
+    let dir = fixture_copy("migrate_dir");
+    let root = dir.path();
+    let before = snapshot(root);
+    let report = migrate_with_env(root, &MigrateOptions::default(), &no_env).unwrap();
+
+    assert_eq!(report.changes, MIGRATE_CHANGES);
+    let written: Vec<PathBuf> = [
+        "groups/fast_group.yaml",
+        "groups/json_group.json",
+        "llms.yaml",
+    ]
+    .iter()
+    .map(|f| root.join(f))
+    .collect();
+    assert_eq!(report.written, written);
+    let backups: Vec<PathBuf> = written
+        .iter()
+        .map(|f| PathBuf::from(format!("{}.bak", f.display())))
+        .collect();
+    assert_eq!(report.backups, backups);
+    assert_eq!(
+        report.removed_global,
+        Some(root.join("global_fallback.yaml.migrated"))
+    );
+
+    // Each backup holds the file as it was; the global file is moved, not changed.
+    let original = |rel: &str| {
+        before
+            .iter()
+            .find(|(f, _)| f == rel)
+            .map(|(_, t)| t.clone())
+            .unwrap()
+    };
+    for rel in [
+        "groups/fast_group.yaml",
+        "groups/json_group.json",
+        "llms.yaml",
+    ] {
+        let backup = std::fs::read_to_string(root.join(format!("{rel}.bak"))).unwrap();
+        assert_eq!(backup, original(rel), "{rel}.bak");
+    }
+    assert!(!root.join("global_fallback.yaml").exists());
+    assert_eq!(
+        std::fs::read_to_string(root.join("global_fallback.yaml.migrated")).unwrap(),
+        original("global_fallback.yaml")
+    );
+    // Untouched files are untouched.
+    for rel in ["groups/thinking_group.yml", "polling_pools/fast_pool.yaml"] {
+        assert_eq!(
+            std::fs::read_to_string(root.join(rel)).unwrap(),
+            original(rel)
+        );
+    }
+
+    // A seed group file: the block appended, everything before it (comments too) kept.
+    let fast = std::fs::read_to_string(root.join("groups/fast_group.yaml")).unwrap();
+    assert_eq!(
+        fast,
+        format!(
+            "{}\n# fallback_config from global_fallback.yaml (echelon config migrate)\n\
+             fallback_config:\n  strategy: echelon_down\n  fallback_groups: [backup_group]\n  \
+             max_attempts: 3\n  retry_delay: 1.0\n  circuit_breaker:\n    failure_threshold: 5\n    \
+             recovery_time: 60\n    half_open_requests: 1\n",
+            original("groups/fast_group.yaml")
+        )
+    );
+    // Groups under `task_groups:`: inserted under the group, comments kept in place.
+    let llms = std::fs::read_to_string(root.join("llms.yaml")).unwrap();
+    assert!(
+        llms.contains(
+            "      models: [anthropic-claude-3-opus]\n    \
+             # fallback_config from global_fallback.yaml (echelon config migrate)\n    \
+             fallback_config:\n      strategy: provider_failover\n      fallback_groups: []\n"
+        ),
+        "{llms}"
+    );
+    assert!(llms.contains("      models: [openai-gpt4o-mini]   # cheap\n"));
+    assert!(llms.contains(
+        "  coding_group: { echelon1: { models: [openai-gpt4] }, fallback_config: { strategy: \
+         echelon_down, fallback_groups: [backup_group], max_attempts: 3, retry_delay: 1.0, \
+         circuit_breaker: { failure_threshold: 5, recovery_time: 60, half_open_requests: 1 } } }\n"
+    ));
+    assert!(
+        llms.ends_with("\n# trailing comment stays last\n"),
+        "{llms}"
+    );
+
+    // The result loads, with the expected fallback of each group.
+    let config = Config::load_with_env(root, &no_env).unwrap();
+    let fallback = |g: &str| config.task_groups[g].fallback_config.clone().unwrap();
+    let global = FallbackConfig {
+        strategy: FallbackStrategy::EchelonDown,
+        fallback_groups: vec!["backup_group".to_owned()],
+        max_attempts: Some(3),
+        retry_delay: Some(1.0),
+        circuit_breaker: Some(CircuitBreakerConfig {
+            failure_threshold: 5,
+            recovery_time: 60.0,
+            half_open_requests: 1,
+            ..CircuitBreakerConfig::default()
+        }),
+    };
+    for g in ["fast_group", "coding_group", "json_group"] {
+        let f = fallback(g);
+        assert_eq!(
+            (
+                f.strategy,
+                &f.fallback_groups,
+                f.max_attempts,
+                f.retry_delay,
+                &f.circuit_breaker
+            ),
+            (
+                global.strategy,
+                &global.fallback_groups,
+                global.max_attempts,
+                global.retry_delay,
+                &global.circuit_breaker
+            ),
+            "{g}"
+        );
+    }
+    // The override: key by key, the breaker too; never itself as a fallback.
+    let backup = fallback("backup_group");
+    assert_eq!(backup.strategy, FallbackStrategy::ProviderFailover);
+    assert!(backup.fallback_groups.is_empty());
+    assert_eq!(backup.max_attempts, Some(2));
+    assert_eq!(backup.retry_delay, Some(1.0));
+    let breaker = backup.circuit_breaker.unwrap();
+    assert_eq!(
+        (
+            breaker.failure_threshold,
+            breaker.recovery_time,
+            breaker.half_open_requests
+        ),
+        (5, 30.0, 1)
+    );
+    // Kept its own.
+    let thinking = fallback("thinking_group");
+    assert_eq!(thinking.strategy, FallbackStrategy::TaskGroupSwitch);
+    assert_eq!(thinking.fallback_groups, ["fast_group"]);
+    assert_eq!(thinking.max_attempts, Some(4));
+    assert_eq!(config.polling_pools["fast_pool"].task_group, "fast_group");
+
+    // Idempotent: the second run finds nothing to migrate and changes nothing.
+    let after = snapshot(root);
+    let again = migrate_with_env(root, &MigrateOptions::default(), &no_env).unwrap();
+    assert!(again.is_empty());
+    assert_eq!(again, MigrationReport::default());
+    assert_eq!(snapshot(root), after);
+}
+
+#[test]
+fn migrate_without_backup() {
+    let dir = fixture_copy("migrate_dir");
+    let options = MigrateOptions {
+        backup: false,
+        ..MigrateOptions::default()
+    };
+    let report = migrate_with_env(dir.path(), &options, &no_env).unwrap();
+    assert_eq!(report.changes, MIGRATE_CHANGES);
+    assert_eq!(report.written.len(), 3);
+    assert!(report.backups.is_empty());
+    let files: Vec<String> = snapshot(dir.path()).into_iter().map(|(f, _)| f).collect();
+    assert!(
+        files.iter().all(|f| !f.contains(".bak")),
+        "no backups: {files:?}"
+    );
+    Config::load_with_env(dir.path(), &no_env).unwrap();
+}
+
+#[test]
+fn migrate_validate_only_writes_nothing() {
+    let dir = fixture_copy("migrate_dir");
+    let before = snapshot(dir.path());
+    let options = MigrateOptions {
+        validate_only: true,
+        ..MigrateOptions::default()
+    };
+    let report = migrate_with_env(dir.path(), &options, &no_env).unwrap();
+    assert_eq!(report.changes, MIGRATE_CHANGES);
+    assert!(report.written.is_empty());
+    assert!(report.backups.is_empty());
+    assert_eq!(report.removed_global, None);
+    assert_eq!(snapshot(dir.path()), before);
+
+    // Verbose: every value, and the backups as change lines.
+    let options = MigrateOptions {
+        verbose: true,
+        ..MigrateOptions::default()
+    };
+    let report = migrate_with_env(dir.path(), &options, &no_env).unwrap();
+    assert_eq!(
+        report.changes[0],
+        "groups/fast_group.yaml: added fallback_config (strategy echelon_down, fallback_groups \
+         [backup_group], max_attempts 3, retry_delay 1.0, circuit_breaker { failure_threshold: \
+         5, recovery_time: 60, half_open_requests: 1 }) from global_fallback.yaml"
+    );
+    assert!(
+        report
+            .changes
+            .contains(&"llms.yaml: backed up to llms.yaml.bak".to_owned()),
+        "{:?}",
+        report.changes
+    );
+}
+
+#[test]
+fn migrate_fails_and_writes_nothing_when_the_result_would_not_validate() {
+    let dir = fixture_copy("migrate_dir");
+    let global = dir.path().join("global_fallback.yaml");
+    std::fs::write(
+        &global,
+        "strategy: echelon_dwn\nfallback_groups: [backup_grup]\nmax_atempts: 3\n\
+         groups:\n  nope_group: { max_attempts: 2 }\n",
+    )
+    .unwrap();
+    let before = snapshot(dir.path());
+    for validate_only in [true, false] {
+        let options = MigrateOptions {
+            validate_only,
+            ..MigrateOptions::default()
+        };
+        let error = migrate_with_env(dir.path(), &options, &no_env).unwrap_err();
+        let errors = error.config_errors().unwrap().errors();
+        let g = global.display().to_string();
+        let got: Vec<(String, Option<u64>, Option<u64>, &str)> = errors
+            .iter()
+            .map(|e| (e.file.clone(), e.line, e.column, e.message.as_str()))
+            .collect();
+        assert_eq!(
+            got,
+            [
+                (
+                    g.clone(),
+                    Some(1),
+                    Some(11),
+                    "unknown fallback strategy `echelon_dwn`"
+                ),
+                (
+                    g.clone(),
+                    Some(2),
+                    Some(19),
+                    "`backup_grup` is not a route (a model id, task group, `group.echelonN`, \
+                     polling pool or wrapper)"
+                ),
+                (g.clone(), Some(3), Some(1), "unknown key `max_atempts`"),
+                (
+                    g.clone(),
+                    Some(5),
+                    Some(3),
+                    "task group `nope_group` is not defined"
+                ),
+            ]
+        );
+        assert_eq!(snapshot(dir.path()), before, "nothing written");
+    }
+
+    // A configuration that is already broken is reported as it is.
+    let dir = fixture_copy("migrate_dir");
+    let fast = dir.path().join("groups/fast_group.yaml");
+    let text = std::fs::read_to_string(&fast)
+        .unwrap()
+        .replace("concurrency_limit", "concurency_limit");
+    std::fs::write(&fast, text).unwrap();
+    let error = migrate_with_env(dir.path(), &MigrateOptions::default(), &no_env).unwrap_err();
+    let errors = error.config_errors().unwrap().errors();
+    assert_eq!(
+        where_(errors),
+        [(
+            fast.display().to_string(),
+            Some(7),
+            Some(3),
+            "echelon1.concurency_limit".to_owned()
+        )]
+    );
+    assert!(!dir.path().join("groups/fast_group.yaml.bak").exists());
+}
+
+#[test]
+fn migrate_finds_the_global_file_anywhere_by_its_keys() {
+    let dir = fixture_copy("migrate_dir");
+    std::fs::create_dir(dir.path().join("legacy")).unwrap();
+    std::fs::rename(
+        dir.path().join("global_fallback.yaml"),
+        dir.path().join("legacy/fallback.yml"),
+    )
+    .unwrap();
+    let report = migrate_with_env(dir.path(), &MigrateOptions::default(), &no_env).unwrap();
+    assert_eq!(
+        report.changes.last().map(String::as_str),
+        Some(
+            "legacy/fallback.yml: renamed to legacy/fallback.yml.migrated, so it is no longer loaded"
+        )
+    );
+    assert!(report.changes[0].ends_with("from legacy/fallback.yml"));
+    assert!(dir.path().join("legacy/fallback.yml.migrated").exists());
+    Config::load_with_env(dir.path(), &no_env).unwrap();
+}
+
+#[test]
+fn migrate_refuses_an_empty_fallback_config_and_a_file_path() {
+    let dir = fixture_copy("migrate_dir");
+    let fast = dir.path().join("groups/fast_group.yaml");
+    let mut text = std::fs::read_to_string(&fast).unwrap();
+    text.push_str("fallback_config:\n");
+    std::fs::write(&fast, text).unwrap();
+    let error = migrate_with_env(dir.path(), &MigrateOptions::default(), &no_env).unwrap_err();
+    let errors = error.config_errors().unwrap().errors();
+    assert_eq!(
+        where_(errors),
+        [(
+            fast.display().to_string(),
+            Some(12),
+            Some(1),
+            "fallback_config".to_owned()
+        )]
+    );
+    assert!(!dir.path().join("groups/fast_group.yaml.bak").exists());
+
+    let error = migrate_with_env(&fast, &MigrateOptions::default(), &no_env).unwrap_err();
+    assert!(matches!(error, MigrateError::NotADirectory(_)), "{error}");
+}
+
+#[test]
+fn examples_still_validate() {
+    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../examples");
+    // The examples read their keys from the environment (scripts/demo.sh sets them).
+    let env = |name: &str| name.ends_with("_KEY").then(|| "example-key".to_owned());
+    let mut seen = 0;
+    for entry in std::fs::read_dir(&dir).unwrap() {
+        let path = entry.unwrap().path();
+        if path.extension().is_some_and(|e| e == "yaml" || e == "yml") {
+            if let Err(errors) = Config::load_with_env(&path, &env) {
+                panic!("{}:\n{errors}", path.display());
+            }
+            seen += 1;
+        }
+    }
+    assert!(seen > 0, "no examples found in {}", dir.display());
 }

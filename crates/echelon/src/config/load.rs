@@ -1,21 +1,37 @@
 //! Loading: files and directories, recognising each file's shape, merging the
 //! pieces, resolving API keys, and checking every reference.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
 use secrecy::SecretString;
 
+use super::check;
 use super::env::EnvLookup;
-use super::error::{ConfigError, ConfigErrors, closest, reference_hint};
-use super::model::{Config, ModelConfig, ProviderConfig, ServerConfig, TaskGroupConfig};
+use super::error::{ConfigError, ConfigErrors, closest};
+use super::model::{
+    Config, ModelConfig, PollingPoolConfig, ProviderConfig, ServerConfig, TaskGroupConfig,
+    WrapperConfig,
+};
 use super::node::{Entry, Format, Kind, Node, Pos, join, parse};
+use super::pool::{self, PoolRefs, WrapperRefs};
 use super::read::{Ctx, located, map};
 use super::sections::{self, GroupRefs, Ref, echelon_number};
 use super::seed_provider;
 
 /// The top-level sections of the native format.
-pub(crate) const SECTION_KEYS: &[&str] = &["server", "providers", "models", "task_groups"];
+pub(crate) const SECTION_KEYS: &[&str] = &[
+    "server",
+    "providers",
+    "models",
+    "task_groups",
+    "polling_pools",
+    "wrappers",
+    "default_route",
+];
+
+/// The stem of a global fallback file (`global_fallback.yaml`, seed 002).
+pub(crate) const GLOBAL_FALLBACK_STEM: &str = "global_fallback";
 
 /// Something defined in one file, with where.
 pub(crate) struct Item<T, R> {
@@ -40,34 +56,53 @@ pub(crate) struct Fragment {
     pub(crate) providers: Vec<Item<ProviderConfig, ()>>,
     pub(crate) models: Vec<Item<ModelConfig, Option<Ref>>>,
     pub(crate) groups: Vec<Item<TaskGroupConfig, GroupRefs>>,
+    pub(crate) pools: Vec<Item<PollingPoolConfig, PoolRefs>>,
+    pub(crate) wrappers: Vec<Item<WrapperConfig, WrapperRefs>>,
+    pub(crate) default_route: Option<Item<String, Ref>>,
 }
 
 /// The shape of a file's top level.
 #[derive(Debug, PartialEq, Eq)]
-enum Shape {
-    /// `server`, `providers`, `models`, `task_groups` (also the fallback shape, so
-    /// unknown keys are reported against these).
+pub(crate) enum Shape {
+    /// `server`, `providers`, `models`, `task_groups`, `polling_pools`, `wrappers`,
+    /// `default_route` (also the fallback shape, so unknown keys are reported against
+    /// these).
     Native,
     /// A seed task group file: `name` and/or `echelon<N>` keys, `fallback_config`, ….
     Group,
-    /// A seed polling pool file (`rotation_strategy`, `task_groups: [..]`).
+    /// A seed polling pool file (`rotation_strategy`, `task_groups: [..]`, …).
     Pool,
+    /// A seed global fallback file (`strategy`, `fallback_groups`, … at the top, or
+    /// named `global_fallback.*`): not loaded, `echelon config migrate` turns it into
+    /// per-group `fallback_config` sections.
+    GlobalFallback,
     /// A seed `provider.json`: provider → model → settings.
     SeedProvider,
 }
 
-fn shape(entries: &[Entry]) -> Shape {
+/// The shape of a file whose top-level entries are `entries` and whose name without
+/// extension is `stem`.
+pub(crate) fn shape(entries: &[Entry], stem: &str) -> Shape {
     let has = |k: &str| entries.iter().any(|e| e.key == k);
-    let pool_groups = entries
+    let echelons = entries.iter().any(|e| echelon_number(&e.key).is_some());
+    let native = SECTION_KEYS
         .iter()
-        .any(|e| e.key == "task_groups" && matches!(e.value.kind, Kind::Seq(_)));
-    if has("rotation_strategy") || pool_groups {
+        .filter(|k| **k != "task_groups")
+        .any(|k| has(k))
+        || entries
+            .iter()
+            .any(|e| e.key == "task_groups" && matches!(e.value.kind, Kind::Map(_)));
+    if !native && pool::is_pool_file(entries) {
         return Shape::Pool;
     }
-    if SECTION_KEYS.iter().any(|k| has(k)) {
+    if native || has("task_groups") {
         return Shape::Native;
     }
-    if has("name") || entries.iter().any(|e| echelon_number(&e.key).is_some()) {
+    let global_keys = has("strategy") || has("fallback_groups");
+    if stem == GLOBAL_FALLBACK_STEM || (global_keys && !echelons && !has("name")) {
+        return Shape::GlobalFallback;
+    }
+    if has("name") || echelons {
         return Shape::Group;
     }
     let map_of_maps = |node: &Node| {
@@ -92,6 +127,9 @@ pub(crate) struct Loaded {
     /// Whether a file could not be parsed at all (then references are not checked:
     /// they could point into that file).
     pub(crate) incomplete: bool,
+    /// The configuration directory, named in the hint to migrate a global fallback
+    /// file.
+    pub(crate) root: Option<String>,
 }
 
 /// Reads one configuration text. `stem` names a group file that has no `name:`.
@@ -118,19 +156,13 @@ pub(crate) fn read_text(
         loaded.incomplete = true;
         return;
     };
-    match shape(view.entries) {
+    match shape(view.entries, stem) {
         Shape::Native => {
             view.check_keys(&mut ctx, SECTION_KEYS);
             native(&mut ctx, &view, &mut fragment);
         }
         Shape::Group => {
-            let name = view
-                .get("name")
-                .and_then(|e| match &e.value.kind {
-                    Kind::Str { value, .. } => Some((value.clone(), e.value.pos)),
-                    _ => None,
-                })
-                .unwrap_or_else(|| (stem.to_owned(), Pos::default()));
+            let name = pool::seed_name(&view, stem);
             let (value, refs) = sections::task_group(&mut ctx, &view, &name.0, name.1, false);
             fragment.groups.push(Item {
                 id: name.0,
@@ -142,15 +174,32 @@ pub(crate) fn read_text(
             });
         }
         Shape::Pool => {
+            let (name, pos) = pool::seed_name(&view, stem);
+            let (value, refs) = pool::polling_pool(&mut ctx, &view, &name, false);
+            fragment.pools.push(Item {
+                id: name,
+                file: file.to_owned(),
+                pos,
+                path: String::new(),
+                value,
+                refs,
+            });
+        }
+        Shape::GlobalFallback => {
+            let pos = ["strategy", "fallback_groups"]
+                .into_iter()
+                .find_map(|k| view.get(k))
+                .map_or(Pos::default(), |e| e.key_pos);
+            let root = loaded.root.as_deref().unwrap_or("<config dir>");
             ctx.error(
-                Pos::default(),
+                pos,
                 "",
-                "polling pool files are not supported yet",
-                Some(
-                    "move the file out of the configuration directory; a task group can be \
-                     routed to directly"
-                        .to_owned(),
-                ),
+                "this is a global fallback file (seed 002), which is no longer read: each \
+                 task group has its own `fallback_config`",
+                Some(format!(
+                    "run `echelon config migrate {root}` to turn it into per-group \
+                     `fallback_config` sections"
+                )),
             );
         }
         Shape::SeedProvider => seed_provider::read(&mut ctx, &view, &mut fragment),
@@ -223,6 +272,53 @@ fn native(ctx: &mut Ctx, view: &super::read::MapView<'_>, fragment: &mut Fragmen
             });
         }
     }
+    if let Some(pools) = view
+        .value("polling_pools")
+        .and_then(|n| map(ctx, n, "polling_pools"))
+    {
+        for entry in pools.entries {
+            let path = join("polling_pools", &entry.key);
+            let Some(pool_view) = map(ctx, &entry.value, &path) else {
+                continue;
+            };
+            let (value, refs) = pool::polling_pool(ctx, &pool_view, &entry.key, true);
+            fragment.pools.push(Item {
+                id: entry.key.clone(),
+                file: file.clone(),
+                pos: entry.key_pos,
+                path,
+                value,
+                refs,
+            });
+        }
+    }
+    if let Some(wrappers) = view.value("wrappers").and_then(|n| map(ctx, n, "wrappers")) {
+        for entry in wrappers.entries {
+            let path = join("wrappers", &entry.key);
+            let Some(wrapper_view) = map(ctx, &entry.value, &path) else {
+                continue;
+            };
+            let (value, refs) = pool::wrapper(ctx, &wrapper_view);
+            fragment.wrappers.push(Item {
+                id: entry.key.clone(),
+                file: file.clone(),
+                pos: entry.key_pos,
+                path,
+                value,
+                refs,
+            });
+        }
+    }
+    if let Some(route) = view.string_at(ctx, "default_route") {
+        fragment.default_route = Some(Item {
+            id: "default_route".to_owned(),
+            file: file.clone(),
+            pos: view.get("default_route").map_or(route.pos, |e| e.key_pos),
+            path: "default_route".to_owned(),
+            value: route.value.clone(),
+            refs: route,
+        });
+    }
 }
 
 // ---------------------------------------------------------------------------
@@ -277,7 +373,20 @@ fn collect(dir: &Path, depth: usize, files: &mut Vec<PathBuf>, errors: &mut Vec<
     }
 }
 
-fn file_error(path: &Path, message: String) -> ConfigError {
+/// Every configuration file under `dir` (recursively, sorted by path, hidden names
+/// skipped), or the problems met while listing them.
+pub(crate) fn config_files(dir: &Path) -> Result<Vec<PathBuf>, Vec<ConfigError>> {
+    let mut files = Vec::new();
+    let mut errors = Vec::new();
+    collect(dir, 0, &mut files, &mut errors);
+    if !errors.is_empty() {
+        return Err(errors);
+    }
+    files.sort();
+    Ok(files)
+}
+
+pub(crate) fn file_error(path: &Path, message: String) -> ConfigError {
     located(
         &path.display().to_string(),
         Pos::default(),
@@ -312,7 +421,17 @@ pub(crate) fn load_path(path: &Path, env: EnvLookup<'_>) -> Result<Config, Confi
     let origin = path.display().to_string();
     let meta = std::fs::metadata(path)
         .map_err(|e| ConfigErrors::from(file_error(path, format!("cannot read: {e}"))))?;
-    let mut loaded = Loaded::default();
+    let mut loaded = Loaded {
+        root: Some(if meta.is_dir() {
+            origin.clone()
+        } else {
+            match path.parent().map(Path::as_os_str) {
+                Some(p) if !p.is_empty() => p.to_string_lossy().into_owned(),
+                _ => ".".to_owned(),
+            }
+        }),
+        ..Loaded::default()
+    };
     if meta.is_dir() {
         let mut files = Vec::new();
         collect(path, 0, &mut files, &mut loaded.errors);
@@ -336,6 +455,23 @@ pub(crate) fn load_path(path: &Path, env: EnvLookup<'_>) -> Result<Config, Confi
     assemble(loaded, &origin, env)
 }
 
+/// Loads in-memory texts as if they were the files of a directory `origin`: each is
+/// `(file name shown in errors, stem, text)`, read in the order given.
+pub(crate) fn load_texts(
+    files: &[(String, String, String)],
+    origin: &str,
+    env: EnvLookup<'_>,
+) -> Result<Config, ConfigErrors> {
+    let mut loaded = Loaded {
+        root: Some(origin.to_owned()),
+        ..Loaded::default()
+    };
+    for (file, stem, text) in files {
+        read_text(&mut loaded, text, file, stem, env);
+    }
+    assemble(loaded, origin, env)
+}
+
 /// Loads one in-memory text named `origin`.
 pub(crate) fn load_text(
     text: &str,
@@ -354,7 +490,8 @@ pub(crate) fn load_text(
 // ---------------------------------------------------------------------------
 // merging and checking
 
-fn at(file: &str, pos: Pos) -> String {
+/// `file:line:col` (or less, when unknown).
+pub(crate) fn at(file: &str, pos: Pos) -> String {
     match (pos.line, pos.column) {
         (0, _) => file.to_owned(),
         (l, 0) => format!("{file}:{l}"),
@@ -428,7 +565,8 @@ pub(crate) fn keys_from_env(provider_id: &str, env: EnvLookup<'_>) -> Option<Vec
     (!keys.is_empty()).then_some(keys)
 }
 
-fn sort_errors(errors: &mut [ConfigError]) {
+/// Sorts errors by file, line and column.
+pub(crate) fn sort_errors(errors: &mut [ConfigError]) {
     errors.sort_by(|a, b| {
         (&a.file, a.line.unwrap_or(0), a.column.unwrap_or(0)).cmp(&(
             &b.file,
@@ -448,18 +586,24 @@ pub(crate) fn assemble(
         fragments,
         mut errors,
         incomplete,
+        root: _,
     } = loaded;
 
     let mut servers = Vec::new();
     let mut providers = Vec::new();
     let mut models = Vec::new();
     let mut groups = Vec::new();
+    let mut pools = Vec::new();
+    let mut wrappers = Vec::new();
+    let mut default_routes = Vec::new();
     let (mut seen_server, mut seen_providers, mut seen_models, mut seen_groups) = (
         HashMap::new(),
         HashMap::new(),
         HashMap::new(),
         HashMap::new(),
     );
+    let (mut seen_pools, mut seen_wrappers, mut seen_default) =
+        (HashMap::new(), HashMap::new(), HashMap::new());
     for fragment in fragments {
         merge(
             "section",
@@ -487,6 +631,27 @@ pub(crate) fn assemble(
             fragment.groups,
             &mut seen_groups,
             &mut groups,
+            &mut errors,
+        );
+        merge(
+            "polling pool",
+            fragment.pools,
+            &mut seen_pools,
+            &mut pools,
+            &mut errors,
+        );
+        merge(
+            "wrapper",
+            fragment.wrappers,
+            &mut seen_wrappers,
+            &mut wrappers,
+            &mut errors,
+        );
+        merge(
+            "setting",
+            fragment.default_route.into_iter().collect(),
+            &mut seen_default,
+            &mut default_routes,
             &mut errors,
         );
     }
@@ -518,9 +683,25 @@ pub(crate) fn assemble(
             .task_groups
             .insert(item.id.clone(), item.value.clone());
     }
+    for item in &pools {
+        config
+            .polling_pools
+            .insert(item.id.clone(), item.value.clone());
+    }
+    for item in &wrappers {
+        config.wrappers.insert(item.id.clone(), item.value.clone());
+    }
+    config.default_route = default_routes.first().map(|d| d.value.clone());
 
     if !incomplete {
-        check_references(&config, &models, &groups, &mut errors);
+        let defined = check::Defined {
+            models: &models,
+            groups: &groups,
+            pools: &pools,
+            wrappers: &wrappers,
+            default_route: default_routes.first(),
+        };
+        check::check_references(&config, &defined, &mut errors);
         if config.models.is_empty() {
             errors.push(located(
                 origin,
@@ -542,112 +723,6 @@ pub(crate) fn assemble(
         sort_errors(&mut errors);
         Err(ConfigErrors(errors))
     }
-}
-
-fn check_references(
-    config: &Config,
-    models: &[Item<ModelConfig, Option<Ref>>],
-    groups: &[Item<TaskGroupConfig, GroupRefs>],
-    errors: &mut Vec<ConfigError>,
-) {
-    let provider_ids = || config.providers.keys().map(String::as_str);
-    let model_ids = || config.models.keys().map(String::as_str);
-    let group_names = || config.task_groups.keys().map(String::as_str);
-
-    for item in models {
-        if let Some(r) = &item.refs
-            && !config.providers.contains_key(&r.value)
-        {
-            errors.push(located(
-                &item.file,
-                r.pos,
-                &r.path,
-                format!(
-                    "model `{}` names provider `{}`, which is not defined",
-                    item.id, r.value
-                ),
-                Some(reference_hint(&r.value, "providers", provider_ids())),
-            ));
-        }
-    }
-
-    let model_at: BTreeMap<&str, &Item<ModelConfig, Option<Ref>>> =
-        models.iter().map(|m| (m.id.as_str(), m)).collect();
-    for item in groups {
-        if item.id.contains('.') {
-            errors.push(located(
-                &item.file,
-                item.pos,
-                &item.path,
-                format!("task group name `{}` contains `.`", item.id),
-                Some(
-                    "routes use `.` to name an echelon (`group.echelon2`); rename the group"
-                        .to_owned(),
-                ),
-            ));
-        }
-        if let Some(model) = model_at.get(item.id.as_str()) {
-            errors.push(located(
-                &item.file,
-                item.pos,
-                &item.path,
-                format!("`{}` is both a task group and a model id", item.id),
-                Some(format!(
-                    "the model is defined at {}; rename one so routes are unambiguous",
-                    at(&model.file, model.pos)
-                )),
-            ));
-        }
-        for r in &item.refs.models {
-            if !config.models.contains_key(&r.value) {
-                errors.push(located(
-                    &item.file,
-                    r.pos,
-                    &r.path,
-                    format!("model `{}` is not defined", r.value),
-                    Some(reference_hint(&r.value, "models", model_ids())),
-                ));
-            }
-        }
-        for r in &item.refs.fallback_groups {
-            if let Some(problem) = route_problem(config, &r.value) {
-                errors.push(located(
-                    &item.file,
-                    r.pos,
-                    &r.path,
-                    problem,
-                    Some(reference_hint(
-                        r.value.split('.').next().unwrap_or_default(),
-                        "task groups",
-                        group_names(),
-                    )),
-                ));
-            }
-        }
-    }
-}
-
-/// Why a `fallback_groups` entry does not name a task group, a `group.echelonN` or a
-/// model; `None` when it does.
-fn route_problem(config: &Config, route: &str) -> Option<String> {
-    if config.task_groups.contains_key(route) || config.models.contains_key(route) {
-        return None;
-    }
-    if let Some((group, echelon)) = route.split_once('.')
-        && let Some(g) = config.task_groups.get(group)
-    {
-        if g.echelons.iter().any(|e| e.name == echelon) {
-            return None;
-        }
-        let names: Vec<&str> = g.echelons.iter().map(|e| e.name.as_str()).collect();
-        return Some(format!(
-            "`{route}`: task group `{group}` has no `{echelon}` (it has {})",
-            names.join(", ")
-        ));
-    }
-    Some(format!(
-        "`{route}` is not a task group, `group.echelonN` or model"
-    ))
 }
 
 #[cfg(test)]
@@ -722,7 +797,7 @@ models:
         let shape_of = |text: &str| {
             let (node, _) = parse(text, "s.yaml", Format::Yaml, &|_: &str| None);
             let node = node.unwrap();
-            shape(node.entries().unwrap())
+            shape(node.entries().unwrap(), "s")
         };
         assert_eq!(shape_of("models: {}\n"), Shape::Native);
         assert_eq!(shape_of("name: g\necheon1: {}\n"), Shape::Group);
@@ -733,6 +808,32 @@ models:
         );
         assert_eq!(shape_of("modles: { m: { provider: p } }\n"), Shape::Native);
         assert_eq!(shape_of("name: p\ntask_groups: [g]\n"), Shape::Pool);
+        assert_eq!(shape_of("name: p\ntask_group: g\n"), Shape::Pool);
+        assert_eq!(shape_of("task_groups: { g: {} }\n"), Shape::Native);
+        assert_eq!(
+            shape_of("models: {}\nrotation_strategy: weighted\n"),
+            Shape::Native
+        );
+        assert_eq!(
+            shape_of("strategy: echelon_down\nmax_attempts: 3\n"),
+            Shape::GlobalFallback
+        );
+        assert_eq!(shape_of("fallback_groups: [a]\n"), Shape::GlobalFallback);
+        // By name, whatever it holds (e.g. only per-group overrides).
+        let (node, _) = parse(
+            "groups: { g: { max_attempts: 2 } }\n",
+            "global_fallback.yaml",
+            Format::Yaml,
+            &|_: &str| None,
+        );
+        assert_eq!(
+            shape(node.unwrap().entries().unwrap(), GLOBAL_FALLBACK_STEM),
+            Shape::GlobalFallback
+        );
+        assert_eq!(
+            shape_of("name: g\necheon1: {}\nstrategy: x\n"),
+            Shape::Group
+        );
         assert_eq!(shape_of("foo: 1\n"), Shape::Native);
     }
 

@@ -11,9 +11,27 @@
 //!   demo_group:
 //!     echelon1: { models: [smollm-a] }
 //!     fallback_config: { strategy: echelon_down, max_attempts: 3 }
+//! polling_pools:
+//!   demo_pool:
+//!     task_groups: [demo_group]       # exactly one (or `task_group: demo_group`)
+//!     rotation_strategy: round_robin  # | least_busy | weighted (+ `weights: {model: n}`)
+//!     health_check_interval: 30       # s; `health_check: models` (GET /models) | completion
+//!     failure_threshold: 3
+//!     recovery_time: 60
+//!     fallback_config: { strategy: instance_rotation, max_instance_attempts: 2 }
+//! wrappers:
+//!   demo_wrapper: { target: demo_group.echelon1, fallback_groups: [demo_pool] }
+//! default_route: demo_group
 //! ```
 //!
 //! - Every section is optional, but a configuration needs at least one model.
+//! - A *route* is what a request names: a model id, a task group, `group.echelonN`, a
+//!   polling pool or a wrapper. Model ids, task groups, pools and wrappers share one
+//!   namespace (a name defined as two of them is an error naming both places); only
+//!   model ids may contain `.`. Fallback groups, wrapper targets and `default_route`
+//!   must name routes, and no wrapper may reach itself.
+//! - A polling pool serves exactly one task group (seed 002, task isolation); its
+//!   `weights` keys must be models of that group.
 //! - An unknown key anywhere is an error, with a hint naming the closest valid key.
 //! - `${VAR}`, `$VAR` and `${VAR:-default}` in values are replaced from the
 //!   environment (`$$` is a literal `$`); a missing variable is an error. A number
@@ -32,17 +50,25 @@
 //!     `provider/model` (e.g. `openai/gpt-4`); the provider's `base_url` is its first
 //!     model's (a model with another one keeps it as an override); the keys go to the
 //!     provider when all its models list the same ones, else to each model.
+//!   - a polling pool file: top-level `name` plus `task_groups: [one_group]` (or
+//!     `task_group`), `rotation_strategy`, …, named by `name` or the file stem. Seed
+//!     002's `fallback_strategy` and `max_instance_attempts` at the pool's top level are
+//!     accepted instead of `fallback_config` (not both).
 //!
-//!   Seed polling pool files (`rotation_strategy`, `task_groups: [..]`) are rejected
-//!   with an error for now.
+//!   A seed global fallback file (`global_fallback.yaml`, or top-level `strategy` /
+//!   `fallback_groups`) is an error whose hint says to run `echelon config migrate`;
+//!   see [`migrate`](mod@migrate).
 //! - Every error carries file, line, column and key path ([`ConfigError`]); a load
 //!   reports all the errors it finds ([`ConfigErrors`]).
 
+mod check;
 mod env;
 mod error;
 mod load;
+pub mod migrate;
 mod model;
 mod node;
+mod pool;
 mod read;
 mod sections;
 mod seed_provider;
@@ -50,9 +76,11 @@ mod seed_provider;
 use std::path::Path;
 
 pub use error::{ConfigError, ConfigErrors};
+pub use migrate::{MigrateError, MigrateOptions, MigrationReport, migrate, migrate_with_env};
 pub use model::{
-    CircuitBreakerConfig, Config, EchelonConfig, FallbackConfig, FallbackStrategy, ModelConfig,
-    ProviderApi, ProviderConfig, ServerConfig, TaskGroupConfig,
+    CircuitBreakerConfig, Config, EchelonConfig, FallbackConfig, FallbackStrategy, HealthCheckKind,
+    ModelConfig, PollingPoolConfig, PoolFallbackConfig, PoolFallbackStrategy, ProviderApi,
+    ProviderConfig, RotationStrategy, ServerConfig, TaskGroupConfig, WrapperConfig,
 };
 
 impl Config {

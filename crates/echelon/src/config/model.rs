@@ -9,7 +9,10 @@ use secrecy::SecretString;
 ///
 /// Every reference in it resolves: each model's `provider` names an entry of
 /// [`providers`](Self::providers), each echelon's models name entries of
-/// [`models`](Self::models), and no name is both a model id and a task group.
+/// [`models`](Self::models), each pool's task group is one of
+/// [`task_groups`](Self::task_groups), and every route named (fallback groups,
+/// wrapper targets, [`default_route`](Self::default_route)) exists. Model ids, task
+/// groups, polling pools and wrappers share one namespace: no name is two of them.
 #[derive(Debug, Clone, Default)]
 pub struct Config {
     /// The gateway's own HTTP server.
@@ -20,6 +23,13 @@ pub struct Config {
     pub models: BTreeMap<String, ModelConfig>,
     /// Task groups by name (e.g. `fast_group`).
     pub task_groups: BTreeMap<String, TaskGroupConfig>,
+    /// Polling pools by name (e.g. `fast_pool`).
+    pub polling_pools: BTreeMap<String, PollingPoolConfig>,
+    /// Wrappers by name (e.g. `fast_wrapper`).
+    pub wrappers: BTreeMap<String, WrapperConfig>,
+    /// The route used when a request names none the gateway knows (`default_route:`);
+    /// `None` means such a request is an unknown route.
+    pub default_route: Option<String>,
 }
 
 /// The gateway's HTTP server (`server:` section).
@@ -250,7 +260,8 @@ pub struct EchelonConfig {
 pub struct FallbackConfig {
     /// The strategy. Default [`FallbackStrategy::EchelonDown`].
     pub strategy: FallbackStrategy,
-    /// Routes to try after this group: a task group name, or `group.echelonN`.
+    /// Routes to try after this group: a task group, `group.echelonN`, a model id, a
+    /// polling pool or a wrapper.
     pub fallback_groups: Vec<String>,
     /// Most attempts in total for one request (≥ 1).
     pub max_attempts: Option<u32>,
@@ -328,4 +339,200 @@ impl Default for CircuitBreakerConfig {
             min_requests: 20,
         }
     }
+}
+
+/// A polling pool: the models of exactly one task group as instances, rotated and
+/// health-checked (`polling_pools.<name>:`, or a seed pool file).
+#[derive(Debug, Clone, PartialEq)]
+pub struct PollingPoolConfig {
+    /// Free text.
+    pub description: Option<String>,
+    /// The one task group whose models are the pool's instances (seed 002: one task
+    /// per pool).
+    pub task_group: String,
+    /// How the next instance is picked. Default [`RotationStrategy::RoundRobin`].
+    pub rotation_strategy: RotationStrategy,
+    /// Model id → weight (≥ 1) for [`RotationStrategy::Weighted`]; models not listed
+    /// weigh 1. Every key is a model of [`task_group`](Self::task_group).
+    pub weights: BTreeMap<String, u32>,
+    /// Seconds between two health probes of an instance (> 0). Default 30.
+    pub health_check_interval: f64,
+    /// What a health probe does. Default [`HealthCheckKind::Models`].
+    pub health_check: HealthCheckKind,
+    /// Failed probes or live failures in a row that mark an instance unhealthy (≥ 1).
+    /// Default 3.
+    pub failure_threshold: u32,
+    /// Seconds an unhealthy instance is left out before it is probed again (≥ 0).
+    /// Default 60.
+    pub recovery_time: f64,
+    /// How a failed request moves on inside the pool.
+    pub fallback_config: PoolFallbackConfig,
+}
+
+impl PollingPoolConfig {
+    /// Default [`health_check_interval`](Self::health_check_interval), in seconds.
+    pub const DEFAULT_HEALTH_CHECK_INTERVAL: f64 = 30.0;
+    /// Default [`failure_threshold`](Self::failure_threshold).
+    pub const DEFAULT_FAILURE_THRESHOLD: u32 = 3;
+    /// Default [`recovery_time`](Self::recovery_time), in seconds.
+    pub const DEFAULT_RECOVERY_TIME: f64 = 60.0;
+
+    /// A pool over `task_group`, every other field at its default.
+    pub fn new(task_group: impl Into<String>) -> Self {
+        PollingPoolConfig {
+            description: None,
+            task_group: task_group.into(),
+            rotation_strategy: RotationStrategy::default(),
+            weights: BTreeMap::new(),
+            health_check_interval: Self::DEFAULT_HEALTH_CHECK_INTERVAL,
+            health_check: HealthCheckKind::default(),
+            failure_threshold: Self::DEFAULT_FAILURE_THRESHOLD,
+            recovery_time: Self::DEFAULT_RECOVERY_TIME,
+            fallback_config: PoolFallbackConfig::default(),
+        }
+    }
+}
+
+impl Default for PollingPoolConfig {
+    /// [`PollingPoolConfig::new`] with an empty task group name.
+    fn default() -> Self {
+        PollingPoolConfig::new(String::new())
+    }
+}
+
+/// How a polling pool picks the next instance (`rotation_strategy:`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum RotationStrategy {
+    /// `round_robin`: each healthy instance in turn.
+    #[default]
+    RoundRobin,
+    /// `least_busy`: the healthy instance with the fewest requests in flight.
+    LeastBusy,
+    /// `weighted`: healthy instances in proportion to their `weights`.
+    Weighted,
+}
+
+impl RotationStrategy {
+    /// Every accepted value, as written in the file.
+    pub const NAMES: &'static [&'static str] = &["round_robin", "least_busy", "weighted"];
+
+    /// The name as written in the file.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RotationStrategy::RoundRobin => "round_robin",
+            RotationStrategy::LeastBusy => "least_busy",
+            RotationStrategy::Weighted => "weighted",
+        }
+    }
+
+    /// The strategy written `name` in the file.
+    pub fn from_name(name: &str) -> Option<Self> {
+        match name {
+            "round_robin" => Some(RotationStrategy::RoundRobin),
+            "least_busy" => Some(RotationStrategy::LeastBusy),
+            "weighted" => Some(RotationStrategy::Weighted),
+            _ => None,
+        }
+    }
+}
+
+/// What a polling pool's health probe does (`health_check:`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum HealthCheckKind {
+    /// `models`: `GET {base_url}/models`; cheap, no tokens spent.
+    #[default]
+    Models,
+    /// `completion`: a chat completion of one token; proves the model answers.
+    Completion,
+}
+
+impl HealthCheckKind {
+    /// Every accepted value, as written in the file.
+    pub const NAMES: &'static [&'static str] = &["models", "completion"];
+
+    /// The name as written in the file.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            HealthCheckKind::Models => "models",
+            HealthCheckKind::Completion => "completion",
+        }
+    }
+
+    /// The kind written `name` in the file.
+    pub fn from_name(name: &str) -> Option<Self> {
+        match name {
+            "models" => Some(HealthCheckKind::Models),
+            "completion" => Some(HealthCheckKind::Completion),
+            _ => None,
+        }
+    }
+}
+
+/// How a polling pool fails over (`fallback_config:` of a pool, or seed 002's
+/// top-level `fallback_strategy` and `max_instance_attempts`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PoolFallbackConfig {
+    /// The strategy. Default [`PoolFallbackStrategy::InstanceRotation`].
+    pub strategy: PoolFallbackStrategy,
+    /// Most attempts on one instance for one request (≥ 1). Default 2.
+    pub max_instance_attempts: u32,
+}
+
+impl PoolFallbackConfig {
+    /// Default [`max_instance_attempts`](Self::max_instance_attempts).
+    pub const DEFAULT_MAX_INSTANCE_ATTEMPTS: u32 = 2;
+}
+
+impl Default for PoolFallbackConfig {
+    fn default() -> Self {
+        PoolFallbackConfig {
+            strategy: PoolFallbackStrategy::default(),
+            max_instance_attempts: Self::DEFAULT_MAX_INSTANCE_ATTEMPTS,
+        }
+    }
+}
+
+/// A polling pool's fallback strategy (seed 002).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum PoolFallbackStrategy {
+    /// `instance_rotation`: take the next instance from the pool.
+    #[default]
+    InstanceRotation,
+    /// `simple_retry`: retry on the same instance.
+    SimpleRetry,
+}
+
+impl PoolFallbackStrategy {
+    /// Every accepted value, as written in the file.
+    pub const NAMES: &'static [&'static str] = &["instance_rotation", "simple_retry"];
+
+    /// The name as written in the file.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            PoolFallbackStrategy::InstanceRotation => "instance_rotation",
+            PoolFallbackStrategy::SimpleRetry => "simple_retry",
+        }
+    }
+
+    /// The strategy written `name` in the file.
+    pub fn from_name(name: &str) -> Option<Self> {
+        match name {
+            "instance_rotation" => Some(PoolFallbackStrategy::InstanceRotation),
+            "simple_retry" => Some(PoolFallbackStrategy::SimpleRetry),
+            _ => None,
+        }
+    }
+}
+
+/// A wrapper: a named route with its own fallback chain (`wrappers.<name>:`, seed 001
+/// `TaskGroupWrapper`): `target` first, then each of `fallback_groups` in order.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct WrapperConfig {
+    /// Free text.
+    pub description: Option<String>,
+    /// The route tried first: a model id, task group, `group.echelonN`, polling pool or
+    /// another wrapper.
+    pub target: String,
+    /// Routes tried in order after [`target`](Self::target) fails (same forms).
+    pub fallback_groups: Vec<String>,
 }

@@ -278,7 +278,8 @@ impl<'a> Source<'a> {
 struct Builder<'a> {
     file: &'a str,
     source: Source<'a>,
-    env: EnvLookup<'a>,
+    /// `None`: strings are kept as written (`${VAR}` included).
+    env: Option<EnvLookup<'a>>,
     errors: Vec<ConfigError>,
 }
 
@@ -356,13 +357,13 @@ impl Builder<'_> {
     }
 
     fn string(&mut self, value: String, defined: &Location, pos: Pos, path: &str) -> Kind {
-        if !value.contains('$') {
+        let Some(env) = self.env.filter(|_| value.contains('$')) else {
             return Kind::Str {
                 value,
                 substituted: false,
             };
-        }
-        match substitute(&value, self.env) {
+        };
+        match substitute(&value, env) {
             Ok(s) => Kind::Str {
                 value: s.value,
                 substituted: s.replaced,
@@ -455,6 +456,25 @@ pub(crate) fn parse(
     file: &str,
     format: Format,
     env: EnvLookup<'_>,
+) -> (Option<Node>, Vec<ConfigError>) {
+    parse_with(text, file, format, Some(env))
+}
+
+/// [`parse`] without substitution: string values stay as written (`${VAR}`, `$$`), for
+/// copying them into another file.
+pub(crate) fn parse_verbatim(
+    text: &str,
+    file: &str,
+    format: Format,
+) -> (Option<Node>, Vec<ConfigError>) {
+    parse_with(text, file, format, None)
+}
+
+fn parse_with(
+    text: &str,
+    file: &str,
+    format: Format,
+    env: Option<EnvLookup<'_>>,
 ) -> (Option<Node>, Vec<ConfigError>) {
     if format == Format::Json
         && let Err(e) = serde_json::from_str::<serde_json::Value>(text)

@@ -463,7 +463,9 @@ fn echelon(ctx: &mut Ctx, node: &Node, name: &str, path: &str) -> (EchelonConfig
     (echelon, models)
 }
 
-fn fallback(
+/// Reads a task group's `fallback_config:` (also the top level of a seed global
+/// fallback file), adding its `fallback_groups` to `refs`.
+pub(crate) fn fallback(
     ctx: &mut Ctx,
     node: &Node,
     path: &str,

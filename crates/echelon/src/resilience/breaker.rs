@@ -876,4 +876,117 @@ mod tests {
         fail(&a, Instant::now());
         assert_eq!(b.state_at(Instant::now()).name(), "open");
     }
+
+    /// Opens a breaker allowing `probes` half-open probes, then lets 16 threads race
+    /// `try_acquire_at` at the same instant, just past the recovery time. Returns the
+    /// breaker, that instant, the permits granted and the refusals.
+    fn race_for_probes(
+        probes: u32,
+    ) -> (
+        CircuitBreaker,
+        Instant,
+        Vec<BreakerPermit>,
+        Vec<BreakerOpen>,
+    ) {
+        const THREADS: usize = 16;
+        let b = CircuitBreaker::new("m", settings(1, 30, probes));
+        let t0 = Instant::now();
+        fail(&b, t0);
+        assert_eq!(b.state_at(t0).name(), "open");
+        let t1 = t0 + secs(30);
+        let barrier = std::sync::Barrier::new(THREADS);
+        let results: Vec<_> = std::thread::scope(|scope| {
+            let handles: Vec<_> = (0..THREADS)
+                .map(|_| {
+                    let b = b.clone();
+                    let barrier = &barrier;
+                    // Each thread keeps what it got until the race is over: a permit
+                    // dropped early would free its slot for a later thread.
+                    scope.spawn(move || {
+                        barrier.wait();
+                        b.try_acquire_at(t1)
+                    })
+                })
+                .collect();
+            handles.into_iter().map(|h| h.join().unwrap()).collect()
+        });
+        let mut granted = Vec::new();
+        let mut refused = Vec::new();
+        for result in results {
+            match result {
+                Ok(permit) => granted.push(permit),
+                Err(open) => refused.push(open),
+            }
+        }
+        (b, t1, granted, refused)
+    }
+
+    #[test]
+    fn exactly_the_half_open_probes_are_granted_under_concurrent_requests() {
+        for probes in [1, 3] {
+            // Repeated: each round is a fresh race between the threads.
+            for _ in 0..20 {
+                let (b, t1, granted, refused) = race_for_probes(probes);
+                assert_eq!(granted.len(), probes as usize, "{probes} probe(s) allowed");
+                assert_eq!(refused.len(), 16 - probes as usize);
+                assert!(granted.iter().all(|permit| permit.probe));
+                // Refused while half-open with every slot taken: `until` is now.
+                assert!(refused.iter().all(|open| open.until == t1));
+                assert_eq!(
+                    b.state_at(t1),
+                    BreakerState::HalfOpen {
+                        probes_in_flight: probes
+                    }
+                );
+                assert!(b.try_acquire_at(t1).is_err(), "no slot left after the race");
+            }
+        }
+    }
+
+    #[test]
+    fn one_successful_probe_out_of_a_concurrent_race_closes_the_breaker() {
+        for probes in [1, 3] {
+            let (b, t1, granted, _) = race_for_probes(probes);
+            assert_eq!(granted.len(), probes as usize);
+            let mut granted = granted.into_iter();
+            b.record_at(granted.next().unwrap(), true, t1);
+            assert_eq!(b.state_at(t1), BreakerState::Closed);
+            assert_eq!(b.snapshot_at(t1).reason.as_deref(), Some("probe succeeded"));
+            // The other probes' late outcomes (even failures) no longer count.
+            for permit in granted {
+                b.record_at(permit, false, t1);
+            }
+            assert_eq!(b.state_at(t1), BreakerState::Closed);
+            assert_eq!(b.snapshot_at(t1).consecutive_failures, 0);
+            // Closed: everyone goes through again.
+            for _ in 0..16 {
+                let permit = b.try_acquire_at(t1).unwrap();
+                assert!(!permit.probe);
+            }
+        }
+    }
+
+    #[test]
+    fn one_failed_probe_out_of_a_concurrent_race_reopens_the_breaker() {
+        for probes in [1, 3] {
+            let (b, t1, granted, _) = race_for_probes(probes);
+            assert_eq!(granted.len(), probes as usize);
+            let mut granted = granted.into_iter();
+            b.record_at(granted.next().unwrap(), false, t1);
+            let reopened = BreakerState::Open {
+                until: t1 + secs(30),
+            };
+            assert_eq!(b.state_at(t1), reopened);
+            assert_eq!(b.snapshot_at(t1).reason.as_deref(), Some("probe failed"));
+            // The other probes' late successes do not close it again.
+            for permit in granted {
+                b.record_at(permit, true, t1);
+            }
+            assert_eq!(b.state_at(t1), reopened);
+            assert_eq!(
+                b.try_acquire_at(t1 + secs(29)).unwrap_err().until,
+                t1 + secs(30)
+            );
+        }
+    }
 }

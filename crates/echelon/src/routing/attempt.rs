@@ -38,7 +38,7 @@ const RATE_KINDS: [&str; 4] = [
     "concurrency",
 ];
 /// Attempt kinds that mean "not callable now" without a call being made.
-const UNAVAILABLE_KINDS: [&str; 2] = ["circuit_open", "no_key"];
+const UNAVAILABLE_KINDS: [&str; 3] = ["circuit_open", "no_key", "provider_failed"];
 
 /// What a successful attempt holds for as long as the answer is being produced: the
 /// concurrency slots and the key lease (which counts as in flight).
@@ -74,18 +74,35 @@ pub(crate) struct RequestState {
     /// After a context-length refusal by a model with window W, only models with a
     /// declared window larger than W are worth trying (DESIGN.md §4).
     pub(crate) context_floor: Option<u32>,
+    /// A provider refused the prompt as too long, or every window was too small.
     pub(crate) context_refused: bool,
     prompt_tokens: Option<u64>,
+    /// HTTP calls made so far.
+    calls: u32,
+    /// Most calls allowed (`fallback_config.max_attempts`).
+    max_calls: Option<u32>,
 }
 
 impl RequestState {
-    pub(crate) fn new() -> Self {
+    pub(crate) fn new(max_calls: Option<u32>) -> Self {
         RequestState {
             attempts: Vec::new(),
             context_floor: None,
             context_refused: false,
             prompt_tokens: None,
+            calls: 0,
+            max_calls,
         }
+    }
+
+    /// HTTP calls made so far for this request.
+    pub(crate) fn calls(&self) -> u32 {
+        self.calls
+    }
+
+    /// Whether another call is allowed under `max_attempts`.
+    pub(crate) fn budget_left(&self) -> bool {
+        self.max_calls.is_none_or(|m| self.calls < m)
     }
 
     fn prompt_tokens(&mut self, req: &ChatCompletionRequest) -> u64 {
@@ -94,8 +111,32 @@ impl RequestState {
             .get_or_insert_with(|| crate::tokens::prompt_tokens(&req.messages))
     }
 
+    /// Whether the prompt (counted with tiktoken) plus the requested output cannot fit
+    /// `model`'s declared context window; if so the skip is recorded (kind
+    /// `context_window`) and nothing is sent (issue 4: "before sending, not after the
+    /// provider refuses").
+    pub(crate) fn exceeds_context(&mut self, model: &Model, body: &ChatCompletionRequest) -> bool {
+        let Some(window) = model.context_window() else {
+            return false;
+        };
+        let prompt = self.prompt_tokens(body);
+        let output = body.max_output_tokens().map_or(0, u64::from);
+        if prompt + output <= u64::from(window) {
+            return false;
+        }
+        self.context_refused = true;
+        self.skip(
+            model,
+            "context_window",
+            format!(
+                "{prompt} prompt tokens + {output} max_tokens exceed the context window of {window}"
+            ),
+        );
+        true
+    }
+
     /// Records that `model` was passed over without a call.
-    fn skip(&mut self, model: &Model, kind: &str, message: String) {
+    pub(crate) fn skip(&mut self, model: &Model, kind: &str, message: String) {
         tracing::info!(model = model.id(), kind, "model skipped: {message}");
         self.attempts.push(Attempt {
             model: model.id().to_owned(),
@@ -255,8 +296,13 @@ pub(crate) async fn try_model(
                 }
             }
         }
-        // 5. The call.
+        // 5. The call, if the request's max_attempts allows one more.
+        if !st.budget_left() {
+            give_back(tpm_reserved);
+            return Flow::Next;
+        }
         calls += 1;
+        st.calls += 1;
         guards._in_flight = Some(InFlight::new(model));
         let key = guards._lease.as_ref().map(KeyLease::key);
         let key_id = key.map(|k| k.id().to_owned());

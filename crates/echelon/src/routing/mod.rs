@@ -4,11 +4,14 @@
 mod attempt;
 mod model;
 mod plan;
+pub(crate) mod pool;
 mod router;
 mod state;
+mod stats;
 mod stream;
 
 pub use attempt::MAX_RETRY_WAIT;
 pub use model::Model;
-pub use router::{Completion, Gateway, RouteInfo};
+pub use router::{CallOptions, Completion, Gateway, RouteInfo};
+pub use stats::{FALLBACK_HISTORY_LEN, FallbackEvent, StatsSnapshot};
 pub use stream::GatewayStream;

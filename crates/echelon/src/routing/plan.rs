@@ -7,6 +7,8 @@ use std::time::Duration;
 use echelon_types::ChatCompletionRequest;
 
 use super::model::Model;
+use super::stats::RouteStats;
+use crate::resilience::breaker::CircuitBreaker;
 use crate::resilience::concurrency::ConcurrencyLimit;
 use crate::resilience::token_bucket::TokenBucket;
 
@@ -74,22 +76,75 @@ impl Tier {
         }
     }
 
-    /// The tier's models in the order this request tries them (rotated round-robin).
-    pub(crate) fn ordered(&self) -> impl Iterator<Item = &Arc<Model>> {
-        let n = self.models.len().max(1);
+    /// The tier's models in the order this request tries them: fewest requests in flight
+    /// first, ties in round-robin order (issue 4: "least in-flight, then round-robin").
+    pub(crate) fn ordered(&self) -> Vec<&Arc<Model>> {
+        let n = self.models.len();
+        if n <= 1 {
+            return self.models.iter().collect();
+        }
         let start = self.next.fetch_add(1, Ordering::Relaxed) % n;
-        self.models
-            .iter()
-            .cycle()
-            .skip(start)
-            .take(self.models.len())
+        let mut order: Vec<&Arc<Model>> = self.models.iter().cycle().skip(start).take(n).collect();
+        // Stable: equal loads keep their round-robin order.
+        order.sort_by_key(|m| m.in_flight());
+        order
     }
 }
 
-/// What a route name resolves to: its tiers, tried in order (the seeds' `echelon_down`).
+/// One step of a plan: a tier of models (an echelon, or a lone model).
+#[derive(Debug, Clone)]
+pub(crate) enum Step {
+    Tier(Arc<Tier>),
+}
+
+impl Step {
+    /// Identity for de-duplication when fallbacks repeat a step.
+    pub(crate) fn same_as(&self, other: &Step) -> bool {
+        match (self, other) {
+            (Step::Tier(a), Step::Tier(b)) => Arc::ptr_eq(a, b),
+        }
+    }
+}
+
+/// What a route name resolves to: its steps in order, and how to move between them
+/// (the group's `fallback_config`, seed 001/002).
 #[derive(Debug)]
-pub(crate) struct Route {
-    pub(crate) tiers: Vec<Arc<Tier>>,
+pub(crate) struct Plan {
+    pub(crate) kind: RouteKind,
+    /// The route's own steps first, then those of its `fallback_groups`, without repeats.
+    pub(crate) steps: Vec<Step>,
+    /// How many of `steps` are the route's own (the rest come from fallbacks).
+    pub(crate) own_steps: usize,
+    /// `provider_failover`: after a failure, only models of providers that have not
+    /// failed for this request are tried.
+    pub(crate) provider_failover: bool,
+    /// Most calls in total for one request (`max_attempts`).
+    pub(crate) max_attempts: Option<u32>,
+    /// Pause before moving to the next step after a step failed (`retry_delay`).
+    pub(crate) step_delay: Option<Duration>,
+    /// The group's own breaker (`fallback_config.circuit_breaker`): when the group's own
+    /// steps keep failing, they are skipped and the request goes straight to the
+    /// fallbacks until it half-opens.
+    pub(crate) group_breaker: Option<CircuitBreaker>,
+    /// Counters and fallback history.
+    pub(crate) stats: Arc<RouteStats>,
+}
+
+impl Plan {
+    /// A plan of plain steps with no fallback settings.
+    pub(crate) fn simple(kind: RouteKind, steps: Vec<Step>) -> Self {
+        let own_steps = steps.len();
+        Plan {
+            kind,
+            steps,
+            own_steps,
+            provider_failover: false,
+            max_attempts: None,
+            step_delay: None,
+            group_breaker: None,
+            stats: Arc::default(),
+        }
+    }
 }
 
 /// The kind of thing a route names.

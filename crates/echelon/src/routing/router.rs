@@ -1,18 +1,20 @@
 //! The gateway: resolves a route and tries its candidates until one answers.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::Arc;
 use std::time::Duration;
 
 use echelon_types::{Attempt, ChatCompletion, ChatCompletionRequest};
 
 use super::attempt::{Answer, Flow, RequestState, context_error, exhausted, try_model};
-use super::model::Model;
-use super::plan::{EchelonDefaults, EchelonLimits, Route, RouteKind, Tier};
+use super::model::{Model, breaker_settings};
+use super::plan::{EchelonDefaults, EchelonLimits, Plan, RouteKind, Step, Tier};
+use super::stats::{FallbackEvent, StatsSnapshot};
 use super::stream::GatewayStream;
 use crate::config::{Config, FallbackStrategy};
 use crate::error::{GatewayError, GatewayErrorKind};
 use crate::key::ApiKey;
+use crate::resilience::breaker::CircuitBreaker;
 use crate::resilience::key_pool::KeyPool;
 
 /// A route as listed by `GET /v1/models`.
@@ -20,9 +22,9 @@ use crate::resilience::key_pool::KeyPool;
 pub struct RouteInfo {
     /// What a request puts in `model`.
     pub id: String,
-    /// `model`, `task_group` or `echelon`.
+    /// `model`, `task_group`, `echelon`, `polling_pool` or `wrapper`.
     pub kind: &'static str,
-    /// The model ids behind it, in tier order.
+    /// The model ids behind it, in the order they are tried (fallbacks included).
     pub models: Vec<String>,
 }
 
@@ -39,68 +41,53 @@ pub struct Completion {
     pub attempts: Vec<Attempt>,
 }
 
+/// Per-request options that do not travel in the body.
+#[derive(Debug, Clone, Default)]
+pub struct CallOptions {
+    /// A conversation id (the `x-session-id` header): a polling pool keeps the
+    /// conversation on one instance while it is healthy.
+    pub session_id: Option<String>,
+}
+
 /// The gateway: every model and route of a [`Config`], ready to serve requests.
 #[derive(Debug)]
 pub struct Gateway {
     models: BTreeMap<String, Arc<Model>>,
     echelons: Vec<Arc<Tier>>,
-    routes: HashMap<String, Route>,
+    routes: HashMap<String, Plan>,
     route_list: Vec<RouteInfo>,
+}
+
+fn build_err(m: String) -> GatewayError {
+    GatewayError::new(GatewayErrorKind::Unavailable, m)
+}
+
+/// Appends `more` to `steps`, skipping steps already present.
+fn extend_unique(steps: &mut Vec<Step>, more: &[Step]) {
+    for s in more {
+        if !steps.iter().any(|x| x.same_as(s)) {
+            steps.push(s.clone());
+        }
+    }
 }
 
 impl Gateway {
     /// Builds the models and routes of a validated config.
     ///
-    /// Routes: every model id, every task group, and every `group.echelonN`.
+    /// Routes: every model id, every task group and every `group.echelonN`. A task group's
+    /// plan is its echelons in order, then the steps of each `fallback_groups` entry (a
+    /// group's own echelons, one echelon, or a model), without repeats.
     ///
     /// # Errors
-    /// When a model's HTTP client cannot be built, or the config references a provider or
-    /// model that does not exist (a config that passed validation never does).
+    /// When a model's HTTP client cannot be built, or the config references something that
+    /// does not exist (a config that passed validation never does).
     pub fn from_config(config: &Config) -> Result<Gateway, GatewayError> {
-        let build_err = |m: String| GatewayError::new(GatewayErrorKind::Unavailable, m);
-        let mut models = BTreeMap::new();
-        // Key pools: a provider's keys are one pool shared by every model using them; a
-        // model naming its own keys has a pool of its own (seed 004 APIKeyPool).
-        let mut pools: HashMap<String, Arc<KeyPool>> = HashMap::new();
-        for (id, mc) in &config.models {
-            let provider = config.providers.get(&mc.provider).ok_or_else(|| {
-                build_err(format!("model `{id}`: unknown provider `{}`", mc.provider))
-            })?;
-            warn_unenforced(
-                &format!("model `{id}`"),
-                &[
-                    ("rate_limit_capacity", mc.rate_limit_capacity.is_some()),
-                    (
-                        "rate_limit_refill_rate",
-                        mc.rate_limit_refill_rate.is_some(),
-                    ),
-                    ("rpm_limit", mc.rpm_limit.is_some()),
-                    ("tpm_limit", mc.tpm_limit.is_some()),
-                    ("concurrency_limit", mc.concurrency_limit.is_some()),
-                ],
-            );
-            let keys = match &mc.api_keys {
-                Some(own) => KeyPool::new(
-                    format!("model {id}"),
-                    own.iter().cloned().map(ApiKey::new).collect(),
-                ),
-                None => pools
-                    .entry(mc.provider.clone())
-                    .or_insert_with(|| {
-                        KeyPool::new(
-                            format!("provider {}", mc.provider),
-                            provider.api_keys.iter().cloned().map(ApiKey::new).collect(),
-                        )
-                    })
-                    .clone(),
-            };
-            let model = Model::from_config(id, mc, provider, keys)
-                .map_err(|e| build_err(format!("model `{id}`: {e}")))?;
-            models.insert(id.clone(), Arc::new(model));
-        }
+        let models = build_models(config)?;
         let mut routes = HashMap::new();
         let mut route_list = Vec::new();
         let mut echelons = Vec::new();
+        // The steps each name stands for on its own, before any fallback.
+        let mut base: HashMap<String, Vec<Step>> = HashMap::new();
         for (id, model) in &models {
             let tier = Tier::new(
                 id.clone(),
@@ -108,37 +95,17 @@ impl Gateway {
                 EchelonDefaults::default(),
                 EchelonLimits::default(),
             );
-            routes.insert(
-                id.clone(),
-                Route {
-                    tiers: vec![Arc::new(tier)],
-                },
-            );
-            route_list.push(RouteInfo {
-                id: id.clone(),
-                kind: RouteKind::Model.as_str(),
-                models: vec![id.clone()],
-            });
+            base.insert(id.clone(), vec![Step::Tier(Arc::new(tier))]);
         }
         for (name, group) in &config.task_groups {
-            if let Some(fb) = &group.fallback_config {
-                warn_unenforced(
-                    &format!("task group `{name}` fallback_config"),
-                    &[
-                        (
-                            "a strategy other than echelon_down",
-                            fb.strategy != FallbackStrategy::EchelonDown,
-                        ),
-                        ("fallback_groups", !fb.fallback_groups.is_empty()),
-                        ("max_attempts", fb.max_attempts.is_some()),
-                        ("retry_delay", fb.retry_delay.is_some()),
-                        ("circuit_breaker", fb.circuit_breaker.is_some()),
-                    ],
-                );
-            }
-            let mut tiers = Vec::new();
+            let mut own = Vec::new();
             for ech in &group.echelons {
                 let label = format!("{name}.{}", ech.name);
+                if ech.priority.is_some() {
+                    tracing::warn!(
+                        "echelon `{label}`: priority is accepted but not acted on: echelons are tried in number order"
+                    );
+                }
                 let members = ech
                     .models
                     .iter()
@@ -148,14 +115,6 @@ impl Gateway {
                         })
                     })
                     .collect::<Result<Vec<_>, _>>()?;
-                warn_unenforced(
-                    &format!("echelon `{label}`"),
-                    &[
-                        ("concurrency_limit", ech.concurrency_limit.is_some()),
-                        ("rpm_limit", ech.rpm_limit.is_some()),
-                        ("priority", ech.priority.is_some()),
-                    ],
-                );
                 let defaults = EchelonDefaults {
                     temperature: ech.temperature,
                     max_tokens: ech.max_tokens,
@@ -167,33 +126,56 @@ impl Gateway {
                     rpm_limit: ech.rpm_limit,
                 };
                 let tier = Arc::new(Tier::new(label.clone(), members, defaults, limits));
-                routes.insert(
-                    label.clone(),
-                    Route {
-                        tiers: vec![tier.clone()],
-                    },
-                );
                 echelons.push(tier.clone());
-                tiers.push(tier);
+                base.insert(label, vec![Step::Tier(tier.clone())]);
+                own.push(Step::Tier(tier));
             }
-            let all_models = tiers
-                .iter()
-                .flat_map(|t| t.models.iter().map(|m| m.id().to_owned()))
-                .collect();
-            route_list.push(RouteInfo {
-                id: name.clone(),
-                kind: RouteKind::TaskGroup.as_str(),
-                models: all_models,
-            });
-            for t in &tiers {
-                route_list.push(RouteInfo {
-                    id: t.label.clone(),
-                    kind: RouteKind::Echelon.as_str(),
-                    models: t.models.iter().map(|m| m.id().to_owned()).collect(),
+            base.insert(name.clone(), own);
+        }
+
+        for id in models.keys() {
+            let steps = base.get(id).cloned().unwrap_or_default();
+            routes.insert(id.clone(), Plan::simple(RouteKind::Model, steps));
+        }
+        for tier in &echelons {
+            let steps = vec![Step::Tier(tier.clone())];
+            routes.insert(tier.label.clone(), Plan::simple(RouteKind::Echelon, steps));
+        }
+        for (name, group) in &config.task_groups {
+            let mut steps = base.get(name).cloned().unwrap_or_default();
+            let own_steps = steps.len();
+            let mut plan = Plan::simple(RouteKind::TaskGroup, Vec::new());
+            if let Some(fb) = &group.fallback_config {
+                for target in &fb.fallback_groups {
+                    let more = base.get(target).ok_or_else(|| {
+                        build_err(format!("task group `{name}`: unknown fallback `{target}`"))
+                    })?;
+                    extend_unique(&mut steps, more);
+                }
+                plan.provider_failover = fb.strategy == FallbackStrategy::ProviderFailover;
+                plan.max_attempts = fb.max_attempts;
+                plan.step_delay = fb.retry_delay.map(|s| Duration::from_secs_f64(s.max(0.0)));
+                plan.group_breaker = fb.circuit_breaker.as_ref().map(|c| {
+                    CircuitBreaker::new(format!("task group {name}"), breaker_settings(c))
                 });
             }
-            routes.insert(name.clone(), Route { tiers });
+            plan.steps = steps;
+            plan.own_steps = own_steps;
+            routes.insert(name.clone(), plan);
         }
+
+        let mut names: Vec<&String> = routes.keys().collect();
+        names.sort_by_key(|n| (kind_order(routes[*n].kind), (*n).clone()));
+        for n in names {
+            let plan = &routes[n];
+            route_list.push(RouteInfo {
+                id: n.clone(),
+                kind: plan.kind.as_str(),
+                models: plan_models(plan),
+            });
+        }
+        // Echelons listed right after their group, as before.
+        route_list.sort_by_key(group_key);
         Ok(Gateway {
             models,
             echelons,
@@ -202,7 +184,8 @@ impl Gateway {
         })
     }
 
-    /// Every route a request may name, models first, then task groups with their echelons.
+    /// Every route a request may name: models first, then task groups each followed by
+    /// their echelons.
     pub fn routes(&self) -> &[RouteInfo] {
         &self.route_list
     }
@@ -222,14 +205,50 @@ impl Gateway {
         self.echelons.iter()
     }
 
+    /// The plan of each route, by name.
+    pub(crate) fn plans(&self) -> impl Iterator<Item = (&str, &Plan)> {
+        self.routes.iter().map(|(n, p)| (n.as_str(), p))
+    }
+
+    /// A route's counters since start or the last [`reset_stats`](Self::reset_stats).
+    pub fn stats(&self, route: &str) -> Option<StatsSnapshot> {
+        self.routes.get(route).map(|p| p.stats.snapshot())
+    }
+
+    /// A route's last fallback events (at most 50), oldest first.
+    pub fn fallback_history(&self, route: &str) -> Option<Vec<FallbackEvent>> {
+        self.routes.get(route).map(|p| p.stats.history())
+    }
+
+    /// Zeroes a route's counters and history (`None` resets every route).
+    pub fn reset_stats(&self, route: Option<&str>) {
+        for (name, plan) in &self.routes {
+            if route.is_none_or(|r| r == name) {
+                plan.stats.reset();
+            }
+        }
+    }
+
     /// A non-streamed chat completion on the route named by `req.model`.
     ///
     /// # Errors
     /// A [`GatewayError`] naming every attempt: 404 for an unknown route, 400 when the
     /// request is at fault, else 429/502/503/504 as DESIGN.md §4 says. Never a placeholder.
-    pub async fn chat(&self, mut req: ChatCompletionRequest) -> Result<Completion, GatewayError> {
+    pub async fn chat(&self, req: ChatCompletionRequest) -> Result<Completion, GatewayError> {
+        self.chat_with(req, &CallOptions::default()).await
+    }
+
+    /// [`chat`](Self::chat) with per-request options.
+    ///
+    /// # Errors
+    /// As [`chat`](Self::chat).
+    pub async fn chat_with(
+        &self,
+        mut req: ChatCompletionRequest,
+        options: &CallOptions,
+    ) -> Result<Completion, GatewayError> {
         req.stream = None;
-        let (answer, model, attempts) = self.execute(&req, false).await?;
+        let (answer, model, attempts) = self.execute(&req, false, options).await?;
         match answer {
             Answer::Chat(response) => Ok(Completion {
                 response,
@@ -254,10 +273,22 @@ impl Gateway {
     /// As [`chat`](Self::chat).
     pub async fn chat_stream(
         &self,
+        req: ChatCompletionRequest,
+    ) -> Result<GatewayStream, GatewayError> {
+        self.chat_stream_with(req, &CallOptions::default()).await
+    }
+
+    /// [`chat_stream`](Self::chat_stream) with per-request options.
+    ///
+    /// # Errors
+    /// As [`chat`](Self::chat).
+    pub async fn chat_stream_with(
+        &self,
         mut req: ChatCompletionRequest,
+        options: &CallOptions,
     ) -> Result<GatewayStream, GatewayError> {
         req.stream = Some(true);
-        let (answer, model, attempts) = self.execute(&req, true).await?;
+        let (answer, model, attempts) = self.execute(&req, true, options).await?;
         match answer {
             Answer::Stream {
                 buffered,
@@ -283,49 +314,188 @@ impl Gateway {
         &self,
         req: &ChatCompletionRequest,
         stream: bool,
+        _options: &CallOptions,
     ) -> Result<(Answer, Arc<Model>, Vec<Attempt>), GatewayError> {
-        let route = self.routes.get(&req.model).ok_or_else(|| {
+        let plan = self.routes.get(&req.model).ok_or_else(|| {
             GatewayError::new(
                 GatewayErrorKind::UnknownRoute,
                 format!(
-                    "route `{}` is not a model or task group of this gateway (GET /v1/models lists them)",
+                    "route `{}` is not a route of this gateway (GET /v1/models lists them)",
                     req.model
                 ),
             )
             .with_param("model")
             .with_code("model_not_found")
         })?;
-        let mut st = RequestState::new();
-        for tier in &route.tiers {
-            let mut body = req.clone();
-            tier.defaults.apply(&mut body);
-            for model in tier.ordered() {
-                if let Some(floor) = st.context_floor
-                    && model.context_window().is_none_or(|w| w <= floor)
-                {
-                    continue;
-                }
-                body.model.clear();
-                body.model.push_str(model.upstream_model());
-                match try_model(tier, model, &body, stream, &mut st).await {
-                    Flow::Answered(answer) => return Ok((answer, model.clone(), st.attempts)),
-                    Flow::Stop(e) => return Err(e),
-                    Flow::Next => {}
-                }
-            }
+        let result = run_plan(plan, req, stream).await;
+        match &result {
+            Ok((_, _, attempts)) => plan.stats.record(attempts, true),
+            Err(e) => plan.stats.record(e.attempts(), false),
         }
-        if st.context_refused {
-            return Err(context_error(st.attempts));
-        }
-        Err(exhausted(&req.model, st.attempts))
+        result
     }
 }
 
-/// Says which configured keys this build accepts but does not act on yet, so that a
-/// limit nobody enforces is never silently trusted.
-fn warn_unenforced(what: &str, keys: &[(&str, bool)]) {
-    let set: Vec<&str> = keys.iter().filter(|k| k.1).map(|k| k.0).collect();
-    if !set.is_empty() {
-        tracing::warn!("{what}: {} accepted but not enforced yet", set.join(", "));
+/// Tries a plan's steps in order under its fallback settings.
+async fn run_plan(
+    plan: &Plan,
+    req: &ChatCompletionRequest,
+    stream: bool,
+) -> Result<(Answer, Arc<Model>, Vec<Attempt>), GatewayError> {
+    let mut st = RequestState::new(plan.max_attempts);
+    let mut failed_providers: HashSet<String> = HashSet::new();
+    // The group breaker guards the group's own steps as a whole.
+    let mut group_permit = None;
+    let mut skip_own = false;
+    if let Some(b) = &plan.group_breaker {
+        match b.try_acquire() {
+            Ok(p) => group_permit = Some(p),
+            Err(_) => {
+                tracing::info!(route = %req.model, "group breaker open: going straight to the fallbacks");
+                skip_own = true;
+            }
+        }
     }
+    for (i, step) in plan.steps.iter().enumerate() {
+        if i < plan.own_steps && skip_own {
+            continue;
+        }
+        if i == plan.own_steps
+            && let (Some(b), Some(p)) = (&plan.group_breaker, group_permit.take())
+        {
+            // Reaching the fallbacks means the group's own steps all failed.
+            b.record(p, false);
+        }
+        if !st.budget_left() {
+            break;
+        }
+        if i > 0
+            && let Some(d) = plan.step_delay
+            && st.calls() > 0
+        {
+            tokio::time::sleep(d).await;
+        }
+        let Step::Tier(tier) = step;
+        let mut body = req.clone();
+        tier.defaults.apply(&mut body);
+        for model in tier.ordered() {
+            if !st.budget_left() {
+                break;
+            }
+            if let Some(floor) = st.context_floor
+                && model.context_window().is_none_or(|w| w <= floor)
+            {
+                continue;
+            }
+            if plan.provider_failover && failed_providers.contains(model.provider()) {
+                st.skip(
+                    model,
+                    "provider_failed",
+                    format!(
+                        "provider `{}` already failed for this request",
+                        model.provider()
+                    ),
+                );
+                continue;
+            }
+            if st.exceeds_context(model, &body) {
+                continue;
+            }
+            body.model.clear();
+            body.model.push_str(model.upstream_model());
+            let calls_before = st.calls();
+            match try_model(tier, model, &body, stream, &mut st).await {
+                Flow::Answered(answer) => {
+                    if let (Some(b), Some(p)) = (&plan.group_breaker, group_permit.take()) {
+                        b.record(p, i < plan.own_steps);
+                    }
+                    return Ok((answer, model.clone(), st.attempts));
+                }
+                Flow::Stop(e) => return Err(e),
+                Flow::Next => {
+                    if st.calls() > calls_before {
+                        failed_providers.insert(model.provider().to_owned());
+                    }
+                }
+            }
+        }
+    }
+    if let (Some(b), Some(p)) = (&plan.group_breaker, group_permit.take()) {
+        b.record(p, false);
+    }
+    if st.context_refused {
+        return Err(context_error(st.attempts));
+    }
+    let stopped = !st.budget_left();
+    let mut e = exhausted(&req.model, st.attempts);
+    if let Some(max) = plan.max_attempts
+        && stopped
+    {
+        e = e.with_note(format!("stopped at max_attempts = {max}"));
+    }
+    Err(e)
+}
+
+fn kind_order(k: RouteKind) -> u8 {
+    match k {
+        RouteKind::Model => 0,
+        RouteKind::TaskGroup | RouteKind::Echelon => 1,
+    }
+}
+
+/// Sort key keeping models first, then each group followed by its echelons.
+fn group_key(r: &RouteInfo) -> (u8, String, u8) {
+    match r.kind {
+        "model" => (0, r.id.clone(), 0),
+        "echelon" => {
+            let group = r.id.rsplit_once('.').map_or(r.id.as_str(), |(g, _)| g);
+            (1, group.to_owned(), 1)
+        }
+        _ => (1, r.id.clone(), 0),
+    }
+}
+
+fn plan_models(plan: &Plan) -> Vec<String> {
+    let mut out: Vec<String> = Vec::new();
+    for step in &plan.steps {
+        let Step::Tier(t) = step;
+        for m in &t.models {
+            if !out.iter().any(|x| x == m.id()) {
+                out.push(m.id().to_owned());
+            }
+        }
+    }
+    out
+}
+
+/// The models of a config, with their key pools: a provider's keys are one pool shared
+/// by every model using them; a model naming its own keys has a pool of its own (seed
+/// 004 APIKeyPool).
+fn build_models(config: &Config) -> Result<BTreeMap<String, Arc<Model>>, GatewayError> {
+    let mut models = BTreeMap::new();
+    let mut pools: HashMap<String, Arc<KeyPool>> = HashMap::new();
+    for (id, mc) in &config.models {
+        let provider = config.providers.get(&mc.provider).ok_or_else(|| {
+            build_err(format!("model `{id}`: unknown provider `{}`", mc.provider))
+        })?;
+        let keys = match &mc.api_keys {
+            Some(own) => KeyPool::new(
+                format!("model {id}"),
+                own.iter().cloned().map(ApiKey::new).collect(),
+            ),
+            None => pools
+                .entry(mc.provider.clone())
+                .or_insert_with(|| {
+                    KeyPool::new(
+                        format!("provider {}", mc.provider),
+                        provider.api_keys.iter().cloned().map(ApiKey::new).collect(),
+                    )
+                })
+                .clone(),
+        };
+        let model = Model::from_config(id, mc, provider, keys)
+            .map_err(|e| build_err(format!("model `{id}`: {e}")))?;
+        models.insert(id.clone(), Arc::new(model));
+    }
+    Ok(models)
 }

@@ -1,5 +1,6 @@
 //! The router's live state, as `GET /admin/state` shows it: per model its breaker, token
-//! buckets, in-flight count and keys; per echelon its limits. Never a key, only key ids.
+//! buckets, in-flight count and keys; per echelon its limits; per route its counters and
+//! last fallbacks. Never a key, only key ids.
 
 use serde_json::{Value, json};
 use tokio::time::Instant;
@@ -92,6 +93,25 @@ impl Gateway {
             .tiers()
             .map(|t| (t.label.clone(), echelon_state(t)))
             .collect();
-        json!({"models": models, "echelons": echelons})
+        let routes: serde_json::Map<String, Value> = self
+            .plans()
+            .map(|(name, plan)| {
+                let mut v = json!({
+                    "kind": plan.kind.as_str(),
+                    "stats": plan.stats.snapshot(),
+                    "fallback_history": plan.stats.history(),
+                });
+                if let Some(b) = &plan.group_breaker {
+                    let snap = b.snapshot_at(now);
+                    v["group_breaker"] = json!({
+                        "state": snap.state,
+                        "next_change_ms": snap.next_change_in.map(|d| d.as_millis() as u64),
+                        "reason": snap.reason,
+                    });
+                }
+                (name.to_owned(), v)
+            })
+            .collect();
+        json!({"models": models, "echelons": echelons, "routes": routes})
     }
 }
