@@ -90,6 +90,30 @@ enum Command {
 
 #[derive(Debug, Subcommand)]
 enum ConfigCommand {
+    /// Turn a seed-style global fallback file (`global_fallback.yaml`) into per-group
+    /// `fallback_config` sections (seed 001/002: each task group carries its own fallback).
+    ///
+    /// Every task group without a `fallback_config` gets one made of the global values
+    /// (overlaid with the file's `groups.<name>` overrides); the global file is renamed
+    /// `*.migrated`. Comments in the edited files are kept.
+    ///
+    /// Example:
+    ///   echelon config migrate configs/llms --verbose
+    ///   echelon config migrate configs/llms --validate-only
+    #[command(verbatim_doc_comment)]
+    Migrate {
+        /// The config directory holding the global fallback file and the group files.
+        path: PathBuf,
+        /// Do not write `<file>.bak` copies of the changed files.
+        #[arg(long)]
+        no_backup: bool,
+        /// Check and report the changes without writing anything.
+        #[arg(long)]
+        validate_only: bool,
+        /// Print each change.
+        #[arg(long)]
+        verbose: bool,
+    },
     /// Check a config: prints `ok`, or every error as file:line:col: key.path: message
     /// (with a hint), and exits 1.
     ///
@@ -107,6 +131,12 @@ fn main() -> ExitCode {
     init_tracing(cli.log_format);
     match cli.command {
         Command::Config(ConfigCommand::Validate { path }) => validate(&path),
+        Command::Config(ConfigCommand::Migrate {
+            path,
+            no_backup,
+            validate_only,
+            verbose,
+        }) => migrate(&path, !no_backup, validate_only, verbose),
         Command::Serve { config, host, port } => run(serve(config, host, port)),
         Command::Chat {
             config,
@@ -170,6 +200,49 @@ fn validate(path: &std::path::Path) -> ExitCode {
         }
         Err(errors) => {
             println!("{errors}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn migrate(path: &std::path::Path, backup: bool, validate_only: bool, verbose: bool) -> ExitCode {
+    let options = echelon::config::MigrateOptions {
+        backup,
+        validate_only,
+        verbose,
+    };
+    match echelon::config::migrate(path, &options) {
+        Ok(report) => {
+            if report.changes.is_empty() {
+                println!("nothing to migrate");
+                return ExitCode::SUCCESS;
+            }
+            if verbose || validate_only {
+                for c in &report.changes {
+                    println!("{c}");
+                }
+            }
+            if validate_only {
+                println!(
+                    "ok: {} change(s) would be made; nothing written",
+                    report.changes.len()
+                );
+            } else {
+                println!(
+                    "migrated: {} file(s) written, {} backup(s){}",
+                    report.written.len(),
+                    report.backups.len(),
+                    report
+                        .removed_global
+                        .as_ref()
+                        .map(|p| format!(", global file moved aside ({})", p.display()))
+                        .unwrap_or_default()
+                );
+            }
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            println!("{e}");
             ExitCode::FAILURE
         }
     }

@@ -190,3 +190,80 @@ async fn serve_finishes_in_flight_requests_on_sigterm() {
             .is_err()
     );
 }
+
+fn copy_dir(from: &std::path::Path, to: &std::path::Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for entry in std::fs::read_dir(from).unwrap() {
+        let entry = entry.unwrap();
+        let target = to.join(entry.file_name());
+        if entry.file_type().unwrap().is_dir() {
+            copy_dir(&entry.path(), &target);
+        } else {
+            std::fs::copy(entry.path(), target).unwrap();
+        }
+    }
+}
+
+#[test]
+fn config_migrate_moves_the_global_fallback_into_the_groups() {
+    let fixture = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../echelon/tests/fixtures/config/migrate_dir");
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path().join("llms");
+    copy_dir(&fixture, &root);
+
+    // Before: the global file is refused, with a hint to migrate.
+    let out = Command::new(BIN)
+        .args(["config", "validate"])
+        .arg(&root)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stdout).contains("echelon config migrate"));
+
+    let out = Command::new(BIN)
+        .args(["config", "migrate", "--validate-only"])
+        .arg(&root)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    assert!(String::from_utf8_lossy(&out.stdout).contains("nothing written"));
+    assert!(root.join("global_fallback.yaml").exists());
+
+    let out = Command::new(BIN)
+        .args(["config", "migrate", "--verbose"])
+        .arg(&root)
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{text}");
+    assert!(text.contains("fast_group"), "{text}");
+    assert!(!root.join("global_fallback.yaml").exists());
+    assert!(root.join("groups/fast_group.yaml.bak").exists());
+    let migrated = std::fs::read_to_string(root.join("groups/fast_group.yaml")).unwrap();
+    assert!(migrated.contains("fallback_config:"), "{migrated}");
+
+    let out = Command::new(BIN)
+        .args(["config", "validate"])
+        .arg(&root)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    let out = Command::new(BIN)
+        .args(["config", "migrate"])
+        .arg(&root)
+        .output()
+        .unwrap();
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout).trim(),
+        "nothing to migrate"
+    );
+}

@@ -5,6 +5,7 @@ use axum::extract::State;
 use axum::extract::rejection::BytesRejection;
 use axum::response::{IntoResponse, Response};
 use bytes::Bytes;
+use echelon::CallOptions;
 use echelon_types::{ErrorBody, parse_request};
 use http::StatusCode;
 use serde_json::json;
@@ -16,8 +17,15 @@ use crate::sse::stream_response;
 /// `POST /v1/chat/completions`.
 pub(crate) async fn chat_completions(
     State(state): State<AppState>,
+    headers: http::HeaderMap,
     body: Result<Bytes, BytesRejection>,
 ) -> Response {
+    let options = CallOptions {
+        session_id: headers
+            .get("x-session-id")
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_owned),
+    };
     let body = match body {
         Ok(b) => b,
         Err(rejection) => {
@@ -43,12 +51,12 @@ pub(crate) async fn chat_completions(
         }
     };
     if req.is_stream() {
-        match state.gateway.chat_stream(req).await {
+        match state.gateway.chat_stream_with(req, &options).await {
             Ok(stream) => stream_response(stream),
             Err(e) => gateway_error_response(&e),
         }
     } else {
-        match state.gateway.chat(req).await {
+        match state.gateway.chat_with(req, &options).await {
             Ok(done) => {
                 let mut resp = json_response(StatusCode::OK, &done.response);
                 put_route_headers(resp.headers_mut(), &done.model, &done.attempts);

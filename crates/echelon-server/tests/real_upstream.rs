@@ -38,6 +38,8 @@ task_groups:
   demo:
     echelon1: {{ models: [real-a] }}
     echelon2: {{ models: [real-b] }}
+polling_pools:
+  demo_pool: {{ task_groups: [demo], rotation_strategy: round_robin, failure_threshold: 1, recovery_time: 60 }}
 "#,
         servers[0].base_url(),
         servers[1].base_url()
@@ -211,4 +213,34 @@ async fn a_too_long_prompt_is_a_400_without_retry() {
         kinds,
         vec![("real-a", "context_window"), ("real-b", "context_window")]
     );
+}
+
+#[tokio::test]
+async fn a_pool_round_robins_over_two_real_servers_and_survives_one_dying() {
+    let Some(mut s) = stack("key-a").await else {
+        return;
+    };
+    let mut answered = Vec::new();
+    for _ in 0..4 {
+        let mut req = body("Say hi.", false);
+        req["model"] = "demo_pool".into();
+        let resp = post(s.addr, &req).await;
+        assert_eq!(resp.status(), 200);
+        answered.push(
+            resp.headers()["x-echelon-model"]
+                .to_str()
+                .unwrap()
+                .to_owned(),
+        );
+    }
+    assert_eq!(answered, vec!["real-a", "real-b", "real-a", "real-b"]);
+
+    s.servers[0].kill();
+    for _ in 0..4 {
+        let mut req = body("Say hi.", false);
+        req["model"] = "demo_pool".into();
+        let resp = post(s.addr, &req).await;
+        assert_eq!(resp.status(), 200, "the pool keeps answering");
+        assert_eq!(resp.headers()["x-echelon-model"], "real-b");
+    }
 }

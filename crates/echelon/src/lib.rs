@@ -3,7 +3,9 @@
 //!
 //! The modules follow the request path (DESIGN.md §3):
 //! - [`config`]: the YAML/JSON configuration, validated with file:line:col errors;
-//! - [`routing`]: route names → task groups / models, and the failover loop;
+//! - [`routing`]: route names → models, task groups, echelons, polling pools and wrappers,
+//!   the fallback strategies, and handles ([`Gateway::llm`]) that act like one model;
+//! - [`tokens`]: prompt token counts (tiktoken) for TPM limits and context windows;
 //! - [`resilience`]: circuit breaker, token buckets, concurrency limits, key pools, retry budget;
 //! - [`provider`]: one HTTP call to one OpenAI-compatible endpoint, classified errors;
 //! - [`key`]: API keys and the short ids that stand for them;
@@ -18,4 +20,7 @@ pub mod routing;
 pub mod tokens;
 
 pub use error::GatewayError;
-pub use routing::{Completion, Gateway, GatewayStream, RouteInfo};
+pub use routing::{
+    CallOptions, Completion, Gateway, GatewayStream, LlmHandle, NodeRoutes, RouteInfo,
+    StatsSnapshot,
+};

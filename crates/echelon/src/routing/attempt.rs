@@ -81,6 +81,8 @@ pub(crate) struct RequestState {
     calls: u32,
     /// Most calls allowed (`fallback_config.max_attempts`).
     max_calls: Option<u32>,
+    /// The pool instance that answered, when a pool step answered.
+    pub(crate) answered_by: Option<Arc<Model>>,
 }
 
 impl RequestState {
@@ -92,6 +94,7 @@ impl RequestState {
             prompt_tokens: None,
             calls: 0,
             max_calls,
+            answered_by: None,
         }
     }
 

@@ -12,6 +12,8 @@ mod stream;
 
 pub use attempt::MAX_RETRY_WAIT;
 pub use model::Model;
-pub use router::{CallOptions, Completion, Gateway, RouteInfo};
+pub use router::{
+    CallOptions, Completion, DEFAULT_ROUTE_ALIAS, Gateway, LlmHandle, NodeRoutes, RouteInfo,
+};
 pub use stats::{FALLBACK_HISTORY_LEN, FallbackEvent, StatsSnapshot};
 pub use stream::GatewayStream;

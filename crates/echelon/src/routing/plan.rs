@@ -7,6 +7,7 @@ use std::time::Duration;
 use echelon_types::ChatCompletionRequest;
 
 use super::model::Model;
+use super::pool::PollingPool;
 use super::stats::RouteStats;
 use crate::resilience::breaker::CircuitBreaker;
 use crate::resilience::concurrency::ConcurrencyLimit;
@@ -91,10 +92,11 @@ impl Tier {
     }
 }
 
-/// One step of a plan: a tier of models (an echelon, or a lone model).
+/// One step of a plan: a tier of models (an echelon, or a lone model), or a polling pool.
 #[derive(Debug, Clone)]
 pub(crate) enum Step {
     Tier(Arc<Tier>),
+    Pool(Arc<PoolStep>),
 }
 
 impl Step {
@@ -102,8 +104,31 @@ impl Step {
     pub(crate) fn same_as(&self, other: &Step) -> bool {
         match (self, other) {
             (Step::Tier(a), Step::Tier(b)) => Arc::ptr_eq(a, b),
+            (Step::Pool(a), Step::Pool(b)) => Arc::ptr_eq(a, b),
+            _ => false,
         }
     }
+
+    /// The models this step may call.
+    pub(crate) fn models(&self) -> &[Arc<Model>] {
+        match self {
+            Step::Tier(t) => &t.models,
+            Step::Pool(p) => p.pool.instances(),
+        }
+    }
+}
+
+/// A polling pool as a step: its instances, and its own fallback (seed 001/002:
+/// `instance_rotation` takes the next healthy instance, `simple_retry` retries the same
+/// one), each up to `max_instance_attempts` calls.
+#[derive(Debug)]
+pub(crate) struct PoolStep {
+    pub(crate) pool: Arc<PollingPool>,
+    /// The instances as a tier without limits, and with no per-model retries: the
+    /// pool's own fallback does the retrying.
+    pub(crate) tier: Tier,
+    pub(crate) simple_retry: bool,
+    pub(crate) max_instance_attempts: u32,
 }
 
 /// What a route name resolves to: its steps in order, and how to move between them
@@ -153,6 +178,8 @@ pub(crate) enum RouteKind {
     Model,
     TaskGroup,
     Echelon,
+    PollingPool,
+    Wrapper,
 }
 
 impl RouteKind {
@@ -161,6 +188,8 @@ impl RouteKind {
             RouteKind::Model => "model",
             RouteKind::TaskGroup => "task_group",
             RouteKind::Echelon => "echelon",
+            RouteKind::PollingPool => "polling_pool",
+            RouteKind::Wrapper => "wrapper",
         }
     }
 }

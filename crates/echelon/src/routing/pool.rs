@@ -24,7 +24,6 @@
 //! or concurrency limit, but they do lease a key like any request.
 
 // The router does not use pools yet; drop this once it does.
-#![cfg_attr(not(test), allow(dead_code))]
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError, Weak};

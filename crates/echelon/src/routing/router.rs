@@ -8,10 +8,14 @@ use echelon_types::{Attempt, ChatCompletion, ChatCompletionRequest};
 
 use super::attempt::{Answer, Flow, RequestState, context_error, exhausted, try_model};
 use super::model::{Model, breaker_settings};
-use super::plan::{EchelonDefaults, EchelonLimits, Plan, RouteKind, Step, Tier};
+use super::plan::{EchelonDefaults, EchelonLimits, Plan, PoolStep, RouteKind, Step, Tier};
+use super::pool::{PollingPool, PoolSettings, ProbeKind, Rotation};
 use super::stats::{FallbackEvent, StatsSnapshot};
 use super::stream::GatewayStream;
-use crate::config::{Config, FallbackStrategy};
+use crate::config::{
+    Config, FallbackStrategy, HealthCheckKind, PollingPoolConfig, PoolFallbackStrategy,
+    RotationStrategy,
+};
 use crate::error::{GatewayError, GatewayErrorKind};
 use crate::key::ApiKey;
 use crate::resilience::breaker::CircuitBreaker;
@@ -54,8 +58,12 @@ pub struct CallOptions {
 pub struct Gateway {
     models: BTreeMap<String, Arc<Model>>,
     echelons: Vec<Arc<Tier>>,
+    pools: BTreeMap<String, Arc<PollingPool>>,
     routes: HashMap<String, Plan>,
     route_list: Vec<RouteInfo>,
+    default_route: Option<String>,
+    /// Every model as one probe set, for [`Gateway::health_check_all`].
+    all_models: PollingPool,
 }
 
 fn build_err(m: String) -> GatewayError {
@@ -133,6 +141,44 @@ impl Gateway {
             base.insert(name.clone(), own);
         }
 
+        let mut pools = BTreeMap::new();
+        for (name, pc) in &config.polling_pools {
+            let group = config.task_groups.get(&pc.task_group).ok_or_else(|| {
+                build_err(format!(
+                    "polling pool `{name}`: unknown task group `{}`",
+                    pc.task_group
+                ))
+            })?;
+            let mut instances: Vec<Arc<Model>> = Vec::new();
+            for m in group.echelons.iter().flat_map(|e| e.models.iter()) {
+                let model = models.get(m).ok_or_else(|| {
+                    build_err(format!("polling pool `{name}`: unknown model `{m}`"))
+                })?;
+                if !instances.iter().any(|x| Arc::ptr_eq(x, model)) {
+                    instances.push(model.clone());
+                }
+            }
+            let settings = pool_settings(pc, &instances);
+            let pool = Arc::new(PollingPool::new(name.clone(), instances.clone(), settings));
+            let tier = Tier::new(
+                name.clone(),
+                instances,
+                EchelonDefaults {
+                    max_retries: Some(0),
+                    ..EchelonDefaults::default()
+                },
+                EchelonLimits::default(),
+            );
+            let step = PoolStep {
+                pool: pool.clone(),
+                tier,
+                simple_retry: pc.fallback_config.strategy == PoolFallbackStrategy::SimpleRetry,
+                max_instance_attempts: pc.fallback_config.max_instance_attempts.max(1),
+            };
+            base.insert(name.clone(), vec![Step::Pool(Arc::new(step))]);
+            pools.insert(name.clone(), pool);
+        }
+
         for id in models.keys() {
             let steps = base.get(id).cloned().unwrap_or_default();
             routes.insert(id.clone(), Plan::simple(RouteKind::Model, steps));
@@ -163,6 +209,51 @@ impl Gateway {
             plan.own_steps = own_steps;
             routes.insert(name.clone(), plan);
         }
+        for name in pools.keys() {
+            let steps = base.get(name).cloned().unwrap_or_default();
+            routes.insert(name.clone(), Plan::simple(RouteKind::PollingPool, steps));
+        }
+        // Wrappers (seed 001's factory): the target's plan, then each fallback's steps.
+        // Wrappers may name wrappers; validation has ruled out cycles.
+        let mut pending: Vec<&String> = config.wrappers.keys().collect();
+        while !pending.is_empty() {
+            let before = pending.len();
+            pending.retain(|name| {
+                let w = &config.wrappers[*name];
+                let Some(target) = routes.get(&w.target) else {
+                    return true;
+                };
+                let mut refs = Vec::new();
+                for f in &w.fallback_groups {
+                    match (base.get(f), routes.get(f)) {
+                        (Some(b), _) => refs.push(b.clone()),
+                        (None, Some(p)) => refs.push(p.steps.clone()),
+                        (None, None) => return true,
+                    }
+                }
+                let mut steps = target.steps.clone();
+                for more in &refs {
+                    extend_unique(&mut steps, more);
+                }
+                let mut plan = Plan::simple(RouteKind::Wrapper, steps);
+                plan.own_steps = target.steps.len();
+                plan.provider_failover = target.provider_failover;
+                plan.max_attempts = target.max_attempts;
+                plan.step_delay = target.step_delay;
+                routes.insert((*name).clone(), plan);
+                false
+            });
+            if pending.len() == before {
+                return Err(build_err(format!(
+                    "wrappers with unresolvable targets: {}",
+                    pending
+                        .iter()
+                        .map(|n| n.as_str())
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                )));
+            }
+        }
 
         let mut names: Vec<&String> = routes.keys().collect();
         names.sort_by_key(|n| (kind_order(routes[*n].kind), (*n).clone()));
@@ -176,12 +267,33 @@ impl Gateway {
         }
         // Echelons listed right after their group, as before.
         route_list.sort_by_key(group_key);
-        Ok(Gateway {
+        let everything: Vec<Arc<Model>> = models.values().cloned().collect();
+        let all_models = PollingPool::new(
+            "all models".to_owned(),
+            everything.clone(),
+            PoolSettings {
+                rotation: Rotation::RoundRobin,
+                weights: vec![1; everything.len()],
+                health_check_interval: Duration::ZERO,
+                probe: ProbeKind::Models,
+                failure_threshold: 1,
+                recovery_time: Duration::ZERO,
+                session_ttl: Duration::from_secs(60),
+            },
+        );
+        let gateway = Gateway {
             models,
             echelons,
+            pools,
             routes,
             route_list,
-        })
+            default_route: config.default_route.clone(),
+            all_models,
+        };
+        if tokio::runtime::Handle::try_current().is_ok() {
+            gateway.start_health_checks();
+        }
+        Ok(gateway)
     }
 
     /// Every route a request may name: models first, then task groups each followed by
@@ -203,6 +315,72 @@ impl Gateway {
     /// Every echelon of every task group.
     pub(crate) fn tiers(&self) -> impl Iterator<Item = &Arc<Tier>> {
         self.echelons.iter()
+    }
+
+    /// Starts the background health checks of every polling pool (one tokio task per
+    /// pool, ending when the gateway is dropped). [`from_config`](Self::from_config) does
+    /// this itself when called inside a tokio runtime; call it once otherwise.
+    pub fn start_health_checks(&self) {
+        for pool in self.pools.values() {
+            pool.spawn_health_checks();
+        }
+    }
+
+    /// Probes every model now (`GET {base_url}/models` with one of its keys) and returns
+    /// the outcome per model id (seed 001's `health_check_all`). Pools also update their
+    /// instances' health from their own probes.
+    pub async fn health_check_all(&self) -> BTreeMap<String, Result<(), String>> {
+        for pool in self.pools.values() {
+            pool.probe_all().await;
+        }
+        let results = self.all_models.probe_all().await;
+        self.all_models
+            .instances()
+            .iter()
+            .zip(results)
+            .map(|(m, r)| (m.id().to_owned(), r))
+            .collect()
+    }
+
+    /// The polling pools, by name.
+    pub(crate) fn pools(&self) -> impl Iterator<Item = (&str, &Arc<PollingPool>)> {
+        self.pools.iter().map(|(n, p)| (n.as_str(), p))
+    }
+
+    /// The configured `default_route`.
+    pub fn default_route(&self) -> Option<&str> {
+        self.default_route.as_deref()
+    }
+
+    /// The route for an LLM node that may name several (seed 001's LLM node config):
+    /// wrapper > task group > polling pool > the configured `default_route`. Names that
+    /// are not routes of the right kind are passed over.
+    pub fn resolve_node(&self, node: &NodeRoutes<'_>) -> Option<&str> {
+        let pick = |name: Option<&str>, kind: RouteKind| {
+            name.and_then(|n| {
+                self.routes
+                    .get_key_value(n)
+                    .filter(|(_, p)| p.kind == kind)
+                    .map(|(k, _)| k.as_str())
+            })
+        };
+        pick(node.llm_wrapper, RouteKind::Wrapper)
+            .or_else(|| pick(node.task_group, RouteKind::TaskGroup))
+            .or_else(|| pick(node.polling_pool, RouteKind::PollingPool))
+            .or(self.default_route.as_deref())
+    }
+
+    /// A handle on a route that behaves like a single model (seed 002: "a polling pool
+    /// can be used directly as an LLM instance").
+    ///
+    /// # Errors
+    /// 404 when `name` is not a route.
+    pub fn llm(self: &Arc<Self>, name: &str) -> Result<LlmHandle, GatewayError> {
+        let name = self.route_name(name)?;
+        Ok(LlmHandle {
+            gateway: self.clone(),
+            route: name.to_owned(),
+        })
     }
 
     /// The plan of each route, by name.
@@ -310,24 +488,40 @@ impl Gateway {
         }
     }
 
+    /// The route a request names: itself, or the `default_route` for the name `default`
+    /// when no route has that name.
+    fn route_name<'a>(&'a self, name: &'a str) -> Result<&'a str, GatewayError> {
+        if self.routes.contains_key(name) {
+            return Ok(name);
+        }
+        if name == DEFAULT_ROUTE_ALIAS
+            && let Some(d) = &self.default_route
+        {
+            return Ok(d);
+        }
+        Err(GatewayError::new(
+            GatewayErrorKind::UnknownRoute,
+            format!("route `{name}` is not a route of this gateway (GET /v1/models lists them)"),
+        )
+        .with_param("model")
+        .with_code("model_not_found"))
+    }
+
     async fn execute(
         &self,
         req: &ChatCompletionRequest,
         stream: bool,
-        _options: &CallOptions,
+        options: &CallOptions,
     ) -> Result<(Answer, Arc<Model>, Vec<Attempt>), GatewayError> {
-        let plan = self.routes.get(&req.model).ok_or_else(|| {
-            GatewayError::new(
+        let name = self.route_name(&req.model)?;
+        let Some(plan) = self.routes.get(name) else {
+            return Err(GatewayError::new(
                 GatewayErrorKind::UnknownRoute,
-                format!(
-                    "route `{}` is not a route of this gateway (GET /v1/models lists them)",
-                    req.model
-                ),
-            )
-            .with_param("model")
-            .with_code("model_not_found")
-        })?;
-        let result = run_plan(plan, req, stream).await;
+                "route vanished",
+            ));
+        };
+        let session = session_key(req, options);
+        let result = run_plan(plan, req, stream, session.as_deref()).await;
         match &result {
             Ok((_, _, attempts)) => plan.stats.record(attempts, true),
             Err(e) => plan.stats.record(e.attempts(), false),
@@ -341,6 +535,7 @@ async fn run_plan(
     plan: &Plan,
     req: &ChatCompletionRequest,
     stream: bool,
+    session: Option<&str>,
 ) -> Result<(Answer, Arc<Model>, Vec<Attempt>), GatewayError> {
     let mut st = RequestState::new(plan.max_attempts);
     let mut failed_providers: HashSet<String> = HashSet::new();
@@ -375,7 +570,25 @@ async fn run_plan(
         {
             tokio::time::sleep(d).await;
         }
-        let Step::Tier(tier) = step;
+        let tier = match step {
+            Step::Tier(t) => t,
+            Step::Pool(ps) => {
+                match run_pool(ps, req, stream, session, &mut st).await {
+                    Flow::Answered(answer) => {
+                        let model = st.answered_by.take();
+                        if let (Some(b), Some(p)) = (&plan.group_breaker, group_permit.take()) {
+                            b.record(p, i < plan.own_steps);
+                        }
+                        if let Some(model) = model {
+                            return Ok((answer, model, st.attempts));
+                        }
+                    }
+                    Flow::Stop(e) => return Err(e),
+                    Flow::Next => {}
+                }
+                continue;
+            }
+        };
         let mut body = req.clone();
         tier.defaults.apply(&mut body);
         for model in tier.ordered() {
@@ -436,14 +649,209 @@ async fn run_plan(
     Err(e)
 }
 
+/// A polling pool's turn: instances picked by the pool (sticky for a session), each
+/// tried once, moving on by `instance_rotation` or staying by `simple_retry`, up to
+/// `max_instance_attempts` calls.
+async fn run_pool(
+    ps: &PoolStep,
+    req: &ChatCompletionRequest,
+    stream: bool,
+    session: Option<&str>,
+    st: &mut RequestState,
+) -> Flow {
+    let mut exclude: Vec<usize> = Vec::new();
+    let mut last: Option<usize> = None;
+    let mut body = req.clone();
+    for _ in 0..ps.max_instance_attempts {
+        if !st.budget_left() {
+            break;
+        }
+        let pick = match (ps.simple_retry, last) {
+            (true, Some(i)) => Some(i),
+            _ => ps.pool.select(session, &exclude),
+        };
+        let Some(i) = pick else {
+            break;
+        };
+        let model = &ps.pool.instances()[i];
+        if st.exceeds_context(model, &body) {
+            exclude.push(i);
+            last = None;
+            continue;
+        }
+        body.model.clear();
+        body.model.push_str(model.upstream_model());
+        let calls_before = st.calls();
+        match try_model(&ps.tier, model, &body, stream, st).await {
+            Flow::Answered(answer) => {
+                ps.pool.record(i, true);
+                st.answered_by = Some(model.clone());
+                return Flow::Answered(answer);
+            }
+            Flow::Stop(e) => return Flow::Stop(e),
+            Flow::Next => {
+                let unhealthy = st
+                    .attempts
+                    .last()
+                    .is_some_and(|a| HEALTH_KINDS.contains(&a.error_kind.as_str()));
+                if st.calls() > calls_before && unhealthy {
+                    ps.pool.record(i, false);
+                }
+                exclude.push(i);
+                last = Some(i);
+            }
+        }
+    }
+    Flow::Next
+}
+
+/// Attempt kinds that count against an instance's health in a pool.
+const HEALTH_KINDS: [&str; 6] = [
+    "timeout",
+    "connect",
+    "server_error",
+    "malformed",
+    "stream_cut",
+    "not_found",
+];
+
+/// The route name a request may use for the configured `default_route`.
+pub const DEFAULT_ROUTE_ALIAS: &str = "default";
+
+/// The key that keeps a conversation on one pool instance: the `x-session-id`, else the
+/// request's `user`, else — for a request with prior assistant turns — a hash of the
+/// conversation's opening (its messages up to the first assistant turn), which stays
+/// the same as the conversation grows. Single-turn requests have none.
+fn session_key(req: &ChatCompletionRequest, options: &CallOptions) -> Option<String> {
+    if let Some(s) = options.session_id.as_deref().filter(|s| !s.is_empty()) {
+        return Some(format!("session:{s}"));
+    }
+    if let Some(u) = req.user.as_deref().filter(|s| !s.is_empty()) {
+        return Some(format!("user:{u}"));
+    }
+    let first_assistant = req
+        .messages
+        .iter()
+        .position(|m| m.role == echelon_types::Role::Assistant)?;
+    use std::hash::{Hash, Hasher};
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    for m in &req.messages[..first_assistant] {
+        m.text().hash(&mut h);
+    }
+    Some(format!("conversation:{:016x}", h.finish()))
+}
+
+/// Pool settings from config (seed 001 `polling_pools/*.yaml`).
+fn pool_settings(pc: &PollingPoolConfig, instances: &[Arc<Model>]) -> PoolSettings {
+    PoolSettings {
+        rotation: match pc.rotation_strategy {
+            RotationStrategy::RoundRobin => Rotation::RoundRobin,
+            RotationStrategy::LeastBusy => Rotation::LeastBusy,
+            RotationStrategy::Weighted => Rotation::Weighted,
+        },
+        weights: instances
+            .iter()
+            .map(|m| pc.weights.get(m.id()).copied().unwrap_or(1))
+            .collect(),
+        health_check_interval: Duration::from_secs_f64(pc.health_check_interval.max(0.0)),
+        probe: match pc.health_check {
+            HealthCheckKind::Models => ProbeKind::Models,
+            HealthCheckKind::Completion => ProbeKind::Completion,
+        },
+        failure_threshold: pc.failure_threshold,
+        recovery_time: Duration::from_secs_f64(pc.recovery_time.max(0.0)),
+        session_ttl: SESSION_TTL,
+    }
+}
+
+/// How long an idle conversation stays bound to its pool instance.
+const SESSION_TTL: Duration = Duration::from_secs(30 * 60);
+
+/// The names an LLM node may give (seed 001: `llm_wrapper`, `task_group`,
+/// `polling_pool`); see [`Gateway::resolve_node`].
+#[derive(Debug, Clone, Copy, Default)]
+pub struct NodeRoutes<'a> {
+    /// A wrapper name.
+    pub llm_wrapper: Option<&'a str>,
+    /// A task group name.
+    pub task_group: Option<&'a str>,
+    /// A polling pool name.
+    pub polling_pool: Option<&'a str>,
+}
+
+/// A route used like a single model (seed 000/002): chat, stream, or a plain prompt, with
+/// the route's counters.
+#[derive(Debug, Clone)]
+pub struct LlmHandle {
+    gateway: Arc<Gateway>,
+    route: String,
+}
+
+impl LlmHandle {
+    /// The route name.
+    pub fn name(&self) -> &str {
+        &self.route
+    }
+
+    /// A chat completion on this route (`req.model` is replaced by the route).
+    ///
+    /// # Errors
+    /// As [`Gateway::chat`].
+    pub async fn chat(&self, mut req: ChatCompletionRequest) -> Result<Completion, GatewayError> {
+        req.model.clone_from(&self.route);
+        self.gateway.chat(req).await
+    }
+
+    /// A streamed chat completion on this route.
+    ///
+    /// # Errors
+    /// As [`Gateway::chat_stream`].
+    pub async fn chat_stream(
+        &self,
+        mut req: ChatCompletionRequest,
+    ) -> Result<GatewayStream, GatewayError> {
+        req.model.clone_from(&self.route);
+        self.gateway.chat_stream(req).await
+    }
+
+    /// Sends `prompt` as one user message and returns the answer's text (seed 000's
+    /// `await llm(prompt) -> str`).
+    ///
+    /// # Errors
+    /// As [`Gateway::chat`]; never a placeholder text.
+    pub async fn complete(&self, prompt: &str) -> Result<String, GatewayError> {
+        let req = ChatCompletionRequest::new(
+            self.route.clone(),
+            vec![echelon_types::ChatMessage::new(
+                echelon_types::Role::User,
+                prompt,
+            )],
+        );
+        let done = self.gateway.chat(req).await?;
+        Ok(done.response.first_text().unwrap_or_default().to_owned())
+    }
+
+    /// The route's counters: total and successful requests, fallbacks, attempts.
+    pub fn stats(&self) -> StatsSnapshot {
+        self.gateway.stats(&self.route).unwrap_or_default()
+    }
+
+    /// Zeroes the route's counters and fallback history.
+    pub fn reset_stats(&self) {
+        self.gateway.reset_stats(Some(&self.route));
+    }
+}
+
 fn kind_order(k: RouteKind) -> u8 {
     match k {
         RouteKind::Model => 0,
         RouteKind::TaskGroup | RouteKind::Echelon => 1,
+        RouteKind::PollingPool => 2,
+        RouteKind::Wrapper => 3,
     }
 }
 
-/// Sort key keeping models first, then each group followed by its echelons.
+/// Sort key: models, then each group followed by its echelons, then pools, wrappers.
 fn group_key(r: &RouteInfo) -> (u8, String, u8) {
     match r.kind {
         "model" => (0, r.id.clone(), 0),
@@ -451,15 +859,16 @@ fn group_key(r: &RouteInfo) -> (u8, String, u8) {
             let group = r.id.rsplit_once('.').map_or(r.id.as_str(), |(g, _)| g);
             (1, group.to_owned(), 1)
         }
-        _ => (1, r.id.clone(), 0),
+        "task_group" => (1, r.id.clone(), 0),
+        "polling_pool" => (2, r.id.clone(), 0),
+        _ => (3, r.id.clone(), 0),
     }
 }
 
 fn plan_models(plan: &Plan) -> Vec<String> {
     let mut out: Vec<String> = Vec::new();
     for step in &plan.steps {
-        let Step::Tier(t) = step;
-        for m in &t.models {
+        for m in step.models() {
             if !out.iter().any(|x| x == m.id()) {
                 out.push(m.id().to_owned());
             }

@@ -1,6 +1,6 @@
 //! The router's live state, as `GET /admin/state` shows it: per model its breaker, token
 //! buckets, in-flight count and keys; per echelon its limits; per route its counters and
-//! last fallbacks. Never a key, only key ids.
+//! last fallbacks; per polling pool its instances' health. Never a key, only key ids.
 
 use serde_json::{Value, json};
 use tokio::time::Instant;
@@ -112,6 +112,18 @@ impl Gateway {
                 (name.to_owned(), v)
             })
             .collect();
-        json!({"models": models, "echelons": echelons, "routes": routes})
+        let pools: serde_json::Map<String, Value> = self
+            .pools()
+            .map(|(_, pool)| {
+                (
+                    pool.name().to_owned(),
+                    json!({
+                        "healthy_instances": pool.healthy_count(),
+                        "instances": pool.snapshot(),
+                    }),
+                )
+            })
+            .collect();
+        json!({"models": models, "echelons": echelons, "pools": pools, "routes": routes})
     }
 }
