@@ -86,6 +86,51 @@ enum Command {
     /// Configuration tools.
     #[command(subcommand)]
     Config(ConfigCommand),
+    /// Totals from the usage ledger: requests, failures, fallbacks, tokens and cost.
+    ///
+    /// Examples:
+    ///   echelon usage --config echelon.yaml --since yesterday --until today --by model
+    ///   echelon usage --config echelon.yaml --since 7d --by day --format csv
+    ///
+    /// --since/--until take a duration ago (30m, 24h, 7d), a date (2026-11-20, UTC), an
+    /// RFC 3339 time, or `today` / `yesterday`.
+    #[command(verbatim_doc_comment)]
+    Usage {
+        /// Config file or directory (for the ledger path).
+        #[arg(long, short)]
+        config: PathBuf,
+        /// Read this ledger instead of the config's.
+        #[arg(long)]
+        ledger: Option<PathBuf>,
+        /// Start of the period (inclusive).
+        #[arg(long)]
+        since: Option<String>,
+        /// End of the period (exclusive).
+        #[arg(long)]
+        until: Option<String>,
+        /// Rows per model, route, key, provider or day.
+        #[arg(long, value_enum, default_value_t = By::Model)]
+        by: By,
+        /// Output format.
+        #[arg(long, value_enum, default_value_t = Format::Table)]
+        format: Format,
+    },
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+enum By {
+    Model,
+    Route,
+    Key,
+    Provider,
+    Day,
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+enum Format {
+    Table,
+    Json,
+    Csv,
 }
 
 #[derive(Debug, Subcommand)]
@@ -138,6 +183,14 @@ fn main() -> ExitCode {
             verbose,
         }) => migrate(&path, !no_backup, validate_only, verbose),
         Command::Serve { config, host, port } => run(serve(config, host, port)),
+        Command::Usage {
+            config,
+            ledger,
+            since,
+            until,
+            by,
+            format,
+        } => usage(&config, ledger, since, until, by, format),
         Command::Chat {
             config,
             route,
@@ -248,6 +301,69 @@ fn migrate(path: &std::path::Path, backup: bool, validate_only: bool, verbose: b
     }
 }
 
+fn usage(
+    config_path: &std::path::Path,
+    ledger: Option<PathBuf>,
+    since: Option<String>,
+    until: Option<String>,
+    by: By,
+    format: Format,
+) -> ExitCode {
+    use echelon::usage::report::{self, GroupBy, ReportFormat, UsageFilter};
+    let path = match ledger {
+        Some(p) => p,
+        None => match load(config_path) {
+            Ok(c) => match c.usage.ledger_path {
+                Some(p) => p,
+                None => {
+                    eprintln!("error: the config disables the ledger (usage.ledger: false)");
+                    return ExitCode::FAILURE;
+                }
+            },
+            Err(e) => {
+                eprintln!("error: {e:#}");
+                return ExitCode::FAILURE;
+            }
+        },
+    };
+    let now_ms = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64);
+    let bound = |s: Option<String>, what: &str| -> Result<Option<u64>, String> {
+        s.map(|s| report::parse_time_bound(&s, now_ms).map_err(|e| format!("--{what}: {e}")))
+            .transpose()
+    };
+    let filter = match (bound(since, "since"), bound(until, "until")) {
+        (Ok(since_ms), Ok(until_ms)) => UsageFilter { since_ms, until_ms },
+        (Err(e), _) | (_, Err(e)) => {
+            eprintln!("error: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let by = match by {
+        By::Model => GroupBy::Model,
+        By::Route => GroupBy::Route,
+        By::Key => GroupBy::Key,
+        By::Provider => GroupBy::Provider,
+        By::Day => GroupBy::Day,
+    };
+    let format = match format {
+        Format::Table => ReportFormat::Table,
+        Format::Json => ReportFormat::Json,
+        Format::Csv => ReportFormat::Csv,
+    };
+    match report::summary(&path, &filter, by) {
+        Ok(rows) => {
+            print!("{}", report::render(&rows, by, format));
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("error: {} : {e}", path.display());
+            ExitCode::FAILURE
+        }
+    }
+}
+
 fn load(path: &std::path::Path) -> anyhow::Result<Config> {
     Config::load(path).map_err(|e| anyhow::anyhow!("invalid config:\n{e}"))
 }
@@ -258,7 +374,25 @@ async fn serve(
     port: Option<u16>,
 ) -> anyhow::Result<ExitCode> {
     let config = load(&config_path)?;
-    let gateway = Arc::new(Gateway::from_config(&config)?);
+    // The ledger writer runs on its own thread; requests hand it their records.
+    let ledger = match &config.usage.ledger_path {
+        Some(path) => {
+            let ledger = echelon::usage::ledger::Ledger::open(path)
+                .with_context(|| format!("cannot open the usage ledger {}", path.display()))?;
+            tracing::info!(path = %path.display(), "usage ledger open");
+            Some(ledger.spawn_writer(
+                config.usage.queue_capacity,
+                config.usage.batch_size,
+                std::time::Duration::from_millis(config.usage.flush_interval_ms),
+            ))
+        }
+        None => None,
+    };
+    let mut gateway = Gateway::from_config(&config)?;
+    if let Some((sender, _)) = &ledger {
+        gateway = gateway.with_record_sink(Arc::new(sender.clone()));
+    }
+    let gateway = Arc::new(gateway);
     let host = host.unwrap_or_else(|| config.server.host.clone());
     let port = port.unwrap_or(config.server.port);
     let listener = tokio::net::TcpListener::bind((host.as_str(), port))
@@ -268,16 +402,28 @@ async fn serve(
     let options = ServerOptions {
         api_keys: config.server.api_keys.clone(),
         body_limit_bytes: config.server.body_limit_bytes,
+        log_bodies: config.server.log_bodies,
     };
-    let app = echelon_server::router(gateway, &options);
+    let app = echelon_server::router(gateway.clone(), &options);
     tracing::info!(
-        routes = config.models.len() + config.task_groups.len(),
+        routes = gateway.routes().len(),
         auth = !options.api_keys.is_empty(),
         "echelon listening on http://{addr}"
     );
     println!("echelon listening on http://{addr}");
     std::io::stdout().flush()?;
     echelon_server::serve(listener, app, echelon_server::shutdown_signal()).await?;
+    // In-flight requests are done: let abandoned streams' last records reach the sink,
+    // then close it and wait for the writer to flush everything.
+    drop(gateway);
+    tokio::task::yield_now().await;
+    if let Some((sender, writer)) = ledger {
+        drop(sender);
+        let rows = tokio::task::spawn_blocking(move || writer.join())
+            .await
+            .context("ledger writer")??;
+        tracing::info!(rows, "usage ledger flushed");
+    }
     tracing::info!("echelon stopped");
     Ok(ExitCode::SUCCESS)
 }

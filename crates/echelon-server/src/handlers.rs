@@ -9,6 +9,7 @@ use echelon::CallOptions;
 use echelon_types::{ErrorBody, parse_request};
 use http::StatusCode;
 use serde_json::json;
+use tracing::Instrument;
 
 use crate::AppState;
 use crate::reply::{error_response, gateway_error_response, json_response, put_route_headers};
@@ -20,11 +21,35 @@ pub(crate) async fn chat_completions(
     headers: http::HeaderMap,
     body: Result<Bytes, BytesRejection>,
 ) -> Response {
+    // The caller's x-request-id when it sent a sane one, else a new id; it is on every
+    // log line of the request and echoed in the response.
+    let request_id = headers
+        .get("x-request-id")
+        .and_then(|v| v.to_str().ok())
+        .filter(|v| !v.is_empty() && v.len() <= 128 && v.bytes().all(|b| b.is_ascii_graphic()))
+        .map_or_else(echelon::usage::new_request_id, str::to_owned);
+    let span = tracing::info_span!("request", request_id = %request_id);
+    let mut resp = chat_in_span(state, headers, body, request_id.clone())
+        .instrument(span)
+        .await;
+    if let Ok(v) = http::HeaderValue::from_str(&request_id) {
+        resp.headers_mut().insert("x-request-id", v);
+    }
+    resp
+}
+
+async fn chat_in_span(
+    state: AppState,
+    headers: http::HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+    request_id: String,
+) -> Response {
     let options = CallOptions {
         session_id: headers
             .get("x-session-id")
             .and_then(|v| v.to_str().ok())
             .map(str::to_owned),
+        request_id: Some(request_id),
     };
     let body = match body {
         Ok(b) => b,
@@ -42,6 +67,9 @@ pub(crate) async fn chat_completions(
             );
         }
     };
+    if state.log_bodies {
+        tracing::info!(body = %String::from_utf8_lossy(&body), "request body (log_bodies: true)");
+    }
     let req = match parse_request(&body) {
         Ok(r) => r,
         Err(e) => {
@@ -50,6 +78,7 @@ pub(crate) async fn chat_completions(
             return error_response(StatusCode::BAD_REQUEST, err.with_code("invalid_request"));
         }
     };
+    tracing::info!(route = %req.model, stream = req.is_stream(), "chat completion");
     if req.is_stream() {
         match state.gateway.chat_stream_with(req, &options).await {
             Ok(stream) => stream_response(stream),

@@ -13,6 +13,7 @@
 
 mod auth;
 mod handlers;
+mod metrics;
 mod reply;
 mod sse;
 
@@ -35,6 +36,8 @@ pub struct ServerOptions {
     pub api_keys: Vec<SecretString>,
     /// Largest request body accepted, bytes; larger gets 413.
     pub body_limit_bytes: usize,
+    /// Log request bodies (prompts) at info level; off by default (`server.log_bodies`).
+    pub log_bodies: bool,
 }
 
 impl Default for ServerOptions {
@@ -42,6 +45,7 @@ impl Default for ServerOptions {
         ServerOptions {
             api_keys: Vec::new(),
             body_limit_bytes: 8 * 1024 * 1024,
+            log_bodies: false,
         }
     }
 }
@@ -51,6 +55,7 @@ impl Default for ServerOptions {
 pub(crate) struct AppState {
     pub(crate) gateway: Arc<Gateway>,
     pub(crate) keys: Arc<GatewayKeys>,
+    pub(crate) log_bodies: bool,
 }
 
 /// The axum router with every endpoint.
@@ -58,6 +63,7 @@ pub fn router(gateway: Arc<Gateway>, options: &ServerOptions) -> Router {
     let state = AppState {
         gateway,
         keys: Arc::new(GatewayKeys::new(&options.api_keys)),
+        log_bodies: options.log_bodies,
     };
     let v1 = Router::new()
         .route("/chat/completions", post(handlers::chat_completions))
@@ -76,6 +82,7 @@ pub fn router(gateway: Arc<Gateway>, options: &ServerOptions) -> Router {
         .nest("/v1", v1)
         .nest("/admin", admin)
         .route("/health", get(handlers::health))
+        .merge(metrics::routes(state.clone(), false))
         .fallback(handlers::not_found)
         .layer(DefaultBodyLimit::max(options.body_limit_bytes))
         .with_state(state)

@@ -59,6 +59,7 @@ task_groups:
                 .map(|k| SecretString::from(*k))
                 .collect(),
             body_limit_bytes,
+            log_bodies: false,
         };
         let app = echelon_server::router(gateway, &options);
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();

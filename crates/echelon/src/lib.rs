@@ -18,6 +18,7 @@ pub mod provider;
 pub mod resilience;
 pub mod routing;
 pub mod tokens;
+pub mod usage;
 
 pub use error::GatewayError;
 pub use routing::{

@@ -8,8 +8,8 @@ use std::path::PathBuf;
 use echelon::config::{
     CircuitBreakerConfig, Config, ConfigError, ConfigErrors, FallbackConfig, FallbackStrategy,
     HealthCheckKind, MigrateError, MigrateOptions, MigrationReport, PollingPoolConfig,
-    PoolFallbackConfig, PoolFallbackStrategy, ProviderApi, RotationStrategy, WrapperConfig,
-    migrate_with_env,
+    PoolFallbackConfig, PoolFallbackStrategy, PricingConfig, ProviderApi, RotationStrategy,
+    TokenEncoding, UsageConfig, WrapperConfig, migrate_with_env,
 };
 use secrecy::{ExposeSecret, SecretString};
 
@@ -1591,4 +1591,265 @@ fn examples_still_validate() {
         }
     }
     assert!(seen > 0, "no examples found in {}", dir.display());
+}
+
+// ---------------------------------------------------------------------------
+// usage, pricing, encodings, body logging
+
+#[test]
+fn usage_pricing_encoding_and_log_bodies_load() {
+    let config = Config::load_with_env(fixture("usage.yaml"), &no_env).unwrap();
+    assert!(config.server.log_bodies);
+
+    let mini = &config.models["mini"];
+    assert_eq!(
+        mini.pricing,
+        Some(PricingConfig {
+            input_per_1m: 0.15,
+            output_per_1m: 0.60,
+            cached_input_per_1m: Some(0.075),
+        })
+    );
+    assert_eq!(mini.encoding, None);
+    assert_eq!(
+        mini.token_encoding(),
+        TokenEncoding::O200kBase,
+        "gpt-4o* → o200k"
+    );
+    let classic = &config.models["classic"];
+    assert_eq!(
+        classic.pricing,
+        Some(PricingConfig {
+            input_per_1m: 30.0,
+            output_per_1m: 60.0,
+            cached_input_per_1m: None,
+        })
+    );
+    assert_eq!(
+        classic.encoding,
+        Some(TokenEncoding::O200kBase),
+        "explicit wins"
+    );
+    let plain = &config.models["plain"];
+    assert_eq!(plain.pricing, None);
+    assert_eq!(plain.token_encoding(), TokenEncoding::Cl100kBase);
+
+    // Relative to the configuration file's directory.
+    assert_eq!(
+        config.usage,
+        UsageConfig {
+            ledger_path: Some(fixture("data/ledger.db")),
+            queue_capacity: 500,
+            batch_size: 64,
+            flush_interval_ms: 50,
+        }
+    );
+}
+
+#[test]
+fn usage_defaults_and_the_default_ledger_path() {
+    let yaml = "
+providers: { local: { base_url: \"http://127.0.0.1:8082/v1\" } }
+models: { m: { provider: local } }
+";
+    let env = env_of(&[("HOME", "/home/u")]);
+    let config = Config::from_str_with_env(yaml, "inline.yaml", &env).unwrap();
+    assert!(!config.server.log_bodies);
+    assert_eq!(config.models["m"].pricing, None);
+    assert_eq!(
+        config.usage,
+        UsageConfig {
+            ledger_path: Some(PathBuf::from("/home/u/.local/share/echelon/ledger.db")),
+            queue_capacity: 10_000,
+            batch_size: 256,
+            flush_interval_ms: 200,
+        }
+    );
+
+    // ECHELON_DATA_DIR, then XDG_DATA_HOME (absolute only), then HOME.
+    let path = |vars: &'static [(&'static str, &'static str)]| {
+        UsageConfig::default_ledger_path_with_env(&env_of(vars))
+    };
+    assert_eq!(
+        path(&[
+            ("ECHELON_DATA_DIR", "/srv/echelon"),
+            ("XDG_DATA_HOME", "/xdg"),
+            ("HOME", "/home/u")
+        ]),
+        Some(PathBuf::from("/srv/echelon/ledger.db"))
+    );
+    assert_eq!(
+        path(&[("XDG_DATA_HOME", "/xdg"), ("HOME", "/home/u")]),
+        Some(PathBuf::from("/xdg/echelon/ledger.db"))
+    );
+    assert_eq!(
+        path(&[
+            ("ECHELON_DATA_DIR", ""),
+            ("XDG_DATA_HOME", "rel"),
+            ("HOME", "/home/u")
+        ]),
+        Some(PathBuf::from("/home/u/.local/share/echelon/ledger.db"))
+    );
+    assert_eq!(path(&[]), None);
+
+    // A `usage:` section without `ledger` keeps the default path; `false` turns it off.
+    let env = env_of(&[("ECHELON_DATA_DIR", "/data")]);
+    let with = |usage: &str| {
+        Config::from_str_with_env(&format!("{yaml}usage: {usage}\n"), "inline.yaml", &env)
+            .unwrap()
+            .usage
+    };
+    let u = with("{ batch_size: 3 }");
+    assert_eq!(u.ledger_path, Some(PathBuf::from("/data/ledger.db")));
+    assert_eq!(u.batch_size, 3);
+    assert_eq!(with("{ ledger: false }").ledger_path, None);
+    assert_eq!(
+        with("{ ledger: true }").ledger_path,
+        Some(PathBuf::from("/data/ledger.db"))
+    );
+    assert_eq!(
+        with("{ ledger: /abs/l.db }").ledger_path,
+        Some(PathBuf::from("/abs/l.db"))
+    );
+    // In-memory text without a directory: a relative path stays relative.
+    assert_eq!(
+        with("{ ledger: rel/l.db }").ledger_path,
+        Some(PathBuf::from("rel/l.db"))
+    );
+}
+
+#[test]
+fn usage_in_a_directory_is_relative_to_its_own_file() {
+    let config = Config::load_with_env(fixture("usage_dir"), &no_env).unwrap();
+    assert_eq!(
+        config.usage.ledger_path,
+        Some(fixture("usage_dir/sub/../ledger.db"))
+    );
+    assert_eq!(config.usage.batch_size, 8);
+    // `${VAR}` works, and `false` from a variable turns the ledger off.
+    let env = env_of(&[("USAGE_DIR_LEDGER", "false")]);
+    let config = Config::load_with_env(fixture("usage_dir"), &env).unwrap();
+    assert_eq!(config.usage.ledger_path, None);
+}
+
+#[test]
+fn usage_pricing_and_encoding_errors_are_located() {
+    let errors = errors_of(Config::load_with_env(fixture("usage_errors.yaml"), &no_env));
+    let f = file("usage_errors.yaml");
+    let messages: Vec<String> = errors.iter().map(ToString::to_string).collect();
+    assert_eq!(
+        where_(&errors),
+        [
+            (f.clone(), Some(2), Some(15), "server.log_bodies".to_owned()),
+            (
+                f.clone(),
+                Some(8),
+                Some(30),
+                "models.mini.pricing.input_per_1m".to_owned()
+            ),
+            (
+                f.clone(),
+                Some(11),
+                Some(14),
+                "models.other.pricing".to_owned()
+            ),
+            (
+                f.clone(),
+                Some(11),
+                Some(33),
+                "models.other.pricing.ouput_per_1m".to_owned()
+            ),
+            (
+                f.clone(),
+                Some(12),
+                Some(15),
+                "models.other.encoding".to_owned()
+            ),
+            (f.clone(), Some(14), Some(3), "usage.ledgr".to_owned()),
+            (f.clone(), Some(15), Some(11), "usage.ledger".to_owned()),
+            (
+                f.clone(),
+                Some(16),
+                Some(19),
+                "usage.queue_capacity".to_owned()
+            ),
+        ],
+        "{messages:#?}"
+    );
+    assert_eq!(
+        messages[1],
+        format!("{f}:8:30: models.mini.pricing.input_per_1m: must be 0 or more, found -0.15")
+    );
+    assert!(
+        messages[0].contains("expected `true` or `false`"),
+        "{}",
+        messages[0]
+    );
+    assert!(
+        errors[2]
+            .message
+            .contains("missing required key `output_per_1m`")
+    );
+    assert_eq!(
+        errors[3].hint.as_deref(),
+        Some("did you mean `output_per_1m`?")
+    );
+    assert_eq!(errors[4].message, "unknown encoding `o200k`");
+    assert_eq!(
+        errors[4].hint.as_deref(),
+        Some("supported: cl100k_base, o200k_base")
+    );
+    assert_eq!(errors[5].hint.as_deref(), Some("did you mean `ledger`?"));
+    assert!(errors[6].message.contains("expected a path or `false`"));
+    assert!(errors[7].message.contains("must be 1 or more"));
+}
+
+#[test]
+fn encoding_by_upstream_model_name() {
+    for (model, expected) in [
+        ("gpt-4o", TokenEncoding::O200kBase),
+        ("gpt-4o-mini-2024-07-18", TokenEncoding::O200kBase),
+        ("openai/gpt-4.1-mini", TokenEncoding::O200kBase),
+        ("gpt-5-nano", TokenEncoding::O200kBase),
+        ("o1", TokenEncoding::O200kBase),
+        ("o3-mini", TokenEncoding::O200kBase),
+        ("gpt-4", TokenEncoding::Cl100kBase),
+        ("gpt-3.5-turbo", TokenEncoding::Cl100kBase),
+        ("deepseek-chat", TokenEncoding::Cl100kBase),
+        ("o1x", TokenEncoding::Cl100kBase),
+        ("smollm2", TokenEncoding::Cl100kBase),
+    ] {
+        assert_eq!(TokenEncoding::for_model(model), expected, "{model}");
+    }
+    for name in TokenEncoding::NAMES {
+        assert_eq!(TokenEncoding::from_name(name).unwrap().as_str(), *name);
+    }
+}
+
+#[test]
+fn usage_defined_twice_names_both_files() {
+    let dir = tempfile::tempdir().unwrap();
+    let a = dir.path().join("a.yaml");
+    let b = dir.path().join("b.yaml");
+    std::fs::write(
+        &a,
+        "providers: { p: { base_url: \"http://h/v1\" } }\nmodels: { m: { provider: p } }\nusage: { ledger: false }\n",
+    )
+    .unwrap();
+    std::fs::write(&b, "usage:\n  batch_size: 2\n").unwrap();
+    let errors = errors_of(Config::load_with_env(dir.path(), &no_env));
+    assert_eq!(
+        where_(&errors),
+        [(
+            b.display().to_string(),
+            Some(1),
+            Some(1),
+            "usage".to_owned()
+        )]
+    );
+    assert!(
+        errors[0].message.contains(&format!("{}:3:1", a.display())),
+        "{}",
+        errors[0]
+    );
 }

@@ -281,6 +281,7 @@ async fn conversations_stick_to_one_instance_while_it_is_healthy() {
     );
     let session = CallOptions {
         session_id: Some("conv-1".into()),
+        ..CallOptions::default()
     };
     let first = gw.chat_with(request("pool"), &session).await.unwrap().model;
     for _ in 0..5 {

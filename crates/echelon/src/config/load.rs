@@ -11,7 +11,7 @@ use super::env::EnvLookup;
 use super::error::{ConfigError, ConfigErrors, closest};
 use super::model::{
     Config, ModelConfig, PollingPoolConfig, ProviderConfig, ServerConfig, TaskGroupConfig,
-    WrapperConfig,
+    UsageConfig, WrapperConfig,
 };
 use super::node::{Entry, Format, Kind, Node, Pos, join, parse};
 use super::pool::{self, PoolRefs, WrapperRefs};
@@ -28,6 +28,7 @@ pub(crate) const SECTION_KEYS: &[&str] = &[
     "polling_pools",
     "wrappers",
     "default_route",
+    "usage",
 ];
 
 /// The stem of a global fallback file (`global_fallback.yaml`, seed 002).
@@ -59,6 +60,7 @@ pub(crate) struct Fragment {
     pub(crate) pools: Vec<Item<PollingPoolConfig, PoolRefs>>,
     pub(crate) wrappers: Vec<Item<WrapperConfig, WrapperRefs>>,
     pub(crate) default_route: Option<Item<String, Ref>>,
+    pub(crate) usage: Option<Item<UsageConfig, ()>>,
 }
 
 /// The shape of a file's top level.
@@ -159,7 +161,7 @@ pub(crate) fn read_text(
     match shape(view.entries, stem) {
         Shape::Native => {
             view.check_keys(&mut ctx, SECTION_KEYS);
-            native(&mut ctx, &view, &mut fragment);
+            native(&mut ctx, &view, &mut fragment, env);
         }
         Shape::Group => {
             let name = pool::seed_name(&view, stem);
@@ -208,8 +210,24 @@ pub(crate) fn read_text(
     loaded.fragments.push(fragment);
 }
 
-fn native(ctx: &mut Ctx, view: &super::read::MapView<'_>, fragment: &mut Fragment) {
+fn native(
+    ctx: &mut Ctx,
+    view: &super::read::MapView<'_>,
+    fragment: &mut Fragment,
+    env: EnvLookup<'_>,
+) {
     let file = ctx.file.clone();
+    if let Some(entry) = view.get("usage") {
+        let value = sections::usage(ctx, &entry.value, "usage", env);
+        fragment.usage = Some(Item {
+            id: "usage".to_owned(),
+            file: file.clone(),
+            pos: entry.key_pos,
+            path: "usage".to_owned(),
+            value,
+            refs: (),
+        });
+    }
     if let Some(entry) = view.get("server") {
         let value = sections::server(ctx, &entry.value, "server");
         fragment.server = Some(Item {
@@ -590,6 +608,7 @@ pub(crate) fn assemble(
     } = loaded;
 
     let mut servers = Vec::new();
+    let mut usages = Vec::new();
     let mut providers = Vec::new();
     let mut models = Vec::new();
     let mut groups = Vec::new();
@@ -602,14 +621,25 @@ pub(crate) fn assemble(
         HashMap::new(),
         HashMap::new(),
     );
-    let (mut seen_pools, mut seen_wrappers, mut seen_default) =
-        (HashMap::new(), HashMap::new(), HashMap::new());
+    let (mut seen_pools, mut seen_wrappers, mut seen_default, mut seen_usage) = (
+        HashMap::new(),
+        HashMap::new(),
+        HashMap::new(),
+        HashMap::new(),
+    );
     for fragment in fragments {
         merge(
             "section",
             fragment.server.into_iter().collect(),
             &mut seen_server,
             &mut servers,
+            &mut errors,
+        );
+        merge(
+            "section",
+            fragment.usage.into_iter().collect(),
+            &mut seen_usage,
+            &mut usages,
             &mut errors,
         );
         merge(
@@ -658,6 +688,10 @@ pub(crate) fn assemble(
 
     let mut config = Config {
         server: servers.pop().map(|s| s.value).unwrap_or_default(),
+        usage: usages.pop().map_or_else(
+            || UsageConfig::with_ledger_path(UsageConfig::default_ledger_path_with_env(env)),
+            |u| u.value,
+        ),
         ..Config::default()
     };
 

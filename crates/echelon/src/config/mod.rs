@@ -22,7 +22,17 @@
 //! wrappers:
 //!   demo_wrapper: { target: demo_group.echelon1, fallback_groups: [demo_pool] }
 //! default_route: demo_group
+//! usage:
+//!   ledger: ledger.db                 # relative to this file; `false` = no ledger
+//!   queue_capacity: 10000             # records queued before senders wait
+//!   batch_size: 256                   # records per transaction
+//!   flush_interval_ms: 200
 //! ```
+//!
+//! A model may also set `pricing: { input_per_1m: 0.15, output_per_1m: 0.60,
+//! cached_input_per_1m: 0.075 }` (USD per 1M tokens) and `encoding: o200k_base`
+//! (or `cl100k_base`); `server:` takes `log_bodies: true`. Without `usage.ledger` the
+//! ledger is at [`UsageConfig::default_ledger_path`].
 //!
 //! - Every section is optional, but a configuration needs at least one model.
 //! - A *route* is what a request names: a model id, a task group, `group.echelonN`, a
@@ -79,8 +89,9 @@ pub use error::{ConfigError, ConfigErrors};
 pub use migrate::{MigrateError, MigrateOptions, MigrationReport, migrate, migrate_with_env};
 pub use model::{
     CircuitBreakerConfig, Config, EchelonConfig, FallbackConfig, FallbackStrategy, HealthCheckKind,
-    ModelConfig, PollingPoolConfig, PoolFallbackConfig, PoolFallbackStrategy, ProviderApi,
-    ProviderConfig, RotationStrategy, ServerConfig, TaskGroupConfig, WrapperConfig,
+    ModelConfig, PollingPoolConfig, PoolFallbackConfig, PoolFallbackStrategy, PricingConfig,
+    ProviderApi, ProviderConfig, RotationStrategy, ServerConfig, TaskGroupConfig, TokenEncoding,
+    UsageConfig, WrapperConfig,
 };
 
 impl Config {

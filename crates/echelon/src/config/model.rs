@@ -2,6 +2,7 @@
 //! defaults; loading and validation live in the sibling modules.
 
 use std::collections::BTreeMap;
+use std::path::PathBuf;
 
 use secrecy::SecretString;
 
@@ -30,6 +31,8 @@ pub struct Config {
     /// The route used when a request names none the gateway knows (`default_route:`);
     /// `None` means such a request is an unknown route.
     pub default_route: Option<String>,
+    /// The usage ledger and its writer (`usage:` section).
+    pub usage: UsageConfig,
 }
 
 /// The gateway's HTTP server (`server:` section).
@@ -46,6 +49,9 @@ pub struct ServerConfig {
     /// Largest accepted request body, in bytes. Default
     /// [`ServerConfig::DEFAULT_BODY_LIMIT_BYTES`] (8 MiB).
     pub body_limit_bytes: usize,
+    /// Whether request and response bodies are written to the debug log
+    /// (`log_bodies:`). Default `false`: bodies may hold personal data.
+    pub log_bodies: bool,
 }
 
 impl ServerConfig {
@@ -64,6 +70,7 @@ impl Default for ServerConfig {
             port: Self::DEFAULT_PORT,
             api_keys: Vec::new(),
             body_limit_bytes: Self::DEFAULT_BODY_LIMIT_BYTES,
+            log_bodies: false,
         }
     }
 }
@@ -173,6 +180,12 @@ pub struct ModelConfig {
     pub retry_budget: f64,
     /// The model's circuit breaker (`circuit_breaker:`); the defaults when absent.
     pub circuit_breaker: CircuitBreakerConfig,
+    /// What the model costs (`pricing:`); `None` uses the built-in price of the
+    /// upstream model name, when there is one (`usage::pricing::price_for`).
+    pub pricing: Option<PricingConfig>,
+    /// The tiktoken encoding for local token counts (`encoding:`); `None` picks one by
+    /// the upstream model name ([`TokenEncoding::for_model`]).
+    pub encoding: Option<TokenEncoding>,
 }
 
 impl ModelConfig {
@@ -214,7 +227,161 @@ impl ModelConfig {
             key_cooldown: None,
             retry_budget: Self::DEFAULT_RETRY_BUDGET,
             circuit_breaker: CircuitBreakerConfig::default(),
+            pricing: None,
+            encoding: None,
         }
+    }
+
+    /// The encoding for local token counts: [`encoding`](Self::encoding), or the one
+    /// [`TokenEncoding::for_model`] picks for the upstream model name.
+    pub fn token_encoding(&self) -> TokenEncoding {
+        self.encoding
+            .unwrap_or_else(|| TokenEncoding::for_model(&self.model))
+    }
+}
+
+/// What a model costs (`pricing:` of a model), in USD per 1 million tokens.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct PricingConfig {
+    /// Prompt (input) tokens, USD per 1M tokens (≥ 0).
+    pub input_per_1m: f64,
+    /// Completion (output) tokens, USD per 1M tokens (≥ 0).
+    pub output_per_1m: f64,
+    /// Prompt tokens served from the provider's prompt cache, USD per 1M tokens (≥ 0);
+    /// `None` prices them at [`input_per_1m`](Self::input_per_1m).
+    pub cached_input_per_1m: Option<f64>,
+}
+
+/// A tiktoken encoding, for counting tokens locally (`encoding:` of a model).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum TokenEncoding {
+    /// `cl100k_base`: GPT-3.5, GPT-4 and (as an estimate) most other models.
+    Cl100kBase,
+    /// `o200k_base`: GPT-4o, GPT-4.1, GPT-5 and the o-series.
+    O200kBase,
+}
+
+impl TokenEncoding {
+    /// Every accepted value, as written in the file.
+    pub const NAMES: &'static [&'static str] = &["cl100k_base", "o200k_base"];
+
+    /// The name as written in the file.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            TokenEncoding::Cl100kBase => "cl100k_base",
+            TokenEncoding::O200kBase => "o200k_base",
+        }
+    }
+
+    /// The encoding written `name` in the file.
+    pub fn from_name(name: &str) -> Option<Self> {
+        match name {
+            "cl100k_base" => Some(TokenEncoding::Cl100kBase),
+            "o200k_base" => Some(TokenEncoding::O200kBase),
+            _ => None,
+        }
+    }
+
+    /// The encoding OpenAI uses for the upstream model name `model`: `o200k_base` for
+    /// `gpt-4o*`, `chatgpt-4o*`, `gpt-4.1*`, `gpt-5*`, `o1*`, `o3*` and `o4*`, else
+    /// `cl100k_base` (exact for GPT-3.5/4, an estimate for other families). A
+    /// `vendor/` prefix (`openai/gpt-4o`) is ignored; case is ignored.
+    pub fn for_model(model: &str) -> Self {
+        /// Families named by prefix (`gpt-4o-mini`, `gpt-4.1-nano`, …).
+        const PREFIXES: &[&str] = &["gpt-4o", "chatgpt-4o", "gpt-4.1", "gpt-5"];
+        /// The o-series: the name alone or followed by `-…` (`o3-mini`, not `o1x`).
+        const O_SERIES: &[&str] = &["o1", "o3", "o4"];
+        let name = model
+            .rsplit('/')
+            .next()
+            .unwrap_or(model)
+            .to_ascii_lowercase();
+        let o_series = O_SERIES.iter().any(|o| {
+            name.strip_prefix(o)
+                .is_some_and(|rest| rest.is_empty() || rest.starts_with('-'))
+        });
+        if o_series || PREFIXES.iter().any(|p| name.starts_with(p)) {
+            TokenEncoding::O200kBase
+        } else {
+            TokenEncoding::Cl100kBase
+        }
+    }
+}
+
+/// The usage ledger and its writer (`usage:` section).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct UsageConfig {
+    /// The SQLite ledger file (`ledger: PATH`; a relative path is relative to the
+    /// directory of the configuration file that sets it, `~/…` is under `$HOME`;
+    /// `ledger: true` or no `ledger` key means [`UsageConfig::default_ledger_path`]).
+    /// `None` when the ledger is off (`ledger: false`), or when the key is absent and
+    /// no data directory could be determined.
+    pub ledger_path: Option<PathBuf>,
+    /// Records queued for the writer before senders wait (≥ 1). Default
+    /// [`UsageConfig::DEFAULT_QUEUE_CAPACITY`] (10 000).
+    pub queue_capacity: usize,
+    /// Most records written in one transaction (≥ 1). Default
+    /// [`UsageConfig::DEFAULT_BATCH_SIZE`] (256).
+    pub batch_size: usize,
+    /// Longest time a record waits in a partial batch, in milliseconds (≥ 1). Default
+    /// [`UsageConfig::DEFAULT_FLUSH_INTERVAL_MS`] (200).
+    pub flush_interval_ms: u64,
+}
+
+impl UsageConfig {
+    /// Default [`queue_capacity`](Self::queue_capacity), in records.
+    pub const DEFAULT_QUEUE_CAPACITY: usize = 10_000;
+    /// Default [`batch_size`](Self::batch_size), in records.
+    pub const DEFAULT_BATCH_SIZE: usize = 256;
+    /// Default [`flush_interval_ms`](Self::flush_interval_ms), in milliseconds.
+    pub const DEFAULT_FLUSH_INTERVAL_MS: u64 = 200;
+    /// The ledger's file name inside the data directory.
+    pub const LEDGER_FILE: &'static str = "ledger.db";
+
+    /// The ledger path used when `usage.ledger` is absent, from the process
+    /// environment: `$ECHELON_DATA_DIR/ledger.db`, else
+    /// `$XDG_DATA_HOME/echelon/ledger.db`, else `$HOME/.local/share/echelon/ledger.db`.
+    /// Empty variables count as unset, and so does a relative `XDG_DATA_HOME` (the XDG
+    /// spec says to ignore it). `None` when none of them is set.
+    pub fn default_ledger_path() -> Option<PathBuf> {
+        Self::default_ledger_path_with_env(&|name| {
+            std::env::var_os(name).and_then(|v| v.into_string().ok())
+        })
+    }
+
+    /// [`UsageConfig::default_ledger_path`] with variables taken from `env` (`None` =
+    /// unset) instead of the process environment.
+    pub fn default_ledger_path_with_env(env: &dyn Fn(&str) -> Option<String>) -> Option<PathBuf> {
+        let var = |name: &str| env(name).filter(|v| !v.is_empty()).map(PathBuf::from);
+        if let Some(dir) = var("ECHELON_DATA_DIR") {
+            return Some(dir.join(Self::LEDGER_FILE));
+        }
+        if let Some(dir) = var("XDG_DATA_HOME").filter(|d| d.is_absolute()) {
+            return Some(dir.join("echelon").join(Self::LEDGER_FILE));
+        }
+        var("HOME").map(|home| {
+            home.join(".local")
+                .join("share")
+                .join("echelon")
+                .join(Self::LEDGER_FILE)
+        })
+    }
+
+    /// The defaults, with the ledger at `ledger_path`.
+    pub fn with_ledger_path(ledger_path: Option<PathBuf>) -> Self {
+        UsageConfig {
+            ledger_path,
+            queue_capacity: Self::DEFAULT_QUEUE_CAPACITY,
+            batch_size: Self::DEFAULT_BATCH_SIZE,
+            flush_interval_ms: Self::DEFAULT_FLUSH_INTERVAL_MS,
+        }
+    }
+}
+
+impl Default for UsageConfig {
+    /// The defaults, the ledger at [`UsageConfig::default_ledger_path`].
+    fn default() -> Self {
+        Self::with_ledger_path(Self::default_ledger_path())
     }
 }
 

@@ -269,6 +269,13 @@ impl<'n> MapView<'n> {
         }
     }
 
+    /// A boolean (`true` / `false`, any case; also from a `${VAR}` substitution).
+    pub(crate) fn bool(&self, ctx: &mut Ctx, key: &str) -> Option<bool> {
+        let node = self.value(key)?;
+        let path = self.path_of(key);
+        boolean(ctx, node, &path)
+    }
+
     /// A `u32` ≥ `min`.
     pub(crate) fn u32(&self, ctx: &mut Ctx, key: &str, min: u32) -> Option<u32> {
         self.int(ctx, key, i128::from(min), i128::from(u32::MAX))
@@ -293,6 +300,39 @@ pub(crate) fn string(ctx: &mut Ctx, node: &Node, path: &str) -> Option<String> {
             None
         }
     }
+}
+
+/// The boolean a scalar spells (`true` / `false`, any case), if any. A string counts
+/// only when it came from a `${VAR}` substitution.
+pub(crate) fn bool_value(node: &Node) -> Option<bool> {
+    let text = match &node.kind {
+        Kind::Bool { text } => text.as_str(),
+        Kind::Str {
+            value,
+            substituted: true,
+        } => value.trim(),
+        _ => return None,
+    };
+    match text.to_ascii_lowercase().as_str() {
+        "true" => Some(true),
+        "false" => Some(false),
+        _ => None,
+    }
+}
+
+/// A boolean; records an error for anything else.
+pub(crate) fn boolean(ctx: &mut Ctx, node: &Node, path: &str) -> Option<bool> {
+    let value = bool_value(node);
+    if value.is_none() {
+        ctx.error(
+            node.pos,
+            path,
+            format!("expected `true` or `false`, found {}", node.type_name()),
+            matches!(node.kind, Kind::Str { .. })
+                .then(|| "write `true` or `false` without quotes".to_owned()),
+        );
+    }
+    value
 }
 
 /// A list (`null` reads as an empty one).

@@ -1,16 +1,21 @@
 //! Reading the sections of a configuration file: `server`, `providers.<id>`,
-//! `models.<id>` and task groups (`task_groups.<name>` or a seed group file).
+//! `models.<id>`, task groups (`task_groups.<name>` or a seed group file) and `usage`.
 
+use std::path::{Path, PathBuf};
+
+use super::env::EnvLookup;
 use super::error::{did_you_mean, reference_hint};
 use super::model::{
     CircuitBreakerConfig, EchelonConfig, FallbackConfig, FallbackStrategy, ModelConfig,
-    ProviderApi, ProviderConfig, ServerConfig, TaskGroupConfig,
+    PricingConfig, ProviderApi, ProviderConfig, ServerConfig, TaskGroupConfig, TokenEncoding,
+    UsageConfig,
 };
-use super::node::{Node, Pos};
-use super::read::{At, Bound, Ctx, MapView, map};
+use super::node::{Kind, Node, Pos};
+use super::read::{At, Bound, Ctx, MapView, bool_value, map};
 
 /// Keys of the `server:` section.
-pub(crate) const SERVER_KEYS: &[&str] = &["host", "port", "api_keys", "body_limit_bytes"];
+pub(crate) const SERVER_KEYS: &[&str] =
+    &["host", "port", "api_keys", "body_limit_bytes", "log_bodies"];
 /// Keys of a provider.
 pub(crate) const PROVIDER_KEYS: &[&str] = &["base_url", "api_keys", "api", "key_cooldown"];
 /// Keys of a model.
@@ -35,6 +40,17 @@ pub(crate) const MODEL_KEYS: &[&str] = &[
     "key_cooldown",
     "retry_budget",
     "circuit_breaker",
+    "pricing",
+    "encoding",
+];
+/// Keys of a model's `pricing:`.
+pub(crate) const PRICING_KEYS: &[&str] = &["input_per_1m", "output_per_1m", "cached_input_per_1m"];
+/// Keys of the `usage:` section.
+pub(crate) const USAGE_KEYS: &[&str] = &[
+    "ledger",
+    "queue_capacity",
+    "batch_size",
+    "flush_interval_ms",
 ];
 /// Keys of an echelon.
 pub(crate) const ECHELON_KEYS: &[&str] = &[
@@ -103,6 +119,9 @@ pub(crate) fn server(ctx: &mut Ctx, node: &Node, path: &str) -> ServerConfig {
         .and_then(|l| usize::try_from(l).ok())
     {
         server.body_limit_bytes = limit;
+    }
+    if let Some(log_bodies) = view.bool(ctx, "log_bodies") {
+        server.log_bodies = log_bodies;
     }
     server
 }
@@ -269,7 +288,122 @@ pub(crate) fn model_fields(
     if let Some(b) = breaker(ctx, view) {
         model.circuit_breaker = b;
     }
+    model.pricing = pricing(ctx, view);
+    if let Some(encoding) = view.string_at(ctx, "encoding") {
+        match TokenEncoding::from_name(&encoding.value) {
+            Some(e) => model.encoding = Some(e),
+            None => ctx.error(
+                encoding.pos,
+                &encoding.path,
+                format!("unknown encoding `{}`", encoding.value),
+                Some(
+                    did_you_mean(&encoding.value, TokenEncoding::NAMES.iter().copied())
+                        .unwrap_or_else(|| {
+                            format!("supported: {}", TokenEncoding::NAMES.join(", "))
+                        }),
+                ),
+            ),
+        }
+    }
     (model, provider_ref)
+}
+
+/// Reads a model's `pricing:` (USD per 1M tokens); `None` when absent or wrong.
+fn pricing(ctx: &mut Ctx, view: &MapView<'_>) -> Option<PricingConfig> {
+    let node = view.value("pricing")?;
+    let path = view.path_of("pricing");
+    let p = map(ctx, node, &path)?;
+    p.check_keys(ctx, PRICING_KEYS);
+    let hint =
+        || Some("e.g. `pricing: { input_per_1m: 0.15, output_per_1m: 0.60 }` (USD)".to_owned());
+    let input = p.f64(ctx, "input_per_1m", Bound::NonNegative);
+    if p.value("input_per_1m").is_none() {
+        p.missing(ctx, "input_per_1m", hint());
+    }
+    let output = p.f64(ctx, "output_per_1m", Bound::NonNegative);
+    if p.value("output_per_1m").is_none() {
+        p.missing(ctx, "output_per_1m", hint());
+    }
+    let cached_input_per_1m = p.f64(ctx, "cached_input_per_1m", Bound::NonNegative);
+    Some(PricingConfig {
+        input_per_1m: input?,
+        output_per_1m: output?,
+        cached_input_per_1m,
+    })
+}
+
+/// Reads `usage:`. `env` resolves the default ledger path (and `~/` in a path);
+/// a relative path is taken relative to the directory of the file being read.
+pub(crate) fn usage(ctx: &mut Ctx, node: &Node, path: &str, env: EnvLookup<'_>) -> UsageConfig {
+    let mut usage = UsageConfig::with_ledger_path(UsageConfig::default_ledger_path_with_env(env));
+    let Some(view) = map(ctx, node, path) else {
+        return usage;
+    };
+    view.check_keys(ctx, USAGE_KEYS);
+    if let Some(ledger) = view.value("ledger") {
+        let ledger_path = view.path_of("ledger");
+        let hint = || {
+            Some(
+                "a file path (`ledger: /var/lib/echelon/ledger.db`), or `false` to turn \
+                 the ledger off"
+                    .to_owned(),
+            )
+        };
+        match (&ledger.kind, bool_value(ledger)) {
+            (_, Some(false)) => usage.ledger_path = None,
+            (_, Some(true)) => {}
+            (Kind::Str { value, .. }, None) if !value.trim().is_empty() => {
+                usage.ledger_path = Some(ledger_file(value.trim(), &ctx.file, env));
+            }
+            (Kind::Str { .. }, None) => {
+                ctx.error(ledger.pos, &ledger_path, "`ledger` is empty", hint());
+            }
+            _ => ctx.error(
+                ledger.pos,
+                &ledger_path,
+                format!("expected a path or `false`, found {}", ledger.type_name()),
+                hint(),
+            ),
+        }
+    }
+    let max = i128::from(u32::MAX);
+    if let Some(v) = view
+        .int(ctx, "queue_capacity", 1, max)
+        .and_then(|v| usize::try_from(v).ok())
+    {
+        usage.queue_capacity = v;
+    }
+    if let Some(v) = view
+        .int(ctx, "batch_size", 1, max)
+        .and_then(|v| usize::try_from(v).ok())
+    {
+        usage.batch_size = v;
+    }
+    if let Some(v) = view
+        .int(ctx, "flush_interval_ms", 1, max)
+        .and_then(|v| u64::try_from(v).ok())
+    {
+        usage.flush_interval_ms = v;
+    }
+    usage
+}
+
+/// The ledger file `written` in the file `config_file`: `~/…` is under `$HOME`, a
+/// relative path is relative to the configuration file's directory.
+fn ledger_file(written: &str, config_file: &str, env: EnvLookup<'_>) -> PathBuf {
+    if let Some(rest) = written.strip_prefix("~/")
+        && let Some(home) = env("HOME").filter(|h| !h.is_empty())
+    {
+        return Path::new(&home).join(rest);
+    }
+    let path = Path::new(written);
+    if path.is_absolute() {
+        return path.to_path_buf();
+    }
+    match Path::new(config_file).parent() {
+        Some(dir) => dir.join(path),
+        None => path.to_path_buf(),
+    }
 }
 
 /// Reads one model (`models.<id>:`).

@@ -6,13 +6,15 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::Duration;
 
-use crate::config::{CircuitBreakerConfig, ModelConfig, ProviderConfig};
+use crate::config::{CircuitBreakerConfig, ModelConfig, ProviderConfig, TokenEncoding};
 use crate::provider::{OpenAiClient, ProviderError, Timeouts};
 use crate::resilience::breaker::{BreakerSettings, CircuitBreaker, FailureRate};
 use crate::resilience::concurrency::ConcurrencyLimit;
 use crate::resilience::key_pool::KeyPool;
 use crate::resilience::retry_budget::RetryBudget;
 use crate::resilience::token_bucket::TokenBucket;
+use crate::tokens::Encoding;
+use crate::usage::pricing::{Price, price_for};
 
 /// Window over which the retry budget is counted.
 const RETRY_BUDGET_WINDOW: Duration = Duration::from_secs(10);
@@ -50,6 +52,8 @@ pub struct Model {
     pub(crate) concurrency: Option<ConcurrencyLimit>,
     pub(crate) retry_budget: RetryBudget,
     in_flight: AtomicU32,
+    encoding: Encoding,
+    price: Option<Price>,
 }
 
 /// Counts one request in flight on a model until dropped.
@@ -146,6 +150,11 @@ impl Model {
                 RETRY_BUDGET_MIN_PER_SEC,
             ),
             in_flight: AtomicU32::new(0),
+            encoding: match config.token_encoding() {
+                TokenEncoding::Cl100kBase => Encoding::Cl100kBase,
+                TokenEncoding::O200kBase => Encoding::O200kBase,
+            },
+            price: price_for(config.pricing.as_ref(), &config.model),
         })
     }
 
@@ -197,6 +206,23 @@ impl Model {
     /// Longest wait for a bucket or a concurrency slot before the model is skipped.
     pub fn queue_timeout(&self) -> Duration {
         self.queue_timeout
+    }
+
+    /// The tiktoken encoding for local counts (`encoding`, else by upstream name).
+    pub fn encoding(&self) -> Encoding {
+        self.encoding
+    }
+
+    /// Its price (`pricing`, else the built-in table), when known.
+    pub fn price(&self) -> Option<&Price> {
+        self.price.as_ref()
+    }
+
+    /// The cost of an answer, USD; 0 when the price is unknown.
+    pub fn cost_usd(&self, prompt: u64, completion: u64, cached: u64) -> f64 {
+        self.price
+            .as_ref()
+            .map_or(0.0, |p| p.cost_usd(prompt, completion, cached))
     }
 
     /// The circuit breaker.

@@ -11,7 +11,7 @@ use super::model::{Model, breaker_settings};
 use super::plan::{EchelonDefaults, EchelonLimits, Plan, PoolStep, RouteKind, Step, Tier};
 use super::pool::{PollingPool, PoolSettings, ProbeKind, Rotation};
 use super::stats::{FallbackEvent, StatsSnapshot};
-use super::stream::GatewayStream;
+use super::stream::{GatewayStream, StreamAccounting};
 use crate::config::{
     Config, FallbackStrategy, HealthCheckKind, PollingPoolConfig, PoolFallbackStrategy,
     RotationStrategy,
@@ -20,6 +20,8 @@ use crate::error::{GatewayError, GatewayErrorKind};
 use crate::key::ApiKey;
 use crate::resilience::breaker::CircuitBreaker;
 use crate::resilience::key_pool::KeyPool;
+use crate::usage::record::RequestRecord;
+use crate::usage::{RecordSink, RequestMeta, TokenCount};
 
 /// A route as listed by `GET /v1/models`.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -51,6 +53,8 @@ pub struct CallOptions {
     /// A conversation id (the `x-session-id` header): a polling pool keeps the
     /// conversation on one instance while it is healthy.
     pub session_id: Option<String>,
+    /// The request id to record (the server's `x-request-id`); a new one when `None`.
+    pub request_id: Option<String>,
 }
 
 /// The gateway: every model and route of a [`Config`], ready to serve requests.
@@ -64,6 +68,14 @@ pub struct Gateway {
     default_route: Option<String>,
     /// Every model as one probe set, for [`Gateway::health_check_all`].
     all_models: PollingPool,
+    /// Where finished requests go (the ledger), besides the metrics.
+    sink: Option<Arc<dyn RecordSink>>,
+}
+
+impl std::fmt::Debug for dyn RecordSink {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("RecordSink")
+    }
 }
 
 fn build_err(m: String) -> GatewayError {
@@ -289,6 +301,7 @@ impl Gateway {
             route_list,
             default_route: config.default_route.clone(),
             all_models,
+            sink: None,
         };
         if tokio::runtime::Handle::try_current().is_ok() {
             gateway.start_health_checks();
@@ -315,6 +328,27 @@ impl Gateway {
     /// Every echelon of every task group.
     pub(crate) fn tiers(&self) -> impl Iterator<Item = &Arc<Tier>> {
         self.echelons.iter()
+    }
+
+    /// Sends every finished request's record to `sink` (the ledger writer) as well as to
+    /// the metrics.
+    pub fn with_record_sink(mut self, sink: Arc<dyn RecordSink>) -> Self {
+        self.sink = Some(sink);
+        self
+    }
+
+    /// Records waiting in the sink's queue (0 without a sink).
+    pub fn record_queue_depth(&self) -> usize {
+        self.sink.as_ref().map_or(0, |s| s.queue_depth())
+    }
+
+    /// Observes a finished request: metrics at once, then the sink (which may wait for
+    /// room: a full ledger queue slows intake rather than dropping rows).
+    pub(crate) async fn emit(sink: Option<&Arc<dyn RecordSink>>, record: RequestRecord) {
+        crate::usage::metrics::observe(&record);
+        if let Some(sink) = sink {
+            sink.send(record).await;
+        }
     }
 
     /// Starts the background health checks of every polling pool (one tokio task per
@@ -426,18 +460,37 @@ impl Gateway {
         options: &CallOptions,
     ) -> Result<Completion, GatewayError> {
         req.stream = None;
-        let (answer, model, attempts) = self.execute(&req, false, options).await?;
-        match answer {
-            Answer::Chat(response) => Ok(Completion {
-                response,
-                model: model.id().to_owned(),
-                provider: model.provider().to_owned(),
-                attempts,
-            }),
-            Answer::Stream { .. } => Err(GatewayError::new(
+        let route = self.route_name(&req.model).unwrap_or(&req.model).to_owned();
+        let meta = RequestMeta::new(options.request_id.as_deref(), &route, false);
+        match self.execute(&req, false, options).await {
+            Ok((Answer::Chat(response), model, attempts)) => {
+                let tokens = match &response.usage {
+                    Some(u) => TokenCount::from_usage(u),
+                    None => TokenCount::estimate(
+                        &model,
+                        &req,
+                        response.first_text().unwrap_or_default(),
+                    ),
+                };
+                let record = meta.record(Some(&model), 200, &attempts, tokens, None);
+                Gateway::emit(self.sink.as_ref(), record).await;
+                Ok(Completion {
+                    response,
+                    model: model.id().to_owned(),
+                    provider: model.provider().to_owned(),
+                    attempts,
+                })
+            }
+            Ok((Answer::Stream { .. }, _, _)) => Err(GatewayError::new(
                 GatewayErrorKind::UpstreamFailed,
                 "internal: a stream answered a non-streamed request",
             )),
+            Err(e) => {
+                let record =
+                    meta.record(None, e.status(), e.attempts(), TokenCount::default(), None);
+                Gateway::emit(self.sink.as_ref(), record).await;
+                Err(e)
+            }
         }
     }
 
@@ -466,25 +519,47 @@ impl Gateway {
         options: &CallOptions,
     ) -> Result<GatewayStream, GatewayError> {
         req.stream = Some(true);
-        let (answer, model, attempts) = self.execute(&req, true, options).await?;
-        match answer {
-            Answer::Stream {
-                buffered,
-                rest,
-                guards,
-                tpm_reserved,
-            } => Ok(GatewayStream::new(
+        // Always ask the provider for usage; the client gets the usage chunk only if it
+        // asked for it.
+        let client_wants_usage = req.wants_stream_usage();
+        req.stream_options
+            .get_or_insert_with(Default::default)
+            .include_usage = Some(true);
+        let route = self.route_name(&req.model).unwrap_or(&req.model).to_owned();
+        let meta = RequestMeta::new(options.request_id.as_deref(), &route, true);
+        match self.execute(&req, true, options).await {
+            Ok((
+                Answer::Stream {
+                    buffered,
+                    rest,
+                    guards,
+                    tpm_reserved,
+                },
                 model,
                 attempts,
-                buffered,
-                rest,
-                guards,
-                tpm_reserved,
-            )),
-            Answer::Chat(_) => Err(GatewayError::new(
+            )) => {
+                let accounting =
+                    StreamAccounting::new(meta, self.sink.clone(), client_wants_usage, req);
+                Ok(GatewayStream::new(
+                    model,
+                    attempts,
+                    buffered,
+                    rest,
+                    guards,
+                    tpm_reserved,
+                    accounting,
+                ))
+            }
+            Ok((Answer::Chat(_), _, _)) => Err(GatewayError::new(
                 GatewayErrorKind::UpstreamFailed,
                 "internal: a non-streamed answer to a streamed request",
             )),
+            Err(e) => {
+                let record =
+                    meta.record(None, e.status(), e.attempts(), TokenCount::default(), None);
+                Gateway::emit(self.sink.as_ref(), record).await;
+                Err(e)
+            }
         }
     }
 

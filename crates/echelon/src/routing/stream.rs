@@ -3,12 +3,15 @@
 use std::collections::VecDeque;
 use std::sync::Arc;
 
-use echelon_types::{Attempt, ChatCompletionChunk};
+use echelon_types::{Attempt, ChatCompletionChunk, ChatCompletionRequest, Usage};
 
 use super::attempt::{Guards, settle_tpm};
 use super::model::Model;
+use super::router::Gateway;
 use crate::error::{GatewayError, GatewayErrorKind};
 use crate::provider::{ChunkStream, ErrorKind};
+use crate::usage::record::RequestRecord;
+use crate::usage::{RecordSink, RequestMeta, TokenCount};
 
 /// The chunks of a streamed completion whose first content chunk has arrived.
 ///
@@ -26,6 +29,42 @@ pub struct GatewayStream {
     _guards: Guards,
     /// Tokens reserved in the model's `tpm_limit` bucket, settled on the usage chunk.
     tpm_reserved: Option<u64>,
+    accounting: StreamAccounting,
+}
+
+/// What a stream needs to account for itself when it ends: the request's meta, the
+/// usage the provider sent (always asked for) or the text to count when it sent none.
+#[derive(Debug)]
+pub(crate) struct StreamAccounting {
+    meta: RequestMeta,
+    sink: Option<Arc<dyn RecordSink>>,
+    client_wants_usage: bool,
+    request: ChatCompletionRequest,
+    usage: Option<Usage>,
+    text: String,
+    ttft_ms: u64,
+    recorded: bool,
+}
+
+impl StreamAccounting {
+    pub(crate) fn new(
+        meta: RequestMeta,
+        sink: Option<Arc<dyn RecordSink>>,
+        client_wants_usage: bool,
+        request: ChatCompletionRequest,
+    ) -> Self {
+        let ttft_ms = meta.started.elapsed().as_millis() as u64;
+        StreamAccounting {
+            meta,
+            sink,
+            client_wants_usage,
+            request,
+            usage: None,
+            text: String::new(),
+            ttft_ms,
+            recorded: false,
+        }
+    }
 }
 
 impl GatewayStream {
@@ -36,6 +75,7 @@ impl GatewayStream {
         rest: ChunkStream,
         guards: Guards,
         tpm_reserved: Option<u64>,
+        accounting: StreamAccounting,
     ) -> Self {
         GatewayStream {
             model,
@@ -45,6 +85,7 @@ impl GatewayStream {
             failed: false,
             _guards: guards,
             tpm_reserved,
+            accounting,
         }
     }
 
@@ -63,11 +104,53 @@ impl GatewayStream {
         &self.attempts
     }
 
-    fn settle(&mut self, chunk: &ChatCompletionChunk) {
-        if let (Some(usage), Some(tpm)) = (&chunk.usage, &self.model.tpm)
-            && let Some(reserved) = self.tpm_reserved.take()
-        {
-            settle_tpm(tpm, reserved, usage.total_tokens);
+    /// Takes what accounting needs from a chunk; returns the chunk to hand to the
+    /// client, or `None` for a usage-only chunk the client did not ask for.
+    fn account(&mut self, mut chunk: ChatCompletionChunk) -> Option<ChatCompletionChunk> {
+        for c in &chunk.choices {
+            if let Some(t) = &c.delta.content {
+                self.accounting.text.push_str(t);
+            }
+        }
+        if let Some(usage) = &chunk.usage {
+            if let (Some(tpm), Some(reserved)) = (&self.model.tpm, self.tpm_reserved.take()) {
+                settle_tpm(tpm, reserved, usage.total_tokens);
+            }
+            self.accounting.usage = Some(usage.clone());
+            if !self.accounting.client_wants_usage {
+                if chunk.choices.is_empty() {
+                    return None;
+                }
+                chunk.usage = None;
+            }
+        }
+        Some(chunk)
+    }
+
+    /// The request's record, once: `status` 200 for a complete stream, the error's for a
+    /// cut one, 499 for one the client abandoned.
+    fn take_record(&mut self, status: u16) -> Option<RequestRecord> {
+        let a = &mut self.accounting;
+        if a.recorded {
+            return None;
+        }
+        a.recorded = true;
+        let tokens = match &a.usage {
+            Some(u) => TokenCount::from_usage(u),
+            None => TokenCount::estimate(&self.model, &a.request, &a.text),
+        };
+        Some(a.meta.record(
+            Some(&self.model),
+            status,
+            &self.attempts,
+            tokens,
+            Some(a.ttft_ms),
+        ))
+    }
+
+    async fn finish(&mut self, status: u16) {
+        if let Some(record) = self.take_record(status) {
+            Gateway::emit(self.accounting.sink.as_ref(), record).await;
         }
     }
 
@@ -77,43 +160,73 @@ impl GatewayStream {
     /// A [`GatewayError`] (504 kind for a timeout, 502 otherwise) whose attempts end with
     /// the streaming attempt, marked with what cut it.
     pub async fn next(&mut self) -> Option<Result<ChatCompletionChunk, GatewayError>> {
-        if let Some(chunk) = self.buffered.pop_front() {
-            self.settle(&chunk);
-            return Some(Ok(chunk));
-        }
-        if self.failed {
-            return None;
-        }
-        match self.rest.next().await? {
-            Ok(chunk) => {
-                self.settle(&chunk);
-                Some(Ok(chunk))
-            }
-            Err(e) => {
-                self.failed = true;
-                tracing::warn!(model = self.model.id(), kind = %e.kind, "stream failed after its first chunk: {}", e.message);
-                if let Some(last) = self.attempts.last_mut() {
-                    last.error_kind = e.kind.as_str().to_owned();
-                    last.message = e.message.clone();
-                    last.status = e.status.or(last.status);
+        loop {
+            if let Some(chunk) = self.buffered.pop_front() {
+                match self.account(chunk) {
+                    Some(c) => return Some(Ok(c)),
+                    None => continue,
                 }
-                let kind = if e.kind == ErrorKind::Timeout {
-                    GatewayErrorKind::Timeout
-                } else {
-                    GatewayErrorKind::UpstreamFailed
-                };
-                Some(Err(GatewayError::new(
-                    kind,
-                    format!(
-                        "stream from model `{}` failed after it started: {}: {}",
-                        self.model.id(),
-                        e.kind,
-                        e.message
-                    ),
-                )
-                .with_code("stream_interrupted")
-                .with_attempts(self.attempts.clone())))
+            }
+            if self.failed {
+                return None;
+            }
+            match self.rest.next().await {
+                None => {
+                    self.finish(200).await;
+                    return None;
+                }
+                Some(Ok(chunk)) => match self.account(chunk) {
+                    Some(c) => return Some(Ok(c)),
+                    None => continue,
+                },
+                Some(Err(e)) => {
+                    self.failed = true;
+                    tracing::warn!(model = self.model.id(), kind = %e.kind, "stream failed after its first chunk: {}", e.message);
+                    if let Some(last) = self.attempts.last_mut() {
+                        last.error_kind = e.kind.as_str().to_owned();
+                        last.message = e.message.clone();
+                        last.status = e.status.or(last.status);
+                    }
+                    let kind = if e.kind == ErrorKind::Timeout {
+                        GatewayErrorKind::Timeout
+                    } else {
+                        GatewayErrorKind::UpstreamFailed
+                    };
+                    let err = GatewayError::new(
+                        kind,
+                        format!(
+                            "stream from model `{}` failed after it started: {}: {}",
+                            self.model.id(),
+                            e.kind,
+                            e.message
+                        ),
+                    )
+                    .with_code("stream_interrupted")
+                    .with_attempts(self.attempts.clone());
+                    self.finish(err.status()).await;
+                    return Some(Err(err));
+                }
             }
         }
     }
 }
+
+impl Drop for GatewayStream {
+    /// A stream dropped before its end (the client went away) is still accounted for,
+    /// with status 499, by a task of its own.
+    fn drop(&mut self) {
+        let Some(record) = self.take_record(CLIENT_CLOSED) else {
+            return;
+        };
+        let sink = self.accounting.sink.clone();
+        match tokio::runtime::Handle::try_current() {
+            Ok(rt) => {
+                rt.spawn(async move { Gateway::emit(sink.as_ref(), record).await });
+            }
+            Err(_) => crate::usage::metrics::observe(&record),
+        }
+    }
+}
+
+/// The status recorded for a stream the client abandoned (nginx's "client closed request").
+const CLIENT_CLOSED: u16 = 499;

@@ -1,0 +1,455 @@
+//! Prometheus-style metrics through the [`metrics`] facade (DESIGN.md §3: "usage and cost
+//! are recorded once per request, with every attempt, into the ledger and the metrics").
+//!
+//! The library only *records*; which exporter renders the figures is the binary's choice
+//! (`echelon-server` installs a Prometheus recorder and serves `GET /metrics`). With no
+//! recorder installed every call here is a cheap no-op.
+//!
+//! - [`observe`]: one finished request ([`RequestRecord`]) → counters and histograms;
+//! - [`observe_state`]: the router's live state ([`Gateway::admin_state`]) → gauges, at
+//!   scrape time;
+//! - [`observe_ledger_queue`]: the ledger writer's queue depth → a gauge;
+//! - [`describe`]: help text and units for every metric, once the recorder is installed;
+//! - [`METRIC_NAMES`]: every metric name, for tooling (the alert-rule test checks each
+//!   `echelon_*` name an alert uses is one of them).
+//!
+//! Labels are low-cardinality: route, model, provider, pool, key pool and key *id* (a
+//! short hash, never the key), status code and error kind. Never a request id or prompt.
+//!
+//! Cost is a float: the `metrics` facade's counters are `u64`, so
+//! `echelon_cost_usd_total` is a gauge that only ever goes up (incremented by each
+//! request's cost). It is exported with `# TYPE ... gauge`, and `rate()`/`increase()`
+//! work on it exactly as on a counter while the process lives.
+//!
+//! [`Gateway::admin_state`]: crate::Gateway::admin_state
+
+use metrics::{
+    Unit, counter, describe_counter, describe_gauge, describe_histogram, gauge, histogram,
+};
+use serde_json::Value;
+
+use super::record::RequestRecord;
+
+/// `echelon_requests_total{route, model, status}`: finished requests.
+pub const REQUESTS_TOTAL: &str = "echelon_requests_total";
+/// `echelon_fallback_requests_total{route}`: requests that moved past their first model.
+pub const FALLBACK_REQUESTS_TOTAL: &str = "echelon_fallback_requests_total";
+/// `echelon_request_duration_seconds{route}`: wall time of a request.
+pub const REQUEST_DURATION_SECONDS: &str = "echelon_request_duration_seconds";
+/// `echelon_time_to_first_token_seconds{route, model}`: streams' time to first content.
+pub const TIME_TO_FIRST_TOKEN_SECONDS: &str = "echelon_time_to_first_token_seconds";
+/// `echelon_attempts_total{model, provider, kind}`: attempts, calls and skips.
+pub const ATTEMPTS_TOTAL: &str = "echelon_attempts_total";
+/// `echelon_attempt_duration_seconds{model, provider}`: wall time of a call (not skips).
+pub const ATTEMPT_DURATION_SECONDS: &str = "echelon_attempt_duration_seconds";
+/// `echelon_tokens_total{model, type}`: prompt and completion tokens.
+pub const TOKENS_TOTAL: &str = "echelon_tokens_total";
+/// `echelon_cost_usd_total{model}`: cost in USD (a gauge that only goes up).
+pub const COST_USD_TOTAL: &str = "echelon_cost_usd_total";
+/// `echelon_fallbacks_total{route, from, to, reason}`: moves from one model to another.
+pub const FALLBACKS_TOTAL: &str = "echelon_fallbacks_total";
+/// `echelon_breaker_state{model}`: 0 closed, 1 half-open, 2 open.
+pub const BREAKER_STATE: &str = "echelon_breaker_state";
+/// `echelon_key_state{key_pool, key_id, state}`: 1 for the key's current state, else 0.
+pub const KEY_STATE: &str = "echelon_key_state";
+/// `echelon_key_in_flight{key_pool, key_id}`: requests holding the key.
+pub const KEY_IN_FLIGHT: &str = "echelon_key_in_flight";
+/// `echelon_model_in_flight{model}`: requests in flight on the model.
+pub const MODEL_IN_FLIGHT: &str = "echelon_model_in_flight";
+/// `echelon_pool_healthy_instances{pool}`: healthy instances of a polling pool.
+pub const POOL_HEALTHY_INSTANCES: &str = "echelon_pool_healthy_instances";
+/// `echelon_pool_instance_healthy{pool, model}`: 1 when the instance is in the rotation.
+pub const POOL_INSTANCE_HEALTHY: &str = "echelon_pool_instance_healthy";
+/// `echelon_ledger_queue_depth`: records waiting for the ledger writer.
+pub const LEDGER_QUEUE_DEPTH: &str = "echelon_ledger_queue_depth";
+
+/// Every metric this module records (what [`describe`] registers).
+pub const METRIC_NAMES: &[&str] = &[
+    REQUESTS_TOTAL,
+    FALLBACK_REQUESTS_TOTAL,
+    REQUEST_DURATION_SECONDS,
+    TIME_TO_FIRST_TOKEN_SECONDS,
+    ATTEMPTS_TOTAL,
+    ATTEMPT_DURATION_SECONDS,
+    TOKENS_TOTAL,
+    COST_USD_TOTAL,
+    FALLBACKS_TOTAL,
+    BREAKER_STATE,
+    KEY_STATE,
+    KEY_IN_FLIGHT,
+    MODEL_IN_FLIGHT,
+    POOL_HEALTHY_INSTANCES,
+    POOL_INSTANCE_HEALTHY,
+    LEDGER_QUEUE_DEPTH,
+];
+
+/// The histograms, for exporters that set buckets per metric.
+pub const LATENCY_HISTOGRAMS: &[&str] = &[
+    REQUEST_DURATION_SECONDS,
+    TIME_TO_FIRST_TOKEN_SECONDS,
+    ATTEMPT_DURATION_SECONDS,
+];
+
+/// Attempt kinds of a call actually made to a provider (the others are skips: the model
+/// was passed over before any call, e.g. `circuit_open`, `token_bucket`).
+pub const CALL_KINDS: &[&str] = &[
+    "ok",
+    "timeout",
+    "connect",
+    "rate_limited",
+    "server_error",
+    "auth",
+    "not_found",
+    "context_length",
+    "bad_request",
+    "malformed",
+    "stream_cut",
+];
+
+/// Skip kinds the router records; any other kind is exported as `other`, so a label
+/// never takes an unbounded set of values.
+const SKIP_KINDS: &[&str] = &[
+    "circuit_open",
+    "token_bucket",
+    "concurrency",
+    "key_cooldown",
+    "no_key",
+    "provider_failed",
+    "context_window",
+];
+
+/// The route label of a request: a client error with no attempt never reached the router
+/// (the name may be anything a client typed), so it is folded into `_unrouted`.
+fn route_label(rec: &RequestRecord) -> String {
+    if rec.attempts.is_empty() && (400..500).contains(&rec.status) {
+        "_unrouted".to_owned()
+    } else {
+        rec.route.clone()
+    }
+}
+
+fn kind_label(kind: &str) -> &'static str {
+    CALL_KINDS
+        .iter()
+        .chain(SKIP_KINDS)
+        .find(|k| **k == kind)
+        .copied()
+        .unwrap_or("other")
+}
+
+fn secs(ms: u64) -> f64 {
+    ms as f64 / 1000.0
+}
+
+/// Records one finished request: its count, duration and time to first token; each
+/// attempt (count by kind, duration of calls); tokens and cost per model; and one
+/// fallback for each pair of consecutive attempts on different models (a request that
+/// went a → b → c counts two; `echelon_fallback_requests_total` counts it once).
+pub fn observe(rec: &RequestRecord) {
+    let route = route_label(rec);
+    let model = rec.model.clone().unwrap_or_default();
+    counter!(REQUESTS_TOTAL,
+        "route" => route.clone(), "model" => model.clone(), "status" => rec.status.to_string())
+    .increment(1);
+    histogram!(REQUEST_DURATION_SECONDS, "route" => route.clone()).record(secs(rec.latency_ms));
+    if let Some(ttft) = rec.ttft_ms {
+        histogram!(TIME_TO_FIRST_TOKEN_SECONDS, "route" => route.clone(), "model" => model.clone())
+            .record(secs(ttft));
+    }
+    if rec.fallback {
+        counter!(FALLBACK_REQUESTS_TOTAL, "route" => route.clone()).increment(1);
+    }
+
+    let (mut prompt, mut completion, mut cost) = (0u64, 0u64, 0.0f64);
+    for a in &rec.attempts {
+        let kind = kind_label(&a.error_kind);
+        counter!(ATTEMPTS_TOTAL,
+            "model" => a.model.clone(), "provider" => a.provider.clone(), "kind" => kind)
+        .increment(1);
+        if CALL_KINDS.contains(&kind) {
+            histogram!(ATTEMPT_DURATION_SECONDS,
+                "model" => a.model.clone(), "provider" => a.provider.clone())
+            .record(secs(a.latency_ms));
+        }
+        record_usage(&a.model, a.prompt_tokens, a.completion_tokens, a.cost_usd);
+        prompt += a.prompt_tokens;
+        completion += a.completion_tokens;
+        cost += a.cost_usd;
+    }
+    // Figures the attempts do not account for (a record built without per-attempt usage)
+    // go to the answering model.
+    record_usage(
+        &model,
+        rec.prompt_tokens.saturating_sub(prompt),
+        rec.completion_tokens.saturating_sub(completion),
+        if rec.cost_usd > cost + 1e-12 {
+            rec.cost_usd - cost
+        } else {
+            0.0
+        },
+    );
+
+    for pair in rec.attempts.windows(2) {
+        let (from, to) = (&pair[0], &pair[1]);
+        if from.model != to.model {
+            counter!(FALLBACKS_TOTAL,
+                "route" => route.clone(),
+                "from" => from.model.clone(),
+                "to" => to.model.clone(),
+                "reason" => kind_label(&from.error_kind))
+            .increment(1);
+        }
+    }
+}
+
+fn record_usage(model: &str, prompt: u64, completion: u64, cost_usd: f64) {
+    if prompt > 0 {
+        counter!(TOKENS_TOTAL, "model" => model.to_owned(), "type" => "prompt").increment(prompt);
+    }
+    if completion > 0 {
+        counter!(TOKENS_TOTAL, "model" => model.to_owned(), "type" => "completion")
+            .increment(completion);
+    }
+    if cost_usd > 0.0 && cost_usd.is_finite() {
+        gauge!(COST_USD_TOTAL, "model" => model.to_owned()).increment(cost_usd);
+    }
+}
+
+/// The key states [`observe_state`] exports, each as its own series.
+const KEY_STATES: &[&str] = &["ok", "cooling_down", "disabled"];
+
+/// Sets the gauges of the router's live state from a [`Gateway::admin_state`] snapshot
+/// (call it just before rendering a scrape): each model's breaker state (0 closed,
+/// 1 half-open, 2 open), in-flight count and keys (state, in-flight), and each polling
+/// pool's healthy instances. Missing or oddly-typed fields are skipped.
+///
+/// [`Gateway::admin_state`]: crate::Gateway::admin_state
+pub fn observe_state(state: &Value) {
+    if let Some(models) = state.get("models").and_then(Value::as_object) {
+        for (id, m) in models {
+            let breaker = match m.pointer("/breaker/state").and_then(Value::as_str) {
+                Some("closed") => Some(0.0),
+                Some("half_open") => Some(1.0),
+                Some("open") => Some(2.0),
+                _ => None,
+            };
+            if let Some(v) = breaker {
+                gauge!(BREAKER_STATE, "model" => id.clone()).set(v);
+            }
+            if let Some(n) = m.get("in_flight").and_then(Value::as_f64) {
+                gauge!(MODEL_IN_FLIGHT, "model" => id.clone()).set(n);
+            }
+            let pool = m
+                .get("key_pool")
+                .and_then(Value::as_str)
+                .unwrap_or_default()
+                .to_owned();
+            for k in m
+                .get("keys")
+                .and_then(Value::as_array)
+                .into_iter()
+                .flatten()
+            {
+                let Some(key_id) = k.get("id").and_then(Value::as_str) else {
+                    continue;
+                };
+                let current = k.get("state").and_then(Value::as_str);
+                for s in KEY_STATES {
+                    gauge!(KEY_STATE,
+                        "key_pool" => pool.clone(), "key_id" => key_id.to_owned(), "state" => *s)
+                    .set(if current == Some(*s) { 1.0 } else { 0.0 });
+                }
+                if let Some(n) = k.get("in_flight").and_then(Value::as_f64) {
+                    gauge!(KEY_IN_FLIGHT, "key_pool" => pool.clone(), "key_id" => key_id.to_owned())
+                        .set(n);
+                }
+            }
+        }
+    }
+    if let Some(pools) = state.get("pools").and_then(Value::as_object) {
+        for (name, p) in pools {
+            if let Some(n) = p.get("healthy_instances").and_then(Value::as_f64) {
+                gauge!(POOL_HEALTHY_INSTANCES, "pool" => name.clone()).set(n);
+            }
+            for inst in p
+                .get("instances")
+                .and_then(Value::as_array)
+                .into_iter()
+                .flatten()
+            {
+                let (Some(model), Some(healthy)) = (
+                    inst.get("model").and_then(Value::as_str),
+                    inst.get("healthy").and_then(Value::as_bool),
+                ) else {
+                    continue;
+                };
+                gauge!(POOL_INSTANCE_HEALTHY, "pool" => name.clone(), "model" => model.to_owned())
+                    .set(if healthy { 1.0 } else { 0.0 });
+            }
+        }
+    }
+}
+
+/// Sets `echelon_ledger_queue_depth`: records waiting for the ledger writer.
+pub fn observe_ledger_queue(depth: usize) {
+    gauge!(LEDGER_QUEUE_DEPTH).set(depth as f64);
+}
+
+/// Registers help text and units for every metric in [`METRIC_NAMES`] with the installed
+/// recorder (call it once, after installing one).
+pub fn describe() {
+    describe_counter!(
+        REQUESTS_TOTAL,
+        Unit::Count,
+        "Finished requests by route, answering model (empty when none answered) and HTTP status."
+    );
+    describe_counter!(
+        FALLBACK_REQUESTS_TOTAL,
+        Unit::Count,
+        "Requests that moved past their first model (counted once however many moves)."
+    );
+    describe_histogram!(
+        REQUEST_DURATION_SECONDS,
+        Unit::Seconds,
+        "Wall time of a request, arrival to last byte."
+    );
+    describe_histogram!(
+        TIME_TO_FIRST_TOKEN_SECONDS,
+        Unit::Seconds,
+        "Streams: time from arrival to the first content chunk."
+    );
+    describe_counter!(
+        ATTEMPTS_TOTAL,
+        Unit::Count,
+        "Attempts by model, provider and kind: `ok`, a call's error kind, or a skip kind \
+         (circuit_open, token_bucket, concurrency, key_cooldown, no_key, provider_failed, \
+         context_window)."
+    );
+    describe_histogram!(
+        ATTEMPT_DURATION_SECONDS,
+        Unit::Seconds,
+        "Wall time of a call to a provider (skips excluded)."
+    );
+    describe_counter!(
+        TOKENS_TOTAL,
+        Unit::Count,
+        "Tokens consumed by model and type (prompt or completion)."
+    );
+    describe_gauge!(
+        COST_USD_TOTAL,
+        "Cost in USD by model; a float that only goes up (use rate/increase as on a counter)."
+    );
+    describe_counter!(
+        FALLBACKS_TOTAL,
+        Unit::Count,
+        "Moves from one model to the next within a request, by the failed model's error kind."
+    );
+    describe_gauge!(
+        BREAKER_STATE,
+        "Circuit breaker state per model: 0 closed, 1 half-open, 2 open."
+    );
+    describe_gauge!(
+        KEY_STATE,
+        "API key state per key id (never the key): 1 for the current state \
+         (ok, cooling_down, disabled), 0 for the others."
+    );
+    describe_gauge!(
+        KEY_IN_FLIGHT,
+        Unit::Count,
+        "Requests in flight holding the key."
+    );
+    describe_gauge!(
+        MODEL_IN_FLIGHT,
+        Unit::Count,
+        "Requests in flight on the model."
+    );
+    describe_gauge!(
+        POOL_HEALTHY_INSTANCES,
+        Unit::Count,
+        "Healthy instances of a polling pool."
+    );
+    describe_gauge!(
+        POOL_INSTANCE_HEALTHY,
+        "1 when the polling pool's instance is healthy (in the rotation), else 0."
+    );
+    describe_gauge!(
+        LEDGER_QUEUE_DEPTH,
+        Unit::Count,
+        "Records waiting for the usage ledger writer."
+    );
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+    use crate::usage::record::AttemptRecord;
+
+    fn attempt(model: &str, kind: &str) -> AttemptRecord {
+        AttemptRecord {
+            model: model.into(),
+            provider: "p".into(),
+            key_id: None,
+            status: None,
+            error_kind: kind.into(),
+            latency_ms: 3,
+            prompt_tokens: 0,
+            completion_tokens: 0,
+            cost_usd: 0.0,
+            estimated: false,
+        }
+    }
+
+    fn record(status: u16, attempts: Vec<AttemptRecord>) -> RequestRecord {
+        RequestRecord {
+            request_id: "r".into(),
+            started_at_unix_ms: 0,
+            route: "typed by a client".into(),
+            model: None,
+            provider: None,
+            status,
+            stream: false,
+            latency_ms: 1,
+            ttft_ms: None,
+            prompt_tokens: 0,
+            completion_tokens: 0,
+            cost_usd: 0.0,
+            estimated: false,
+            fallback: false,
+            attempts,
+        }
+    }
+
+    #[test]
+    fn unknown_kinds_and_unrouted_client_errors_keep_labels_bounded() {
+        assert_eq!(kind_label("circuit_open"), "circuit_open");
+        assert_eq!(kind_label("stream_cut"), "stream_cut");
+        assert_eq!(kind_label("something new"), "other");
+        assert_eq!(route_label(&record(404, vec![])), "_unrouted");
+        assert_eq!(route_label(&record(400, vec![])), "_unrouted");
+        assert_eq!(
+            route_label(&record(502, vec![attempt("a", "server_error")])),
+            "typed by a client"
+        );
+    }
+
+    #[test]
+    fn metric_names_are_unique_and_prefixed() {
+        let mut names = METRIC_NAMES.to_vec();
+        names.sort_unstable();
+        names.dedup();
+        assert_eq!(names.len(), METRIC_NAMES.len());
+        assert!(names.iter().all(|n| n.starts_with("echelon_")));
+        assert!(LATENCY_HISTOGRAMS.iter().all(|h| METRIC_NAMES.contains(h)));
+    }
+
+    #[test]
+    fn observing_without_a_recorder_is_a_no_op() {
+        let mut rec = record(200, vec![attempt("a", "server_error"), attempt("b", "ok")]);
+        rec.model = Some("b".into());
+        observe(&rec);
+        observe_state(&serde_json::json!({"models": {"a": {"breaker": {"state": "open"}}}}));
+        observe_state(&serde_json::json!(null));
+        observe_ledger_queue(3);
+    }
+}

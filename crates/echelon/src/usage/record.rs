@@ -1,0 +1,67 @@
+//! What the gateway records about each request it served: one [`RequestRecord`] per
+//! request, one [`AttemptRecord`] per attempt (DESIGN.md §3: "usage and cost are recorded
+//! once per request, with every attempt").
+
+use serde::Serialize;
+
+/// One request, as the ledger and the metrics see it.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct RequestRecord {
+    /// The request id (also the `x-request-id` response header).
+    pub request_id: String,
+    /// When the request arrived, Unix time in milliseconds.
+    pub started_at_unix_ms: u64,
+    /// The route the request named (`model` field), after `default` resolution.
+    pub route: String,
+    /// The model id that answered; `None` when none did.
+    pub model: Option<String>,
+    /// Its provider id.
+    pub provider: Option<String>,
+    /// The HTTP status the caller got (200, or the error's status; 499 when the client
+    /// went away during a stream).
+    pub status: u16,
+    /// Whether the caller asked for a stream.
+    pub stream: bool,
+    /// Wall time from arrival to the last byte, milliseconds.
+    pub latency_ms: u64,
+    /// Streams: time to the first content chunk, milliseconds.
+    pub ttft_ms: Option<u64>,
+    /// Prompt tokens over all attempts that consumed tokens.
+    pub prompt_tokens: u64,
+    /// Completion tokens over all attempts that consumed tokens.
+    pub completion_tokens: u64,
+    /// Cost over all attempts, USD.
+    pub cost_usd: f64,
+    /// Whether any token figure was counted locally (tiktoken) because the provider sent
+    /// no usage.
+    pub estimated: bool,
+    /// Whether the request moved past its first candidate.
+    pub fallback: bool,
+    /// Every attempt, in order (skips included, with zero tokens).
+    pub attempts: Vec<AttemptRecord>,
+}
+
+/// One attempt of a request.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct AttemptRecord {
+    /// The model id.
+    pub model: String,
+    /// The provider id.
+    pub provider: String,
+    /// Short id of the key used; never the key.
+    pub key_id: Option<String>,
+    /// The provider's HTTP status, when it answered.
+    pub status: Option<u16>,
+    /// `ok`, or the error / skip kind.
+    pub error_kind: String,
+    /// Wall time of the attempt, milliseconds.
+    pub latency_ms: u64,
+    /// Prompt tokens this attempt consumed.
+    pub prompt_tokens: u64,
+    /// Completion tokens this attempt consumed.
+    pub completion_tokens: u64,
+    /// Its cost, USD.
+    pub cost_usd: f64,
+    /// Whether its tokens were counted locally.
+    pub estimated: bool,
+}
