@@ -403,6 +403,7 @@ async fn serve(
         api_keys: config.server.api_keys.clone(),
         body_limit_bytes: config.server.body_limit_bytes,
         log_bodies: config.server.log_bodies,
+        metrics: config.server.metrics,
     };
     let app = echelon_server::router(gateway.clone(), &options);
     tracing::info!(

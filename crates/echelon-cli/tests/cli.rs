@@ -267,3 +267,85 @@ fn config_migrate_moves_the_global_fallback_into_the_groups() {
         "nothing to migrate"
     );
 }
+
+#[tokio::test]
+async fn sigterm_mid_run_loses_no_ledger_row() {
+    let up = TestUpstream::start_with(UpstreamOptions {
+        latency: Duration::from_millis(300),
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("ledger.db");
+    let yaml = format!(
+        "{}usage: {{ ledger: \"{}\", flush_interval_ms: 1000 }}\n",
+        config_for(&up.base_url()),
+        db.display()
+    );
+    let p = write(&dir, "c.yaml", &yaml);
+    let mut child = std::process::Command::new(BIN)
+        .args(["serve", "--port", "0", "--config"])
+        .arg(&p)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    BufReader::new(child.stdout.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    let url = line
+        .trim()
+        .strip_prefix("echelon listening on ")
+        .unwrap()
+        .to_owned();
+
+    // 20 requests in flight, SIGTERM while the upstream is still answering them.
+    let client = reqwest::Client::new();
+    let mut tasks = Vec::new();
+    for i in 0..20 {
+        let (client, url) = (client.clone(), url.clone());
+        tasks.push(tokio::spawn(async move {
+            let body = serde_json::json!({"model": "grp", "messages": [{"role": "user", "content": format!("n{i}")}], "stream": i % 2 == 0});
+            let resp = client.post(format!("{url}/v1/chat/completions")).json(&body).send().await?;
+            resp.text().await
+        }));
+    }
+    while up.chat_requests() < 20 {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .unwrap();
+    let mut completed = 0;
+    for t in tasks {
+        if t.await.unwrap().is_ok() {
+            completed += 1;
+        }
+    }
+    assert_eq!(completed, 20, "every accepted request completes");
+    let status = tokio::task::spawn_blocking(move || child.wait())
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(status.success());
+    let out = Command::new(BIN)
+        .args(["usage", "--format", "json", "--by", "route", "--config"])
+        .arg(&p)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let text = v.to_string();
+    assert_eq!(
+        v["total"]["requests"], 20,
+        "a ledger row for every request: {text}"
+    );
+    assert_eq!(v["total"]["failures"], 0, "{text}");
+}

@@ -1,7 +1,7 @@
 //! Echelon's OpenAI-compatible HTTP server (axum).
 //!
 //! Endpoints: `POST /v1/chat/completions` (streamed and not), `GET /v1/models` (the
-//! routes), `GET /health`, `GET /admin/state` (breakers, buckets, keys, in-flight
+//! routes), `GET /health`, `GET /metrics` (Prometheus), `GET /admin/state` (breakers, buckets, keys, in-flight
 //! counts). Gateway keys, when configured, are checked as `Authorization: Bearer` on
 //! `/v1/*` and `/admin/*`. Every error is the OpenAI error body
 //! (`{"error": {"message", "type", "param", "code", "attempts"}}`) with the status
@@ -38,6 +38,8 @@ pub struct ServerOptions {
     pub body_limit_bytes: usize,
     /// Log request bodies (prompts) at info level; off by default (`server.log_bodies`).
     pub log_bodies: bool,
+    /// Serve `GET /metrics` and install the Prometheus recorder (`server.metrics`).
+    pub metrics: bool,
 }
 
 impl Default for ServerOptions {
@@ -46,6 +48,7 @@ impl Default for ServerOptions {
             api_keys: Vec::new(),
             body_limit_bytes: 8 * 1024 * 1024,
             log_bodies: false,
+            metrics: true,
         }
     }
 }
@@ -82,7 +85,11 @@ pub fn router(gateway: Arc<Gateway>, options: &ServerOptions) -> Router {
         .nest("/v1", v1)
         .nest("/admin", admin)
         .route("/health", get(handlers::health))
-        .merge(metrics::routes(state.clone(), false))
+        .merge(if options.metrics {
+            metrics::routes(state.clone(), false)
+        } else {
+            Router::new()
+        })
         .fallback(handlers::not_found)
         .layer(DefaultBodyLimit::max(options.body_limit_bytes))
         .with_state(state)

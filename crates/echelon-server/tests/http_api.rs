@@ -60,6 +60,7 @@ task_groups:
                 .collect(),
             body_limit_bytes,
             log_bodies: false,
+            metrics: true,
         };
         let app = echelon_server::router(gateway, &options);
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();

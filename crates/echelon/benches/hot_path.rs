@@ -120,3 +120,54 @@ fn parse_request(b: Bencher) {
     let body = br#"{"model":"demo_group","messages":[{"role":"system","content":"You are terse."},{"role":"user","content":"Name three colours."}],"max_tokens":64,"temperature":0,"stream":false}"#;
     b.bench_local(|| divan::black_box(echelon_types::parse_request(body).unwrap()));
 }
+
+fn sample_record(i: u64) -> echelon::usage::record::RequestRecord {
+    use echelon::usage::record::{AttemptRecord, RequestRecord};
+    RequestRecord {
+        request_id: format!("{i:016x}"),
+        started_at_unix_ms: 1_795_000_000_000 + i,
+        route: "fast_group".into(),
+        model: Some("gpt-4o-mini".into()),
+        provider: Some("openai".into()),
+        status: 200,
+        stream: false,
+        latency_ms: 230,
+        ttft_ms: None,
+        prompt_tokens: 120,
+        completion_tokens: 40,
+        cost_usd: 0.000_042,
+        estimated: false,
+        fallback: false,
+        attempts: vec![AttemptRecord {
+            model: "gpt-4o-mini".into(),
+            provider: "openai".into(),
+            key_id: Some("9f86d081".into()),
+            status: Some(200),
+            error_kind: "ok".into(),
+            latency_ms: 229,
+            prompt_tokens: 120,
+            completion_tokens: 40,
+            cost_usd: 0.000_042,
+            estimated: false,
+        }],
+    }
+}
+
+/// The ledger writer's cost per request (one request row + one attempt row), written in
+/// batches of 256 as the writer thread does.
+#[divan::bench(sample_count = 20)]
+fn ledger_insert_per_request(b: Bencher) {
+    let dir = tempfile::tempdir().unwrap();
+    let mut ledger = echelon::usage::ledger::Ledger::open(&dir.path().join("l.db")).unwrap();
+    let batch: Vec<_> = (0..256).map(sample_record).collect();
+    b.counter(divan::counter::ItemsCount::new(256usize))
+        .bench_local(|| ledger.insert(&batch).unwrap());
+}
+
+/// Building the metrics of one request through the `metrics` facade (no recorder
+/// installed here: the facade's own cost; the Prometheus recorder adds its hashing).
+#[divan::bench]
+fn metrics_observe_no_recorder(b: Bencher) {
+    let rec = sample_record(1);
+    b.bench_local(|| echelon::usage::metrics::observe(divan::black_box(&rec)));
+}

@@ -52,6 +52,8 @@ pub struct ServerConfig {
     /// Whether request and response bodies are written to the debug log
     /// (`log_bodies:`). Default `false`: bodies may hold personal data.
     pub log_bodies: bool,
+    /// Serve Prometheus metrics at `GET /metrics` (`metrics:`). Default `true`.
+    pub metrics: bool,
 }
 
 impl ServerConfig {
@@ -71,6 +73,7 @@ impl Default for ServerConfig {
             api_keys: Vec::new(),
             body_limit_bytes: Self::DEFAULT_BODY_LIMIT_BYTES,
             log_bodies: false,
+            metrics: true,
         }
     }
 }

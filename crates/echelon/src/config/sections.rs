@@ -14,8 +14,14 @@ use super::node::{Kind, Node, Pos};
 use super::read::{At, Bound, Ctx, MapView, bool_value, map};
 
 /// Keys of the `server:` section.
-pub(crate) const SERVER_KEYS: &[&str] =
-    &["host", "port", "api_keys", "body_limit_bytes", "log_bodies"];
+pub(crate) const SERVER_KEYS: &[&str] = &[
+    "host",
+    "port",
+    "api_keys",
+    "body_limit_bytes",
+    "log_bodies",
+    "metrics",
+];
 /// Keys of a provider.
 pub(crate) const PROVIDER_KEYS: &[&str] = &["base_url", "api_keys", "api", "key_cooldown"];
 /// Keys of a model.
@@ -119,6 +125,9 @@ pub(crate) fn server(ctx: &mut Ctx, node: &Node, path: &str) -> ServerConfig {
         .and_then(|l| usize::try_from(l).ok())
     {
         server.body_limit_bytes = limit;
+    }
+    if let Some(metrics) = view.bool(ctx, "metrics") {
+        server.metrics = metrics;
     }
     if let Some(log_bodies) = view.bool(ctx, "log_bodies") {
         server.log_bodies = log_bodies;
