@@ -358,7 +358,7 @@ fn usage(
             ExitCode::SUCCESS
         }
         Err(e) => {
-            eprintln!("error: {} : {e}", path.display());
+            eprintln!("error: {e}");
             ExitCode::FAILURE
         }
     }
