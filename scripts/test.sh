@@ -9,6 +9,11 @@ cd "$root"
 scripts/real-upstream.sh install
 scripts/python-venv.sh >/dev/null
 
+# Ledgers of the servers the tests start go to a scratch directory, not the user's.
+ECHELON_DATA_DIR="$(mktemp -d)"
+export ECHELON_DATA_DIR
+trap 'rm -rf "$ECHELON_DATA_DIR"' EXIT
+
 # A missing real upstream fails the run instead of skipping.
 export ECHELON_REQUIRE_REAL_UPSTREAM=1
 

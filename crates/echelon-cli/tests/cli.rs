@@ -80,6 +80,7 @@ async fn chat_prints_the_answer_and_streams_tokens() {
     let dir = tempfile::tempdir().unwrap();
     let p = write(&dir, "c.yaml", &config_for(&up.base_url()));
     let out = tokio::process::Command::new(BIN)
+        .env("ECHELON_DATA_DIR", dir.path())
         .args(["chat", "--config"])
         .arg(&p)
         .args(["--route", "grp", "say hi"])
@@ -95,6 +96,7 @@ async fn chat_prints_the_answer_and_streams_tokens() {
     assert!(String::from_utf8_lossy(&out.stderr).contains("answered by m1"));
 
     let out = tokio::process::Command::new(BIN)
+        .env("ECHELON_DATA_DIR", dir.path())
         .args(["chat", "--stream", "--config"])
         .arg(&p)
         .args(["--route", "grp", "say hi"])
@@ -111,6 +113,7 @@ async fn chat_exits_1_with_the_attempts_when_everything_fails() {
     // Port 9 (discard) on loopback: nothing listens, the connection is refused.
     let p = write(&dir, "c.yaml", &config_for("http://127.0.0.1:9/v1"));
     let out = tokio::process::Command::new(BIN)
+        .env("ECHELON_DATA_DIR", dir.path())
         .args(["chat", "--config"])
         .arg(&p)
         .args(["--route", "grp", "hi"])
@@ -140,6 +143,7 @@ async fn serve_finishes_in_flight_requests_on_sigterm() {
     let mut child = std::process::Command::new(BIN)
         .args(["serve", "--port", "0", "--config"])
         .arg(&p)
+        .env("ECHELON_DATA_DIR", dir.path())
         .stdout(Stdio::piped())
         .stderr(Stdio::null())
         .spawn()
@@ -287,6 +291,7 @@ async fn sigterm_mid_run_loses_no_ledger_row() {
     let mut child = std::process::Command::new(BIN)
         .args(["serve", "--port", "0", "--config"])
         .arg(&p)
+        .env("ECHELON_DATA_DIR", dir.path())
         .stdout(Stdio::piped())
         .stderr(Stdio::null())
         .spawn()
