@@ -86,6 +86,77 @@ enum Command {
     /// Configuration tools.
     #[command(subcommand)]
     Config(ConfigCommand),
+    /// Score a JSONL batch of responses with an LLM judge (seed 003), fast and resumable.
+    ///
+    /// Each input line: {"id", "prompt", "response", "reference"?, ...}; extra fields are
+    /// carried to the output. Each output line: id, score, reward, raw (the judge's text),
+    /// route, model, attempts, tokens, cost, cached, latency_ms, and error when there is
+    /// one — never a made-up score: an answer with no score in range is re-asked up to
+    /// --max-reasks times, then written with "error": "unparsed".
+    ///
+    /// Reward (seed 003):
+    ///   length_penalty = -reward_coefficient * max(0, response_tokens - target_tokens) / target_tokens
+    ///   reward         = score + length_penalty
+    /// where response_tokens counts the judged response with tiktoken cl100k_base
+    /// (target_tokens 0 = no penalty).
+    ///
+    /// Output lines are appended and flushed as they complete; re-running the same command
+    /// skips ids already in the output (a line cut by a kill is redone). Results are cached
+    /// in SQLite by route, judge settings, rubric, prompt and response (--no-cache to skip).
+    ///
+    /// Example:
+    ///   echelon judge --config examples/demo.yaml --route demo_group \
+    ///     --input examples/judge_sample.jsonl --output scores.jsonl --concurrency 8
+    #[command(verbatim_doc_comment)]
+    Judge {
+        /// Config file or directory.
+        #[arg(long, short)]
+        config: PathBuf,
+        /// The judge route: a model, task group, pool or wrapper.
+        #[arg(long, short)]
+        route: String,
+        /// Input JSONL.
+        #[arg(long, short)]
+        input: PathBuf,
+        /// Output JSONL (appended; existing ids are skipped).
+        #[arg(long, short)]
+        output: PathBuf,
+        /// Rubric template with {prompt}, {response}, {reference}; default: a 1–10 score
+        /// ending with a line `最终评分: X`.
+        #[arg(long)]
+        rubric: Option<PathBuf>,
+        /// Items in flight at once (the route's own limits still apply).
+        #[arg(long, default_value_t = 64)]
+        concurrency: usize,
+        /// Judge at most this many new items.
+        #[arg(long)]
+        max_items: Option<u64>,
+        /// Cap on the judge's answer, tokens (short answers are faster and parse better).
+        #[arg(long)]
+        max_tokens: Option<u32>,
+        /// Re-asks when the judge's answer has no score in range.
+        #[arg(long, default_value_t = 2)]
+        max_reasks: u32,
+        /// Length penalty coefficient (seed 003 `reward_coefficient`).
+        #[arg(long, default_value_t = 0.1)]
+        reward_coefficient: f64,
+        /// Response length in tokens above which the penalty starts.
+        #[arg(long, default_value_t = 512)]
+        target_tokens: u64,
+        /// Score pattern (regex with one capture group), tried in order; repeat for
+        /// several. Default: the seed's formats (最终评分 X, 评分: X, Score: X, a lone 1–10).
+        #[arg(long = "pattern")]
+        patterns: Vec<String>,
+        /// Cache file; default judge_cache.db next to the usage ledger.
+        #[arg(long)]
+        cache: Option<PathBuf>,
+        /// Do not read or write the cache.
+        #[arg(long)]
+        no_cache: bool,
+        /// Copy prompt, response and reference into the output lines.
+        #[arg(long)]
+        keep_inputs: bool,
+    },
     /// Totals from the usage ledger: requests, failures, fallbacks, tokens and cost.
     ///
     /// Examples:
@@ -183,6 +254,41 @@ fn main() -> ExitCode {
             verbose,
         }) => migrate(&path, !no_backup, validate_only, verbose),
         Command::Serve { config, host, port } => run(serve(config, host, port)),
+        Command::Judge {
+            config,
+            route,
+            input,
+            output,
+            rubric,
+            concurrency,
+            max_items,
+            max_tokens,
+            max_reasks,
+            reward_coefficient,
+            target_tokens,
+            patterns,
+            cache,
+            no_cache,
+            keep_inputs,
+        } => {
+            let args = JudgeArgs {
+                route,
+                input,
+                output,
+                rubric,
+                concurrency,
+                max_items,
+                max_tokens,
+                max_reasks,
+                reward_coefficient,
+                target_tokens,
+                patterns,
+                cache,
+                no_cache,
+                keep_inputs,
+            };
+            run(judge(config, args))
+        }
         Command::Usage {
             config,
             ledger,
@@ -299,6 +405,136 @@ fn migrate(path: &std::path::Path, backup: bool, validate_only: bool, verbose: b
             ExitCode::FAILURE
         }
     }
+}
+
+/// The `judge` flags, past the config path.
+struct JudgeArgs {
+    route: String,
+    input: PathBuf,
+    output: PathBuf,
+    rubric: Option<PathBuf>,
+    concurrency: usize,
+    max_items: Option<u64>,
+    max_tokens: Option<u32>,
+    max_reasks: u32,
+    reward_coefficient: f64,
+    target_tokens: u64,
+    patterns: Vec<String>,
+    cache: Option<PathBuf>,
+    no_cache: bool,
+    keep_inputs: bool,
+}
+
+async fn judge(config_path: PathBuf, args: JudgeArgs) -> anyhow::Result<ExitCode> {
+    use echelon::judge::{Judge, JudgeConfig, count_lines};
+    let config = load(&config_path)?;
+    let gateway = Arc::new(Gateway::from_config(&config)?);
+    let mut jc = JudgeConfig {
+        route: args.route,
+        concurrency: args.concurrency.max(1),
+        max_reasks: args.max_reasks,
+        reward_coefficient: args.reward_coefficient,
+        target_tokens: args.target_tokens,
+        keep_inputs: args.keep_inputs,
+        max_items: args.max_items,
+        max_tokens: args.max_tokens,
+        ..JudgeConfig::default()
+    };
+    if let Some(path) = &args.rubric {
+        jc.rubric = std::fs::read_to_string(path)
+            .with_context(|| format!("cannot read the rubric {}", path.display()))?;
+    }
+    if !args.patterns.is_empty() {
+        jc.patterns = args.patterns;
+    }
+    jc.cache_path = if args.no_cache {
+        None
+    } else {
+        args.cache.or_else(|| {
+            config
+                .usage
+                .ledger_path
+                .clone()
+                .or_else(echelon::config::UsageConfig::default_ledger_path)
+                .and_then(|p| p.parent().map(|d| d.join("judge_cache.db")))
+        })
+    };
+    let judge = Judge::new(gateway, jc)?;
+    let total = count_lines(&args.input).await?;
+    let bar = progress_bar(total, args.max_items);
+    let report = |p: &echelon::judge::Progress| {
+        let processed = p.done + p.skipped + p.bad_lines;
+        bar.set_position(processed);
+        bar.set_message(format!(
+            "errors {} · cached {} · bad lines {} · ${:.4}",
+            p.errors, p.cached, p.bad_lines, p.cost_usd
+        ));
+        if let Some(bad) = &p.last_bad_line {
+            bar.suspend(|| eprintln!("line {}: {}", bad.line, bad.reason));
+        }
+        if bar.is_hidden() && p.done > 0 && p.done % 500 == 0 {
+            eprintln!(
+                "judged {} (errors {}, cached {}, ${:.4}) in {:.1}s",
+                p.done,
+                p.errors,
+                p.cached,
+                p.cost_usd,
+                p.elapsed.as_secs_f64()
+            );
+        }
+    };
+    let summary = judge.run_file(&args.input, &args.output, &report).await?;
+    bar.finish_and_clear();
+    eprintln!(
+        "judged {} items in {:.2}s ({} scored, {} cached, {} unparsed, {} failed; {} skipped as already done; {} bad lines)",
+        summary.judged,
+        summary.wall_time.as_secs_f64(),
+        summary.scored,
+        summary.cached,
+        summary.unparsed,
+        summary.failed,
+        summary.skipped,
+        summary.bad_line_count
+    );
+    eprintln!(
+        "parse failures {:.1}% · mean score {} · mean reward {} · cost ${:.6} · wall_ms {}",
+        summary.parse_failure_rate * 100.0,
+        summary
+            .mean_score
+            .map_or("-".to_owned(), |m| format!("{m:.2}")),
+        summary
+            .mean_reward
+            .map_or("-".to_owned(), |m| format!("{m:.3}")),
+        summary.total_cost,
+        summary.wall_time.as_millis()
+    );
+    for bad in &summary.bad_lines {
+        eprintln!("bad line {}: {}", bad.line, bad.reason);
+    }
+    Ok(
+        if summary.failed > 0 || summary.unparsed > 0 || summary.bad_line_count > 0 {
+            // Partial success: the output holds every item, errors included.
+            ExitCode::from(2)
+        } else {
+            ExitCode::SUCCESS
+        },
+    )
+}
+
+/// An indicatif bar on a terminal; hidden (plain periodic lines instead) otherwise.
+fn progress_bar(total: u64, max_items: Option<u64>) -> indicatif::ProgressBar {
+    use std::io::IsTerminal;
+    let len = max_items.map_or(total, |m| m.min(total));
+    if !std::io::stderr().is_terminal() {
+        return indicatif::ProgressBar::hidden();
+    }
+    let bar = indicatif::ProgressBar::new(len);
+    if let Ok(style) =
+        indicatif::ProgressStyle::with_template("{bar:30} {pos}/{len} {per_sec} ETA {eta} · {msg}")
+    {
+        bar.set_style(style);
+    }
+    bar
 }
 
 fn usage(

@@ -13,6 +13,7 @@
 
 pub mod config;
 pub mod error;
+pub mod judge;
 pub mod key;
 pub mod provider;
 pub mod resilience;

@@ -1,0 +1,57 @@
+#!/usr/bin/env bash
+# Batch-judge efficiency (issue 6): N items through the testkit upstream at 50 ms latency
+# with --concurrency C, wall time against the ideal N × 50 ms / C; and sequential vs
+# concurrent on 5 items, as seed 003 measured.
+#
+#   bench/judge.sh [N=2000] [C=256]
+set -euo pipefail
+root="$(cd "$(dirname "$0")/.." && pwd)"
+cd "$root"
+n="${1:-2000}" c="${2:-256}"
+cargo build --release -q -p echelon-cli -p echelon-testkit
+
+work="$(mktemp -d)"; pids=()
+cleanup() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; rm -rf "$work"; }
+trap cleanup EXIT
+
+target/release/echelon-testkit --port 0 --latency-ms 50 >"$work/up.out" 2>&1 & pids+=($!)
+for _ in $(seq 1 100); do grep -q 'listening on' "$work/up.out" && break; sleep 0.05; done
+up="$(sed -n 's/^listening on \(http[^ ]*\)$/\1/p' "$work/up.out")"
+cat >"$work/c.yaml" <<YAML
+providers:
+  up: { base_url: "$up/v1" }
+models:
+  judge-model: { provider: up, max_retries: 1 }
+task_groups:
+  judge: { echelon1: { models: [judge-model] } }
+usage: { ledger: false }
+YAML
+# The testkit echoes the rubric; this rubric makes it answer with a score line.
+printf 'Score: 7 for {response}\n' >"$work/rubric.txt"
+python3 - "$work/items.jsonl" "$n" <<'PY'
+import json, sys
+with open(sys.argv[1], "w") as f:
+    for i in range(int(sys.argv[2])):
+        f.write(json.dumps({"id": i, "prompt": f"question {i}", "response": f"answer {i}"}) + "\n")
+PY
+head -5 "$work/items.jsonl" >"$work/five.jsonl"
+
+run() { # $1 = input, $2 = concurrency → wall seconds
+  rm -f "$work/out.jsonl"
+  local start end
+  start=$(date +%s.%N)
+  target/release/echelon judge --config "$work/c.yaml" --route judge --input "$1" \
+    --output "$work/out.jsonl" --rubric "$work/rubric.txt" --concurrency "$2" --no-cache >/dev/null 2>&1
+  end=$(date +%s.%N)
+  [ "$(wc -l <"$work/out.jsonl")" -eq "$(wc -l <"$1")" ] || { echo "missing output lines" >&2; exit 1; }
+  awk -v s="$start" -v e="$end" 'BEGIN {printf "%.3f", e - s}'
+}
+
+wall="$(run "$work/items.jsonl" "$c")"
+ideal="$(awk -v n="$n" -v c="$c" 'BEGIN {printf "%.3f", n * 0.050 / c}')"
+eff="$(awk -v i="$ideal" -v w="$wall" 'BEGIN {printf "%.1f", i / w * 100}')"
+echo "$n items, concurrency $c, 50 ms upstream: wall ${wall}s, ideal ${ideal}s, efficiency ${eff}%"
+seq_wall="$(run "$work/five.jsonl" 1)"
+con_wall="$(run "$work/five.jsonl" 5)"
+speedup="$(awk -v a="$seq_wall" -v b="$con_wall" 'BEGIN {printf "%.2f", a / b}')"
+echo "5 items: sequential ${seq_wall}s, concurrent ${con_wall}s, speed-up ${speedup}x"

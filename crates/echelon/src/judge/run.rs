@@ -1,0 +1,419 @@
+//! [`Judge::run_file`]: JSONL in, JSONL out, streamed, resumable.
+
+use std::collections::HashMap;
+use std::collections::hash_map::Entry;
+use std::io::ErrorKind;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use serde::Deserialize;
+use tokio::fs::{File, OpenOptions};
+use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+use tokio::task::JoinSet;
+
+use super::item::{ItemId, JudgeItem};
+use super::output::Judgement;
+use super::{Judge, JudgeError};
+
+/// [`RunSummary::bad_lines`] keeps this many bad lines (all are counted).
+pub const MAX_BAD_LINES_KEPT: usize = 1000;
+
+/// An input line that is not an item.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BadLine {
+    /// 1-based line number in the input.
+    pub line: u64,
+    /// Why it was skipped (invalid JSON, a missing or mistyped field, a duplicate id).
+    pub reason: String,
+}
+
+/// Where a run is, passed to the progress callback after every input line that is not
+/// sent to the judge (bad, blank or already done) and every item that completes.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Progress {
+    /// Input lines read so far (blank and bad lines included).
+    pub lines: u64,
+    /// Items judged and written in this run.
+    pub done: u64,
+    /// Of `done`: with an error (`unparsed` included).
+    pub errors: u64,
+    /// Of `done`: served from the cache.
+    pub cached: u64,
+    /// Bad input lines so far.
+    pub bad_lines: u64,
+    /// Items skipped because the output already had their id (resume).
+    pub skipped: u64,
+    /// Items being judged now.
+    pub in_flight: usize,
+    /// USD spent on judge calls in this run (cache hits cost nothing).
+    pub cost_usd: f64,
+    /// Time since the run started.
+    pub elapsed: Duration,
+    /// The bad line that triggered this call, if that is why it was called.
+    pub last_bad_line: Option<BadLine>,
+}
+
+/// What a finished [`Judge::run_file`] did.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct RunSummary {
+    /// Input lines read (blank and bad lines included).
+    pub lines: u64,
+    /// Lines already in the output when the run started.
+    pub resumed: u64,
+    /// Whether a trailing partial line (an interrupted write) was cut off the output.
+    pub truncated_partial_line: bool,
+    /// Input items skipped because their id was already in the output.
+    pub skipped: u64,
+    /// Items judged and written in this run.
+    pub judged: u64,
+    /// Of `judged`: with a score.
+    pub scored: u64,
+    /// Of `scored`: served from the cache.
+    pub cached: u64,
+    /// Of `judged`: the judge answered, but no score in range could be read.
+    pub unparsed: u64,
+    /// Of `judged`: a judge call failed (or an internal error).
+    pub failed: u64,
+    /// Of `judged`: items that needed at least one re-ask.
+    pub reasked: u64,
+    /// Bad input lines, counted.
+    pub bad_line_count: u64,
+    /// Bad input lines, the first [`MAX_BAD_LINES_KEPT`].
+    pub bad_lines: Vec<BadLine>,
+    /// `unparsed / (scored + unparsed)`; 0 when both are 0.
+    pub parse_failure_rate: f64,
+    /// Mean score of `scored`.
+    pub mean_score: Option<f64>,
+    /// Mean reward of `scored`.
+    pub mean_reward: Option<f64>,
+    /// USD spent on judge calls in this run.
+    pub total_cost: f64,
+    /// Wall time of the run.
+    pub wall_time: Duration,
+}
+
+/// An id seen before in this run: in the old output, or on an input line.
+enum Seen {
+    Output,
+    Line(u64),
+}
+
+fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> JudgeError + '_ {
+    move |source| JudgeError::Io {
+        path: path.to_owned(),
+        source,
+    }
+}
+
+#[derive(Deserialize)]
+struct IdOnly {
+    id: serde_json::Value,
+}
+
+/// The ids of an existing output file; cuts off a trailing partial line.
+async fn resume(path: &Path, seen: &mut HashMap<String, Seen>) -> Result<(u64, bool), JudgeError> {
+    let file = match OpenOptions::new().read(true).write(true).open(path).await {
+        Ok(f) => f,
+        Err(e) if e.kind() == ErrorKind::NotFound => return Ok((0, false)),
+        Err(e) => return Err(io_err(path)(e)),
+    };
+    let mut reader = BufReader::with_capacity(1 << 16, file);
+    let mut buf = Vec::new();
+    let mut complete_end: u64 = 0;
+    let mut line_no: u64 = 0;
+    let mut count: u64 = 0;
+    let mut partial = false;
+    loop {
+        buf.clear();
+        let n = reader
+            .read_until(b'\n', &mut buf)
+            .await
+            .map_err(io_err(path))?;
+        if n == 0 {
+            break;
+        }
+        if buf.last() != Some(&b'\n') {
+            partial = true;
+            break;
+        }
+        line_no += 1;
+        complete_end += n as u64;
+        let text = String::from_utf8_lossy(&buf);
+        if text.trim().is_empty() {
+            continue;
+        }
+        let bad = |reason: String| JudgeError::Resume {
+            path: path.to_owned(),
+            line: line_no,
+            reason,
+        };
+        let line: IdOnly =
+            serde_json::from_str(&text).map_err(|e| bad(format!("not a judgement line ({e})")))?;
+        let id = ItemId::from_json(line.id)
+            .ok_or_else(|| bad("its `id` is not a string or a number".to_owned()))?;
+        seen.insert(id.key(), Seen::Output);
+        count += 1;
+    }
+    if partial {
+        let file = reader.into_inner();
+        file.set_len(complete_end).await.map_err(io_err(path))?;
+        file.sync_all().await.map_err(io_err(path))?;
+        tracing::info!(path = %path.display(), "cut off a partial last line of the output");
+    }
+    Ok((count, partial))
+}
+
+/// Writes one line, its newline included, in one `write_all`, then flushes.
+async fn append(out: &mut File, j: &Judgement, path: &Path) -> Result<(), JudgeError> {
+    let mut line = j.to_line();
+    line.push('\n');
+    out.write_all(line.as_bytes()).await.map_err(io_err(path))?;
+    out.flush().await.map_err(io_err(path))
+}
+
+/// Running totals of a run.
+struct Tally {
+    progress: Progress,
+    summary: RunSummary,
+    score_sum: f64,
+    reward_sum: f64,
+    started: Instant,
+}
+
+impl Tally {
+    fn bad_line(&mut self, line: u64, reason: String) {
+        tracing::warn!(line, %reason, "judge: bad input line");
+        let bad = BadLine { line, reason };
+        self.summary.bad_line_count += 1;
+        if self.summary.bad_lines.len() < MAX_BAD_LINES_KEPT {
+            self.summary.bad_lines.push(bad.clone());
+        }
+        self.progress.bad_lines += 1;
+        self.progress.last_bad_line = Some(bad);
+    }
+
+    fn judged(&mut self, j: &Judgement) {
+        let s = &mut self.summary;
+        s.judged += 1;
+        s.total_cost += j.cost;
+        if j.reasks > 0 {
+            s.reasked += 1;
+        }
+        if let Some(score) = j.score {
+            s.scored += 1;
+            self.score_sum += score;
+            self.reward_sum += j.reward.unwrap_or(score);
+            if j.cached {
+                s.cached += 1;
+            }
+        } else if j.is_unparsed() {
+            s.unparsed += 1;
+        } else {
+            s.failed += 1;
+        }
+        let p = &mut self.progress;
+        p.done += 1;
+        p.cost_usd += j.cost;
+        if j.error.is_some() {
+            p.errors += 1;
+        }
+        if j.cached {
+            p.cached += 1;
+        }
+    }
+
+    fn report(&mut self, in_flight: usize, progress: &dyn Fn(&Progress)) {
+        self.progress.in_flight = in_flight;
+        self.progress.elapsed = self.started.elapsed();
+        progress(&self.progress);
+        self.progress.last_bad_line = None;
+    }
+
+    fn finish(mut self) -> RunSummary {
+        let s = &mut self.summary;
+        s.lines = self.progress.lines;
+        s.skipped = self.progress.skipped;
+        let read = s.scored + s.unparsed;
+        s.parse_failure_rate = if read == 0 {
+            0.0
+        } else {
+            s.unparsed as f64 / read as f64
+        };
+        if s.scored > 0 {
+            s.mean_score = Some(self.score_sum / s.scored as f64);
+            s.mean_reward = Some(self.reward_sum / s.scored as f64);
+        }
+        s.wall_time = self.started.elapsed();
+        self.summary
+    }
+}
+
+/// An input line, classified.
+enum Line {
+    Blank,
+    Bad(String),
+    Item(JudgeItem),
+}
+
+fn classify(bytes: &[u8]) -> Line {
+    let Ok(text) = std::str::from_utf8(bytes) else {
+        return Line::Bad("not valid UTF-8".to_owned());
+    };
+    let text = text.trim_end_matches(['\n', '\r']);
+    if text.trim().is_empty() {
+        return Line::Blank;
+    }
+    match JudgeItem::from_json_line(text) {
+        Ok(item) => Line::Item(item),
+        Err(reason) => Line::Bad(reason),
+    }
+}
+
+impl Judge {
+    /// Judges a JSONL file into a JSONL file; see the [module docs](super).
+    ///
+    /// - Resume: the output file is read first; a trailing partial line (an interrupted
+    ///   write) is cut off, and every id it holds is skipped. New lines are appended.
+    /// - Input lines are read lazily; a bad line (invalid JSON or UTF-8, a missing or
+    ///   mistyped `id`/`prompt`/`response`, an id seen earlier in the input) is reported
+    ///   with its 1-based number and skipped; blank lines are ignored.
+    /// - At most `concurrency` items are in flight; each result is appended (one write of
+    ///   the line and its newline, then a flush) as soon as it completes, so output order
+    ///   may differ from input order.
+    /// - `progress` is called after every completed item and every input line that is not
+    ///   judged.
+    ///
+    /// Must be called within a tokio runtime (items are judged on spawned tasks). Dropping
+    /// the future cancels the items in flight; their lines are not written, so a re-run
+    /// judges them.
+    ///
+    /// # Errors
+    /// The input cannot be read, the output cannot be read or written, or the output
+    /// has a complete line that is not a judgement line (it is then left untouched).
+    pub async fn run_file(
+        &self,
+        input: &Path,
+        output: &Path,
+        progress: &dyn Fn(&Progress),
+    ) -> Result<RunSummary, JudgeError> {
+        let started = Instant::now();
+        let mut seen: HashMap<String, Seen> = HashMap::new();
+        let input_file = File::open(input).await.map_err(io_err(input))?;
+        let (resumed, truncated) = resume(output, &mut seen).await?;
+        let mut reader = BufReader::with_capacity(1 << 16, input_file);
+        let mut out = OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(output)
+            .await
+            .map_err(io_err(output))?;
+        let output: PathBuf = output.to_owned();
+
+        let mut tally = Tally {
+            progress: Progress::default(),
+            summary: RunSummary {
+                resumed,
+                truncated_partial_line: truncated,
+                ..RunSummary::default()
+            },
+            score_sum: 0.0,
+            reward_sum: 0.0,
+            started,
+        };
+        let concurrency = self.inner.config.concurrency;
+        let mut tasks: JoinSet<Judgement> = JoinSet::new();
+        let mut buf = Vec::new();
+        let mut line_no: u64 = 0;
+        let mut eof = false;
+        let mut started_items: u64 = 0;
+        let max_items = self.inner.config.max_items.unwrap_or(u64::MAX);
+        loop {
+            while !eof && tasks.len() < concurrency {
+                if started_items >= max_items {
+                    eof = true;
+                    break;
+                }
+                buf.clear();
+                let n = reader
+                    .read_until(b'\n', &mut buf)
+                    .await
+                    .map_err(io_err(input))?;
+                if n == 0 {
+                    eof = true;
+                    break;
+                }
+                line_no += 1;
+                tally.progress.lines += 1;
+                let item = match classify(&buf) {
+                    Line::Blank => continue,
+                    Line::Bad(reason) => {
+                        tally.bad_line(line_no, reason);
+                        tally.report(tasks.len(), progress);
+                        continue;
+                    }
+                    Line::Item(item) => item,
+                };
+                match seen.entry(item.id.key()) {
+                    Entry::Occupied(e) => {
+                        match e.get() {
+                            Seen::Output => tally.progress.skipped += 1,
+                            Seen::Line(first) => {
+                                let reason =
+                                    format!("duplicate id `{}` (first on line {first})", item.id);
+                                tally.bad_line(line_no, reason);
+                            }
+                        }
+                        tally.report(tasks.len(), progress);
+                        continue;
+                    }
+                    Entry::Vacant(e) => {
+                        e.insert(Seen::Line(line_no));
+                    }
+                }
+                let inner = Arc::clone(&self.inner);
+                started_items += 1;
+                tasks.spawn(inner.judge_owned(item));
+            }
+            let Some(joined) = tasks.join_next().await else {
+                break;
+            };
+            match joined {
+                Ok(j) => {
+                    append(&mut out, &j, &output).await?;
+                    tally.judged(&j);
+                }
+                // Only a runtime shutting down gets here (panics become error lines); the
+                // item is not written, so a re-run judges it.
+                Err(e) => tracing::error!(error = %e, "judge task lost"),
+            }
+            tally.report(tasks.len(), progress);
+        }
+        Ok(tally.finish())
+    }
+}
+
+/// Counts the non-blank lines of a file (for a progress bar's total), reading it once.
+///
+/// # Errors
+/// The file cannot be read.
+pub async fn count_lines(path: &Path) -> Result<u64, JudgeError> {
+    let file = File::open(path).await.map_err(io_err(path))?;
+    let mut reader = BufReader::with_capacity(1 << 16, file);
+    let mut buf = Vec::new();
+    let mut count = 0;
+    loop {
+        buf.clear();
+        if reader
+            .read_until(b'\n', &mut buf)
+            .await
+            .map_err(io_err(path))?
+            == 0
+        {
+            return Ok(count);
+        }
+        if !buf.iter().all(u8::is_ascii_whitespace) {
+            count += 1;
+        }
+    }
+}
