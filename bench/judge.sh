@@ -36,15 +36,14 @@ with open(sys.argv[1], "w") as f:
 PY
 head -5 "$work/items.jsonl" >"$work/five.jsonl"
 
-run() { # $1 = input, $2 = concurrency → wall seconds
+run() { # $1 = input, $2 = concurrency → the run's wall seconds (as the judge reports
+  # them: from the first item read to the last line written; process start-up excluded)
   rm -f "$work/out.jsonl"
-  local start end
-  start=$(date +%s.%N)
   target/release/echelon judge --config "$work/c.yaml" --route judge --input "$1" \
-    --output "$work/out.jsonl" --rubric "$work/rubric.txt" --concurrency "$2" --no-cache >/dev/null 2>&1
-  end=$(date +%s.%N)
+    --output "$work/out.jsonl" --rubric "$work/rubric.txt" --concurrency "$2" --no-cache \
+    >/dev/null 2>"$work/judge.err"
   [ "$(wc -l <"$work/out.jsonl")" -eq "$(wc -l <"$1")" ] || { echo "missing output lines" >&2; exit 1; }
-  awk -v s="$start" -v e="$end" 'BEGIN {printf "%.3f", e - s}'
+  sed -n 's/.*wall_ms \([0-9]*\).*/\1/p' "$work/judge.err" | awk '{printf "%.3f", $1 / 1000}'
 }
 
 wall="$(run "$work/items.jsonl" "$c")"

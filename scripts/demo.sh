@@ -61,5 +61,14 @@ kill "$a_pid"; sleep 0.3
 say "the same request again: echelon1 fails, echelon2 answers"
 "$PY" examples/demo_client.py "$url/v1" demo_group --no-stream
 
+say "echelon judge: scoring examples/judge_sample.jsonl (54 pairs) with the real model (pool demo_pool)"
+scores="$(mktemp)"
+"$ECHELON" judge --config examples/demo.yaml --route demo_pool --input examples/judge_sample.jsonl \
+  --output "$scores" --rubric examples/judge_rubric.txt --max-tokens 8 --concurrency 4 --no-cache \
+  2> >(grep -v -E 'WARN|INFO' >&2) || true
+echo "first lines of the output:"
+head -3 "$scores" | cut -c1-220
+echo "(a 135M-parameter judge often answers without a usable score: those items say \"error\": \"unparsed\" — never a made-up score)"
+
 say "gateway log (failed attempts)"
 grep -E 'attempt failed' "$log.err" | sed 's/\x1b\[[0-9;]*m//g' | tail -5 || true

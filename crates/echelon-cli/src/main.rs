@@ -472,7 +472,7 @@ async fn judge(config_path: PathBuf, args: JudgeArgs) -> anyhow::Result<ExitCode
         if let Some(bad) = &p.last_bad_line {
             bar.suspend(|| eprintln!("line {}: {}", bad.line, bad.reason));
         }
-        if bar.is_hidden() && p.done > 0 && p.done % 500 == 0 {
+        if bar.is_hidden() && p.done > 0 && p.done.is_multiple_of(500) {
             eprintln!(
                 "judged {} (errors {}, cached {}, ${:.4}) in {:.1}s",
                 p.done,

@@ -354,3 +354,62 @@ async fn sigterm_mid_run_loses_no_ledger_row() {
     );
     assert_eq!(v["total"]["failures"], 0, "{text}");
 }
+
+#[tokio::test]
+async fn judge_scores_a_file_reports_bad_lines_and_resumes() {
+    let up = TestUpstream::start().await.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let config = write(&dir, "c.yaml", &config_for(&up.base_url()));
+    // The test upstream echoes the rubric, so this rubric makes it answer "Score: N".
+    let rubric = write(&dir, "rubric.txt", "Score: {response}");
+    let input = write(
+        &dir,
+        "in.jsonl",
+        "{\"id\": 1, \"prompt\": \"p\", \"response\": \"7\", \"tag\": \"x\"}\nnot json\n{\"id\": 2, \"prompt\": \"p\", \"response\": \"9\"}\n{\"id\": 3, \"prompt\": \"p\"}\n",
+    );
+    let output = dir.path().join("out.jsonl");
+    let judge = || {
+        let mut c = tokio::process::Command::new(BIN);
+        c.env("ECHELON_DATA_DIR", dir.path())
+            .args(["judge", "--route", "grp", "--concurrency", "2", "--config"])
+            .arg(&config)
+            .arg("--input")
+            .arg(&input)
+            .arg("--output")
+            .arg(&output)
+            .arg("--rubric")
+            .arg(&rubric);
+        c
+    };
+    let out = judge().output().await.unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(
+        out.status.code(),
+        Some(2),
+        "bad lines make a partial success: {err}"
+    );
+    assert!(err.contains("bad line 2:"), "{err}");
+    assert!(err.contains("bad line 4:"), "{err}");
+    let lines: Vec<serde_json::Value> = std::fs::read_to_string(&output)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(lines.len(), 2);
+    let by_id = |id: i64| lines.iter().find(|l| l["id"] == id).unwrap().clone();
+    assert_eq!(by_id(1)["score"], 7.0);
+    assert_eq!(by_id(1)["tag"], "x", "extra fields carried");
+    assert_eq!(by_id(2)["score"], 9.0);
+    assert_eq!(by_id(2)["reward"], 9.0);
+    assert_eq!(up.chat_requests(), 2);
+
+    // The same command again: everything is already in the output.
+    let out = judge().output().await.unwrap();
+    assert!(String::from_utf8_lossy(&out.stderr).contains("2 skipped as already done"));
+    assert_eq!(std::fs::read_to_string(&output).unwrap().lines().count(), 2);
+    assert_eq!(
+        up.chat_requests(),
+        2,
+        "no upstream call on a resumed, finished run"
+    );
+}

@@ -237,6 +237,9 @@ impl Judge {
     pub fn new(gateway: Arc<Gateway>, mut config: JudgeConfig) -> Result<Judge, JudgeError> {
         validate(&config)?;
         check_route(&gateway, &config.route)?;
+        // Load the tokenizer for response lengths now (tens of ms, once per process)
+        // rather than inside the first item's judgement.
+        crate::tokens::Encoding::Cl100kBase.count("");
         if config.route == DEFAULT_ROUTE_ALIAS
             && !gateway.routes().iter().any(|r| r.id == DEFAULT_ROUTE_ALIAS)
             && let Some(default) = gateway.default_route()
