@@ -14,7 +14,7 @@ work="$(mktemp -d)"; pids=()
 cleanup() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; rm -rf "$work"; }
 trap cleanup EXIT
 
-target/release/echelon-testkit --port 0 --latency-ms 50 >"$work/up.out" 2>&1 & pids+=($!)
+target/release/echelon-testkit --port 0 --latency-ms "${LATENCY_MS:-50}" >"$work/up.out" 2>&1 & pids+=($!)
 for _ in $(seq 1 100); do grep -q 'listening on' "$work/up.out" && break; sleep 0.05; done
 up="$(sed -n 's/^listening on \(http[^ ]*\)$/\1/p' "$work/up.out")"
 cat >"$work/c.yaml" <<YAML
