@@ -112,50 +112,8 @@ enum Command {
         /// Config file or directory.
         #[arg(long, short)]
         config: PathBuf,
-        /// The judge route: a model, task group, pool or wrapper.
-        #[arg(long, short)]
-        route: String,
-        /// Input JSONL.
-        #[arg(long, short)]
-        input: PathBuf,
-        /// Output JSONL (appended; existing ids are skipped).
-        #[arg(long, short)]
-        output: PathBuf,
-        /// Rubric template with {prompt}, {response}, {reference}; default: a 1–10 score
-        /// ending with a line `最终评分: X`.
-        #[arg(long)]
-        rubric: Option<PathBuf>,
-        /// Items in flight at once (the route's own limits still apply).
-        #[arg(long, default_value_t = 64)]
-        concurrency: usize,
-        /// Judge at most this many new items.
-        #[arg(long)]
-        max_items: Option<u64>,
-        /// Cap on the judge's answer, tokens (short answers are faster and parse better).
-        #[arg(long)]
-        max_tokens: Option<u32>,
-        /// Re-asks when the judge's answer has no score in range.
-        #[arg(long, default_value_t = 2)]
-        max_reasks: u32,
-        /// Length penalty coefficient (seed 003 `reward_coefficient`).
-        #[arg(long, default_value_t = 0.1)]
-        reward_coefficient: f64,
-        /// Response length in tokens above which the penalty starts.
-        #[arg(long, default_value_t = 512)]
-        target_tokens: u64,
-        /// Score pattern (regex with one capture group), tried in order; repeat for
-        /// several. Default: the seed's formats (最终评分 X, 评分: X, Score: X, a lone 1–10).
-        #[arg(long = "pattern")]
-        patterns: Vec<String>,
-        /// Cache file; default judge_cache.db next to the usage ledger.
-        #[arg(long)]
-        cache: Option<PathBuf>,
-        /// Do not read or write the cache.
-        #[arg(long)]
-        no_cache: bool,
-        /// Copy prompt, response and reference into the output lines.
-        #[arg(long)]
-        keep_inputs: bool,
+        #[command(flatten)]
+        args: JudgeArgs,
     },
     /// Totals from the usage ledger: requests, failures, fallbacks, tokens and cost.
     ///
@@ -254,41 +212,7 @@ fn main() -> ExitCode {
             verbose,
         }) => migrate(&path, !no_backup, validate_only, verbose),
         Command::Serve { config, host, port } => run(serve(config, host, port)),
-        Command::Judge {
-            config,
-            route,
-            input,
-            output,
-            rubric,
-            concurrency,
-            max_items,
-            max_tokens,
-            max_reasks,
-            reward_coefficient,
-            target_tokens,
-            patterns,
-            cache,
-            no_cache,
-            keep_inputs,
-        } => {
-            let args = JudgeArgs {
-                route,
-                input,
-                output,
-                rubric,
-                concurrency,
-                max_items,
-                max_tokens,
-                max_reasks,
-                reward_coefficient,
-                target_tokens,
-                patterns,
-                cache,
-                no_cache,
-                keep_inputs,
-            };
-            run(judge(config, args))
-        }
+        Command::Judge { config, args } => run(judge(config, args)),
         Command::Usage {
             config,
             ledger,
@@ -408,20 +332,51 @@ fn migrate(path: &std::path::Path, backup: bool, validate_only: bool, verbose: b
 }
 
 /// The `judge` flags, past the config path.
+#[derive(Debug, clap::Args)]
 struct JudgeArgs {
+    /// The judge route: a model, task group, pool or wrapper.
+    #[arg(long, short)]
     route: String,
+    /// Input JSONL.
+    #[arg(long, short)]
     input: PathBuf,
+    /// Output JSONL (appended; existing ids are skipped).
+    #[arg(long, short)]
     output: PathBuf,
+    /// Rubric template with {prompt}, {response}, {reference}; default: a 1–10 score
+    /// ending with a line `最终评分: X`.
+    #[arg(long)]
     rubric: Option<PathBuf>,
+    /// Items in flight at once (the route's own limits still apply).
+    #[arg(long, default_value_t = 64)]
     concurrency: usize,
+    /// Judge at most this many new items.
+    #[arg(long)]
     max_items: Option<u64>,
+    /// Cap on the judge's answer, tokens (short answers are faster and parse better).
+    #[arg(long)]
     max_tokens: Option<u32>,
+    /// Re-asks when the judge's answer has no score in range.
+    #[arg(long, default_value_t = 2)]
     max_reasks: u32,
+    /// Length penalty coefficient (seed 003 `reward_coefficient`).
+    #[arg(long, default_value_t = 0.1)]
     reward_coefficient: f64,
+    /// Response length in tokens above which the penalty starts.
+    #[arg(long, default_value_t = 512)]
     target_tokens: u64,
+    /// Score pattern (regex with one capture group), tried in order; repeat for
+    /// several. Default: the seed's formats (最终评分 X, 评分: X, Score: X, a lone 1–10).
+    #[arg(long = "pattern")]
     patterns: Vec<String>,
+    /// Cache file; default judge_cache.db next to the usage ledger.
+    #[arg(long)]
     cache: Option<PathBuf>,
+    /// Do not read or write the cache.
+    #[arg(long)]
     no_cache: bool,
+    /// Copy prompt, response and reference into the output lines.
+    #[arg(long)]
     keep_inputs: bool,
 }
 

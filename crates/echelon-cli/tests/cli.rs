@@ -16,6 +16,32 @@ fn write(dir: &tempfile::TempDir, name: &str, text: &str) -> PathBuf {
     p
 }
 
+/// Starts `echelon serve --port 0` on `config` (ledger under `data_dir`) and returns the
+/// child and its URL, read from the line it prints once bound.
+fn spawn_serve(
+    config: &std::path::Path,
+    data_dir: &std::path::Path,
+) -> (std::process::Child, String) {
+    let mut child = std::process::Command::new(BIN)
+        .args(["serve", "--port", "0", "--config"])
+        .arg(config)
+        .env("ECHELON_DATA_DIR", data_dir)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    BufReader::new(child.stdout.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    let url = line
+        .trim()
+        .strip_prefix("echelon listening on ")
+        .unwrap()
+        .to_owned();
+    (child, url)
+}
+
 fn config_for(base_url: &str) -> String {
     format!(
         r#"providers:
@@ -140,23 +166,7 @@ async fn serve_finishes_in_flight_requests_on_sigterm() {
     .unwrap();
     let dir = tempfile::tempdir().unwrap();
     let p = write(&dir, "c.yaml", &config_for(&up.base_url()));
-    let mut child = std::process::Command::new(BIN)
-        .args(["serve", "--port", "0", "--config"])
-        .arg(&p)
-        .env("ECHELON_DATA_DIR", dir.path())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let mut line = String::new();
-    BufReader::new(child.stdout.take().unwrap())
-        .read_line(&mut line)
-        .unwrap();
-    let url = line
-        .trim()
-        .strip_prefix("echelon listening on ")
-        .unwrap()
-        .to_owned();
+    let (mut child, url) = spawn_serve(&p, dir.path());
 
     let req = tokio::spawn({
         let url = url.clone();
@@ -288,23 +298,7 @@ async fn sigterm_mid_run_loses_no_ledger_row() {
         db.display()
     );
     let p = write(&dir, "c.yaml", &yaml);
-    let mut child = std::process::Command::new(BIN)
-        .args(["serve", "--port", "0", "--config"])
-        .arg(&p)
-        .env("ECHELON_DATA_DIR", dir.path())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let mut line = String::new();
-    BufReader::new(child.stdout.take().unwrap())
-        .read_line(&mut line)
-        .unwrap();
-    let url = line
-        .trim()
-        .strip_prefix("echelon listening on ")
-        .unwrap()
-        .to_owned();
+    let (mut child, url) = spawn_serve(&p, dir.path());
 
     // 20 requests in flight, SIGTERM while the upstream is still answering them.
     let client = reqwest::Client::new();
