@@ -76,7 +76,8 @@ pub(crate) struct RequestState {
     pub(crate) context_floor: Option<u32>,
     /// A provider refused the prompt as too long, or every window was too small.
     pub(crate) context_refused: bool,
-    prompt_tokens: Option<u64>,
+    /// Prompt token counts already made, per encoding.
+    prompt_tokens: Vec<(crate::tokens::Encoding, u64)>,
     /// HTTP calls made so far.
     calls: u32,
     /// Most calls allowed (`fallback_config.max_attempts`).
@@ -91,7 +92,7 @@ impl RequestState {
             attempts: Vec::new(),
             context_floor: None,
             context_refused: false,
-            prompt_tokens: None,
+            prompt_tokens: Vec::new(),
             calls: 0,
             max_calls,
             answered_by: None,
@@ -108,10 +109,15 @@ impl RequestState {
         self.max_calls.is_none_or(|m| self.calls < m)
     }
 
-    fn prompt_tokens(&mut self, req: &ChatCompletionRequest) -> u64 {
-        *self
-            .prompt_tokens
-            .get_or_insert_with(|| crate::tokens::prompt_tokens(&req.messages))
+    /// The prompt's tokens in `model`'s encoding, counted once per encoding per request.
+    fn prompt_tokens(&mut self, model: &Model, req: &ChatCompletionRequest) -> u64 {
+        let encoding = model.encoding();
+        if let Some((_, n)) = self.prompt_tokens.iter().find(|(e, _)| *e == encoding) {
+            return *n;
+        }
+        let n = encoding.prompt_tokens(&req.messages);
+        self.prompt_tokens.push((encoding, n));
+        n
     }
 
     /// Whether the prompt (counted with tiktoken) plus the requested output cannot fit
@@ -122,7 +128,7 @@ impl RequestState {
         let Some(window) = model.context_window() else {
             return false;
         };
-        let prompt = self.prompt_tokens(body);
+        let prompt = self.prompt_tokens(model, body);
         let output = body.max_output_tokens().map_or(0, u64::from);
         if prompt + output <= u64::from(window) {
             return false;
@@ -226,7 +232,7 @@ pub(crate) async fn try_model(
         let tpm_reserved = match &model.tpm {
             None => None,
             Some(tpm) => {
-                let need = st.prompt_tokens(body)
+                let need = st.prompt_tokens(model, body)
                     + body
                         .max_output_tokens()
                         .map_or(DEFAULT_OUTPUT_RESERVE, u64::from);
@@ -481,7 +487,7 @@ async fn call(
     }
 }
 
-pub(crate) fn failed_attempt(
+fn failed_attempt(
     model: &Model,
     key_id: Option<String>,
     e: &ProviderError,
