@@ -1,4 +1,4 @@
-//! The `echelon` command: `serve`, `chat`, `config validate`.
+//! The `echelon` command: `serve`, `chat`, `judge`, `usage`, `probe`, `config`.
 
 use std::io::Write;
 use std::path::PathBuf;
@@ -11,6 +11,8 @@ use echelon::config::Config;
 use echelon::{Gateway, GatewayError};
 use echelon_server::ServerOptions;
 use echelon_types::{Attempt, ChatCompletionRequest, ChatMessage, Role};
+
+mod probe;
 
 /// Echelon: a resilient, OpenAI-compatible LLM gateway with tiered failover.
 #[derive(Debug, Parser)]
@@ -144,6 +146,17 @@ enum Command {
         #[arg(long, value_enum, default_value_t = Format::Table)]
         format: Format,
     },
+    /// Measure an OpenAI-compatible endpoint's latency as a client sees it: total latency
+    /// and, with --stream, time to first token (first non-empty `delta.content`).
+    ///
+    /// Example (the gateway against its upstream, same load):
+    ///   echelon probe --url http://127.0.0.1:4000/v1 --model demo_group --stream -n 500
+    ///   echelon probe --url http://127.0.0.1:8080/v1 --model smollm --stream -n 500
+    ///
+    /// Prints p50/p90/p99 in milliseconds (--json for one JSON object). A stream that ends
+    /// without `data: [DONE]` counts as an error; the exit code is 1 when any request failed.
+    #[command(verbatim_doc_comment)]
+    Probe(probe::ProbeArgs),
 }
 
 #[derive(Debug, Clone, Copy, ValueEnum)]
@@ -213,6 +226,7 @@ fn main() -> ExitCode {
         }) => migrate(&path, !no_backup, validate_only, verbose),
         Command::Serve { config, host, port } => run(serve(config, host, port)),
         Command::Judge { config, args } => run(judge(config, args)),
+        Command::Probe(args) => run(probe::probe(args)),
         Command::Usage {
             config,
             ledger,

@@ -98,6 +98,10 @@ pub fn router(gateway: Arc<Gateway>, options: &ServerOptions) -> Router {
 /// Serves `app` on `listener` until `shutdown` resolves, then stops accepting and lets
 /// in-flight requests (streams included) finish.
 ///
+/// Accepted connections get `TCP_NODELAY`: without it, Nagle's algorithm holds each
+/// small SSE event until the client's delayed ACK (up to 40 ms on Linux), so a stream's
+/// chunks would reach the client late and in bursts.
+///
 /// # Errors
 /// An I/O error of the listener.
 pub async fn serve(
@@ -105,6 +109,12 @@ pub async fn serve(
     app: Router,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
+    use axum::serve::ListenerExt;
+    let listener = listener.tap_io(|tcp| {
+        if let Err(e) = tcp.set_nodelay(true) {
+            tracing::debug!(error = %e, "TCP_NODELAY could not be set");
+        }
+    });
     axum::serve(listener, app)
         .with_graceful_shutdown(shutdown)
         .await
