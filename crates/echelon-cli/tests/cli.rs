@@ -1,46 +1,13 @@
 //! The `echelon` binary: config validate, chat, and serve's graceful shutdown.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-use std::io::{BufRead, BufReader};
-use std::path::PathBuf;
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::time::Duration;
 
 use echelon_testkit::{TestUpstream, UpstreamOptions};
 
-const BIN: &str = env!("CARGO_BIN_EXE_echelon");
-
-fn write(dir: &tempfile::TempDir, name: &str, text: &str) -> PathBuf {
-    let p = dir.path().join(name);
-    std::fs::write(&p, text).unwrap();
-    p
-}
-
-/// Starts `echelon serve --port 0` on `config` (ledger under `data_dir`) and returns the
-/// child and its URL, read from the line it prints once bound.
-fn spawn_serve(
-    config: &std::path::Path,
-    data_dir: &std::path::Path,
-) -> (std::process::Child, String) {
-    let mut child = std::process::Command::new(BIN)
-        .args(["serve", "--port", "0", "--config"])
-        .arg(config)
-        .env("ECHELON_DATA_DIR", data_dir)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let mut line = String::new();
-    BufReader::new(child.stdout.take().unwrap())
-        .read_line(&mut line)
-        .unwrap();
-    let url = line
-        .trim()
-        .strip_prefix("echelon listening on ")
-        .unwrap()
-        .to_owned();
-    (child, url)
-}
+mod common;
+use common::{BIN, sigterm, spawn_serve, write};
 
 fn config_for(base_url: &str) -> String {
     format!(
@@ -181,11 +148,7 @@ async fn serve_finishes_in_flight_requests_on_sigterm() {
     while up.chat_requests() == 0 {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    let kill = Command::new("kill")
-        .args(["-TERM", &child.id().to_string()])
-        .status()
-        .unwrap();
-    assert!(kill.success());
+    sigterm(&child);
     let resp = req.await.unwrap().expect("the in-flight request completes");
     assert_eq!(resp.status(), 200);
     let status = tokio::task::spawn_blocking(move || child.wait())
@@ -314,10 +277,7 @@ async fn sigterm_mid_run_loses_no_ledger_row() {
     while up.chat_requests() < 20 {
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
-    Command::new("kill")
-        .args(["-TERM", &child.id().to_string()])
-        .status()
-        .unwrap();
+    sigterm(&child);
     let mut completed = 0;
     for t in tasks {
         if t.await.unwrap().is_ok() {

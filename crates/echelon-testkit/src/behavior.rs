@@ -28,6 +28,9 @@ pub enum Behavior {
     Stall,
     /// Close the TCP connection without sending any response.
     CutConnection,
+    /// Reset the TCP connection (an RST, by closing it with `SO_LINGER` 0)
+    /// without sending any response.
+    Reset,
     /// For streams: send the role chunk and `chunks` content chunks, then
     /// close the connection abruptly (no finish chunk, no `[DONE]`, the
     /// chunked body is not terminated). For non-streams: send the headers
@@ -47,6 +50,14 @@ pub enum Behavior {
     /// `data: {not json` SSE event right after the role chunk (stream; the
     /// rest of the stream, `[DONE]` included, follows normally).
     Malformed,
+    /// For streams: the role chunk and `chunks` content chunks, then a
+    /// `data: {not json` SSE event, then the rest of the stream (`[DONE]`
+    /// included) as normal. For non-streams: as [`Behavior::Malformed`].
+    /// With `chunks: 0` a stream gets exactly what `Malformed` sends.
+    MalformedSse {
+        /// Content chunks sent before the malformed event.
+        chunks: usize,
+    },
     /// Sleep this long, then behave normally.
     Delay(Duration),
 }
@@ -74,8 +85,9 @@ impl fmt::Display for ParseBehaviorError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(
             f,
-            "unknown fault `{}` (expected normal, stall, cut, malformed, stream-cut[:N], \
-             stream-stall[:N], delay:MS, or an HTTP status like 429 or 429:RETRY_AFTER_SECS)",
+            "unknown fault `{}` (expected normal, stall, cut, reset, malformed, malformed-sse[:N], \
+             stream-cut[:N], stream-stall[:N], delay:MS, or an HTTP status like 429 or \
+             429:RETRY_AFTER_SECS)",
             self.0
         )
     }
@@ -83,15 +95,17 @@ impl fmt::Display for ParseBehaviorError {
 
 impl std::error::Error for ParseBehaviorError {}
 
-/// Chunks sent before a `stream-cut` / `stream-stall` given without `:N`.
+/// Chunks sent before a `stream-cut` / `stream-stall` / `malformed-sse` given
+/// without `:N`.
 const DEFAULT_CHUNKS: usize = 2;
 
 impl FromStr for Behavior {
     type Err = ParseBehaviorError;
 
     /// Parses the names used by the binary's `--faults` list:
-    /// `normal`, `stall`, `cut`, `malformed`, `stream-cut[:N]`,
-    /// `stream-stall[:N]`, `delay:MS`, `STATUS` or `STATUS:RETRY_AFTER_SECS`.
+    /// `normal`, `stall`, `cut`, `reset`, `malformed`, `malformed-sse[:N]`,
+    /// `stream-cut[:N]`, `stream-stall[:N]`, `delay:MS`, `STATUS` or
+    /// `STATUS:RETRY_AFTER_SECS` (the names [`Behavior`]'s `Display` writes).
     fn from_str(s: &str) -> Result<Behavior, ParseBehaviorError> {
         let err = || ParseBehaviorError(s.to_owned());
         let s = s.trim();
@@ -113,7 +127,11 @@ impl FromStr for Behavior {
             "normal" if arg.is_none() => Ok(Behavior::Normal),
             "stall" if arg.is_none() => Ok(Behavior::Stall),
             "cut" if arg.is_none() => Ok(Behavior::CutConnection),
+            "reset" if arg.is_none() => Ok(Behavior::Reset),
             "malformed" if arg.is_none() => Ok(Behavior::Malformed),
+            "malformed-sse" => Ok(Behavior::MalformedSse {
+                chunks: chunks(arg)?,
+            }),
             "stream-cut" => Ok(Behavior::StreamCut {
                 chunks: chunks(arg)?,
             }),
@@ -132,6 +150,30 @@ impl FromStr for Behavior {
                 }),
                 _ => Err(err()),
             },
+        }
+    }
+}
+
+impl fmt::Display for Behavior {
+    /// The `--faults` name that parses back to this behaviour (a `Status`'s
+    /// message is not part of it).
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Behavior::Normal => f.write_str("normal"),
+            Behavior::Status {
+                status,
+                retry_after: Some(secs),
+                ..
+            } => write!(f, "{status}:{secs}"),
+            Behavior::Status { status, .. } => write!(f, "{status}"),
+            Behavior::Stall => f.write_str("stall"),
+            Behavior::CutConnection => f.write_str("cut"),
+            Behavior::Reset => f.write_str("reset"),
+            Behavior::StreamCut { chunks } => write!(f, "stream-cut:{chunks}"),
+            Behavior::StreamStall { chunks } => write!(f, "stream-stall:{chunks}"),
+            Behavior::Malformed => f.write_str("malformed"),
+            Behavior::MalformedSse { chunks } => write!(f, "malformed-sse:{chunks}"),
+            Behavior::Delay(d) => write!(f, "delay:{}", d.as_millis()),
         }
     }
 }
@@ -194,7 +236,16 @@ mod tests {
         assert_eq!(parse("normal"), Ok(Behavior::Normal));
         assert_eq!(parse("stall"), Ok(Behavior::Stall));
         assert_eq!(parse("cut"), Ok(Behavior::CutConnection));
+        assert_eq!(parse("reset"), Ok(Behavior::Reset));
         assert_eq!(parse("malformed"), Ok(Behavior::Malformed));
+        assert_eq!(
+            parse("malformed-sse"),
+            Ok(Behavior::MalformedSse { chunks: 2 })
+        );
+        assert_eq!(
+            parse("malformed-sse:0"),
+            Ok(Behavior::MalformedSse { chunks: 0 })
+        );
         assert_eq!(parse("stream-cut"), Ok(Behavior::StreamCut { chunks: 2 }));
         assert_eq!(parse("stream-cut:5"), Ok(Behavior::StreamCut { chunks: 5 }));
         assert_eq!(
@@ -221,10 +272,35 @@ mod tests {
             "700",
             "delay",
             "stall:1",
+            "reset:1",
             "stream-cut:x",
             "429:y",
+            "malformed-sse:z",
         ] {
             assert!(parse(bad).is_err(), "{bad:?} should not parse");
+        }
+    }
+
+    #[test]
+    fn display_round_trips_through_parse() {
+        for b in [
+            Behavior::Normal,
+            Behavior::Stall,
+            Behavior::CutConnection,
+            Behavior::Reset,
+            Behavior::Malformed,
+            Behavior::MalformedSse { chunks: 3 },
+            Behavior::StreamCut { chunks: 0 },
+            Behavior::StreamStall { chunks: 4 },
+            Behavior::Delay(Duration::from_millis(250)),
+            Behavior::status(503),
+            Behavior::Status {
+                status: 429,
+                retry_after: Some(1),
+                message: status_message(429),
+            },
+        ] {
+            assert_eq!(b.to_string().parse::<Behavior>(), Ok(b.clone()), "{b}");
         }
     }
 

@@ -5,7 +5,7 @@
 //! `GET /v1/models` and `GET /health` on a local port. A normal answer echoes
 //! the last user message (`"echo: <text>"`); a [`Behavior`] makes one request
 //! (or every request) fail in a chosen way: an error status with
-//! `Retry-After`, a stall, a cut connection, a stream cut or stalled
+//! `Retry-After`, a stall, a cut or reset connection, a stream cut or stalled
 //! mid-way, a malformed body, or a delay. A [`FaultPlan`] injects faults at
 //! random, reproducibly from a seed.
 //!
@@ -98,6 +98,18 @@ pub struct RecordedRequest {
     pub at: Instant,
 }
 
+/// How many chat completions were answered with one [`Behavior`]
+/// ([`TestUpstream::served`]).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ServedCount {
+    /// The behaviour played.
+    pub behavior: Behavior,
+    /// Whether those requests asked for a stream.
+    pub stream: bool,
+    /// How many requests got it.
+    pub count: usize,
+}
+
 /// A running fake upstream. Dropping it (or `shutdown().await`) stops the
 /// server: the listener closes and every open connection (stalled ones
 /// included) is dropped.
@@ -165,6 +177,31 @@ impl TestUpstream {
     /// failed ones).
     pub fn chat_requests(&self) -> usize {
         self.state.chat_requests()
+    }
+
+    /// How many chat completions got each behaviour (one-shot, drawn from the
+    /// [`FaultPlan`] or the default), split by streamed or not, in the order
+    /// each was first played. Requests refused by the auth or context-window
+    /// check play no behaviour and are not counted here.
+    pub fn served(&self) -> Vec<ServedCount> {
+        self.state.served()
+    }
+
+    /// TCP connections accepted since the start.
+    pub fn connections(&self) -> usize {
+        self.state.connections()
+    }
+
+    /// TCP connections currently open (accepted and not yet closed by either
+    /// side), idle keep-alive ones included.
+    pub fn open_connections(&self) -> usize {
+        self.state.open_connections()
+    }
+
+    /// Chat completions in progress: the handler is running (a stall counts
+    /// until the client goes away) or the response body is still being sent.
+    pub fn active_requests(&self) -> usize {
+        self.state.active_requests()
     }
 
     /// The recorded chat-completion requests, in arrival order (empty when

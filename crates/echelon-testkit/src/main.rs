@@ -13,13 +13,15 @@ use echelon_testkit::{Behavior, FaultPlan, TestUpstream, UpstreamOptions};
 const USAGE: &str = "\
 usage: echelon-testkit [--host 127.0.0.1] [--port 0] [--model test-model] [--api-key KEY]
                        [--latency-ms 0] [--chunk-delay-ms 0] [--context-window TOKENS]
-                       [--fault-rate 0.3 [--faults 429,500,503,stall,cut,malformed,stream-cut] [--seed N]]
+                       [--fault-rate 0.3 [--faults LIST] [--seed N]]
 
-faults: normal, stall, cut, malformed, stream-cut[:N], stream-stall[:N], delay:MS,
-        or an HTTP status (e.g. 503), optionally with Retry-After seconds (e.g. 429:2)";
+faults: normal, stall, cut, reset, malformed, malformed-sse[:N], stream-cut[:N], stream-stall[:N], delay:MS,
+        or an HTTP status (e.g. 503), optionally with Retry-After seconds (e.g. 429:2);
+        default LIST: 429:1,500,503,stall,cut,reset,malformed,stream-cut:0,stream-cut:3,malformed-sse:2";
 
 /// Faults used when `--fault-rate` is given without `--faults`.
-const DEFAULT_FAULTS: &str = "429,500,503,stall,cut,malformed,stream-cut";
+const DEFAULT_FAULTS: &str =
+    "429:1,500,503,stall,cut,reset,malformed,stream-cut:0,stream-cut:3,malformed-sse:2";
 /// Seed used when `--seed` is not given, so chaos runs are reproducible.
 const DEFAULT_SEED: u64 = 0x5EED;
 
@@ -227,7 +229,9 @@ mod tests {
             .options
             .fault_rate
             .unwrap_or_else(|| panic!("no fault plan"));
-        assert_eq!(plan.faults.len(), 7);
+        assert_eq!(plan.faults.len(), 10);
+        assert!(plan.faults.contains(&Behavior::Reset));
+        assert!(plan.faults.contains(&Behavior::StreamCut { chunks: 3 }));
         assert_eq!(plan.seed, DEFAULT_SEED);
         for bad in [
             &["--port"][..],

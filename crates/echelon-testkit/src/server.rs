@@ -9,8 +9,10 @@
 use std::collections::VecDeque;
 use std::convert::Infallible;
 use std::fmt;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::task::{Context, Poll};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
@@ -29,7 +31,7 @@ use tokio::task::JoinSet;
 
 use crate::behavior::{Behavior, FaultDraws};
 use crate::wire::{self, Answer};
-use crate::{RecordedRequest, UpstreamOptions};
+use crate::{RecordedRequest, ServedCount, UpstreamOptions};
 
 /// Error type of response bodies.
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
@@ -65,6 +67,47 @@ pub(crate) struct State {
     chat_requests: AtomicUsize,
     next_id: AtomicU64,
     recorded: Mutex<Vec<RecordedRequest>>,
+    /// TCP connections accepted since the start.
+    connections: AtomicUsize,
+    /// TCP connections accepted and not yet closed.
+    open_connections: AtomicUsize,
+    /// Chat completions whose handler is running or whose body is being sent.
+    active_requests: AtomicUsize,
+    /// How often each behaviour was played, in first-played order.
+    served: Mutex<Vec<ServedCount>>,
+}
+
+/// Counts one unit of a gauge for as long as it lives.
+struct Gauge<'a>(&'a AtomicUsize);
+
+impl<'a> Gauge<'a> {
+    fn up(gauge: &'a AtomicUsize) -> Gauge<'a> {
+        gauge.fetch_add(1, Ordering::SeqCst);
+        Gauge(gauge)
+    }
+}
+
+impl Drop for Gauge<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
+/// [`State::active_requests`] held by an owned handle, so that a response body
+/// can carry it until hyper drops the body.
+struct Active(Arc<State>);
+
+impl Active {
+    fn new(state: &Arc<State>) -> Active {
+        state.active_requests.fetch_add(1, Ordering::SeqCst);
+        Active(Arc::clone(state))
+    }
+}
+
+impl Drop for Active {
+    fn drop(&mut self) {
+        self.0.active_requests.fetch_sub(1, Ordering::SeqCst);
+    }
 }
 
 impl State {
@@ -81,6 +124,10 @@ impl State {
             chat_requests: AtomicUsize::new(0),
             next_id: AtomicU64::new(1),
             recorded: Mutex::new(Vec::new()),
+            connections: AtomicUsize::new(0),
+            open_connections: AtomicUsize::new(0),
+            active_requests: AtomicUsize::new(0),
+            served: Mutex::new(Vec::new()),
         }
     }
 
@@ -98,6 +145,37 @@ impl State {
 
     pub(crate) fn recorded(&self) -> Vec<RecordedRequest> {
         lock(&self.recorded).clone()
+    }
+
+    pub(crate) fn connections(&self) -> usize {
+        self.connections.load(Ordering::SeqCst)
+    }
+
+    pub(crate) fn open_connections(&self) -> usize {
+        self.open_connections.load(Ordering::SeqCst)
+    }
+
+    pub(crate) fn active_requests(&self) -> usize {
+        self.active_requests.load(Ordering::SeqCst)
+    }
+
+    pub(crate) fn served(&self) -> Vec<ServedCount> {
+        lock(&self.served).clone()
+    }
+
+    fn count_served(&self, behavior: &Behavior, stream: bool) {
+        let mut served = lock(&self.served);
+        match served
+            .iter_mut()
+            .find(|s| s.stream == stream && s.behavior == *behavior)
+        {
+            Some(s) => s.count += 1,
+            None => served.push(ServedCount {
+                behavior: behavior.clone(),
+                stream,
+                count: 1,
+            }),
+        }
     }
 
     /// The next one-shot behaviour, else a fault-plan draw, else the default.
@@ -141,8 +219,16 @@ pub(crate) async fn serve(
 }
 
 async fn serve_connection(stream: TcpStream, state: Arc<State>) {
+    let gauges = Arc::clone(&state);
+    gauges.connections.fetch_add(1, Ordering::SeqCst);
+    let _open = Gauge::up(&gauges.open_connections);
     let _ = stream.set_nodelay(true);
-    let service = service_fn(move |req| handle(Arc::clone(&state), req));
+    let stream = ResettableStream {
+        stream,
+        reset: Arc::new(AtomicBool::new(false)),
+    };
+    let reset = Arc::clone(&stream.reset);
+    let service = service_fn(move |req| handle(Arc::clone(&state), Arc::clone(&reset), req));
     let result = http1::Builder::new()
         // No hyper timer is configured; idle keep-alive connections stay open.
         .header_read_timeout(None)
@@ -153,11 +239,70 @@ async fn serve_connection(stream: TcpStream, state: Arc<State>) {
     }
 }
 
-async fn handle(state: Arc<State>, req: Request<Incoming>) -> Result<Response<Body>, Cut> {
+/// A connection's socket that, when `reset` is set, is closed with an RST
+/// (`SO_LINGER` 0) instead of a FIN ([`Behavior::Reset`]).
+struct ResettableStream {
+    stream: TcpStream,
+    reset: Arc<AtomicBool>,
+}
+
+impl Drop for ResettableStream {
+    fn drop(&mut self) {
+        if self.reset.load(Ordering::SeqCst) {
+            let _ = self.stream.set_zero_linger();
+        }
+    }
+}
+
+impl tokio::io::AsyncRead for ResettableStream {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.stream).poll_read(cx, buf)
+    }
+}
+
+impl tokio::io::AsyncWrite for ResettableStream {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.stream).poll_write(cx, buf)
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.stream).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.stream).poll_shutdown(cx)
+    }
+}
+
+async fn handle(
+    state: Arc<State>,
+    reset: Arc<AtomicBool>,
+    req: Request<Incoming>,
+) -> Result<Response<Body>, Cut> {
     let path = req.uri().path().to_owned();
     let is_api = path == "/v1" || path.starts_with("/v1/");
     match (req.method(), path.as_str()) {
-        (&Method::POST, "/v1/chat/completions") => chat(&state, req).await,
+        (&Method::POST, "/v1/chat/completions") => {
+            // Counted until the handler is dropped (a stall ends when hyper drops
+            // it with the connection) or, once it answered, until the body is.
+            let active = Active::new(&state);
+            let resp = chat(&state, &reset, req).await?;
+            Ok(resp.map(move |body| {
+                body.map_frame(move |frame| {
+                    let _active = &active;
+                    frame
+                })
+                .boxed_unsync()
+            }))
+        }
         (_, "/health") | (_, "/v1/models") if req.method() != Method::GET => {
             Ok(error_response(405, "method not allowed"))
         }
@@ -201,7 +346,11 @@ fn unauthorized() -> Response<Body> {
     )
 }
 
-async fn chat(state: &State, req: Request<Incoming>) -> Result<Response<Body>, Cut> {
+async fn chat(
+    state: &State,
+    reset: &AtomicBool,
+    req: Request<Incoming>,
+) -> Result<Response<Body>, Cut> {
     let arrived = Instant::now();
     state.chat_requests.fetch_add(1, Ordering::SeqCst);
     let ok = authorized(&state.options, &req);
@@ -240,6 +389,7 @@ async fn chat(state: &State, req: Request<Incoming>) -> Result<Response<Body>, C
 
     let behavior = state.next_behavior();
     let stream = body.get("stream").and_then(Value::as_bool).unwrap_or(false);
+    state.count_served(&behavior, stream);
     let id = state.next_id.fetch_add(1, Ordering::SeqCst);
     let created = SystemTime::now()
         .duration_since(UNIX_EPOCH)
@@ -264,6 +414,7 @@ async fn chat(state: &State, req: Request<Incoming>) -> Result<Response<Body>, C
                 | Behavior::StreamCut { .. }
                 | Behavior::StreamStall { .. }
                 | Behavior::Malformed
+                | Behavior::MalformedSse { .. }
         );
     if !streamed {
         sleep(latency).await;
@@ -284,21 +435,34 @@ async fn chat(state: &State, req: Request<Incoming>) -> Result<Response<Body>, C
         }
         Behavior::Stall => std::future::pending().await,
         Behavior::CutConnection => Err(Cut),
+        Behavior::Reset => {
+            reset.store(true, Ordering::SeqCst);
+            Err(Cut)
+        }
         Behavior::Delay(d) => {
             sleep(d).await;
             Ok(normal(&answer, stream, latency, chunk_delay))
         }
         Behavior::Normal => Ok(normal(&answer, stream, latency, chunk_delay)),
-        Behavior::Malformed if stream => {
+        Behavior::Malformed | Behavior::MalformedSse { .. } if stream => {
+            let before = match behavior {
+                Behavior::MalformedSse { chunks } => chunks,
+                _ => 0,
+            };
             let mut steps = vec![
                 Step::Sleep(latency),
                 Step::Data(event(&answer.role_chunk())),
             ];
+            let content = answer.content_chunks();
+            for chunk in content.iter().take(before) {
+                steps.push(Step::Sleep(chunk_delay));
+                steps.push(Step::Data(event(chunk)));
+            }
             steps.push(Step::Data(Bytes::from_static(b"data: {not json\n\n")));
-            steps.extend(rest_of_stream(&answer, chunk_delay));
+            steps.extend(rest_of_stream(&answer, chunk_delay, before));
             Ok(sse_response(steps))
         }
-        Behavior::Malformed => {
+        Behavior::Malformed | Behavior::MalformedSse { .. } => {
             let text = format!(
                 "{{\"id\":\"{}\",\"object\":\"chat.completion\",\"choices\":[{{\"message\":{{\"content\":\"echo",
                 answer.id
@@ -352,14 +516,20 @@ fn normal(
         Step::Sleep(latency),
         Step::Data(event(&answer.role_chunk())),
     ];
-    steps.extend(rest_of_stream(answer, chunk_delay));
+    steps.extend(rest_of_stream(answer, chunk_delay, 0));
     sse_response(steps)
 }
 
-/// Everything after the role chunk: content chunks, finish chunk, optional
-/// usage chunk and `[DONE]`, each preceded by `chunk_delay`.
-fn rest_of_stream(answer: &Answer, chunk_delay: Duration) -> Vec<Step> {
-    let mut events: Vec<Bytes> = answer.content_chunks().iter().map(event).collect();
+/// Everything after the role chunk and the first `skip` content chunks: the
+/// other content chunks, finish chunk, optional usage chunk and `[DONE]`, each
+/// preceded by `chunk_delay`.
+fn rest_of_stream(answer: &Answer, chunk_delay: Duration, skip: usize) -> Vec<Step> {
+    let mut events: Vec<Bytes> = answer
+        .content_chunks()
+        .iter()
+        .skip(skip)
+        .map(event)
+        .collect();
     events.push(event(&answer.finish_chunk()));
     if let Some(usage) = answer.usage_chunk() {
         events.push(event(&usage));

@@ -443,6 +443,29 @@ async fn cut_connection_is_a_connection_error_not_a_status() {
 }
 
 #[tokio::test]
+async fn reset_is_a_connection_reset() {
+    let up = TestUpstream::start().await.unwrap();
+    up.push_behavior(Behavior::Reset);
+    let c = client();
+    let err = c
+        .post(format!("{}/chat/completions", up.base_url()))
+        .json(&chat_body("hi", false))
+        .send()
+        .await
+        .unwrap_err();
+    assert!(err.status().is_none(), "{err:?}");
+    let mut chain = Vec::new();
+    let mut source: Option<&dyn std::error::Error> = Some(&err);
+    while let Some(e) = source {
+        chain.push(e.to_string());
+        source = e.source();
+    }
+    let chain = chain.join(": ");
+    assert!(chain.contains("reset"), "an RST, not a FIN: {chain}");
+    assert_eq!(post(&c, &up, &chat_body("hi", false)).await.status(), 200);
+}
+
+#[tokio::test]
 async fn stream_cut_delivers_first_chunks_then_a_body_error() {
     let up = TestUpstream::start().await.unwrap();
     up.push_behavior(Behavior::StreamCut { chunks: 2 });
@@ -557,6 +580,97 @@ async fn malformed_bodies() {
     assert_eq!(data[1], "{not json");
     assert!(serde_json::from_str::<Value>(&data[1]).is_err());
     assert_eq!(data.last().unwrap(), "[DONE]");
+}
+
+#[tokio::test]
+async fn malformed_sse_after_content_chunks() {
+    let up = TestUpstream::start().await.unwrap();
+    up.push_behavior(Behavior::MalformedSse { chunks: 2 });
+    up.push_behavior(Behavior::MalformedSse { chunks: 2 });
+    let resp = post(&client(), &up, &chat_body("one two three", true)).await;
+    let data = sse_data(&resp.text().await.unwrap());
+    assert!(data[0].contains("\"role\":\"assistant\""));
+    // Two content chunks, then the bad event, then the rest as normal.
+    let before = parse_chunks(&data[1..3]);
+    assert_eq!(streamed_content(&before), "echo: one");
+    assert_eq!(data[3], "{not json");
+    let after = parse_chunks(&data[4..]);
+    assert_eq!(streamed_content(&after), " two three");
+    assert_eq!(data.last().unwrap(), "[DONE]");
+    // A plain request gets the malformed JSON body of `Malformed`.
+    let resp = post(&client(), &up, &chat_body("hi", false)).await;
+    assert_eq!(resp.status(), 200);
+    assert!(serde_json::from_str::<Value>(&resp.text().await.unwrap()).is_err());
+}
+
+#[tokio::test]
+async fn served_counts_and_connection_gauges() {
+    let up = TestUpstream::start().await.unwrap();
+    assert_eq!((up.open_connections(), up.active_requests()), (0, 0));
+    up.push_behavior(Behavior::status(503));
+    up.push_behavior(Behavior::status(503));
+    let c = client();
+    // Bodies read to the end, so that the client reuses its one connection.
+    post(&c, &up, &chat_body("a", false))
+        .await
+        .text()
+        .await
+        .unwrap();
+    post(&c, &up, &chat_body("b", true))
+        .await
+        .text()
+        .await
+        .unwrap();
+    post(&c, &up, &chat_body("c", true))
+        .await
+        .text()
+        .await
+        .unwrap();
+    assert_eq!((up.open_connections(), up.active_requests()), (1, 0));
+    up.push_behavior(Behavior::Stall);
+    // The stall holds its own connection and counts as active until the client gives up.
+    assert_eq!(up.connections(), 1);
+    let stalled = tokio::spawn(async move {
+        let c = client_with_timeout(Duration::from_millis(300));
+        c.post(format!("{}/chat/completions", up.base_url()))
+            .json(&chat_body("d", false))
+            .send()
+            .await
+            .map(|_| ())
+            .unwrap_err();
+        up
+    });
+    let up = stalled.await.unwrap();
+    assert_eq!(up.connections(), 2);
+    let served = up.served();
+    let count = |b: &Behavior, stream: bool| {
+        served
+            .iter()
+            .find(|s| s.behavior == *b && s.stream == stream)
+            .map_or(0, |s| s.count)
+    };
+    assert_eq!(count(&Behavior::status(503), false), 1);
+    assert_eq!(count(&Behavior::Normal, true), 1);
+    assert_eq!(count(&Behavior::status(503), true), 1, "{served:?}");
+    assert_eq!(count(&Behavior::Stall, false), 1);
+    assert_eq!(served.iter().map(|s| s.count).sum::<usize>(), 4);
+    // The stalled connection closes once its client timed out; the keep-alive one of
+    // `c` stays open and idle.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while (up.open_connections(), up.active_requests()) != (1, 0) {
+        assert!(
+            Instant::now() < deadline,
+            "open {} active {}",
+            up.open_connections(),
+            up.active_requests()
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    drop(c);
+    while up.open_connections() != 0 {
+        assert!(Instant::now() < deadline, "open {}", up.open_connections());
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
 }
 
 #[tokio::test]
