@@ -121,6 +121,22 @@ fn parse_request(b: Bencher) {
     b.bench_local(|| divan::black_box(echelon_types::parse_request(body).unwrap()));
 }
 
+/// A llama.cpp-style answer (with its `timings` extra), as a provider sends it.
+const ANSWER: &[u8] = br#"{"id":"chatcmpl-1","object":"chat.completion","created":1795000000,"model":"smollm2","choices":[{"index":0,"message":{"role":"assistant","content":"Red, green and blue."},"finish_reason":"stop"}],"usage":{"prompt_tokens":21,"completion_tokens":6,"total_tokens":27},"timings":{"prompt_n":21,"prompt_ms":4.2,"predicted_n":6,"predicted_ms":11.8}}"#;
+
+#[divan::bench]
+fn answer_parse(b: Bencher) {
+    b.bench_local(|| {
+        divan::black_box(serde_json::from_slice::<echelon_types::ChatCompletion>(ANSWER).unwrap())
+    });
+}
+
+#[divan::bench]
+fn answer_serialise(b: Bencher) {
+    let answer: echelon_types::ChatCompletion = serde_json::from_slice(ANSWER).unwrap();
+    b.bench_local(|| divan::black_box(serde_json::to_vec(&answer).unwrap()));
+}
+
 fn sample_record(i: u64) -> echelon::usage::record::RequestRecord {
     use echelon::usage::record::{AttemptRecord, RequestRecord};
     RequestRecord {

@@ -169,11 +169,20 @@ async fn resume(path: &Path, seen: &mut HashMap<String, Seen>) -> Result<(u64, b
 /// nothing is held back). A plain blocking write on purpose: writing a line to the page
 /// cache takes microseconds, while handing each line to tokio's blocking pool (as
 /// `tokio::fs` does) cost a thread hand-off per item and a tenth of the batch's wall time.
-fn append(out: &mut std::fs::File, j: &Judgement, path: &Path) -> Result<(), JudgeError> {
+/// Appends the lines of completed items (each ends with `\n`) in one write, then flushes.
+/// A kill can leave at most the last line partial, which [`resume`] cuts off and redoes.
+fn append(
+    out: &mut std::fs::File,
+    lines: &[(Judgement, String)],
+    path: &Path,
+) -> Result<(), JudgeError> {
     use std::io::Write;
-    let mut line = j.to_line();
-    line.push('\n');
-    out.write_all(line.as_bytes()).map_err(io_err(path))?;
+    if let [(_, line)] = lines {
+        out.write_all(line.as_bytes()).map_err(io_err(path))?;
+    } else {
+        let joined: String = lines.iter().map(|(_, line)| line.as_str()).collect();
+        out.write_all(joined.as_bytes()).map_err(io_err(path))?;
+    }
     out.flush().map_err(io_err(path))
 }
 
@@ -326,7 +335,10 @@ impl Judge {
             started,
         };
         let concurrency = self.inner.config.concurrency;
-        let mut tasks: JoinSet<Judgement> = JoinSet::new();
+        // Each task also renders its output line, so that work is spread over the
+        // runtime's workers instead of queueing on this loop.
+        let mut tasks: JoinSet<(Judgement, String)> = JoinSet::new();
+        let mut completed: Vec<(Judgement, String)> = Vec::new();
         let mut buf = Vec::new();
         let mut line_no: u64 = 0;
         let mut eof = false;
@@ -377,21 +389,38 @@ impl Judge {
                 }
                 let inner = Arc::clone(&self.inner);
                 started_items += 1;
-                tasks.spawn(inner.judge_owned(item));
+                tasks.spawn(async move {
+                    let j = inner.judge_owned(item).await;
+                    let mut line = j.to_line();
+                    line.push('\n');
+                    (j, line)
+                });
+            }
+            // Lines of the items that completed are written after the refill above, so
+            // the next items are already on their way while this thread writes.
+            if !completed.is_empty() {
+                append(&mut out, &completed, &output)?;
+                for (j, _) in completed.drain(..) {
+                    tally.judged(&j);
+                    tally.report(tasks.len(), progress);
+                }
             }
             let Some(joined) = tasks.join_next().await else {
                 break;
             };
-            match joined {
-                Ok(j) => {
-                    append(&mut out, &j, &output)?;
-                    tally.judged(&j);
+            let mut take = |joined: Result<(Judgement, String), tokio::task::JoinError>| {
+                match joined {
+                    Ok(done) => completed.push(done),
+                    // Only a runtime shutting down gets here (panics become error lines);
+                    // the item is not written, so a re-run judges it.
+                    Err(e) => tracing::error!(error = %e, "judge task lost"),
                 }
-                // Only a runtime shutting down gets here (panics become error lines); the
-                // item is not written, so a re-run judges it.
-                Err(e) => tracing::error!(error = %e, "judge task lost"),
+            };
+            take(joined);
+            // Everything else that has completed too: one write for the lot.
+            while let Some(joined) = tasks.try_join_next() {
+                take(joined);
             }
-            tally.report(tasks.len(), progress);
         }
         Ok(tally.finish())
     }
