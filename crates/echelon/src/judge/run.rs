@@ -237,7 +237,7 @@ impl Tally {
         }
     }
 
-    fn report(&mut self, in_flight: usize, progress: &dyn Fn(&Progress)) {
+    fn report(&mut self, in_flight: usize, progress: &(dyn Fn(&Progress) + Sync)) {
         self.progress.in_flight = in_flight;
         self.progress.elapsed = self.started.elapsed();
         progress(&self.progress);
@@ -309,7 +309,7 @@ impl Judge {
         &self,
         input: &Path,
         output: &Path,
-        progress: &dyn Fn(&Progress),
+        progress: &(dyn Fn(&Progress) + Sync),
     ) -> Result<RunSummary, JudgeError> {
         let started = Instant::now();
         let mut seen: HashMap<String, Seen> = HashMap::new();
