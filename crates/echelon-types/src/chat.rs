@@ -260,6 +260,29 @@ mod tests {
         assert_eq!(serde_json::to_value(&resp).unwrap(), body);
     }
 
+    /// The request round-trip property (`crates/echelon/tests/properties.rs`) found that
+    /// serde_json's default float parsing may be off by one ULP, so a number passed
+    /// through (a logprob, a tool schema's bound) reached the other side changed; the
+    /// workspace enables serde_json's `float_roundtrip` feature.
+    #[test]
+    fn numbers_pass_through_to_the_last_bit() {
+        let numbers = "[-3.5092435806613254,-14.463379272480811,1.2862862030863249e+244]";
+        let body = format!(
+            r#"{{"model":"m","messages":[{{"role":"user","content":"hi"}}],"x":{numbers}}}"#
+        );
+        let req = crate::parse_request(body.as_bytes()).unwrap();
+        assert_eq!(req.extra["x"].to_string(), numbers);
+        let answer = format!(
+            r#"{{"choices":[{{"message":{{"content":"hi"}},"logprobs":{{"content":[{{"token":"hi","logprob":-3.5092435806613254}}]}}}}],"x":{numbers}}}"#
+        );
+        let resp: ChatCompletion = serde_json::from_str(&answer).unwrap();
+        assert_eq!(resp.extra["x"].to_string(), numbers);
+        assert_eq!(
+            resp.choices[0].extra["logprobs"]["content"][0]["logprob"].as_f64(),
+            Some(-3.5092435806613254)
+        );
+    }
+
     #[test]
     fn text_joins_parts() {
         let m: ChatMessage = serde_json::from_value(json!({

@@ -1,14 +1,13 @@
 //! The OpenAI-compatible chat-completions client (reqwest with rustls).
 
-use std::pin::Pin;
 use std::time::Duration;
 
 use echelon_types::{ChatCompletion, ChatCompletionChunk, ChatCompletionRequest};
-use futures::Stream;
+use futures::{Stream, StreamExt};
 use tokio::time::Instant;
 
 use super::error::{ErrorKind, ProviderError, parse_retry_after};
-use super::sse::{SseEvent, SseEvents};
+use super::sse::{ByteStream, SseEvent, SseEvents};
 use crate::key::ApiKey;
 
 /// The timeouts of one attempt (DESIGN.md §4 "Streams").
@@ -117,15 +116,12 @@ impl OpenAiClient {
             Err(_) => return Err(first_token_timeout(self.timeouts.first_token)),
         };
         let resp = check_status(resp).await?;
-        let bytes: Pin<Box<dyn Stream<Item = reqwest::Result<bytes::Bytes>> + Send>> =
-            Box::pin(resp.bytes_stream());
-        Ok(ChunkStream {
-            events: SseEvents::new(bytes),
-            first_token_deadline: Some(first_token_deadline),
-            timeouts: self.timeouts,
-            finished: false,
-            done: false,
-        })
+        let bytes: ByteStream = Box::pin(resp.bytes_stream().map(|r| r.map_err(from_reqwest)));
+        Ok(ChunkStream::with_deadline(
+            bytes,
+            self.timeouts,
+            first_token_deadline,
+        ))
     }
 }
 
@@ -190,6 +186,53 @@ impl std::fmt::Debug for ChunkStream {
 }
 
 impl ChunkStream {
+    /// The chunks of an SSE body that did not come over HTTP (a recorded transcript, a
+    /// test or fuzz input), decoded and checked exactly as a live stream from
+    /// [`OpenAiClient::chat_stream`]; the first-token timeout counts from now.
+    ///
+    /// `bytes` yields the body in pieces split anywhere (inside a line, a UTF-8
+    /// character or a `\r\n`); an `Err` piece ends the stream with that error.
+    /// [`next`](Self::next) needs a Tokio runtime with the time driver enabled.
+    ///
+    /// ```
+    /// use echelon::provider::{ChunkStream, Timeouts};
+    /// use std::time::Duration;
+    ///
+    /// # tokio::runtime::Builder::new_current_thread().enable_time().build().unwrap().block_on(async {
+    /// let body = "data: {\"choices\":[{\"delta\":{\"content\":\"Hi\"},\"finish_reason\":\"stop\"}]}\n\ndata: [DONE]\n\n";
+    /// let pieces = body.as_bytes().chunks(7).map(|p| Ok(bytes::Bytes::copy_from_slice(p)));
+    /// let t = Duration::from_secs(5);
+    /// let timeouts = Timeouts { connect: t, total: t, first_token: t, chunk_gap: t };
+    /// let mut chunks = ChunkStream::from_sse_bytes(futures::stream::iter(pieces.collect::<Vec<_>>()), timeouts);
+    /// assert_eq!(chunks.next().await.unwrap().unwrap().choices[0].delta.content.as_deref(), Some("Hi"));
+    /// assert!(chunks.next().await.is_none());
+    /// # });
+    /// ```
+    pub fn from_sse_bytes<S>(bytes: S, timeouts: Timeouts) -> ChunkStream
+    where
+        S: Stream<Item = Result<bytes::Bytes, ProviderError>> + Send + 'static,
+    {
+        ChunkStream::with_deadline(
+            Box::pin(bytes),
+            timeouts,
+            Instant::now() + timeouts.first_token,
+        )
+    }
+
+    fn with_deadline(
+        bytes: ByteStream,
+        timeouts: Timeouts,
+        first_token_deadline: Instant,
+    ) -> ChunkStream {
+        ChunkStream {
+            events: SseEvents::new(bytes),
+            first_token_deadline: Some(first_token_deadline),
+            timeouts,
+            finished: false,
+            done: false,
+        }
+    }
+
     /// The next chunk; `None` after `data: [DONE]` (or a clean end after a finish reason).
     ///
     /// # Errors

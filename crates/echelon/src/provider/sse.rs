@@ -6,10 +6,12 @@ use std::pin::Pin;
 use eventsource_stream::{EventStreamError, Eventsource};
 use futures::{Stream, StreamExt};
 
-use super::client::from_reqwest;
 use super::error::{ErrorKind, ProviderError};
 
-type ByteStream = Pin<Box<dyn Stream<Item = reqwest::Result<bytes::Bytes>> + Send>>;
+/// A response body as it arrives, in pieces split anywhere; transport errors already
+/// classified.
+pub(crate) type ByteStream =
+    Pin<Box<dyn Stream<Item = Result<bytes::Bytes, ProviderError>> + Send>>;
 
 /// One event of an OpenAI stream.
 #[derive(Debug, PartialEq, Eq)]
@@ -24,7 +26,7 @@ pub(crate) enum SseEvent {
 pub(crate) struct SseEvents {
     inner: Pin<
         Box<
-            dyn Stream<Item = Result<eventsource_stream::Event, EventStreamError<reqwest::Error>>>
+            dyn Stream<Item = Result<eventsource_stream::Event, EventStreamError<ProviderError>>>
                 + Send,
         >,
     >,
@@ -41,7 +43,7 @@ impl SseEvents {
     pub(crate) async fn next(&mut self) -> Option<Result<SseEvent, ProviderError>> {
         let event = match self.inner.next().await? {
             Ok(e) => e,
-            Err(EventStreamError::Transport(e)) => return Some(Err(from_reqwest(e))),
+            Err(EventStreamError::Transport(e)) => return Some(Err(e)),
             Err(e) => {
                 return Some(Err(ProviderError::new(
                     ErrorKind::Malformed,
