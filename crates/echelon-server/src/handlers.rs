@@ -78,10 +78,10 @@ async fn chat_in_span(
             return error_response(StatusCode::BAD_REQUEST, err.with_code("invalid_request"));
         }
     };
-    // Debug, not info: a line per request costs a formatted write on a worker thread
-    // (about a fifth of the gateway's throughput at 0 ms upstream, bench/run.sh), and
-    // every request is in the ledger and the metrics anyway. Failures, skips, fallbacks
-    // and breaker transitions still log at info or above.
+    // Debug, not info: a line per request is a formatted, blocking write to stderr on a
+    // worker thread (6 MB of log in a few seconds of bench/run.sh), and every request is
+    // in the ledger and the metrics anyway. Failures, skips, fallbacks and breaker
+    // transitions still log at info or above.
     tracing::debug!(route = %req.model, stream = req.is_stream(), "chat completion");
     if req.is_stream() {
         match state.gateway.chat_stream_with(req, &options).await {
