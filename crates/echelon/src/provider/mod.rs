@@ -8,5 +8,5 @@ mod client;
 mod error;
 mod sse;
 
-pub use client::{ChunkStream, OpenAiClient, Timeouts};
+pub use client::{ChunkStream, HttpClients, OpenAiClient, Timeouts};
 pub use error::{ErrorKind, ProviderError};

@@ -7,7 +7,7 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::Duration;
 
 use crate::config::{CircuitBreakerConfig, ModelConfig, ProviderConfig, TokenEncoding};
-use crate::provider::{OpenAiClient, ProviderError, Timeouts};
+use crate::provider::{HttpClients, OpenAiClient, ProviderError, Timeouts};
 use crate::resilience::breaker::{BreakerSettings, CircuitBreaker, FailureRate};
 use crate::resilience::concurrency::ConcurrencyLimit;
 use crate::resilience::key_pool::KeyPool;
@@ -89,7 +89,8 @@ pub(crate) fn breaker_settings(c: &CircuitBreakerConfig) -> BreakerSettings {
 
 impl Model {
     /// Builds model `id` from its config and its provider's. `keys` is the key pool it
-    /// draws from: the provider's (shared with every model using it) or its own.
+    /// draws from: the provider's (shared with every model using it) or its own; its
+    /// HTTP client comes from `http`, shared with the other models of the gateway.
     ///
     /// # Errors
     /// When the HTTP client cannot be built.
@@ -98,6 +99,7 @@ impl Model {
         config: &ModelConfig,
         provider: &ProviderConfig,
         keys: Arc<KeyPool>,
+        http: &mut HttpClients,
     ) -> Result<Model, ProviderError> {
         let secs = |s: f64| Duration::from_secs_f64(s.max(0.001));
         let total = secs(config.timeout);
@@ -126,7 +128,7 @@ impl Model {
             id: id.to_owned(),
             provider: config.provider.clone(),
             upstream_model: config.model.clone(),
-            client: OpenAiClient::new(base_url, timeouts)?,
+            client: OpenAiClient::with_http(http.get(timeouts.connect)?, base_url, timeouts),
             keys,
             key_cooldown: Duration::from_secs_f64(
                 config

@@ -575,7 +575,8 @@ mod tests {
                 .map(|k| ApiKey::new(SecretString::from(*k)))
                 .collect(),
         );
-        Arc::new(Model::from_config(id, &config, &provider, keys).unwrap())
+        let mut http = crate::provider::HttpClients::new();
+        Arc::new(Model::from_config(id, &config, &provider, keys, &mut http).unwrap())
     }
 
     fn settings(rotation: Rotation) -> PoolSettings {

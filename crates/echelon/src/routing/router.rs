@@ -18,6 +18,7 @@ use crate::config::{
 };
 use crate::error::{GatewayError, GatewayErrorKind};
 use crate::key::ApiKey;
+use crate::provider::HttpClients;
 use crate::resilience::breaker::CircuitBreaker;
 use crate::resilience::key_pool::KeyPool;
 use crate::usage::record::RequestRecord;
@@ -958,6 +959,7 @@ fn plan_models(plan: &Plan) -> Vec<String> {
 fn build_models(config: &Config) -> Result<BTreeMap<String, Arc<Model>>, GatewayError> {
     let mut models = BTreeMap::new();
     let mut pools: HashMap<String, Arc<KeyPool>> = HashMap::new();
+    let mut http = HttpClients::new();
     for (id, mc) in &config.models {
         let provider = config.providers.get(&mc.provider).ok_or_else(|| {
             build_err(format!("model `{id}`: unknown provider `{}`", mc.provider))
@@ -977,7 +979,7 @@ fn build_models(config: &Config) -> Result<BTreeMap<String, Arc<Model>>, Gateway
                 })
                 .clone(),
         };
-        let model = Model::from_config(id, mc, provider, keys)
+        let model = Model::from_config(id, mc, provider, keys, &mut http)
             .map_err(|e| build_err(format!("model `{id}`: {e}")))?;
         models.insert(id.clone(), Arc::new(model));
     }
