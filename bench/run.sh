@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The gateway's hot path against its upstream, in one run (issue 7).
 #
-#   bench/run.sh              # ~2.5 minutes: prints the table and writes it to BENCHMARKS.md
+#   bench/run.sh              # ~2 minutes: prints the table and writes it to BENCHMARKS.md
 #   bench/run.sh --no-write   # prints only
 #   bench/run.sh soak [SECS]  # wrk at concurrency 50 for SECS (600) against the gateway,
 #                             # sampling its RSS every 10 s (leak check)

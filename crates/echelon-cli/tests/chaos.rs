@@ -35,6 +35,7 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, Instant};
 
+use echelon::routing::SKIP_KINDS;
 use echelon_testkit::{Behavior, FaultPlan, TestUpstream, UpstreamOptions};
 use futures::StreamExt;
 use serde_json::{Value, json};
@@ -55,16 +56,6 @@ const RECOVERY: Duration = Duration::from_secs(1);
 /// prompt below makes answers of six content chunks.
 const CUT_AFTER: usize = 3;
 const MALFORMED_AFTER: usize = 2;
-/// Attempt kinds that record a candidate passed over without a call (routing/attempt.rs).
-const SKIP_KINDS: [&str; 7] = [
-    "circuit_open",
-    "token_bucket",
-    "concurrency",
-    "key_cooldown",
-    "no_key",
-    "provider_failed",
-    "context_window",
-];
 
 /// Every way `a` fails (DESIGN.md §4), drawn uniformly for `FAULT_RATE` of its calls.
 /// How each plays for a plain request and for a stream (echelon-testkit `Behavior`):

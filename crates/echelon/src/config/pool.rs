@@ -10,7 +10,7 @@ use super::model::{
 };
 use super::node::{Kind, Pos};
 use super::read::{At, Bound, Ctx, MapView, map};
-use super::sections::Ref;
+use super::sections::{Ref, check_name_key};
 
 /// Keys of a polling pool.
 pub(crate) const POOL_KEYS: &[&str] = &[
@@ -74,17 +74,7 @@ pub(crate) fn polling_pool(
     let mut pool = PollingPoolConfig::default();
     view.check_keys(ctx, POOL_KEYS);
 
-    if let Some(given) = view.string_at(ctx, "name")
-        && check_name
-        && given.value != name
-    {
-        ctx.error(
-            given.pos,
-            &given.path,
-            format!("`name` is `{}` but the pool is `{name}`", given.value),
-            Some(format!("remove `name` or make it `{name}`")),
-        );
-    }
+    check_name_key(ctx, view, name, "pool", check_name);
     pool.description = view.string(ctx, "description");
 
     refs.task_group = task_group(ctx, view);

@@ -444,6 +444,29 @@ pub(crate) fn echelon_number(key: &str) -> Option<u32> {
     digits.parse().ok()
 }
 
+/// Reads the `name:` key of a task group or polling pool (`what`); when `check` holds,
+/// reports one that differs from `name`, the name it is known by (its map key, or its
+/// file's stem).
+pub(crate) fn check_name_key(
+    ctx: &mut Ctx,
+    view: &MapView<'_>,
+    name: &str,
+    what: &str,
+    check: bool,
+) {
+    if let Some(given) = view.string_at(ctx, "name")
+        && check
+        && given.value != name
+    {
+        ctx.error(
+            given.pos,
+            &given.path,
+            format!("`name` is `{}` but the {what} is `{name}`", given.value),
+            Some(format!("remove `name` or make it `{name}`")),
+        );
+    }
+}
+
 /// Reads a task group from the mapping `view`. `name` is the group's name (the map
 /// key, or the file's `name:`); `key_pos` is where it is written. When `check_name`
 /// holds, a `name:` key must equal `name`.
@@ -520,17 +543,7 @@ pub(crate) fn task_group(
         expected = n.saturating_add(1);
     }
 
-    if let Some(given) = view.string_at(ctx, "name")
-        && check_name
-        && given.value != name
-    {
-        ctx.error(
-            given.pos,
-            &given.path,
-            format!("`name` is `{}` but the group is `{name}`", given.value),
-            Some(format!("remove `name` or make it `{name}`")),
-        );
-    }
+    check_name_key(ctx, view, name, "group", check_name);
     let description = view.string(ctx, "description");
 
     let mut echelons = Vec::new();

@@ -29,7 +29,7 @@
 //! ([`DEFAULT_REMINDER`]) are appended as a follow-up turn. If no ask gives a score, the
 //! item gets `"error": "unparsed"` and the judge's last reply in `raw`, never a made-up
 //! score. A judge call that fails gets `"error": "<status>: <message>"` (the
-//! [`GatewayError`] status and message) and no score.
+//! [`GatewayError`](crate::GatewayError) status and message) and no score.
 //!
 //! # Output lines
 //! One JSON object per item ([`Judgement`]): `id`, `score`, `reward`, `length_penalty`,
@@ -73,10 +73,10 @@ use tokio::runtime::{Handle, Runtime, RuntimeFlavor};
 use tokio::sync::Semaphore;
 use tokio::task::JoinSet;
 
+use crate::Gateway;
 use crate::routing::DEFAULT_ROUTE_ALIAS;
 use crate::tokens::Encoding;
 use crate::usage::TokenCount;
-use crate::{Gateway, GatewayError};
 
 pub use item::{ItemId, JudgeItem};
 pub use output::{JudgeTokens, Judgement, KeptInputs, UNPARSED};
@@ -438,6 +438,19 @@ struct Spend {
     cost: f64,
 }
 
+impl Spend {
+    /// `j` with this spend (attempts, re-asks, tokens, cost) filled in.
+    fn onto(self, j: Judgement) -> Judgement {
+        Judgement {
+            attempts: self.attempts,
+            reasks: self.reasks,
+            tokens: self.tokens,
+            cost: self.cost,
+            ..j
+        }
+    }
+}
+
 fn count_u32(n: usize) -> u32 {
     u32::try_from(n).unwrap_or(u32::MAX)
 }
@@ -491,17 +504,13 @@ impl Inner {
             self.config.target_tokens,
             self.config.reward_coefficient,
         );
-        Judgement {
+        spend.onto(Judgement {
             score: Some(score),
             reward: Some(score + penalty),
             length_penalty: Some(penalty),
             response_tokens,
-            attempts: spend.attempts,
-            reasks: spend.reasks,
-            tokens: spend.tokens,
-            cost: spend.cost,
             ..self.blank(item, started)
-        }
+        })
     }
 
     async fn judge_one(&self, item: &JudgeItem) -> Judgement {
@@ -540,7 +549,14 @@ impl Inner {
                 Ok(done) => done,
                 Err(e) => {
                     spend.attempts += count_u32(e.attempts().len());
-                    return self.call_failed(item, started, response_tokens, spend, raw, model, &e);
+                    tracing::debug!(id = %item.id, status = e.status(), error = %e, "judge call failed");
+                    let error = format!("{}: {}", e.status(), e.message());
+                    return spend.onto(Judgement {
+                        response_tokens,
+                        raw,
+                        model,
+                        ..self.failed(item, started, error)
+                    });
                 }
             };
             spend.attempts += count_u32(done.attempts.len());
@@ -590,40 +606,12 @@ impl Inner {
             raw = Some(text);
             model = Some(done.model);
         }
-        Judgement {
+        spend.onto(Judgement {
             response_tokens,
             raw,
             model,
-            attempts: spend.attempts,
-            reasks: spend.reasks,
-            tokens: spend.tokens,
-            cost: spend.cost,
             ..self.failed(item, started, UNPARSED.to_owned())
-        }
-    }
-
-    #[allow(clippy::too_many_arguments)]
-    fn call_failed(
-        &self,
-        item: &JudgeItem,
-        started: Instant,
-        response_tokens: u64,
-        spend: Spend,
-        raw: Option<String>,
-        model: Option<String>,
-        e: &GatewayError,
-    ) -> Judgement {
-        tracing::debug!(id = %item.id, status = e.status(), error = %e, "judge call failed");
-        Judgement {
-            response_tokens,
-            raw,
-            model,
-            attempts: spend.attempts,
-            reasks: spend.reasks,
-            tokens: spend.tokens,
-            cost: spend.cost,
-            ..self.failed(item, started, format!("{}: {}", e.status(), e.message()))
-        }
+        })
     }
 
     /// [`judge_one`](Self::judge_one) on an owned item, a panic turned into an error

@@ -30,6 +30,19 @@ const MAX_BACKOFF: Duration = Duration::from_secs(30);
 /// `max_tokens`.
 const DEFAULT_OUTPUT_RESERVE: u64 = 512;
 
+/// Attempt kinds that record a candidate passed over without a call: every `error_kind`
+/// of an attempt in `attempts`, the ledger or the metrics that is not a call's outcome
+/// (README "Resilience (per model)").
+pub const SKIP_KINDS: [&str; 7] = [
+    "circuit_open",
+    "token_bucket",
+    "concurrency",
+    "key_cooldown",
+    "no_key",
+    "provider_failed",
+    "context_window",
+];
+
 /// Attempt kinds that mean "rate-limited" (by the provider or by a local limit).
 const RATE_KINDS: [&str; 4] = [
     "rate_limited",

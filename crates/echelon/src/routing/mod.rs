@@ -10,7 +10,7 @@ mod state;
 mod stats;
 mod stream;
 
-pub use attempt::MAX_RETRY_WAIT;
+pub use attempt::{MAX_RETRY_WAIT, SKIP_KINDS};
 pub use model::Model;
 pub use router::{
     CallOptions, Completion, DEFAULT_ROUTE_ALIAS, Gateway, LlmHandle, NodeRoutes, RouteInfo,

@@ -186,14 +186,7 @@ impl Ledger {
         conn.busy_timeout(Duration::from_millis(BUSY_TIMEOUT_MS))
             .map_err(LedgerError::sqlite(path))?;
         // Check the version before changing anything in a file we may not understand.
-        let found = user_version(&conn).map_err(LedgerError::sqlite(path))?;
-        if found > i64::from(SCHEMA_VERSION) {
-            return Err(LedgerError::TooNew {
-                path: path.to_path_buf(),
-                found,
-                known: SCHEMA_VERSION,
-            });
-        }
+        known_version(&conn, path)?;
         conn.pragma_update_and_check(None, "journal_mode", "WAL", |row| row.get::<_, String>(0))
             .map_err(LedgerError::sqlite(path))?;
         conn.pragma_update(None, "synchronous", "NORMAL")
@@ -483,8 +476,9 @@ pub(crate) fn user_version(conn: &Connection) -> rusqlite::Result<i64> {
     conn.pragma_query_value(None, "user_version", |row| row.get(0))
 }
 
-/// Applies the migrations past the file's version, each in its own transaction.
-fn migrate(conn: &mut Connection, path: &Path) -> Result<(), LedgerError> {
+/// The file's schema version; a version newer than this build's is refused
+/// ([`LedgerError::TooNew`]) before anything reads or changes the file.
+fn known_version(conn: &Connection, path: &Path) -> Result<i64, LedgerError> {
     let found = user_version(conn).map_err(LedgerError::sqlite(path))?;
     if found > i64::from(SCHEMA_VERSION) {
         return Err(LedgerError::TooNew {
@@ -493,6 +487,12 @@ fn migrate(conn: &mut Connection, path: &Path) -> Result<(), LedgerError> {
             known: SCHEMA_VERSION,
         });
     }
+    Ok(found)
+}
+
+/// Applies the migrations past the file's version, each in its own transaction.
+fn migrate(conn: &mut Connection, path: &Path) -> Result<(), LedgerError> {
+    let found = known_version(conn, path)?;
     let start = usize::try_from(found.max(0)).unwrap_or(0);
     for (i, sql) in MIGRATIONS.iter().enumerate().skip(start) {
         let tx = conn.transaction().map_err(LedgerError::sqlite(path))?;
@@ -518,14 +518,7 @@ pub(crate) fn open_read_only(path: &Path) -> Result<Connection, LedgerError> {
     .map_err(LedgerError::sqlite(path))?;
     conn.busy_timeout(Duration::from_millis(BUSY_TIMEOUT_MS))
         .map_err(LedgerError::sqlite(path))?;
-    let found = user_version(&conn).map_err(LedgerError::sqlite(path))?;
-    if found > i64::from(SCHEMA_VERSION) {
-        return Err(LedgerError::TooNew {
-            path: path.to_path_buf(),
-            found,
-            known: SCHEMA_VERSION,
-        });
-    }
+    let found = known_version(&conn, path)?;
     if found != i64::from(SCHEMA_VERSION) {
         return Err(LedgerError::NotCurrent {
             path: path.to_path_buf(),

@@ -29,6 +29,7 @@ use metrics::{
 use serde_json::Value;
 
 use super::record::RequestRecord;
+use crate::routing::SKIP_KINDS;
 
 /// `echelon_requests_total{route, model, status}`: finished requests.
 pub const REQUESTS_TOTAL: &str = "echelon_requests_total";
@@ -106,18 +107,6 @@ pub const CALL_KINDS: &[&str] = &[
     "stream_cut",
 ];
 
-/// Skip kinds the router records; any other kind is exported as `other`, so a label
-/// never takes an unbounded set of values.
-const SKIP_KINDS: &[&str] = &[
-    "circuit_open",
-    "token_bucket",
-    "concurrency",
-    "key_cooldown",
-    "no_key",
-    "provider_failed",
-    "context_window",
-];
-
 /// The route label of a request: a client error with no attempt never reached the router
 /// (the name may be anything a client typed), so it is folded into `_unrouted`.
 fn route_label(rec: &RequestRecord) -> String {
@@ -128,10 +117,12 @@ fn route_label(rec: &RequestRecord) -> String {
     }
 }
 
+/// The kind as a label: a call's outcome or a skip ([`SKIP_KINDS`]); any other kind is
+/// exported as `other`, so a label never takes an unbounded set of values.
 fn kind_label(kind: &str) -> &'static str {
     CALL_KINDS
         .iter()
-        .chain(SKIP_KINDS)
+        .chain(&SKIP_KINDS)
         .find(|k| **k == kind)
         .copied()
         .unwrap_or("other")
