@@ -1,7 +1,8 @@
 //! The HTTP API over a real socket: auth, request validation, pass-through, SSE and errors.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-use std::net::SocketAddr;
+mod common;
+
 use std::sync::Arc;
 
 use echelon::Gateway;
@@ -12,11 +13,10 @@ use secrecy::SecretString;
 use serde_json::{Value, json};
 
 struct Harness {
-    addr: SocketAddr,
+    server: common::Served,
     a: TestUpstream,
     b: TestUpstream,
     http: reqwest::Client,
-    _shutdown: tokio::sync::oneshot::Sender<()>,
 }
 
 impl Harness {
@@ -62,24 +62,17 @@ task_groups:
             log_bodies: false,
             metrics: true,
         };
-        let app = echelon_server::router(gateway, &options);
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
-        let (tx, rx) = tokio::sync::oneshot::channel::<()>();
-        tokio::spawn(echelon_server::serve(listener, app, async {
-            let _ = rx.await;
-        }));
+        let server = common::serve(gateway, &options).await;
         Harness {
-            addr,
+            server,
             a,
             b,
             http: reqwest::Client::new(),
-            _shutdown: tx,
         }
     }
 
     fn url(&self, path: &str) -> String {
-        format!("http://{}{path}", self.addr)
+        self.server.url(path)
     }
 
     async fn post(&self, body: Value) -> reqwest::Response {

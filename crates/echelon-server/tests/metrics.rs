@@ -6,8 +6,9 @@
 //! names and checks exact values only on series nobody else touches.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+mod common;
+
 use std::collections::{BTreeMap, HashMap};
-use std::net::SocketAddr;
 use std::sync::Arc;
 
 use echelon::Gateway;
@@ -22,10 +23,9 @@ use serde_json::{Value, json};
 const GATEWAY_KEY: &str = "gw-key-DO-NOT-LEAK-7f3a9c";
 
 struct Harness {
-    addr: SocketAddr,
+    server: common::Served,
     http: reqwest::Client,
     upstreams: Vec<TestUpstream>,
-    _shutdown: tokio::sync::oneshot::Sender<()>,
 }
 
 impl Harness {
@@ -45,23 +45,15 @@ impl Harness {
             api_keys: vec![SecretString::from(GATEWAY_KEY)],
             ..ServerOptions::default()
         };
-        let app = echelon_server::router(gateway, &options);
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
-        let (tx, rx) = tokio::sync::oneshot::channel::<()>();
-        tokio::spawn(echelon_server::serve(listener, app, async {
-            let _ = rx.await;
-        }));
         Harness {
-            addr,
+            server: common::serve(gateway, &options).await,
             http: reqwest::Client::new(),
             upstreams,
-            _shutdown: tx,
         }
     }
 
     fn url(&self, path: &str) -> String {
-        format!("http://{}{path}", self.addr)
+        self.server.url(path)
     }
 
     fn upstream(&self, i: usize) -> &TestUpstream {

@@ -4,7 +4,8 @@
 //! `ECHELON_REQUIRE_REAL_UPSTREAM=1` (set by `scripts/test.sh` and CI), which fails instead.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-use std::net::SocketAddr;
+mod common;
+
 use std::sync::Arc;
 
 use echelon::Gateway;
@@ -15,8 +16,7 @@ use serde_json::{Value, json};
 
 struct Stack {
     servers: Vec<LlamaServer>,
-    addr: SocketAddr,
-    _shutdown: tokio::sync::oneshot::Sender<()>,
+    server: common::Served,
 }
 
 /// Two llama-servers behind a gateway: task group `demo` has `real-a` (echelon1) then
@@ -46,17 +46,9 @@ polling_pools:
     );
     let gateway =
         Arc::new(Gateway::from_config(&Config::from_str(&yaml, "e2e.yaml").unwrap()).unwrap());
-    let app = echelon_server::router(gateway, &ServerOptions::default());
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    let (tx, rx) = tokio::sync::oneshot::channel::<()>();
-    tokio::spawn(echelon_server::serve(listener, app, async {
-        let _ = rx.await;
-    }));
     Some(Stack {
         servers,
-        addr,
-        _shutdown: tx,
+        server: common::serve(gateway, &ServerOptions::default()).await,
     })
 }
 
@@ -68,7 +60,7 @@ fn body(content: &str, stream: bool) -> Value {
     })
 }
 
-async fn post(addr: SocketAddr, body: &Value) -> reqwest::Response {
+async fn post(addr: std::net::SocketAddr, body: &Value) -> reqwest::Response {
     reqwest::Client::new()
         .post(format!("http://{addr}/v1/chat/completions"))
         .json(body)
@@ -82,7 +74,7 @@ async fn plain_chat_is_answered_by_the_real_model() {
     let Some(s) = stack("key-a").await else {
         return;
     };
-    let resp = post(s.addr, &body("Name a colour.", false)).await;
+    let resp = post(s.server.addr, &body("Name a colour.", false)).await;
     assert_eq!(resp.status(), 200);
     assert_eq!(resp.headers()["x-echelon-model"], "real-a");
     let v: Value = resp.json().await.unwrap();
@@ -102,7 +94,7 @@ async fn streamed_chat_arrives_in_several_chunks() {
     let Some(s) = stack("key-a").await else {
         return;
     };
-    let resp = post(s.addr, &body("Count from one to ten.", true)).await;
+    let resp = post(s.server.addr, &body("Count from one to ten.", true)).await;
     assert_eq!(resp.status(), 200);
     let text = resp.text().await.unwrap();
     let events: Vec<&str> = text
@@ -132,7 +124,7 @@ async fn a_killed_echelon1_fails_over_to_echelon2() {
         return;
     };
     s.servers[0].kill();
-    let resp = post(s.addr, &body("Say hello.", false)).await;
+    let resp = post(s.server.addr, &body("Say hello.", false)).await;
     assert_eq!(resp.status(), 200);
     assert_eq!(resp.headers()["x-echelon-model"], "real-b");
     let attempts = resp.headers()["x-echelon-attempts"]
@@ -149,7 +141,7 @@ async fn a_killed_echelon1_fails_over_to_echelon2() {
     assert_eq!(v["model"], "real-b");
 
     // Streams fail over the same way.
-    let resp = post(s.addr, &body("Say hello.", true)).await;
+    let resp = post(s.server.addr, &body("Say hello.", true)).await;
     assert_eq!(resp.headers()["x-echelon-model"], "real-b");
     assert!(resp.text().await.unwrap().ends_with("data: [DONE]\n\n"));
 }
@@ -159,7 +151,7 @@ async fn a_wrong_upstream_key_moves_to_the_next_echelon() {
     let Some(s) = stack("not-the-key").await else {
         return;
     };
-    let resp = post(s.addr, &body("Say hello.", false)).await;
+    let resp = post(s.server.addr, &body("Say hello.", false)).await;
     assert_eq!(resp.status(), 200);
     assert_eq!(resp.headers()["x-echelon-model"], "real-b");
     let attempts = resp.headers()["x-echelon-attempts"]
@@ -184,7 +176,7 @@ async fn a_too_long_prompt_is_a_400_without_retry() {
     // A model that declares no window: llama-server refuses, and that is not retried.
     let mut req = body(&long, false);
     req["model"] = "real-a-undeclared".into();
-    let resp = post(s.addr, &req).await;
+    let resp = post(s.server.addr, &req).await;
     assert_eq!(resp.status(), 400);
     let v: Value = resp.json().await.unwrap();
     assert_eq!(v["error"]["code"], "context_length_exceeded");
@@ -194,7 +186,7 @@ async fn a_too_long_prompt_is_a_400_without_retry() {
     assert_eq!(attempts[0]["status"], 400);
 
     // Models that declare their window: skipped before sending (counted with tiktoken).
-    let resp = post(s.addr, &body(&long, false)).await;
+    let resp = post(s.server.addr, &body(&long, false)).await;
     assert_eq!(resp.status(), 400);
     let v: Value = resp.json().await.unwrap();
     assert_eq!(v["error"]["code"], "context_length_exceeded");
@@ -224,7 +216,7 @@ async fn a_pool_round_robins_over_two_real_servers_and_survives_one_dying() {
     for _ in 0..4 {
         let mut req = body("Say hi.", false);
         req["model"] = "demo_pool".into();
-        let resp = post(s.addr, &req).await;
+        let resp = post(s.server.addr, &req).await;
         assert_eq!(resp.status(), 200);
         answered.push(
             resp.headers()["x-echelon-model"]
@@ -239,7 +231,7 @@ async fn a_pool_round_robins_over_two_real_servers_and_survives_one_dying() {
     for _ in 0..4 {
         let mut req = body("Say hi.", false);
         req["model"] = "demo_pool".into();
-        let resp = post(s.addr, &req).await;
+        let resp = post(s.server.addr, &req).await;
         assert_eq!(resp.status(), 200, "the pool keeps answering");
         assert_eq!(resp.headers()["x-echelon-model"], "real-b");
     }

@@ -1,6 +1,8 @@
 //! Streams are relayed chunk by chunk as they arrive, not gathered and sent at the end.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+mod common;
+
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -28,26 +30,11 @@ async fn content_chunks_reach_the_client_as_the_upstream_sends_them() {
     );
     let gateway =
         Arc::new(Gateway::from_config(&Config::from_str(&yaml, "t.yaml").unwrap()).unwrap());
-    let options = ServerOptions {
-        api_keys: Vec::new(),
-        body_limit_bytes: 1 << 20,
-        log_bodies: false,
-        metrics: false,
-    };
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    tokio::spawn(echelon_server::serve(
-        listener,
-        echelon_server::router(gateway, &options),
-        async {
-            let _ = stopped.await;
-        },
-    ));
+    let server = common::serve(gateway, &ServerOptions::default()).await;
 
     // Five words: five content chunks, CHUNK_DELAY apart at the upstream.
     let resp = reqwest::Client::new()
-        .post(format!("http://{addr}/v1/chat/completions"))
+        .post(server.url("/v1/chat/completions"))
         .json(&json!({
             "model": "m",
             "stream": true,
@@ -87,6 +74,6 @@ async fn content_chunks_reach_the_client_as_the_upstream_sends_them() {
         spread >= expected / 2,
         "chunks arrived within {spread:?}; the upstream spread them over {expected:?}"
     );
-    let _ = stop.send(());
+    drop(server);
     up.shutdown().await;
 }

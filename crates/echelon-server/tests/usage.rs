@@ -3,7 +3,8 @@
 //! estimated usage is flagged, and `/metrics` agrees with the ledger.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-use std::net::SocketAddr;
+mod common;
+
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -15,13 +16,11 @@ use echelon_testkit::{Behavior, TestUpstream, UpstreamOptions};
 use serde_json::{Value, json};
 
 struct Stack {
-    addr: SocketAddr,
+    server: common::Served,
     a: TestUpstream,
     b: TestUpstream,
     db: std::path::PathBuf,
     _dir: tempfile::TempDir,
-    shutdown: Option<tokio::sync::oneshot::Sender<()>>,
-    server: Option<tokio::task::JoinHandle<std::io::Result<()>>>,
     writer: Option<echelon::usage::ledger::LedgerWriter>,
 }
 
@@ -68,21 +67,12 @@ task_groups:
             .unwrap()
             .with_record_sink(Arc::new(sender)),
     );
-    let app = echelon_server::router(gateway, &ServerOptions::default());
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    let (tx, rx) = tokio::sync::oneshot::channel::<()>();
-    let server = tokio::spawn(echelon_server::serve(listener, app, async {
-        let _ = rx.await;
-    }));
     Stack {
-        addr,
+        server: common::serve(gateway, &ServerOptions::default()).await,
         a,
         b,
         db,
         _dir: dir,
-        shutdown: Some(tx),
-        server: Some(server),
         writer: Some(writer),
     }
 }
@@ -90,7 +80,7 @@ task_groups:
 impl Stack {
     async fn post(&self, body: Value) -> reqwest::Response {
         reqwest::Client::new()
-            .post(format!("http://{}/v1/chat/completions", self.addr))
+            .post(self.server.url("/v1/chat/completions"))
             .json(&body)
             .send()
             .await
@@ -99,8 +89,7 @@ impl Stack {
 
     /// Stops the server and waits until the ledger has every row.
     async fn finish(&mut self) -> u64 {
-        let _ = self.shutdown.take().unwrap().send(());
-        self.server.take().unwrap().await.unwrap().unwrap();
+        self.server.stop().await;
         tokio::time::sleep(Duration::from_millis(50)).await;
         let writer = self.writer.take().unwrap();
         tokio::task::spawn_blocking(move || writer.join())
@@ -270,13 +259,13 @@ async fn metrics_agree_with_the_ledger_and_no_key_leaks() {
         message: "x".into(),
     });
     s.post(chat(&route, false)).await;
-    let metrics = reqwest::get(format!("http://{}/metrics", s.addr))
+    let metrics = reqwest::get(s.server.url("/metrics"))
         .await
         .unwrap()
         .text()
         .await
         .unwrap();
-    let state = reqwest::get(format!("http://{}/admin/state", s.addr))
+    let state = reqwest::get(s.server.url("/admin/state"))
         .await
         .unwrap()
         .text()
