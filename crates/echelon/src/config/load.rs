@@ -210,6 +210,36 @@ pub(crate) fn read_text(
     loaded.fragments.push(fragment);
 }
 
+/// One [`Item`] per entry of the top-level mapping `section` of `view`, read by `read`
+/// from the entry and its key path (`section.key`); `read` returns `None` for an entry it
+/// has reported as broken.
+fn section_items<T, R>(
+    ctx: &mut Ctx,
+    view: &super::read::MapView<'_>,
+    section: &str,
+    file: &str,
+    mut read: impl FnMut(&mut Ctx, &Entry, &str) -> Option<(T, R)>,
+) -> Vec<Item<T, R>> {
+    let Some(entries) = view.value(section).and_then(|n| map(ctx, n, section)) else {
+        return Vec::new();
+    };
+    let mut items = Vec::new();
+    for entry in entries.entries {
+        let path = join(section, &entry.key);
+        if let Some((value, refs)) = read(ctx, entry, &path) {
+            items.push(Item {
+                id: entry.key.clone(),
+                file: file.to_owned(),
+                pos: entry.key_pos,
+                path,
+                value,
+                refs,
+            });
+        }
+    }
+    items
+}
+
 fn native(
     ctx: &mut Ctx,
     view: &super::read::MapView<'_>,
@@ -239,94 +269,56 @@ fn native(
             refs: (),
         });
     }
-    if let Some(providers) = view
-        .value("providers")
-        .and_then(|n| map(ctx, n, "providers"))
-    {
-        for entry in providers.entries {
-            let path = join("providers", &entry.key);
-            let value = sections::provider(ctx, &entry.value, &path);
-            fragment.providers.push(Item {
-                id: entry.key.clone(),
-                file: file.clone(),
-                pos: entry.key_pos,
-                path,
-                value,
-                refs: (),
-            });
-        }
-    }
-    if let Some(models) = view.value("models").and_then(|n| map(ctx, n, "models")) {
-        for entry in models.entries {
-            let path = join("models", &entry.key);
-            let (value, refs) = sections::model(ctx, &entry.value, &entry.key, &path);
-            fragment.models.push(Item {
-                id: entry.key.clone(),
-                file: file.clone(),
-                pos: entry.key_pos,
-                path,
-                value,
-                refs,
-            });
-        }
-    }
-    if let Some(groups) = view
-        .value("task_groups")
-        .and_then(|n| map(ctx, n, "task_groups"))
-    {
-        for entry in groups.entries {
-            let path = join("task_groups", &entry.key);
-            let Some(group) = map(ctx, &entry.value, &path) else {
-                continue;
-            };
-            let (value, refs) = sections::task_group(ctx, &group, &entry.key, entry.key_pos, true);
-            fragment.groups.push(Item {
-                id: entry.key.clone(),
-                file: file.clone(),
-                pos: entry.key_pos,
-                path,
-                value,
-                refs,
-            });
-        }
-    }
-    if let Some(pools) = view
-        .value("polling_pools")
-        .and_then(|n| map(ctx, n, "polling_pools"))
-    {
-        for entry in pools.entries {
-            let path = join("polling_pools", &entry.key);
-            let Some(pool_view) = map(ctx, &entry.value, &path) else {
-                continue;
-            };
-            let (value, refs) = pool::polling_pool(ctx, &pool_view, &entry.key, true);
-            fragment.pools.push(Item {
-                id: entry.key.clone(),
-                file: file.clone(),
-                pos: entry.key_pos,
-                path,
-                value,
-                refs,
-            });
-        }
-    }
-    if let Some(wrappers) = view.value("wrappers").and_then(|n| map(ctx, n, "wrappers")) {
-        for entry in wrappers.entries {
-            let path = join("wrappers", &entry.key);
-            let Some(wrapper_view) = map(ctx, &entry.value, &path) else {
-                continue;
-            };
-            let (value, refs) = pool::wrapper(ctx, &wrapper_view);
-            fragment.wrappers.push(Item {
-                id: entry.key.clone(),
-                file: file.clone(),
-                pos: entry.key_pos,
-                path,
-                value,
-                refs,
-            });
-        }
-    }
+    fragment.providers.extend(section_items(
+        ctx,
+        view,
+        "providers",
+        &file,
+        |ctx, entry, path| Some((sections::provider(ctx, &entry.value, path), ())),
+    ));
+    fragment.models.extend(section_items(
+        ctx,
+        view,
+        "models",
+        &file,
+        |ctx, entry, path| Some(sections::model(ctx, &entry.value, &entry.key, path)),
+    ));
+    fragment.groups.extend(section_items(
+        ctx,
+        view,
+        "task_groups",
+        &file,
+        |ctx, entry, path| {
+            let group = map(ctx, &entry.value, path)?;
+            Some(sections::task_group(
+                ctx,
+                &group,
+                &entry.key,
+                entry.key_pos,
+                true,
+            ))
+        },
+    ));
+    fragment.pools.extend(section_items(
+        ctx,
+        view,
+        "polling_pools",
+        &file,
+        |ctx, entry, path| {
+            let pool_view = map(ctx, &entry.value, path)?;
+            Some(pool::polling_pool(ctx, &pool_view, &entry.key, true))
+        },
+    ));
+    fragment.wrappers.extend(section_items(
+        ctx,
+        view,
+        "wrappers",
+        &file,
+        |ctx, entry, path| {
+            let wrapper_view = map(ctx, &entry.value, path)?;
+            Some(pool::wrapper(ctx, &wrapper_view))
+        },
+    ));
     if let Some(route) = view.string_at(ctx, "default_route") {
         fragment.default_route = Some(Item {
             id: "default_route".to_owned(),
