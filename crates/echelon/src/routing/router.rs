@@ -411,10 +411,10 @@ impl Gateway {
     /// # Errors
     /// 404 when `name` is not a route.
     pub fn llm(self: &Arc<Self>, name: &str) -> Result<LlmHandle, GatewayError> {
-        let name = self.route_name(name)?;
+        let (route, _) = self.resolve(name)?;
         Ok(LlmHandle {
             gateway: self.clone(),
-            route: name.to_owned(),
+            route: route.to_owned(),
         })
     }
 
@@ -461,9 +461,13 @@ impl Gateway {
         options: &CallOptions,
     ) -> Result<Completion, GatewayError> {
         req.stream = None;
-        let route = self.route_name(&req.model).unwrap_or(&req.model).to_owned();
-        let meta = RequestMeta::new(options.request_id.as_deref(), &route, false);
-        match self.execute(&req, false, options).await {
+        let resolved = self.resolve(&req.model);
+        let route = resolved
+            .as_ref()
+            .map_or(req.model.as_str(), |(route, _)| route);
+        let meta = RequestMeta::new(options.request_id.as_deref(), route, false);
+        let plan = resolved.map(|(_, plan)| plan);
+        match self.execute(plan, &req, false, options).await {
             Ok((Answer::Chat(response), model, attempts)) => {
                 let tokens = match &response.usage {
                     Some(u) => TokenCount::from_usage(u),
@@ -526,9 +530,13 @@ impl Gateway {
         req.stream_options
             .get_or_insert_with(Default::default)
             .include_usage = Some(true);
-        let route = self.route_name(&req.model).unwrap_or(&req.model).to_owned();
-        let meta = RequestMeta::new(options.request_id.as_deref(), &route, true);
-        match self.execute(&req, true, options).await {
+        let resolved = self.resolve(&req.model);
+        let route = resolved
+            .as_ref()
+            .map_or(req.model.as_str(), |(route, _)| route);
+        let meta = RequestMeta::new(options.request_id.as_deref(), route, true);
+        let plan = resolved.map(|(_, plan)| plan);
+        match self.execute(plan, &req, true, options).await {
             Ok((
                 Answer::Stream {
                     buffered,
@@ -564,38 +572,39 @@ impl Gateway {
         }
     }
 
-    /// The route a request names: itself, or the `default_route` for the name `default`
-    /// when no route has that name.
-    fn route_name<'a>(&'a self, name: &'a str) -> Result<&'a str, GatewayError> {
-        if self.routes.contains_key(name) {
-            return Ok(name);
+    /// The route a request names, and its plan: the route itself, or the
+    /// `default_route` for the name `default` when no route has that name.
+    fn resolve(&self, name: &str) -> Result<(&str, &Plan), GatewayError> {
+        let found = self.routes.get_key_value(name).or_else(|| {
+            if name == DEFAULT_ROUTE_ALIAS {
+                let d = self.default_route.as_deref()?;
+                self.routes.get_key_value(d)
+            } else {
+                None
+            }
+        });
+        match found {
+            Some((route, plan)) => Ok((route.as_str(), plan)),
+            None => Err(GatewayError::new(
+                GatewayErrorKind::UnknownRoute,
+                format!(
+                    "route `{name}` is not a route of this gateway (GET /v1/models lists them)"
+                ),
+            )
+            .with_param("model")
+            .with_code("model_not_found")),
         }
-        if name == DEFAULT_ROUTE_ALIAS
-            && let Some(d) = &self.default_route
-        {
-            return Ok(d);
-        }
-        Err(GatewayError::new(
-            GatewayErrorKind::UnknownRoute,
-            format!("route `{name}` is not a route of this gateway (GET /v1/models lists them)"),
-        )
-        .with_param("model")
-        .with_code("model_not_found"))
     }
 
+    /// Runs the plan of a resolved route (`Err`: the resolution's error, recorded as is).
     async fn execute(
         &self,
+        plan: Result<&Plan, GatewayError>,
         req: &ChatCompletionRequest,
         stream: bool,
         options: &CallOptions,
     ) -> Result<(Answer, Arc<Model>, Vec<Attempt>), GatewayError> {
-        let name = self.route_name(&req.model)?;
-        let Some(plan) = self.routes.get(name) else {
-            return Err(GatewayError::new(
-                GatewayErrorKind::UnknownRoute,
-                "route vanished",
-            ));
-        };
+        let plan = plan?;
         let session = session_key(req, options);
         let result = run_plan(plan, req, stream, session.as_deref()).await;
         match &result {
