@@ -12,6 +12,7 @@ use echelon::{Gateway, GatewayError};
 use echelon_server::ServerOptions;
 use echelon_types::{Attempt, ChatCompletionRequest, ChatMessage, Role};
 
+mod descriptors;
 mod probe;
 
 /// mimalloc instead of glibc malloc: cheaper allocation on the request path and no
@@ -220,6 +221,14 @@ enum ConfigCommand {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    // Before any thread exists (see the module): the judge's and the probe's
+    // connections, a server's clients and upstreams.
+    let connections = match &cli.command {
+        Command::Judge { args, .. } => args.concurrency,
+        Command::Probe(args) => args.concurrency,
+        _ => 0,
+    };
+    descriptors::reserve(descriptors::for_connections(connections));
     init_tracing(cli.log_format);
     match cli.command {
         Command::Config(ConfigCommand::Validate { path }) => validate(&path),

@@ -37,7 +37,7 @@ pub(crate) struct ProbeArgs {
     warmup: usize,
     /// Requests in flight at once.
     #[arg(long, default_value_t = 1)]
-    concurrency: usize,
+    pub(crate) concurrency: usize,
     /// `max_tokens` of each request.
     #[arg(long, default_value_t = 16)]
     max_tokens: u32,

@@ -30,6 +30,7 @@
 mod behavior;
 pub mod real;
 mod server;
+mod timer;
 mod wire;
 
 use std::net::SocketAddr;

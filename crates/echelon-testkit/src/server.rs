@@ -545,10 +545,10 @@ fn event(chunk: &Value) -> Bytes {
     Bytes::from(wire::sse(&chunk.to_string()))
 }
 
+/// The upstream's latencies and delays: precise to tens of microseconds, not
+/// tokio's whole milliseconds ([`crate::timer`]).
 async fn sleep(d: Duration) {
-    if !d.is_zero() {
-        tokio::time::sleep(d).await;
-    }
+    crate::timer::sleep(d).await;
 }
 
 /// One step of a scripted response body.
