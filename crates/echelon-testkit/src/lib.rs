@@ -54,8 +54,11 @@ pub struct UpstreamOptions {
     /// If set, `/v1/*` requires `Authorization: Bearer <key>`; anything else
     /// gets 401 with an OpenAI `invalid_api_key` error body.
     pub api_key: Option<String>,
-    /// Added before answering a chat completion (for streams: after the
-    /// headers, before the first chunk). Default 0.
+    /// How long a chat completion takes: a non-streamed one is answered this
+    /// long after its request's head was read; a stream sends its headers at
+    /// once and its first chunk after this long. Kept to within tens of
+    /// microseconds, not tokio's whole milliseconds (a timer thread ends each
+    /// wait). Default 0.
     pub latency: Duration,
     /// Pause between stream chunks. Default 0.
     pub chunk_delay: Duration,

@@ -416,8 +416,18 @@ async fn chat(
                 | Behavior::Malformed
                 | Behavior::MalformedSse { .. }
         );
+    // The latency counts from the moment the request's head was read, not from after
+    // its body was read and parsed and its answer built: under a burst of requests
+    // that work waits its turn for a CPU, and it is not part of the latency asked for.
+    let deadline = arrived + latency;
     if !streamed {
-        sleep(latency).await;
+        if matches!(behavior, Behavior::Normal) {
+            // Rendered before the wait, so that only the write is left after it.
+            let resp = normal(&answer, false, latency, chunk_delay);
+            crate::timer::sleep_until(deadline).await;
+            return Ok(resp);
+        }
+        crate::timer::sleep_until(deadline).await;
     }
 
     match behavior {

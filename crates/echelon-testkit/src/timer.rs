@@ -31,11 +31,18 @@ const HANDOVER: Duration = Duration::from_millis(3);
 /// Waits `d`, ending within tens of microseconds of `now + d` (see the module
 /// docs). Zero returns at once.
 pub(crate) async fn sleep(d: Duration) {
-    if d.is_zero() {
-        return;
+    if !d.is_zero() {
+        sleep_until(Instant::now() + d).await;
     }
-    let deadline = Instant::now() + d;
-    if let Some(coarse) = d.checked_sub(HANDOVER) {
+}
+
+/// Waits until `deadline`, ending within tens of microseconds of it (see the module
+/// docs). A deadline that has passed returns at once.
+pub(crate) async fn sleep_until(deadline: Instant) {
+    let Some(left) = deadline.checked_duration_since(Instant::now()) else {
+        return;
+    };
+    if let Some(coarse) = left.checked_sub(HANDOVER) {
         tokio::time::sleep(coarse).await;
     }
     match thread() {
