@@ -630,7 +630,7 @@ async fn serve(
     let gateway = Arc::new(gateway);
     let host = host.unwrap_or_else(|| config.server.host.clone());
     let port = port.unwrap_or(config.server.port);
-    let listener = tokio::net::TcpListener::bind((host.as_str(), port))
+    let listener = echelon_server::bind((host.as_str(), port))
         .await
         .with_context(|| format!("cannot listen on {host}:{port}"))?;
     let addr = listener.local_addr()?;

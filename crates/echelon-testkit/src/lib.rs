@@ -37,7 +37,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use tokio::net::{TcpListener, ToSocketAddrs};
+use tokio::net::ToSocketAddrs;
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 
@@ -142,7 +142,7 @@ impl TestUpstream {
         addr: impl ToSocketAddrs,
         options: UpstreamOptions,
     ) -> std::io::Result<TestUpstream> {
-        let listener = TcpListener::bind(addr).await?;
+        let listener = server::bind(addr).await?;
         let addr = listener.local_addr()?;
         let state = Arc::new(server::State::new(options));
         let (stop, stopped) = oneshot::channel();

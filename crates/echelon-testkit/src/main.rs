@@ -156,7 +156,11 @@ fn reserve_descriptors() {
             limit.current = Some(current);
         }
     }
-    let highest = limit.current.unwrap_or(u64::MAX).min(4096).saturating_sub(1);
+    let highest = limit
+        .current
+        .unwrap_or(u64::MAX)
+        .min(4096)
+        .saturating_sub(1);
     if let Ok(highest) = i32::try_from(highest) {
         let _ = rustix::io::fcntl_dupfd_cloexec(std::io::stderr(), highest);
     }

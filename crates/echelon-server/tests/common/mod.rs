@@ -19,7 +19,7 @@ pub(crate) struct Served {
 /// Serves `gateway` with `options` on a free port.
 pub(crate) async fn serve(gateway: Arc<Gateway>, options: &ServerOptions) -> Served {
     let app = echelon_server::router(gateway, options);
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let listener = echelon_server::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     let (tx, rx) = tokio::sync::oneshot::channel::<()>();
     let server = tokio::spawn(echelon_server::serve(listener, app, async {
