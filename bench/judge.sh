@@ -17,6 +17,11 @@ trap cleanup EXIT
 target/release/echelon-testkit --port 0 --latency-ms "${LATENCY_MS:-50}" >"$work/up.out" 2>&1 & pids+=($!)
 for _ in $(seq 1 100); do grep -q 'listening on' "$work/up.out" && break; sleep 0.05; done
 up="$(sed -n 's/^listening on \(http[^ ]*\)$/\1/p' "$work/up.out")"
+# The upstream stands for a provider's long-running server: warm it up (its first
+# hundreds of connections, its allocator) with one round of C concurrent requests from
+# another process. The judge itself starts cold in every run.
+target/release/echelon probe --url "$up/v1" --model warmup --concurrency "$c" \
+  -n "$c" --warmup 0 >/dev/null
 cat >"$work/c.yaml" <<YAML
 providers:
   up: { base_url: "$up/v1" }

@@ -142,6 +142,9 @@ impl TestUpstream {
         addr: impl ToSocketAddrs,
         options: UpstreamOptions,
     ) -> std::io::Result<TestUpstream> {
+        if !options.latency.is_zero() || !options.chunk_delay.is_zero() {
+            timer::start();
+        }
         let listener = server::bind(addr).await?;
         let addr = listener.local_addr()?;
         let state = Arc::new(server::State::new(options));

@@ -92,6 +92,12 @@ impl Ord for Entry {
     }
 }
 
+/// Starts the timer thread now rather than inside the first request that waits (a
+/// thread start in the middle of a burst of connections).
+pub(crate) fn start() {
+    let _ = thread();
+}
+
 /// The process's timer thread, started on first use; `None` if it could not
 /// be started (the caller then falls back to tokio's timer).
 fn thread() -> Option<&'static Timers> {
