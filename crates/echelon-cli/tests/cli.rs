@@ -1,4 +1,4 @@
-//! The `echelon` binary: config validate, chat, and serve's graceful shutdown.
+//! The `echelon` binary: config validate, chat, serve's graceful shutdown, and judge (resume, kill -9).
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::process::Command;
@@ -365,5 +365,97 @@ async fn judge_scores_a_file_reports_bad_lines_and_resumes() {
         up.chat_requests(),
         2,
         "no upstream call on a resumed, finished run"
+    );
+}
+
+/// A real `kill -9` in the middle of a run, then the same command again: every id ends
+/// up in the output exactly once, and only the items in flight at the kill are judged
+/// twice (issue 6: "a kill -9 mid-run loses only in-flight items and never duplicates a
+/// line").
+#[tokio::test]
+async fn judge_killed_mid_run_resumes_with_each_id_exactly_once() {
+    const ITEMS: usize = 100;
+    const CONCURRENCY: usize = 4;
+    let up = TestUpstream::start_with(UpstreamOptions {
+        latency: Duration::from_millis(40),
+        ..UpstreamOptions::default()
+    })
+    .await
+    .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let config = write(&dir, "c.yaml", &config_for(&up.base_url()));
+    let rubric = write(&dir, "rubric.txt", "Score: {response}");
+    let text: String = (0..ITEMS)
+        .map(|i| {
+            format!(
+                "{{\"id\": \"item-{i}\", \"prompt\": \"p\", \"response\": \"{}\"}}\n",
+                i % 10 + 1
+            )
+        })
+        .collect();
+    let input = write(&dir, "in.jsonl", &text);
+    let output = dir.path().join("out.jsonl");
+    let judge = || {
+        let mut c = tokio::process::Command::new(BIN);
+        c.env("ECHELON_DATA_DIR", dir.path())
+            .args(["judge", "--route", "grp", "--no-cache", "--config"])
+            .arg(&config)
+            .args(["--concurrency", &CONCURRENCY.to_string(), "--input"])
+            .arg(&input)
+            .arg("--output")
+            .arg(&output)
+            .arg("--rubric")
+            .arg(&rubric)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null());
+        c
+    };
+
+    let mut first = judge().spawn().unwrap();
+    // Wait until some lines are out (each wave of 4 takes 40 ms; a debug build loads its
+    // tokenizer for a while first), then SIGKILL.
+    let written = || {
+        std::fs::read_to_string(&output)
+            .map(|t| t.matches('\n').count())
+            .unwrap_or(0)
+    };
+    for _ in 0..6000 {
+        if written() >= 12 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    first.start_kill().unwrap();
+    first.wait().await.unwrap();
+    let done_before = written();
+    assert!(
+        (12..ITEMS).contains(&done_before),
+        "killed mid-run: {done_before} of {ITEMS} lines written"
+    );
+    let calls_before = up.chat_requests();
+
+    let out = judge().status().await.unwrap();
+    assert_eq!(out.code(), Some(0));
+    let ids: Vec<String> = std::fs::read_to_string(&output)
+        .unwrap()
+        .lines()
+        .map(|l| {
+            let v: serde_json::Value = serde_json::from_str(l).unwrap();
+            assert!(v["score"].is_number(), "{l}");
+            v["id"].as_str().unwrap().to_owned()
+        })
+        .collect();
+    let mut unique = ids.clone();
+    unique.sort();
+    unique.dedup();
+    assert_eq!(ids.len(), ITEMS, "one line per id");
+    assert_eq!(unique.len(), ITEMS, "no id twice");
+    // The second run judged what the first had not written, and nothing else.
+    assert_eq!(up.chat_requests() - calls_before, ITEMS - done_before);
+    // At most the items in flight at the kill were sent twice.
+    assert!(
+        up.chat_requests() <= ITEMS + CONCURRENCY,
+        "{}",
+        up.chat_requests()
     );
 }

@@ -42,7 +42,9 @@
 //! At most `concurrency` items are judged at once (default 64), whatever the entry point:
 //! [`Judge::judge_one`] waits for a slot. [`Judge::run_file`] streams: it reads the input
 //! lazily and appends each result as it completes (one write of the full line and its
-//! newline, then a flush), so memory stays flat and a `kill -9` loses only in-flight items.
+//! newline, then a flush), so a `kill -9` loses only in-flight items. Memory stays flat:
+//! the ids the run has met (for resume and duplicate detection) are kept in a temporary
+//! SQLite database, not in memory (the `seen` module).
 //! Re-run on the same output, it truncates a trailing partial line and skips every id
 //! already written. With `cache_path`, scored judgements are kept in SQLite and a re-run
 //! of the same items is served from it (`cached: true`, no upstream call, and zero
@@ -61,6 +63,7 @@ mod output;
 mod parse;
 mod reward;
 mod run;
+mod seen;
 
 use std::panic::AssertUnwindSafe;
 use std::path::PathBuf;
@@ -183,6 +186,10 @@ pub enum JudgeError {
         /// The SQLite error.
         source: rusqlite::Error,
     },
+    /// The temporary database of the run's ids (resume and duplicate detection) failed,
+    /// e.g. its disk is full. Lines written so far stay; a re-run resumes after them.
+    #[error("the run's id index (a temporary SQLite database) failed: {0}")]
+    SeenIds(rusqlite::Error),
     /// Reading the input or reading/writing the output failed.
     #[error("{}: {source}", path.display())]
     Io {

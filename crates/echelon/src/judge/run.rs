@@ -1,7 +1,5 @@
 //! [`Judge::run_file`]: JSONL in, JSONL out, streamed, resumable.
 
-use std::collections::HashMap;
-use std::collections::hash_map::Entry;
 use std::io::ErrorKind;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -14,6 +12,7 @@ use tokio::task::JoinSet;
 
 use super::item::{ItemId, JudgeItem};
 use super::output::Judgement;
+use super::seen::{Seen, SeenIds};
 use super::{Judge, JudgeError};
 
 /// [`RunSummary::bad_lines`] keeps this many bad lines (all are counted).
@@ -93,12 +92,6 @@ pub struct RunSummary {
     pub wall_time: Duration,
 }
 
-/// An id seen before in this run: in the old output, or on an input line.
-enum Seen {
-    Output,
-    Line(u64),
-}
-
 fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> JudgeError + '_ {
     move |source| JudgeError::Io {
         path: path.to_owned(),
@@ -112,7 +105,7 @@ struct IdOnly {
 }
 
 /// The ids of an existing output file; cuts off a trailing partial line.
-async fn resume(path: &Path, seen: &mut HashMap<String, Seen>) -> Result<(u64, bool), JudgeError> {
+async fn resume(path: &Path, seen: &mut SeenIds) -> Result<(u64, bool), JudgeError> {
     let file = match OpenOptions::new().read(true).write(true).open(path).await {
         Ok(f) => f,
         Err(e) if e.kind() == ErrorKind::NotFound => return Ok((0, false)),
@@ -152,7 +145,7 @@ async fn resume(path: &Path, seen: &mut HashMap<String, Seen>) -> Result<(u64, b
             serde_json::from_str(&text).map_err(|e| bad(format!("not a judgement line ({e})")))?;
         let id = ItemId::from_json(line.id)
             .ok_or_else(|| bad("its `id` is not a string or a number".to_owned()))?;
-        seen.insert(id.key(), Seen::Output);
+        seen.insert(&id.key(), Seen::Output)?;
         count += 1;
     }
     if partial {
@@ -312,7 +305,7 @@ impl Judge {
         progress: &(dyn Fn(&Progress) + Sync),
     ) -> Result<RunSummary, JudgeError> {
         let started = Instant::now();
-        let mut seen: HashMap<String, Seen> = HashMap::new();
+        let mut seen = SeenIds::new();
         let input_file = File::open(input).await.map_err(io_err(input))?;
         let (resumed, truncated) = resume(output, &mut seen).await?;
         let mut reader = BufReader::with_capacity(1 << 16, input_file);
@@ -370,21 +363,18 @@ impl Judge {
                     }
                     Line::Item(item) => item,
                 };
-                match seen.entry(item.id.key()) {
-                    Entry::Occupied(e) => {
-                        match e.get() {
-                            Seen::Output => tally.progress.skipped += 1,
-                            Seen::Line(first) => {
-                                let reason =
-                                    format!("duplicate id `{}` (first on line {first})", item.id);
-                                tally.bad_line(line_no, reason);
-                            }
-                        }
+                match seen.insert(&item.id.key(), Seen::Line(line_no))? {
+                    None => {}
+                    Some(Seen::Output) => {
+                        tally.progress.skipped += 1;
                         tally.report(tasks.len(), progress);
                         continue;
                     }
-                    Entry::Vacant(e) => {
-                        e.insert(Seen::Line(line_no));
+                    Some(Seen::Line(first)) => {
+                        let reason = format!("duplicate id `{}` (first on line {first})", item.id);
+                        tally.bad_line(line_no, reason);
+                        tally.report(tasks.len(), progress);
+                        continue;
                     }
                 }
                 let inner = Arc::clone(&self.inner);
