@@ -1,12 +1,13 @@
 //! The ids a [`Judge::run_file`](super::Judge::run_file) has met, and where: in the old
 //! output (resume skips them) or on an earlier input line (a duplicate is a bad line).
 //!
-//! A run must remember every id it has met, which a hash map in memory does at about
-//! 150 bytes per id: a million-line batch took 197 MB of RSS against 47 MB for a
-//! thousand lines. The ids live instead in a temporary SQLite database with an 8 MiB
-//! page cache, so memory stays flat however long the input is; SQLite deletes the file
-//! when the run ends. If no temporary database can be made (no writable temporary
-//! directory), the run falls back to memory and says so in a warning.
+//! A run must remember every id it has met, which a hash map does at about 150 bytes per
+//! id: a million-line batch took 197 MB of RSS against 47 MB for a thousand lines. So the
+//! ids start in a hash map, and past [`SPILL_AT`] of them move to a temporary SQLite
+//! database with an 8 MiB page cache, where memory stays flat however long the input is
+//! (SQLite deletes the file when the run ends). Small batches, the usual RL step, never
+//! pay for the database (opening it takes about 0.4 ms). If no temporary database can be
+//! made (no writable temporary directory), the ids stay in memory and a warning says so.
 
 use std::collections::HashMap;
 use std::collections::hash_map::Entry;
@@ -44,6 +45,8 @@ impl Seen {
 /// The ids met so far; see the module docs.
 pub(super) struct SeenIds {
     store: Store,
+    /// Whether to move to disk past [`SPILL_AT`] ids (off once that has failed).
+    spill: bool,
 }
 
 enum Store {
@@ -51,30 +54,27 @@ enum Store {
     Memory(HashMap<String, Seen>),
 }
 
+/// Ids kept in memory before they move to the temporary database: about 2.5 MB of map.
+pub(super) const SPILL_AT: usize = 16_384;
+
 /// Page cache of the temporary database (SQLite's `cache_size`, negative = KiB).
 const CACHE_KIB: i64 = 8 * 1024;
 
 impl SeenIds {
-    /// An empty set, on disk if SQLite can make a temporary database.
+    /// An empty set: in memory, moving to a temporary database past [`SPILL_AT`] ids.
     pub(super) fn new() -> SeenIds {
-        match open_disk() {
-            Ok(conn) => SeenIds {
-                store: Store::Disk(conn),
-            },
-            Err(error) => {
-                tracing::warn!(
-                    %error,
-                    "judge: no temporary database for the run's ids; keeping them in memory"
-                );
-                SeenIds::in_memory()
-            }
+        SeenIds {
+            store: Store::Memory(HashMap::new()),
+            spill: true,
         }
     }
 
-    /// An empty set in memory (for tests, and when no temporary database can be made).
-    pub(super) fn in_memory() -> SeenIds {
+    /// An empty set that stays in memory however many ids it holds (for tests).
+    #[cfg(test)]
+    fn in_memory() -> SeenIds {
         SeenIds {
             store: Store::Memory(HashMap::new()),
+            spill: false,
         }
     }
 
@@ -85,15 +85,49 @@ impl SeenIds {
     /// The temporary database failed (a full disk, say).
     pub(super) fn insert(&mut self, key: &str, at: Seen) -> Result<Option<Seen>, JudgeError> {
         match &mut self.store {
-            Store::Memory(map) => Ok(match map.entry(key.to_owned()) {
-                Entry::Occupied(e) => Some(*e.get()),
-                Entry::Vacant(e) => {
-                    e.insert(at);
-                    None
+            Store::Memory(map) => {
+                let first = match map.entry(key.to_owned()) {
+                    Entry::Occupied(e) => Some(*e.get()),
+                    Entry::Vacant(e) => {
+                        e.insert(at);
+                        None
+                    }
+                };
+                if self.spill && map.len() >= SPILL_AT {
+                    self.move_to_disk();
                 }
-            }),
+                Ok(first)
+            }
             Store::Disk(conn) => insert_disk(conn, key, at).map_err(JudgeError::SeenIds),
         }
+    }
+
+    /// Moves the ids in memory to a new temporary database; on failure keeps them in
+    /// memory for the rest of the run, with a warning.
+    fn move_to_disk(&mut self) {
+        self.spill = false;
+        let Store::Memory(map) = &mut self.store else {
+            return;
+        };
+        let moved = open_disk().and_then(|conn| {
+            for (key, at) in map.iter() {
+                insert_disk(&conn, key, *at)?;
+            }
+            Ok(conn)
+        });
+        match moved {
+            Ok(conn) => self.store = Store::Disk(conn),
+            Err(error) => tracing::warn!(
+                %error,
+                "judge: no temporary database for the run's ids; keeping them in memory"
+            ),
+        }
+    }
+
+    /// Whether the ids are in the temporary database.
+    #[cfg(test)]
+    fn on_disk(&self) -> bool {
+        matches!(self.store, Store::Disk(_))
     }
 }
 
@@ -150,23 +184,28 @@ mod tests {
     }
 
     #[test]
-    fn on_disk_and_in_memory_agree() {
-        let disk = SeenIds::new();
-        assert!(matches!(disk.store, Store::Disk(_)), "a temporary database");
-        check(disk);
+    fn in_memory_and_on_disk_agree() {
         check(SeenIds::in_memory());
+        let mut disk = SeenIds::new();
+        disk.move_to_disk();
+        assert!(disk.on_disk(), "a temporary database");
+        check(disk);
     }
 
     #[test]
-    fn many_ids_on_disk_stay_exact() {
+    fn past_the_threshold_ids_move_to_disk_and_stay_exact() {
         let mut ids = SeenIds::new();
-        for i in 0..50_000u64 {
+        let n = SPILL_AT as u64 * 3;
+        for i in 0..n {
+            assert!(!ids.on_disk() || i >= SPILL_AT as u64);
             assert_eq!(
                 ids.insert(&format!("id-{i}"), Seen::Line(i + 1)).unwrap(),
                 None
             );
         }
-        for i in (0..50_000u64).step_by(997) {
+        assert!(ids.on_disk());
+        // Ids from before and after the move are both found, with their first line.
+        for i in (0..n).step_by(997) {
             assert_eq!(
                 ids.insert(&format!("id-{i}"), Seen::Line(0)).unwrap(),
                 Some(Seen::Line(i + 1))
