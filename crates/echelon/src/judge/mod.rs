@@ -43,8 +43,8 @@
 //! [`Judge::judge_one`] waits for a slot. [`Judge::run_file`] streams: it reads the input
 //! lazily and appends each result as it completes (one write of the full line and its
 //! newline, then a flush), so a `kill -9` loses only in-flight items. Memory stays flat:
-//! past 16,384 ids, the ids the run has met (for resume and duplicate detection) move from
-//! memory to a temporary SQLite database (the `seen` module).
+//! the ids the run has met (for resume and duplicate detection) are kept in memory up to
+//! 16,384, then in a temporary SQLite database (the `seen` module).
 //! Re-run on the same output, it truncates a trailing partial line and skips every id
 //! already written. With `cache_path`, scored judgements are kept in SQLite and a re-run
 //! of the same items is served from it (`cached: true`, no upstream call, and zero
