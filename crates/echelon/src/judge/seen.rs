@@ -45,7 +45,7 @@ impl Seen {
 /// The ids met so far; see the module docs.
 pub(super) struct SeenIds {
     store: Store,
-    /// Whether to move to disk past [`SPILL_AT`] ids (off once that has failed).
+    /// Whether to move to disk past [`SPILL_AT`] ids (off once moved, or once that failed).
     spill: bool,
 }
 
@@ -55,7 +55,7 @@ enum Store {
 }
 
 /// Ids kept in memory before they move to the temporary database: about 2.5 MB of map.
-pub(super) const SPILL_AT: usize = 16_384;
+const SPILL_AT: usize = 16_384;
 
 /// Page cache of the temporary database (SQLite's `cache_size`, negative = KiB).
 const CACHE_KIB: i64 = 8 * 1024;
