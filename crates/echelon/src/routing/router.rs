@@ -461,12 +461,7 @@ impl Gateway {
         options: &CallOptions,
     ) -> Result<Completion, GatewayError> {
         req.stream = None;
-        let resolved = self.resolve(&req.model);
-        let route = resolved
-            .as_ref()
-            .map_or(req.model.as_str(), |(route, _)| route);
-        let meta = RequestMeta::new(options.request_id.as_deref(), route, false);
-        let plan = resolved.map(|(_, plan)| plan);
+        let (meta, plan) = self.begin(&req, options, false);
         match self.execute(plan, &req, false, options).await {
             Ok((Answer::Chat(response), model, attempts)) => {
                 let tokens = match &response.usage {
@@ -530,12 +525,7 @@ impl Gateway {
         req.stream_options
             .get_or_insert_with(Default::default)
             .include_usage = Some(true);
-        let resolved = self.resolve(&req.model);
-        let route = resolved
-            .as_ref()
-            .map_or(req.model.as_str(), |(route, _)| route);
-        let meta = RequestMeta::new(options.request_id.as_deref(), route, true);
-        let plan = resolved.map(|(_, plan)| plan);
+        let (meta, plan) = self.begin(&req, options, true);
         match self.execute(plan, &req, true, options).await {
             Ok((
                 Answer::Stream {
@@ -574,6 +564,23 @@ impl Gateway {
 
     /// The route a request names, and its plan: the route itself, or the
     /// `default_route` for the name `default` when no route has that name.
+    /// A request's usage header and its plan, from one lookup of its route: the record
+    /// names the route it resolved to (`default` names the default route), or the name
+    /// asked for when that resolves to nothing.
+    fn begin(
+        &self,
+        req: &ChatCompletionRequest,
+        options: &CallOptions,
+        stream: bool,
+    ) -> (RequestMeta, Result<&Plan, GatewayError>) {
+        let resolved = self.resolve(&req.model);
+        let route = resolved
+            .as_ref()
+            .map_or(req.model.as_str(), |(route, _)| route);
+        let meta = RequestMeta::new(options.request_id.as_deref(), route, stream);
+        (meta, resolved.map(|(_, plan)| plan))
+    }
+
     fn resolve(&self, name: &str) -> Result<(&str, &Plan), GatewayError> {
         let found = self.routes.get_key_value(name).or_else(|| {
             if name == DEFAULT_ROUTE_ALIAS {
