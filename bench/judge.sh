@@ -14,31 +14,9 @@ work="$(mktemp -d)"; pids=()
 cleanup() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; rm -rf "$work"; }
 trap cleanup EXIT
 
-target/release/echelon-testkit --port 0 --latency-ms "${LATENCY_MS:-50}" >"$work/up.out" 2>&1 & pids+=($!)
-for _ in $(seq 1 100); do grep -q 'listening on' "$work/up.out" && break; sleep 0.05; done
-up="$(sed -n 's/^listening on \(http[^ ]*\)$/\1/p' "$work/up.out")"
-# The upstream stands for a provider's long-running server: warm it up (its first
-# hundreds of connections, its allocator) with one round of C concurrent requests from
-# another process. The judge itself starts cold in every run.
-target/release/echelon probe --url "$up/v1" --model warmup --concurrency "$c" \
-  -n "$c" --warmup 0 >/dev/null
-cat >"$work/c.yaml" <<YAML
-providers:
-  up: { base_url: "$up/v1" }
-models:
-  judge-model: { provider: up, max_retries: 1 }
-task_groups:
-  judge: { echelon1: { models: [judge-model] } }
-usage: { ledger: false }
-YAML
-# The testkit echoes the rubric; this rubric makes it answer with a score line.
-printf 'Score: 7 for {response}\n' >"$work/rubric.txt"
-python3 - "$work/items.jsonl" "$n" <<'PY'
-import json, sys
-with open(sys.argv[1], "w") as f:
-    for i in range(int(sys.argv[2])):
-        f.write(json.dumps({"id": i, "prompt": f"question {i}", "response": f"answer {i}"}) + "\n")
-PY
+source "$root/bench/judge_common.sh"
+judge_upstream target/release/echelon-testkit target/release/echelon "${LATENCY_MS:-50}" "$c" "$work/c.yaml"
+judge_inputs "$n"
 head -5 "$work/items.jsonl" >"$work/five.jsonl"
 
 run() { # $1 = input, $2 = concurrency → the run's wall seconds (as the judge reports

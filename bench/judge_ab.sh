@@ -17,27 +17,10 @@ work="$(mktemp -d)"; pids=()
 cleanup() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; rm -rf "$work"; }
 trap cleanup EXIT
 
-printf 'Score: 7 for {response}\n' >"$work/rubric.txt"
-python3 - "$work/items.jsonl" <<'PY'
-import json, sys
-with open(sys.argv[1], "w") as f:
-    for i in range(2000):
-        f.write(json.dumps({"id": i, "prompt": f"question {i}", "response": f"answer {i}"}) + "\n")
-PY
+source "$(dirname "$0")/judge_common.sh"
+judge_inputs 2000
 for t in "${!testkits[@]}"; do
-  "${testkits[$t]}" --port 0 --latency-ms 50 >"$work/up$t.out" 2>&1 & pids+=($!)
-  for _ in $(seq 1 100); do grep -q 'listening on' "$work/up$t.out" && break; sleep 0.05; done
-  up="$(sed -n 's/^listening on \(http[^ ]*\)$/\1/p' "$work/up$t.out")"
-  "${judges[0]}" probe --url "$up/v1" --model warmup --concurrency 256 -n 256 --warmup 0 >/dev/null
-  cat >"$work/c$t.yaml" <<YAML
-providers:
-  up: { base_url: "$up/v1" }
-models:
-  judge-model: { provider: up, max_retries: 1 }
-task_groups:
-  judge: { echelon1: { models: [judge-model] } }
-usage: { ledger: false }
-YAML
+  judge_upstream "${testkits[$t]}" "${judges[0]}" 50 256 "$work/c$t.yaml"
 done
 
 for _ in $(seq 1 "$n"); do
