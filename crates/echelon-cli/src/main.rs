@@ -222,14 +222,14 @@ enum ConfigCommand {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    // Before any thread exists (see the module): the judge's and the probe's
-    // connections, a server's clients and upstreams.
+    // Before any thread exists (`echelon_socket::reserve_descriptors` says why): the
+    // judge's and the probe's connections, a server's clients and upstreams.
     let connections = match &cli.command {
         Command::Judge { args, .. } => args.concurrency,
         Command::Probe(args) => args.concurrency,
         _ => 0,
     };
-    descriptors::reserve(descriptors::for_connections(connections));
+    echelon_socket::reserve_descriptors(descriptors::for_connections(connections));
     init_tracing(cli.log_format);
     match cli.command {
         Command::Config(ConfigCommand::Validate { path }) => validate(&path),

@@ -95,48 +95,8 @@ pub fn router(gateway: Arc<Gateway>, options: &ServerOptions) -> Router {
         .with_state(state)
 }
 
-/// The backlog [`bind`] asks for: how many connections the kernel completes and queues
-/// for the accept loop. Linux caps it at `net.core.somaxconn` (4,096 by default since
-/// Linux 5.4).
-pub const LISTEN_BACKLOG: u32 = 4096;
-
-/// A listener for [`serve`] on `addr` (the first of its addresses that binds), with
-/// `SO_REUSEADDR` on Unix and a backlog of [`LISTEN_BACKLOG`].
-///
-/// Not `tokio::net::TcpListener::bind`: that listens with a backlog of 128 (the value
-/// mio copies from the standard library). When more clients connect at once than the
-/// accept loop has taken, Linux drops their SYNs, or the ACKs that complete their
-/// handshakes, and counts `ListenOverflows` (`nstat`); the clients try again only after
-/// a second. A batch client opening 256 connections at once hit that.
-///
-/// # Errors
-/// `addr` does not resolve, or no address of it can be bound.
-pub async fn bind(addr: impl tokio::net::ToSocketAddrs) -> std::io::Result<TcpListener> {
-    let mut last = None;
-    for addr in tokio::net::lookup_host(addr).await? {
-        let socket = if addr.is_ipv4() {
-            tokio::net::TcpSocket::new_v4()?
-        } else {
-            tokio::net::TcpSocket::new_v6()?
-        };
-        // As mio does: on Windows the option would let another socket take the port.
-        #[cfg(unix)]
-        socket.set_reuseaddr(true)?;
-        match socket
-            .bind(addr)
-            .and_then(|()| socket.listen(LISTEN_BACKLOG))
-        {
-            Ok(listener) => return Ok(listener),
-            Err(e) => last = Some(e),
-        }
-    }
-    Err(last.unwrap_or_else(|| {
-        std::io::Error::new(
-            std::io::ErrorKind::InvalidInput,
-            "the address resolved to nothing",
-        )
-    }))
-}
+/// A listener for [`serve`]: backlog 4,096, not tokio's 128 (see `echelon_socket`).
+pub use echelon_socket::{LISTEN_BACKLOG, bind};
 
 /// Serves `app` on `listener` until `shutdown` resolves, then stops accepting and lets
 /// in-flight requests (streams included) finish.
@@ -184,43 +144,5 @@ pub async fn shutdown_signal() {
     tokio::select! {
         () = ctrl_c => tracing::info!("SIGINT received: finishing in-flight requests"),
         () = term => tracing::info!("SIGTERM received: finishing in-flight requests"),
-    }
-}
-
-#[cfg(test)]
-#[allow(clippy::unwrap_used)]
-mod tests {
-    use std::time::Duration;
-
-    use tokio::net::TcpStream;
-
-    /// 300 clients connect to a listener that accepts none of them. With the backlog of
-    /// 128 that `TcpListener::bind` gives, the kernel drops every SYN after the 129th and
-    /// those connects hang; with [`super::bind`]'s they all complete.
-    #[tokio::test]
-    async fn bind_queues_hundreds_of_connections_before_any_accept() {
-        const CLIENTS: usize = 300;
-        let somaxconn: usize = std::fs::read_to_string("/proc/sys/net/core/somaxconn")
-            .ok()
-            .and_then(|s| s.trim().parse().ok())
-            .unwrap_or(0);
-        if somaxconn < CLIENTS {
-            eprintln!("skipped: net.core.somaxconn is {somaxconn}, below {CLIENTS}");
-            return;
-        }
-        let listener = super::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
-        let mut held = Vec::new();
-        for i in 0..CLIENTS {
-            // A liveness bound, not a speed figure: a dropped SYN is retried after 1 s,
-            // then 3 s, and never gets in while nothing is accepted.
-            let stream = tokio::time::timeout(Duration::from_secs(5), TcpStream::connect(addr))
-                .await
-                .unwrap_or_else(|_| panic!("connection {i} was not queued"))
-                .unwrap();
-            held.push(stream);
-        }
-        assert_eq!(held.len(), CLIENTS);
-        drop(listener);
     }
 }

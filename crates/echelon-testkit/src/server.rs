@@ -190,34 +190,6 @@ impl State {
     }
 }
 
-/// A listener on `addr` with a backlog of 4,096, not the 128 of
-/// `TcpListener::bind`: a client opening hundreds of connections at once (the judge
-/// benchmark opens 256) overflowed it, and each connection caught in the overflow
-/// waited for a retransmission. Echelon's server binds the same way
-/// (`echelon_server::bind`, which has the details).
-pub(crate) async fn bind(addr: impl tokio::net::ToSocketAddrs) -> std::io::Result<TcpListener> {
-    let mut last = None;
-    for addr in tokio::net::lookup_host(addr).await? {
-        let socket = if addr.is_ipv4() {
-            tokio::net::TcpSocket::new_v4()?
-        } else {
-            tokio::net::TcpSocket::new_v6()?
-        };
-        #[cfg(unix)]
-        socket.set_reuseaddr(true)?;
-        match socket.bind(addr).and_then(|()| socket.listen(4096)) {
-            Ok(listener) => return Ok(listener),
-            Err(e) => last = Some(e),
-        }
-    }
-    Err(last.unwrap_or_else(|| {
-        std::io::Error::new(
-            std::io::ErrorKind::InvalidInput,
-            "the address resolved to nothing",
-        )
-    }))
-}
-
 /// Accepts connections until `stop` fires (or its sender is dropped), then
 /// closes the listener and every open connection.
 pub(crate) async fn serve(
