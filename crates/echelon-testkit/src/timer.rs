@@ -191,10 +191,17 @@ mod tests {
 
     #[tokio::test]
     async fn a_dropped_wait_does_not_stop_the_others() {
+        // A wait shorter than the hand-over goes to the timer thread at its first poll;
+        // let it get there, then drop it, so the thread holds a sender nobody awaits.
         let dropped = tokio::spawn(sleep(Duration::from_millis(2)));
+        tokio::task::yield_now().await;
+        tokio::time::sleep(Duration::from_millis(1)).await;
         dropped.abort();
         let started = Instant::now();
-        sleep(Duration::from_millis(5)).await;
+        // A lost wake-up would hang here; the bound turns that into a failure.
+        tokio::time::timeout(Duration::from_secs(5), sleep(Duration::from_millis(5)))
+            .await
+            .unwrap_or_else(|_| panic!("a wait after a dropped one never ended"));
         assert!(started.elapsed() >= Duration::from_millis(5));
     }
 }
