@@ -157,13 +157,13 @@ async fn resume(path: &Path, seen: &mut SeenIds) -> Result<(u64, bool), JudgeErr
     Ok((count, partial))
 }
 
-/// Writes one line, its newline included, in one `write_all`, then flushes.
-/// Appends one complete line with a single `write` to the file (no user-space buffer, so
-/// nothing is held back). A plain blocking write on purpose: writing a line to the page
-/// cache takes microseconds, while handing each line to tokio's blocking pool (as
-/// `tokio::fs` does) cost a thread hand-off per item and a tenth of the batch's wall time.
-/// Appends the lines of completed items (each ends with `\n`) in one write, then flushes.
-/// A kill can leave at most the last line partial, which [`resume`] cuts off and redoes.
+/// Appends the lines of completed items (each ends with `\n`) in one `write_all` to the
+/// file (no user-space buffer, so nothing is held back), then flushes. A kill can leave at
+/// most the last line partial, which [`resume`] cuts off and redoes.
+///
+/// A plain blocking write on purpose: writing to the page cache takes microseconds, while
+/// handing each write to tokio's blocking pool (as `tokio::fs` does) cost a thread
+/// hand-off per item and a tenth of the batch's wall time.
 fn append(
     out: &mut std::fs::File,
     lines: &[(Judgement, String)],
