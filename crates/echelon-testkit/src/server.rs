@@ -77,36 +77,26 @@ pub(crate) struct State {
     served: Mutex<Vec<ServedCount>>,
 }
 
-/// Counts one unit of a gauge for as long as it lives.
-struct Gauge<'a>(&'a AtomicUsize);
+/// One unit of one of [`State`]'s gauges, counted for as long as this lives. It owns
+/// its `State`, so that a response body can carry it until hyper drops the body.
+struct Held {
+    state: Arc<State>,
+    gauge: fn(&State) -> &AtomicUsize,
+}
 
-impl<'a> Gauge<'a> {
-    fn up(gauge: &'a AtomicUsize) -> Gauge<'a> {
-        gauge.fetch_add(1, Ordering::SeqCst);
-        Gauge(gauge)
+impl Held {
+    fn up(state: &Arc<State>, gauge: fn(&State) -> &AtomicUsize) -> Held {
+        gauge(state).fetch_add(1, Ordering::SeqCst);
+        Held {
+            state: Arc::clone(state),
+            gauge,
+        }
     }
 }
 
-impl Drop for Gauge<'_> {
+impl Drop for Held {
     fn drop(&mut self) {
-        self.0.fetch_sub(1, Ordering::SeqCst);
-    }
-}
-
-/// [`State::active_requests`] held by an owned handle, so that a response body
-/// can carry it until hyper drops the body.
-struct Active(Arc<State>);
-
-impl Active {
-    fn new(state: &Arc<State>) -> Active {
-        state.active_requests.fetch_add(1, Ordering::SeqCst);
-        Active(Arc::clone(state))
-    }
-}
-
-impl Drop for Active {
-    fn drop(&mut self) {
-        self.0.active_requests.fetch_sub(1, Ordering::SeqCst);
+        (self.gauge)(&self.state).fetch_sub(1, Ordering::SeqCst);
     }
 }
 
@@ -219,9 +209,8 @@ pub(crate) async fn serve(
 }
 
 async fn serve_connection(stream: TcpStream, state: Arc<State>) {
-    let gauges = Arc::clone(&state);
-    gauges.connections.fetch_add(1, Ordering::SeqCst);
-    let _open = Gauge::up(&gauges.open_connections);
+    state.connections.fetch_add(1, Ordering::SeqCst);
+    let _open = Held::up(&state, |s| &s.open_connections);
     let _ = stream.set_nodelay(true);
     let stream = ResettableStream {
         stream,
@@ -293,7 +282,7 @@ async fn handle(
         (&Method::POST, "/v1/chat/completions") => {
             // Counted until the handler is dropped (a stall ends when hyper drops
             // it with the connection) or, once it answered, until the body is.
-            let active = Active::new(&state);
+            let active = Held::up(&state, |s| &s.active_requests);
             let resp = chat(&state, &reset, req).await?;
             Ok(resp.map(move |body| {
                 body.map_frame(move |frame| {
