@@ -10,11 +10,8 @@ cd "$root"
 n="${1:-2000}" c="${2:-256}"
 cargo build --release -q -p echelon-cli -p echelon-testkit
 
-work="$(mktemp -d)"; pids=()
-cleanup() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; rm -rf "$work"; }
-trap cleanup EXIT
+source "$root/bench/common.sh"
 
-source "$root/bench/judge_common.sh"
 judge_upstream target/release/echelon-testkit target/release/echelon "${LATENCY_MS:-50}" "$c" "$work/c.yaml"
 judge_inputs "$n"
 head -5 "$work/items.jsonl" >"$work/five.jsonl"

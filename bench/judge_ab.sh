@@ -13,11 +13,8 @@ n="${1:?runs}"
 IFS=, read -ra judges <<<"${2:?echelon binaries}"
 IFS=, read -ra testkits <<<"${3:?testkit binaries}"
 
-work="$(mktemp -d)"; pids=()
-cleanup() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; rm -rf "$work"; }
-trap cleanup EXIT
+source "$(dirname "$0")/common.sh"
 
-source "$(dirname "$0")/judge_common.sh"
 judge_inputs 2000
 for t in "${!testkits[@]}"; do
   judge_upstream "${testkits[$t]}" "${judges[0]}" 50 256 "$work/c$t.yaml"

@@ -34,16 +34,7 @@ command -v wrk >/dev/null || { sudo_cmd=""; [ "$(id -u)" -ne 0 ] && sudo_cmd=sud
 cargo build --release -q -p echelon-cli -p echelon-testkit
 bin="$root/target/release"
 
-work="$(mktemp -d)"; pids=()
-cleanup() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; rm -rf "$work"; }
-trap cleanup EXIT
-wait_url() { # $1 = output file → the URL it announces
-  for _ in $(seq 1 200); do
-    grep -q 'listening on' "$1" && { sed -n 's/.*listening on \(http[^ ]*\)$/\1/p' "$1"; return; }
-    sleep 0.05
-  done
-  cat "$1" >&2; exit 1
-}
+source "$root/bench/common.sh"
 
 "$bin/echelon-testkit" --port 0 >"$work/up0.out" 2>&1 & pids+=($!); up0_pid=$!
 "$bin/echelon-testkit" --port 0 --latency-ms 50 >"$work/up50.out" 2>&1 & pids+=($!)

@@ -16,15 +16,11 @@ secs="${1:-10}" rounds="${2:-3}" conns="${3:-50}"
 command -v wrk >/dev/null || { sudo_cmd=""; [ "$(id -u)" -ne 0 ] && sudo_cmd=sudo; $sudo_cmd apt-get install -y -qq wrk >/dev/null; }
 cargo build --release -q -p echelon-cli -p echelon-testkit
 
-work="$(mktemp -d)"; pids=()
-cleanup() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; rm -rf "$work"; }
-trap cleanup EXIT
+source "$root/bench/common.sh"
 
-wait_line() { for _ in $(seq 1 100); do grep -q 'listening on' "$1" && return; sleep 0.05; done; cat "$1" >&2; exit 1; }
 
 target/release/echelon-testkit --port 0 >"$work/up.out" 2>&1 & pids+=($!)
-wait_line "$work/up.out"
-up="$(sed -n 's/^listening on \(http[^ ]*\)$/\1/p' "$work/up.out")"
+up="$(wait_url "$work/up.out")"
 
 write_config() { # $1 = file, $2 = on|off|ledger|metrics (what is on)
   local usage="usage: { ledger: false }" metrics=false
@@ -59,8 +55,7 @@ for round in $(seq 1 "$rounds"); do
   for setting in $settings; do
     write_config "$work/$setting.yaml" "$setting"
     target/release/echelon serve --config "$work/$setting.yaml" --port 0 >"$work/gw.out" 2>"$work/gw.err" & gw=$!
-    wait_line "$work/gw.out"
-    gw_url="$(sed -n 's/^echelon listening on \(http[^ ]*\)$/\1/p' "$work/gw.out")"
+    gw_url="$(wait_url "$work/gw.out")"
     wrk -t2 -c"$conns" -d2s -s "$work/post.lua" "$gw_url/v1/chat/completions" >/dev/null # warm-up
     rps="$(wrk -t2 -c"$conns" -d"${secs}s" -s "$work/post.lua" "$gw_url/v1/chat/completions" | awk '/Requests\/sec/ {print $2}')"
     kill -TERM "$gw"; wait "$gw" || true

@@ -1,5 +1,19 @@
-# Shared by bench/judge.sh and bench/judge_ab.sh (sourced, not run). Both expect `work`
-# (a scratch directory) and `pids` (an array their EXIT trap kills) to be set.
+# Sourced by the bench scripts, not run: a scratch directory `work` and the background
+# processes in `pids`, both cleaned up on exit, and the helpers below.
+
+work="$(mktemp -d)"; pids=()
+cleanup() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; rm -rf "$work"; }
+trap cleanup EXIT
+
+# wait_url FILE: the URL a server announces in FILE ("listening on http://…"), once it
+# has; shows FILE and exits when it never does.
+wait_url() {
+  for _ in $(seq 1 200); do
+    grep -q 'listening on' "$1" && { sed -n 's/.*listening on \(http[^ ]*\)$/\1/p' "$1"; return; }
+    sleep 0.05
+  done
+  cat "$1" >&2; exit 1
+}
 
 # judge_inputs N: $work/rubric.txt and N items in $work/items.jsonl.
 judge_inputs() {
@@ -23,9 +37,8 @@ judge_upstream() {
   local testkit="$1" echelon="$2" latency="$3" c="$4" config="$5"
   local log="$config.upstream"
   "$testkit" --port 0 --latency-ms "$latency" >"$log" 2>&1 & pids+=($!)
-  for _ in $(seq 1 100); do grep -q 'listening on' "$log" && break; sleep 0.05; done
   local up
-  up="$(sed -n 's/^listening on \(http[^ ]*\)$/\1/p' "$log")"
+  up="$(wait_url "$log")"
   "$echelon" probe --url "$up/v1" --model warmup --concurrency "$c" -n "$c" --warmup 0 >/dev/null
   cat >"$config" <<YAML
 providers:
