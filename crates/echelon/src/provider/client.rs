@@ -29,11 +29,11 @@ pub struct Timeouts {
 #[derive(Debug, Clone)]
 pub struct OpenAiClient {
     http: reqwest::Client,
-    url: String,
-    /// `url`, parsed once: reqwest would parse the string again for every request
-    /// (about 7,000 instructions, a twentieth of a judged item's). `None` when it does
-    /// not parse; each request then fails as reqwest reports it.
-    parsed: Option<reqwest::Url>,
+    /// `{base_url}/chat/completions`, parsed once: reqwest would parse a string again
+    /// for every request (about 7,000 instructions, a twentieth of a judged item's).
+    /// `Err` holds a URL that does not parse; each request then fails as reqwest
+    /// reports it.
+    endpoint: Result<reqwest::Url, String>,
     timeouts: Timeouts,
 }
 
@@ -97,15 +97,17 @@ impl OpenAiClient {
         let url = format!("{}/chat/completions", base_url.trim_end_matches('/'));
         OpenAiClient {
             http,
-            parsed: reqwest::Url::parse(&url).ok(),
-            url,
+            endpoint: reqwest::Url::parse(&url).map_err(|_| url),
             timeouts,
         }
     }
 
     /// The endpoint URL.
     pub fn url(&self) -> &str {
-        &self.url
+        match &self.endpoint {
+            Ok(url) => url.as_str(),
+            Err(raw) => raw,
+        }
     }
 
     /// The attempt timeouts.
@@ -118,9 +120,9 @@ impl OpenAiClient {
         key: Option<&ApiKey>,
         body: &ChatCompletionRequest,
     ) -> reqwest::RequestBuilder {
-        let mut req = match &self.parsed {
-            Some(url) => self.http.post(url.clone()),
-            None => self.http.post(&self.url),
+        let mut req = match &self.endpoint {
+            Ok(url) => self.http.post(url.clone()),
+            Err(raw) => self.http.post(raw),
         }
         .json(body);
         if let Some(key) = key {
