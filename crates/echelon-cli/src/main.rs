@@ -714,7 +714,7 @@ fn attempt_line(a: &Attempt) -> String {
         a.model,
         a.provider,
         a.key_id.as_deref().unwrap_or("-"),
-        a.error_kind,
+        a.outcome,
         a.status.map(|s| format!(" HTTP {s}")).unwrap_or_default(),
         a.latency_ms,
         if a.message.is_empty() {

@@ -35,8 +35,8 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, Instant};
 
-use echelon::routing::SKIP_KINDS;
 use echelon_testkit::{Behavior, FaultPlan, TestUpstream, UpstreamOptions};
+use echelon_types::Outcome as AttemptOutcome;
 use futures::StreamExt;
 use serde_json::{Value, json};
 
@@ -706,7 +706,10 @@ fn ledger_counts(path: &Path) -> LedgerCounts {
         .unwrap();
     for row in rows {
         let (model, kind, n) = row.unwrap();
-        if !SKIP_KINDS.contains(&kind.as_str()) {
+        if kind
+            .parse::<AttemptOutcome>()
+            .is_ok_and(AttemptOutcome::is_call)
+        {
             *calls.entry(model.clone()).or_default() += n;
         }
         kinds.insert(format!("{model}:{kind}"), n);

@@ -44,7 +44,7 @@ pub(crate) fn put_attempts(headers: &mut HeaderMap, attempts: &[Attempt]) {
             format!(
                 "{}:{}:{}:{}ms",
                 a.model,
-                a.error_kind,
+                a.outcome,
                 a.status.map_or_else(|| "-".to_owned(), |s| s.to_string()),
                 a.latency_ms
             )

@@ -279,7 +279,7 @@ fn attempt(model: &str, kind: &str, latency_ms: u64) -> AttemptRecord {
             "server_error" => Some(500),
             _ => None,
         },
-        error_kind: kind.into(),
+        outcome: kind.parse().unwrap(),
         latency_ms,
         prompt_tokens: 0,
         completion_tokens: 0,

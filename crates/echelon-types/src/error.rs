@@ -2,7 +2,7 @@
 
 use serde::{Deserialize, Serialize};
 
-use crate::Extra;
+use crate::{Extra, Outcome};
 
 /// `{"error": {...}}`: what every failed request receives (DESIGN.md §4).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -79,9 +79,11 @@ pub struct Attempt {
     /// HTTP status the provider answered, if it answered.
     #[serde(default)]
     pub status: Option<u16>,
-    /// Error class: `timeout`, `connect`, `rate_limited`, `server_error`, `auth`,
-    /// `bad_request`, `context_length`, `stream_cut`, `malformed`, … (`ok` on success).
-    pub error_kind: String,
+    /// What became of it: `ok`, a failure kind (`timeout`, `connect`, `rate_limited`,
+    /// `server_error`, …) or a skip reason (`circuit_open`, `token_bucket`, …); on the
+    /// wire the field is `error_kind`.
+    #[serde(rename = "error_kind")]
+    pub outcome: Outcome,
     /// The provider's message or the local reason, trimmed.
     #[serde(default)]
     pub message: String,

@@ -10,6 +10,7 @@
 
 mod chat;
 mod error;
+mod outcome;
 mod request_check;
 mod stream;
 
@@ -17,6 +18,7 @@ pub use chat::{
     ChatCompletion, ChatCompletionRequest, ChatMessage, Choice, Role, StreamOptions, Usage,
 };
 pub use error::{Attempt, ErrorBody, ErrorObject};
+pub use outcome::{ErrorKind, Outcome, SkipReason, UnknownOutcome};
 pub use request_check::{RequestError, parse_request};
 pub use stream::{ChatCompletionChunk, ChunkChoice, Delta};
 

@@ -159,7 +159,7 @@ fn sample_record(i: u64) -> echelon::usage::record::RequestRecord {
             provider: "openai".into(),
             key_id: Some("9f86d081".into()),
             status: Some(200),
-            error_kind: "ok".into(),
+            outcome: echelon_types::Outcome::Ok,
             latency_ms: 229,
             prompt_tokens: 120,
             completion_tokens: 40,

@@ -54,7 +54,7 @@ async fn pair() -> (TestUpstream, TestUpstream) {
 fn kinds(e: &GatewayError) -> Vec<(String, String)> {
     e.attempts()
         .iter()
-        .map(|a| (a.model.clone(), a.error_kind.clone()))
+        .map(|a| (a.model.clone(), a.outcome.to_string()))
         .collect()
 }
 
@@ -67,7 +67,7 @@ async fn healthy_primary_answers_and_sends_the_upstream_model_name() {
     assert_eq!(done.response.model, "alias-a");
     assert_eq!(done.response.first_text(), Some("echo: hello there"));
     assert_eq!(done.attempts.len(), 1);
-    assert_eq!(done.attempts[0].error_kind, "ok");
+    assert_eq!(done.attempts[0].outcome, "ok");
     assert_eq!(b.chat_requests(), 0);
     let sent = a.recorded();
     assert_eq!(sent[0].body.as_ref().unwrap()["model"], "up-a");
@@ -89,7 +89,7 @@ async fn server_errors_are_retried_then_fail_over_to_the_next_echelon() {
     let k: Vec<_> = done
         .attempts
         .iter()
-        .map(|a| (a.model.as_str(), a.error_kind.as_str(), a.status))
+        .map(|a| (a.model.as_str(), a.outcome.as_str(), a.status))
         .collect();
     assert_eq!(
         k,
@@ -118,7 +118,7 @@ async fn retry_after_is_honoured_on_429() {
         started.elapsed() >= Duration::from_secs(1),
         "waited for Retry-After"
     );
-    assert_eq!(done.attempts[0].error_kind, "rate_limited");
+    assert_eq!(done.attempts[0].outcome, "rate_limited");
     assert_eq!(b.chat_requests(), 0);
 }
 
@@ -143,12 +143,12 @@ async fn stall_times_out_and_cut_connection_fails_over() {
     let gw = gateway(&a, &b, "max_retries: 0, timeout: 0.3");
     let done = gw.chat(request("grp")).await.unwrap();
     assert_eq!(done.model, "b");
-    assert_eq!(done.attempts[0].error_kind, "timeout");
+    assert_eq!(done.attempts[0].outcome, "timeout");
 
     a.set_behavior(Behavior::CutConnection);
     let done = gw.chat(request("grp")).await.unwrap();
     assert_eq!(done.model, "b");
-    assert_eq!(done.attempts[0].error_kind, "connect");
+    assert_eq!(done.attempts[0].outcome, "connect");
     assert_eq!(done.attempts[0].status, None);
 }
 
@@ -173,7 +173,7 @@ task_groups:
     let done = gw.chat(request("grp")).await.unwrap();
     assert_eq!(done.model, "b");
     assert_eq!(a.chat_requests(), 1, "401 is not retried");
-    assert_eq!(done.attempts[0].error_kind, "auth");
+    assert_eq!(done.attempts[0].outcome, "auth");
     assert_eq!(done.attempts[0].status, Some(401));
     let id = done.attempts[0].key_id.clone().unwrap();
     assert_eq!(id, echelon::key::key_id("wrong-key"));
@@ -322,7 +322,7 @@ async fn collect_stream(
     let attempts = s
         .attempts()
         .iter()
-        .map(|a| (a.model.clone(), a.error_kind.clone()))
+        .map(|a| (a.model.clone(), a.outcome.to_string()))
         .collect();
     (text, attempts, err)
 }

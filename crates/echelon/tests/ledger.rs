@@ -3,6 +3,8 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+use echelon_types::{ErrorKind, Outcome};
+
 use std::collections::BTreeMap;
 use std::path::Path;
 use std::time::Duration;
@@ -51,12 +53,12 @@ fn record(i: u64) -> RequestRecord {
             } else {
                 Some(503)
             },
-            error_kind: if ok {
-                "ok".to_owned()
+            outcome: if ok {
+                Outcome::Ok
             } else if seq == 2 {
-                "timeout".to_owned()
+                Outcome::Failed(ErrorKind::Timeout)
             } else {
-                "server_error".to_owned()
+                Outcome::Failed(ErrorKind::ServerError)
             },
             latency_ms: 5 + seq,
             prompt_tokens: prompt,
@@ -65,7 +67,7 @@ fn record(i: u64) -> RequestRecord {
             estimated: ok && i.is_multiple_of(5),
         });
     }
-    let answered = attempts.last().filter(|a| a.error_kind == "ok");
+    let answered = attempts.last().filter(|a| a.outcome == Outcome::Ok);
     RequestRecord {
         request_id: format!("req-{i}"),
         started_at_unix_ms: BASE_MS + (i % 3) * DAY_MS + i * 1000,
@@ -127,7 +129,7 @@ fn expected(records: &[RequestRecord], by: GroupBy) -> Vec<UsageRow> {
                         .entry(key.clone())
                         .or_insert_with(|| UsageRow::empty(key.clone()));
                     row.attempts += 1;
-                    row.failures += u64::from(a.error_kind != "ok");
+                    row.failures += u64::from(a.outcome != Outcome::Ok);
                     row.prompt_tokens += a.prompt_tokens;
                     row.completion_tokens += a.completion_tokens;
                     row.cost_usd += a.cost_usd;
@@ -513,7 +515,7 @@ fn usage_summary_matches_seed_000_pricing() {
                 provider: "openai".to_owned(),
                 key_id: Some("ab12".to_owned()),
                 status: Some(200),
-                error_kind: "ok".to_owned(),
+                outcome: Outcome::Ok,
                 latency_ms: 10,
                 prompt_tokens: prompt,
                 completion_tokens: completion,

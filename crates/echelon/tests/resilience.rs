@@ -156,7 +156,7 @@ async fn an_rpm_bucket_skips_the_model_then_429s_when_nothing_can_take_it() {
     }
     let done = gw.chat(request("grp")).await.unwrap();
     assert_eq!(done.model, "b", "a's bucket is empty: skipped");
-    assert_eq!(done.attempts[0].error_kind, "token_bucket");
+    assert_eq!(done.attempts[0].outcome, "token_bucket");
     assert_eq!(a.chat_requests(), 2);
     let bucket = &model_state(&gw, "a")["buckets"][0];
     assert_eq!(bucket["name"], "rpm_limit");
@@ -183,7 +183,7 @@ async fn a_tpm_bucket_reserves_prompt_plus_max_tokens_and_refunds_the_rest() {
     req.max_tokens = Some(500);
     let e = gw.chat(req).await.unwrap_err();
     assert_eq!(e.status(), 429);
-    assert_eq!(e.attempts()[0].error_kind, "token_bucket");
+    assert_eq!(e.attempts()[0].outcome, "token_bucket");
     assert_eq!(a.chat_requests(), 4);
 }
 
@@ -207,7 +207,7 @@ async fn a_concurrency_limit_sends_the_overflow_to_the_next_echelon() {
     assert_eq!(model_state(&gw, "a")["in_flight"], 1);
     let second = gw.chat(request("grp")).await.unwrap();
     assert_eq!(second.model, "b");
-    assert_eq!(second.attempts[0].error_kind, "concurrency");
+    assert_eq!(second.attempts[0].outcome, "concurrency");
     assert_eq!(first.await.unwrap(), "a");
     assert_eq!(model_state(&gw, "a")["in_flight"], 0);
 }
@@ -231,7 +231,7 @@ async fn the_breaker_opens_skips_then_half_opens_and_closes() {
     }
     assert_eq!(model_state(&gw, "a")["breaker"]["state"], "open");
     let done = gw.chat(request("grp")).await.unwrap();
-    assert_eq!(done.attempts[0].error_kind, "circuit_open");
+    assert_eq!(done.attempts[0].outcome, "circuit_open");
     assert_eq!(a.chat_requests(), 2, "an open breaker sends nothing");
 
     tokio::time::sleep(Duration::from_millis(350)).await;

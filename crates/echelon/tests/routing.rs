@@ -48,7 +48,7 @@ fn gateway(ups: &[TestUpstream], rest: &str) -> Arc<Gateway> {
 fn tried(attempts: &[echelon_types::Attempt]) -> Vec<(String, String)> {
     attempts
         .iter()
-        .map(|a| (a.model.clone(), a.error_kind.clone()))
+        .map(|a| (a.model.clone(), a.outcome.to_string()))
         .collect()
 }
 
@@ -156,7 +156,7 @@ async fn models_whose_window_is_too_small_are_skipped_before_sending() {
     )];
     let done = gw.chat(req).await.unwrap();
     assert_eq!(done.model, "m1");
-    assert_eq!(done.attempts[0].error_kind, "context_window");
+    assert_eq!(done.attempts[0].outcome, "context_window");
     assert!(
         done.attempts[0]
             .message

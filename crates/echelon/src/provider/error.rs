@@ -2,54 +2,7 @@
 
 use std::time::Duration;
 
-/// The class of a failed provider call (DESIGN.md §4).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum ErrorKind {
-    /// Connect, time to first token, chunk gap or total timeout fired.
-    Timeout,
-    /// The TCP/TLS connection failed or was reset before an answer.
-    Connect,
-    /// HTTP 429.
-    RateLimited,
-    /// HTTP 5xx.
-    ServerError,
-    /// HTTP 401/403: the key is refused.
-    Auth,
-    /// HTTP 404: the provider does not know the model or path (a config problem).
-    NotFound,
-    /// The prompt does not fit the model's context window.
-    ContextLength,
-    /// Any other 4xx: the request itself is at fault.
-    BadRequest,
-    /// A 2xx whose body or SSE stream could not be parsed.
-    Malformed,
-    /// The stream ended (or the connection dropped) before `[DONE]` / a finish reason.
-    StreamCut,
-}
-
-impl ErrorKind {
-    /// The label used in `attempts[].error_kind`, logs and metrics.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            ErrorKind::Timeout => "timeout",
-            ErrorKind::Connect => "connect",
-            ErrorKind::RateLimited => "rate_limited",
-            ErrorKind::ServerError => "server_error",
-            ErrorKind::Auth => "auth",
-            ErrorKind::NotFound => "not_found",
-            ErrorKind::ContextLength => "context_length",
-            ErrorKind::BadRequest => "bad_request",
-            ErrorKind::Malformed => "malformed",
-            ErrorKind::StreamCut => "stream_cut",
-        }
-    }
-}
-
-impl std::fmt::Display for ErrorKind {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(self.as_str())
-    }
-}
+pub use echelon_types::ErrorKind;
 
 /// A failed provider call.
 ///

@@ -3,6 +3,7 @@
 //!
 //! Each unit has one job and is usable and testable alone.
 
+pub mod admission;
 pub mod breaker;
 pub mod concurrency;
 pub mod key_pool;

@@ -1,22 +1,23 @@
-//! The attempts on one model for one request: the resilience units in order
-//! (breaker → token buckets → concurrency limits → key pool), the call, and what its
-//! outcome means (retry with backoff, next key, next model, or stop).
+//! The attempts on one model for one request: the retry and backoff policy around
+//! "admit each step, call, report" (DESIGN.md §4 "Which errors move on").
 
 use std::collections::VecDeque;
 use std::sync::Arc;
 use std::time::Duration;
 
 use backon::{BackoffBuilder, ExponentialBuilder};
-use echelon_types::{Attempt, ChatCompletion, ChatCompletionChunk, ChatCompletionRequest};
-use tokio::sync::OwnedSemaphorePermit;
+use echelon_types::{
+    Attempt, ChatCompletion, ChatCompletionChunk, ChatCompletionRequest, Outcome, SkipReason,
+};
 use tokio::time::Instant;
 
-use super::model::{InFlight, Model};
+use super::admit::{Admitted, PoolTicket, admit};
+use super::model::Model;
 use super::plan::Tier;
 use crate::error::{GatewayError, GatewayErrorKind};
 use crate::key::ApiKey;
 use crate::provider::{ChunkStream, ErrorKind, ProviderError};
-use crate::resilience::key_pool::{KeyLease, NoKey};
+use crate::resilience::admission::{Ask, Report};
 
 /// Longest wait the gateway spends on a live request for a rate-limited model: a
 /// Retry-After (or a key cooldown) up to this is waited out before the retry; a longer
@@ -30,47 +31,14 @@ const MAX_BACKOFF: Duration = Duration::from_secs(30);
 /// `max_tokens`.
 const DEFAULT_OUTPUT_RESERVE: u64 = 512;
 
-/// Attempt kinds that record a candidate passed over without a call: every `error_kind`
-/// of an attempt in `attempts`, the ledger or the metrics that is not a call's outcome
-/// (README "Resilience (per model)").
-pub const SKIP_KINDS: [&str; 7] = [
-    "circuit_open",
-    "token_bucket",
-    "concurrency",
-    "key_cooldown",
-    "no_key",
-    "provider_failed",
-    "context_window",
-];
-
-/// Attempt kinds that mean "rate-limited" (by the provider or by a local limit).
-const RATE_KINDS: [&str; 4] = [
-    "rate_limited",
-    "key_cooldown",
-    "token_bucket",
-    "concurrency",
-];
-/// Attempt kinds that mean "not callable now" without a call being made.
-const UNAVAILABLE_KINDS: [&str; 3] = ["circuit_open", "no_key", "provider_failed"];
-
-/// What a successful attempt holds for as long as the answer is being produced: the
-/// concurrency slots and the key lease (which counts as in flight).
-#[derive(Debug, Default)]
-pub(crate) struct Guards {
-    _slots: Vec<OwnedSemaphorePermit>,
-    _lease: Option<KeyLease>,
-    _in_flight: Option<InFlight>,
-}
-
 /// What one successful attempt produced.
 pub(crate) enum Answer {
     Chat(ChatCompletion),
     Stream {
         buffered: VecDeque<ChatCompletionChunk>,
         rest: ChunkStream,
-        guards: Guards,
-        /// Tokens reserved in the model's `tpm_limit` bucket, settled on the usage chunk.
-        tpm_reserved: Option<u64>,
+        /// The attempt's tickets, reported when the stream ends.
+        admitted: Admitted,
     },
 }
 
@@ -143,13 +111,13 @@ impl RequestState {
         };
         let prompt = self.prompt_tokens(model, body);
         let output = body.max_output_tokens().map_or(0, u64::from);
-        if prompt + output <= u64::from(window) {
+        if prompt.saturating_add(output) <= u64::from(window) {
             return false;
         }
         self.context_refused = true;
         self.skip(
             model,
-            "context_window",
+            SkipReason::ContextWindow,
             format!(
                 "{prompt} prompt tokens + {output} max_tokens exceed the context window of {window}"
             ),
@@ -158,42 +126,35 @@ impl RequestState {
     }
 
     /// Records that `model` was passed over without a call.
-    pub(crate) fn skip(&mut self, model: &Model, kind: &str, message: String) {
-        tracing::info!(model = model.id(), kind, "model skipped: {message}");
+    pub(crate) fn skip(&mut self, model: &Model, reason: SkipReason, message: String) {
+        tracing::info!(
+            model = model.id(),
+            kind = reason.as_str(),
+            "model skipped: {message}"
+        );
         self.attempts.push(Attempt {
             model: model.id().to_owned(),
             provider: model.provider().to_owned(),
             key_id: None,
             status: None,
-            error_kind: kind.to_owned(),
+            outcome: Outcome::Skipped(reason),
             message,
             latency_ms: 0,
         });
     }
 }
 
-/// Whether a failure says the model is unhealthy (feeds its circuit breaker). Key and
-/// request problems (401/403, 429, 400) do not.
-fn counts_against_health(e: &ProviderError) -> bool {
-    matches!(
-        e.kind,
-        ErrorKind::Timeout
-            | ErrorKind::Connect
-            | ErrorKind::ServerError
-            | ErrorKind::Malformed
-            | ErrorKind::StreamCut
-            | ErrorKind::NotFound
-    )
-}
-
-/// Tries `model` for this request: up to `max_retries + 1` calls, each passing the
-/// breaker, the token buckets, the concurrency limits and the key pool first.
+/// Tries `model` for this request: up to `max_retries + 1` calls, each admitted by the
+/// breaker, the token buckets, the concurrency limits and the key pool first
+/// ([`admit`]), then sent, then reported to every step that admitted it. `pool` names
+/// the polling pool instance the model stands for, whose health the outcome also feeds.
 pub(crate) async fn try_model(
     tier: &Tier,
     model: &Arc<Model>,
     body: &ChatCompletionRequest,
     stream: bool,
     st: &mut RequestState,
+    pool: Option<(&Arc<super::pool::PollingPool>, usize)>,
 ) -> Flow {
     let max_retries = tier.defaults.max_retries.unwrap_or(model.max_retries());
     let mut backoff = ExponentialBuilder::new()
@@ -203,160 +164,90 @@ pub(crate) async fn try_model(
         .with_max_delay(MAX_BACKOFF)
         .without_max_times()
         .build();
-    let queue = model.queue_timeout();
+    let tokens = match &model.tpm {
+        None => 0,
+        Some(_) => st.prompt_tokens(model, body).saturating_add(
+            body.max_output_tokens()
+                .map_or(DEFAULT_OUTPUT_RESERVE, u64::from),
+        ),
+    };
     let mut refused_keys: Vec<usize> = Vec::new();
     let mut calls: u32 = 0;
     let mut cooldown_waits: u32 = 0;
     model.retry_budget.deposit();
     loop {
         let tried = calls > 0;
-        // 1. Circuit breaker.
-        let permit = match model.breaker.try_acquire() {
-            Ok(p) => p,
-            Err(open) => {
-                if !tried {
-                    let left = open.until.saturating_duration_since(Instant::now());
-                    st.skip(
-                        model,
-                        "circuit_open",
-                        format!("circuit breaker open for {} ms more", left.as_millis()),
-                    );
-                }
-                return Flow::Next;
-            }
-        };
-        // 2. Token buckets: the echelon's, the model's request buckets, then tpm_limit.
-        if let Some(b) = &tier.rpm
-            && b.acquire(1.0, queue).await.is_err()
-        {
-            st.skip(
-                model,
-                "token_bucket",
-                format!("echelon `{}` rpm_limit reached", tier.label),
-            );
+        // The request's max_attempts is checked before anything is taken.
+        if !st.budget_left() {
             return Flow::Next;
         }
-        for nb in &model.request_buckets {
-            if nb.bucket.acquire(1.0, queue).await.is_err() {
-                st.skip(model, "token_bucket", format!("{} reached", nb.name));
-                return Flow::Next;
-            }
-        }
-        let tpm_reserved = match &model.tpm {
-            None => None,
-            Some(tpm) => {
-                let need = st.prompt_tokens(model, body)
-                    + body
-                        .max_output_tokens()
-                        .map_or(DEFAULT_OUTPUT_RESERVE, u64::from);
-                if tpm.acquire(need as f64, queue).await.is_err() {
-                    st.skip(
-                        model,
-                        "token_bucket",
-                        format!("tpm_limit: {need} tokens not available"),
-                    );
-                    return Flow::Next;
-                }
-                Some(need)
-            }
+        let ask = Ask {
+            queue: model.queue_timeout(),
+            tokens,
+            exclude_keys: &refused_keys,
         };
-        let give_back = |n: Option<u64>| {
-            if let (Some(tpm), Some(n)) = (&model.tpm, n) {
-                tpm.refund(n as f64);
-            }
-        };
-        // 3. Concurrency limits: the echelon's, then the model's.
-        let mut guards = Guards::default();
-        for (what, limit) in [
-            ("echelon", &tier.concurrency),
-            ("model", &model.concurrency),
-        ] {
-            if let Some(limit) = limit {
-                match limit.acquire(queue).await {
-                    Ok(slot) => guards._slots.push(slot),
-                    Err(e) => {
-                        give_back(tpm_reserved);
-                        st.skip(model, "concurrency", format!("{what} {e}"));
-                        return Flow::Next;
-                    }
-                }
-            }
-        }
-        // 4. Key pool.
-        if !model.keys().is_empty() {
-            match model.keys().acquire(&refused_keys) {
-                Ok(lease) => guards._lease = Some(lease),
-                Err(NoKey::CoolingDown { until }) => {
-                    give_back(tpm_reserved);
+        let mut admitted = match admit(tier, model, &ask).await {
+            Ok(a) => a,
+            Err(refusal) => {
+                if refusal.reason == SkipReason::KeyCooldown
+                    && let Some(until) = refusal.retry_at
+                {
                     let wait = until.saturating_duration_since(Instant::now());
                     cooldown_waits += 1;
-                    // Bounded: other requests may keep re-cooling the keys.
+                    // Bounded: other requests may keep re-cooling the keys. Everything
+                    // the earlier steps took has gone back with the refusal.
                     if calls <= max_retries
                         && cooldown_waits <= max_retries + 1
                         && wait <= MAX_RETRY_WAIT
                     {
-                        drop(permit);
-                        drop(guards);
                         tokio::time::sleep(wait).await;
                         continue;
                     }
-                    if !tried {
-                        st.skip(
-                            model,
-                            "key_cooldown",
-                            format!("every key cooling down for {} ms more", wait.as_millis()),
-                        );
-                    }
-                    return Flow::Next;
                 }
-                Err(NoKey::Exhausted) => {
-                    give_back(tpm_reserved);
-                    if !tried {
-                        st.skip(model, "no_key", "every key is disabled".to_owned());
-                    }
-                    return Flow::Next;
+                // A model already called for this request is not also listed as skipped
+                // when its breaker or its keys turn the retry away.
+                let quiet = tried
+                    && matches!(
+                        refusal.reason,
+                        SkipReason::CircuitOpen | SkipReason::KeyCooldown | SkipReason::NoKey
+                    );
+                if !quiet {
+                    st.skip(model, refusal.reason, refusal.message);
                 }
+                return Flow::Next;
             }
+        };
+        if let Some((p, i)) = pool {
+            admitted = admitted.with_pool(Some(PoolTicket::new(p.clone(), i)));
         }
-        // 5. The call, if the request's max_attempts allows one more.
-        if !st.budget_left() {
-            give_back(tpm_reserved);
-            return Flow::Next;
-        }
+        admitted.commit(model);
         calls += 1;
         st.calls += 1;
-        guards._in_flight = Some(InFlight::new(model));
-        let key = guards._lease.as_ref().map(KeyLease::key);
-        let key_id = key.map(|k| k.id().to_owned());
+        let key_id = admitted.key().map(|k| k.id().to_owned());
+        let key_index = admitted.key_index();
         let started = Instant::now();
-        let result = call(model, key, body, stream, tier.defaults.timeout).await;
+        let result = call(model, admitted.key(), body, stream, tier.defaults.timeout).await;
         let latency_ms = started.elapsed().as_millis() as u64;
         let e = match result {
             Ok(answer) => {
-                model.breaker.record(permit, true);
                 st.attempts.push(Attempt {
                     model: model.id().to_owned(),
                     provider: model.provider().to_owned(),
                     key_id,
                     status: Some(200),
-                    error_kind: "ok".to_owned(),
+                    outcome: Outcome::Ok,
                     message: String::new(),
                     latency_ms,
                 });
                 return Flow::Answered(match answer {
                     CallAnswer::Chat(c) => {
-                        if let (Some(tpm), Some(reserved), Some(usage)) =
-                            (&model.tpm, tpm_reserved, c.usage.as_ref())
-                        {
-                            settle_tpm(tpm, reserved, usage.total_tokens);
-                        }
+                        admitted.report(&Report::ok(c.usage.as_ref().map(|u| u.total_tokens)));
                         Answer::Chat(c)
                     }
                     CallAnswer::Stream { buffered, rest } => Answer::Stream {
                         buffered,
                         rest,
-                        guards,
-                        tpm_reserved,
+                        admitted,
                     },
                 });
             }
@@ -368,15 +259,9 @@ pub(crate) async fn try_model(
         );
         st.attempts
             .push(failed_attempt(model, key_id, &e, latency_ms));
-        if counts_against_health(&e) {
-            model.breaker.record(permit, false);
-        } else {
-            drop(permit);
-        }
-        // A refused call used no tokens worth counting.
-        if e.status.is_some() && e.kind != ErrorKind::Timeout {
-            give_back(tpm_reserved);
-        }
+        // The breaker, the TPM bucket, the key and the pool learn the outcome; a 429
+        // cools the key down and a 401/403 disables it.
+        admitted.report(&failure_report(&e, model.key_cooldown()));
         if e.is_client_fault() {
             return Flow::Stop(
                 GatewayError::new(
@@ -401,10 +286,9 @@ pub(crate) async fn try_model(
             return Flow::Next;
         }
         if e.is_key_fatal() {
-            match &guards._lease {
-                Some(lease) => {
-                    lease.disable(&e.message);
-                    refused_keys.push(lease.index());
+            match key_index {
+                Some(i) => {
+                    refused_keys.push(i);
                     continue;
                 }
                 None => return Flow::Next,
@@ -421,36 +305,32 @@ pub(crate) async fn try_model(
             return Flow::Next;
         }
         if e.kind == ErrorKind::RateLimited {
-            if let Some(lease) = &guards._lease {
+            if key_index.is_some() {
                 // The next pass takes another key at once, or waits out the cooldown.
-                lease.cool_down(e.retry_after, model.key_cooldown());
                 continue;
             }
             match e.retry_after {
                 Some(ra) if ra > MAX_RETRY_WAIT => return Flow::Next,
                 Some(ra) => {
-                    drop(guards);
                     tokio::time::sleep(ra).await;
                     continue;
                 }
                 None => {}
             }
         }
-        drop(guards);
         tokio::time::sleep(backoff.next().unwrap_or(MAX_BACKOFF)).await;
     }
 }
 
-/// Gives back the unused part of a `tpm_limit` reservation, or charges the excess.
-pub(crate) fn settle_tpm(
-    tpm: &crate::resilience::token_bucket::TokenBucket,
-    reserved: u64,
-    used: u64,
-) {
-    if used < reserved {
-        tpm.refund((reserved - used) as f64);
-    } else if used > reserved {
-        tpm.charge((used - reserved) as f64);
+/// The report of a failed call.
+pub(crate) fn failure_report(e: &ProviderError, key_cooldown: Duration) -> Report<'_> {
+    Report {
+        outcome: Outcome::Failed(e.kind),
+        status: e.status,
+        retry_after: e.retry_after,
+        tokens_used: None,
+        message: &e.message,
+        key_cooldown,
     }
 }
 
@@ -511,7 +391,7 @@ fn failed_attempt(
         provider: model.provider().to_owned(),
         key_id,
         status: e.status,
-        error_kind: e.kind.as_str().to_owned(),
+        outcome: Outcome::Failed(e.kind),
         message: e.message.clone(),
         latency_ms,
     }
@@ -531,15 +411,17 @@ pub(crate) fn context_error(attempts: Vec<Attempt>) -> GatewayError {
 /// (by a provider or a local limit; breakers may be open too), 503 when none could be
 /// tried at all, 504 when all timed out, else 502.
 pub(crate) fn exhausted(route: &str, attempts: Vec<Attempt>) -> GatewayError {
-    let is = |a: &Attempt, set: &[&str]| set.contains(&a.error_kind.as_str());
     let all_local_or_rate = attempts
         .iter()
-        .all(|a| is(a, &RATE_KINDS) || is(a, &UNAVAILABLE_KINDS));
-    let kind = if attempts.is_empty() || attempts.iter().all(|a| is(a, &UNAVAILABLE_KINDS)) {
+        .all(|a| a.outcome.is_rate_limit() || a.outcome.is_unavailable());
+    let kind = if attempts.is_empty() || attempts.iter().all(|a| a.outcome.is_unavailable()) {
         GatewayErrorKind::Unavailable
     } else if all_local_or_rate {
         GatewayErrorKind::RateLimited
-    } else if attempts.iter().all(|a| a.error_kind == "timeout") {
+    } else if attempts
+        .iter()
+        .all(|a| a.outcome == Outcome::Failed(ErrorKind::Timeout))
+    {
         GatewayErrorKind::Timeout
     } else {
         GatewayErrorKind::UpstreamFailed
@@ -547,8 +429,8 @@ pub(crate) fn exhausted(route: &str, attempts: Vec<Attempt>) -> GatewayError {
     let summary = attempts
         .iter()
         .map(|a| match a.status {
-            Some(s) => format!("{} → {} (HTTP {s})", a.model, a.error_kind),
-            None => format!("{} → {}", a.model, a.error_kind),
+            Some(s) => format!("{} → {} (HTTP {s})", a.model, a.outcome),
+            None => format!("{} → {}", a.model, a.outcome),
         })
         .collect::<Vec<_>>()
         .join("; ");
@@ -564,6 +446,7 @@ pub(crate) fn exhausted(route: &str, attempts: Vec<Attempt>) -> GatewayError {
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
 
@@ -573,7 +456,7 @@ mod tests {
             provider: "p".into(),
             key_id: None,
             status: None,
-            error_kind: kind.into(),
+            outcome: kind.parse().unwrap(),
             message: String::new(),
             latency_ms: 1,
         }

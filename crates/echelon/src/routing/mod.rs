@@ -1,6 +1,7 @@
 //! Routing: a request's `model` names a route (a model id, a task group, or one echelon
 //! of a task group); the router tries its candidates in order until one answers.
 
+mod admit;
 mod attempt;
 mod model;
 mod plan;
@@ -10,7 +11,7 @@ mod state;
 mod stats;
 mod stream;
 
-pub use attempt::{MAX_RETRY_WAIT, SKIP_KINDS};
+pub use attempt::MAX_RETRY_WAIT;
 pub use model::Model;
 pub use router::{
     CallOptions, Completion, DEFAULT_ROUTE_ALIAS, Gateway, LlmHandle, NodeRoutes, RouteInfo,

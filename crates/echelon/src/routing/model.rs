@@ -28,7 +28,7 @@ pub(crate) struct NamedBucket {
     /// `rpm_limit`, `rate_limit` or `tpm_limit`.
     pub(crate) name: &'static str,
     /// The bucket.
-    pub(crate) bucket: TokenBucket,
+    pub(crate) bucket: Arc<TokenBucket>,
 }
 
 /// One model of the configuration, ready to call (DESIGN.md §2 "model").
@@ -48,7 +48,7 @@ pub struct Model {
     /// Request buckets: one request each.
     pub(crate) request_buckets: Vec<NamedBucket>,
     /// The `tpm_limit` bucket: prompt tokens + max_tokens reserved per request.
-    pub(crate) tpm: Option<TokenBucket>,
+    pub(crate) tpm: Option<Arc<TokenBucket>>,
     pub(crate) concurrency: Option<ConcurrencyLimit>,
     pub(crate) retry_budget: RetryBudget,
     in_flight: AtomicU32,
@@ -114,14 +114,14 @@ impl Model {
         if let Some(rpm) = config.rpm_limit {
             request_buckets.push(NamedBucket {
                 name: "rpm_limit",
-                bucket: TokenBucket::per_minute(f64::from(rpm)),
+                bucket: Arc::new(TokenBucket::per_minute(f64::from(rpm))),
             });
         }
         if let (Some(cap), Some(rate)) = (config.rate_limit_capacity, config.rate_limit_refill_rate)
         {
             request_buckets.push(NamedBucket {
                 name: "rate_limit",
-                bucket: TokenBucket::new(cap, rate),
+                bucket: Arc::new(TokenBucket::new(cap, rate)),
             });
         }
         Ok(Model {
@@ -144,7 +144,7 @@ impl Model {
             request_buckets,
             tpm: config
                 .tpm_limit
-                .map(|tpm| TokenBucket::per_minute(f64::from(tpm))),
+                .map(|tpm| Arc::new(TokenBucket::per_minute(f64::from(tpm)))),
             concurrency: config.concurrency_limit.map(ConcurrencyLimit::new),
             retry_budget: RetryBudget::new(
                 config.retry_budget,

@@ -53,7 +53,9 @@ pub(crate) struct Tier {
     /// The echelon's `concurrency_limit`, over all its models.
     pub(crate) concurrency: Option<ConcurrencyLimit>,
     /// The echelon's `rpm_limit`, over all its models.
-    pub(crate) rpm: Option<TokenBucket>,
+    pub(crate) rpm: Option<Arc<TokenBucket>>,
+    /// How a refusal by `rpm` names it: ``echelon `g.echelon1` rpm_limit``.
+    pub(crate) rpm_label: String,
     /// Spreads requests over the tier's models: each request starts one further along.
     next: AtomicUsize,
 }
@@ -66,13 +68,14 @@ impl Tier {
         limits: EchelonLimits,
     ) -> Self {
         Tier {
+            rpm_label: format!("echelon `{label}` rpm_limit"),
             label,
             models,
             defaults,
             concurrency: limits.concurrency_limit.map(ConcurrencyLimit::new),
             rpm: limits
                 .rpm_limit
-                .map(|rpm| TokenBucket::per_minute(f64::from(rpm))),
+                .map(|rpm| Arc::new(TokenBucket::per_minute(f64::from(rpm)))),
             next: AtomicUsize::new(0),
         }
     }

@@ -4,7 +4,7 @@ use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::Arc;
 use std::time::Duration;
 
-use echelon_types::{Attempt, ChatCompletion, ChatCompletionRequest};
+use echelon_types::{Attempt, ChatCompletion, ChatCompletionRequest, SkipReason};
 
 use super::attempt::{Answer, Flow, RequestState, context_error, exhausted, try_model};
 use super::model::{Model, breaker_settings};
@@ -531,8 +531,7 @@ impl Gateway {
                 Answer::Stream {
                     buffered,
                     rest,
-                    guards,
-                    tpm_reserved,
+                    admitted,
                 },
                 model,
                 attempts,
@@ -540,13 +539,7 @@ impl Gateway {
                 let accounting =
                     StreamAccounting::new(meta, self.sink.clone(), client_wants_usage, req);
                 Ok(GatewayStream::new(
-                    model,
-                    attempts,
-                    buffered,
-                    rest,
-                    guards,
-                    tpm_reserved,
-                    accounting,
+                    model, attempts, buffered, rest, admitted, accounting,
                 ))
             }
             Ok((Answer::Chat(_), _, _)) => Err(GatewayError::new(
@@ -695,7 +688,7 @@ async fn run_plan(
             if plan.provider_failover && failed_providers.contains(model.provider()) {
                 st.skip(
                     model,
-                    "provider_failed",
+                    SkipReason::ProviderFailed,
                     format!(
                         "provider `{}` already failed for this request",
                         model.provider()
@@ -709,7 +702,7 @@ async fn run_plan(
             body.model.clear();
             body.model.push_str(model.upstream_model());
             let calls_before = st.calls();
-            match try_model(tier, model, &body, stream, &mut st).await {
+            match try_model(tier, model, &body, stream, &mut st, None).await {
                 Flow::Answered(answer) => {
                     if let (Some(b), Some(p)) = (&plan.group_breaker, group_permit.take()) {
                         b.record(p, i < plan.own_steps);
@@ -773,22 +766,14 @@ async fn run_pool(
         }
         body.model.clear();
         body.model.push_str(model.upstream_model());
-        let calls_before = st.calls();
-        match try_model(&ps.tier, model, &body, stream, st).await {
+        // The attempt's outcome feeds the instance's health (for a stream, at its end).
+        match try_model(&ps.tier, model, &body, stream, st, Some((&ps.pool, i))).await {
             Flow::Answered(answer) => {
-                ps.pool.record(i, true);
                 st.answered_by = Some(model.clone());
                 return Flow::Answered(answer);
             }
             Flow::Stop(e) => return Flow::Stop(e),
             Flow::Next => {
-                let unhealthy = st
-                    .attempts
-                    .last()
-                    .is_some_and(|a| HEALTH_KINDS.contains(&a.error_kind.as_str()));
-                if st.calls() > calls_before && unhealthy {
-                    ps.pool.record(i, false);
-                }
                 exclude.push(i);
                 last = Some(i);
             }
@@ -796,16 +781,6 @@ async fn run_pool(
     }
     Flow::Next
 }
-
-/// Attempt kinds that count against an instance's health in a pool.
-const HEALTH_KINDS: [&str; 6] = [
-    "timeout",
-    "connect",
-    "server_error",
-    "malformed",
-    "stream_cut",
-    "not_found",
-];
 
 /// The route name a request may use for the configured `default_route`.
 pub const DEFAULT_ROUTE_ALIAS: &str = "default";

@@ -46,8 +46,8 @@ pub struct FallbackEvent {
     pub from: String,
     /// The model tried next.
     pub to: String,
-    /// Why: the attempt's error kind (`timeout`, `circuit_open`, …).
-    pub reason: String,
+    /// Why: the attempt's outcome (`timeout`, `circuit_open`, …).
+    pub reason: echelon_types::Outcome,
 }
 
 impl RouteStats {
@@ -66,7 +66,7 @@ impl RouteStats {
                 at_unix_ms: now_unix_ms(),
                 from: w[0].model.clone(),
                 to: w[1].model.clone(),
-                reason: w[0].error_kind.clone(),
+                reason: w[0].outcome,
             })
             .collect();
         if moves.is_empty() {
@@ -126,6 +126,7 @@ fn now_unix_ms() -> u64 {
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
 
@@ -135,7 +136,7 @@ mod tests {
             provider: "p".into(),
             key_id: None,
             status: None,
-            error_kind: kind.into(),
+            outcome: kind.parse().unwrap(),
             message: String::new(),
             latency_ms: 0,
         }

@@ -3,13 +3,15 @@
 use std::collections::VecDeque;
 use std::sync::Arc;
 
-use echelon_types::{Attempt, ChatCompletionChunk, ChatCompletionRequest, Usage};
+use echelon_types::{Attempt, ChatCompletionChunk, ChatCompletionRequest, Outcome, Usage};
 
-use super::attempt::{Guards, settle_tpm};
+use super::admit::Admitted;
+use super::attempt::failure_report;
 use super::model::Model;
 use super::router::Gateway;
 use crate::error::{GatewayError, GatewayErrorKind};
-use crate::provider::{ChunkStream, ErrorKind};
+use crate::provider::{ChunkStream, ErrorKind, ProviderError};
+use crate::resilience::admission::Report;
 use crate::usage::record::RequestRecord;
 use crate::usage::{RecordSink, RequestMeta, TokenCount};
 
@@ -25,10 +27,10 @@ pub struct GatewayStream {
     buffered: VecDeque<ChatCompletionChunk>,
     rest: ChunkStream,
     failed: bool,
-    /// Concurrency slots and key lease, held until the stream is dropped.
-    _guards: Guards,
-    /// Tokens reserved in the model's `tpm_limit` bucket, settled on the usage chunk.
-    tpm_reserved: Option<u64>,
+    /// The streaming attempt's tickets (breaker permit, bucket tokens, concurrency slots,
+    /// key lease, pool instance): held while the stream runs, reported when it ends, so
+    /// a stream cut after its first chunk counts against the model's health.
+    admitted: Option<Admitted>,
     accounting: StreamAccounting,
 }
 
@@ -73,8 +75,7 @@ impl GatewayStream {
         attempts: Vec<Attempt>,
         buffered: VecDeque<ChatCompletionChunk>,
         rest: ChunkStream,
-        guards: Guards,
-        tpm_reserved: Option<u64>,
+        admitted: Admitted,
         accounting: StreamAccounting,
     ) -> Self {
         GatewayStream {
@@ -83,9 +84,15 @@ impl GatewayStream {
             buffered,
             rest,
             failed: false,
-            _guards: guards,
-            tpm_reserved,
+            admitted: Some(admitted),
             accounting,
+        }
+    }
+
+    /// Hands the streaming attempt's outcome to its tickets, once.
+    fn report(&mut self, report: &Report<'_>) {
+        if let Some(admitted) = self.admitted.take() {
+            admitted.report(report);
         }
     }
 
@@ -113,9 +120,6 @@ impl GatewayStream {
             }
         }
         if let Some(usage) = &chunk.usage {
-            if let (Some(tpm), Some(reserved)) = (&self.model.tpm, self.tpm_reserved.take()) {
-                settle_tpm(tpm, reserved, usage.total_tokens);
-            }
             self.accounting.usage = Some(usage.clone());
             if !self.accounting.client_wants_usage {
                 if chunk.choices.is_empty() {
@@ -172,6 +176,8 @@ impl GatewayStream {
             }
             match self.rest.next().await {
                 None => {
+                    let used = self.accounting.usage.as_ref().map(|u| u.total_tokens);
+                    self.report(&Report::ok(used));
                     self.finish(200).await;
                     return None;
                 }
@@ -182,8 +188,9 @@ impl GatewayStream {
                 Some(Err(e)) => {
                     self.failed = true;
                     tracing::warn!(model = self.model.id(), kind = %e.kind, "stream failed after its first chunk: {}", e.message);
+                    self.report_failure(&e);
                     if let Some(last) = self.attempts.last_mut() {
-                        last.error_kind = e.kind.as_str().to_owned();
+                        last.outcome = Outcome::Failed(e.kind);
                         last.message = e.message.clone();
                         last.status = e.status.or(last.status);
                     }
@@ -211,10 +218,23 @@ impl GatewayStream {
     }
 }
 
+impl GatewayStream {
+    fn report_failure(&mut self, e: &ProviderError) {
+        let cooldown = self.model.key_cooldown();
+        self.report(&failure_report(e, cooldown));
+    }
+}
+
 impl Drop for GatewayStream {
     /// A stream dropped before its end (the client went away) is still accounted for,
     /// with status 499, by a task of its own.
     fn drop(&mut self) {
+        // The client went away: nothing is learnt about the model's health.
+        self.report(&Report {
+            outcome: Outcome::Failed(ErrorKind::Cancelled),
+            status: None,
+            ..Report::ok(None)
+        });
         let Some(record) = self.take_record(CLIENT_CLOSED) else {
             return;
         };

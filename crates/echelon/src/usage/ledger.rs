@@ -574,7 +574,7 @@ fn insert_batch(conn: &mut Connection, records: &[RequestRecord]) -> rusqlite::R
                     a.provider,
                     a.key_id,
                     a.status,
-                    a.error_kind,
+                    a.outcome.as_str(),
                     int(a.latency_ms),
                     int(a.prompt_tokens),
                     int(a.completion_tokens),

@@ -29,7 +29,7 @@ use metrics::{
 use serde_json::Value;
 
 use super::record::RequestRecord;
-use crate::routing::SKIP_KINDS;
+use echelon_types::Outcome;
 
 /// `echelon_requests_total{route, model, status}`: finished requests.
 pub const REQUESTS_TOTAL: &str = "echelon_requests_total";
@@ -91,22 +91,6 @@ pub const LATENCY_HISTOGRAMS: &[&str] = &[
     ATTEMPT_DURATION_SECONDS,
 ];
 
-/// Attempt kinds of a call actually made to a provider (the others are skips: the model
-/// was passed over before any call, e.g. `circuit_open`, `token_bucket`).
-pub const CALL_KINDS: &[&str] = &[
-    "ok",
-    "timeout",
-    "connect",
-    "rate_limited",
-    "server_error",
-    "auth",
-    "not_found",
-    "context_length",
-    "bad_request",
-    "malformed",
-    "stream_cut",
-];
-
 /// The route label of a request: a client error with no attempt never reached the router
 /// (the name may be anything a client typed), so it is folded into `_unrouted`.
 fn route_label(rec: &RequestRecord) -> String {
@@ -117,15 +101,10 @@ fn route_label(rec: &RequestRecord) -> String {
     }
 }
 
-/// The kind as a label: a call's outcome or a skip ([`SKIP_KINDS`]); any other kind is
-/// exported as `other`, so a label never takes an unbounded set of values.
-fn kind_label(kind: &str) -> &'static str {
-    CALL_KINDS
-        .iter()
-        .chain(&SKIP_KINDS)
-        .find(|k| **k == kind)
-        .copied()
-        .unwrap_or("other")
+/// The kind as a label: the outcome's wire name, one of a fixed set ([`Outcome::all`]),
+/// so a label never takes an unbounded set of values.
+fn kind_label(outcome: Outcome) -> &'static str {
+    outcome.as_str()
 }
 
 fn secs(ms: u64) -> f64 {
@@ -153,11 +132,11 @@ pub fn observe(rec: &RequestRecord) {
 
     let (mut prompt, mut completion, mut cost) = (0u64, 0u64, 0.0f64);
     for a in &rec.attempts {
-        let kind = kind_label(&a.error_kind);
+        let kind = kind_label(a.outcome);
         counter!(ATTEMPTS_TOTAL,
             "model" => a.model.clone(), "provider" => a.provider.clone(), "kind" => kind)
         .increment(1);
-        if CALL_KINDS.contains(&kind) {
+        if a.outcome.is_call() {
             histogram!(ATTEMPT_DURATION_SECONDS,
                 "model" => a.model.clone(), "provider" => a.provider.clone())
             .record(secs(a.latency_ms));
@@ -187,7 +166,7 @@ pub fn observe(rec: &RequestRecord) {
                 "route" => route.clone(),
                 "from" => from.model.clone(),
                 "to" => to.model.clone(),
-                "reason" => kind_label(&from.error_kind))
+                "reason" => kind_label(from.outcome))
             .increment(1);
         }
     }
@@ -382,7 +361,7 @@ mod tests {
             provider: "p".into(),
             key_id: None,
             status: None,
-            error_kind: kind.into(),
+            outcome: kind.parse().unwrap(),
             latency_ms: 3,
             prompt_tokens: 0,
             completion_tokens: 0,
@@ -413,9 +392,8 @@ mod tests {
 
     #[test]
     fn unknown_kinds_and_unrouted_client_errors_keep_labels_bounded() {
-        assert_eq!(kind_label("circuit_open"), "circuit_open");
-        assert_eq!(kind_label("stream_cut"), "stream_cut");
-        assert_eq!(kind_label("something new"), "other");
+        assert_eq!(kind_label("circuit_open".parse().unwrap()), "circuit_open");
+        assert_eq!(kind_label("stream_cut".parse().unwrap()), "stream_cut");
         assert_eq!(route_label(&record(404, vec![])), "_unrouted");
         assert_eq!(route_label(&record(400, vec![])), "_unrouted");
         assert_eq!(

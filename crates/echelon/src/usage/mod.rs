@@ -128,7 +128,7 @@ impl RequestMeta {
                     provider: a.provider.clone(),
                     key_id: a.key_id.clone(),
                     status: a.status,
-                    error_kind: a.error_kind.clone(),
+                    outcome: a.outcome,
                     latency_ms: a.latency_ms,
                     prompt_tokens: if consumed { tokens.prompt } else { 0 },
                     completion_tokens: if consumed { tokens.completion } else { 0 },

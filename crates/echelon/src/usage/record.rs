@@ -52,8 +52,10 @@ pub struct AttemptRecord {
     pub key_id: Option<String>,
     /// The provider's HTTP status, when it answered.
     pub status: Option<u16>,
-    /// `ok`, or the error / skip kind.
-    pub error_kind: String,
+    /// What became of it (`ok`, the error kind or the skip reason; the ledger's
+    /// `error_kind` column).
+    #[serde(rename = "error_kind")]
+    pub outcome: echelon_types::Outcome,
     /// Wall time of the attempt, milliseconds.
     pub latency_ms: u64,
     /// Prompt tokens this attempt consumed.
