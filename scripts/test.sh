@@ -6,6 +6,14 @@ set -euo pipefail
 root="$(cd "$(dirname "$0")/.." && pwd)"
 cd "$root"
 
+# Unused dependencies fail the run (a source scan, well under a second); the tool is
+# installed once per machine.
+echo "== cargo machete"
+if ! cargo machete --version >/dev/null 2>&1; then
+    cargo install --locked cargo-machete
+fi
+cargo machete
+
 scripts/real-upstream.sh install
 scripts/python-venv.sh >/dev/null
 

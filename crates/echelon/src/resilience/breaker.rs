@@ -16,9 +16,7 @@ use std::time::Duration;
 
 use tokio::time::Instant;
 
-/// Sub-buckets of the failure-rate window; a request counts for between 9/10 of the
-/// window and the whole window.
-const SLOTS: usize = 10;
+use super::window::Window;
 
 /// The longest `recovery_time` honoured (one year), so that `now + recovery_time`
 /// cannot overflow.
@@ -64,7 +62,7 @@ pub struct FailureRate {
     /// that range; NaN is taken as 1.0.
     pub threshold: f64,
     /// The sliding window, kept as 10 sub-buckets of `window / 10`: a request counts
-    /// for between 9/10 of the window and the whole window.
+    /// for between 9/10 of the window and the whole window (`resilience/window.rs`).
     pub window: Duration,
     /// No decision while the window holds fewer requests than this. 0 is taken as 1.
     pub min_requests: u32,
@@ -166,7 +164,8 @@ struct Inner {
     /// Bumped on every state change.
     epoch: u64,
     consecutive_failures: u32,
-    window: Option<Window>,
+    /// `[requests, failures]` over the failure-rate window, with that rule only.
+    window: Option<Window<2>>,
     reason: Option<String>,
 }
 
@@ -277,9 +276,9 @@ impl CircuitBreaker {
         } else {
             let mut rate_reason = None;
             if let (Some(window), Some(rate)) = (&mut inner.window, &settings.failure_rate) {
-                window.add(now, !success);
+                window.add_at(now, [1, u64::from(!success)]);
                 if !success {
-                    let (requests, failures) = window.totals(now);
+                    let (requests, failures) = totals(window, now);
                     if requests >= rate.min_requests
                         && f64::from(failures) >= rate.threshold * f64::from(requests)
                     {
@@ -334,7 +333,7 @@ impl CircuitBreaker {
         let (window_requests, window_failures) = inner
             .window
             .as_ref()
-            .map_or((0, 0), |window| window.totals(now));
+            .map_or((0, 0), |window| totals(window, now));
         let (next_change, probes_in_flight) = match inner.state {
             BreakerState::Closed => (None, 0),
             BreakerState::Open { until } => (Some(until), 0),
@@ -477,81 +476,12 @@ fn sanitize(mut settings: BreakerSettings) -> BreakerSettings {
     settings
 }
 
-/// Request and failure counts over a sliding window of `SLOTS` sub-buckets.
-struct Window {
-    slot_len: Duration,
-    /// The first instant seen; slot indices count `slot_len`s from it.
-    origin: Option<Instant>,
-    /// The highest slot index seen, so time going backwards never reuses a slot.
-    latest: u64,
-    slots: [Slot; SLOTS],
-}
-
-#[derive(Clone, Copy, Default)]
-struct Slot {
-    index: u64,
-    requests: u32,
-    failures: u32,
-}
-
-impl Window {
-    fn new(window: Duration) -> Self {
-        Window {
-            slot_len: (window / SLOTS as u32).max(Duration::from_nanos(1)),
-            origin: None,
-            latest: 0,
-            slots: [Slot::default(); SLOTS],
-        }
-    }
-
-    fn index(&mut self, now: Instant) -> u64 {
-        let origin = *self.origin.get_or_insert(now);
-        let slots = now.saturating_duration_since(origin).as_nanos() / self.slot_len.as_nanos();
-        let index = u64::try_from(slots).unwrap_or(u64::MAX);
-        self.latest = self.latest.max(index);
-        self.latest
-    }
-
-    fn add(&mut self, now: Instant, failure: bool) {
-        let index = self.index(now);
-        let slot = &mut self.slots[(index % SLOTS as u64) as usize];
-        if slot.index != index {
-            *slot = Slot {
-                index,
-                ..Slot::default()
-            };
-        }
-        slot.requests = slot.requests.saturating_add(1);
-        if failure {
-            slot.failures = slot.failures.saturating_add(1);
-        }
-    }
-
-    fn totals(&self, now: Instant) -> (u32, u32) {
-        let current = match self.origin {
-            None => return (0, 0),
-            Some(origin) => {
-                let slots =
-                    now.saturating_duration_since(origin).as_nanos() / self.slot_len.as_nanos();
-                u64::try_from(slots).unwrap_or(u64::MAX).max(self.latest)
-            }
-        };
-        self.slots
-            .iter()
-            .filter(|slot| slot.index.saturating_add(SLOTS as u64) > current)
-            .fold((0u32, 0u32), |(r, f), slot| {
-                (
-                    r.saturating_add(slot.requests),
-                    f.saturating_add(slot.failures),
-                )
-            })
-    }
-
-    fn clear(&mut self) {
-        self.slots = [Slot::default(); SLOTS];
-        self.origin = None;
-        self.latest = 0;
-    }
+/// Requests and failures in `window` at `now`, each saturated at `u32::MAX`.
+fn totals(window: &Window<2>, now: Instant) -> (u32, u32) {
+    let [requests, failures] = window
+        .totals_at(now)
+        .map(|n| u32::try_from(n).unwrap_or(u32::MAX));
+    (requests, failures)
 }
 
 #[cfg(test)]

@@ -9,3 +9,4 @@ pub mod concurrency;
 pub mod key_pool;
 pub mod retry_budget;
 pub mod token_bucket;
+mod window;

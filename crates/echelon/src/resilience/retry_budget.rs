@@ -12,9 +12,13 @@ use std::time::Duration;
 
 use tokio::time::Instant;
 
-/// Sub-buckets of the window; a deposit or withdrawal counts for between 9/10 of the
-/// window and the whole window.
-const SLOTS: usize = 10;
+use super::window::Window;
+
+/// What an original request adds to the window: `[deposits, withdrawals]`.
+const DEPOSIT: [u64; 2] = [1, 0];
+
+/// What a retry adds to the window.
+const WITHDRAWAL: [u64; 2] = [0, 1];
 
 /// Slack for floating-point rounding when comparing counts with the allowance.
 const EPSILON: f64 = 1e-9;
@@ -32,25 +36,8 @@ pub struct RetryBudget {
     ratio: f64,
     window: Duration,
     min_per_sec: f64,
-    slots: Mutex<Slots>,
-}
-
-/// Deposits and withdrawals per sub-bucket of `window / SLOTS`.
-#[derive(Debug)]
-struct Slots {
-    slot_len: Duration,
-    /// The first instant seen; slot indices count `slot_len`s from it.
-    origin: Option<Instant>,
-    /// The highest slot index seen, so time going backwards never reuses a slot.
-    latest: u64,
-    slots: [Slot; SLOTS],
-}
-
-#[derive(Debug, Clone, Copy, Default)]
-struct Slot {
-    index: u64,
-    deposits: u64,
-    withdrawals: u64,
+    /// `[deposits, withdrawals]` over `window`.
+    counts: Mutex<Window<2>>,
 }
 
 impl Default for RetryBudget {
@@ -71,19 +58,16 @@ impl RetryBudget {
     /// the traffic (so a model with little traffic can still retry).
     ///
     /// A negative or NaN `ratio` or `min_per_sec` is taken as 0; a window shorter than
-    /// 1 ms as 1 ms. The window is kept as 10 sub-buckets of `window / 10`.
+    /// 1 ms as 1 ms. The window is kept as 10 sub-buckets of `window / 10`: a request
+    /// or retry counts for between 9/10 of the window and the whole window
+    /// (`resilience/window.rs`).
     pub fn new(ratio: f64, window: Duration, min_per_sec: f64) -> Self {
         let window = window.max(MIN_WINDOW);
         RetryBudget {
             ratio: non_negative(ratio),
             window,
             min_per_sec: non_negative(min_per_sec),
-            slots: Mutex::new(Slots {
-                slot_len: window / SLOTS as u32,
-                origin: None,
-                latest: 0,
-                slots: [Slot::default(); SLOTS],
-            }),
+            counts: Mutex::new(Window::new(window)),
         }
     }
 
@@ -104,9 +88,7 @@ impl RetryBudget {
 
     /// Records one original request (not a retry) at `now`.
     pub fn deposit_at(&self, now: Instant) {
-        let mut slots = self.lock();
-        let slot = slots.current(now);
-        slot.deposits = slot.deposits.saturating_add(1);
+        self.lock().add_at(now, DEPOSIT);
     }
 
     /// [`deposit_at`](Self::deposit_at) now.
@@ -118,13 +100,12 @@ impl RetryBudget {
     /// `ratio × deposits + min_per_sec × window`, covers it after the retries already
     /// withdrawn; false (and nothing counted) otherwise.
     pub fn try_withdraw_at(&self, now: Instant) -> bool {
-        let mut slots = self.lock();
-        let (deposits, withdrawals) = slots.totals(now);
+        let mut counts = self.lock();
+        let [deposits, withdrawals] = counts.totals_at(now);
         if withdrawals as f64 + 1.0 > self.allowance(deposits) + EPSILON {
             return false;
         }
-        let slot = slots.current(now);
-        slot.withdrawals = slot.withdrawals.saturating_add(1);
+        counts.add_at(now, WITHDRAWAL);
         true
     }
 
@@ -136,7 +117,7 @@ impl RetryBudget {
     /// Retries still allowed in the window at `now` (may be fractional), for
     /// `/admin/state` and metrics.
     pub fn remaining_at(&self, now: Instant) -> f64 {
-        let (deposits, withdrawals) = self.lock().totals(now);
+        let [deposits, withdrawals] = self.lock().totals_at(now);
         (self.allowance(deposits) - withdrawals as f64).max(0.0)
     }
 
@@ -145,52 +126,9 @@ impl RetryBudget {
         self.ratio * deposits as f64 + self.min_per_sec * self.window.as_secs_f64()
     }
 
-    fn lock(&self) -> MutexGuard<'_, Slots> {
+    fn lock(&self) -> MutexGuard<'_, Window<2>> {
         // A few counters, never left half-written: a poisoned lock is still consistent.
-        self.slots.lock().unwrap_or_else(PoisonError::into_inner)
-    }
-}
-
-impl Slots {
-    /// The slot index of `now` (never below the latest seen).
-    fn index(&self, now: Instant) -> u64 {
-        let Some(origin) = self.origin else {
-            return self.latest;
-        };
-        let slots = now.saturating_duration_since(origin).as_nanos() / self.slot_len.as_nanos();
-        u64::try_from(slots).unwrap_or(u64::MAX).max(self.latest)
-    }
-
-    /// The slot for `now`, emptied first if it last held an older index.
-    fn current(&mut self, now: Instant) -> &mut Slot {
-        self.origin.get_or_insert(now);
-        let index = self.index(now);
-        self.latest = index;
-        let slot = &mut self.slots[(index % SLOTS as u64) as usize];
-        if slot.index != index {
-            *slot = Slot {
-                index,
-                ..Slot::default()
-            };
-        }
-        slot
-    }
-
-    /// Deposits and withdrawals within the window ending at `now`.
-    fn totals(&self, now: Instant) -> (u64, u64) {
-        if self.origin.is_none() {
-            return (0, 0);
-        }
-        let current = self.index(now);
-        self.slots
-            .iter()
-            .filter(|slot| slot.index.saturating_add(SLOTS as u64) > current)
-            .fold((0u64, 0u64), |(d, w), slot| {
-                (
-                    d.saturating_add(slot.deposits),
-                    w.saturating_add(slot.withdrawals),
-                )
-            })
+        self.counts.lock().unwrap_or_else(PoisonError::into_inner)
     }
 }
 
