@@ -1,4 +1,5 @@
-//! Gateway keys: `Authorization: Bearer <key>` on `/v1/*` when keys are configured.
+//! Gateway keys: `Authorization: Bearer <key>` on `/v1/*` and `/admin/*` when keys are
+//! configured.
 
 use axum::extract::{Request, State};
 use axum::middleware::Next;
@@ -7,7 +8,7 @@ use secrecy::{ExposeSecret, SecretString};
 use sha2::{Digest, Sha256};
 
 use crate::AppState;
-use crate::reply::error_response;
+use crate::error::ApiError;
 
 /// The configured gateway keys, kept as SHA-256 digests so that comparing a presented
 /// key takes the same time whichever byte differs first.
@@ -47,35 +48,38 @@ impl GatewayKeys {
     }
 }
 
+/// The token of an `Authorization: Bearer <token>` value. The scheme is matched
+/// case-insensitively and may be followed by more than one space (RFC 7235 §2.1:
+/// `credentials = auth-scheme 1*SP token68`); `None` for another scheme or no token.
+fn bearer_token(authorization: &str) -> Option<&str> {
+    let (scheme, token) = authorization.trim_start().split_once(' ')?;
+    let token = token.trim();
+    (scheme.eq_ignore_ascii_case("bearer") && !token.is_empty()).then_some(token)
+}
+
+/// Middleware: lets the request through when gateway keys are off or it presents one of
+/// them as a bearer token.
+///
+/// # Errors
+/// 401 `invalid_api_key` when no bearer token is presented or it is not a gateway key.
 pub(crate) async fn require_gateway_key(
     State(state): State<AppState>,
     req: Request,
     next: Next,
-) -> Response {
+) -> Result<Response, ApiError> {
     if !state.keys.is_enabled() {
-        return next.run(req).await;
+        return Ok(next.run(req).await);
     }
     let presented = req
         .headers()
         .get(http::header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "))
-        .map(str::trim);
-    match presented {
-        Some(k) if state.keys.accepts(k) => next.run(req).await,
-        Some(_) => error_response(
-            http::StatusCode::UNAUTHORIZED,
-            echelon_types::ErrorBody::new("authentication_error", "invalid gateway API key")
-                .with_code("invalid_api_key"),
-        ),
-        None => error_response(
-            http::StatusCode::UNAUTHORIZED,
-            echelon_types::ErrorBody::new(
-                "authentication_error",
-                "missing gateway API key: send `Authorization: Bearer <key>`",
-            )
-            .with_code("invalid_api_key"),
-        ),
+        .and_then(bearer_token)
+        .ok_or_else(ApiError::missing_gateway_key)?;
+    if state.keys.accepts(presented) {
+        Ok(next.run(req).await)
+    } else {
+        Err(ApiError::invalid_gateway_key())
     }
 }
 
@@ -91,5 +95,29 @@ mod tests {
         assert!(!keys.accepts("k2"));
         assert!(!keys.accepts(""));
         assert!(!GatewayKeys::new(&[SecretString::from("")]).is_enabled());
+    }
+
+    #[test]
+    fn the_bearer_scheme_matches_in_any_case() {
+        for v in [
+            "Bearer k1",
+            "bearer k1",
+            "BEARER k1",
+            "bEaReR   k1 ",
+            "Bearer k1\t",
+        ] {
+            assert_eq!(bearer_token(v), Some("k1"), "{v:?}");
+        }
+        for v in [
+            "Basic k1",
+            "Bearerk1",
+            "Bearer",
+            "Bearer   ",
+            "",
+            "k1",
+            "Bear k1",
+        ] {
+            assert_eq!(bearer_token(v), None, "{v:?}");
+        }
     }
 }

@@ -1,18 +1,19 @@
 //! The endpoint handlers.
 
 use axum::Json;
-use axum::extract::State;
 use axum::extract::rejection::BytesRejection;
+use axum::extract::{OriginalUri, State};
 use axum::response::{IntoResponse, Response};
 use bytes::Bytes;
 use echelon::CallOptions;
-use echelon_types::{ErrorBody, parse_request};
+use echelon_types::parse_request;
 use http::StatusCode;
 use serde_json::json;
 use tracing::Instrument;
 
 use crate::AppState;
-use crate::reply::{error_response, gateway_error_response, json_response, put_route_headers};
+use crate::error::ApiError;
+use crate::reply::{json_response, put_route_headers};
 use crate::sse::stream_response;
 
 /// `POST /v1/chat/completions`.
@@ -31,7 +32,8 @@ pub(crate) async fn chat_completions(
     let span = tracing::info_span!("request", request_id = %request_id);
     let mut resp = chat_in_span(state, headers, body, request_id.clone())
         .instrument(span)
-        .await;
+        .await
+        .unwrap_or_else(IntoResponse::into_response);
     if let Ok(v) = http::HeaderValue::from_str(&request_id) {
         resp.headers_mut().insert("x-request-id", v);
     }
@@ -43,7 +45,7 @@ async fn chat_in_span(
     headers: http::HeaderMap,
     body: Result<Bytes, BytesRejection>,
     request_id: String,
-) -> Response {
+) -> Result<Response, ApiError> {
     let options = CallOptions {
         session_id: headers
             .get("x-session-id")
@@ -51,52 +53,24 @@ async fn chat_in_span(
             .map(str::to_owned),
         request_id: Some(request_id),
     };
-    let body = match body {
-        Ok(b) => b,
-        Err(rejection) => {
-            let status = rejection.status();
-            return error_response(
-                status,
-                ErrorBody::new("invalid_request_error", rejection.body_text()).with_code(
-                    if status == StatusCode::PAYLOAD_TOO_LARGE {
-                        "request_too_large"
-                    } else {
-                        "invalid_body"
-                    },
-                ),
-            );
-        }
-    };
+    let body = body.map_err(|rejection| ApiError::body_rejected(&rejection))?;
     if state.log_bodies {
         tracing::info!(body = %String::from_utf8_lossy(&body), "request body (log_bodies: true)");
     }
-    let req = match parse_request(&body) {
-        Ok(r) => r,
-        Err(e) => {
-            let mut err = ErrorBody::new("invalid_request_error", e.message);
-            err.error.param = e.path;
-            return error_response(StatusCode::BAD_REQUEST, err.with_code("invalid_request"));
-        }
-    };
+    let req = parse_request(&body).map_err(ApiError::invalid_request)?;
     // Debug, not info: a line per request is a formatted, blocking write to stderr on a
     // worker thread (6 MB of log in a few seconds of bench/run.sh), and every request is
     // in the ledger and the metrics anyway. Failures, skips, fallbacks and breaker
     // transitions still log at info or above.
     tracing::debug!(route = %req.model, stream = req.is_stream(), "chat completion");
     if req.is_stream() {
-        match state.gateway.chat_stream_with(req, &options).await {
-            Ok(stream) => stream_response(stream),
-            Err(e) => gateway_error_response(&e),
-        }
+        let stream = state.gateway.chat_stream_with(req, &options).await?;
+        Ok(stream_response(stream))
     } else {
-        match state.gateway.chat_with(req, &options).await {
-            Ok(done) => {
-                let mut resp = json_response(StatusCode::OK, &done.response);
-                put_route_headers(resp.headers_mut(), &done.model, &done.attempts);
-                resp
-            }
-            Err(e) => gateway_error_response(&e),
-        }
+        let done = state.gateway.chat_with(req, &options).await?;
+        let mut resp = json_response(StatusCode::OK, &done.response)?;
+        put_route_headers(resp.headers_mut(), &done.model, &done.attempts);
+        Ok(resp)
     }
 }
 
@@ -132,13 +106,13 @@ pub(crate) async fn health() -> Response {
 }
 
 /// Anything else: 404 in the OpenAI error body.
-pub(crate) async fn not_found(uri: http::Uri) -> Response {
-    error_response(
-        StatusCode::NOT_FOUND,
-        ErrorBody::new(
-            "invalid_request_error",
-            format!("no such endpoint: {}", uri.path()),
-        )
-        .with_code("unknown_url"),
-    )
+pub(crate) async fn not_found(uri: http::Uri) -> ApiError {
+    ApiError::unknown_url(uri.path())
+}
+
+/// A known endpoint called with a method it does not serve: 405 in the OpenAI error body
+/// (axum adds `Allow`).
+pub(crate) async fn method_not_allowed(method: http::Method, uri: OriginalUri) -> ApiError {
+    // The original URI: a nested router sees its path without the `/v1` prefix.
+    ApiError::method_not_allowed(&method, uri.path())
 }

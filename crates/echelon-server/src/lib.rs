@@ -3,15 +3,16 @@
 //! Endpoints: `POST /v1/chat/completions` (streamed and not), `GET /v1/models` (the
 //! routes), `GET /health`, `GET /metrics` (Prometheus), `GET /admin/state` (breakers, buckets, keys, in-flight
 //! counts). Gateway keys, when configured, are checked as `Authorization: Bearer` on
-//! `/v1/*` and `/admin/*`. Every error is the OpenAI error body
+//! `/v1/*` and `/admin/*`. Every error, 404 and 405 included, is the OpenAI error body
 //! (`{"error": {"message", "type", "param", "code", "attempts"}}`) with the status
-//! DESIGN.md §4 gives.
+//! DESIGN.md §4 gives (one type: `error::ApiError`).
 //!
 //! Every answer carries `x-echelon-model` (the model that answered) and
 //! `x-echelon-attempts` (each attempt as `model:error_kind:status:latency_ms`, comma
 //! separated), so a failover is visible to any client without logs.
 
 mod auth;
+mod error;
 mod handlers;
 mod metrics;
 mod reply;
@@ -71,12 +72,14 @@ pub fn router(gateway: Arc<Gateway>, options: &ServerOptions) -> Router {
     let v1 = Router::new()
         .route("/chat/completions", post(handlers::chat_completions))
         .route("/models", get(handlers::list_models))
+        .method_not_allowed_fallback(handlers::method_not_allowed)
         .route_layer(axum::middleware::from_fn_with_state(
             state.clone(),
             auth::require_gateway_key,
         ));
     let admin = Router::new()
         .route("/state", get(handlers::admin_state))
+        .method_not_allowed_fallback(handlers::method_not_allowed)
         .route_layer(axum::middleware::from_fn_with_state(
             state.clone(),
             auth::require_gateway_key,
@@ -90,6 +93,9 @@ pub fn router(gateway: Arc<Gateway>, options: &ServerOptions) -> Router {
         } else {
             Router::new()
         })
+        // Last, for `/health`: the nested routes and `/metrics` set theirs before their
+        // key check, so that a wrong method without a key still gets 401.
+        .method_not_allowed_fallback(handlers::method_not_allowed)
         .fallback(handlers::not_found)
         .layer(DefaultBodyLimit::max(options.body_limit_bytes))
         .with_state(state)

@@ -93,7 +93,9 @@ fn install() -> Result<PrometheusHandle, String> {
 /// recorder if no router has yet.
 pub(crate) fn routes(state: AppState, require_key: bool) -> Router<AppState> {
     let _ = handle();
-    let router = Router::new().route("/metrics", get(scrape));
+    let router = Router::new()
+        .route("/metrics", get(scrape))
+        .method_not_allowed_fallback(crate::handlers::method_not_allowed);
     if require_key {
         router.route_layer(axum::middleware::from_fn_with_state(
             state,

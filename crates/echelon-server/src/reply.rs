@@ -1,39 +1,29 @@
-//! Turning results into HTTP responses.
+//! Turning successful results into HTTP responses, and the `x-echelon-*` headers every
+//! answer carries (errors are [`ApiError`](crate::error::ApiError)).
 
 use axum::body::Body;
 use axum::response::{IntoResponse, Response};
-use echelon::GatewayError;
-use echelon_types::{Attempt, ErrorBody};
+use echelon_types::Attempt;
 use http::{HeaderMap, HeaderValue, StatusCode};
 
-/// A JSON response with the OpenAI error body.
-pub(crate) fn error_response(status: StatusCode, body: ErrorBody) -> Response {
-    json_response(status, &body)
-}
+use crate::error::ApiError;
 
 /// A serialised JSON response.
-pub(crate) fn json_response<T: serde::Serialize>(status: StatusCode, value: &T) -> Response {
-    match serde_json::to_vec(value) {
-        Ok(bytes) => (
-            status,
-            [(http::header::CONTENT_TYPE, "application/json")],
-            Body::from(bytes),
-        )
-            .into_response(),
-        Err(e) => (
-            StatusCode::INTERNAL_SERVER_ERROR,
-            format!("serialisation failed: {e}"),
-        )
-            .into_response(),
-    }
-}
-
-/// The response for a [`GatewayError`], with `x-echelon-attempts`.
-pub(crate) fn gateway_error_response(e: &GatewayError) -> Response {
-    let status = StatusCode::from_u16(e.status()).unwrap_or(StatusCode::BAD_GATEWAY);
-    let mut resp = error_response(status, e.to_body());
-    put_attempts(resp.headers_mut(), e.attempts());
-    resp
+///
+/// # Errors
+/// A 500 [`ApiError`] if `value` does not serialise (a map with non-string keys).
+pub(crate) fn json_response<T: serde::Serialize>(
+    status: StatusCode,
+    value: &T,
+) -> Result<Response, ApiError> {
+    let bytes = serde_json::to_vec(value)
+        .map_err(|e| ApiError::internal(format!("response serialisation failed: {e}")))?;
+    Ok((
+        status,
+        [(http::header::CONTENT_TYPE, "application/json")],
+        Body::from(bytes),
+    )
+        .into_response())
 }
 
 /// Adds `x-echelon-attempts: model:kind:status:latency_ms, …`.

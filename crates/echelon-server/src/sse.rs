@@ -8,6 +8,7 @@ use bytes::Bytes;
 use echelon::GatewayStream;
 use http::{HeaderValue, StatusCode};
 
+use crate::error::ApiError;
 use crate::reply::put_route_headers;
 
 /// The SSE response: `data: <chunk>` per chunk, then `data: [DONE]` on a complete end.
@@ -22,14 +23,13 @@ pub(crate) fn stream_response(stream: GatewayStream) -> Response {
             Some(Ok(chunk)) => {
                 let line = match serde_json::to_vec(&chunk) {
                     Ok(json) => frame(&json),
-                    Err(e) => frame(format!("{{\"error\":{{\"message\":\"chunk serialisation failed: {e}\",\"type\":\"server_error\"}}}}").as_bytes()),
+                    Err(e) => frame(
+                        &ApiError::internal(format!("chunk serialisation failed: {e}")).body_json(),
+                    ),
                 };
                 Some((Ok::<_, Infallible>(line), Some(stream)))
             }
-            Some(Err(e)) => {
-                let json = serde_json::to_vec(&e.to_body()).unwrap_or_default();
-                Some((Ok(frame(&json)), None))
-            }
+            Some(Err(e)) => Some((Ok(frame(&ApiError::from(e).body_json())), None)),
             None => Some((Ok(Bytes::from_static(b"data: [DONE]\n\n")), None)),
         }
     });

@@ -171,6 +171,26 @@ async fn gateway_keys_are_required_when_configured() {
         .await
         .unwrap();
     assert_eq!(resp.status(), 200);
+    // The auth scheme is case-insensitive (RFC 7235 §2.1).
+    for scheme in ["bearer", "BEARER"] {
+        let resp = h
+            .http
+            .post(h.url("/v1/chat/completions"))
+            .header("authorization", format!("{scheme} gw-secret"))
+            .json(&chat("grp"))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(resp.status(), 200, "scheme {scheme}");
+    }
+    let resp = h
+        .http
+        .get(h.url("/v1/models"))
+        .header("authorization", "Basic gw-secret")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 401, "another scheme is no bearer token");
     // /health stays open for load balancers.
     assert_eq!(
         h.http.get(h.url("/health")).send().await.unwrap().status(),
@@ -203,6 +223,61 @@ async fn lists_routes_and_404s_unknown_ones() {
     assert_eq!(resp.status(), 404);
     let v: Value = resp.json().await.unwrap();
     assert_eq!(v["error"]["code"], "model_not_found");
+}
+
+#[tokio::test]
+async fn a_wrong_method_gets_405_in_the_openai_shape() {
+    let h = Harness::start(&[]).await;
+    for (method, path, allow) in [
+        (reqwest::Method::GET, "/v1/chat/completions", "POST"),
+        (reqwest::Method::POST, "/v1/models", "GET,HEAD"),
+        (reqwest::Method::DELETE, "/admin/state", "GET,HEAD"),
+        (reqwest::Method::POST, "/health", "GET,HEAD"),
+        (reqwest::Method::PUT, "/metrics", "GET,HEAD"),
+    ] {
+        let resp = h
+            .http
+            .request(method.clone(), h.url(path))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(resp.status(), 405, "{method} {path}");
+        assert_eq!(resp.headers()["allow"], allow, "{method} {path}");
+        assert_eq!(resp.headers()["content-type"], "application/json");
+        let v: Value = resp.json().await.unwrap();
+        assert_eq!(
+            v,
+            json!({"error": {
+                "message": format!("{method} is not allowed on {path}"),
+                "type": "invalid_request_error",
+                "param": null,
+                "code": "method_not_allowed",
+            }})
+        );
+    }
+    assert_eq!(h.a.chat_requests(), 0);
+}
+
+#[tokio::test]
+async fn a_wrong_method_without_a_gateway_key_gets_401_first() {
+    let h = Harness::start(&["gw-secret"]).await;
+    let resp = h
+        .http
+        .get(h.url("/v1/chat/completions"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 401);
+    let resp = h
+        .http
+        .get(h.url("/v1/chat/completions"))
+        .bearer_auth("gw-secret")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 405);
+    let v: Value = resp.json().await.unwrap();
+    assert_eq!(v["error"]["code"], "method_not_allowed");
 }
 
 #[tokio::test]

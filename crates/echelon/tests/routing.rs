@@ -198,8 +198,7 @@ async fn a_pool_round_robins_evenly_over_1000_requests() {
     let mut counts: Vec<usize> = ups.iter().map(TestUpstream::chat_requests).collect();
     counts.sort_unstable();
     assert_eq!(counts, vec![333, 333, 334]);
-    let state = gw.admin_state();
-    assert_eq!(state["pools"]["pool"]["healthy_instances"], 3);
+    assert_eq!(gw.admin_state().pools["pool"].healthy_instances, 3);
 }
 
 #[tokio::test]
@@ -236,15 +235,14 @@ async fn an_instance_failing_probes_leaves_the_rotation_and_comes_back() {
     );
     ups[0].set_behavior(down());
     // Wait (bounded) until the probes have marked m0 unhealthy.
-    let healthy =
-        |gw: &Gateway| gw.admin_state()["pools"]["pool"]["instances"][0]["healthy"].as_bool();
+    let healthy = |gw: &Gateway| gw.admin_state().pools["pool"].instances[0].healthy;
     for _ in 0..100 {
-        if healthy(&gw) == Some(false) {
+        if !healthy(&gw) {
             break;
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    assert_eq!(healthy(&gw), Some(false));
+    assert!(!healthy(&gw));
     let before = ups[0].chat_requests();
     for _ in 0..6 {
         assert_eq!(gw.chat(request("pool")).await.unwrap().model, "m1");
@@ -252,16 +250,12 @@ async fn an_instance_failing_probes_leaves_the_rotation_and_comes_back() {
     // Only probes reached m0 (each probe is one chat request on the test upstream).
     ups[0].set_behavior(Behavior::Normal);
     for _ in 0..200 {
-        if healthy(&gw) == Some(true) {
+        if healthy(&gw) {
             break;
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    assert_eq!(
-        healthy(&gw),
-        Some(true),
-        "back after recovery_time and a passing probe"
-    );
+    assert!(healthy(&gw), "back after recovery_time and a passing probe");
     let mut models = Vec::new();
     for _ in 0..4 {
         models.push(gw.chat(request("pool")).await.unwrap().model);
@@ -372,8 +366,7 @@ async fn handles_act_like_one_model_and_keep_stats_and_history() {
         ("m0", "m1")
     );
     assert_eq!(history[0].reason, "server_error");
-    let state = gw.admin_state();
-    assert_eq!(state["routes"]["g"]["fallback_history"][0]["to"], "m1");
+    assert_eq!(gw.admin_state().routes["g"].fallback_history[0].to, "m1");
     llm.reset_stats();
     assert_eq!(llm.stats().total_requests, 0);
 

@@ -88,28 +88,28 @@ pub(crate) struct PoolSettings {
 
 /// One instance's state as shown by the admin API.
 #[derive(Debug, Clone, serde::Serialize)]
-pub(crate) struct InstanceSnapshot {
+pub struct InstanceSnapshot {
     /// The model id.
-    pub(crate) model: String,
+    pub model: String,
     /// Whether it is in the rotation.
-    pub(crate) healthy: bool,
+    pub healthy: bool,
     /// Failures (probes or live requests) since the last success.
-    pub(crate) consecutive_failures: u32,
+    pub consecutive_failures: u32,
     /// How long it has been unhealthy, ms; `None` when healthy.
-    pub(crate) unhealthy_for_ms: Option<u64>,
+    pub unhealthy_for_ms: Option<u64>,
     /// Time left before a passing probe may bring it back, ms (0: the next passing probe
     /// will); `None` when healthy.
-    pub(crate) recovery_in_ms: Option<u64>,
+    pub recovery_in_ms: Option<u64>,
     /// Whether the last probe passed; `None` before the first probe.
-    pub(crate) last_probe_ok: Option<bool>,
+    pub last_probe_ok: Option<bool>,
     /// Why the last probe failed (or was skipped).
-    pub(crate) last_probe_error: Option<String>,
+    pub last_probe_error: Option<String>,
     /// Age of the last probe, ms.
-    pub(crate) last_probe_age_ms: Option<u64>,
+    pub last_probe_age_ms: Option<u64>,
     /// Requests this pool sent to it since start.
-    pub(crate) picked: u64,
+    pub picked: u64,
     /// Requests in flight on the model now (through any route).
-    pub(crate) in_flight: u32,
+    pub in_flight: u32,
 }
 
 /// The health of one instance.

@@ -23,13 +23,13 @@
 //!
 //! [`Gateway::admin_state`]: crate::Gateway::admin_state
 
+use echelon_types::Outcome;
 use metrics::{
     Unit, counter, describe_counter, describe_gauge, describe_histogram, gauge, histogram,
 };
-use serde_json::Value;
 
 use super::record::RequestRecord;
-use echelon_types::Outcome;
+use crate::routing::{AdminState, KeyStateView};
 
 /// `echelon_requests_total{route, model, status}`: finished requests.
 pub const REQUESTS_TOTAL: &str = "echelon_requests_total";
@@ -185,77 +185,32 @@ fn record_usage(model: &str, prompt: u64, completion: u64, cost_usd: f64) {
     }
 }
 
-/// The key states [`observe_state`] exports, each as its own series.
-const KEY_STATES: &[&str] = &["ok", "cooling_down", "disabled"];
-
 /// Sets the gauges of the router's live state from a [`Gateway::admin_state`] snapshot
 /// (call it just before rendering a scrape): each model's breaker state (0 closed,
-/// 1 half-open, 2 open), in-flight count and keys (state, in-flight), and each polling
-/// pool's healthy instances. Missing or oddly-typed fields are skipped.
+/// 1 half-open, 2 open), in-flight count and keys (one series per key state, 1 for the
+/// current one; in-flight), and each polling pool's healthy instances.
 ///
 /// [`Gateway::admin_state`]: crate::Gateway::admin_state
-pub fn observe_state(state: &Value) {
-    if let Some(models) = state.get("models").and_then(Value::as_object) {
-        for (id, m) in models {
-            let breaker = match m.pointer("/breaker/state").and_then(Value::as_str) {
-                Some("closed") => Some(0.0),
-                Some("half_open") => Some(1.0),
-                Some("open") => Some(2.0),
-                _ => None,
-            };
-            if let Some(v) = breaker {
-                gauge!(BREAKER_STATE, "model" => id.clone()).set(v);
+pub fn observe_state(state: &AdminState) {
+    for (id, m) in &state.models {
+        gauge!(BREAKER_STATE, "model" => id.clone()).set(m.breaker.state.gauge_value());
+        gauge!(MODEL_IN_FLIGHT, "model" => id.clone()).set(f64::from(m.in_flight));
+        for k in &m.keys {
+            let current = k.state.name();
+            for s in KeyStateView::NAMES {
+                gauge!(KEY_STATE,
+                    "key_pool" => m.key_pool.clone(), "key_id" => k.id.clone(), "state" => s)
+                .set(if current == s { 1.0 } else { 0.0 });
             }
-            if let Some(n) = m.get("in_flight").and_then(Value::as_f64) {
-                gauge!(MODEL_IN_FLIGHT, "model" => id.clone()).set(n);
-            }
-            let pool = m
-                .get("key_pool")
-                .and_then(Value::as_str)
-                .unwrap_or_default()
-                .to_owned();
-            for k in m
-                .get("keys")
-                .and_then(Value::as_array)
-                .into_iter()
-                .flatten()
-            {
-                let Some(key_id) = k.get("id").and_then(Value::as_str) else {
-                    continue;
-                };
-                let current = k.get("state").and_then(Value::as_str);
-                for s in KEY_STATES {
-                    gauge!(KEY_STATE,
-                        "key_pool" => pool.clone(), "key_id" => key_id.to_owned(), "state" => *s)
-                    .set(if current == Some(*s) { 1.0 } else { 0.0 });
-                }
-                if let Some(n) = k.get("in_flight").and_then(Value::as_f64) {
-                    gauge!(KEY_IN_FLIGHT, "key_pool" => pool.clone(), "key_id" => key_id.to_owned())
-                        .set(n);
-                }
-            }
+            gauge!(KEY_IN_FLIGHT, "key_pool" => m.key_pool.clone(), "key_id" => k.id.clone())
+                .set(f64::from(k.in_flight));
         }
     }
-    if let Some(pools) = state.get("pools").and_then(Value::as_object) {
-        for (name, p) in pools {
-            if let Some(n) = p.get("healthy_instances").and_then(Value::as_f64) {
-                gauge!(POOL_HEALTHY_INSTANCES, "pool" => name.clone()).set(n);
-            }
-            for inst in p
-                .get("instances")
-                .and_then(Value::as_array)
-                .into_iter()
-                .flatten()
-            {
-                let (Some(model), Some(healthy)) = (
-                    inst.get("model").and_then(Value::as_str),
-                    inst.get("healthy").and_then(Value::as_bool),
-                ) else {
-                    continue;
-                };
-                gauge!(POOL_INSTANCE_HEALTHY, "pool" => name.clone(), "model" => model.to_owned())
-                    .set(if healthy { 1.0 } else { 0.0 });
-            }
+    for (name, p) in &state.pools {
+        gauge!(POOL_HEALTHY_INSTANCES, "pool" => name.clone()).set(p.healthy_instances as f64);
+        for inst in &p.instances {
+            gauge!(POOL_INSTANCE_HEALTHY, "pool" => name.clone(), "model" => inst.model.clone())
+                .set(if inst.healthy { 1.0 } else { 0.0 });
         }
     }
 }
@@ -417,8 +372,34 @@ mod tests {
         let mut rec = record(200, vec![attempt("a", "server_error"), attempt("b", "ok")]);
         rec.model = Some("b".into());
         observe(&rec);
-        observe_state(&serde_json::json!({"models": {"a": {"breaker": {"state": "open"}}}}));
-        observe_state(&serde_json::json!(null));
+        let mut state = AdminState::default();
+        observe_state(&state);
+        state.models.insert(
+            "a".into(),
+            crate::routing::ModelState {
+                provider: "p".into(),
+                upstream_model: "a".into(),
+                breaker: crate::routing::BreakerView {
+                    state: crate::routing::BreakerPhase::Open,
+                    next_change_ms: Some(1000),
+                    consecutive_failures: 5,
+                    probes_in_flight: 0,
+                    window_requests: 0,
+                    window_failures: 0,
+                    reason: None,
+                },
+                buckets: Vec::new(),
+                in_flight: 0,
+                concurrency_limit: None,
+                key_pool: "provider p".into(),
+                keys: vec![crate::routing::KeyView {
+                    id: "abcd1234".into(),
+                    in_flight: 0,
+                    state: KeyStateView::Ok,
+                }],
+            },
+        );
+        observe_state(&state);
         observe_ledger_queue(3);
     }
 }

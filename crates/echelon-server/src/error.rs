@@ -1,0 +1,255 @@
+//! Every error the server answers with, as one type: [`ApiError`] carries the status and
+//! the error body, and renders itself ([`IntoResponse`]) in an [`ErrorDialect`]. Handlers
+//! return `Result<Response, ApiError>`; the gateway's own failures convert with `From`.
+
+use axum::body::Body;
+use axum::extract::rejection::BytesRejection;
+use axum::response::{IntoResponse, Response};
+use echelon::GatewayError;
+use echelon_types::{ErrorBody, RequestError};
+use http::{HeaderValue, StatusCode};
+
+use crate::reply::put_attempts;
+
+/// The shape an error body is written in, chosen by the endpoint that failed.
+///
+/// Only OpenAI's today; an endpoint of another API (e.g. Anthropic's
+/// `{"type": "error", "error": {"type", "message"}}`) adds its variant here and its arm in
+/// [`ApiError::body_json`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub(crate) enum ErrorDialect {
+    /// `{"error": {"message", "type", "param", "code", "attempts"?}}` (DESIGN.md §4).
+    #[default]
+    OpenAi,
+}
+
+/// An error answer: HTTP status, error body (message, type, code, param, the gateway's
+/// attempts) and the dialect it is rendered in.
+///
+/// An error of the gateway (the request reached the router) also carries
+/// `x-echelon-attempts`, like every routed answer (empty when no attempt was made).
+/// Nothing in it is a key: attempts name keys by their short id.
+#[derive(Debug, Clone, thiserror::Error)]
+#[error("{status}: {}", body.error.message)]
+pub(crate) struct ApiError {
+    status: StatusCode,
+    /// Boxed: an `ApiError` is the `Err` of every handler, and stays a few words wide.
+    body: Box<ErrorBody>,
+    dialect: ErrorDialect,
+    /// Whether it came from the gateway (then `x-echelon-attempts` is sent).
+    routed: bool,
+}
+
+impl ApiError {
+    /// An error with `status`, OpenAI error `type` `kind` (e.g. `invalid_request_error`),
+    /// machine-readable `code` and `message`.
+    pub(crate) fn new(
+        status: StatusCode,
+        kind: &str,
+        code: &str,
+        message: impl Into<String>,
+    ) -> Self {
+        ApiError {
+            status,
+            body: Box::new(ErrorBody::new(kind, message).with_code(code)),
+            dialect: ErrorDialect::default(),
+            routed: false,
+        }
+    }
+
+    /// The body could not be read: 413 `request_too_large` beyond `server.body_limit`,
+    /// else the rejection's status with `invalid_body`.
+    pub(crate) fn body_rejected(rejection: &BytesRejection) -> Self {
+        let status = rejection.status();
+        let code = if status == StatusCode::PAYLOAD_TOO_LARGE {
+            "request_too_large"
+        } else {
+            "invalid_body"
+        };
+        Self::new(status, "invalid_request_error", code, rejection.body_text())
+    }
+
+    /// The body is not a valid chat request: 400 `invalid_request`, `param` naming the
+    /// JSON path at fault when there is one.
+    pub(crate) fn invalid_request(e: RequestError) -> Self {
+        let mut err = Self::new(
+            StatusCode::BAD_REQUEST,
+            "invalid_request_error",
+            "invalid_request",
+            e.message,
+        );
+        err.body.error.param = e.path;
+        err
+    }
+
+    /// No gateway key was presented where one is required: 401 `invalid_api_key`.
+    pub(crate) fn missing_gateway_key() -> Self {
+        Self::new(
+            StatusCode::UNAUTHORIZED,
+            "authentication_error",
+            "invalid_api_key",
+            "missing gateway API key: send `Authorization: Bearer <key>`",
+        )
+    }
+
+    /// The presented gateway key is not one of the configured ones: 401
+    /// `invalid_api_key` (the key is not echoed).
+    pub(crate) fn invalid_gateway_key() -> Self {
+        Self::new(
+            StatusCode::UNAUTHORIZED,
+            "authentication_error",
+            "invalid_api_key",
+            "invalid gateway API key",
+        )
+    }
+
+    /// No endpoint at `path`: 404 `unknown_url`.
+    pub(crate) fn unknown_url(path: &str) -> Self {
+        Self::new(
+            StatusCode::NOT_FOUND,
+            "invalid_request_error",
+            "unknown_url",
+            format!("no such endpoint: {path}"),
+        )
+    }
+
+    /// The endpoint at `path` exists but not for `method`: 405 `method_not_allowed`
+    /// (axum adds the `Allow` header).
+    pub(crate) fn method_not_allowed(method: &http::Method, path: &str) -> Self {
+        Self::new(
+            StatusCode::METHOD_NOT_ALLOWED,
+            "invalid_request_error",
+            "method_not_allowed",
+            format!("{method} is not allowed on {path}"),
+        )
+    }
+
+    /// Something on the server's side failed (not the request, not an upstream): 500
+    /// `server_error` / `internal_error`.
+    pub(crate) fn internal(message: impl Into<String>) -> Self {
+        Self::new(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "server_error",
+            "internal_error",
+            message,
+        )
+    }
+
+    /// The body in this error's dialect, as JSON: the response body, and the `data:`
+    /// of the error event that ends a failed stream.
+    pub(crate) fn body_json(&self) -> Vec<u8> {
+        let rendered = match self.dialect {
+            ErrorDialect::OpenAi => serde_json::to_vec(&self.body),
+        };
+        // Serialising an ErrorBody (strings and JSON values) cannot fail; were it to,
+        // the client still gets a body of the same shape.
+        rendered.unwrap_or_else(|_| {
+            br#"{"error":{"message":"error body serialisation failed","type":"server_error","param":null,"code":null}}"#
+                .to_vec()
+        })
+    }
+}
+
+impl From<&GatewayError> for ApiError {
+    /// The gateway's status (400, 404, 429, 502, 503, 504) and body, attempts included.
+    fn from(e: &GatewayError) -> Self {
+        ApiError {
+            status: StatusCode::from_u16(e.status()).unwrap_or(StatusCode::BAD_GATEWAY),
+            body: Box::new(e.to_body()),
+            dialect: ErrorDialect::default(),
+            routed: true,
+        }
+    }
+}
+
+impl From<GatewayError> for ApiError {
+    fn from(e: GatewayError) -> Self {
+        ApiError::from(&e)
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let mut resp = Response::new(Body::from(self.body_json()));
+        *resp.status_mut() = self.status;
+        resp.headers_mut().insert(
+            http::header::CONTENT_TYPE,
+            HeaderValue::from_static("application/json"),
+        );
+        if self.routed {
+            put_attempts(resp.headers_mut(), &self.body.error.attempts);
+        }
+        resp
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use echelon::error::GatewayErrorKind;
+    use echelon_types::Attempt;
+    use serde_json::{Value, json};
+
+    use super::*;
+
+    async fn rendered(e: ApiError) -> (StatusCode, http::HeaderMap, Value) {
+        let resp = e.into_response();
+        let (parts, body) = resp.into_parts();
+        let bytes = axum::body::to_bytes(body, usize::MAX).await.unwrap();
+        (
+            parts.status,
+            parts.headers,
+            serde_json::from_slice(&bytes).unwrap(),
+        )
+    }
+
+    #[tokio::test]
+    async fn renders_the_openai_error_body_with_its_status() {
+        let (status, headers, v) = rendered(ApiError::unknown_url("/v2/x")).await;
+        assert_eq!(status, StatusCode::NOT_FOUND);
+        assert_eq!(headers[http::header::CONTENT_TYPE], "application/json");
+        assert!(!headers.contains_key("x-echelon-attempts"));
+        assert_eq!(
+            v,
+            json!({"error": {
+                "message": "no such endpoint: /v2/x",
+                "type": "invalid_request_error",
+                "param": null,
+                "code": "unknown_url",
+            }})
+        );
+        let (status, _, v) = rendered(ApiError::invalid_request(RequestError {
+            path: Some("messages[0].role".into()),
+            message: "bad role".into(),
+        }))
+        .await;
+        assert_eq!(status, StatusCode::BAD_REQUEST);
+        assert_eq!(v["error"]["param"], "messages[0].role");
+        assert_eq!(v["error"]["code"], "invalid_request");
+    }
+
+    #[tokio::test]
+    async fn a_gateway_error_keeps_its_status_body_and_attempts() {
+        let attempt: Attempt = serde_json::from_value(json!({
+            "model": "a", "provider": "p", "key_id": "abcd1234", "status": 500,
+            "error_kind": "server_error", "message": "upstream 500", "latency_ms": 12,
+        }))
+        .unwrap();
+        let e = GatewayError::new(GatewayErrorKind::UpstreamFailed, "every model failed")
+            .with_attempts(vec![attempt]);
+        let expected = serde_json::to_value(e.to_body()).unwrap();
+        let (status, headers, v) = rendered(ApiError::from(e)).await;
+        assert_eq!(status, StatusCode::BAD_GATEWAY);
+        assert_eq!(v, expected);
+        assert_eq!(v["error"]["attempts"][0]["model"], "a");
+        assert_eq!(headers["x-echelon-attempts"], "a:server_error:500:12ms");
+
+        let unknown = GatewayError::new(GatewayErrorKind::UnknownRoute, "no route `x`");
+        let (status, headers, _) = rendered(ApiError::from(unknown)).await;
+        assert_eq!(status, StatusCode::NOT_FOUND);
+        assert_eq!(
+            headers["x-echelon-attempts"], "",
+            "routed: the header, empty"
+        );
+    }
+}
