@@ -35,7 +35,7 @@ use futures::future::BoxFuture;
 use crate::config::ProviderApi;
 use crate::key::ApiKey;
 
-pub use error::{ErrorKind, ProviderError};
+pub use error::{ErrorKind, MAX_RETRY_AFTER, ProviderError};
 pub use http::HttpClients;
 pub use openai::OpenAiProvider;
 pub use stream::{ChunkStream, StreamEvent};
