@@ -1,6 +1,6 @@
 //! What went wrong in one provider call, and what that means for retrying.
 
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
 pub use echelon_types::ErrorKind;
 
@@ -123,14 +123,48 @@ fn truncate(mut s: String) -> String {
     s
 }
 
-/// Parses a `Retry-After` header given in seconds (RFC 9110 §10.2.3; the HTTP-date form
-/// is rare from LLM APIs and is ignored).
+/// Longest `Retry-After` honoured: a longer one (or one that does not fit a
+/// [`Duration`]) counts as this long.
+pub const MAX_RETRY_AFTER: Duration = Duration::from_secs(3600);
+
+/// Parses a `Retry-After` header (RFC 9110 §10.2.3): delta-seconds (a decimal fraction
+/// is accepted too) or an HTTP date (any of the three forms of RFC 9110 §5.6.7),
+/// capped at [`MAX_RETRY_AFTER`]. Anything else (a sign, an exponent, `NaN`, `inf`,
+/// text) is `None`; a date in the past is zero. Never panics, whatever the provider
+/// sends.
 pub(crate) fn parse_retry_after(value: Option<&http::HeaderValue>) -> Option<Duration> {
-    let secs: f64 = value?.to_str().ok()?.trim().parse().ok()?;
-    (secs.is_finite() && secs >= 0.0).then(|| Duration::from_secs_f64(secs))
+    parse_retry_after_at(value?.to_str().ok()?, SystemTime::now())
+}
+
+/// [`parse_retry_after`] of a header's text, a date counted from `now`.
+fn parse_retry_after_at(text: &str, now: SystemTime) -> Option<Duration> {
+    let text = text.trim();
+    if is_decimal(text) {
+        // Digits only: finite or +inf (more than about 309 digits), never NaN or < 0.
+        let secs: f64 = text.parse().ok()?;
+        return Some(if secs < MAX_RETRY_AFTER.as_secs_f64() {
+            Duration::from_secs_f64(secs)
+        } else {
+            MAX_RETRY_AFTER
+        });
+    }
+    let date = httpdate::parse_http_date(text).ok()?;
+    Some(
+        date.duration_since(now)
+            .unwrap_or(Duration::ZERO)
+            .min(MAX_RETRY_AFTER),
+    )
+}
+
+/// `1*DIGIT [ "." *DIGIT ]` or `"." 1*DIGIT`: delta-seconds, or a decimal fraction of them.
+fn is_decimal(text: &str) -> bool {
+    let (int, frac) = text.split_once('.').unwrap_or((text, ""));
+    let digits = |s: &str| s.bytes().all(|b| b.is_ascii_digit());
+    !(int.is_empty() && frac.is_empty()) && digits(int) && digits(frac)
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
 
@@ -161,12 +195,104 @@ mod tests {
         );
     }
 
+    fn retry_after(text: &str) -> Option<Duration> {
+        parse_retry_after(Some(&http::HeaderValue::from_str(text).unwrap()))
+    }
+
     #[test]
     fn parses_retry_after_seconds() {
-        let v = http::HeaderValue::from_static("2");
-        assert_eq!(parse_retry_after(Some(&v)), Some(Duration::from_secs(2)));
-        let v = http::HeaderValue::from_static("Wed, 21 Oct 2015 07:28:00 GMT");
-        assert_eq!(parse_retry_after(Some(&v)), None);
+        assert_eq!(retry_after("2"), Some(Duration::from_secs(2)));
+        assert_eq!(retry_after(" 0 "), Some(Duration::ZERO));
+        assert_eq!(retry_after("120"), Some(Duration::from_secs(120)));
+        assert_eq!(parse_retry_after(None), None);
+    }
+
+    #[test]
+    fn parses_decimal_retry_after_seconds() {
+        assert_eq!(retry_after("1.5"), Some(Duration::from_millis(1500)));
+        assert_eq!(retry_after("0.25"), Some(Duration::from_millis(250)));
+        assert_eq!(retry_after(".5"), Some(Duration::from_millis(500)));
+        assert_eq!(retry_after("3."), Some(Duration::from_secs(3)));
+    }
+
+    #[test]
+    fn caps_huge_retry_after_seconds() {
+        assert_eq!(retry_after("3600"), Some(MAX_RETRY_AFTER));
+        assert_eq!(retry_after("3601"), Some(MAX_RETRY_AFTER));
+        assert_eq!(retry_after("18446744073709551615"), Some(MAX_RETRY_AFTER));
+        assert_eq!(retry_after("18446744073709551616.5"), Some(MAX_RETRY_AFTER));
+        // Parses to +inf as an f64.
+        assert_eq!(retry_after(&"9".repeat(400)), Some(MAX_RETRY_AFTER));
+    }
+
+    #[test]
+    fn refuses_retry_after_that_is_not_seconds_or_a_date() {
+        for text in [
+            "1e30",
+            "1E3",
+            "-1",
+            "+5",
+            "NaN",
+            "nan",
+            "inf",
+            "-inf",
+            "infinity",
+            "",
+            ".",
+            "1.2.3",
+            "1 2",
+            "5s",
+            "soon",
+            "0x10",
+            "١٢",
+            "Wed, 32 Oct 2015 07:28:00 GMT",
+        ] {
+            assert_eq!(retry_after(text), None, "{text:?}");
+        }
+        // Not visible ASCII: not even text.
+        let opaque = http::HeaderValue::from_bytes(b"\xff10").unwrap();
+        assert_eq!(parse_retry_after(Some(&opaque)), None);
+    }
+
+    #[test]
+    fn parses_retry_after_http_dates() {
+        let at = |text: &str| httpdate::parse_http_date(text).unwrap();
+        let now = at("Wed, 21 Oct 2015 07:28:00 GMT");
+        // IMF-fixdate, and the obsolete RFC 850 and asctime forms recipients must accept.
+        for text in [
+            "Wed, 21 Oct 2015 07:30:00 GMT",
+            "Wednesday, 21-Oct-15 07:30:00 GMT",
+            "Wed Oct 21 07:30:00 2015",
+        ] {
+            assert_eq!(
+                parse_retry_after_at(text, now),
+                Some(Duration::from_secs(120)),
+                "{text}"
+            );
+        }
+        // In the past: retry now.
+        assert_eq!(
+            parse_retry_after_at("Wed, 21 Oct 2015 07:27:00 GMT", now),
+            Some(Duration::ZERO)
+        );
+        // Far ahead: capped.
+        assert_eq!(
+            parse_retry_after_at("Fri, 31 Dec 9999 23:59:59 GMT", now),
+            Some(MAX_RETRY_AFTER)
+        );
+        // Through the header, against the clock: a date long gone is zero.
+        assert_eq!(
+            retry_after("Wed, 21 Oct 2015 07:28:00 GMT"),
+            Some(Duration::ZERO)
+        );
+    }
+
+    #[test]
+    fn a_huge_retry_after_on_a_429_is_capped_not_a_panic() {
+        let e = ProviderError::from_response(429, retry_after("1e30"), b"{}");
+        assert_eq!(e.retry_after, None);
+        let e = ProviderError::from_response(429, retry_after("18446744073709551615"), b"{}");
+        assert_eq!(e.retry_after, Some(MAX_RETRY_AFTER));
     }
 
     #[test]

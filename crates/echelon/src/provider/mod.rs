@@ -1,12 +1,172 @@
-//! Provider clients: one HTTP call to one OpenAI-compatible endpoint with one key.
+//! Providers: the wires Echelon speaks to an upstream, one call with one key at a time.
 //!
-//! The client knows nothing of retries or failover; it makes the call, enforces the
+//! A provider knows nothing of retries or failover; it makes the call, enforces the
 //! attempt's timeouts, and classifies what went wrong ([`ProviderError`]) so the layers
 //! above can decide (DESIGN.md §4 "Which errors move on").
+//!
+//! # Adding a wire
+//! A new wire goes in `provider/<name>/` implementing [`Provider`], selected in
+//! [`build`] by a new [`ProviderApi`] variant. It owns its URLs, auth headers, request
+//! mapping (from the neutral [`ProviderRequest`]), response and stream-event mapping
+//! (into [`ChunkStream::from_events`]) and error classification (into
+//! [`ProviderError`]). What every wire shares stays here: [`Timeouts`], the HTTP
+//! clients ([`HttpClients`]), the stream contract ([`ChunkStream`]) and the error
+//! classes. `openai/` ([`OpenAiProvider`]) is the first wire.
+//!
+//! # Layout
+//! - `mod.rs`: the [`Provider`] trait, [`ProviderRequest`], [`ProbeKind`], [`build`].
+//! - `error.rs`: [`ProviderError`], [`ErrorKind`], `Retry-After` parsing.
+//! - `http.rs`: [`HttpClients`], the reqwest clients the wires share.
+//! - `stream.rs`: [`ChunkStream`], the stream contract (timeouts, a complete end).
+//! - `openai/`: [`OpenAiProvider`], the OpenAI chat-completions wire.
 
-mod client;
 mod error;
-mod sse;
+mod http;
+mod openai;
+mod stream;
 
-pub use client::{ChunkStream, HttpClients, OpenAiClient, Timeouts};
-pub use error::{ErrorKind, ProviderError};
+use std::fmt;
+use std::sync::Arc;
+use std::time::Duration;
+
+use echelon_types::{ChatCompletion, ChatCompletionRequest};
+use futures::future::BoxFuture;
+
+use crate::config::ProviderApi;
+use crate::key::ApiKey;
+
+pub use error::{ErrorKind, MAX_RETRY_AFTER, ProviderError};
+pub use http::HttpClients;
+pub use openai::OpenAiProvider;
+pub use stream::{ChunkStream, StreamEvent};
+
+/// The timeouts of one attempt (DESIGN.md §4 "Streams").
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Timeouts {
+    /// TCP (and TLS) connect.
+    pub connect: Duration,
+    /// The whole attempt, from sending to the last byte of the answer.
+    pub total: Duration,
+    /// Streams: from sending to the first chunk that carries content.
+    pub first_token: Duration,
+    /// Streams: the longest gap between two chunks.
+    pub chunk_gap: Duration,
+}
+
+/// What a health probe sends (a polling pool's `health_check`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ProbeKind {
+    /// The provider's model list (OpenAI: `GET {base_url}/models`): cheap, no tokens;
+    /// passes on any 2xx.
+    Models,
+    /// A one-token chat completion (`"ping"`, `max_tokens: 1`) of the upstream model;
+    /// passes on a 2xx completion.
+    Completion,
+}
+
+/// One chat completion to send, in no wire's format: the client's request, shared as it
+/// came (never cloned per tier or attempt), and what this attempt changes in it. Each
+/// wire applies the changes when it serializes the request.
+#[derive(Debug, Clone, Copy)]
+pub struct ProviderRequest<'a> {
+    /// The request as the client sent it (its `model` is the route, not sent; its
+    /// `stream` and `stream_options.include_usage` are replaced by [`stream`](Self::stream)).
+    pub body: &'a ChatCompletionRequest,
+    /// The name the provider knows the model by, sent in place of `body.model`.
+    pub model: &'a str,
+    /// The echelon's default temperature: sent only when `body.temperature` is unset.
+    pub temperature: Option<f64>,
+    /// The echelon's default generation cap, tokens: sent only when the body sets neither
+    /// `max_tokens` nor `max_completion_tokens`.
+    pub max_tokens: Option<u32>,
+    /// Whether to ask for a stream (and, in it, a final usage chunk).
+    pub stream: bool,
+}
+
+impl<'a> ProviderRequest<'a> {
+    /// A request of `body` to `model` with no defaults.
+    pub fn new(body: &'a ChatCompletionRequest, model: &'a str, stream: bool) -> Self {
+        ProviderRequest {
+            body,
+            model,
+            temperature: None,
+            max_tokens: None,
+            stream,
+        }
+    }
+
+    /// The temperature sent: the body's, else the default.
+    pub fn effective_temperature(&self) -> Option<f64> {
+        self.body.temperature.or(self.temperature)
+    }
+
+    /// The generation cap sent, tokens: the body's (`max_completion_tokens`, else
+    /// `max_tokens`), else the default.
+    pub fn effective_max_tokens(&self) -> Option<u32> {
+        self.body.max_output_tokens().or(self.max_tokens)
+    }
+}
+
+/// One upstream wire: calls, streams and probes an endpoint with one key at a time.
+///
+/// Object-safe (models hold an `Arc<dyn Provider>`): the operations return boxed
+/// futures. Implementations enforce [`Timeouts`] themselves and classify every failure
+/// as a [`ProviderError`]; they never retry.
+pub trait Provider: Send + Sync + fmt::Debug {
+    /// A non-streamed chat completion (`req.stream` is false).
+    ///
+    /// # Errors
+    /// A classified [`ProviderError`]: HTTP errors by status, timeouts (total),
+    /// connection errors, and `Malformed` for a 2xx body that is not a chat completion.
+    fn call<'a>(
+        &'a self,
+        key: Option<&'a ApiKey>,
+        req: &'a ProviderRequest<'a>,
+    ) -> BoxFuture<'a, Result<ChatCompletion, ProviderError>>;
+
+    /// Starts a streamed chat completion (`req.stream` is true).
+    ///
+    /// Resolves once the provider has answered 2xx; the chunks are then read from the
+    /// [`ChunkStream`], which enforces the first-token, chunk-gap and total timeouts.
+    ///
+    /// # Errors
+    /// As [`call`](Self::call); the first-token timeout also bounds the wait for headers.
+    fn stream<'a>(
+        &'a self,
+        key: Option<&'a ApiKey>,
+        req: &'a ProviderRequest<'a>,
+    ) -> BoxFuture<'a, Result<ChunkStream, ProviderError>>;
+
+    /// One health probe of `upstream_model` (see [`ProbeKind`]); straight to the
+    /// provider, bounded by the connect timeout plus a few seconds (`Models`) or the
+    /// total timeout (`Completion`).
+    ///
+    /// # Errors
+    /// Why the probe failed, classified as for [`call`](Self::call).
+    fn probe<'a>(
+        &'a self,
+        key: Option<&'a ApiKey>,
+        kind: ProbeKind,
+        upstream_model: &'a str,
+    ) -> BoxFuture<'a, Result<(), ProviderError>>;
+
+    /// The attempt timeouts.
+    fn timeouts(&self) -> Timeouts;
+
+    /// The endpoint called, for logs (a URL without credentials in the usual config).
+    fn endpoint(&self) -> &str;
+}
+
+/// The provider for a model: the wire `api` selects, at `base_url` (e.g.
+/// `http://127.0.0.1:8082/v1`) over `http` (from [`HttpClients::get`], whose connect
+/// timeout should be `timeouts.connect`); the other timeouts apply per request.
+pub fn build(
+    api: ProviderApi,
+    http: reqwest::Client,
+    base_url: &str,
+    timeouts: Timeouts,
+) -> Arc<dyn Provider> {
+    match api {
+        ProviderApi::OpenAi => Arc::new(OpenAiProvider::new(http, base_url, timeouts)),
+    }
+}

@@ -16,7 +16,7 @@ use super::model::Model;
 use super::plan::Tier;
 use crate::error::{GatewayError, GatewayErrorKind};
 use crate::key::ApiKey;
-use crate::provider::{ChunkStream, ErrorKind, ProviderError};
+use crate::provider::{ChunkStream, ErrorKind, ProviderError, ProviderRequest};
 use crate::resilience::admission::{Ask, Report};
 
 /// Longest wait the gateway spends on a live request for a rate-limited model: a
@@ -174,6 +174,13 @@ pub(crate) async fn try_model(
     let mut refused_keys: Vec<usize> = Vec::new();
     let mut calls: u32 = 0;
     let mut cooldown_waits: u32 = 0;
+    let req = ProviderRequest {
+        body,
+        model: model.upstream_model(),
+        temperature: tier.defaults.temperature,
+        max_tokens: tier.defaults.max_tokens,
+        stream,
+    };
     model.retry_budget.deposit();
     loop {
         let tried = calls > 0;
@@ -226,7 +233,7 @@ pub(crate) async fn try_model(
         let key_id = admitted.key().map(|k| k.id().to_owned());
         let key_index = admitted.key_index();
         let started = Instant::now();
-        let result = call(model, admitted.key(), body, stream, tier.defaults.timeout).await;
+        let result = call(model, admitted.key(), &req, tier.defaults.timeout).await;
         let latency_ms = started.elapsed().as_millis() as u64;
         let e = match result {
             Ok(answer) => {
@@ -346,15 +353,14 @@ enum CallAnswer {
 async fn call(
     model: &Model,
     key: Option<&ApiKey>,
-    body: &ChatCompletionRequest,
-    stream: bool,
+    req: &ProviderRequest<'_>,
     bound: Option<Duration>,
 ) -> Result<CallAnswer, ProviderError> {
     let call = async {
-        if !stream {
-            return model.client().chat(key, body).await.map(CallAnswer::Chat);
+        if !req.stream {
+            return model.upstream().call(key, req).await.map(CallAnswer::Chat);
         }
-        let mut rest = model.client().chat_stream(key, body).await?;
+        let mut rest = model.upstream().stream(key, req).await?;
         let mut buffered = VecDeque::new();
         // Hold chunks back until one carries content: a role-only first chunk (llama.cpp
         // sends `content: null`) must not commit the client to this candidate.

@@ -7,7 +7,7 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::Duration;
 
 use crate::config::{CircuitBreakerConfig, ModelConfig, ProviderConfig, TokenEncoding};
-use crate::provider::{HttpClients, OpenAiClient, ProviderError, Timeouts};
+use crate::provider::{HttpClients, Provider, ProviderError, Timeouts};
 use crate::resilience::breaker::{BreakerSettings, CircuitBreaker, FailureRate};
 use crate::resilience::concurrency::ConcurrencyLimit;
 use crate::resilience::key_pool::KeyPool;
@@ -37,7 +37,7 @@ pub struct Model {
     id: String,
     provider: String,
     upstream_model: String,
-    client: OpenAiClient,
+    upstream: Arc<dyn Provider>,
     keys: Arc<KeyPool>,
     key_cooldown: Duration,
     max_retries: u32,
@@ -90,7 +90,8 @@ pub(crate) fn breaker_settings(c: &CircuitBreakerConfig) -> BreakerSettings {
 impl Model {
     /// Builds model `id` from its config and its provider's. `keys` is the key pool it
     /// draws from: the provider's (shared with every model using it) or its own; its
-    /// HTTP client comes from `http`, shared with the other models of the gateway.
+    /// HTTP client comes from `http`, shared with the other models of the gateway; its
+    /// provider's `api` selects the wire ([`crate::provider::build`]).
     ///
     /// # Errors
     /// When the HTTP client cannot be built.
@@ -128,7 +129,12 @@ impl Model {
             id: id.to_owned(),
             provider: config.provider.clone(),
             upstream_model: config.model.clone(),
-            client: OpenAiClient::with_http(http.get(timeouts.connect)?, base_url, timeouts),
+            upstream: crate::provider::build(
+                provider.api,
+                http.get(timeouts.connect)?,
+                base_url,
+                timeouts,
+            ),
             keys,
             key_cooldown: Duration::from_secs_f64(
                 config
@@ -175,9 +181,9 @@ impl Model {
         &self.upstream_model
     }
 
-    /// The provider client.
-    pub fn client(&self) -> &OpenAiClient {
-        &self.client
+    /// The upstream it calls: its provider's wire at its `base_url`, with its timeouts.
+    pub fn upstream(&self) -> &Arc<dyn Provider> {
+        &self.upstream
     }
 
     /// The key pool it draws from (possibly shared with other models).

@@ -19,7 +19,8 @@
 //! # Probes
 //! [`ProbeKind::Models`] sends `GET {base_url}/models` (cheap, no tokens) with the
 //! model's key when it has keys; [`ProbeKind::Completion`] sends a one-token chat
-//! completion (`"ping"`, `max_tokens: 1`) through the model's client. Probes go straight
+//! completion (`"ping"`, `max_tokens: 1`); the model's provider sends either
+//! ([`Provider::probe`](crate::provider::Provider::probe)). Probes go straight
 //! to the provider: they do not pass through the model's circuit breaker, token buckets
 //! or concurrency limit, but they do lease a key like any request.
 
@@ -29,14 +30,11 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError, Weak};
 use std::time::Duration;
 
-use echelon_types::{ChatCompletionRequest, ChatMessage, Role};
 use tokio::time::{Instant, MissedTickBehavior};
 
 use super::model::Model;
 use crate::resilience::key_pool::NoKey;
 
-/// Added to a model's connect timeout to bound a `GET /models` probe.
-const MODELS_PROBE_EXTRA: Duration = Duration::from_secs(5);
 /// Sticky sessions kept at most (the least recently used go first beyond that).
 const MAX_SESSIONS: u64 = 100_000;
 /// Longest `recovery_time` / `session_ttl` honoured (one year), so that adding it to an
@@ -54,14 +52,8 @@ pub(crate) enum Rotation {
     Weighted,
 }
 
-/// What a health probe sends.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) enum ProbeKind {
-    /// `GET {base_url}/models`; passes on any 2xx.
-    Models,
-    /// A one-token chat completion of the upstream model; passes on a 2xx completion.
-    Completion,
-}
+/// What a health probe sends (moved to the provider, which sends it).
+pub(crate) use crate::provider::ProbeKind;
 
 /// A pool's rotation and health-check settings (seed 001 `polling_pools/*.yaml`).
 #[derive(Debug, Clone)]
@@ -151,8 +143,6 @@ pub(crate) struct PollingPool {
     inner: Mutex<Inner>,
     picked: Vec<AtomicU64>,
     sessions: moka::sync::Cache<String, usize>,
-    /// For `GET /models` probes; `None` if it could not be built (probes then fail).
-    http: Option<reqwest::Client>,
 }
 
 impl std::fmt::Debug for PollingPool {
@@ -177,26 +167,6 @@ fn ms(d: Duration) -> u64 {
     u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
 }
 
-/// A reqwest error as text, without the URL (it could carry credentials).
-fn reqwest_reason(e: reqwest::Error) -> String {
-    let kind = if e.is_timeout() {
-        "timeout"
-    } else if e.is_connect() {
-        "connect"
-    } else {
-        "request"
-    };
-    let e = e.without_url();
-    let mut msg = format!("{kind}: {e}");
-    let mut src = std::error::Error::source(&e);
-    while let Some(s) = src {
-        msg.push_str(": ");
-        msg.push_str(&s.to_string());
-        src = s.source();
-    }
-    msg
-}
-
 impl PollingPool {
     /// A pool named `name` over `instances` (in config order), all healthy at first.
     pub(crate) fn new(name: String, instances: Vec<Arc<Model>>, settings: PoolSettings) -> Self {
@@ -208,13 +178,6 @@ impl PollingPool {
             .max_capacity(MAX_SESSIONS)
             .time_to_idle(settings.session_ttl.min(MAX_DURATION))
             .build();
-        let http = match reqwest::Client::builder().tcp_nodelay(true).build() {
-            Ok(c) => Some(c),
-            Err(e) => {
-                tracing::error!(pool = %name, "health-probe HTTP client: {e}");
-                None
-            }
-        };
         PollingPool {
             name,
             weights,
@@ -227,7 +190,6 @@ impl PollingPool {
             instances,
             settings,
             sessions,
-            http,
         }
     }
 
@@ -441,35 +403,16 @@ impl PollingPool {
             }
         };
         let key = lease.as_ref().map(|l| l.key());
-        match self.settings.probe {
-            ProbeKind::Models => {
-                let Some(http) = &self.http else {
-                    return Probe::Fail("no HTTP client for probes".into());
-                };
-                let url = model.client().url();
-                let base = url.strip_suffix("/chat/completions").unwrap_or(url);
-                let timeout = model.client().timeouts().connect + MODELS_PROBE_EXTRA;
-                let mut req = http.get(format!("{base}/models")).timeout(timeout);
-                if let Some(key) = key {
-                    req = req.bearer_auth(key.expose());
-                }
-                match req.send().await {
-                    Ok(resp) if resp.status().is_success() => Probe::Pass,
-                    Ok(resp) => Probe::Fail(format!("GET /models: HTTP {}", resp.status())),
-                    Err(e) => Probe::Fail(format!("GET /models: {}", reqwest_reason(e))),
-                }
-            }
-            ProbeKind::Completion => {
-                let mut body = ChatCompletionRequest::new(
-                    model.upstream_model(),
-                    vec![ChatMessage::new(Role::User, "ping")],
-                );
-                body.max_tokens = Some(1);
-                match model.client().chat(key, &body).await {
-                    Ok(_) => Probe::Pass,
-                    Err(e) => Probe::Fail(format!("completion: {e}")),
-                }
-            }
+        let what = match self.settings.probe {
+            ProbeKind::Models => "GET /models",
+            ProbeKind::Completion => "completion",
+        };
+        let probe = model
+            .upstream()
+            .probe(key, self.settings.probe, model.upstream_model());
+        match probe.await {
+            Ok(()) => Probe::Pass,
+            Err(e) => Probe::Fail(format!("{what}: {e}")),
         }
     }
 

@@ -1,0 +1,254 @@
+//! The OpenAI chat-completions wire (`api: openai`; also llama.cpp, vLLM, DeepSeek, …):
+//! [`OpenAiProvider`], over reqwest with rustls.
+//!
+//! - `mod.rs`: the provider (URLs, bearer auth, calls, probes, error answers).
+//! - `request.rs`: the request body, serialized from a [`ProviderRequest`] by borrowing.
+//! - `sse.rs`: the stream events (SSE, chunk JSON, `[DONE]`, error events).
+
+mod request;
+mod sse;
+
+use std::time::Duration;
+
+use echelon_types::{ChatCompletion, ChatCompletionRequest, ChatMessage, Role};
+use futures::StreamExt;
+use futures::future::BoxFuture;
+use tokio::time::Instant;
+
+use self::request::WireRequest;
+use super::error::{ErrorKind, ProviderError, parse_retry_after};
+use super::http::from_reqwest;
+use super::stream::first_token_timeout;
+use super::{ChunkStream, ProbeKind, Provider, ProviderRequest, Timeouts};
+use crate::key::ApiKey;
+
+/// Added to the connect timeout to bound a `GET /models` probe.
+const MODELS_PROBE_EXTRA: Duration = Duration::from_secs(5);
+
+/// One OpenAI-compatible endpoint: `{base_url}/chat/completions` for calls and streams,
+/// `{base_url}/models` for probes; the key, when there is one, as a bearer token.
+///
+/// Cheap to clone; clones share the connection pool.
+#[derive(Debug, Clone)]
+pub struct OpenAiProvider {
+    http: reqwest::Client,
+    /// `{base_url}/chat/completions`, parsed once: reqwest would parse a string again
+    /// for every request (about 7,000 instructions, a twentieth of a judged item's).
+    /// `Err` holds a URL that does not parse; each request then fails as reqwest
+    /// reports it.
+    chat_url: Result<reqwest::Url, String>,
+    /// `{base_url}/models`, the same way.
+    models_url: Result<reqwest::Url, String>,
+    timeouts: Timeouts,
+}
+
+fn parse_url(url: String) -> Result<reqwest::Url, String> {
+    reqwest::Url::parse(&url).map_err(|_| url)
+}
+
+impl OpenAiProvider {
+    /// The endpoint at `base_url` (e.g. `http://127.0.0.1:8082/v1`) over `http` (from
+    /// [`HttpClients::get`](super::HttpClients::get), whose connect timeout should be
+    /// `timeouts.connect`); the other timeouts apply per request.
+    pub fn new(http: reqwest::Client, base_url: &str, timeouts: Timeouts) -> Self {
+        let base = base_url.trim_end_matches('/');
+        OpenAiProvider {
+            http,
+            chat_url: parse_url(format!("{base}/chat/completions")),
+            models_url: parse_url(format!("{base}/models")),
+            timeouts,
+        }
+    }
+
+    /// A request to `url` with the key as a bearer token, bounded by `timeout`.
+    fn send(
+        &self,
+        method: reqwest::Method,
+        url: &Result<reqwest::Url, String>,
+        key: Option<&ApiKey>,
+        timeout: Duration,
+    ) -> reqwest::RequestBuilder {
+        let req = match url {
+            Ok(url) => self.http.request(method, url.clone()),
+            Err(raw) => self.http.request(method, raw),
+        };
+        let req = req.timeout(timeout);
+        match key {
+            Some(key) => req.bearer_auth(key.expose()),
+            None => req,
+        }
+    }
+
+    /// A chat-completions POST of `req` (serialized now, without cloning its body).
+    fn post_chat(
+        &self,
+        key: Option<&ApiKey>,
+        req: &ProviderRequest<'_>,
+    ) -> reqwest::RequestBuilder {
+        self.send(
+            reqwest::Method::POST,
+            &self.chat_url,
+            key,
+            self.timeouts.total,
+        )
+        .json(&WireRequest::new(req))
+    }
+
+    async fn call_inner(
+        &self,
+        send: reqwest::RequestBuilder,
+    ) -> Result<ChatCompletion, ProviderError> {
+        let resp = send.send().await.map_err(from_reqwest)?;
+        let resp = check_status(resp).await?;
+        let bytes = resp.bytes().await.map_err(from_reqwest)?;
+        serde_json::from_slice(&bytes).map_err(|e| {
+            ProviderError::new(
+                ErrorKind::Malformed,
+                format!("response is not a chat completion: {e}"),
+            )
+        })
+    }
+
+    async fn stream_inner(
+        &self,
+        send: reqwest::RequestBuilder,
+    ) -> Result<ChunkStream, ProviderError> {
+        let started = Instant::now();
+        let first_token_deadline = started + self.timeouts.first_token;
+        let resp = match tokio::time::timeout_at(first_token_deadline, send.send()).await {
+            Ok(r) => r.map_err(from_reqwest)?,
+            Err(_) => return Err(first_token_timeout(self.timeouts.first_token)),
+        };
+        let resp = check_status(resp).await?;
+        let bytes = resp.bytes_stream().map(|r| r.map_err(from_reqwest));
+        Ok(ChunkStream::with_deadline(
+            sse::events(bytes),
+            self.timeouts,
+            first_token_deadline,
+        ))
+    }
+
+    async fn probe_inner(
+        &self,
+        key: Option<&ApiKey>,
+        kind: ProbeKind,
+        upstream_model: &str,
+    ) -> Result<(), ProviderError> {
+        match kind {
+            ProbeKind::Models => {
+                let timeout = self.timeouts.connect + MODELS_PROBE_EXTRA;
+                let send = self.send(reqwest::Method::GET, &self.models_url, key, timeout);
+                let resp = send.send().await.map_err(from_reqwest)?;
+                check_status(resp).await.map(drop)
+            }
+            ProbeKind::Completion => {
+                let ping = ChatCompletionRequest::new(
+                    upstream_model,
+                    vec![ChatMessage::new(Role::User, "ping")],
+                );
+                let req = ProviderRequest {
+                    max_tokens: Some(1),
+                    ..ProviderRequest::new(&ping, upstream_model, false)
+                };
+                self.call_inner(self.post_chat(key, &req)).await.map(drop)
+            }
+        }
+    }
+}
+
+impl Provider for OpenAiProvider {
+    fn call<'a>(
+        &'a self,
+        key: Option<&'a ApiKey>,
+        req: &'a ProviderRequest<'a>,
+    ) -> BoxFuture<'a, Result<ChatCompletion, ProviderError>> {
+        Box::pin(self.call_inner(self.post_chat(key, req)))
+    }
+
+    fn stream<'a>(
+        &'a self,
+        key: Option<&'a ApiKey>,
+        req: &'a ProviderRequest<'a>,
+    ) -> BoxFuture<'a, Result<ChunkStream, ProviderError>> {
+        Box::pin(self.stream_inner(self.post_chat(key, req)))
+    }
+
+    fn probe<'a>(
+        &'a self,
+        key: Option<&'a ApiKey>,
+        kind: ProbeKind,
+        upstream_model: &'a str,
+    ) -> BoxFuture<'a, Result<(), ProviderError>> {
+        Box::pin(self.probe_inner(key, kind, upstream_model))
+    }
+
+    fn timeouts(&self) -> Timeouts {
+        self.timeouts
+    }
+
+    fn endpoint(&self) -> &str {
+        match &self.chat_url {
+            Ok(url) => url.as_str(),
+            Err(raw) => raw,
+        }
+    }
+}
+
+/// The response when it is 2xx, else its classified error (status, `Retry-After`, the
+/// OpenAI error body's message).
+async fn check_status(resp: reqwest::Response) -> Result<reqwest::Response, ProviderError> {
+    let status = resp.status();
+    if status.is_success() {
+        return Ok(resp);
+    }
+    let retry_after = parse_retry_after(resp.headers().get(http::header::RETRY_AFTER));
+    let body = resp.bytes().await.unwrap_or_default();
+    Err(ProviderError::from_response(
+        status.as_u16(),
+        retry_after,
+        &body,
+    ))
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    fn timeouts() -> Timeouts {
+        let t = Duration::from_secs(1);
+        Timeouts {
+            connect: t,
+            total: t,
+            first_token: t,
+            chunk_gap: t,
+        }
+    }
+
+    #[test]
+    fn urls_hang_off_the_base_url_with_or_without_a_slash() {
+        for base in ["http://127.0.0.1:9/v1", "http://127.0.0.1:9/v1/"] {
+            let p = OpenAiProvider::new(reqwest::Client::new(), base, timeouts());
+            assert_eq!(p.endpoint(), "http://127.0.0.1:9/v1/chat/completions");
+            assert_eq!(
+                p.models_url.as_ref().unwrap().as_str(),
+                "http://127.0.0.1:9/v1/models"
+            );
+        }
+        let p = OpenAiProvider::new(reqwest::Client::new(), "not a url", timeouts());
+        assert_eq!(p.endpoint(), "not a url/chat/completions");
+    }
+
+    #[tokio::test]
+    async fn a_url_that_does_not_parse_fails_each_call_cleanly() {
+        let p = OpenAiProvider::new(reqwest::Client::new(), "not a url", timeouts());
+        let body = ChatCompletionRequest::new("m", vec![]);
+        let e = p
+            .call(None, &ProviderRequest::new(&body, "m", false))
+            .await
+            .unwrap_err();
+        assert_eq!(e.kind, ErrorKind::Connect);
+        let e = p.probe(None, ProbeKind::Models, "m").await.unwrap_err();
+        assert_eq!(e.kind, ErrorKind::Connect);
+    }
+}

@@ -1,0 +1,246 @@
+//! The stream contract every wire's streams keep: chunks within the first-token and
+//! chunk-gap timeouts, a complete end (`[DONE]` or a finish reason) or an error, and
+//! nothing after the end (DESIGN.md §4 "Streams").
+
+use std::fmt;
+use std::pin::Pin;
+use std::task::{Context, Poll};
+
+use echelon_types::ChatCompletionChunk;
+use futures::{Stream, StreamExt};
+use tokio::time::Instant;
+
+use super::Timeouts;
+use super::error::{ErrorKind, ProviderError};
+
+/// One event of a wire's stream, already decoded from the wire's format.
+#[derive(Debug, Clone, PartialEq)]
+pub enum StreamEvent {
+    /// A chunk of the answer.
+    Chunk(ChatCompletionChunk),
+    /// An event without a chunk (an empty `data:`): it proves the stream alive (it
+    /// resets the chunk-gap timeout) and is not passed on.
+    Keepalive,
+    /// The provider's end of stream (OpenAI: `data: [DONE]`).
+    Done,
+}
+
+type Chunks = Pin<Box<dyn Stream<Item = Result<ChatCompletionChunk, ProviderError>> + Send>>;
+
+/// The chunks of a streamed completion, read one at a time (with [`next`](Self::next)
+/// or as a [`futures::Stream`]).
+///
+/// Yields the chunks in order, then `None` on a complete end; a failure yields one
+/// `Err`, then `None`. Every chunk is decoded once, by the wire.
+pub struct ChunkStream {
+    chunks: Chunks,
+}
+
+impl fmt::Debug for ChunkStream {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ChunkStream").finish_non_exhaustive()
+    }
+}
+
+impl ChunkStream {
+    /// The chunks of a wire's decoded `events`, checked against the stream contract with
+    /// `timeouts` (the first-token timeout counts from now).
+    ///
+    /// `events` ends (`None`) when the body ends; an `Err` event ends the stream with
+    /// that error. [`next`](Self::next) needs a Tokio runtime with the time driver.
+    pub fn from_events<S>(events: S, timeouts: Timeouts) -> ChunkStream
+    where
+        S: Stream<Item = Result<StreamEvent, ProviderError>> + Send + 'static,
+    {
+        ChunkStream::with_deadline(events, timeouts, Instant::now() + timeouts.first_token)
+    }
+
+    /// As [`from_events`](Self::from_events), the first-token timeout ending at
+    /// `first_token_deadline` (it started with the request).
+    pub(crate) fn with_deadline<S>(
+        events: S,
+        timeouts: Timeouts,
+        first_token_deadline: Instant,
+    ) -> ChunkStream
+    where
+        S: Stream<Item = Result<StreamEvent, ProviderError>> + Send + 'static,
+    {
+        let reader = Reader {
+            events: Box::pin(events),
+            first_token_deadline: Some(first_token_deadline),
+            timeouts,
+            finished: false,
+            done: false,
+        };
+        let chunks = futures::stream::unfold(reader, |mut reader| async move {
+            let item = reader.next().await?;
+            Some((item, reader))
+        });
+        ChunkStream {
+            // Fused: polled again after its end, it stays ended.
+            chunks: Box::pin(chunks.fuse()),
+        }
+    }
+
+    /// The next chunk; `None` after the provider's end of stream (or a clean end after a
+    /// finish reason), and after an error.
+    ///
+    /// # Errors
+    /// `Timeout` when the first content chunk does not come within the first-token
+    /// timeout or a gap exceeds the chunk-gap timeout; `StreamCut` when the stream ends
+    /// or drops before it is complete; the wire's errors (`Malformed` for an unparsable
+    /// event, `ServerError` for an error event from the provider).
+    pub async fn next(&mut self) -> Option<Result<ChatCompletionChunk, ProviderError>> {
+        self.chunks.next().await
+    }
+}
+
+impl Stream for ChunkStream {
+    type Item = Result<ChatCompletionChunk, ProviderError>;
+
+    fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
+        self.chunks.as_mut().poll_next(cx)
+    }
+}
+
+/// The error of a first-token timeout of `limit`.
+pub(crate) fn first_token_timeout(limit: std::time::Duration) -> ProviderError {
+    ProviderError::new(
+        ErrorKind::Timeout,
+        format!("no first token within {} ms", limit.as_millis()),
+    )
+}
+
+/// The state of a [`ChunkStream`].
+struct Reader {
+    events: Pin<Box<dyn Stream<Item = Result<StreamEvent, ProviderError>> + Send>>,
+    /// Until a chunk carries content or a finish reason.
+    first_token_deadline: Option<Instant>,
+    timeouts: Timeouts,
+    /// A finish reason was seen: the body may end without `[DONE]`.
+    finished: bool,
+    done: bool,
+}
+
+impl Reader {
+    async fn next(&mut self) -> Option<Result<ChatCompletionChunk, ProviderError>> {
+        if self.done {
+            return None;
+        }
+        let result = self.read().await;
+        match &result {
+            None | Some(Err(_)) => self.done = true,
+            Some(Ok(_)) => {}
+        }
+        result
+    }
+
+    async fn read(&mut self) -> Option<Result<ChatCompletionChunk, ProviderError>> {
+        loop {
+            let gap_deadline = Instant::now() + self.timeouts.chunk_gap;
+            let (deadline, first) = match self.first_token_deadline {
+                Some(ft) if ft < gap_deadline => (ft, true),
+                _ => (gap_deadline, false),
+            };
+            let event = match tokio::time::timeout_at(deadline, self.events.next()).await {
+                Err(_) if first => {
+                    return Some(Err(first_token_timeout(self.timeouts.first_token)));
+                }
+                Err(_) => {
+                    return Some(Err(ProviderError::new(
+                        ErrorKind::Timeout,
+                        format!("no chunk within {} ms", self.timeouts.chunk_gap.as_millis()),
+                    )));
+                }
+                Ok(e) => e,
+            };
+            match event {
+                None if self.finished => return None,
+                None => {
+                    return Some(Err(ProviderError::new(
+                        ErrorKind::StreamCut,
+                        "stream ended before [DONE]",
+                    )));
+                }
+                Some(Err(e)) => return Some(Err(e)),
+                Some(Ok(StreamEvent::Done)) => return None,
+                Some(Ok(StreamEvent::Keepalive)) => continue,
+                Some(Ok(StreamEvent::Chunk(chunk))) => {
+                    let finish = chunk.choices.iter().any(|c| c.finish_reason.is_some());
+                    if finish || chunk.has_content() {
+                        self.first_token_deadline = None;
+                    }
+                    if finish {
+                        self.finished = true;
+                    }
+                    return Some(Ok(chunk));
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    const T: Duration = Duration::from_secs(5);
+    const TIMEOUTS: Timeouts = Timeouts {
+        connect: T,
+        total: T,
+        first_token: T,
+        chunk_gap: T,
+    };
+
+    fn chunk(content: &str, finish: Option<&str>) -> StreamEvent {
+        let json = serde_json::json!({
+            "choices": [{"delta": {"content": content}, "finish_reason": finish}]
+        });
+        StreamEvent::Chunk(serde_json::from_value(json).unwrap())
+    }
+
+    #[tokio::test]
+    async fn is_a_futures_stream_that_stays_ended_after_an_error() {
+        let events = futures::stream::iter(vec![
+            Ok(StreamEvent::Keepalive),
+            Ok(chunk("a", None)),
+            Err(ProviderError::new(ErrorKind::Malformed, "bad")),
+            Ok(chunk("b", None)),
+        ]);
+        let stream = ChunkStream::from_events(events, TIMEOUTS);
+        let items: Vec<_> = StreamExt::collect(stream).await;
+        assert_eq!(items.len(), 2);
+        assert!(items[0].is_ok());
+        assert_eq!(items[1].as_ref().unwrap_err().kind, ErrorKind::Malformed);
+    }
+
+    #[tokio::test]
+    async fn an_end_without_done_is_complete_only_after_a_finish_reason() {
+        let events = futures::stream::iter(vec![Ok(chunk("a", Some("stop")))]);
+        let mut stream = ChunkStream::from_events(events, TIMEOUTS);
+        assert!(stream.next().await.unwrap().is_ok());
+        assert!(stream.next().await.is_none());
+        assert!(stream.next().await.is_none());
+
+        let events = futures::stream::iter(vec![Ok(chunk("a", None))]);
+        let mut stream = ChunkStream::from_events(events, TIMEOUTS);
+        assert!(stream.next().await.unwrap().is_ok());
+        let cut = stream.next().await.unwrap().unwrap_err();
+        assert_eq!(cut.kind, ErrorKind::StreamCut);
+        assert!(stream.next().await.is_none());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_silent_provider_times_out_at_the_first_token() {
+        let t = Timeouts {
+            first_token: Duration::from_millis(100),
+            ..TIMEOUTS
+        };
+        let mut stream = ChunkStream::from_events(futures::stream::pending(), t);
+        let e = stream.next().await.unwrap().unwrap_err();
+        assert_eq!(e.kind, ErrorKind::Timeout);
+        assert_eq!(e.message, "no first token within 100 ms");
+    }
+}
