@@ -4,6 +4,7 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::path::PathBuf;
+use std::time::Duration;
 
 use echelon::config::{
     CircuitBreakerConfig, Config, ConfigError, ConfigErrors, FallbackConfig, FallbackStrategy,
@@ -38,6 +39,11 @@ fn env_of(vars: &'static [(&'static str, &'static str)]) -> impl Fn(&str) -> Opt
 
 fn no_env(_: &str) -> Option<String> {
     None
+}
+
+/// `s` seconds: durations are written in seconds and read as `Duration`s.
+fn secs(s: f64) -> Duration {
+    Duration::from_secs_f64(s)
 }
 
 fn errors_of(result: Result<Config, ConfigErrors>) -> Vec<ConfigError> {
@@ -83,12 +89,12 @@ fn good_yaml_loads_every_field() {
     assert_eq!(m.model, "smollm2");
     assert_eq!(m.base_url, None);
     assert!(m.api_keys.is_none());
-    assert_eq!(m.timeout, 30.0);
-    assert_eq!(m.connect_timeout, 2.5);
-    assert_eq!(m.first_token_timeout, Some(10.0));
-    assert_eq!(m.chunk_timeout, 15.0);
+    assert_eq!(m.timeout, secs(30.0));
+    assert_eq!(m.connect_timeout, secs(2.5));
+    assert_eq!(m.first_token_timeout, Some(secs(10.0)));
+    assert_eq!(m.chunk_timeout, secs(15.0));
     assert_eq!(m.max_retries, 1);
-    assert_eq!(m.retry_delay, 0.5);
+    assert_eq!(m.retry_delay, secs(0.5));
     assert_eq!(m.context_window, Some(2048));
     assert_eq!(m.rpm_limit, Some(600));
     assert_eq!(m.tpm_limit, Some(100_000));
@@ -99,12 +105,12 @@ fn good_yaml_loads_every_field() {
     assert_eq!(m.model, "smollm-b", "upstream name defaults to the id");
     assert_eq!(m.base_url.as_deref(), Some("https://b.example/v1"));
     assert_eq!(keys(m.api_keys.as_deref().unwrap()), ["key-b1"]);
-    assert_eq!(m.timeout, 60.0);
-    assert_eq!(m.connect_timeout, 5.0);
+    assert_eq!(m.timeout, secs(60.0));
+    assert_eq!(m.connect_timeout, secs(5.0));
     assert_eq!(m.first_token_timeout, None);
-    assert_eq!(m.chunk_timeout, 30.0);
+    assert_eq!(m.chunk_timeout, secs(30.0));
     assert_eq!(m.max_retries, 2);
-    assert_eq!(m.retry_delay, 1.0);
+    assert_eq!(m.retry_delay, secs(1.0));
     assert_eq!(m.rate_limit_capacity, Some(20.0));
     assert_eq!(m.rate_limit_refill_rate, Some(3.0));
 
@@ -126,17 +132,17 @@ fn good_yaml_loads_every_field() {
     assert_eq!(e1.temperature, Some(0.7));
     assert_eq!(e1.max_tokens, Some(2000));
     assert_eq!(g.echelons[1].models, ["smollm-b"]);
-    assert_eq!(g.echelons[1].timeout, Some(20.0));
+    assert_eq!(g.echelons[1].timeout, Some(secs(20.0)));
     let f = g.fallback_config.as_ref().unwrap();
     assert_eq!(f.strategy, FallbackStrategy::TaskGroupSwitch);
     assert_eq!(f.fallback_groups, ["backup_group", "demo_group.echelon2"]);
     assert_eq!(f.max_attempts, Some(3));
-    assert_eq!(f.retry_delay, Some(1.0));
+    assert_eq!(f.retry_delay, Some(secs(1.0)));
     assert_eq!(
         f.circuit_breaker,
         Some(CircuitBreakerConfig {
             failure_threshold: 5,
-            recovery_time: 60.0,
+            recovery_time: secs(60.0),
             half_open_requests: 1,
             ..CircuitBreakerConfig::default()
         })
@@ -170,7 +176,7 @@ fn good_json_loads() {
     );
     let tiny = &config.models["tiny"];
     assert_eq!(tiny.model, "qwen2.5-0.5b");
-    assert_eq!(tiny.timeout, 12.5);
+    assert_eq!(tiny.timeout, secs(12.5));
     assert_eq!(tiny.context_window, Some(4096));
     let g = &config.task_groups["json_group"];
     assert_eq!(g.echelons[0].max_tokens, Some(64));
@@ -211,7 +217,7 @@ fn seed_provider_json_loads_as_it_is() {
         ["sk-key1", "sk-key2"]
     );
     assert_eq!(gpt35.max_retries, 5);
-    assert_eq!(gpt35.retry_delay, 1.0);
+    assert_eq!(gpt35.retry_delay, secs(1.0));
     assert_eq!(gpt35.rate_limit_capacity, Some(20.0));
     assert_eq!(gpt35.rate_limit_refill_rate, Some(3.0));
     let gpt4 = &config.models["openai/gpt-4"];
@@ -285,7 +291,7 @@ fn seed_style_directory_merges_files_and_group_files() {
     let e1 = &fast.echelons[0];
     assert_eq!(e1.name, "echelon1");
     assert_eq!(e1.models, ["openai-gpt4", "anthropic-claude-3-opus"]);
-    assert_eq!(e1.timeout, Some(30.0));
+    assert_eq!(e1.timeout, Some(secs(30.0)));
     assert_eq!(e1.temperature, Some(0.7));
     assert_eq!(fast.echelons[1].models, ["openai-gpt4o-mini"]);
     let f = fast.fallback_config.as_ref().unwrap();
@@ -661,7 +667,7 @@ models: { m: { provider: p, timeout: $SUBST_TIMEOUT } }
     assert_eq!(config.server.host, "10.0.0.1");
     assert_eq!(config.providers["p"].base_url, "http://10.0.0.1:8082/v1");
     assert_eq!(keys(&config.providers["p"].api_keys), ["a$b"]);
-    assert_eq!(config.models["m"].timeout, 7.5);
+    assert_eq!(config.models["m"].timeout, secs(7.5));
 }
 
 #[test]
@@ -721,10 +727,10 @@ fn polling_pools_wrappers_and_default_route_load() {
             weights: [("smollm-a".to_owned(), 3), ("smollm-c".to_owned(), 2)]
                 .into_iter()
                 .collect(),
-            health_check_interval: 15.0,
+            health_check_interval: secs(15.0),
             health_check: HealthCheckKind::Completion,
             failure_threshold: 2,
-            recovery_time: 120.0,
+            recovery_time: secs(120.0),
             fallback_config: PoolFallbackConfig {
                 strategy: PoolFallbackStrategy::SimpleRetry,
                 max_instance_attempts: 4,
@@ -749,10 +755,10 @@ fn polling_pools_wrappers_and_default_route_load() {
     );
     let defaults = PollingPoolConfig::default();
     assert_eq!(defaults.rotation_strategy, RotationStrategy::RoundRobin);
-    assert_eq!(defaults.health_check_interval, 30.0);
+    assert_eq!(defaults.health_check_interval, secs(30.0));
     assert_eq!(defaults.health_check, HealthCheckKind::Models);
     assert_eq!(defaults.failure_threshold, 3);
-    assert_eq!(defaults.recovery_time, 60.0);
+    assert_eq!(defaults.recovery_time, secs(60.0));
     assert_eq!(defaults.fallback_config.max_instance_attempts, 2);
 
     assert_eq!(
@@ -811,9 +817,9 @@ fn seed_pool_files_load_from_a_directory() {
     assert_eq!(fast.description.as_deref(), Some("快速响应任务专用轮询池"));
     assert_eq!(fast.task_group, "fast_group");
     assert_eq!(fast.rotation_strategy, RotationStrategy::RoundRobin);
-    assert_eq!(fast.health_check_interval, 30.0);
+    assert_eq!(fast.health_check_interval, secs(30.0));
     assert_eq!(fast.failure_threshold, 3);
-    assert_eq!(fast.recovery_time, 60.0);
+    assert_eq!(fast.recovery_time, secs(60.0));
     assert_eq!(
         fast.fallback_config,
         PoolFallbackConfig {
@@ -824,9 +830,9 @@ fn seed_pool_files_load_from_a_directory() {
     // Seed 002's variant: `fallback_strategy` and `max_instance_attempts` at the top.
     let thinking = &config.polling_pools["thinking_pool"];
     assert_eq!(thinking.task_group, "thinking_group");
-    assert_eq!(thinking.health_check_interval, 60.0);
+    assert_eq!(thinking.health_check_interval, secs(60.0));
     assert_eq!(thinking.failure_threshold, 2);
-    assert_eq!(thinking.recovery_time, 120.0);
+    assert_eq!(thinking.recovery_time, secs(120.0));
     assert_eq!(
         thinking.fallback_config.strategy,
         PoolFallbackStrategy::InstanceRotation
@@ -1345,10 +1351,10 @@ fn migrate_moves_the_global_fallback_into_each_group() {
         strategy: FallbackStrategy::EchelonDown,
         fallback_groups: vec!["backup_group".to_owned()],
         max_attempts: Some(3),
-        retry_delay: Some(1.0),
+        retry_delay: Some(secs(1.0)),
         circuit_breaker: Some(CircuitBreakerConfig {
             failure_threshold: 5,
-            recovery_time: 60.0,
+            recovery_time: secs(60.0),
             half_open_requests: 1,
             ..CircuitBreakerConfig::default()
         }),
@@ -1378,7 +1384,7 @@ fn migrate_moves_the_global_fallback_into_each_group() {
     assert_eq!(backup.strategy, FallbackStrategy::ProviderFailover);
     assert!(backup.fallback_groups.is_empty());
     assert_eq!(backup.max_attempts, Some(2));
-    assert_eq!(backup.retry_delay, Some(1.0));
+    assert_eq!(backup.retry_delay, Some(secs(1.0)));
     let breaker = backup.circuit_breaker.unwrap();
     assert_eq!(
         (
@@ -1386,7 +1392,7 @@ fn migrate_moves_the_global_fallback_into_each_group() {
             breaker.recovery_time,
             breaker.half_open_requests
         ),
-        (5, 30.0, 1)
+        (5, secs(30.0), 1)
     );
     // Kept its own.
     let thinking = fallback("thinking_group");
