@@ -1859,3 +1859,363 @@ fn usage_defined_twice_names_both_files() {
         errors[0]
     );
 }
+
+// ---------------------------------------------------------------------------
+// durations in seconds, bounds, queue_timeout, priority
+
+/// (line, column, key path, message) of each error.
+fn located(errors: &[ConfigError]) -> Vec<(u64, u64, &str, &str)> {
+    errors
+        .iter()
+        .map(|e| {
+            (
+                e.line.unwrap(),
+                e.column.unwrap(),
+                e.key_path.as_str(),
+                e.message.as_str(),
+            )
+        })
+        .collect()
+}
+
+#[test]
+fn durations_out_of_range_are_located_errors_not_panics() {
+    let env = env_of(&[("INFINITE", "inf"), ("NOT_A_NUMBER", "NaN")]);
+    let errors = errors_of(Config::load_with_env(fixture("durations.yaml"), &env));
+    let day = "must be at most 86400 seconds (1 day), found";
+    let expected: Vec<(u64, u64, &str, String)> = vec![
+        (7, 60, "providers.p.key_cooldown", format!("{day} 1e30")),
+        (11, 14, "models.m.timeout", format!("{day} 1e30")),
+        (12, 22, "models.m.connect_timeout", format!("{day} 1e30")),
+        (
+            13,
+            26,
+            "models.m.first_token_timeout",
+            "must be greater than 0, found -2".to_owned(),
+        ),
+        (14, 20, "models.m.chunk_timeout", format!("{day} 1.8e19")),
+        (
+            15,
+            18,
+            "models.m.retry_delay",
+            format!("{day} 1.8446744073709552e19"),
+        ),
+        (
+            16,
+            19,
+            "models.m.key_cooldown",
+            "expected a finite number".to_owned(),
+        ),
+        (
+            17,
+            20,
+            "models.m.queue_timeout",
+            "expected a finite number".to_owned(),
+        ),
+        (
+            18,
+            39,
+            "models.m.circuit_breaker.recovery_time",
+            format!("{day} 1e30"),
+        ),
+        (
+            18,
+            53,
+            "models.m.circuit_breaker.window",
+            "must be greater than 0, found 0".to_owned(),
+        ),
+        (
+            21,
+            39,
+            "task_groups.g.echelon1.timeout",
+            format!("{day} 86401"),
+        ),
+        (
+            22,
+            37,
+            "task_groups.g.fallback_config.retry_delay",
+            "must be 0 or more, found -0.5".to_owned(),
+        ),
+        (
+            24,
+            54,
+            "polling_pools.g_pool.health_check_interval",
+            format!("{day} 1e30"),
+        ),
+        (
+            24,
+            75,
+            "polling_pools.g_pool.recovery_time",
+            format!("{day} 604801"),
+        ),
+    ];
+    let expected: Vec<(u64, u64, &str, &str)> = expected
+        .iter()
+        .map(|(l, c, p, m)| (*l, *c, *p, m.as_str()))
+        .collect();
+    assert_eq!(located(&errors), expected);
+    assert_eq!(
+        errors[1].hint.as_deref(),
+        Some("durations are written in seconds")
+    );
+    assert!(errors[1].to_string().starts_with(&format!(
+        "{}:11:14: models.m.timeout: ",
+        file("durations.yaml")
+    )));
+}
+
+#[test]
+fn durations_are_seconds_as_durations() {
+    let text = "\
+providers: { p: { base_url: \"http://h/v1\", key_cooldown: 0 } }
+models:
+  m: { provider: p, timeout: 0.5, retry_delay: 0, key_cooldown: 86400, chunk_timeout: 2 }
+task_groups:
+  g:
+    echelon1: { models: [m], timeout: 1.25 }
+    fallback_config: { retry_delay: 0.2, circuit_breaker: { recovery_time: 0, window: 30 } }
+polling_pools:
+  g_pool: { task_group: g, health_check_interval: 0.1, recovery_time: 0 }
+";
+    let config = Config::from_str_with_env(text, "d.yaml", &no_env).unwrap();
+    assert_eq!(config.providers["p"].key_cooldown, Duration::ZERO);
+    let m = &config.models["m"];
+    assert_eq!(m.timeout, Duration::from_millis(500));
+    assert_eq!(m.retry_delay, Duration::ZERO);
+    assert_eq!(m.key_cooldown, Some(Duration::from_secs(86_400)));
+    assert_eq!(m.chunk_timeout, Duration::from_secs(2));
+    let g = &config.task_groups["g"];
+    assert_eq!(g.echelons[0].timeout, Some(Duration::from_millis(1250)));
+    let f = g.fallback_config.as_ref().unwrap();
+    assert_eq!(f.retry_delay, Some(Duration::from_millis(200)));
+    let b = f.circuit_breaker.as_ref().unwrap();
+    assert_eq!((b.recovery_time, b.window), (Duration::ZERO, secs(30.0)));
+    let pool = &config.polling_pools["g_pool"];
+    assert_eq!(pool.health_check_interval, Duration::from_millis(100));
+    assert_eq!(pool.recovery_time, Duration::ZERO);
+}
+
+#[test]
+fn counts_and_limits_have_upper_bounds() {
+    let errors = errors_of(Config::load_with_env(fixture("bounds.yaml"), &no_env));
+    assert_eq!(
+        located(&errors),
+        [
+            (
+                2,
+                29,
+                "server.body_limit_bytes",
+                "must be between 1 and 1073741824, found 99999999999"
+            ),
+            (
+                8,
+                18,
+                "models.m.max_retries",
+                "must be between 0 and 100, found 1000000"
+            ),
+            (
+                9,
+                16,
+                "models.m.rpm_limit",
+                "must be between 1 and 1000000000, found 5000000000"
+            ),
+            (10, 16, "models.m.tpm_limit", "must be 1 or more, found 0"),
+            (
+                11,
+                24,
+                "models.m.concurrency_limit",
+                "must be between 1 and 1000000, found 10000000"
+            ),
+            (
+                12,
+                21,
+                "models.m.context_window",
+                "must be between 1 and 100000000, found 1000000000000"
+            ),
+            (
+                13,
+                26,
+                "models.m.rate_limit_capacity",
+                "must be at most 1000000000, found 1000000000000"
+            ),
+            (
+                14,
+                43,
+                "models.m.circuit_breaker.failure_threshold",
+                "must be between 1 and 1000000, found 99999999"
+            ),
+            (
+                14,
+                67,
+                "models.m.circuit_breaker.min_requests",
+                "must be 1 or more, found 0"
+            ),
+            (
+                17,
+                40,
+                "task_groups.g.echelon1.priority",
+                "must be 0 or more, found -1"
+            ),
+            (
+                17,
+                56,
+                "task_groups.g.echelon1.max_tokens",
+                "expected an integer, found a number"
+            ),
+            (
+                18,
+                38,
+                "task_groups.g.fallback_config.max_attempts",
+                "must be between 1 and 1000, found 100000"
+            ),
+            (
+                23,
+                19,
+                "polling_pools.g_pool.weights.m",
+                "must be between 1 and 1000000, found 99999999"
+            ),
+            (
+                24,
+                47,
+                "polling_pools.g_pool.fallback_config.max_instance_attempts",
+                "must be between 1 and 1000, found 5000"
+            ),
+            (
+                25,
+                41,
+                "usage.queue_capacity",
+                "must be between 1 and 10000000, found 100000000000"
+            ),
+            (
+                25,
+                74,
+                "usage.flush_interval_ms",
+                "must be between 1 and 3600000, found 99999999999"
+            ),
+        ]
+    );
+}
+
+#[test]
+fn queue_timeout_is_in_seconds_and_warns_when_it_looks_like_milliseconds() {
+    let config = Config::load_with_env(fixture("queue_timeout.yaml"), &no_env).unwrap();
+    let timeout = |m: &str| config.models[m].queue_timeout;
+    assert_eq!(timeout("old_style"), Duration::from_secs(250));
+    assert_eq!(timeout("seconds"), Duration::from_millis(250));
+    assert_eq!(timeout("ten"), Duration::from_secs(10));
+    assert_eq!(timeout("default"), Duration::from_millis(100));
+    // One warning, for the value above 10 s, naming the change; 10 itself is fine.
+    let f = file("queue_timeout.yaml");
+    let shown: Vec<String> = config.warnings.iter().map(ToString::to_string).collect();
+    assert_eq!(
+        shown,
+        [format!(
+            "{f}:6:44: models.old_style.queue_timeout: `queue_timeout` is in seconds since \
+             durations have one unit (it was milliseconds): 250 looks like milliseconds\n  \
+             hint: for 250 ms write `queue_timeout: 0.25`"
+        )]
+    );
+    // A warning is not an error, and a clean file has none.
+    let env = env_of(&[("GOOD_PORT", "1"), ("GOOD_LOCAL_A_KEY", "k")]);
+    let config = Config::load_with_env(fixture("good.yaml"), &env);
+    assert!(config.unwrap().warnings.is_empty());
+}
+
+#[test]
+fn echelons_are_tried_by_priority_then_number() {
+    let config = Config::load_with_env(fixture("priority.yaml"), &no_env).unwrap();
+    let order = |g: &str| -> Vec<(String, Option<u32>)> {
+        config.task_groups[g]
+            .echelons
+            .iter()
+            .map(|e| (e.name.clone(), e.priority))
+            .collect()
+    };
+    let named = |pairs: &[(&str, Option<u32>)]| -> Vec<(String, Option<u32>)> {
+        pairs.iter().map(|(n, p)| ((*n).to_owned(), *p)).collect()
+    };
+    // Lower first, ties (echelon3, echelon4) in number order, no priority last.
+    assert_eq!(
+        order("by_priority"),
+        named(&[
+            ("echelon3", Some(1)),
+            ("echelon4", Some(1)),
+            ("echelon2", Some(2)),
+            ("echelon1", None),
+        ])
+    );
+    assert_eq!(
+        config.task_groups["by_priority"].echelons[0].models,
+        ["c"],
+        "each echelon keeps its own models"
+    );
+    assert_eq!(
+        order("by_number"),
+        named(&[("echelon1", None), ("echelon2", None)])
+    );
+    assert_eq!(
+        order("seed_style"),
+        named(&[("echelon1", Some(1)), ("echelon2", Some(2))])
+    );
+    // Routes still name echelons by their number.
+    assert_eq!(config.wrappers["w"].target, "by_priority.echelon1");
+}
+
+#[test]
+fn missing_required_keys_name_the_key_with_a_hint() {
+    let text = "\
+providers: { p: { api: openai } }
+models:
+  m: { provider: p, pricing: { cached_input_per_1m: 1 } }
+  n: { model: x }
+  o: { provider: ~ }
+wrappers: { w: { fallback_groups: [m] } }
+";
+    let errors = errors_of(Config::from_str_with_env(text, "r.yaml", &no_env));
+    let got: Vec<(u64, &str, &str, Option<&str>)> = errors
+        .iter()
+        .map(|e| {
+            (
+                e.line.unwrap(),
+                e.key_path.as_str(),
+                e.message.as_str(),
+                e.hint.as_deref(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        got,
+        [
+            (
+                1,
+                "providers.p",
+                "missing required key `base_url`",
+                Some("e.g. `base_url: \"http://127.0.0.1:8082/v1\"`")
+            ),
+            (
+                3,
+                "models.m.pricing",
+                "missing required key `input_per_1m`",
+                Some("e.g. `pricing: { input_per_1m: 0.15, output_per_1m: 0.60 }` (USD)")
+            ),
+            (
+                4,
+                "models.n",
+                "missing required key `provider`",
+                Some("name one of the `providers:` entries")
+            ),
+            (
+                5,
+                "models.o.provider",
+                "`provider` needs a value",
+                Some("name one of the `providers:` entries")
+            ),
+            (
+                6,
+                "wrappers.w",
+                "missing required key `target`",
+                Some("name the route tried first, e.g. `target: fast_group.echelon1`")
+            ),
+        ]
+    );
+}

@@ -69,9 +69,13 @@ fn id(node: &Node) -> usize {
     std::ptr::from_ref(node) as usize
 }
 
-/// Why reading a node failed.
+/// Why reading a node failed (boxed: errors travel up through every level of a read).
 #[derive(Debug)]
-pub(crate) struct DeError {
+pub(crate) struct DeError(Box<Problem>);
+
+/// What a [`DeError`] holds.
+#[derive(Debug)]
+pub(crate) struct Problem {
     message: String,
     hint: Option<String>,
     /// Where: set by the innermost node that knows (first one wins).
@@ -86,9 +90,22 @@ pub(crate) struct DeError {
     missing: Option<&'static str>,
 }
 
+impl std::ops::Deref for DeError {
+    type Target = Problem;
+    fn deref(&self) -> &Problem {
+        &self.0
+    }
+}
+
+impl std::ops::DerefMut for DeError {
+    fn deref_mut(&mut self) -> &mut Problem {
+        &mut self.0
+    }
+}
+
 impl DeError {
     fn new(message: String, hint: Option<String>) -> Self {
-        DeError {
+        DeError(Box::new(Problem {
             message,
             hint,
             at: None,
@@ -96,7 +113,7 @@ impl DeError {
             silent: false,
             unknown_key: None,
             missing: None,
-        }
+        }))
     }
 
     fn at(message: String, hint: Option<String>, pos: Pos, path: &str) -> Self {
@@ -223,9 +240,15 @@ pub(crate) struct Scope<'a> {
     pub(crate) also_known: &'a [&'a str],
 }
 
-/// Reads `node` (whose key path is `path`) as a `T`, recording every error in `ctx`.
-/// Entries that fail are left out (so defaults stand in for them); `None` when the
-/// value as a whole cannot be read (not a mapping, a required key missing).
+/// Errors reported for one value before reading it stops: each error means reading
+/// the value once more, so a hostile entry with thousands of bad items costs at most
+/// this many passes.
+const MAX_ERRORS_PER_VALUE: usize = 100;
+
+/// Reads `node` (whose key path is `path`) as a `T`, recording every error in `ctx`
+/// (up to [`MAX_ERRORS_PER_VALUE`]). Entries that fail are left out (so defaults stand
+/// in for them); `None` when the value as a whole cannot be read (not a mapping, a
+/// required key missing, too many errors).
 pub(crate) fn read<T: DeserializeOwned>(ctx: &mut Ctx, node: &Node, path: &str) -> Option<T> {
     read_in(ctx, node, path, None)
 }
@@ -238,6 +261,7 @@ pub(crate) fn read_in<T: DeserializeOwned>(
     scope: Option<Scope<'_>>,
 ) -> Option<T> {
     let mut poisoned = HashSet::new();
+    let mut reported = 0usize;
     loop {
         let de = NodeDe {
             node,
@@ -249,10 +273,21 @@ pub(crate) fn read_in<T: DeserializeOwned>(
             Ok(value) => return Some(value),
             Err(e) => {
                 let root = id(node);
+                let e = *e.0;
                 let poison = e.poison;
                 if !e.silent {
                     let (pos, at) = e.at.unwrap_or_else(|| (node.pos, path.to_owned()));
                     ctx.error(pos, &at, e.message, e.hint);
+                    reported += 1;
+                }
+                if reported >= MAX_ERRORS_PER_VALUE {
+                    ctx.error(
+                        node.pos,
+                        path,
+                        format!("{reported} errors here; the rest are not shown"),
+                        Some("fix these first".to_owned()),
+                    );
+                    return None;
                 }
                 match poison {
                     Some(p) if p != root && poisoned.insert(p) => {}
@@ -836,6 +871,19 @@ mod tests {
         assert_eq!(value.unwrap().a, 2);
         assert_eq!(ctx.errors.len(), 1);
         assert_eq!(ctx.errors[0].hint.as_deref(), Some("did you mean `name`?"));
+    }
+
+    #[test]
+    fn errors_of_one_value_are_capped() {
+        let items = vec!["[x]"; 5_000].join(", ");
+        let (value, errors) = read_outer(&format!("need: a\nlist: [{items}]\n"));
+        assert!(value.is_none());
+        assert_eq!(errors.len(), MAX_ERRORS_PER_VALUE + 1);
+        assert!(errors[0].starts_with("t.yaml:2:8: x.list[0]: expected an integer, found a list"));
+        assert_eq!(
+            errors[MAX_ERRORS_PER_VALUE],
+            "t.yaml:1:1: x: 100 errors here; the rest are not shown\n  hint: fix these first"
+        );
     }
 
     #[test]

@@ -367,7 +367,7 @@ pub(crate) fn task_group(
 
 /// Puts echelons (given in number order) in the order they are tried: ascending
 /// `priority`, those without one last; ties keep number order.
-pub(crate) fn order_by_priority(echelons: &mut [EchelonConfig]) {
+fn order_by_priority(echelons: &mut [EchelonConfig]) {
     echelons.sort_by_key(|e| (e.priority.is_none(), e.priority));
 }
 
