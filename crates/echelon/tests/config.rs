@@ -4,6 +4,7 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::path::PathBuf;
+use std::time::Duration;
 
 use echelon::config::{
     CircuitBreakerConfig, Config, ConfigError, ConfigErrors, FallbackConfig, FallbackStrategy,
@@ -38,6 +39,11 @@ fn env_of(vars: &'static [(&'static str, &'static str)]) -> impl Fn(&str) -> Opt
 
 fn no_env(_: &str) -> Option<String> {
     None
+}
+
+/// `s` seconds: durations are written in seconds and read as `Duration`s.
+fn secs(s: f64) -> Duration {
+    Duration::from_secs_f64(s)
 }
 
 fn errors_of(result: Result<Config, ConfigErrors>) -> Vec<ConfigError> {
@@ -83,12 +89,12 @@ fn good_yaml_loads_every_field() {
     assert_eq!(m.model, "smollm2");
     assert_eq!(m.base_url, None);
     assert!(m.api_keys.is_none());
-    assert_eq!(m.timeout, 30.0);
-    assert_eq!(m.connect_timeout, 2.5);
-    assert_eq!(m.first_token_timeout, Some(10.0));
-    assert_eq!(m.chunk_timeout, 15.0);
+    assert_eq!(m.timeout, secs(30.0));
+    assert_eq!(m.connect_timeout, secs(2.5));
+    assert_eq!(m.first_token_timeout, Some(secs(10.0)));
+    assert_eq!(m.chunk_timeout, secs(15.0));
     assert_eq!(m.max_retries, 1);
-    assert_eq!(m.retry_delay, 0.5);
+    assert_eq!(m.retry_delay, secs(0.5));
     assert_eq!(m.context_window, Some(2048));
     assert_eq!(m.rpm_limit, Some(600));
     assert_eq!(m.tpm_limit, Some(100_000));
@@ -99,12 +105,12 @@ fn good_yaml_loads_every_field() {
     assert_eq!(m.model, "smollm-b", "upstream name defaults to the id");
     assert_eq!(m.base_url.as_deref(), Some("https://b.example/v1"));
     assert_eq!(keys(m.api_keys.as_deref().unwrap()), ["key-b1"]);
-    assert_eq!(m.timeout, 60.0);
-    assert_eq!(m.connect_timeout, 5.0);
+    assert_eq!(m.timeout, secs(60.0));
+    assert_eq!(m.connect_timeout, secs(5.0));
     assert_eq!(m.first_token_timeout, None);
-    assert_eq!(m.chunk_timeout, 30.0);
+    assert_eq!(m.chunk_timeout, secs(30.0));
     assert_eq!(m.max_retries, 2);
-    assert_eq!(m.retry_delay, 1.0);
+    assert_eq!(m.retry_delay, secs(1.0));
     assert_eq!(m.rate_limit_capacity, Some(20.0));
     assert_eq!(m.rate_limit_refill_rate, Some(3.0));
 
@@ -126,17 +132,17 @@ fn good_yaml_loads_every_field() {
     assert_eq!(e1.temperature, Some(0.7));
     assert_eq!(e1.max_tokens, Some(2000));
     assert_eq!(g.echelons[1].models, ["smollm-b"]);
-    assert_eq!(g.echelons[1].timeout, Some(20.0));
+    assert_eq!(g.echelons[1].timeout, Some(secs(20.0)));
     let f = g.fallback_config.as_ref().unwrap();
     assert_eq!(f.strategy, FallbackStrategy::TaskGroupSwitch);
     assert_eq!(f.fallback_groups, ["backup_group", "demo_group.echelon2"]);
     assert_eq!(f.max_attempts, Some(3));
-    assert_eq!(f.retry_delay, Some(1.0));
+    assert_eq!(f.retry_delay, Some(secs(1.0)));
     assert_eq!(
         f.circuit_breaker,
         Some(CircuitBreakerConfig {
             failure_threshold: 5,
-            recovery_time: 60.0,
+            recovery_time: secs(60.0),
             half_open_requests: 1,
             ..CircuitBreakerConfig::default()
         })
@@ -170,7 +176,7 @@ fn good_json_loads() {
     );
     let tiny = &config.models["tiny"];
     assert_eq!(tiny.model, "qwen2.5-0.5b");
-    assert_eq!(tiny.timeout, 12.5);
+    assert_eq!(tiny.timeout, secs(12.5));
     assert_eq!(tiny.context_window, Some(4096));
     let g = &config.task_groups["json_group"];
     assert_eq!(g.echelons[0].max_tokens, Some(64));
@@ -211,7 +217,7 @@ fn seed_provider_json_loads_as_it_is() {
         ["sk-key1", "sk-key2"]
     );
     assert_eq!(gpt35.max_retries, 5);
-    assert_eq!(gpt35.retry_delay, 1.0);
+    assert_eq!(gpt35.retry_delay, secs(1.0));
     assert_eq!(gpt35.rate_limit_capacity, Some(20.0));
     assert_eq!(gpt35.rate_limit_refill_rate, Some(3.0));
     let gpt4 = &config.models["openai/gpt-4"];
@@ -285,7 +291,7 @@ fn seed_style_directory_merges_files_and_group_files() {
     let e1 = &fast.echelons[0];
     assert_eq!(e1.name, "echelon1");
     assert_eq!(e1.models, ["openai-gpt4", "anthropic-claude-3-opus"]);
-    assert_eq!(e1.timeout, Some(30.0));
+    assert_eq!(e1.timeout, Some(secs(30.0)));
     assert_eq!(e1.temperature, Some(0.7));
     assert_eq!(fast.echelons[1].models, ["openai-gpt4o-mini"]);
     let f = fast.fallback_config.as_ref().unwrap();
@@ -661,7 +667,7 @@ models: { m: { provider: p, timeout: $SUBST_TIMEOUT } }
     assert_eq!(config.server.host, "10.0.0.1");
     assert_eq!(config.providers["p"].base_url, "http://10.0.0.1:8082/v1");
     assert_eq!(keys(&config.providers["p"].api_keys), ["a$b"]);
-    assert_eq!(config.models["m"].timeout, 7.5);
+    assert_eq!(config.models["m"].timeout, secs(7.5));
 }
 
 #[test]
@@ -721,10 +727,10 @@ fn polling_pools_wrappers_and_default_route_load() {
             weights: [("smollm-a".to_owned(), 3), ("smollm-c".to_owned(), 2)]
                 .into_iter()
                 .collect(),
-            health_check_interval: 15.0,
+            health_check_interval: secs(15.0),
             health_check: HealthCheckKind::Completion,
             failure_threshold: 2,
-            recovery_time: 120.0,
+            recovery_time: secs(120.0),
             fallback_config: PoolFallbackConfig {
                 strategy: PoolFallbackStrategy::SimpleRetry,
                 max_instance_attempts: 4,
@@ -749,10 +755,10 @@ fn polling_pools_wrappers_and_default_route_load() {
     );
     let defaults = PollingPoolConfig::default();
     assert_eq!(defaults.rotation_strategy, RotationStrategy::RoundRobin);
-    assert_eq!(defaults.health_check_interval, 30.0);
+    assert_eq!(defaults.health_check_interval, secs(30.0));
     assert_eq!(defaults.health_check, HealthCheckKind::Models);
     assert_eq!(defaults.failure_threshold, 3);
-    assert_eq!(defaults.recovery_time, 60.0);
+    assert_eq!(defaults.recovery_time, secs(60.0));
     assert_eq!(defaults.fallback_config.max_instance_attempts, 2);
 
     assert_eq!(
@@ -811,9 +817,9 @@ fn seed_pool_files_load_from_a_directory() {
     assert_eq!(fast.description.as_deref(), Some("快速响应任务专用轮询池"));
     assert_eq!(fast.task_group, "fast_group");
     assert_eq!(fast.rotation_strategy, RotationStrategy::RoundRobin);
-    assert_eq!(fast.health_check_interval, 30.0);
+    assert_eq!(fast.health_check_interval, secs(30.0));
     assert_eq!(fast.failure_threshold, 3);
-    assert_eq!(fast.recovery_time, 60.0);
+    assert_eq!(fast.recovery_time, secs(60.0));
     assert_eq!(
         fast.fallback_config,
         PoolFallbackConfig {
@@ -824,9 +830,9 @@ fn seed_pool_files_load_from_a_directory() {
     // Seed 002's variant: `fallback_strategy` and `max_instance_attempts` at the top.
     let thinking = &config.polling_pools["thinking_pool"];
     assert_eq!(thinking.task_group, "thinking_group");
-    assert_eq!(thinking.health_check_interval, 60.0);
+    assert_eq!(thinking.health_check_interval, secs(60.0));
     assert_eq!(thinking.failure_threshold, 2);
-    assert_eq!(thinking.recovery_time, 120.0);
+    assert_eq!(thinking.recovery_time, secs(120.0));
     assert_eq!(
         thinking.fallback_config.strategy,
         PoolFallbackStrategy::InstanceRotation
@@ -1345,10 +1351,10 @@ fn migrate_moves_the_global_fallback_into_each_group() {
         strategy: FallbackStrategy::EchelonDown,
         fallback_groups: vec!["backup_group".to_owned()],
         max_attempts: Some(3),
-        retry_delay: Some(1.0),
+        retry_delay: Some(secs(1.0)),
         circuit_breaker: Some(CircuitBreakerConfig {
             failure_threshold: 5,
-            recovery_time: 60.0,
+            recovery_time: secs(60.0),
             half_open_requests: 1,
             ..CircuitBreakerConfig::default()
         }),
@@ -1378,7 +1384,7 @@ fn migrate_moves_the_global_fallback_into_each_group() {
     assert_eq!(backup.strategy, FallbackStrategy::ProviderFailover);
     assert!(backup.fallback_groups.is_empty());
     assert_eq!(backup.max_attempts, Some(2));
-    assert_eq!(backup.retry_delay, Some(1.0));
+    assert_eq!(backup.retry_delay, Some(secs(1.0)));
     let breaker = backup.circuit_breaker.unwrap();
     assert_eq!(
         (
@@ -1386,7 +1392,7 @@ fn migrate_moves_the_global_fallback_into_each_group() {
             breaker.recovery_time,
             breaker.half_open_requests
         ),
-        (5, 30.0, 1)
+        (5, secs(30.0), 1)
     );
     // Kept its own.
     let thinking = fallback("thinking_group");
@@ -1851,5 +1857,365 @@ fn usage_defined_twice_names_both_files() {
         errors[0].message.contains(&format!("{}:3:1", a.display())),
         "{}",
         errors[0]
+    );
+}
+
+// ---------------------------------------------------------------------------
+// durations in seconds, bounds, queue_timeout, priority
+
+/// (line, column, key path, message) of each error.
+fn located(errors: &[ConfigError]) -> Vec<(u64, u64, &str, &str)> {
+    errors
+        .iter()
+        .map(|e| {
+            (
+                e.line.unwrap(),
+                e.column.unwrap(),
+                e.key_path.as_str(),
+                e.message.as_str(),
+            )
+        })
+        .collect()
+}
+
+#[test]
+fn durations_out_of_range_are_located_errors_not_panics() {
+    let env = env_of(&[("INFINITE", "inf"), ("NOT_A_NUMBER", "NaN")]);
+    let errors = errors_of(Config::load_with_env(fixture("durations.yaml"), &env));
+    let day = "must be at most 86400 seconds (1 day), found";
+    let expected: Vec<(u64, u64, &str, String)> = vec![
+        (7, 60, "providers.p.key_cooldown", format!("{day} 1e30")),
+        (11, 14, "models.m.timeout", format!("{day} 1e30")),
+        (12, 22, "models.m.connect_timeout", format!("{day} 1e30")),
+        (
+            13,
+            26,
+            "models.m.first_token_timeout",
+            "must be greater than 0, found -2".to_owned(),
+        ),
+        (14, 20, "models.m.chunk_timeout", format!("{day} 1.8e19")),
+        (
+            15,
+            18,
+            "models.m.retry_delay",
+            format!("{day} 1.8446744073709552e19"),
+        ),
+        (
+            16,
+            19,
+            "models.m.key_cooldown",
+            "expected a finite number".to_owned(),
+        ),
+        (
+            17,
+            20,
+            "models.m.queue_timeout",
+            "expected a finite number".to_owned(),
+        ),
+        (
+            18,
+            39,
+            "models.m.circuit_breaker.recovery_time",
+            format!("{day} 1e30"),
+        ),
+        (
+            18,
+            53,
+            "models.m.circuit_breaker.window",
+            "must be greater than 0, found 0".to_owned(),
+        ),
+        (
+            21,
+            39,
+            "task_groups.g.echelon1.timeout",
+            format!("{day} 86401"),
+        ),
+        (
+            22,
+            37,
+            "task_groups.g.fallback_config.retry_delay",
+            "must be 0 or more, found -0.5".to_owned(),
+        ),
+        (
+            24,
+            54,
+            "polling_pools.g_pool.health_check_interval",
+            format!("{day} 1e30"),
+        ),
+        (
+            24,
+            75,
+            "polling_pools.g_pool.recovery_time",
+            format!("{day} 604801"),
+        ),
+    ];
+    let expected: Vec<(u64, u64, &str, &str)> = expected
+        .iter()
+        .map(|(l, c, p, m)| (*l, *c, *p, m.as_str()))
+        .collect();
+    assert_eq!(located(&errors), expected);
+    assert_eq!(
+        errors[1].hint.as_deref(),
+        Some("durations are written in seconds")
+    );
+    assert!(errors[1].to_string().starts_with(&format!(
+        "{}:11:14: models.m.timeout: ",
+        file("durations.yaml")
+    )));
+}
+
+#[test]
+fn durations_are_seconds_as_durations() {
+    let text = "\
+providers: { p: { base_url: \"http://h/v1\", key_cooldown: 0 } }
+models:
+  m: { provider: p, timeout: 0.5, retry_delay: 0, key_cooldown: 86400, chunk_timeout: 2 }
+task_groups:
+  g:
+    echelon1: { models: [m], timeout: 1.25 }
+    fallback_config: { retry_delay: 0.2, circuit_breaker: { recovery_time: 0, window: 30 } }
+polling_pools:
+  g_pool: { task_group: g, health_check_interval: 0.1, recovery_time: 0 }
+";
+    let config = Config::from_str_with_env(text, "d.yaml", &no_env).unwrap();
+    assert_eq!(config.providers["p"].key_cooldown, Duration::ZERO);
+    let m = &config.models["m"];
+    assert_eq!(m.timeout, Duration::from_millis(500));
+    assert_eq!(m.retry_delay, Duration::ZERO);
+    assert_eq!(m.key_cooldown, Some(Duration::from_secs(86_400)));
+    assert_eq!(m.chunk_timeout, Duration::from_secs(2));
+    let g = &config.task_groups["g"];
+    assert_eq!(g.echelons[0].timeout, Some(Duration::from_millis(1250)));
+    let f = g.fallback_config.as_ref().unwrap();
+    assert_eq!(f.retry_delay, Some(Duration::from_millis(200)));
+    let b = f.circuit_breaker.as_ref().unwrap();
+    assert_eq!((b.recovery_time, b.window), (Duration::ZERO, secs(30.0)));
+    let pool = &config.polling_pools["g_pool"];
+    assert_eq!(pool.health_check_interval, Duration::from_millis(100));
+    assert_eq!(pool.recovery_time, Duration::ZERO);
+}
+
+#[test]
+fn counts_and_limits_have_upper_bounds() {
+    let errors = errors_of(Config::load_with_env(fixture("bounds.yaml"), &no_env));
+    assert_eq!(
+        located(&errors),
+        [
+            (
+                2,
+                29,
+                "server.body_limit_bytes",
+                "must be between 1 and 1073741824, found 99999999999"
+            ),
+            (
+                8,
+                18,
+                "models.m.max_retries",
+                "must be between 0 and 100, found 1000000"
+            ),
+            (
+                9,
+                16,
+                "models.m.rpm_limit",
+                "must be between 1 and 1000000000, found 5000000000"
+            ),
+            (10, 16, "models.m.tpm_limit", "must be 1 or more, found 0"),
+            (
+                11,
+                24,
+                "models.m.concurrency_limit",
+                "must be between 1 and 1000000, found 10000000"
+            ),
+            (
+                12,
+                21,
+                "models.m.context_window",
+                "must be between 1 and 100000000, found 1000000000000"
+            ),
+            (
+                13,
+                26,
+                "models.m.rate_limit_capacity",
+                "must be at most 1000000000, found 1000000000000"
+            ),
+            (
+                14,
+                43,
+                "models.m.circuit_breaker.failure_threshold",
+                "must be between 1 and 1000000, found 99999999"
+            ),
+            (
+                14,
+                67,
+                "models.m.circuit_breaker.min_requests",
+                "must be 1 or more, found 0"
+            ),
+            (
+                17,
+                40,
+                "task_groups.g.echelon1.priority",
+                "must be 0 or more, found -1"
+            ),
+            (
+                17,
+                56,
+                "task_groups.g.echelon1.max_tokens",
+                "expected an integer, found a number"
+            ),
+            (
+                18,
+                38,
+                "task_groups.g.fallback_config.max_attempts",
+                "must be between 1 and 1000, found 100000"
+            ),
+            (
+                23,
+                19,
+                "polling_pools.g_pool.weights.m",
+                "must be between 1 and 1000000, found 99999999"
+            ),
+            (
+                24,
+                47,
+                "polling_pools.g_pool.fallback_config.max_instance_attempts",
+                "must be between 1 and 1000, found 5000"
+            ),
+            (
+                25,
+                41,
+                "usage.queue_capacity",
+                "must be between 1 and 10000000, found 100000000000"
+            ),
+            (
+                25,
+                74,
+                "usage.flush_interval_ms",
+                "must be between 1 and 3600000, found 99999999999"
+            ),
+        ]
+    );
+}
+
+#[test]
+fn queue_timeout_is_in_seconds_and_warns_when_it_looks_like_milliseconds() {
+    let config = Config::load_with_env(fixture("queue_timeout.yaml"), &no_env).unwrap();
+    let timeout = |m: &str| config.models[m].queue_timeout;
+    assert_eq!(timeout("old_style"), Duration::from_secs(250));
+    assert_eq!(timeout("seconds"), Duration::from_millis(250));
+    assert_eq!(timeout("ten"), Duration::from_secs(10));
+    assert_eq!(timeout("default"), Duration::from_millis(100));
+    // One warning, for the value above 10 s, naming the change; 10 itself is fine.
+    let f = file("queue_timeout.yaml");
+    let shown: Vec<String> = config.warnings.iter().map(ToString::to_string).collect();
+    assert_eq!(
+        shown,
+        [format!(
+            "{f}:6:44: models.old_style.queue_timeout: `queue_timeout` is in seconds since \
+             durations have one unit (it was milliseconds): 250 looks like milliseconds\n  \
+             hint: for 250 ms write `queue_timeout: 0.25`"
+        )]
+    );
+    // A warning is not an error, and a clean file has none.
+    let env = env_of(&[("GOOD_PORT", "1"), ("GOOD_LOCAL_A_KEY", "k")]);
+    let config = Config::load_with_env(fixture("good.yaml"), &env);
+    assert!(config.unwrap().warnings.is_empty());
+}
+
+#[test]
+fn echelons_are_tried_by_priority_then_number() {
+    let config = Config::load_with_env(fixture("priority.yaml"), &no_env).unwrap();
+    let order = |g: &str| -> Vec<(String, Option<u32>)> {
+        config.task_groups[g]
+            .echelons
+            .iter()
+            .map(|e| (e.name.clone(), e.priority))
+            .collect()
+    };
+    let named = |pairs: &[(&str, Option<u32>)]| -> Vec<(String, Option<u32>)> {
+        pairs.iter().map(|(n, p)| ((*n).to_owned(), *p)).collect()
+    };
+    // Lower first, ties (echelon3, echelon4) in number order, no priority last.
+    assert_eq!(
+        order("by_priority"),
+        named(&[
+            ("echelon3", Some(1)),
+            ("echelon4", Some(1)),
+            ("echelon2", Some(2)),
+            ("echelon1", None),
+        ])
+    );
+    assert_eq!(
+        config.task_groups["by_priority"].echelons[0].models,
+        ["c"],
+        "each echelon keeps its own models"
+    );
+    assert_eq!(
+        order("by_number"),
+        named(&[("echelon1", None), ("echelon2", None)])
+    );
+    assert_eq!(
+        order("seed_style"),
+        named(&[("echelon1", Some(1)), ("echelon2", Some(2))])
+    );
+    // Routes still name echelons by their number.
+    assert_eq!(config.wrappers["w"].target, "by_priority.echelon1");
+}
+
+#[test]
+fn missing_required_keys_name_the_key_with_a_hint() {
+    let text = "\
+providers: { p: { api: openai } }
+models:
+  m: { provider: p, pricing: { cached_input_per_1m: 1 } }
+  n: { model: x }
+  o: { provider: ~ }
+wrappers: { w: { fallback_groups: [m] } }
+";
+    let errors = errors_of(Config::from_str_with_env(text, "r.yaml", &no_env));
+    let got: Vec<(u64, &str, &str, Option<&str>)> = errors
+        .iter()
+        .map(|e| {
+            (
+                e.line.unwrap(),
+                e.key_path.as_str(),
+                e.message.as_str(),
+                e.hint.as_deref(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        got,
+        [
+            (
+                1,
+                "providers.p",
+                "missing required key `base_url`",
+                Some("e.g. `base_url: \"http://127.0.0.1:8082/v1\"`")
+            ),
+            (
+                3,
+                "models.m.pricing",
+                "missing required key `input_per_1m`",
+                Some("e.g. `pricing: { input_per_1m: 0.15, output_per_1m: 0.60 }` (USD)")
+            ),
+            (
+                4,
+                "models.n",
+                "missing required key `provider`",
+                Some("name one of the `providers:` entries")
+            ),
+            (
+                5,
+                "models.o.provider",
+                "`provider` needs a value",
+                Some("name one of the `providers:` entries")
+            ),
+            (
+                6,
+                "wrappers.w",
+                "missing required key `target`",
+                Some("name the route tried first, e.g. `target: fast_group.echelon1`")
+            ),
+        ]
     );
 }

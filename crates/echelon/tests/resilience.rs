@@ -196,7 +196,7 @@ async fn a_concurrency_limit_sends_the_overflow_to_the_next_echelon() {
     .await
     .unwrap();
     let b = TestUpstream::start().await.unwrap();
-    let gw = two_tier(&a, &b, "", "concurrency_limit: 1, queue_timeout: 50");
+    let gw = two_tier(&a, &b, "", "concurrency_limit: 1, queue_timeout: 0.05");
     let first = tokio::spawn({
         let gw = gw.clone();
         async move { gw.chat(request("grp")).await.unwrap().model }

@@ -132,6 +132,8 @@ pub(crate) struct Loaded {
     /// The configuration directory, named in the hint to migrate a global fallback
     /// file.
     pub(crate) root: Option<String>,
+    /// What loads but looks wrong.
+    pub(crate) warnings: Vec<ConfigError>,
 }
 
 /// Reads one configuration text. `stem` names a group file that has no `name:`.
@@ -148,11 +150,11 @@ pub(crate) fn read_text(
         loaded.incomplete = true;
         return;
     };
-    let mut ctx = Ctx::new(file);
-    let mut fragment = Fragment::default();
     if matches!(root.kind, Kind::Null) {
         return;
     }
+    let mut ctx = Ctx::new(file);
+    let mut fragment = Fragment::default();
     let Some(view) = map(&mut ctx, &root, "") else {
         loaded.errors.extend(ctx.errors);
         loaded.incomplete = true;
@@ -165,7 +167,8 @@ pub(crate) fn read_text(
         }
         Shape::Group => {
             let name = pool::seed_name(&view, stem);
-            let (value, refs) = sections::task_group(&mut ctx, &view, &name.0, name.1, false);
+            let (value, refs) =
+                sections::task_group(&mut ctx, &root, &view, &name.0, name.1, false);
             fragment.groups.push(Item {
                 id: name.0,
                 file: file.to_owned(),
@@ -177,7 +180,7 @@ pub(crate) fn read_text(
         }
         Shape::Pool => {
             let (name, pos) = pool::seed_name(&view, stem);
-            let (value, refs) = pool::polling_pool(&mut ctx, &view, &name, false);
+            let (value, refs) = pool::polling_pool(&mut ctx, &root, &view, &name, false);
             fragment.pools.push(Item {
                 id: name,
                 file: file.to_owned(),
@@ -207,6 +210,7 @@ pub(crate) fn read_text(
         Shape::SeedProvider => seed_provider::read(&mut ctx, &view, &mut fragment),
     }
     loaded.errors.extend(ctx.errors);
+    loaded.warnings.extend(ctx.warnings);
     loaded.fragments.push(fragment);
 }
 
@@ -281,7 +285,7 @@ fn native(
         view,
         "models",
         &file,
-        |ctx, entry, path| Some(sections::model(ctx, &entry.value, &entry.key, path)),
+        |ctx, entry, path| Some(sections::model(ctx, &entry.value, &entry.key, path, None)),
     ));
     fragment.groups.extend(section_items(
         ctx,
@@ -292,6 +296,7 @@ fn native(
             let group = map(ctx, &entry.value, path)?;
             Some(sections::task_group(
                 ctx,
+                &entry.value,
                 &group,
                 &entry.key,
                 entry.key_pos,
@@ -306,7 +311,13 @@ fn native(
         &file,
         |ctx, entry, path| {
             let pool_view = map(ctx, &entry.value, path)?;
-            Some(pool::polling_pool(ctx, &pool_view, &entry.key, true))
+            Some(pool::polling_pool(
+                ctx,
+                &entry.value,
+                &pool_view,
+                &entry.key,
+                true,
+            ))
         },
     ));
     fragment.wrappers.extend(section_items(
@@ -316,7 +327,7 @@ fn native(
         &file,
         |ctx, entry, path| {
             let wrapper_view = map(ctx, &entry.value, path)?;
-            Some(pool::wrapper(ctx, &wrapper_view))
+            Some(pool::wrapper(ctx, &entry.value, &wrapper_view))
         },
     ));
     if let Some(route) = view.string_at(ctx, "default_route") {
@@ -597,7 +608,12 @@ pub(crate) fn assemble(
         mut errors,
         incomplete,
         root: _,
+        mut warnings,
     } = loaded;
+    sort_errors(&mut warnings);
+    for w in &warnings {
+        tracing::warn!("config: {w}");
+    }
 
     let mut servers = Vec::new();
     let mut usages = Vec::new();
@@ -744,6 +760,7 @@ pub(crate) fn assemble(
     }
 
     if errors.is_empty() {
+        config.warnings = warnings;
         Ok(config)
     } else {
         sort_errors(&mut errors);

@@ -50,13 +50,14 @@ use std::fs;
 use std::path::{Path, PathBuf};
 
 use super::check::route_problem;
+use super::de::fields_of;
 use super::env::{self, EnvLookup};
 use super::error::{ConfigError, ConfigErrors, reference_hint};
 use super::load::{self, GLOBAL_FALLBACK_STEM, Shape, load_texts, shape};
-use super::model::Config;
+use super::model::{CircuitBreakerConfig, Config, FallbackConfig};
 use super::node::{Entry, Format, Kind, Node, Pos, join, parse, parse_verbatim};
 use super::read::{Ctx, located, map};
-use super::sections::{BREAKER_KEYS, FALLBACK_KEYS, GroupRefs, fallback};
+use super::sections::{GroupRefs, fallback};
 
 /// How [`migrate`] runs (the flags of `echelon config migrate`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -611,14 +612,15 @@ impl Global {
             && !matches!(root.kind, Kind::Null)
             && let Some(view) = map(&mut ctx, root, "")
         {
-            let allowed: Vec<&str> = FALLBACK_KEYS.iter().copied().chain(["groups"]).collect();
+            let fallback_keys = fields_of::<FallbackConfig>();
+            let allowed: Vec<&str> = fallback_keys.iter().copied().chain(["groups"]).collect();
             view.check_keys(&mut ctx, &allowed);
             // Unknown keys are reported once, just above.
             let top = Node {
                 kind: Kind::Map(
                     view.entries
                         .iter()
-                        .filter(|e| FALLBACK_KEYS.contains(&e.key.as_str()))
+                        .filter(|e| fallback_keys.contains(&e.key.as_str()))
                         .cloned()
                         .collect(),
                 ),
@@ -727,7 +729,8 @@ fn without_groups(entries: &[Entry]) -> Vec<Entry> {
 }
 
 /// `base` with each key of `over` replacing it (mappings under `circuit_breaker`
-/// merged key by key), sorted in the order of [`FALLBACK_KEYS`] / [`BREAKER_KEYS`].
+/// merged key by key), sorted in the order of the fields of [`FallbackConfig`] /
+/// [`CircuitBreakerConfig`].
 fn overlay(base: &[Entry], over: &[Entry]) -> Vec<Entry> {
     let mut out: Vec<Entry> = base.to_vec();
     for e in over {
@@ -746,9 +749,9 @@ fn overlay(base: &[Entry], over: &[Entry]) -> Vec<Entry> {
         }
     }
     let rank = |k: &str| {
-        FALLBACK_KEYS
+        fields_of::<FallbackConfig>()
             .iter()
-            .chain(BREAKER_KEYS)
+            .chain(fields_of::<CircuitBreakerConfig>())
             .position(|x| *x == k)
             .unwrap_or(usize::MAX)
     };

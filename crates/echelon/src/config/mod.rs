@@ -9,7 +9,7 @@
 //!   smollm-a: { provider: local_a, model: smollm2, timeout: 30, context_window: 2048 }
 //! task_groups:
 //!   demo_group:
-//!     echelon1: { models: [smollm-a] }
+//!     echelon1: { models: [smollm-a] }  # tried in number order, or by `priority:` (lower first)
 //!     fallback_config: { strategy: echelon_down, max_attempts: 3 }
 //! polling_pools:
 //!   demo_pool:
@@ -35,6 +35,15 @@
 //! ledger is at [`UsageConfig::default_ledger_path`].
 //!
 //! - Every section is optional, but a configuration needs at least one model.
+//! - Every duration is a number of **seconds** (`timeout: 30`, `queue_timeout: 0.25`),
+//!   read into a [`Duration`](std::time::Duration): negative, not finite, or longer
+//!   than a day is an error (only `usage.flush_interval_ms` says another unit in its
+//!   name). `queue_timeout` was in milliseconds before: a value above 10 s loads with a
+//!   warning ([`Config::warnings`]). Counts and limits have upper bounds too (e.g.
+//!   `max_retries` ≤ 100), so no value can overflow the arithmetic done on it.
+//! - The echelons of a task group are tried by ascending `priority` (lower first),
+//!   echelons without one after those with one, ties in number order
+//!   ([`TaskGroupConfig::echelons`]).
 //! - A *route* is what a request names: a model id, a task group, `group.echelonN`, a
 //!   polling pool or a wrapper. Model ids, task groups, pools and wrappers share one
 //!   namespace (a name defined as two of them is an error naming both places); only
@@ -69,9 +78,16 @@
 //!   `fallback_groups`) is an error whose hint says to run `echelon config migrate`;
 //!   see [`migrate`](mod@migrate).
 //! - Every error carries file, line, column and key path ([`ConfigError`]); a load
-//!   reports all the errors it finds ([`ConfigErrors`]).
+//!   reports all the errors it finds ([`ConfigErrors`]), every bad field of an entry
+//!   included.
+//!
+//! Each section is a `#[derive(serde::Deserialize)]` struct with
+//! `deny_unknown_fields`, read from the parsed tree (which remembers positions) by the
+//! deserializer of `de.rs`; the field helpers (seconds, bounds, keys) are in
+//! `value.rs`.
 
 mod check;
+mod de;
 mod env;
 mod error;
 mod load;
@@ -82,6 +98,7 @@ mod pool;
 mod read;
 mod sections;
 mod seed_provider;
+mod value;
 
 use std::path::Path;
 
@@ -130,7 +147,7 @@ impl Config {
     /// ";
     /// let env = |name: &str| (name == "KEY").then(|| "sk-test".to_owned());
     /// let config = Config::from_str_with_env(yaml, "inline.yaml", &env)?;
-    /// assert_eq!(config.models["smollm"].timeout, 30.0);
+    /// assert_eq!(config.models["smollm"].timeout, std::time::Duration::from_secs(30));
     /// assert_eq!(config.providers["local"].api_keys.len(), 1);
     /// # Ok::<(), echelon::config::ConfigErrors>(())
     /// ```

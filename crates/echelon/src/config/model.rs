@@ -1,10 +1,25 @@
 //! The configuration as plain data (DESIGN.md §2 and §5). No behaviour here beyond
-//! defaults; loading and validation live in the sibling modules.
+//! defaults and the `#[derive(Deserialize)]` of each section: each field's key,
+//! default and bounds are written once, on the field (the helpers are in
+//! [`value`](super::value)); loading and the checks across sections live in the
+//! sibling modules.
+//!
+//! Every duration is written in seconds (integer or decimal) and read into a
+//! [`Duration`]; none may be negative or longer than a day.
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
+use std::time::Duration;
 
 use secrecy::SecretString;
+use serde::{Deserialize, Deserializer};
+
+use super::error::{did_you_mean, reference_hint};
+use super::value::limits::{
+    MAX_ATTEMPTS, MAX_BODY_BYTES, MAX_CONCURRENCY, MAX_COUNT, MAX_FLUSH_MS, MAX_PER_MINUTE,
+    MAX_PRIORITY, MAX_RECORDS, MAX_RETRIES, MAX_TOKENS,
+};
+use super::value::{self, int, named, opt_int, secs};
 
 /// Loaded, validated configuration.
 ///
@@ -33,21 +48,29 @@ pub struct Config {
     pub default_route: Option<String>,
     /// The usage ledger and its writer (`usage:` section).
     pub usage: UsageConfig,
+    /// What loaded but looks wrong (e.g. a `queue_timeout` that looks like
+    /// milliseconds), each with where it is written; each is also logged at `warn`
+    /// level when the configuration is loaded.
+    pub warnings: Vec<super::ConfigError>,
 }
 
 /// The gateway's HTTP server (`server:` section).
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
 pub struct ServerConfig {
     /// Address to listen on. Default [`ServerConfig::DEFAULT_HOST`] (`127.0.0.1`).
     pub host: String,
     /// TCP port; 0 means any free port. Default [`ServerConfig::DEFAULT_PORT`] (4000).
+    #[serde(deserialize_with = "int::<_, _, 0, 65535>")]
     pub port: u16,
     /// Keys a client must present (`Authorization: Bearer …`) to use the gateway.
     /// Entries that are empty after `${VAR}` substitution are dropped; an empty list
     /// means no gateway authentication.
+    #[serde(deserialize_with = "value::secrets")]
     pub api_keys: Vec<SecretString>,
-    /// Largest accepted request body, in bytes. Default
+    /// Largest accepted request body, in bytes (1 to 1 GiB). Default
     /// [`ServerConfig::DEFAULT_BODY_LIMIT_BYTES`] (8 MiB).
+    #[serde(deserialize_with = "int::<_, _, 1, MAX_BODY_BYTES>")]
     pub body_limit_bytes: usize,
     /// Whether request and response bodies are written to the debug log
     /// (`log_bodies:`). Default `false`: bodies may hold personal data.
@@ -94,23 +117,35 @@ impl Default for ServerConfig {
 /// Surrounding whitespace is trimmed and keys that are then empty (after
 /// substitution, or between commas) are dropped. An empty list is allowed: the
 /// upstream then gets no `Authorization` header.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct ProviderConfig {
     /// `http://` or `https://` URL of the API root, without trailing slash, e.g.
-    /// `http://127.0.0.1:8082/v1`.
+    /// `http://127.0.0.1:8082/v1`. Required.
+    #[serde(deserialize_with = "value::base_url")]
     pub base_url: String,
     /// The provider's key pool (see the type's docs for the resolution order).
+    #[serde(default, deserialize_with = "value::secrets")]
     pub api_keys: Vec<SecretString>,
     /// The wire format. Default [`ProviderApi::OpenAi`].
+    #[serde(default)]
     pub api: ProviderApi,
-    /// Seconds a key cools down after a 429 without `Retry-After` (≥ 0). Default 30.
-    /// Either way the cooldown is capped at 300 s.
-    pub key_cooldown: f64,
+    /// How long a key cools down after a 429 without `Retry-After` (written in
+    /// seconds, 0 to 1 day). Default 30 s. Either way the cooldown is capped at 300 s.
+    #[serde(
+        default = "ProviderConfig::default_key_cooldown",
+        deserialize_with = "secs::non_negative"
+    )]
+    pub key_cooldown: Duration,
 }
 
 impl ProviderConfig {
-    /// Default [`key_cooldown`](Self::key_cooldown), in seconds.
-    pub const DEFAULT_KEY_COOLDOWN: f64 = 30.0;
+    /// Default [`key_cooldown`](Self::key_cooldown).
+    pub const DEFAULT_KEY_COOLDOWN: Duration = Duration::from_secs(30);
+
+    fn default_key_cooldown() -> Duration {
+        Self::DEFAULT_KEY_COOLDOWN
+    }
 }
 
 /// The wire format a provider speaks.
@@ -131,55 +166,102 @@ impl ProviderApi {
             ProviderApi::OpenAi => "openai",
         }
     }
+
+    /// The API written `name` in the file.
+    pub fn from_name(name: &str) -> Option<Self> {
+        match name {
+            "openai" => Some(ProviderApi::OpenAi),
+            _ => None,
+        }
+    }
+}
+
+/// "did you mean", else the names, unquoted (`supported: a, b`).
+fn supported(word: &str, names: &[&str]) -> String {
+    did_you_mean(word, names.iter().copied())
+        .unwrap_or_else(|| format!("supported: {}", names.join(", ")))
+}
+
+impl<'de> Deserialize<'de> for ProviderApi {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        named(d, "provider api", Self::from_name, |v| {
+            supported(v, Self::NAMES)
+        })
+    }
 }
 
 /// A model: one callable target (`models.<id>:`).
-#[derive(Debug, Clone)]
+///
+/// Durations are written in seconds (integer or decimal) and may not exceed a day.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default = "ModelConfig::unnamed")]
 pub struct ModelConfig {
-    /// Id of the provider serving it (a key of [`Config::providers`]).
+    /// Id of the provider serving it (a key of [`Config::providers`]). Required in the
+    /// native format; a seed `provider.json` gives it by nesting instead.
     pub provider: String,
-    /// Upstream model name sent in requests; defaults to the model id.
+    /// Upstream model name sent in requests; defaults to the model id (also when
+    /// written empty).
     pub model: String,
     /// Overrides the provider's `base_url` (same form: no trailing slash).
+    #[serde(deserialize_with = "value::opt_base_url")]
     pub base_url: Option<String>,
     /// Overrides the provider's keys; `None` uses the provider's. A list that is empty
     /// after dropping empty entries counts as `None`. See [`ProviderConfig`] for the
     /// resolution order.
+    #[serde(deserialize_with = "value::opt_secrets")]
     pub api_keys: Option<Vec<SecretString>>,
-    /// Total time allowed for one attempt, in seconds (> 0). Default 60.
-    pub timeout: f64,
-    /// Time allowed to open the connection, in seconds (> 0). Default 5.
-    pub connect_timeout: f64,
-    /// Streaming: time allowed until the first token, in seconds (> 0); `None` means
+    /// Total time allowed for one attempt (> 0). Default 60 s.
+    #[serde(deserialize_with = "secs::positive")]
+    pub timeout: Duration,
+    /// Time allowed to open the connection (> 0). Default 5 s.
+    #[serde(deserialize_with = "secs::positive")]
+    pub connect_timeout: Duration,
+    /// Streaming: time allowed until the first token (> 0); `None` means
     /// [`timeout`](Self::timeout).
-    pub first_token_timeout: Option<f64>,
-    /// Streaming: largest gap allowed between two chunks, in seconds (> 0). Default 30.
-    pub chunk_timeout: f64,
+    #[serde(deserialize_with = "secs::opt_positive")]
+    pub first_token_timeout: Option<Duration>,
+    /// Streaming: largest gap allowed between two chunks (> 0). Default 30 s.
+    #[serde(deserialize_with = "secs::positive")]
+    pub chunk_timeout: Duration,
     /// Retries of the same model after a retryable failure (so at most
-    /// `max_retries + 1` attempts). Default 2.
+    /// `max_retries + 1` attempts; 0 to 100). Default 2.
+    #[serde(deserialize_with = "int::<_, _, 0, MAX_RETRIES>")]
     pub max_retries: u32,
-    /// Base delay between retries, in seconds (≥ 0). Default 1.0.
-    pub retry_delay: f64,
-    /// Context window, in tokens.
+    /// Base delay between retries (≥ 0). Default 1 s.
+    #[serde(deserialize_with = "secs::non_negative")]
+    pub retry_delay: Duration,
+    /// Context window, in tokens (1 to 10⁸).
+    #[serde(deserialize_with = "opt_int::<_, _, 1, MAX_TOKENS>")]
     pub context_window: Option<u32>,
-    /// Token-bucket capacity, in requests (seed 004 `rate_limit_capacity`, > 0).
+    /// Token-bucket capacity, in requests (seed 004 `rate_limit_capacity`, > 0, at
+    /// most 10⁹).
+    #[serde(deserialize_with = "value::opt_rate")]
     pub rate_limit_capacity: Option<f64>,
     /// Token-bucket refill rate, in requests per second (seed 004
-    /// `rate_limit_refill_rate`, > 0).
+    /// `rate_limit_refill_rate`, > 0, at most 10⁹).
+    #[serde(deserialize_with = "value::opt_rate")]
     pub rate_limit_refill_rate: Option<f64>,
-    /// Requests per minute (≥ 1).
+    /// Requests per minute (1 to 10⁹).
+    #[serde(deserialize_with = "opt_int::<_, _, 1, MAX_PER_MINUTE>")]
     pub rpm_limit: Option<u32>,
-    /// Tokens per minute (≥ 1).
+    /// Tokens per minute (1 to 10⁹).
+    #[serde(deserialize_with = "opt_int::<_, _, 1, MAX_PER_MINUTE>")]
     pub tpm_limit: Option<u32>,
-    /// Requests in flight at once (≥ 1).
+    /// Requests in flight at once (1 to 10⁶).
+    #[serde(deserialize_with = "opt_int::<_, _, 1, MAX_CONCURRENCY>")]
     pub concurrency_limit: Option<u32>,
-    /// Longest wait for a token bucket or a concurrency slot before this model is skipped
-    /// for the next candidate, in milliseconds (`queue_timeout`). Default 100.
-    pub queue_timeout_ms: u64,
-    /// Overrides the provider's `key_cooldown` (seconds) for the model's own keys.
-    pub key_cooldown: Option<f64>,
+    /// Longest wait for a token bucket or a concurrency slot before this model is
+    /// skipped for the next candidate (`queue_timeout`, in seconds like every other
+    /// duration; it was milliseconds before, so a value above 10 s gets a warning).
+    /// Default 0.1 s.
+    #[serde(deserialize_with = "secs::non_negative")]
+    pub queue_timeout: Duration,
+    /// Overrides the provider's `key_cooldown` for the model's own keys.
+    #[serde(deserialize_with = "secs::opt_non_negative")]
+    pub key_cooldown: Option<Duration>,
     /// Retries may add at most this share of extra load on the model (0–1, e.g. 0.2 =
     /// 20%), over a 10 s window, plus one retry per second always. Default 0.2.
+    #[serde(deserialize_with = "value::retry_budget")]
     pub retry_budget: f64,
     /// The model's circuit breaker (`circuit_breaker:`); the defaults when absent.
     pub circuit_breaker: CircuitBreakerConfig,
@@ -192,20 +274,25 @@ pub struct ModelConfig {
 }
 
 impl ModelConfig {
-    /// Default [`queue_timeout_ms`](Self::queue_timeout_ms).
-    pub const DEFAULT_QUEUE_TIMEOUT_MS: u64 = 100;
+    /// Default [`queue_timeout`](Self::queue_timeout).
+    pub const DEFAULT_QUEUE_TIMEOUT: Duration = Duration::from_millis(100);
     /// Default [`retry_budget`](Self::retry_budget).
     pub const DEFAULT_RETRY_BUDGET: f64 = 0.2;
-    /// Default [`timeout`](Self::timeout), in seconds.
-    pub const DEFAULT_TIMEOUT: f64 = 60.0;
-    /// Default [`connect_timeout`](Self::connect_timeout), in seconds.
-    pub const DEFAULT_CONNECT_TIMEOUT: f64 = 5.0;
-    /// Default [`chunk_timeout`](Self::chunk_timeout), in seconds.
-    pub const DEFAULT_CHUNK_TIMEOUT: f64 = 30.0;
+    /// Default [`timeout`](Self::timeout).
+    pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(60);
+    /// Default [`connect_timeout`](Self::connect_timeout).
+    pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+    /// Default [`chunk_timeout`](Self::chunk_timeout).
+    pub const DEFAULT_CHUNK_TIMEOUT: Duration = Duration::from_secs(30);
     /// Default [`max_retries`](Self::max_retries).
     pub const DEFAULT_MAX_RETRIES: u32 = 2;
-    /// Default [`retry_delay`](Self::retry_delay), in seconds.
-    pub const DEFAULT_RETRY_DELAY: f64 = 1.0;
+    /// Default [`retry_delay`](Self::retry_delay).
+    pub const DEFAULT_RETRY_DELAY: Duration = Duration::from_secs(1);
+
+    /// The defaults before a file names the provider and the model.
+    fn unnamed() -> Self {
+        Self::new(String::new(), String::new())
+    }
 
     /// A model of `provider` named `model` upstream, every other field at its default.
     pub fn new(provider: impl Into<String>, model: impl Into<String>) -> Self {
@@ -226,7 +313,7 @@ impl ModelConfig {
             rpm_limit: None,
             tpm_limit: None,
             concurrency_limit: None,
-            queue_timeout_ms: Self::DEFAULT_QUEUE_TIMEOUT_MS,
+            queue_timeout: Self::DEFAULT_QUEUE_TIMEOUT,
             key_cooldown: None,
             retry_budget: Self::DEFAULT_RETRY_BUDGET,
             circuit_breaker: CircuitBreakerConfig::default(),
@@ -244,14 +331,18 @@ impl ModelConfig {
 }
 
 /// What a model costs (`pricing:` of a model), in USD per 1 million tokens.
-#[derive(Debug, Clone, Copy, PartialEq)]
+#[derive(Debug, Clone, Copy, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct PricingConfig {
-    /// Prompt (input) tokens, USD per 1M tokens (≥ 0).
+    /// Prompt (input) tokens, USD per 1M tokens (≥ 0). Required.
+    #[serde(deserialize_with = "value::non_negative")]
     pub input_per_1m: f64,
-    /// Completion (output) tokens, USD per 1M tokens (≥ 0).
+    /// Completion (output) tokens, USD per 1M tokens (≥ 0). Required.
+    #[serde(deserialize_with = "value::non_negative")]
     pub output_per_1m: f64,
     /// Prompt tokens served from the provider's prompt cache, USD per 1M tokens (≥ 0);
     /// `None` prices them at [`input_per_1m`](Self::input_per_1m).
+    #[serde(default, deserialize_with = "value::opt_non_negative")]
     pub cached_input_per_1m: Option<f64>,
 }
 
@@ -311,23 +402,37 @@ impl TokenEncoding {
     }
 }
 
+impl<'de> Deserialize<'de> for TokenEncoding {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        named(d, "encoding", Self::from_name, |v| {
+            supported(v, Self::NAMES)
+        })
+    }
+}
+
 /// The usage ledger and its writer (`usage:` section).
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields, default = "UsageConfig::unresolved")]
 pub struct UsageConfig {
     /// The SQLite ledger file (`ledger: PATH`; a relative path is relative to the
     /// directory of the configuration file that sets it, `~/…` is under `$HOME`;
     /// `ledger: true` or no `ledger` key means [`UsageConfig::default_ledger_path`]).
     /// `None` when the ledger is off (`ledger: false`), or when the key is absent and
     /// no data directory could be determined.
+    #[serde(rename = "ledger", deserialize_with = "value::ledger")]
     pub ledger_path: Option<PathBuf>,
-    /// Records queued for the writer before senders wait (≥ 1). Default
+    /// Records queued for the writer before senders wait (1 to 10⁷). Default
     /// [`UsageConfig::DEFAULT_QUEUE_CAPACITY`] (10 000).
+    #[serde(deserialize_with = "int::<_, _, 1, MAX_RECORDS>")]
     pub queue_capacity: usize,
-    /// Most records written in one transaction (≥ 1). Default
+    /// Most records written in one transaction (1 to 10⁷). Default
     /// [`UsageConfig::DEFAULT_BATCH_SIZE`] (256).
+    #[serde(deserialize_with = "int::<_, _, 1, MAX_RECORDS>")]
     pub batch_size: usize,
-    /// Longest time a record waits in a partial batch, in milliseconds (≥ 1). Default
+    /// Longest time a record waits in a partial batch, in milliseconds (1 to one
+    /// hour; the one duration not in seconds, as its name says). Default
     /// [`UsageConfig::DEFAULT_FLUSH_INTERVAL_MS`] (200).
+    #[serde(deserialize_with = "int::<_, _, 1, MAX_FLUSH_MS>")]
     pub flush_interval_ms: u64,
 }
 
@@ -370,6 +475,12 @@ impl UsageConfig {
         })
     }
 
+    /// The defaults as read, before the loader resolves the ledger path: an empty path
+    /// stands for "the default path" (see [`value::ledger`]).
+    fn unresolved() -> Self {
+        Self::with_ledger_path(Some(PathBuf::new()))
+    }
+
     /// The defaults, with the ledger at `ledger_path`.
     pub fn with_ledger_path(ledger_path: Option<PathBuf>) -> Self {
         UsageConfig {
@@ -389,54 +500,75 @@ impl Default for UsageConfig {
 }
 
 /// A task group: a named, ordered set of echelons plus its fallback
-/// (`task_groups.<name>:`, or a seed group file).
-#[derive(Debug, Clone)]
+/// (`task_groups.<name>:`, or a seed group file). Besides these fields a group has
+/// its `echelon<N>` keys and may repeat its `name`, both read by the loader.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct TaskGroupConfig {
     /// Free text.
+    #[serde(default)]
     pub description: Option<String>,
-    /// The echelons in order: `echelon1`, `echelon2`, … (numbers contiguous from 1;
-    /// at least one, each with at least one model).
+    /// The echelons in the order they are tried: by ascending
+    /// [`priority`](EchelonConfig::priority), the echelons without one after those
+    /// with one, ties in number order (`echelon1`, `echelon2`, …). Numbers are
+    /// contiguous from 1; at least one echelon, each with at least one model.
+    #[serde(skip)]
     pub echelons: Vec<EchelonConfig>,
     /// How the group fails over; `None` means the defaults of [`FallbackConfig`].
+    #[serde(default)]
     pub fallback_config: Option<FallbackConfig>,
 }
 
 /// One tier of a task group (`echelon<N>:`). The optional values override the
 /// models' own settings for calls made through this echelon.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
 pub struct EchelonConfig {
-    /// `echelon1`, `echelon2`, ….
+    /// `echelon1`, `echelon2`, … (its key).
+    #[serde(skip)]
     pub name: String,
     /// Model ids (keys of [`Config::models`]), at least one.
     pub models: Vec<String>,
-    /// Requests in flight at once through this echelon (≥ 1).
+    /// Requests in flight at once through this echelon (1 to 10⁶).
+    #[serde(deserialize_with = "opt_int::<_, _, 1, MAX_CONCURRENCY>")]
     pub concurrency_limit: Option<u32>,
-    /// Requests per minute through this echelon (≥ 1).
+    /// Requests per minute through this echelon (1 to 10⁹).
+    #[serde(deserialize_with = "opt_int::<_, _, 1, MAX_PER_MINUTE>")]
     pub rpm_limit: Option<u32>,
-    /// Priority (seed field; lower runs first).
+    /// Where the echelon comes in its group's order (0 to 10⁶; seed field): lower is
+    /// tried first, equal ones in number order, and echelons without a priority after
+    /// all those with one (see [`TaskGroupConfig::echelons`]).
+    #[serde(deserialize_with = "opt_int::<_, _, 0, MAX_PRIORITY>")]
     pub priority: Option<u32>,
-    /// Total time per attempt, in seconds (> 0).
-    pub timeout: Option<f64>,
-    /// Retries per model.
+    /// Total time per attempt (> 0, at most a day).
+    #[serde(deserialize_with = "secs::opt_positive")]
+    pub timeout: Option<Duration>,
+    /// Retries per model (0 to 100).
+    #[serde(deserialize_with = "opt_int::<_, _, 0, MAX_RETRIES>")]
     pub max_retries: Option<u32>,
-    /// Sampling temperature sent when the request has none.
+    /// Sampling temperature sent when the request has none (≥ 0).
+    #[serde(deserialize_with = "value::opt_non_negative")]
     pub temperature: Option<f64>,
-    /// `max_tokens` sent when the request has none (≥ 1).
+    /// `max_tokens` sent when the request has none (1 to 10⁸).
+    #[serde(deserialize_with = "opt_int::<_, _, 1, MAX_TOKENS>")]
     pub max_tokens: Option<u32>,
 }
 
 /// How a task group fails over (`fallback_config:`).
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
 pub struct FallbackConfig {
     /// The strategy. Default [`FallbackStrategy::EchelonDown`].
     pub strategy: FallbackStrategy,
     /// Routes to try after this group: a task group, `group.echelonN`, a model id, a
     /// polling pool or a wrapper.
     pub fallback_groups: Vec<String>,
-    /// Most attempts in total for one request (≥ 1).
+    /// Most attempts in total for one request (1 to 1000).
+    #[serde(deserialize_with = "opt_int::<_, _, 1, MAX_ATTEMPTS>")]
     pub max_attempts: Option<u32>,
-    /// Delay between fallback steps, in seconds (≥ 0).
-    pub retry_delay: Option<f64>,
+    /// Delay between fallback steps (≥ 0, at most a day).
+    #[serde(deserialize_with = "secs::opt_non_negative")]
+    pub retry_delay: Option<Duration>,
     /// Per-model circuit breaker settings.
     pub circuit_breaker: Option<CircuitBreakerConfig>,
 }
@@ -478,23 +610,40 @@ impl FallbackStrategy {
     }
 }
 
+impl<'de> Deserialize<'de> for FallbackStrategy {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        named(d, "fallback strategy", Self::from_name, |v| {
+            reference_hint(v, "strategies", Self::NAMES.iter().copied())
+        })
+    }
+}
+
 /// Circuit breaker settings (`circuit_breaker:`): closed → open after
-/// `failure_threshold` failures → half-open after `recovery_time` seconds, letting
+/// `failure_threshold` failures → half-open after `recovery_time`, letting
 /// `half_open_requests` probes through → closed on success.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
 pub struct CircuitBreakerConfig {
-    /// Consecutive failures that open the breaker (≥ 1). Default 5.
+    /// Consecutive failures that open the breaker (1 to 10⁶). Default 5.
+    #[serde(deserialize_with = "int::<_, _, 1, MAX_COUNT>")]
     pub failure_threshold: u32,
-    /// Seconds the breaker stays open before probing (≥ 0). Default 60.
-    pub recovery_time: f64,
-    /// Probes let through while half-open (≥ 1). Default 1.
+    /// How long the breaker stays open before probing (≥ 0, at most a day). Default
+    /// 60 s.
+    #[serde(deserialize_with = "secs::non_negative")]
+    pub recovery_time: Duration,
+    /// Probes let through while half-open (1 to 10⁶). Default 1.
+    #[serde(deserialize_with = "int::<_, _, 1, MAX_COUNT>")]
     pub half_open_requests: u32,
     /// Also open when the share of failed requests over `window` reaches this (0–1);
     /// `None` (default) uses consecutive failures only.
+    #[serde(deserialize_with = "value::failure_rate")]
     pub failure_rate: Option<f64>,
-    /// The failure-rate window, in seconds (> 0). Default 60.
-    pub window: f64,
-    /// Fewest requests in the window before the failure rate counts (≥ 1). Default 20.
+    /// The failure-rate window (> 0, at most a day). Default 60 s.
+    #[serde(deserialize_with = "secs::positive")]
+    pub window: Duration,
+    /// Fewest requests in the window before the failure rate counts (1 to 10⁶).
+    /// Default 20.
+    #[serde(deserialize_with = "int::<_, _, 1, MAX_COUNT>")]
     pub min_requests: u32,
 }
 
@@ -502,50 +651,60 @@ impl Default for CircuitBreakerConfig {
     fn default() -> Self {
         CircuitBreakerConfig {
             failure_threshold: 5,
-            recovery_time: 60.0,
+            recovery_time: Duration::from_secs(60),
             half_open_requests: 1,
             failure_rate: None,
-            window: 60.0,
+            window: Duration::from_secs(60),
             min_requests: 20,
         }
     }
 }
 
 /// A polling pool: the models of exactly one task group as instances, rotated and
-/// health-checked (`polling_pools.<name>:`, or a seed pool file).
-#[derive(Debug, Clone, PartialEq)]
+/// health-checked (`polling_pools.<name>:`, or a seed pool file). Besides these
+/// fields the loader reads `name`, the task group (`task_groups: [g]` or
+/// `task_group: g`) and seed 002's top-level `fallback_strategy` and
+/// `max_instance_attempts`.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
 pub struct PollingPoolConfig {
     /// Free text.
     pub description: Option<String>,
     /// The one task group whose models are the pool's instances (seed 002: one task
     /// per pool).
+    #[serde(skip)]
     pub task_group: String,
     /// How the next instance is picked. Default [`RotationStrategy::RoundRobin`].
     pub rotation_strategy: RotationStrategy,
-    /// Model id → weight (≥ 1) for [`RotationStrategy::Weighted`]; models not listed
-    /// weigh 1. Every key is a model of [`task_group`](Self::task_group).
+    /// Model id → weight (1 to 10⁶) for [`RotationStrategy::Weighted`]; models not
+    /// listed weigh 1. Every key is a model of [`task_group`](Self::task_group).
+    #[serde(deserialize_with = "value::weights")]
     pub weights: BTreeMap<String, u32>,
-    /// Seconds between two health probes of an instance (> 0). Default 30.
-    pub health_check_interval: f64,
+    /// Time between two health probes of an instance (> 0, at most a day). Default
+    /// 30 s.
+    #[serde(deserialize_with = "secs::positive")]
+    pub health_check_interval: Duration,
     /// What a health probe does. Default [`HealthCheckKind::Models`].
     pub health_check: HealthCheckKind,
-    /// Failed probes or live failures in a row that mark an instance unhealthy (≥ 1).
-    /// Default 3.
+    /// Failed probes or live failures in a row that mark an instance unhealthy (1 to
+    /// 10⁶). Default 3.
+    #[serde(deserialize_with = "int::<_, _, 1, MAX_COUNT>")]
     pub failure_threshold: u32,
-    /// Seconds an unhealthy instance is left out before it is probed again (≥ 0).
-    /// Default 60.
-    pub recovery_time: f64,
+    /// How long an unhealthy instance is left out before it is probed again (≥ 0, at
+    /// most a day). Default 60 s.
+    #[serde(deserialize_with = "secs::non_negative")]
+    pub recovery_time: Duration,
     /// How a failed request moves on inside the pool.
     pub fallback_config: PoolFallbackConfig,
 }
 
 impl PollingPoolConfig {
-    /// Default [`health_check_interval`](Self::health_check_interval), in seconds.
-    pub const DEFAULT_HEALTH_CHECK_INTERVAL: f64 = 30.0;
+    /// Default [`health_check_interval`](Self::health_check_interval).
+    pub const DEFAULT_HEALTH_CHECK_INTERVAL: Duration = Duration::from_secs(30);
     /// Default [`failure_threshold`](Self::failure_threshold).
     pub const DEFAULT_FAILURE_THRESHOLD: u32 = 3;
-    /// Default [`recovery_time`](Self::recovery_time), in seconds.
-    pub const DEFAULT_RECOVERY_TIME: f64 = 60.0;
+    /// Default [`recovery_time`](Self::recovery_time).
+    pub const DEFAULT_RECOVERY_TIME: Duration = Duration::from_secs(60);
 
     /// A pool over `task_group`, every other field at its default.
     pub fn new(task_group: impl Into<String>) -> Self {
@@ -606,6 +765,19 @@ impl RotationStrategy {
     }
 }
 
+/// "did you mean", else the names (`defined values: `a`, `b``).
+fn values_hint(word: &str, names: &[&str]) -> String {
+    reference_hint(word, "values", names.iter().copied())
+}
+
+impl<'de> Deserialize<'de> for RotationStrategy {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        named(d, "rotation strategy", Self::from_name, |v| {
+            values_hint(v, Self::NAMES)
+        })
+    }
+}
+
 /// What a polling pool's health probe does (`health_check:`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum HealthCheckKind {
@@ -638,13 +810,25 @@ impl HealthCheckKind {
     }
 }
 
+impl<'de> Deserialize<'de> for HealthCheckKind {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        named(d, "health check", Self::from_name, |v| {
+            values_hint(v, Self::NAMES)
+        })
+    }
+}
+
 /// How a polling pool fails over (`fallback_config:` of a pool, or seed 002's
 /// top-level `fallback_strategy` and `max_instance_attempts`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
 pub struct PoolFallbackConfig {
-    /// The strategy. Default [`PoolFallbackStrategy::InstanceRotation`].
+    /// The strategy (`strategy`, or seed 002's `fallback_strategy`). Default
+    /// [`PoolFallbackStrategy::InstanceRotation`].
+    #[serde(alias = "fallback_strategy")]
     pub strategy: PoolFallbackStrategy,
-    /// Most attempts on one instance for one request (≥ 1). Default 2.
+    /// Most attempts on one instance for one request (1 to 1000). Default 2.
+    #[serde(deserialize_with = "int::<_, _, 1, MAX_ATTEMPTS>")]
     pub max_instance_attempts: u32,
 }
 
@@ -694,15 +878,26 @@ impl PoolFallbackStrategy {
     }
 }
 
+impl<'de> Deserialize<'de> for PoolFallbackStrategy {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        named(d, "pool fallback strategy", Self::from_name, |v| {
+            values_hint(v, Self::NAMES)
+        })
+    }
+}
+
 /// A wrapper: a named route with its own fallback chain (`wrappers.<name>:`, seed 001
 /// `TaskGroupWrapper`): `target` first, then each of `fallback_groups` in order.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct WrapperConfig {
     /// Free text.
+    #[serde(default)]
     pub description: Option<String>,
     /// The route tried first: a model id, task group, `group.echelonN`, polling pool or
-    /// another wrapper.
+    /// another wrapper. Required.
     pub target: String,
     /// Routes tried in order after [`target`](Self::target) fails (same forms).
+    #[serde(default)]
     pub fallback_groups: Vec<String>,
 }

@@ -3,31 +3,23 @@
 
 use std::collections::BTreeMap;
 
-use super::error::{did_you_mean, reference_hint};
-use super::model::{
-    HealthCheckKind, PollingPoolConfig, PoolFallbackConfig, PoolFallbackStrategy, RotationStrategy,
-    WrapperConfig,
-};
-use super::node::{Kind, Pos};
-use super::read::{At, Bound, Ctx, MapView, map};
-use super::sections::{Ref, check_name_key};
+use super::de::{Scope, read, read_in};
+use super::error::did_you_mean;
+use super::model::{PollingPoolConfig, PoolFallbackConfig, WrapperConfig};
+use super::node::{Kind, Node, Pos};
+use super::read::{At, Ctx, MapView};
+use super::sections::{Ref, check_name_key, ref_at, refs_in};
 
-/// Keys of a polling pool.
-pub(crate) const POOL_KEYS: &[&str] = &[
+/// Keys of a polling pool read here, around the fields of [`PollingPoolConfig`].
+const POOL_HAND_KEYS: &[&str] = &[
     "name",
-    "description",
     "task_groups",
     "task_group",
-    "rotation_strategy",
-    "weights",
-    "health_check_interval",
-    "health_check",
-    "failure_threshold",
-    "recovery_time",
-    "fallback_config",
     "fallback_strategy",
     "max_instance_attempts",
 ];
+/// Seed 002's top-level form of a pool's `fallback_config`.
+const FLAT_FALLBACK_KEYS: &[&str] = &["fallback_strategy", "max_instance_attempts"];
 /// Top-level keys that only a polling pool has: a seed file with one of them is a pool.
 pub(crate) const POOL_ONLY_KEYS: &[&str] = &[
     "rotation_strategy",
@@ -38,10 +30,6 @@ pub(crate) const POOL_ONLY_KEYS: &[&str] = &[
     "fallback_strategy",
     "max_instance_attempts",
 ];
-/// Keys of a pool's `fallback_config:`.
-pub(crate) const POOL_FALLBACK_KEYS: &[&str] = &["strategy", "max_instance_attempts"];
-/// Keys of a wrapper.
-pub(crate) const WRAPPER_KEYS: &[&str] = &["description", "target", "fallback_groups"];
 
 /// The references of a polling pool, checked once every file is read.
 #[derive(Default)]
@@ -61,48 +49,44 @@ pub(crate) struct WrapperRefs {
     pub(crate) fallback_groups: Vec<Ref>,
 }
 
-/// Reads a polling pool from the mapping `view`. `name` is the pool's name (the map
-/// key, or the file's `name:` or stem); when `check_name` holds, a `name:` key must
-/// equal it.
+/// Reads a polling pool from the mapping `node`, seen as `view`. `name` is the pool's
+/// name (the map key, or the file's `name:` or stem); when `check_name` holds, a
+/// `name:` key must equal it.
 pub(crate) fn polling_pool(
     ctx: &mut Ctx,
+    node: &Node,
     view: &MapView<'_>,
     name: &str,
     check_name: bool,
 ) -> (PollingPoolConfig, PoolRefs) {
     let mut refs = PoolRefs::default();
-    let mut pool = PollingPoolConfig::default();
-    view.check_keys(ctx, POOL_KEYS);
+    let keeps = |k: &str| !POOL_HAND_KEYS.contains(&k);
+    let scope = Scope {
+        keeps: &keeps,
+        also_known: POOL_HAND_KEYS,
+    };
+    let mut pool: PollingPoolConfig =
+        read_in(ctx, node, &view.path, Some(scope)).unwrap_or_default();
 
     check_name_key(ctx, view, name, "pool", check_name);
-    pool.description = view.string(ctx, "description");
-
     refs.task_group = task_group(ctx, view);
     if let Some(group) = &refs.task_group {
         pool.task_group = group.value.clone();
     }
 
-    if let Some(strategy) = view.string_at(ctx, "rotation_strategy") {
-        match RotationStrategy::from_name(&strategy.value) {
-            Some(s) => pool.rotation_strategy = s,
-            None => unknown_name(ctx, &strategy, "rotation strategy", RotationStrategy::NAMES),
-        }
-    }
-    if let Some(node) = view.value("weights") {
+    if view.value("weights").is_some() {
         let path = view.path_of("weights");
-        if let Some(weights) = map(ctx, node, &path) {
-            for entry in weights.entries {
-                if let Some(w) = weights.u32(ctx, &entry.key, 1) {
-                    pool.weights.insert(entry.key.clone(), w);
-                }
-                refs.weights.push(At {
-                    value: entry.key.clone(),
-                    pos: entry.key_pos,
-                    path: weights.path_of(&entry.key),
-                });
-            }
+        if let Some(weights) = view.value("weights").and_then(Node::entries) {
+            refs.weights = weights
+                .iter()
+                .map(|e| At {
+                    value: e.key.clone(),
+                    pos: e.key_pos,
+                    path: super::node::join(&path, &e.key),
+                })
+                .collect();
         }
-        if pool.rotation_strategy != RotationStrategy::Weighted {
+        if pool.rotation_strategy != super::model::RotationStrategy::Weighted {
             ctx.error(
                 view.get("weights").map_or(view.pos, |e| e.key_pos),
                 &path,
@@ -115,22 +99,7 @@ pub(crate) fn polling_pool(
             );
         }
     }
-    if let Some(v) = view.f64(ctx, "health_check_interval", Bound::Positive) {
-        pool.health_check_interval = v;
-    }
-    if let Some(kind) = view.string_at(ctx, "health_check") {
-        match HealthCheckKind::from_name(&kind.value) {
-            Some(k) => pool.health_check = k,
-            None => unknown_name(ctx, &kind, "health check", HealthCheckKind::NAMES),
-        }
-    }
-    if let Some(v) = view.u32(ctx, "failure_threshold", 1) {
-        pool.failure_threshold = v;
-    }
-    if let Some(v) = view.f64(ctx, "recovery_time", Bound::NonNegative) {
-        pool.recovery_time = v;
-    }
-    pool.fallback_config = pool_fallback(ctx, view);
+    pool.fallback_config = pool_fallback(ctx, node, view, pool.fallback_config);
     (pool, refs)
 }
 
@@ -197,16 +166,23 @@ fn task_group(ctx: &mut Ctx, view: &MapView<'_>) -> Option<Ref> {
     None
 }
 
-/// The pool's fallback: `fallback_config: { strategy, max_instance_attempts }`, or seed
+/// The pool's fallback: `nested` (its `fallback_config:`, read with the pool), or seed
 /// 002's top-level `fallback_strategy` and `max_instance_attempts` (not both forms).
-fn pool_fallback(ctx: &mut Ctx, view: &MapView<'_>) -> PoolFallbackConfig {
-    let mut config = PoolFallbackConfig::default();
-    let nested = view.get("fallback_config");
-    let flat: Vec<&str> = ["fallback_strategy", "max_instance_attempts"]
-        .into_iter()
+fn pool_fallback(
+    ctx: &mut Ctx,
+    node: &Node,
+    view: &MapView<'_>,
+    nested: PoolFallbackConfig,
+) -> PoolFallbackConfig {
+    let flat: Vec<&str> = FLAT_FALLBACK_KEYS
+        .iter()
+        .copied()
         .filter(|k| view.get(k).is_some())
         .collect();
-    if nested.is_some() && !flat.is_empty() {
+    if flat.is_empty() {
+        return nested;
+    }
+    if view.get("fallback_config").is_some() {
         for key in &flat {
             ctx.error(
                 view.get(key).map_or(view.pos, |e| e.key_pos),
@@ -220,78 +196,28 @@ fn pool_fallback(ctx: &mut Ctx, view: &MapView<'_>) -> PoolFallbackConfig {
                 ),
             );
         }
-        return config;
+        return PoolFallbackConfig::default();
     }
-    let (source, strategy_key) = match view.value("fallback_config") {
-        Some(node) => {
-            let path = view.path_of("fallback_config");
-            let Some(inner) = map(ctx, node, &path) else {
-                return config;
-            };
-            inner.check_keys(ctx, POOL_FALLBACK_KEYS);
-            (inner, "strategy")
-        }
-        None => (
-            MapView {
-                entries: view.entries,
-                path: view.path.clone(),
-                pos: view.pos,
-            },
-            "fallback_strategy",
-        ),
+    // `fallback_strategy` is the alias of `strategy`.
+    let keeps = |k: &str| FLAT_FALLBACK_KEYS.contains(&k);
+    let scope = Scope {
+        keeps: &keeps,
+        also_known: &[],
     };
-    if let Some(strategy) = source.string_at(ctx, strategy_key) {
-        match PoolFallbackStrategy::from_name(&strategy.value) {
-            Some(s) => config.strategy = s,
-            None => unknown_name(
-                ctx,
-                &strategy,
-                "pool fallback strategy",
-                PoolFallbackStrategy::NAMES,
-            ),
-        }
-    }
-    if let Some(v) = source.u32(ctx, "max_instance_attempts", 1) {
-        config.max_instance_attempts = v;
-    }
-    config
+    read_in(ctx, node, &view.path, Some(scope)).unwrap_or_default()
 }
 
-/// Records "unknown {what} `x`" with a did-you-mean hint or the accepted names.
-fn unknown_name(ctx: &mut Ctx, value: &At<String>, what: &str, names: &[&str]) {
-    ctx.error(
-        value.pos,
-        &value.path,
-        format!("unknown {what} `{}`", value.value),
-        Some(reference_hint(
-            &value.value,
-            "values",
-            names.iter().copied(),
-        )),
-    );
-}
-
-/// Reads one wrapper (`wrappers.<name>:`).
-pub(crate) fn wrapper(ctx: &mut Ctx, view: &MapView<'_>) -> (WrapperConfig, WrapperRefs) {
-    let mut refs = WrapperRefs::default();
-    let mut wrapper = WrapperConfig::default();
-    view.check_keys(ctx, WRAPPER_KEYS);
-    wrapper.description = view.string(ctx, "description");
-    match view.string_at(ctx, "target") {
-        Some(target) => {
-            wrapper.target = target.value.clone();
-            refs.target = Some(target);
-        }
-        None if view.value("target").is_none() => view.missing(
-            ctx,
-            "target",
-            Some("name the route tried first, e.g. `target: fast_group.echelon1`".to_owned()),
-        ),
-        None => {}
-    }
-    let groups = view.string_list(ctx, "fallback_groups").unwrap_or_default();
-    wrapper.fallback_groups = groups.iter().map(|g| g.value.clone()).collect();
-    refs.fallback_groups = groups;
+/// Reads one wrapper (`wrappers.<name>:`) from the mapping `node`, seen as `view`.
+pub(crate) fn wrapper(
+    ctx: &mut Ctx,
+    node: &Node,
+    view: &MapView<'_>,
+) -> (WrapperConfig, WrapperRefs) {
+    let wrapper: WrapperConfig = read(ctx, node, &view.path).unwrap_or_default();
+    let refs = WrapperRefs {
+        target: ref_at(node, &view.path, "target"),
+        fallback_groups: refs_in(node, &view.path, "fallback_groups"),
+    };
     (wrapper, refs)
 }
 

@@ -1,8 +1,9 @@
-//! Typed reading of node trees: every problem is recorded (with file, position and
-//! key path) and reading goes on, so one load reports all it can.
+//! Reading node trees by hand, for what the section structs do not cover (a task
+//! group's `echelon<N>` keys, a pool's task group, top-level shapes): every problem is
+//! recorded (with file, position and key path) and reading goes on, so one load reports
+//! all it can. The sections themselves are read through serde ([`de`](super::de)).
 
-use secrecy::SecretString;
-
+use super::de::scalar_text;
 use super::error::{ConfigError, did_you_mean};
 use super::node::{Entry, Kind, Node, Pos, index, join};
 
@@ -12,6 +13,8 @@ pub(crate) struct Ctx {
     pub(crate) file: String,
     /// Errors so far.
     pub(crate) errors: Vec<ConfigError>,
+    /// Warnings so far: what loads but looks wrong.
+    pub(crate) warnings: Vec<ConfigError>,
 }
 
 impl Ctx {
@@ -19,7 +22,20 @@ impl Ctx {
         Ctx {
             file: file.into(),
             errors: Vec::new(),
+            warnings: Vec::new(),
         }
+    }
+
+    /// Records a warning at `pos` (0 = unknown).
+    pub(crate) fn warn(
+        &mut self,
+        pos: Pos,
+        path: &str,
+        message: impl Into<String>,
+        hint: Option<String>,
+    ) {
+        self.warnings
+            .push(located(&self.file, pos, path, message, hint));
     }
 
     /// Records an error at `pos` (0 = unknown).
@@ -94,15 +110,6 @@ pub(crate) fn map<'n>(ctx: &mut Ctx, node: &'n Node, path: &str) -> Option<MapVi
     }
 }
 
-/// The range a number must be in.
-#[derive(Clone, Copy)]
-pub(crate) enum Bound {
-    /// > 0.
-    Positive,
-    /// ≥ 0.
-    NonNegative,
-}
-
 impl<'n> MapView<'n> {
     /// The path of `key` in this mapping.
     pub(crate) fn path_of(&self, key: &str) -> String {
@@ -122,11 +129,6 @@ impl<'n> MapView<'n> {
                 );
             }
         }
-    }
-
-    /// Where the value of `key` is written (the mapping's position when absent).
-    pub(crate) fn pos_of(&self, key: &str) -> Pos {
-        self.get(key).map_or(self.pos, |e| e.value.pos)
     }
 
     /// The entry for `key`.
@@ -167,11 +169,6 @@ impl<'n> MapView<'n> {
         })
     }
 
-    /// A string value.
-    pub(crate) fn string(&self, ctx: &mut Ctx, key: &str) -> Option<String> {
-        self.string_at(ctx, key).map(|s| s.value)
-    }
-
     /// A list of strings, each with its position.
     pub(crate) fn string_list(&self, ctx: &mut Ctx, key: &str) -> Option<Vec<At<String>>> {
         let node = self.value(key)?;
@@ -192,147 +189,20 @@ impl<'n> MapView<'n> {
                 .collect(),
         )
     }
-
-    /// A list of secrets; entries empty after substitution are dropped. Error
-    /// messages never show the values.
-    pub(crate) fn secret_list(&self, ctx: &mut Ctx, key: &str) -> Option<Vec<SecretString>> {
-        let node = self.value(key)?;
-        let path = self.path_of(key);
-        let items = list(ctx, node, &path)?;
-        let mut keys = Vec::new();
-        for (i, item) in items.iter().enumerate() {
-            match &item.kind {
-                Kind::Str { value, .. } => {
-                    let value = value.trim();
-                    if !value.is_empty() {
-                        keys.push(SecretString::from(value));
-                    }
-                }
-                Kind::Null => {}
-                _ => ctx.error(
-                    item.pos,
-                    &index(&path, i),
-                    format!("expected a string (an API key), found {}", item.type_name()),
-                    Some("quote the key: \"...\"".to_owned()),
-                ),
-            }
-        }
-        Some(keys)
-    }
-
-    /// A finite number within `bound`.
-    pub(crate) fn f64(&self, ctx: &mut Ctx, key: &str, bound: Bound) -> Option<f64> {
-        let node = self.value(key)?;
-        let path = self.path_of(key);
-        let value = number(ctx, node, &path)?;
-        let ok = match bound {
-            Bound::Positive => value > 0.0,
-            Bound::NonNegative => value >= 0.0,
-        };
-        if ok {
-            Some(value)
-        } else {
-            let what = match bound {
-                Bound::Positive => "greater than 0",
-                Bound::NonNegative => "0 or more",
-            };
-            ctx.error(
-                node.pos,
-                &path,
-                format!("must be {what}, found {value}"),
-                None,
-            );
-            None
-        }
-    }
-
-    /// An integer in `min..=max`.
-    pub(crate) fn int(&self, ctx: &mut Ctx, key: &str, min: i128, max: i128) -> Option<i128> {
-        let node = self.value(key)?;
-        let path = self.path_of(key);
-        let value = integer(ctx, node, &path)?;
-        if (min..=max).contains(&value) {
-            Some(value)
-        } else {
-            let range = if max == i128::from(u32::MAX) || max == i128::from(u64::MAX) {
-                format!("{min} or more")
-            } else {
-                format!("between {min} and {max}")
-            };
-            ctx.error(
-                node.pos,
-                &path,
-                format!("must be {range}, found {value}"),
-                None,
-            );
-            None
-        }
-    }
-
-    /// A boolean (`true` / `false`, any case; also from a `${VAR}` substitution).
-    pub(crate) fn bool(&self, ctx: &mut Ctx, key: &str) -> Option<bool> {
-        let node = self.value(key)?;
-        let path = self.path_of(key);
-        boolean(ctx, node, &path)
-    }
-
-    /// A `u32` ≥ `min`.
-    pub(crate) fn u32(&self, ctx: &mut Ctx, key: &str, min: u32) -> Option<u32> {
-        self.int(ctx, key, i128::from(min), i128::from(u32::MAX))
-            .and_then(|v| u32::try_from(v).ok())
-    }
 }
 
 /// A string; plain scalars of other types (e.g. `model: 4`) read as written.
 pub(crate) fn string(ctx: &mut Ctx, node: &Node, path: &str) -> Option<String> {
-    match &node.kind {
-        Kind::Str { value, .. } => Some(value.clone()),
-        Kind::Int { text, .. } | Kind::Float { text, .. } | Kind::Bool { text, .. } => {
-            Some(text.clone())
-        }
-        _ => {
-            ctx.error(
-                node.pos,
-                path,
-                format!("expected a string, found {}", node.type_name()),
-                None,
-            );
-            None
-        }
-    }
-}
-
-/// The boolean a scalar spells (`true` / `false`, any case), if any. A string counts
-/// only when it came from a `${VAR}` substitution.
-pub(crate) fn bool_value(node: &Node) -> Option<bool> {
-    let text = match &node.kind {
-        Kind::Bool { text } => text.as_str(),
-        Kind::Str {
-            value,
-            substituted: true,
-        } => value.trim(),
-        _ => return None,
-    };
-    match text.to_ascii_lowercase().as_str() {
-        "true" => Some(true),
-        "false" => Some(false),
-        _ => None,
-    }
-}
-
-/// A boolean; records an error for anything else.
-pub(crate) fn boolean(ctx: &mut Ctx, node: &Node, path: &str) -> Option<bool> {
-    let value = bool_value(node);
-    if value.is_none() {
+    let text = scalar_text(node).map(str::to_owned);
+    if text.is_none() {
         ctx.error(
             node.pos,
             path,
-            format!("expected `true` or `false`, found {}", node.type_name()),
-            matches!(node.kind, Kind::Str { .. })
-                .then(|| "write `true` or `false` without quotes".to_owned()),
+            format!("expected a string, found {}", node.type_name()),
+            None,
         );
     }
-    value
+    text
 }
 
 /// A list (`null` reads as an empty one).
@@ -352,56 +222,6 @@ pub(crate) fn list<'n>(ctx: &mut Ctx, node: &'n Node, path: &str) -> Option<&'n 
     }
 }
 
-fn number(ctx: &mut Ctx, node: &Node, path: &str) -> Option<f64> {
-    let value = match &node.kind {
-        Kind::Int { value, .. } => Some(*value as f64),
-        Kind::Float { value, .. } => Some(*value),
-        Kind::Str {
-            value,
-            substituted: true,
-        } => value.trim().parse::<f64>().ok(),
-        _ => None,
-    };
-    match value {
-        Some(v) if v.is_finite() => Some(v),
-        Some(_) => {
-            ctx.error(node.pos, path, "expected a finite number", None);
-            None
-        }
-        None => {
-            ctx.error(
-                node.pos,
-                path,
-                format!("expected a number, found {}", node.type_name()),
-                matches!(node.kind, Kind::Str { .. })
-                    .then(|| "write the number without quotes".to_owned()),
-            );
-            None
-        }
-    }
-}
-
-fn integer(ctx: &mut Ctx, node: &Node, path: &str) -> Option<i128> {
-    let value = match &node.kind {
-        Kind::Int { value, .. } => Some(*value),
-        Kind::Str {
-            value,
-            substituted: true,
-        } => value.trim().parse::<i128>().ok(),
-        _ => None,
-    };
-    if value.is_none() {
-        ctx.error(
-            node.pos,
-            path,
-            format!("expected an integer, found {}", node.type_name()),
-            matches!(node.kind, Kind::Str { .. })
-                .then(|| "write the number without quotes".to_owned()),
-        );
-    }
-    value
-}
-
 #[cfg(test)]
 #[allow(clippy::unwrap_used)]
 mod tests {
@@ -417,31 +237,6 @@ mod tests {
         let (node, errors) = parse(text, "t.yaml", Format::Yaml, &env);
         assert!(errors.is_empty());
         node.unwrap()
-    }
-
-    #[test]
-    fn numbers_strings_and_bounds() {
-        let node = root("a: 1.5\nb: \"2\"\nc: $N\nd: -1\ne: abc\nf: 3\ng: $BAD\n");
-        let mut ctx = Ctx::new("t.yaml");
-        let view = map(&mut ctx, &node, "").unwrap();
-        assert_eq!(view.f64(&mut ctx, "a", Bound::Positive), Some(1.5));
-        assert_eq!(view.f64(&mut ctx, "b", Bound::NonNegative), None);
-        assert_eq!(view.u32(&mut ctx, "c", 0), Some(7));
-        assert_eq!(view.f64(&mut ctx, "d", Bound::NonNegative), None);
-        assert_eq!(view.u32(&mut ctx, "e", 0), None);
-        assert_eq!(view.string(&mut ctx, "f").as_deref(), Some("3"));
-        assert_eq!(view.u32(&mut ctx, "g", 0), None);
-        assert_eq!(view.f64(&mut ctx, "absent", Bound::NonNegative), None);
-        let messages: Vec<String> = ctx.errors.iter().map(|e| e.to_string()).collect();
-        assert_eq!(
-            messages,
-            [
-                "t.yaml:2:4: b: expected a number, found a string\n  hint: write the number without quotes",
-                "t.yaml:4:4: d: must be 0 or more, found -1",
-                "t.yaml:5:4: e: expected an integer, found a string\n  hint: write the number without quotes",
-                "t.yaml:7:4: g: expected an integer, found a string\n  hint: write the number without quotes",
-            ]
-        );
     }
 
     #[test]

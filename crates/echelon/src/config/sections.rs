@@ -1,93 +1,26 @@
 //! Reading the sections of a configuration file: `server`, `providers.<id>`,
 //! `models.<id>`, task groups (`task_groups.<name>` or a seed group file) and `usage`.
+//!
+//! Each section is a `#[derive(Deserialize)]` struct of [`model`](super::model), read
+//! with [`de::read`](super::de::read) (every field, its default and its bounds are
+//! written once, on the struct). What is left here is what serde does not say: the
+//! `echelon<N>` keys of a task group and their order, the references to check once
+//! every file is read (with where they are written), required keys that depend on the
+//! format, resolving the ledger path, and warnings.
 
 use std::path::{Path, PathBuf};
 
+use super::de::{Scope, fields_of, read, read_in, scalar_text};
 use super::env::EnvLookup;
-use super::error::{did_you_mean, reference_hint};
+use super::error::did_you_mean;
 use super::model::{
-    CircuitBreakerConfig, EchelonConfig, FallbackConfig, FallbackStrategy, ModelConfig,
-    PricingConfig, ProviderApi, ProviderConfig, ServerConfig, TaskGroupConfig, TokenEncoding,
+    EchelonConfig, FallbackConfig, ModelConfig, ProviderConfig, ServerConfig, TaskGroupConfig,
     UsageConfig,
 };
-use super::node::{Kind, Node, Pos};
-use super::read::{At, Bound, Ctx, MapView, bool_value, map};
-
-/// Keys of the `server:` section.
-pub(crate) const SERVER_KEYS: &[&str] = &[
-    "host",
-    "port",
-    "api_keys",
-    "body_limit_bytes",
-    "log_bodies",
-    "metrics",
-];
-/// Keys of a provider.
-pub(crate) const PROVIDER_KEYS: &[&str] = &["base_url", "api_keys", "api", "key_cooldown"];
-/// Keys of a model.
-pub(crate) const MODEL_KEYS: &[&str] = &[
-    "provider",
-    "model",
-    "base_url",
-    "api_keys",
-    "timeout",
-    "connect_timeout",
-    "first_token_timeout",
-    "chunk_timeout",
-    "max_retries",
-    "retry_delay",
-    "context_window",
-    "rate_limit_capacity",
-    "rate_limit_refill_rate",
-    "rpm_limit",
-    "tpm_limit",
-    "concurrency_limit",
-    "queue_timeout",
-    "key_cooldown",
-    "retry_budget",
-    "circuit_breaker",
-    "pricing",
-    "encoding",
-];
-/// Keys of a model's `pricing:`.
-pub(crate) const PRICING_KEYS: &[&str] = &["input_per_1m", "output_per_1m", "cached_input_per_1m"];
-/// Keys of the `usage:` section.
-pub(crate) const USAGE_KEYS: &[&str] = &[
-    "ledger",
-    "queue_capacity",
-    "batch_size",
-    "flush_interval_ms",
-];
-/// Keys of an echelon.
-pub(crate) const ECHELON_KEYS: &[&str] = &[
-    "models",
-    "concurrency_limit",
-    "rpm_limit",
-    "priority",
-    "timeout",
-    "max_retries",
-    "temperature",
-    "max_tokens",
-];
-/// Keys of a task group besides `echelon<N>`.
-pub(crate) const GROUP_KEYS: &[&str] = &["description", "name", "fallback_config"];
-/// Keys of `fallback_config:`.
-pub(crate) const FALLBACK_KEYS: &[&str] = &[
-    "strategy",
-    "fallback_groups",
-    "max_attempts",
-    "retry_delay",
-    "circuit_breaker",
-];
-/// Keys of `circuit_breaker:`.
-pub(crate) const BREAKER_KEYS: &[&str] = &[
-    "failure_threshold",
-    "recovery_time",
-    "half_open_requests",
-    "failure_rate",
-    "window",
-    "min_requests",
-];
+use super::node::{Entry, Kind, Node, Pos, index, join};
+use super::read::{At, Ctx, MapView};
+use super::value::limits::QUEUE_TIMEOUT_WARN;
+use super::value::show;
 
 /// A reference to something defined elsewhere (a provider, a model, a route).
 pub(crate) type Ref = At<String>;
@@ -101,299 +34,159 @@ pub(crate) struct GroupRefs {
     pub(crate) fallback_groups: Vec<Ref>,
 }
 
-/// Reads `server:`.
-pub(crate) fn server(ctx: &mut Ctx, node: &Node, path: &str) -> ServerConfig {
-    let mut server = ServerConfig::default();
-    let Some(view) = map(ctx, node, path) else {
-        return server;
-    };
-    view.check_keys(ctx, SERVER_KEYS);
-    if let Some(host) = view.string(ctx, "host") {
-        server.host = host;
-    }
-    if let Some(port) = view
-        .int(ctx, "port", 0, i128::from(u16::MAX))
-        .and_then(|p| u16::try_from(p).ok())
-    {
-        server.port = port;
-    }
-    if let Some(keys) = view.secret_list(ctx, "api_keys") {
-        server.api_keys = keys;
-    }
-    if let Some(limit) = view
-        .int(ctx, "body_limit_bytes", 1, i128::from(u64::MAX))
-        .and_then(|l| usize::try_from(l).ok())
-    {
-        server.body_limit_bytes = limit;
-    }
-    if let Some(metrics) = view.bool(ctx, "metrics") {
-        server.metrics = metrics;
-    }
-    if let Some(log_bodies) = view.bool(ctx, "log_bodies") {
-        server.log_bodies = log_bodies;
-    }
-    server
+/// The entry `key` of the mapping `node`.
+pub(crate) fn entry<'n>(node: &'n Node, key: &str) -> Option<&'n Entry> {
+    node.entries()?.iter().find(|e| e.key == key)
 }
 
-/// Checks and normalises a URL: `http://` or `https://` plus a host, no spaces;
-/// trailing slashes removed.
-pub(crate) fn base_url(ctx: &mut Ctx, url: At<String>) -> Option<String> {
-    let trimmed = url.value.trim();
-    let rest = trimmed
-        .strip_prefix("http://")
-        .or_else(|| trimmed.strip_prefix("https://"));
-    match rest {
-        Some(rest)
-            if !rest.is_empty()
-                && !rest.starts_with('/')
-                && !trimmed.contains(char::is_whitespace) =>
-        {
-            Some(trimmed.trim_end_matches('/').to_owned())
-        }
-        Some(_) => {
-            ctx.error(
-                url.pos,
-                &url.path,
-                "`base_url` needs a host after the scheme and no spaces",
-                Some("e.g. `http://127.0.0.1:8082/v1`".to_owned()),
-            );
-            None
-        }
-        None => {
-            ctx.error(
-                url.pos,
-                &url.path,
-                "`base_url` must start with `http://` or `https://`",
-                Some("e.g. `https://api.openai.com/v1`".to_owned()),
-            );
-            None
-        }
+/// The reference written as the value of `key` in the mapping `node` (at key path
+/// `path`), when it is a scalar (anything else is an error of the section's read).
+pub(crate) fn ref_at(node: &Node, path: &str, key: &str) -> Option<Ref> {
+    let entry = entry(node, key)?;
+    Some(At {
+        value: scalar_text(&entry.value)?.to_owned(),
+        pos: entry.value.pos,
+        path: join(path, key),
+    })
+}
+
+/// The references listed under `key` of the mapping `node` (at key path `path`): its
+/// scalar items, each where it is written.
+pub(crate) fn refs_in(node: &Node, path: &str, key: &str) -> Vec<Ref> {
+    let Some(Kind::Seq(items)) = entry(node, key).map(|e| &e.value.kind) else {
+        return Vec::new();
+    };
+    let list = join(path, key);
+    items
+        .iter()
+        .enumerate()
+        .filter_map(|(i, item)| {
+            Some(At {
+                value: scalar_text(item)?.to_owned(),
+                pos: item.pos,
+                path: index(&list, i),
+            })
+        })
+        .collect()
+}
+
+/// Records "missing `key`" when the mapping `node` has no value for it (nothing when
+/// `node` is not a mapping: that is reported already).
+fn require(ctx: &mut Ctx, node: &Node, path: &str, key: &str, hint: &str) {
+    let entries = match &node.kind {
+        Kind::Map(entries) => entries.as_slice(),
+        Kind::Null => &[],
+        _ => return,
+    };
+    let view = MapView {
+        entries,
+        path: path.to_owned(),
+        pos: node.pos,
+    };
+    if view.value(key).is_none() {
+        view.missing(ctx, key, Some(hint.to_owned()));
     }
+}
+
+/// Reads `server:`.
+pub(crate) fn server(ctx: &mut Ctx, node: &Node, path: &str) -> ServerConfig {
+    read(ctx, node, path).unwrap_or_default()
 }
 
 /// Reads one provider (`providers.<id>:`).
 pub(crate) fn provider(ctx: &mut Ctx, node: &Node, path: &str) -> ProviderConfig {
-    let mut provider = ProviderConfig {
+    read(ctx, node, path).unwrap_or_else(|| ProviderConfig {
         base_url: String::new(),
         api_keys: Vec::new(),
-        api: ProviderApi::default(),
+        api: Default::default(),
         key_cooldown: ProviderConfig::DEFAULT_KEY_COOLDOWN,
-    };
-    let Some(view) = map(ctx, node, path) else {
-        return provider;
-    };
-    view.check_keys(ctx, PROVIDER_KEYS);
-    match view.string_at(ctx, "base_url") {
-        Some(url) => {
-            if let Some(url) = base_url(ctx, url) {
-                provider.base_url = url;
-            }
-        }
-        None if view.value("base_url").is_none() => view.missing(
-            ctx,
-            "base_url",
-            Some("e.g. `base_url: \"http://127.0.0.1:8082/v1\"`".to_owned()),
-        ),
-        None => {}
-    }
-    if let Some(keys) = view.secret_list(ctx, "api_keys") {
-        provider.api_keys = keys;
-    }
-    if let Some(v) = view.f64(ctx, "key_cooldown", Bound::NonNegative) {
-        provider.key_cooldown = v;
-    }
-    if let Some(api) = view.string_at(ctx, "api") {
-        match api.value.as_str() {
-            "openai" => provider.api = ProviderApi::OpenAi,
-            other => ctx.error(
-                api.pos,
-                &api.path,
-                format!("unknown provider api `{other}`"),
-                Some(
-                    did_you_mean(other, ProviderApi::NAMES.iter().copied())
-                        .unwrap_or_else(|| format!("supported: {}", ProviderApi::NAMES.join(", "))),
-                ),
-            ),
-        }
-    }
-    provider
+    })
 }
 
-/// Reads the fields of one model from `view` (whose keys the caller has checked).
-/// `provider` is given by the seed format; otherwise the `provider` key is required.
-/// Returns the model and the reference to its provider.
-pub(crate) fn model_fields(
+/// Reads one model `id` (`models.<id>:`, or `<provider>.<id>` of a seed
+/// `provider.json`, where `provider` is given by the nesting and may not be a key).
+/// Returns the model and the reference to its provider (native format only).
+pub(crate) fn model(
     ctx: &mut Ctx,
-    view: &MapView<'_>,
+    node: &Node,
     id: &str,
+    path: &str,
     provider: Option<&str>,
 ) -> (ModelConfig, Option<Ref>) {
-    let mut provider_ref = None;
-    let provider_id = match provider {
-        Some(p) => p.to_owned(),
-        None => match view.string_at(ctx, "provider") {
-            Some(p) => {
-                let id = p.value.clone();
-                provider_ref = Some(p);
-                id
+    let read_model = match provider {
+        None => read(ctx, node, path),
+        Some(_) => {
+            if let Some(e) = entry(node, "provider") {
+                ctx.error(
+                    e.key_pos,
+                    &join(path, "provider"),
+                    "unknown key `provider`",
+                    Some(
+                        "in a seed `provider.json` the enclosing key names the provider".to_owned(),
+                    ),
+                );
             }
-            None => {
-                if view.value("provider").is_none() {
-                    view.missing(
-                        ctx,
-                        "provider",
-                        Some("name one of the `providers:` entries".to_owned()),
-                    );
-                }
-                String::new()
-            }
-        },
+            let keeps = |k: &str| k != "provider";
+            let scope = Scope {
+                keeps: &keeps,
+                also_known: &[],
+            };
+            read_in(ctx, node, path, Some(scope))
+        }
     };
-    let upstream = view.string(ctx, "model").unwrap_or_else(|| id.to_owned());
-    let mut model = ModelConfig::new(provider_id, upstream);
-    model.base_url = view
-        .string_at(ctx, "base_url")
-        .and_then(|url| base_url(ctx, url));
-    model.api_keys = view
-        .secret_list(ctx, "api_keys")
-        .filter(|keys| !keys.is_empty());
-    if let Some(v) = view.f64(ctx, "timeout", Bound::Positive) {
-        model.timeout = v;
+    let mut model = read_model.unwrap_or_else(|| ModelConfig::new(String::new(), String::new()));
+    if model.model.is_empty() {
+        model.model = id.to_owned();
     }
-    if let Some(v) = view.f64(ctx, "connect_timeout", Bound::Positive) {
-        model.connect_timeout = v;
-    }
-    model.first_token_timeout = view.f64(ctx, "first_token_timeout", Bound::Positive);
-    if let Some(v) = view.f64(ctx, "chunk_timeout", Bound::Positive) {
-        model.chunk_timeout = v;
-    }
-    if let Some(v) = view.u32(ctx, "max_retries", 0) {
-        model.max_retries = v;
-    }
-    if let Some(v) = view.f64(ctx, "retry_delay", Bound::NonNegative) {
-        model.retry_delay = v;
-    }
-    model.context_window = view.u32(ctx, "context_window", 1);
-    model.rate_limit_capacity = view.f64(ctx, "rate_limit_capacity", Bound::Positive);
-    model.rate_limit_refill_rate = view.f64(ctx, "rate_limit_refill_rate", Bound::Positive);
-    model.rpm_limit = view.u32(ctx, "rpm_limit", 1);
-    model.tpm_limit = view.u32(ctx, "tpm_limit", 1);
-    model.concurrency_limit = view.u32(ctx, "concurrency_limit", 1);
-    if let Some(v) = view.u32(ctx, "queue_timeout", 0) {
-        model.queue_timeout_ms = u64::from(v);
-    }
-    model.key_cooldown = view.f64(ctx, "key_cooldown", Bound::NonNegative);
-    if let Some(v) = view.f64(ctx, "retry_budget", Bound::NonNegative) {
-        if v > 1.0 {
-            ctx.error(
-                view.pos_of("retry_budget"),
-                &view.path_of("retry_budget"),
-                format!("must be between 0 and 1, got {v}"),
-                Some("a share of extra load: 0.2 means retries add at most 20%".to_owned()),
+    let provider_ref = match provider {
+        Some(p) => {
+            model.provider = p.to_owned();
+            None
+        }
+        None => {
+            require(
+                ctx,
+                node,
+                path,
+                "provider",
+                "name one of the `providers:` entries",
             );
+            ref_at(node, path, "provider")
         }
-        model.retry_budget = v;
-    }
-    if let Some(b) = breaker(ctx, view) {
-        model.circuit_breaker = b;
-    }
-    model.pricing = pricing(ctx, view);
-    if let Some(encoding) = view.string_at(ctx, "encoding") {
-        match TokenEncoding::from_name(&encoding.value) {
-            Some(e) => model.encoding = Some(e),
-            None => ctx.error(
-                encoding.pos,
-                &encoding.path,
-                format!("unknown encoding `{}`", encoding.value),
-                Some(
-                    did_you_mean(&encoding.value, TokenEncoding::NAMES.iter().copied())
-                        .unwrap_or_else(|| {
-                            format!("supported: {}", TokenEncoding::NAMES.join(", "))
-                        }),
-                ),
+    };
+    if model.queue_timeout > QUEUE_TIMEOUT_WARN
+        && let Some(e) = entry(node, "queue_timeout")
+    {
+        let secs = model.queue_timeout.as_secs_f64();
+        ctx.warn(
+            e.value.pos,
+            &join(path, "queue_timeout"),
+            format!(
+                "`queue_timeout` is in seconds since durations have one unit (it was \
+                 milliseconds): {} looks like milliseconds",
+                show(secs)
             ),
-        }
+            Some(format!(
+                "for {} ms write `queue_timeout: {}`",
+                show(secs),
+                show(secs / 1000.0)
+            )),
+        );
     }
     (model, provider_ref)
-}
-
-/// Reads a model's `pricing:` (USD per 1M tokens); `None` when absent or wrong.
-fn pricing(ctx: &mut Ctx, view: &MapView<'_>) -> Option<PricingConfig> {
-    let node = view.value("pricing")?;
-    let path = view.path_of("pricing");
-    let p = map(ctx, node, &path)?;
-    p.check_keys(ctx, PRICING_KEYS);
-    let hint =
-        || Some("e.g. `pricing: { input_per_1m: 0.15, output_per_1m: 0.60 }` (USD)".to_owned());
-    let input = p.f64(ctx, "input_per_1m", Bound::NonNegative);
-    if p.value("input_per_1m").is_none() {
-        p.missing(ctx, "input_per_1m", hint());
-    }
-    let output = p.f64(ctx, "output_per_1m", Bound::NonNegative);
-    if p.value("output_per_1m").is_none() {
-        p.missing(ctx, "output_per_1m", hint());
-    }
-    let cached_input_per_1m = p.f64(ctx, "cached_input_per_1m", Bound::NonNegative);
-    Some(PricingConfig {
-        input_per_1m: input?,
-        output_per_1m: output?,
-        cached_input_per_1m,
-    })
 }
 
 /// Reads `usage:`. `env` resolves the default ledger path (and `~/` in a path);
 /// a relative path is taken relative to the directory of the file being read.
 pub(crate) fn usage(ctx: &mut Ctx, node: &Node, path: &str, env: EnvLookup<'_>) -> UsageConfig {
-    let mut usage = UsageConfig::with_ledger_path(UsageConfig::default_ledger_path_with_env(env));
-    let Some(view) = map(ctx, node, path) else {
-        return usage;
+    let mut usage: UsageConfig =
+        read(ctx, node, path).unwrap_or_else(|| UsageConfig::with_ledger_path(None));
+    usage.ledger_path = match usage.ledger_path.take() {
+        // Absent or `true`.
+        Some(p) if p.as_os_str().is_empty() => UsageConfig::default_ledger_path_with_env(env),
+        Some(p) => Some(ledger_file(&p.to_string_lossy(), &ctx.file, env)),
+        None => None,
     };
-    view.check_keys(ctx, USAGE_KEYS);
-    if let Some(ledger) = view.value("ledger") {
-        let ledger_path = view.path_of("ledger");
-        let hint = || {
-            Some(
-                "a file path (`ledger: /var/lib/echelon/ledger.db`), or `false` to turn \
-                 the ledger off"
-                    .to_owned(),
-            )
-        };
-        match (&ledger.kind, bool_value(ledger)) {
-            (_, Some(false)) => usage.ledger_path = None,
-            (_, Some(true)) => {}
-            (Kind::Str { value, .. }, None) if !value.trim().is_empty() => {
-                usage.ledger_path = Some(ledger_file(value.trim(), &ctx.file, env));
-            }
-            (Kind::Str { .. }, None) => {
-                ctx.error(ledger.pos, &ledger_path, "`ledger` is empty", hint());
-            }
-            _ => ctx.error(
-                ledger.pos,
-                &ledger_path,
-                format!("expected a path or `false`, found {}", ledger.type_name()),
-                hint(),
-            ),
-        }
-    }
-    let max = i128::from(u32::MAX);
-    if let Some(v) = view
-        .int(ctx, "queue_capacity", 1, max)
-        .and_then(|v| usize::try_from(v).ok())
-    {
-        usage.queue_capacity = v;
-    }
-    if let Some(v) = view
-        .int(ctx, "batch_size", 1, max)
-        .and_then(|v| usize::try_from(v).ok())
-    {
-        usage.batch_size = v;
-    }
-    if let Some(v) = view
-        .int(ctx, "flush_interval_ms", 1, max)
-        .and_then(|v| u64::try_from(v).ok())
-    {
-        usage.flush_interval_ms = v;
-    }
     usage
 }
 
@@ -412,22 +205,6 @@ fn ledger_file(written: &str, config_file: &str, env: EnvLookup<'_>) -> PathBuf 
     match Path::new(config_file).parent() {
         Some(dir) => dir.join(path),
         None => path.to_path_buf(),
-    }
-}
-
-/// Reads one model (`models.<id>:`).
-pub(crate) fn model(
-    ctx: &mut Ctx,
-    node: &Node,
-    id: &str,
-    path: &str,
-) -> (ModelConfig, Option<Ref>) {
-    match map(ctx, node, path) {
-        Some(view) => {
-            view.check_keys(ctx, MODEL_KEYS);
-            model_fields(ctx, &view, id, None)
-        }
-        None => (ModelConfig::new(String::new(), id), None),
     }
 }
 
@@ -467,17 +244,27 @@ pub(crate) fn check_name_key(
     }
 }
 
-/// Reads a task group from the mapping `view`. `name` is the group's name (the map
-/// key, or the file's `name:`); `key_pos` is where it is written. When `check_name`
-/// holds, a `name:` key must equal `name`.
+/// Keys of a task group besides `echelon<N>`: the fields of [`TaskGroupConfig`] and
+/// `name`.
+fn group_keys() -> Vec<&'static str> {
+    let mut keys = fields_of::<TaskGroupConfig>().to_vec();
+    keys.push("name");
+    keys
+}
+
+/// Reads a task group from the mapping `node`, seen as `view`. `name` is the group's
+/// name (the map key, or the file's `name:`); `key_pos` is where it is written. When
+/// `check_name` holds, a `name:` key must equal `name`.
 pub(crate) fn task_group(
     ctx: &mut Ctx,
+    node: &Node,
     view: &MapView<'_>,
     name: &str,
     key_pos: Pos,
     check_name: bool,
 ) -> (TaskGroupConfig, GroupRefs) {
     let mut refs = GroupRefs::default();
+    let group_keys = group_keys();
     let mut numbered: Vec<(u32, Pos, String)> = view
         .entries
         .iter()
@@ -489,14 +276,14 @@ pub(crate) fn task_group(
         .max()
         .unwrap_or(0)
         .saturating_add(1);
-    let candidates: Vec<String> = GROUP_KEYS
+    let candidates: Vec<String> = group_keys
         .iter()
         .map(|k| (*k).to_owned())
         .chain((1..=next).map(|n| format!("echelon{n}")))
         .collect();
     for entry in view.entries {
         let key = entry.key.as_str();
-        if GROUP_KEYS.contains(&key) {
+        if group_keys.contains(&key) {
             continue;
         }
         match echelon_number(key) {
@@ -544,14 +331,22 @@ pub(crate) fn task_group(
     }
 
     check_name_key(ctx, view, name, "group", check_name);
-    let description = view.string(ctx, "description");
+    // The fields (`description`, `fallback_config`); the keys above are not theirs.
+    let fields = fields_of::<TaskGroupConfig>();
+    let keeps = |k: &str| fields.contains(&k);
+    let scope = Scope {
+        keeps: &keeps,
+        also_known: &[],
+    };
+    let mut group: TaskGroupConfig =
+        read_in(ctx, node, &view.path, Some(scope)).unwrap_or_default();
 
-    let mut echelons = Vec::new();
     for (_, _, key) in &numbered {
         let Some(entry) = view.get(key) else { continue };
-        let (echelon, models) = echelon(ctx, &entry.value, key, &view.path_of(key));
-        refs.models.extend(models);
-        echelons.push(echelon);
+        let path = view.path_of(key);
+        group
+            .echelons
+            .push(echelon(ctx, &entry.value, key, &path, &mut refs));
     }
     if numbered.is_empty() {
         ctx.error(
@@ -561,133 +356,63 @@ pub(crate) fn task_group(
             Some("add `echelon1: { models: [some-model] }`".to_owned()),
         );
     }
+    order_by_priority(&mut group.echelons);
 
-    let fallback_config = view.value("fallback_config").and_then(|node| {
+    if let Some(e) = view.get("fallback_config") {
         let path = view.path_of("fallback_config");
-        fallback(ctx, node, &path, &mut refs)
-    });
-
-    (
-        TaskGroupConfig {
-            description,
-            echelons,
-            fallback_config,
-        },
-        refs,
-    )
+        refs.fallback_groups = refs_in(&e.value, &path, "fallback_groups");
+    }
+    (group, refs)
 }
 
-fn echelon(ctx: &mut Ctx, node: &Node, name: &str, path: &str) -> (EchelonConfig, Vec<Ref>) {
-    let mut echelon = EchelonConfig {
-        name: name.to_owned(),
-        models: Vec::new(),
-        concurrency_limit: None,
-        rpm_limit: None,
-        priority: None,
-        timeout: None,
-        max_retries: None,
-        temperature: None,
-        max_tokens: None,
-    };
-    let Some(view) = map(ctx, node, path) else {
-        return (echelon, Vec::new());
-    };
-    view.check_keys(ctx, ECHELON_KEYS);
-    let models = view.string_list(ctx, "models");
-    let models_failed = models.is_none() && view.value("models").is_some();
-    let models = models.unwrap_or_default();
-    if models.is_empty() && !models_failed {
-        let (pos, path) = match view.get("models") {
-            Some(entry) => (entry.key_pos, view.path_of("models")),
-            None => (view.pos, view.path.clone()),
+/// Puts echelons (given in number order) in the order they are tried: ascending
+/// `priority`, those without one last; ties keep number order.
+fn order_by_priority(echelons: &mut [EchelonConfig]) {
+    echelons.sort_by_key(|e| (e.priority.is_none(), e.priority));
+}
+
+/// Reads the echelon `name` (`echelon<N>:`) at `path`, adding the models it names
+/// to `refs`.
+fn echelon(
+    ctx: &mut Ctx,
+    node: &Node,
+    name: &str,
+    path: &str,
+    refs: &mut GroupRefs,
+) -> EchelonConfig {
+    let mut echelon: EchelonConfig = read(ctx, node, path).unwrap_or_default();
+    echelon.name = name.to_owned();
+    let models = entry(node, "models");
+    // Not a list at all is reported by the read already.
+    let unreadable = models.is_some_and(|m| !matches!(m.value.kind, Kind::Seq(_) | Kind::Null));
+    if echelon.models.is_empty() && matches!(node.kind, Kind::Map(_) | Kind::Null) && !unreadable {
+        let (pos, at) = match models {
+            Some(m) => (m.key_pos, join(path, "models")),
+            None => (node.pos, path.to_owned()),
         };
         ctx.error(
             pos,
-            &path,
+            &at,
             format!("echelon `{name}` has no models"),
             Some("add `models: [some-model]`".to_owned()),
         );
     }
-    echelon.models = models.iter().map(|m| m.value.clone()).collect();
-    echelon.concurrency_limit = view.u32(ctx, "concurrency_limit", 1);
-    echelon.rpm_limit = view.u32(ctx, "rpm_limit", 1);
-    echelon.priority = view.u32(ctx, "priority", 0);
-    echelon.timeout = view.f64(ctx, "timeout", Bound::Positive);
-    echelon.max_retries = view.u32(ctx, "max_retries", 0);
-    echelon.temperature = view.f64(ctx, "temperature", Bound::NonNegative);
-    echelon.max_tokens = view.u32(ctx, "max_tokens", 1);
-    (echelon, models)
+    refs.models.extend(refs_in(node, path, "models"));
+    echelon
 }
 
-/// Reads a task group's `fallback_config:` (also the top level of a seed global
-/// fallback file), adding its `fallback_groups` to `refs`.
+/// Reads a `fallback_config:` (the top level of a seed global fallback file, for the
+/// migration), adding its `fallback_groups` to `refs`.
 pub(crate) fn fallback(
     ctx: &mut Ctx,
     node: &Node,
     path: &str,
     refs: &mut GroupRefs,
 ) -> Option<FallbackConfig> {
-    let view = map(ctx, node, path)?;
-    view.check_keys(ctx, FALLBACK_KEYS);
-    let mut config = FallbackConfig::default();
-    if let Some(strategy) = view.string_at(ctx, "strategy") {
-        match FallbackStrategy::from_name(&strategy.value) {
-            Some(s) => config.strategy = s,
-            None => ctx.error(
-                strategy.pos,
-                &strategy.path,
-                format!("unknown fallback strategy `{}`", strategy.value),
-                Some(reference_hint(
-                    &strategy.value,
-                    "strategies",
-                    FallbackStrategy::NAMES.iter().copied(),
-                )),
-            ),
-        }
-    }
-    let groups = view.string_list(ctx, "fallback_groups").unwrap_or_default();
-    config.fallback_groups = groups.iter().map(|g| g.value.clone()).collect();
-    refs.fallback_groups.extend(groups);
-    config.max_attempts = view.u32(ctx, "max_attempts", 1);
-    config.retry_delay = view.f64(ctx, "retry_delay", Bound::NonNegative);
-    config.circuit_breaker = breaker(ctx, &view);
+    let config = read(ctx, node, path)?;
+    refs.fallback_groups
+        .extend(refs_in(node, path, "fallback_groups"));
     Some(config)
-}
-
-/// Reads `circuit_breaker:` of `view`, when present (seed 001).
-fn breaker(ctx: &mut Ctx, view: &MapView<'_>) -> Option<CircuitBreakerConfig> {
-    let node = view.value("circuit_breaker")?;
-    let path = view.path_of("circuit_breaker");
-    let b = map(ctx, node, &path)?;
-    b.check_keys(ctx, BREAKER_KEYS);
-    let mut breaker = CircuitBreakerConfig::default();
-    if let Some(v) = b.u32(ctx, "failure_threshold", 1) {
-        breaker.failure_threshold = v;
-    }
-    if let Some(v) = b.f64(ctx, "recovery_time", Bound::NonNegative) {
-        breaker.recovery_time = v;
-    }
-    if let Some(v) = b.u32(ctx, "half_open_requests", 1) {
-        breaker.half_open_requests = v;
-    }
-    if let Some(v) = b.f64(ctx, "failure_rate", Bound::Positive) {
-        if v > 1.0 {
-            ctx.error(
-                b.pos_of("failure_rate"),
-                &b.path_of("failure_rate"),
-                format!("must be a share between 0 and 1, got {v}"),
-                Some("0.5 opens the breaker when half the requests fail".to_owned()),
-            );
-        }
-        breaker.failure_rate = Some(v);
-    }
-    if let Some(v) = b.f64(ctx, "window", Bound::Positive) {
-        breaker.window = v;
-    }
-    if let Some(v) = b.u32(ctx, "min_requests", 1) {
-        breaker.min_requests = v;
-    }
-    Some(breaker)
 }
 
 #[cfg(test)]

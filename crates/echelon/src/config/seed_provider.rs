@@ -19,7 +19,7 @@ use super::load::{Fragment, Item};
 use super::model::{ProviderApi, ProviderConfig};
 use super::node::join;
 use super::read::{Ctx, MapView, map};
-use super::sections::{MODEL_KEYS, model_fields};
+use super::sections::model;
 
 fn same_keys(a: &[SecretString], b: &[SecretString]) -> bool {
     a.len() == b.len()
@@ -30,11 +30,6 @@ fn same_keys(a: &[SecretString], b: &[SecretString]) -> bool {
 
 /// Reads a whole seed `provider.json` into `fragment`.
 pub(crate) fn read(ctx: &mut Ctx, root: &MapView<'_>, fragment: &mut Fragment) {
-    let allowed: Vec<&str> = MODEL_KEYS
-        .iter()
-        .copied()
-        .filter(|k| *k != "provider")
-        .collect();
     let file = ctx.file.clone();
     for provider_entry in root.entries {
         let provider_id = provider_entry.key.as_str();
@@ -48,9 +43,14 @@ pub(crate) fn read(ctx: &mut Ctx, root: &MapView<'_>, fragment: &mut Fragment) {
             let Some(view) = map(ctx, &model_entry.value, &path) else {
                 continue;
             };
-            view.check_keys(ctx, &allowed);
             url_key_seen |= view.value("base_url").is_some();
-            let (model, _) = model_fields(ctx, &view, &model_entry.key, Some(provider_id));
+            let (model, _) = model(
+                ctx,
+                &model_entry.value,
+                &model_entry.key,
+                &path,
+                Some(provider_id),
+            );
             models.push(Item {
                 id: format!("{provider_id}/{}", model_entry.key),
                 file: file.clone(),

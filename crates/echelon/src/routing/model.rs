@@ -77,11 +77,11 @@ impl Drop for InFlight {
 pub(crate) fn breaker_settings(c: &CircuitBreakerConfig) -> BreakerSettings {
     BreakerSettings {
         failure_threshold: c.failure_threshold,
-        recovery_time: Duration::from_secs_f64(c.recovery_time.max(0.0)),
+        recovery_time: c.recovery_time,
         half_open_requests: c.half_open_requests,
         failure_rate: c.failure_rate.map(|threshold| FailureRate {
             threshold,
-            window: Duration::from_secs_f64(c.window.max(0.001)),
+            window: c.window,
             min_requests: c.min_requests,
         }),
     }
@@ -102,13 +102,12 @@ impl Model {
         keys: Arc<KeyPool>,
         http: &mut HttpClients,
     ) -> Result<Model, ProviderError> {
-        let secs = |s: f64| Duration::from_secs_f64(s.max(0.001));
-        let total = secs(config.timeout);
+        let total = config.timeout;
         let timeouts = Timeouts {
-            connect: secs(config.connect_timeout),
+            connect: config.connect_timeout,
             total,
-            first_token: config.first_token_timeout.map(secs).unwrap_or(total),
-            chunk_gap: secs(config.chunk_timeout),
+            first_token: config.first_token_timeout.unwrap_or(total),
+            chunk_gap: config.chunk_timeout,
         };
         let base_url = config.base_url.as_deref().unwrap_or(&provider.base_url);
         let mut request_buckets = Vec::new();
@@ -136,16 +135,11 @@ impl Model {
                 timeouts,
             ),
             keys,
-            key_cooldown: Duration::from_secs_f64(
-                config
-                    .key_cooldown
-                    .unwrap_or(provider.key_cooldown)
-                    .max(0.0),
-            ),
+            key_cooldown: config.key_cooldown.unwrap_or(provider.key_cooldown),
             max_retries: config.max_retries,
-            retry_delay: Duration::from_secs_f64(config.retry_delay.max(0.0)),
+            retry_delay: config.retry_delay,
             context_window: config.context_window,
-            queue_timeout: Duration::from_millis(config.queue_timeout_ms),
+            queue_timeout: config.queue_timeout,
             breaker: CircuitBreaker::new(id, breaker_settings(&config.circuit_breaker)),
             request_buckets,
             tpm: config

@@ -510,8 +510,8 @@ mod tests {
             key_cooldown: ProviderConfig::DEFAULT_KEY_COOLDOWN,
         };
         let mut config = ModelConfig::new("local", format!("{id}-upstream"));
-        config.timeout = 5.0;
-        config.connect_timeout = 1.0;
+        config.timeout = Duration::from_secs(5);
+        config.connect_timeout = Duration::from_secs(1);
         let keys = KeyPool::new(
             id,
             keys.iter()

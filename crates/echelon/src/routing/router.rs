@@ -122,11 +122,6 @@ impl Gateway {
             let mut own = Vec::new();
             for ech in &group.echelons {
                 let label = format!("{name}.{}", ech.name);
-                if ech.priority.is_some() {
-                    tracing::warn!(
-                        "echelon `{label}`: priority is accepted but not acted on: echelons are tried in number order"
-                    );
-                }
                 let members = ech
                     .models
                     .iter()
@@ -140,7 +135,7 @@ impl Gateway {
                     temperature: ech.temperature,
                     max_tokens: ech.max_tokens,
                     max_retries: ech.max_retries,
-                    timeout: ech.timeout.map(|s| Duration::from_secs_f64(s.max(0.001))),
+                    timeout: ech.timeout,
                 };
                 let limits = EchelonLimits {
                     concurrency_limit: ech.concurrency_limit,
@@ -213,7 +208,7 @@ impl Gateway {
                 }
                 plan.provider_failover = fb.strategy == FallbackStrategy::ProviderFailover;
                 plan.max_attempts = fb.max_attempts;
-                plan.step_delay = fb.retry_delay.map(|s| Duration::from_secs_f64(s.max(0.0)));
+                plan.step_delay = fb.retry_delay;
                 plan.group_breaker = fb.circuit_breaker.as_ref().map(|c| {
                     CircuitBreaker::new(format!("task group {name}"), breaker_settings(c))
                 });
@@ -820,13 +815,13 @@ fn pool_settings(pc: &PollingPoolConfig, instances: &[Arc<Model>]) -> PoolSettin
             .iter()
             .map(|m| pc.weights.get(m.id()).copied().unwrap_or(1))
             .collect(),
-        health_check_interval: Duration::from_secs_f64(pc.health_check_interval.max(0.0)),
+        health_check_interval: pc.health_check_interval,
         probe: match pc.health_check {
             HealthCheckKind::Models => ProbeKind::Models,
             HealthCheckKind::Completion => ProbeKind::Completion,
         },
         failure_threshold: pc.failure_threshold,
-        recovery_time: Duration::from_secs_f64(pc.recovery_time.max(0.0)),
+        recovery_time: pc.recovery_time,
         session_ttl: SESSION_TTL,
     }
 }
