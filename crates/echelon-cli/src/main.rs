@@ -429,6 +429,7 @@ async fn judge(config_path: PathBuf, args: JudgeArgs) -> anyhow::Result<ExitCode
     use echelon::judge::{Judge, JudgeConfig, count_lines};
     let config = load(&config_path)?;
     let gateway = Arc::new(Gateway::from_config(&config)?);
+    gateway.start()?;
     let mut jc = JudgeConfig {
         route: args.route,
         concurrency: args.concurrency.max(1),
@@ -629,6 +630,7 @@ async fn serve(
         gateway = gateway.with_record_sink(Arc::new(sender.clone()));
     }
     let gateway = Arc::new(gateway);
+    gateway.start()?;
     let host = host.unwrap_or_else(|| config.server.host.clone());
     let port = port.unwrap_or(config.server.port);
     let listener = echelon_server::bind((host.as_str(), port))
@@ -650,10 +652,11 @@ async fn serve(
     println!("echelon listening on http://{addr}");
     std::io::stdout().flush()?;
     echelon_server::serve(listener, app, echelon_server::shutdown_signal()).await?;
-    // In-flight requests are done: let abandoned streams' last records reach the sink,
-    // then close it and wait for the writer to flush everything.
+    // In-flight requests are done: stop the health checks and wait until abandoned
+    // streams' last records have reached the sink, then close it and wait for the
+    // writer to flush everything.
+    gateway.shutdown().await;
     drop(gateway);
-    tokio::task::yield_now().await;
     if let Some((sender, writer)) = ledger {
         drop(sender);
         let rows = tokio::task::spawn_blocking(move || writer.join())

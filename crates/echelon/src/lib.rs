@@ -7,6 +7,8 @@
 //!   the fallback strategies, and handles ([`Gateway::llm`]) that act like one model;
 //! - [`tokens`]: prompt token counts (tiktoken) for TPM limits and context windows;
 //! - [`resilience`]: circuit breaker, token buckets, concurrency limits, key pools, retry budget;
+//! - [`state`]: the state registry: the resilience units' live state by stable id
+//!   (in memory; a shared backend implements the same trait);
 //! - [`provider`]: one HTTP call to one OpenAI-compatible endpoint, classified errors;
 //! - [`key`]: API keys and the short ids that stand for them;
 //! - [`error`]: the typed error a caller gets when every attempt failed.
@@ -18,6 +20,7 @@ pub mod key;
 pub mod provider;
 pub mod resilience;
 pub mod routing;
+pub mod state;
 pub mod tokens;
 pub mod usage;
 

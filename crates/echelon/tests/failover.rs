@@ -281,7 +281,8 @@ async fn unknown_routes_are_404_and_single_echelons_are_routes() {
     assert_eq!(done.model, "b");
     let done = gw.chat(request("a")).await.unwrap();
     assert_eq!(done.model, "a");
-    let ids: Vec<_> = gw.routes().iter().map(|r| r.id.as_str()).collect();
+    let routes = gw.routes();
+    let ids: Vec<_> = routes.iter().map(|r| r.id.as_str()).collect();
     assert_eq!(ids, vec!["a", "b", "grp", "grp.echelon1", "grp.echelon2"]);
 }
 

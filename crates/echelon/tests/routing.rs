@@ -90,7 +90,8 @@ async fn task_group_switch_continues_in_the_fallback_groups() {
         tried(&done.attempts),
         pairs(&[("m0", "server_error"), ("m1", "server_error"), ("m2", "ok")])
     );
-    let route = gw.routes().iter().find(|r| r.id == "fast").unwrap();
+    let routes = gw.routes();
+    let route = routes.iter().find(|r| r.id == "fast").unwrap();
     assert_eq!(route.models, vec!["m0", "m1", "m2"]);
 }
 
@@ -233,6 +234,7 @@ async fn an_instance_failing_probes_leaves_the_rotation_and_comes_back() {
         &ups,
         "task_groups:\n  g:\n    echelon1: { models: [m0, m1] }\npolling_pools:\n  pool: { task_groups: [g], health_check: completion, health_check_interval: 0.05, failure_threshold: 1, recovery_time: 0.4 }\n",
     );
+    gw.start().unwrap();
     ups[0].set_behavior(down());
     // Wait (bounded) until the probes have marked m0 unhealthy.
     let healthy = |gw: &Gateway| gw.admin_state().pools["pool"].instances[0].healthy;
@@ -332,15 +334,15 @@ async fn wrappers_route_to_their_target_then_their_fallbacks() {
         task_group: Some("fast"),
         polling_pool: None,
     };
-    assert_eq!(gw.resolve_node(&node), Some("fast_wrapper"));
+    assert_eq!(gw.resolve_node(&node).as_deref(), Some("fast_wrapper"));
     let node = NodeRoutes {
         llm_wrapper: Some("nope"),
         task_group: Some("fast"),
         polling_pool: None,
     };
-    assert_eq!(gw.resolve_node(&node), Some("fast"));
+    assert_eq!(gw.resolve_node(&node).as_deref(), Some("fast"));
     assert_eq!(
-        gw.resolve_node(&NodeRoutes::default()),
+        gw.resolve_node(&NodeRoutes::default()).as_deref(),
         Some("fast_wrapper")
     );
 }

@@ -422,7 +422,8 @@ fn check_route(gateway: &Gateway, route: &str) -> Result<(), JudgeError> {
     if known {
         return Ok(());
     }
-    let mut names: Vec<&str> = gateway.routes().iter().map(|r| r.id.as_str()).collect();
+    let routes = gateway.routes();
+    let mut names: Vec<&str> = routes.iter().map(|r| r.id.as_str()).collect();
     names.sort_unstable();
     let more = names.len().saturating_sub(10);
     names.truncate(10);
@@ -569,7 +570,7 @@ impl Inner {
             spend.attempts += count_u32(done.attempts.len());
             let text = done.response.first_text().unwrap_or_default().to_owned();
             let answered_by = self.gateway.model(&done.model);
-            let count = match (&done.response.usage, answered_by) {
+            let count = match (&done.response.usage, &answered_by) {
                 (Some(u), _) => TokenCount::from_usage(u),
                 (None, Some(m)) => TokenCount {
                     prompt: crate::tokens::prompt_tokens_for(m, &messages),

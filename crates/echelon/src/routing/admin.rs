@@ -13,10 +13,10 @@ use std::time::Duration;
 use serde::Serialize;
 use tokio::time::Instant;
 
+use super::gateway::Gateway;
 use super::model::Model;
 use super::plan::{Plan, Tier};
 use super::pool::{InstanceSnapshot, PollingPool};
-use super::router::Gateway;
 use super::stats::{FallbackEvent, StatsSnapshot};
 use crate::resilience::breaker::{BreakerSnapshot, BreakerState};
 use crate::resilience::key_pool::{KeySnapshot, KeyState};
@@ -359,20 +359,21 @@ impl Gateway {
     /// `GET /admin/state`.
     pub fn admin_state(&self) -> AdminState {
         let now = Instant::now();
+        let topology = self.topology();
         AdminState {
-            models: self
+            models: topology
                 .models()
                 .map(|(id, m)| (id.to_owned(), ModelState::of(m, now)))
                 .collect(),
-            echelons: self
+            echelons: topology
                 .tiers()
                 .map(|t| (t.label.clone(), EchelonState::of(t, now)))
                 .collect(),
-            pools: self
+            pools: topology
                 .pools()
                 .map(|(_, pool)| (pool.name().to_owned(), PoolState::of(pool)))
                 .collect(),
-            routes: self
+            routes: topology
                 .plans()
                 .map(|(name, plan)| (name.to_owned(), RouteState::of(plan, now)))
                 .collect(),

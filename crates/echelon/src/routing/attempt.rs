@@ -105,12 +105,18 @@ impl RequestState {
     /// `model`'s declared context window; if so the skip is recorded (kind
     /// `context_window`) and nothing is sent (issue 4: "before sending, not after the
     /// provider refuses").
-    pub(crate) fn exceeds_context(&mut self, model: &Model, body: &ChatCompletionRequest) -> bool {
+    /// `max_output` is the request's output cap within its echelon.
+    pub(crate) fn exceeds_context(
+        &mut self,
+        model: &Model,
+        body: &ChatCompletionRequest,
+        max_output: Option<u32>,
+    ) -> bool {
         let Some(window) = model.context_window() else {
             return false;
         };
         let prompt = self.prompt_tokens(model, body);
-        let output = body.max_output_tokens().map_or(0, u64::from);
+        let output = max_output.map_or(0, u64::from);
         if prompt.saturating_add(output) <= u64::from(window) {
             return false;
         }
@@ -167,7 +173,8 @@ pub(crate) async fn try_model(
     let tokens = match &model.tpm {
         None => 0,
         Some(_) => st.prompt_tokens(model, body).saturating_add(
-            body.max_output_tokens()
+            tier.defaults
+                .max_output_tokens(body)
                 .map_or(DEFAULT_OUTPUT_RESERVE, u64::from),
         ),
     };

@@ -13,6 +13,7 @@ use crate::resilience::concurrency::ConcurrencyLimit;
 use crate::resilience::key_pool::KeyPool;
 use crate::resilience::retry_budget::RetryBudget;
 use crate::resilience::token_bucket::TokenBucket;
+use crate::state::{StateId, StateRegistry, Unit};
 use crate::tokens::Encoding;
 use crate::usage::pricing::{Price, price_for};
 
@@ -39,6 +40,9 @@ pub struct Model {
     upstream_model: String,
     upstream: Arc<dyn Provider>,
     keys: Arc<KeyPool>,
+    /// `provider|upstream model|base URL`: with the id, what keys its units in the
+    /// state registry.
+    identity: String,
     key_cooldown: Duration,
     max_retries: u32,
     retry_delay: Duration,
@@ -49,8 +53,8 @@ pub struct Model {
     pub(crate) request_buckets: Vec<NamedBucket>,
     /// The `tpm_limit` bucket: prompt tokens + max_tokens reserved per request.
     pub(crate) tpm: Option<Arc<TokenBucket>>,
-    pub(crate) concurrency: Option<ConcurrencyLimit>,
-    pub(crate) retry_budget: RetryBudget,
+    pub(crate) concurrency: Option<Arc<ConcurrencyLimit>>,
+    pub(crate) retry_budget: Arc<RetryBudget>,
     in_flight: AtomicU32,
     encoding: Encoding,
     price: Option<Price>,
@@ -91,7 +95,10 @@ impl Model {
     /// Builds model `id` from its config and its provider's. `keys` is the key pool it
     /// draws from: the provider's (shared with every model using it) or its own; its
     /// HTTP client comes from `http`, shared with the other models of the gateway; its
-    /// provider's `api` selects the wire ([`crate::provider::build`]).
+    /// provider's `api` selects the wire ([`crate::provider::build`]); its breaker,
+    /// buckets, concurrency limit and retry budget come from `registry`, keyed by its id
+    /// and identity (provider, upstream model, base URL), so a rebuild of an unchanged
+    /// model keeps their state.
     ///
     /// # Errors
     /// When the HTTP client cannot be built.
@@ -101,6 +108,7 @@ impl Model {
         provider: &ProviderConfig,
         keys: Arc<KeyPool>,
         http: &mut HttpClients,
+        registry: &dyn StateRegistry,
     ) -> Result<Model, ProviderError> {
         let total = config.timeout;
         let timeouts = Timeouts {
@@ -110,18 +118,29 @@ impl Model {
             chunk_gap: config.chunk_timeout,
         };
         let base_url = config.base_url.as_deref().unwrap_or(&provider.base_url);
+        let identity = format!("{}|{}|{base_url}", config.provider, config.model);
+        let key = identity.clone();
+        let unit_id = |unit| StateId::Model {
+            id: id.to_owned(),
+            identity: key.clone(),
+            unit,
+        };
+        let per_minute = |unit, limit: u32| {
+            let limit = f64::from(limit);
+            registry.bucket(&unit_id(unit), limit, limit / 60.0)
+        };
         let mut request_buckets = Vec::new();
         if let Some(rpm) = config.rpm_limit {
             request_buckets.push(NamedBucket {
                 name: "rpm_limit",
-                bucket: Arc::new(TokenBucket::per_minute(f64::from(rpm))),
+                bucket: per_minute(Unit::RpmLimit, rpm),
             });
         }
         if let (Some(cap), Some(rate)) = (config.rate_limit_capacity, config.rate_limit_refill_rate)
         {
             request_buckets.push(NamedBucket {
                 name: "rate_limit",
-                bucket: Arc::new(TokenBucket::new(cap, rate)),
+                bucket: registry.bucket(&unit_id(Unit::RateLimit), cap, rate),
             });
         }
         Ok(Model {
@@ -135,18 +154,24 @@ impl Model {
                 timeouts,
             ),
             keys,
+            identity,
             key_cooldown: config.key_cooldown.unwrap_or(provider.key_cooldown),
             max_retries: config.max_retries,
             retry_delay: config.retry_delay,
             context_window: config.context_window,
             queue_timeout: config.queue_timeout,
-            breaker: CircuitBreaker::new(id, breaker_settings(&config.circuit_breaker)),
+            breaker: registry.breaker(
+                &unit_id(Unit::Breaker),
+                id,
+                &breaker_settings(&config.circuit_breaker),
+            ),
             request_buckets,
-            tpm: config
-                .tpm_limit
-                .map(|tpm| Arc::new(TokenBucket::per_minute(f64::from(tpm)))),
-            concurrency: config.concurrency_limit.map(ConcurrencyLimit::new),
-            retry_budget: RetryBudget::new(
+            tpm: config.tpm_limit.map(|tpm| per_minute(Unit::TpmLimit, tpm)),
+            concurrency: config
+                .concurrency_limit
+                .map(|n| registry.concurrency(&unit_id(Unit::Concurrency), n)),
+            retry_budget: registry.retry_budget(
+                &unit_id(Unit::RetryBudget),
                 config.retry_budget,
                 RETRY_BUDGET_WINDOW,
                 RETRY_BUDGET_MIN_PER_SEC,
@@ -158,6 +183,31 @@ impl Model {
             },
             price: price_for(config.pricing.as_ref(), &config.model),
         })
+    }
+
+    /// The state ids of its units (breaker, buckets, limits, retry budget, key pool).
+    pub(crate) fn state_ids(&self) -> Vec<StateId> {
+        let unit = |unit| StateId::Model {
+            id: self.id.clone(),
+            identity: self.identity.clone(),
+            unit,
+        };
+        let mut ids: Vec<StateId> = [
+            Unit::Breaker,
+            Unit::RpmLimit,
+            Unit::RateLimit,
+            Unit::TpmLimit,
+            Unit::Concurrency,
+            Unit::RetryBudget,
+        ]
+        .into_iter()
+        .map(unit)
+        .collect();
+        ids.push(StateId::KeyPool {
+            name: self.keys.name().to_owned(),
+            key_ids: self.keys.snapshot().into_iter().map(|k| k.id).collect(),
+        });
+        ids
     }
 
     /// The model id of the config.

@@ -12,6 +12,7 @@ use super::stats::RouteStats;
 use crate::resilience::breaker::CircuitBreaker;
 use crate::resilience::concurrency::ConcurrencyLimit;
 use crate::resilience::token_bucket::TokenBucket;
+use crate::state::{StateId, StateRegistry, Unit};
 
 /// Request defaults an echelon applies when the request does not set them (seed 001).
 #[derive(Debug, Clone, Default)]
@@ -26,13 +27,10 @@ pub(crate) struct EchelonDefaults {
 }
 
 impl EchelonDefaults {
-    pub(crate) fn apply(&self, req: &mut ChatCompletionRequest) {
-        if req.temperature.is_none() {
-            req.temperature = self.temperature;
-        }
-        if req.max_output_tokens().is_none() {
-            req.max_tokens = self.max_tokens;
-        }
+    /// The output cap a request has within this echelon: its own, else the echelon's
+    /// `max_tokens` (the same rule the provider request applies when serialized).
+    pub(crate) fn max_output_tokens(&self, req: &ChatCompletionRequest) -> Option<u32> {
+        req.max_output_tokens().or(self.max_tokens)
     }
 }
 
@@ -51,7 +49,7 @@ pub(crate) struct Tier {
     pub(crate) models: Vec<Arc<Model>>,
     pub(crate) defaults: EchelonDefaults,
     /// The echelon's `concurrency_limit`, over all its models.
-    pub(crate) concurrency: Option<ConcurrencyLimit>,
+    pub(crate) concurrency: Option<Arc<ConcurrencyLimit>>,
     /// The echelon's `rpm_limit`, over all its models.
     pub(crate) rpm: Option<Arc<TokenBucket>>,
     /// How a refusal by `rpm` names it: ``echelon `g.echelon1` rpm_limit``.
@@ -61,21 +59,31 @@ pub(crate) struct Tier {
 }
 
 impl Tier {
+    /// A tier over `models`; its own limits (an echelon's `concurrency_limit` and
+    /// `rpm_limit`) come from `registry`, keyed by `label`.
     pub(crate) fn new(
         label: String,
         models: Vec<Arc<Model>>,
         defaults: EchelonDefaults,
         limits: EchelonLimits,
+        registry: &dyn StateRegistry,
     ) -> Self {
+        let unit_id = |unit| StateId::Route {
+            label: label.clone(),
+            unit,
+        };
         Tier {
             rpm_label: format!("echelon `{label}` rpm_limit"),
+            concurrency: limits
+                .concurrency_limit
+                .map(|n| registry.concurrency(&unit_id(Unit::Concurrency), n)),
+            rpm: limits.rpm_limit.map(|rpm| {
+                let rpm = f64::from(rpm);
+                registry.bucket(&unit_id(Unit::RpmLimit), rpm, rpm / 60.0)
+            }),
             label,
             models,
             defaults,
-            concurrency: limits.concurrency_limit.map(ConcurrencyLimit::new),
-            rpm: limits
-                .rpm_limit
-                .map(|rpm| Arc::new(TokenBucket::per_minute(f64::from(rpm)))),
             next: AtomicUsize::new(0),
         }
     }

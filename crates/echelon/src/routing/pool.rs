@@ -420,22 +420,33 @@ impl PollingPool {
     /// every `health_check_interval` (the first round at once). It holds only a `Weak`
     /// to the pool and ends at the first tick after the pool is dropped. A zero interval
     /// spawns nothing. Must be called inside a tokio runtime.
-    pub(crate) fn spawn_health_checks(self: &Arc<Self>) {
+    pub(crate) fn spawn_health_checks(
+        self: &Arc<Self>,
+        tasks: &tokio_util::task::TaskTracker,
+        stop: tokio_util::sync::CancellationToken,
+    ) {
         let period = self.settings.health_check_interval;
         if period.is_zero() {
             tracing::debug!(pool = %self.name, "health_check_interval is 0: no health checks");
             return;
         }
         let pool: Weak<Self> = Arc::downgrade(self);
-        tokio::spawn(async move {
+        tasks.spawn(async move {
             let mut ticker = tokio::time::interval(period);
             ticker.set_missed_tick_behavior(MissedTickBehavior::Delay);
             loop {
-                ticker.tick().await;
+                tokio::select! {
+                    _ = stop.cancelled() => break,
+                    _ = ticker.tick() => {}
+                }
+                // Ends with its pool (a reload that drops the pool, or the gateway).
                 let Some(pool) = pool.upgrade() else {
                     break;
                 };
-                pool.probe_all().await;
+                tokio::select! {
+                    _ = stop.cancelled() => break,
+                    _ = pool.probe_all() => {}
+                }
             }
         });
     }
@@ -519,7 +530,17 @@ mod tests {
                 .collect(),
         );
         let mut http = crate::provider::HttpClients::new();
-        Arc::new(Model::from_config(id, &config, &provider, keys, &mut http).unwrap())
+        Arc::new(
+            Model::from_config(
+                id,
+                &config,
+                &provider,
+                keys,
+                &mut http,
+                &crate::state::MemoryRegistry::new(),
+            )
+            .unwrap(),
+        )
     }
 
     fn settings(rotation: Rotation) -> PoolSettings {
@@ -865,7 +886,10 @@ mod tests {
         s.failure_threshold = 1;
         s.health_check_interval = Duration::from_millis(40);
         let p = Arc::new(pool_at(&[&up.base_url()], s));
-        p.spawn_health_checks();
+        p.spawn_health_checks(
+            &tokio_util::task::TaskTracker::new(),
+            tokio_util::sync::CancellationToken::new(),
+        );
         up.set_behavior(Behavior::Status {
             status: 503,
             retry_after: None,
@@ -905,7 +929,10 @@ mod tests {
         s.probe = ProbeKind::Completion;
         s.health_check_interval = Duration::ZERO;
         let p = Arc::new(pool_at(&[&up.base_url()], s));
-        p.spawn_health_checks();
+        p.spawn_health_checks(
+            &tokio_util::task::TaskTracker::new(),
+            tokio_util::sync::CancellationToken::new(),
+        );
         tokio::time::sleep(Duration::from_millis(50)).await;
         assert_eq!(up.chat_requests(), 0);
     }

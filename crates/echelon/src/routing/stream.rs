@@ -7,8 +7,8 @@ use echelon_types::{Attempt, ChatCompletionChunk, ChatCompletionRequest, Outcome
 
 use super::admit::Admitted;
 use super::attempt::failure_report;
+use super::gateway::Gateway;
 use super::model::Model;
-use super::router::Gateway;
 use crate::error::{GatewayError, GatewayErrorKind};
 use crate::provider::{ChunkStream, ErrorKind, ProviderError};
 use crate::resilience::admission::Report;
@@ -40,6 +40,9 @@ pub struct GatewayStream {
 pub(crate) struct StreamAccounting {
     meta: RequestMeta,
     sink: Option<Arc<dyn RecordSink>>,
+    /// The gateway's background tasks: an abandoned stream's record is written by one,
+    /// which the gateway's shutdown waits for.
+    tasks: tokio_util::task::TaskTracker,
     client_wants_usage: bool,
     request: ChatCompletionRequest,
     usage: Option<Usage>,
@@ -52,6 +55,7 @@ impl StreamAccounting {
     pub(crate) fn new(
         meta: RequestMeta,
         sink: Option<Arc<dyn RecordSink>>,
+        tasks: tokio_util::task::TaskTracker,
         client_wants_usage: bool,
         request: ChatCompletionRequest,
     ) -> Self {
@@ -59,6 +63,7 @@ impl StreamAccounting {
         StreamAccounting {
             meta,
             sink,
+            tasks,
             client_wants_usage,
             request,
             usage: None,
@@ -239,11 +244,14 @@ impl Drop for GatewayStream {
             return;
         };
         let sink = self.accounting.sink.clone();
-        match tokio::runtime::Handle::try_current() {
-            Ok(rt) => {
-                rt.spawn(async move { Gateway::emit(sink.as_ref(), record).await });
-            }
-            Err(_) => crate::usage::metrics::observe(&record),
+        // Outside a runtime (a stream dropped after its runtime ended) only the metrics
+        // can still see it.
+        if tokio::runtime::Handle::try_current().is_ok() {
+            self.accounting
+                .tasks
+                .spawn(async move { Gateway::emit(sink.as_ref(), record).await });
+        } else {
+            crate::usage::metrics::observe(&record);
         }
     }
 }

@@ -1,0 +1,211 @@
+//! The in-process state registry: one map from stable id to unit, behind a mutex taken
+//! only while a topology is built (never on the request path).
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::time::Duration;
+
+use super::{StateId, StateRegistry};
+use crate::resilience::breaker::{BreakerSettings, CircuitBreaker};
+use crate::resilience::concurrency::ConcurrencyLimit;
+use crate::resilience::key_pool::KeyPool;
+use crate::resilience::retry_budget::RetryBudget;
+use crate::resilience::token_bucket::TokenBucket;
+
+/// One unit held by the registry.
+#[derive(Debug, Clone)]
+enum Held {
+    Breaker(CircuitBreaker),
+    Bucket(Arc<TokenBucket>),
+    Concurrency(Arc<ConcurrencyLimit>),
+    RetryBudget(Arc<RetryBudget>),
+    KeyPool(Arc<KeyPool>),
+}
+
+/// The state of one process's units (the default state backend, `memory`).
+#[derive(Debug, Default)]
+pub struct MemoryRegistry {
+    units: Mutex<HashMap<StateId, Held>>,
+}
+
+impl MemoryRegistry {
+    /// An empty registry.
+    pub fn new() -> Self {
+        MemoryRegistry::default()
+    }
+
+    fn lock(&self) -> MutexGuard<'_, HashMap<StateId, Held>> {
+        // The map is only ever changed by whole inserts and removals.
+        self.units.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// The unit under `id` if `pick` accepts it, else a new one from `make`, kept.
+    fn get_or<T>(
+        &self,
+        id: &StateId,
+        pick: impl Fn(&Held) -> Option<T>,
+        make: impl FnOnce() -> (T, Held),
+    ) -> T {
+        let mut units = self.lock();
+        if let Some(found) = units.get(id).and_then(&pick) {
+            return found;
+        }
+        let (unit, held) = make();
+        units.insert(id.clone(), held);
+        unit
+    }
+}
+
+impl StateRegistry for MemoryRegistry {
+    fn breaker(&self, id: &StateId, name: &str, settings: &BreakerSettings) -> CircuitBreaker {
+        self.get_or(
+            id,
+            |h| match h {
+                Held::Breaker(b) if b.settings() == settings => Some(b.clone()),
+                _ => None,
+            },
+            || {
+                let b = CircuitBreaker::new(name, settings.clone());
+                (b.clone(), Held::Breaker(b))
+            },
+        )
+    }
+
+    fn bucket(&self, id: &StateId, capacity: f64, refill_per_sec: f64) -> Arc<TokenBucket> {
+        let fresh = TokenBucket::new(capacity, refill_per_sec);
+        let (cap, rate) = (fresh.capacity(), fresh.refill_per_sec());
+        self.get_or(
+            id,
+            |h| match h {
+                Held::Bucket(b) if b.capacity() == cap && b.refill_per_sec() == rate => {
+                    Some(b.clone())
+                }
+                _ => None,
+            },
+            || {
+                let b = Arc::new(fresh);
+                (b.clone(), Held::Bucket(b))
+            },
+        )
+    }
+
+    fn concurrency(&self, id: &StateId, limit: u32) -> Arc<ConcurrencyLimit> {
+        let fresh = ConcurrencyLimit::new(limit);
+        let limit = fresh.limit();
+        self.get_or(
+            id,
+            |h| match h {
+                Held::Concurrency(c) if c.limit() == limit => Some(c.clone()),
+                _ => None,
+            },
+            || {
+                let c = Arc::new(fresh);
+                (c.clone(), Held::Concurrency(c))
+            },
+        )
+    }
+
+    fn retry_budget(
+        &self,
+        id: &StateId,
+        ratio: f64,
+        window: Duration,
+        min_per_sec: f64,
+    ) -> Arc<RetryBudget> {
+        let fresh = RetryBudget::new(ratio, window, min_per_sec);
+        let same = (fresh.ratio(), fresh.window(), fresh.min_per_sec());
+        self.get_or(
+            id,
+            |h| match h {
+                Held::RetryBudget(r) if (r.ratio(), r.window(), r.min_per_sec()) == same => {
+                    Some(r.clone())
+                }
+                _ => None,
+            },
+            || {
+                let r = Arc::new(fresh);
+                (r.clone(), Held::RetryBudget(r))
+            },
+        )
+    }
+
+    fn key_pool(&self, id: &StateId, make: &mut dyn FnMut() -> Arc<KeyPool>) -> Arc<KeyPool> {
+        self.get_or(
+            id,
+            |h| match h {
+                Held::KeyPool(p) => Some(p.clone()),
+                _ => None,
+            },
+            || {
+                let p = make();
+                (p.clone(), Held::KeyPool(p))
+            },
+        )
+    }
+
+    fn retain(&self, keep: &dyn Fn(&StateId) -> bool) {
+        self.lock().retain(|id, _| keep(id));
+    }
+
+    fn len(&self) -> usize {
+        self.lock().len()
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+    use crate::resilience::breaker::BreakerSettings;
+    use crate::state::Unit;
+
+    fn id(unit: Unit) -> StateId {
+        StateId::Model {
+            id: "m".into(),
+            identity: "p|up|http://x".into(),
+            unit,
+        }
+    }
+
+    #[test]
+    fn the_same_id_and_settings_give_the_same_unit() {
+        let r = MemoryRegistry::new();
+        let a = r.bucket(&id(Unit::RpmLimit), 10.0, 1.0);
+        assert!(a.try_acquire(4.0));
+        let b = r.bucket(&id(Unit::RpmLimit), 10.0, 1.0);
+        assert!(Arc::ptr_eq(&a, &b), "the level carries over");
+        let c = r.bucket(&id(Unit::RpmLimit), 20.0, 1.0);
+        assert!(!Arc::ptr_eq(&a, &c), "another limit starts fresh");
+        assert!((c.available() - 20.0).abs() < 1e-9);
+        let s = BreakerSettings::default();
+        let b1 = r.breaker(&id(Unit::Breaker), "m", &s);
+        let p = b1.try_acquire().unwrap();
+        b1.record(p, false);
+        let b2 = r.breaker(&id(Unit::Breaker), "m", &s);
+        assert_eq!(b2.snapshot().consecutive_failures, 1, "same breaker state");
+        let other = StateId::Model {
+            id: "m".into(),
+            identity: "p|up|http://elsewhere".into(),
+            unit: Unit::Breaker,
+        };
+        assert_eq!(
+            r.breaker(&other, "m", &s).snapshot().consecutive_failures,
+            0
+        );
+    }
+
+    #[test]
+    fn retain_forgets_what_a_topology_no_longer_has() {
+        let r = MemoryRegistry::new();
+        r.concurrency(&id(Unit::Concurrency), 2);
+        r.retry_budget(&id(Unit::RetryBudget), 0.2, Duration::from_secs(10), 1.0);
+        let e = StateId::Route {
+            label: "g.echelon1".into(),
+            unit: Unit::RpmLimit,
+        };
+        r.bucket(&e, 5.0, 0.1);
+        assert_eq!(r.len(), 3);
+        r.retain(&|i| matches!(i, StateId::Route { .. }));
+        assert_eq!(r.len(), 1);
+    }
+}
