@@ -18,12 +18,15 @@ fn gateway(yaml: &str) -> Arc<Gateway> {
     Arc::new(Gateway::from_config(&Config::from_str(yaml, "t.yaml").unwrap()).unwrap())
 }
 
-/// Issue 13, bug 1: a model whose concurrency limit turns attempts away must not lose the
-/// RPM tokens those attempts took. Model `a` allows 10 requests a minute and one at a
-/// time; a burst of 20 finds it busy (one call, the rest go to `b`), and the sequential
-/// requests after it get the rest of the allowance: exactly 10 calls reach `a` in all.
-#[tokio::test]
-async fn rpm_tokens_are_spent_only_on_calls_that_are_sent() {
+/// Group `grp`: echelon1 = model `a` (one call at a time, answering in 150 ms, with
+/// `a_extra`; echelon settings `echelon_extra`), echelon2 = model `b`. A burst of `burst`
+/// concurrent requests, then `after` sequential ones; returns the calls `a` received.
+async fn burst_then_sequential(
+    a_extra: &str,
+    echelon_extra: &str,
+    burst: usize,
+    after: usize,
+) -> usize {
     let a = TestUpstream::start_with(UpstreamOptions {
         latency: Duration::from_millis(150),
         ..UpstreamOptions::default()
@@ -37,21 +40,21 @@ providers:
   pa: {{ base_url: "{}" }}
   pb: {{ base_url: "{}" }}
 models:
-  a: {{ provider: pa, max_retries: 0, rpm_limit: 10, concurrency_limit: 1, queue_timeout: 0 }}
+  a: {{ provider: pa, max_retries: 0, concurrency_limit: 1, queue_timeout: 0{a_extra} }}
   b: {{ provider: pb, max_retries: 0 }}
 task_groups:
-  grp: {{ echelon1: {{ models: [a] }}, echelon2: {{ models: [b] }} }}
+  grp: {{ echelon1: {{ models: [a]{echelon_extra} }}, echelon2: {{ models: [b] }} }}
 "#,
         a.base_url(),
         b.base_url()
     ));
-    let burst: Vec<_> = (0..20)
+    let calls: Vec<_> = (0..burst)
         .map(|_| {
             let gw = gw.clone();
             tokio::spawn(async move { gw.chat(request("grp")).await })
         })
         .collect();
-    for r in burst {
+    for r in calls {
         r.await.unwrap().unwrap();
     }
     assert_eq!(
@@ -59,53 +62,27 @@ task_groups:
         1,
         "the burst found `a` busy after one call"
     );
-    for _ in 0..20 {
+    for _ in 0..after {
         gw.chat(request("grp")).await.unwrap();
     }
-    assert_eq!(
-        a.chat_requests(),
-        10,
-        "`a` gets exactly its rpm_limit of sent calls"
-    );
+    a.chat_requests()
+}
+
+/// Issue 13, bug 1: a model whose concurrency limit turns attempts away must not lose the
+/// RPM tokens those attempts took. Model `a` allows 10 requests a minute and one at a
+/// time; a burst of 20 finds it busy (one call, the rest go to `b`), and the sequential
+/// requests after it get the rest of the allowance: exactly 10 calls reach `a` in all.
+#[tokio::test]
+async fn rpm_tokens_are_spent_only_on_calls_that_are_sent() {
+    let sent = burst_then_sequential(", rpm_limit: 10", "", 20, 20).await;
+    assert_eq!(sent, 10, "`a` gets exactly its rpm_limit of sent calls");
 }
 
 /// Echelon tokens too: an echelon `rpm_limit` over a model whose concurrency is full.
 #[tokio::test]
 async fn echelon_rpm_tokens_come_back_when_the_model_is_busy() {
-    let a = TestUpstream::start_with(UpstreamOptions {
-        latency: Duration::from_millis(150),
-        ..UpstreamOptions::default()
-    })
-    .await
-    .unwrap();
-    let b = TestUpstream::start().await.unwrap();
-    let gw = gateway(&format!(
-        r#"
-providers:
-  pa: {{ base_url: "{}" }}
-  pb: {{ base_url: "{}" }}
-models:
-  a: {{ provider: pa, max_retries: 0, concurrency_limit: 1, queue_timeout: 0 }}
-  b: {{ provider: pb, max_retries: 0 }}
-task_groups:
-  grp: {{ echelon1: {{ models: [a], rpm_limit: 5 }}, echelon2: {{ models: [b] }} }}
-"#,
-        a.base_url(),
-        b.base_url()
-    ));
-    let burst: Vec<_> = (0..12)
-        .map(|_| {
-            let gw = gw.clone();
-            tokio::spawn(async move { gw.chat(request("grp")).await })
-        })
-        .collect();
-    for r in burst {
-        r.await.unwrap().unwrap();
-    }
-    for _ in 0..10 {
-        gw.chat(request("grp")).await.unwrap();
-    }
-    assert_eq!(a.chat_requests(), 5, "the echelon's allowance, all sent");
+    let sent = burst_then_sequential("", ", rpm_limit: 5", 12, 10).await;
+    assert_eq!(sent, 5, "the echelon's allowance, all sent");
 }
 
 /// Issue 13, bug 2: a stream cut after its first chunk counts against the model's health:
