@@ -136,6 +136,30 @@ async fn a_long_retry_after_moves_on_instead_of_waiting() {
     assert_eq!(a.chat_requests(), 1);
 }
 
+/// Issue 14, item 1: a Retry-After too large for a `Duration` (`u64::MAX` seconds) used to
+/// panic the request (empty reply, no fallback, no record). It is capped: the healthy
+/// fallback answers, streamed or not.
+#[tokio::test]
+async fn a_retry_after_too_large_for_a_duration_fails_over_without_a_panic() {
+    let (a, b) = pair().await;
+    let huge = || Behavior::Status {
+        status: 429,
+        retry_after: Some(u64::MAX),
+        message: "rate limited".into(),
+    };
+    a.push_behavior(huge());
+    a.push_behavior(huge());
+    let gw = gateway(&a, &b, "max_retries: 3");
+    let done = gw.chat(request("grp")).await.unwrap();
+    assert_eq!(done.model, "b");
+    assert_eq!(done.attempts[0].outcome, "rate_limited");
+    let mut s = gw.chat_stream(request("grp")).await.unwrap();
+    assert_eq!(s.model(), "b");
+    while let Some(item) = s.next().await {
+        item.unwrap();
+    }
+}
+
 #[tokio::test]
 async fn stall_times_out_and_cut_connection_fails_over() {
     let (a, b) = pair().await;
