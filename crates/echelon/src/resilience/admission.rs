@@ -90,10 +90,6 @@ impl Report<'_> {
             key_cooldown: Duration::ZERO,
         }
     }
-
-    fn failed_with(&self) -> Option<ErrorKind> {
-        self.outcome.error_kind()
-    }
 }
 
 /// What an admission step grants one attempt.
@@ -207,7 +203,8 @@ impl Ticket for BucketTicket {
         if self.unit == BucketUnit::Tokens {
             let refused = report.status.is_some()
                 && report
-                    .failed_with()
+                    .outcome
+                    .error_kind()
                     .is_some_and(|k| k != ErrorKind::Timeout);
             if refused {
                 self.committed = false;
@@ -314,7 +311,7 @@ impl Ticket for KeyTicket {
     fn commit(&mut self) {}
 
     fn report(self, report: &Report<'_>) {
-        match report.failed_with() {
+        match report.outcome.error_kind() {
             Some(ErrorKind::RateLimited) => {
                 self.0.cool_down(report.retry_after, report.key_cooldown);
             }

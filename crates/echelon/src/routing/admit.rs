@@ -62,8 +62,8 @@ impl Admitted {
     }
 
     /// Feeds the outcome of this attempt to a polling pool's instance health too.
-    pub(crate) fn with_pool(mut self, pool: Option<PoolTicket>) -> Self {
-        self.pool = pool;
+    pub(crate) fn with_pool(mut self, pool: PoolTicket) -> Self {
+        self.pool = Some(pool);
         self
     }
 

@@ -170,17 +170,6 @@ pub(crate) async fn try_model(
         .with_max_delay(MAX_BACKOFF)
         .without_max_times()
         .build();
-    let tokens = match &model.tpm {
-        None => 0,
-        Some(_) => st.prompt_tokens(model, body).saturating_add(
-            tier.defaults
-                .max_output_tokens(body)
-                .map_or(DEFAULT_OUTPUT_RESERVE, u64::from),
-        ),
-    };
-    let mut refused_keys: Vec<usize> = Vec::new();
-    let mut calls: u32 = 0;
-    let mut cooldown_waits: u32 = 0;
     let req = ProviderRequest {
         body,
         model: model.upstream_model(),
@@ -188,6 +177,17 @@ pub(crate) async fn try_model(
         max_tokens: tier.defaults.max_tokens,
         stream,
     };
+    // The TPM reservation: the prompt plus the output cap the call is sent with.
+    let tokens = match &model.tpm {
+        None => 0,
+        Some(_) => st.prompt_tokens(model, body).saturating_add(
+            req.effective_max_tokens()
+                .map_or(DEFAULT_OUTPUT_RESERVE, u64::from),
+        ),
+    };
+    let mut refused_keys: Vec<usize> = Vec::new();
+    let mut calls: u32 = 0;
+    let mut cooldown_waits: u32 = 0;
     model.retry_budget.deposit();
     loop {
         let tried = calls > 0;
@@ -232,7 +232,7 @@ pub(crate) async fn try_model(
             }
         };
         if let Some((p, i)) = pool {
-            admitted = admitted.with_pool(Some(PoolTicket::new(p.clone(), i)));
+            admitted = admitted.with_pool(PoolTicket::new(p.clone(), i));
         }
         admitted.commit(model);
         calls += 1;

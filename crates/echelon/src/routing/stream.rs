@@ -101,6 +101,12 @@ impl GatewayStream {
         }
     }
 
+    /// [`report`](Self::report) of the failure that cut the stream.
+    fn report_failure(&mut self, e: &ProviderError) {
+        let cooldown = self.model.key_cooldown();
+        self.report(&failure_report(e, cooldown));
+    }
+
     /// The model id that is answering.
     pub fn model(&self) -> &str {
         self.model.id()
@@ -220,13 +226,6 @@ impl GatewayStream {
                 }
             }
         }
-    }
-}
-
-impl GatewayStream {
-    fn report_failure(&mut self, e: &ProviderError) {
-        let cooldown = self.model.key_cooldown();
-        self.report(&failure_report(e, cooldown));
     }
 }
 
