@@ -314,20 +314,39 @@ fn run(fut: impl Future<Output = anyhow::Result<ExitCode>> + Send + 'static) -> 
     match outcome {
         Ok(code) => code,
         Err(e) => {
-            eprintln!("error: {e:#}");
+            eprintln!("error: {}", error_chain(&e));
             ExitCode::FAILURE
         }
     }
 }
 
+/// An error and its causes, `: `-separated, each said once: the library's errors
+/// already print their source (`judge cache …: <SQLite error>`), so a cause whose text
+/// is already in the line is not repeated.
+fn error_chain(e: &anyhow::Error) -> String {
+    let mut line = e.to_string();
+    for cause in e.chain().skip(1) {
+        let text = cause.to_string();
+        if !line.contains(&text) {
+            line.push_str(": ");
+            line.push_str(&text);
+        }
+    }
+    line
+}
+
 fn validate(path: &std::path::Path) -> ExitCode {
+    // The verdict on stdout, what is wrong (errors, warnings) on stderr, as `serve` does.
     match Config::load(path) {
-        Ok(_) => {
+        Ok(config) => {
+            for w in &config.warnings {
+                eprintln!("warning: {w}");
+            }
             println!("ok");
             ExitCode::SUCCESS
         }
         Err(errors) => {
-            println!("{errors}");
+            eprintln!("{errors}");
             ExitCode::FAILURE
         }
     }
@@ -370,7 +389,7 @@ fn migrate(path: &std::path::Path, backup: bool, validate_only: bool, verbose: b
             ExitCode::SUCCESS
         }
         Err(e) => {
-            println!("{e}");
+            eprintln!("{e}");
             ExitCode::FAILURE
         }
     }
@@ -558,7 +577,7 @@ fn usage(
                 }
             },
             Err(e) => {
-                eprintln!("error: {e:#}");
+                eprintln!("error: {}", error_chain(&e));
                 return ExitCode::FAILURE;
             }
         },
@@ -589,9 +608,9 @@ fn usage(
         Format::Json => ReportFormat::Json,
         Format::Csv => ReportFormat::Csv,
     };
-    match report::summary(&path, &filter, by) {
-        Ok(rows) => {
-            print!("{}", report::render(&rows, by, format));
+    match report::report(&path, &filter, by) {
+        Ok(usage) => {
+            print!("{}", report::render(&usage, format));
             ExitCode::SUCCESS
         }
         Err(e) => {

@@ -46,7 +46,13 @@ fn validate_names_file_line_column_for_a_typo_and_a_wrong_type() {
         .output()
         .unwrap();
     assert_eq!(out.status.code(), Some(1));
-    let text = String::from_utf8_lossy(&out.stdout);
+    // Errors go to stderr, as serve's do; stdout stays empty.
+    assert!(
+        out.stdout.is_empty(),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    let text = String::from_utf8_lossy(&out.stderr);
     assert!(text.contains(&format!("{}:6:5", p.display())), "{text}");
     assert!(text.contains("timout"), "{text}");
     assert!(
@@ -62,7 +68,7 @@ fn validate_names_file_line_column_for_a_typo_and_a_wrong_type() {
         .output()
         .unwrap();
     assert_eq!(out.status.code(), Some(1));
-    let text = String::from_utf8_lossy(&out.stdout);
+    let text = String::from_utf8_lossy(&out.stderr);
     assert!(text.contains(&format!("{}:6:", p.display())), "{text}");
     assert!(text.contains("models.m1.timeout"), "{text}");
 }
@@ -196,7 +202,7 @@ fn config_migrate_moves_the_global_fallback_into_the_groups() {
         .output()
         .unwrap();
     assert_eq!(out.status.code(), Some(1));
-    assert!(String::from_utf8_lossy(&out.stdout).contains("echelon config migrate"));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("echelon config migrate"));
 
     let out = Command::new(BIN)
         .args(["config", "migrate", "--validate-only"])

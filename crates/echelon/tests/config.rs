@@ -2219,3 +2219,60 @@ wrappers: { w: { fallback_groups: [m] } }
         ]
     );
 }
+
+/// `model_defaults:` is merged under each model of its file; a key the model writes
+/// wins (issue 14: `max_retries: 0` had to be repeated on every model).
+#[test]
+fn model_defaults_apply_to_every_model_of_the_file() {
+    let text = "providers:\n  p: { base_url: \"http://127.0.0.1:9/v1\" }\n\
+model_defaults:\n  provider: p\n  max_retries: 0\n  timeout: 7\n  queue_timeout: 3000\n\
+models:\n  a: {}\n  b: { max_retries: 4 }\n  c: { provider: p, timeout: 2 }\n";
+    let config = Config::from_str_with_env(text, "d.yaml", &no_env).unwrap();
+    let (a, b, c) = (
+        &config.models["a"],
+        &config.models["b"],
+        &config.models["c"],
+    );
+    assert_eq!(
+        (a.provider.as_str(), a.max_retries, a.timeout),
+        ("p", 0, secs(7.0))
+    );
+    assert_eq!((b.max_retries, b.timeout), (4, secs(7.0)));
+    assert_eq!((c.max_retries, c.timeout), (0, secs(2.0)));
+    assert_eq!(
+        a.model, "a",
+        "the upstream name still defaults to the model id"
+    );
+    // The queue_timeout warning is about one place in the file: said once.
+    assert_eq!(config.warnings.len(), 1, "{:?}", config.warnings);
+    assert_eq!(config.warnings[0].line, Some(7));
+}
+
+/// An error in `model_defaults:` is reported once, where it is written, not once per
+/// model; `model` cannot be a default.
+#[test]
+fn model_defaults_errors_are_reported_once_where_written() {
+    let text = "providers:\n  p: { base_url: \"http://127.0.0.1:9/v1\" }\n\
+model_defaults:\n  timout: 7\n  model: x\n\
+models:\n  a: { provider: p }\n  b: { provider: p }\n";
+    let errors = errors_of(Config::from_str_with_env(text, "d.yaml", &no_env));
+    assert_eq!(
+        where_(&errors),
+        [
+            (
+                "d.yaml".to_owned(),
+                Some(4),
+                Some(3),
+                "model_defaults.timout".to_owned()
+            ),
+            (
+                "d.yaml".to_owned(),
+                Some(5),
+                Some(3),
+                "model_defaults.model".to_owned()
+            ),
+        ],
+        "{errors:?}"
+    );
+    assert!(errors[0].hint.as_deref().unwrap_or("").contains("timeout"));
+}

@@ -532,6 +532,31 @@ async fn a_cached_re_run_makes_no_upstream_call() {
     assert_eq!(up.chat_requests(), calls + 1);
 }
 
+/// A fresh machine has no data directory: the judge creates the cache's directory
+/// instead of failing before its first item (issue 14).
+#[tokio::test]
+async fn the_cache_directory_is_created_on_a_fresh_machine() {
+    let up = TestUpstream::start().await.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let cache = dir.path().join("fresh").join("data").join("judge_cache.db");
+    let input = dir.path().join("in.jsonl");
+    write(
+        &input,
+        &[json!({"id": 1, "prompt": "p", "response": "Score: 5"})],
+    );
+    let config = JudgeConfig {
+        cache_path: Some(cache.clone()),
+        ..echo_config()
+    };
+    let out = dir.path().join("out.jsonl");
+    let s = judge(&up, config)
+        .run_file(&input, &out, &no_progress)
+        .await
+        .unwrap();
+    assert_eq!((s.judged, s.scored), (1, 1));
+    assert!(cache.is_file(), "the cache file was created");
+}
+
 #[tokio::test]
 async fn unparsed_answers_are_not_cached() {
     let up = TestUpstream::start().await.unwrap();

@@ -13,7 +13,8 @@ use echelon::usage::ledger::{Ledger, LedgerError, SCHEMA_VERSION};
 use echelon::usage::pricing::{Price, builtin_price, price_for};
 use echelon::usage::record::{AttemptRecord, RequestRecord};
 use echelon::usage::report::{
-    GroupBy, ReportFormat, UsageFilter, UsageRow, parse_time_bound, render, summary, usage_summary,
+    GroupBy, ReportFormat, UsageFilter, UsageReport, UsageRow, parse_time_bound, render, report,
+    summary, usage_summary,
 };
 
 /// 2025-01-30T00:00:00Z, Unix ms.
@@ -236,6 +237,25 @@ async fn writer_lands_every_record_and_reports_sum_up() {
         by_key.iter().map(|r| r.key.as_str()).collect::<Vec<_>>(),
         ["-", "k0", "k1"]
     );
+    // The TOTAL row counts requests, not request-key pairs: a request that used two
+    // keys is one request (issue 14: `usage --by key` said more requests than there
+    // were).
+    for by in [GroupBy::Key, GroupBy::Provider, GroupBy::Model] {
+        let r = report(&path, &UsageFilter::default(), by).unwrap();
+        assert_eq!(r.total.requests, 60, "{by:?}");
+        assert_eq!(r.total.attempts, attempts as u64, "{by:?}");
+        assert_eq!(r.rows, summary(&path, &UsageFilter::default(), by).unwrap());
+    }
+    let multi_key = records
+        .iter()
+        .filter(|r| {
+            let keys: std::collections::HashSet<_> =
+                r.attempts.iter().map(|a| a.key_id.clone()).collect();
+            keys.len() > 1
+        })
+        .count();
+    assert!(multi_key > 0, "the fixture has requests that used two keys");
+    assert!(by_key.iter().map(|r| r.requests).sum::<u64>() > 60);
 
     // Attempts keep their order and fields.
     let conn = rusqlite::Connection::open(&path).unwrap();
@@ -581,7 +601,10 @@ fn sample_rows() -> Vec<UsageRow> {
 
 #[test]
 fn render_table_has_header_rows_rule_and_total() {
-    let text = render(&sample_rows(), GroupBy::Model, ReportFormat::Table);
+    let text = render(
+        &UsageReport::from_rows(sample_rows(), GroupBy::Model),
+        ReportFormat::Table,
+    );
     let lines: Vec<&str> = text.lines().collect();
     assert_eq!(lines.len(), 5, "{text}");
     let header: Vec<&str> = lines[0].split_whitespace().collect();
@@ -613,7 +636,10 @@ fn render_table_has_header_rows_rule_and_total() {
     assert_eq!(lines[0].len(), lines[4].len());
     assert_eq!(lines[1].len(), lines[4].len());
     // An empty report still has a header and a zero total.
-    let empty = render(&[], GroupBy::Day, ReportFormat::Table);
+    let empty = render(
+        &UsageReport::from_rows(Vec::new(), GroupBy::Day),
+        ReportFormat::Table,
+    );
     assert!(empty.starts_with("DAY"));
     assert!(empty.lines().last().unwrap().starts_with("TOTAL"));
 }
@@ -621,8 +647,11 @@ fn render_table_has_header_rows_rule_and_total() {
 #[test]
 fn render_json_and_csv() {
     let rows = sample_rows();
-    let json: serde_json::Value =
-        serde_json::from_str(&render(&rows, GroupBy::Route, ReportFormat::Json)).unwrap();
+    let json: serde_json::Value = serde_json::from_str(&render(
+        &UsageReport::from_rows(rows.clone(), GroupBy::Route),
+        ReportFormat::Json,
+    ))
+    .unwrap();
     assert_eq!(json["by"], "route");
     assert_eq!(json["rows"].as_array().unwrap().len(), 2);
     assert_eq!(json["rows"][0]["key"], "gpt-4o-mini");
@@ -630,7 +659,10 @@ fn render_json_and_csv() {
     assert_eq!(json["total"]["requests"], 13);
     assert!(close(json["total"]["cost_usd"].as_f64().unwrap(), 1.50036));
 
-    let csv = render(&rows, GroupBy::Key, ReportFormat::Csv);
+    let csv = render(
+        &UsageReport::from_rows(rows, GroupBy::Key),
+        ReportFormat::Csv,
+    );
     let lines: Vec<&str> = csv.lines().collect();
     assert_eq!(
         lines[0],

@@ -24,6 +24,7 @@ pub(crate) const SECTION_KEYS: &[&str] = &[
     "server",
     "providers",
     "models",
+    "model_defaults",
     "task_groups",
     "polling_pools",
     "wrappers",
@@ -280,12 +281,19 @@ fn native(
         &file,
         |ctx, entry, path| Some((sections::provider(ctx, &entry.value, path), ())),
     ));
+    let defaults = view
+        .get("model_defaults")
+        .and_then(|e| sections::model_defaults(ctx, &e.value));
     fragment.models.extend(section_items(
         ctx,
         view,
         "models",
         &file,
-        |ctx, entry, path| Some(sections::model(ctx, &entry.value, &entry.key, path, None)),
+        |ctx, entry, path| {
+            let with_defaults = defaults.as_ref().map(|d| d.under(&entry.value));
+            let node = with_defaults.as_ref().unwrap_or(&entry.value);
+            Some(sections::model(ctx, node, &entry.key, path, None))
+        },
     ));
     fragment.groups.extend(section_items(
         ctx,

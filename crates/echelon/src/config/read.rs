@@ -34,8 +34,14 @@ impl Ctx {
         message: impl Into<String>,
         hint: Option<String>,
     ) {
-        self.warnings
-            .push(located(&self.file, pos, path, message, hint));
+        let w = located(&self.file, pos, path, message, hint);
+        // A `model_defaults:` value is read under every model of its file: warn about
+        // the place it is written once.
+        if !self.warnings.iter().any(|o| {
+            pos.line > 0 && (o.line, o.column, &o.message) == (w.line, w.column, &w.message)
+        }) {
+            self.warnings.push(w);
+        }
     }
 
     /// Records an error at `pos` (0 = unknown).

@@ -18,7 +18,7 @@ use super::model::{
     UsageConfig,
 };
 use super::node::{Entry, Kind, Node, Pos, index, join};
-use super::read::{At, Ctx, MapView};
+use super::read::{At, Ctx, MapView, map};
 use super::value::limits::QUEUE_TIMEOUT_WARN;
 use super::value::show;
 
@@ -101,6 +101,57 @@ pub(crate) fn provider(ctx: &mut Ctx, node: &Node, path: &str) -> ProviderConfig
         api: Default::default(),
         key_cooldown: ProviderConfig::DEFAULT_KEY_COOLDOWN,
     })
+}
+
+/// The `model_defaults:` of a file: model keys merged under each model of that file
+/// (a key the model writes wins). Read and checked once, as a model without a provider;
+/// `None` (nothing merged) when it is not a mapping or has an error, so that an error
+/// in it is reported once, at `model_defaults.<key>`, not once per model.
+pub(crate) struct ModelDefaults {
+    entries: Vec<Entry>,
+}
+
+/// Reads `model_defaults:` (see [`ModelDefaults`]). `model` is refused: it is one
+/// model's upstream name, which defaults to the model's id.
+pub(crate) fn model_defaults(ctx: &mut Ctx, node: &Node) -> Option<ModelDefaults> {
+    const PATH: &str = "model_defaults";
+    let view = map(ctx, node, PATH)?;
+    let before = ctx.errors.len();
+    if let Some(e) = view.get("model") {
+        ctx.error(
+            e.key_pos,
+            &join(PATH, "model"),
+            "`model` cannot be a default: it is one model's upstream name",
+            Some("write `model:` on the model; it defaults to the model's id".to_owned()),
+        );
+    }
+    let _: Option<ModelConfig> = read(ctx, node, PATH);
+    (ctx.errors.len() == before).then(|| ModelDefaults {
+        entries: view.entries.to_vec(),
+    })
+}
+
+impl ModelDefaults {
+    /// `model` with every default it does not write itself appended (each keeps the
+    /// position where `model_defaults:` writes it, for errors); `model` as it is when it
+    /// is not a mapping (reading it reports that).
+    pub(crate) fn under(&self, model: &Node) -> Node {
+        let Kind::Map(own) = &model.kind else {
+            return model.clone();
+        };
+        let written: std::collections::HashSet<&str> = own.iter().map(|e| e.key.as_str()).collect();
+        let mut entries = own.clone();
+        entries.extend(
+            self.entries
+                .iter()
+                .filter(|d| !written.contains(d.key.as_str()))
+                .cloned(),
+        );
+        Node {
+            kind: Kind::Map(entries),
+            pos: model.pos,
+        }
+    }
 }
 
 /// Reads one model `id` (`models.<id>:`, or `<provider>.<id>` of a seed

@@ -66,7 +66,7 @@ mod run;
 mod seen;
 
 use std::panic::AssertUnwindSafe;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::{Arc, OnceLock};
 use std::time::Instant;
 
@@ -178,8 +178,16 @@ pub enum JudgeError {
         /// The regex error.
         source: regex::Error,
     },
+    /// The directory of the cache file does not exist and cannot be created.
+    #[error("judge cache: cannot create the directory {}: {source}", path.display())]
+    CacheDir {
+        /// The directory.
+        path: PathBuf,
+        /// The I/O error.
+        source: std::io::Error,
+    },
     /// The cache file cannot be opened.
-    #[error("judge cache {}: {source}", path.display())]
+    #[error("{}", cache_message(path, source))]
     Cache {
         /// The cache file.
         path: PathBuf,
@@ -209,6 +217,18 @@ pub enum JudgeError {
         /// What is wrong with it.
         reason: String,
     },
+}
+
+/// `judge cache <path>: <SQLite error>`, the path said once: SQLite's "unable to open
+/// database file" message already ends with it (rusqlite adds `: <path>`).
+fn cache_message(path: &Path, source: &rusqlite::Error) -> String {
+    let path = path.display().to_string();
+    let text = source.to_string();
+    let text = text
+        .strip_suffix(path.as_str())
+        .and_then(|t| t.strip_suffix(": "))
+        .unwrap_or(&text);
+    format!("judge cache {path}: {text}")
 }
 
 /// Scores responses with an LLM judge through a [`Gateway`]; see the [module docs](self).
@@ -274,10 +294,19 @@ impl Judge {
         });
         let cache = match &config.cache_path {
             None => None,
-            Some(path) => Some(Cache::open(path).map_err(|source| JudgeError::Cache {
-                path: path.clone(),
-                source,
-            })?),
+            Some(path) => {
+                // A fresh machine has no data directory yet: create it, as the ledger does.
+                if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+                    std::fs::create_dir_all(dir).map_err(|source| JudgeError::CacheDir {
+                        path: dir.to_owned(),
+                        source,
+                    })?;
+                }
+                Some(Cache::open(path).map_err(|source| JudgeError::Cache {
+                    path: path.clone(),
+                    source,
+                })?)
+            }
         };
         let slots = Semaphore::new(config.concurrency);
         Ok(Judge {
@@ -681,5 +710,30 @@ impl Inner {
                 })
             })
             .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The path is said once (issue 14: a fresh machine's cache error named it three
+    /// times: ours, SQLite's suffix, and the chain printing the source again).
+    #[test]
+    fn a_cache_error_names_its_path_once() {
+        let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+        // A directory where the file should be: SQLite cannot open it.
+        let path = dir.path().to_owned();
+        let Err(source) = rusqlite::Connection::open(&path) else {
+            panic!("a directory opened as a database");
+        };
+        let text = JudgeError::Cache {
+            path: path.clone(),
+            source,
+        }
+        .to_string();
+        let shown = path.display().to_string();
+        assert_eq!(text.matches(shown.as_str()).count(), 1, "{text}");
+        assert!(text.starts_with("judge cache "), "{text}");
     }
 }

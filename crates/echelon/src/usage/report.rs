@@ -183,7 +183,8 @@ impl UsageRow {
     }
 
     /// The sum of `rows`, named `TOTAL`. (By key or provider, `requests` sums the
-    /// per-group counts, so a request seen in two groups counts twice.)
+    /// per-group counts, so a request seen in two groups counts twice: [`report`]
+    /// counts the total in the ledger instead.)
     pub fn total(rows: &[UsageRow]) -> UsageRow {
         rows.iter().fold(UsageRow::empty("TOTAL"), |mut t, r| {
             t.requests += r.requests;
@@ -216,55 +217,109 @@ fn bound(v: Option<u64>) -> Option<i64> {
 /// Usage in the ledger at `path` that `filter` selects, grouped `by`, sorted by group
 /// (days in order). The file is opened read-only; it must exist and be a ledger of
 /// this build's schema.
+///
+/// # Errors
+/// [`LedgerError`] when the file is missing, not a ledger of this schema, or unreadable.
 pub fn summary(
     path: &Path,
     filter: &UsageFilter,
     by: GroupBy,
 ) -> Result<Vec<UsageRow>, LedgerError> {
     let conn = open_read_only(path)?;
-    let sql = match by {
-        GroupBy::Model | GroupBy::Route | GroupBy::Day => {
-            let key = match by {
-                GroupBy::Model => "COALESCE(r.model, '-')",
-                GroupBy::Route => "r.route",
-                _ => "strftime('%Y-%m-%d', r.started_at_ms / 1000, 'unixepoch')",
-            };
-            format!(
-                "SELECT {key} AS k, COUNT(*), SUM(r.status >= 400), SUM(r.fallback),
-                    SUM((SELECT COUNT(*) FROM attempts a WHERE a.request_rowid = r.id)),
-                    SUM(r.prompt_tokens), SUM(r.completion_tokens), SUM(r.cost_usd),
-                    SUM(r.estimated)
-                 FROM requests r
-                 WHERE (?1 IS NULL OR r.started_at_ms >= ?1)
-                   AND (?2 IS NULL OR r.started_at_ms < ?2)
-                 GROUP BY k ORDER BY k"
-            )
-        }
-        GroupBy::Key | GroupBy::Provider => {
-            let key = if by == GroupBy::Key {
-                "COALESCE(a.key_id, '-')"
-            } else {
-                "a.provider"
-            };
-            format!(
-                "SELECT {key} AS k, COUNT(DISTINCT a.request_rowid),
-                    SUM(a.error_kind <> 'ok'),
-                    COUNT(DISTINCT CASE WHEN r.fallback THEN a.request_rowid END),
-                    COUNT(*), SUM(a.prompt_tokens), SUM(a.completion_tokens),
-                    SUM(a.cost_usd),
-                    COUNT(DISTINCT CASE WHEN a.estimated THEN a.request_rowid END)
-                 FROM attempts a JOIN requests r ON r.id = a.request_rowid
-                 WHERE (?1 IS NULL OR r.started_at_ms >= ?1)
-                   AND (?2 IS NULL OR r.started_at_ms < ?2)
-                 GROUP BY k ORDER BY k"
-            )
-        }
+    query(&conn, path, filter, by, true)
+}
+
+/// The groups of [`summary`] and their `TOTAL` row, read from one connection.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct UsageReport {
+    /// What the rows are grouped by.
+    #[serde(serialize_with = "group_name")]
+    pub by: GroupBy,
+    /// One row per group, as [`summary`] gives them.
+    pub rows: Vec<UsageRow>,
+    /// The whole selection as one row, counted by the ledger itself: grouped by key or
+    /// provider, a request that used two keys is one request here, not two (so
+    /// `requests` is never more than the requests in the ledger, unlike the sum of the
+    /// rows).
+    pub total: UsageRow,
+}
+
+fn group_name<S: serde::Serializer>(by: &GroupBy, s: S) -> Result<S::Ok, S::Error> {
+    s.serialize_str(by.as_str())
+}
+
+impl UsageReport {
+    /// A report of `rows` whose total is their sum ([`UsageRow::total`]): right by
+    /// model, route and day, where each request is in one row; by key or provider use
+    /// [`report`], which counts distinct requests.
+    pub fn from_rows(rows: Vec<UsageRow>, by: GroupBy) -> UsageReport {
+        let total = UsageRow::total(&rows);
+        UsageReport { by, rows, total }
+    }
+}
+
+/// [`summary`] with its `TOTAL` row (what `echelon usage` prints).
+///
+/// # Errors
+/// As [`summary`].
+pub fn report(path: &Path, filter: &UsageFilter, by: GroupBy) -> Result<UsageReport, LedgerError> {
+    let conn = open_read_only(path)?;
+    let rows = query(&conn, path, filter, by, true)?;
+    let total = query(&conn, path, filter, by, false)?
+        .pop()
+        .unwrap_or_else(|| UsageRow::empty("TOTAL"));
+    Ok(UsageReport { by, rows, total })
+}
+
+/// The SQL of one report: one row per group when `grouped`, else one row named `TOTAL`
+/// over the whole selection (the same aggregates, so by key a request counts once).
+fn report_sql(by: GroupBy, grouped: bool) -> String {
+    let (key, tail) = if grouped {
+        let key = match by {
+            GroupBy::Model => "COALESCE(r.model, '-')",
+            GroupBy::Route => "r.route",
+            GroupBy::Day => "strftime('%Y-%m-%d', r.started_at_ms / 1000, 'unixepoch')",
+            GroupBy::Key => "COALESCE(a.key_id, '-')",
+            GroupBy::Provider => "a.provider",
+        };
+        (key, " GROUP BY k ORDER BY k")
+    } else {
+        ("'TOTAL'", "")
     };
+    let filter = "WHERE (?1 IS NULL OR r.started_at_ms >= ?1)
+                   AND (?2 IS NULL OR r.started_at_ms < ?2)";
+    match by {
+        GroupBy::Model | GroupBy::Route | GroupBy::Day => format!(
+            "SELECT {key} AS k, COUNT(*), SUM(r.status >= 400), SUM(r.fallback),
+                SUM((SELECT COUNT(*) FROM attempts a WHERE a.request_rowid = r.id)),
+                SUM(r.prompt_tokens), SUM(r.completion_tokens), SUM(r.cost_usd),
+                SUM(r.estimated)
+             FROM requests r {filter}{tail}"
+        ),
+        GroupBy::Key | GroupBy::Provider => format!(
+            "SELECT {key} AS k, COUNT(DISTINCT a.request_rowid),
+                SUM(a.error_kind <> 'ok'),
+                COUNT(DISTINCT CASE WHEN r.fallback THEN a.request_rowid END),
+                COUNT(*), SUM(a.prompt_tokens), SUM(a.completion_tokens),
+                SUM(a.cost_usd),
+                COUNT(DISTINCT CASE WHEN a.estimated THEN a.request_rowid END)
+             FROM attempts a JOIN requests r ON r.id = a.request_rowid {filter}{tail}"
+        ),
+    }
+}
+
+fn query(
+    conn: &rusqlite::Connection,
+    path: &Path,
+    filter: &UsageFilter,
+    by: GroupBy,
+    grouped: bool,
+) -> Result<Vec<UsageRow>, LedgerError> {
     let err = |source| LedgerError::Sqlite {
         path: path.to_path_buf(),
         source,
     };
-    let mut stmt = conn.prepare(&sql).map_err(err)?;
+    let mut stmt = conn.prepare(&report_sql(by, grouped)).map_err(err)?;
     let rows = stmt
         .query_map(
             params![bound(filter.since_ms), bound(filter.until_ms)],
@@ -378,31 +433,22 @@ fn csv_field(s: &str) -> String {
     }
 }
 
-/// Writes `rows` (from [`summary`] grouped `by`) as `format`:
+/// Writes `report` as `format`:
 /// - [`ReportFormat::Table`]: a header (the group's name upper-cased, then
 ///   `REQUESTS FAILURES FALLBACKS ATTEMPTS PROMPT_TOKENS COMPLETION_TOKENS COST_USD
 ///   ESTIMATED_REQUESTS`), one line per row, a rule, and a `TOTAL` line; numbers
 ///   right-aligned, cost in USD with 6 decimals;
-/// - [`ReportFormat::Json`]: `{"by": "model", "rows": [UsageRow…], "total": UsageRow}`;
+/// - [`ReportFormat::Json`]: `{"by": "model", "rows": [UsageRow…], "total": UsageRow}`
+///   (the report itself);
 /// - [`ReportFormat::Csv`]: a header line (`model,requests,…`) and one line per row.
 ///
 /// Every format ends with a newline.
-pub fn render(rows: &[UsageRow], by: GroupBy, format: ReportFormat) -> String {
+pub fn render(report: &UsageReport, format: ReportFormat) -> String {
+    let (rows, by) = (report.rows.as_slice(), report.by);
     match format {
-        ReportFormat::Table => table(rows, by),
+        ReportFormat::Table => table(rows, &report.total, by),
         ReportFormat::Json => {
-            #[derive(Serialize)]
-            struct Report<'a> {
-                by: &'static str,
-                rows: &'a [UsageRow],
-                total: UsageRow,
-            }
-            let report = Report {
-                by: by.as_str(),
-                rows,
-                total: UsageRow::total(rows),
-            };
-            let mut out = serde_json::to_string_pretty(&report).unwrap_or_default();
+            let mut out = serde_json::to_string_pretty(report).unwrap_or_default();
             out.push('\n');
             out
         }
@@ -427,15 +473,14 @@ pub fn render(rows: &[UsageRow], by: GroupBy, format: ReportFormat) -> String {
     }
 }
 
-fn table(rows: &[UsageRow], by: GroupBy) -> String {
+fn table(rows: &[UsageRow], total: &UsageRow, by: GroupBy) -> String {
     let header: Vec<String> = std::iter::once(by.as_str().to_uppercase())
         .chain(COLUMNS.iter().map(|c| c.to_uppercase()))
         .collect();
-    let total = UsageRow::total(rows);
     let line =
         |r: &UsageRow| -> Vec<String> { std::iter::once(r.key.clone()).chain(cells(r)).collect() };
     let body: Vec<Vec<String>> = rows.iter().map(line).collect();
-    let total_line = line(&total);
+    let total_line = line(total);
     let mut widths: Vec<usize> = header.iter().map(|h| h.chars().count()).collect();
     for l in body.iter().chain(std::iter::once(&total_line)) {
         for (w, cell) in widths.iter_mut().zip(l) {
