@@ -328,9 +328,12 @@ async fn judge_scores_a_file_reports_bad_lines_and_resumes() {
         "{\"id\": 1, \"prompt\": \"p\", \"response\": \"7\", \"tag\": \"x\"}\nnot json\n{\"id\": 2, \"prompt\": \"p\", \"response\": \"9\"}\n{\"id\": 3, \"prompt\": \"p\"}\n",
     );
     let output = dir.path().join("out.jsonl");
+    // A fresh machine: the data directory does not exist yet (the judge creates it for
+    // its cache instead of failing before its first item).
+    let data_dir = dir.path().join("fresh").join("data");
     let judge = || {
         let mut c = tokio::process::Command::new(BIN);
-        c.env("ECHELON_DATA_DIR", dir.path())
+        c.env("ECHELON_DATA_DIR", &data_dir)
             .args(["judge", "--route", "grp", "--concurrency", "2", "--config"])
             .arg(&config)
             .arg("--input")
@@ -350,6 +353,7 @@ async fn judge_scores_a_file_reports_bad_lines_and_resumes() {
     );
     assert!(err.contains("bad line 2:"), "{err}");
     assert!(err.contains("bad line 4:"), "{err}");
+    assert!(data_dir.join("judge_cache.db").is_file(), "{err}");
     let lines: Vec<serde_json::Value> = std::fs::read_to_string(&output)
         .unwrap()
         .lines()
