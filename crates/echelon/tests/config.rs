@@ -2276,3 +2276,24 @@ models:\n  a: { provider: p }\n  b: { provider: p }\n";
     );
     assert!(errors[0].hint.as_deref().unwrap_or("").contains("timeout"));
 }
+
+/// YAML's `.inf` and `.nan` are errors at their key, with the file's other errors
+/// (they were the file's only error, with a position but no key path).
+#[test]
+fn non_finite_floats_are_errors_at_their_key() {
+    let text = "providers:\n  p: { base_url: \"http://127.0.0.1:9/v1\" }\n\
+models:\n  a: { provider: p, timeout: .inf, retry_budget: .nan }\n  b: { provider: p, timout: 1 }\n";
+    let errors = errors_of(Config::from_str_with_env(text, "f.yaml", &no_env));
+    let paths: Vec<&str> = errors.iter().map(|e| e.key_path.as_str()).collect();
+    assert_eq!(
+        paths,
+        [
+            "models.a.timeout",
+            "models.a.retry_budget",
+            "models.b.timout"
+        ],
+        "{errors:?}"
+    );
+    assert!(errors[0].message.contains("finite"), "{errors:?}");
+    assert_eq!((errors[0].line, errors[0].column), (Some(4), Some(30)));
+}

@@ -492,7 +492,12 @@ fn parse_with(
         );
         return (None, vec![syntax_error(file, line, column, message)]);
     }
-    let raw = match serde_saphyr::from_str::<Spanned<Raw>>(text) {
+    // `.inf` and `.nan` reach the tree as floats, so that the field reading them says
+    // which key they are at (and every other error of the file is still reported);
+    // rejected here, a non-finite float was the file's only, pathless error.
+    let mut options = serde_saphyr::Options::default();
+    options.non_finite_float_policy = serde_saphyr::NonFiniteFloatPolicy::PassThrough;
+    let raw = match serde_saphyr::from_str_with_options::<Spanned<Raw>>(text, options) {
         Ok(raw) => raw,
         Err(e) => {
             let error = yaml_error(file, &e);
