@@ -23,17 +23,20 @@ const KEY_A: &str = "sk-secret-primary-0123456789abcdef";
 const KEY_B: &str = "plainsecret-b-XYZ987-qwerty";
 const KEY_C: &str = "plainsecret-c-LMN654-asdfgh";
 const KEY_D: &str = "plainsecret-d-JKL321-zxcvbn";
+const KEY_E: &str = "plainsecret-e-GHJ852-poiuyt";
 
 /// Every key and a distinctive piece of each: none may appear.
-const SECRETS: [&str; 8] = [
+const SECRETS: [&str; 10] = [
     KEY_A,
     KEY_B,
     KEY_C,
     KEY_D,
+    KEY_E,
     "primary-0123456789",
     "XYZ987",
     "LMN654",
     "JKL321",
+    "GHJ852",
 ];
 
 fn assert_no_secret(what: &str, text: &str) {
@@ -53,6 +56,9 @@ enum Script {
     Echo401,
     /// 500 with a plain-text body echoing the header.
     Echo500,
+    /// 200 with JSON that is not a chat completion, the header where a list should be
+    /// (the decoding error quotes it).
+    EchoNotACompletion,
     /// A 200 stream: the role chunk, then an in-band error event echoing the header.
     StreamErrorFirst,
     /// A 200 stream: the role chunk, one content chunk, then an in-band error event
@@ -93,6 +99,11 @@ impl Script {
                 "500 Internal Server Error",
                 "text/plain",
                 &format!("upstream crashed; request headers: {}", echo(auth)),
+            ),
+            Script::EchoNotACompletion => whole(
+                "200 OK",
+                "application/json",
+                &serde_json::json!({"choices": echo(auth)}).to_string(),
             ),
             Script::StreamErrorFirst => {
                 format!("{stream_head}{}{}", sse(ROLE_CHUNK), sse(&error_json))
@@ -187,13 +198,14 @@ impl Logs {
 }
 
 /// Models `a` (401 echo, key A), `b` (500 echo, key B), `c` (in-band error before
-/// content, key C) and `d` (error after content, key D); task groups `g` (a then b) and
-/// `gs` (a, c, d).
+/// content, key C), `d` (error after content, key D) and `e` (a 200 that is not a
+/// completion, key E); task groups `g` (a, b, e) and `gs` (a, c, d).
 async fn echoing_gateway() -> Gateway {
     let a = scripted(Script::Echo401).await;
     let b = scripted(Script::Echo500).await;
     let c = scripted(Script::StreamErrorFirst).await;
     let d = scripted(Script::StreamErrorAfterContent).await;
+    let e = scripted(Script::EchoNotACompletion).await;
     let yaml = format!(
         r#"
 providers:
@@ -201,15 +213,18 @@ providers:
   pb: {{ base_url: "http://{b}/v1", api_keys: ["{KEY_B}"] }}
   pc: {{ base_url: "http://{c}/v1", api_keys: ["{KEY_C}"] }}
   pd: {{ base_url: "http://{d}/v1", api_keys: ["{KEY_D}"] }}
+  pe: {{ base_url: "http://{e}/v1", api_keys: ["{KEY_E}"] }}
 models:
   a: {{ provider: pa, max_retries: 0 }}
   b: {{ provider: pb, max_retries: 0 }}
   c: {{ provider: pc, max_retries: 0 }}
   d: {{ provider: pd, max_retries: 0 }}
+  e: {{ provider: pe, max_retries: 0 }}
 task_groups:
   g:
     echelon1: {{ models: [a] }}
     echelon2: {{ models: [b] }}
+    echelon3: {{ models: [e] }}
   gs:
     echelon1: {{ models: [a] }}
     echelon2: {{ models: [c] }}
@@ -242,20 +257,34 @@ async fn an_upstream_echoing_the_authorization_header_leaks_no_key() {
         .iter()
         .map(|a| (a.model.as_str(), a.outcome.as_str()))
         .collect();
-    assert_eq!(outcomes, [("a", "auth"), ("b", "server_error")]);
+    assert_eq!(
+        outcomes,
+        [("a", "auth"), ("b", "server_error"), ("e", "malformed")]
+    );
     // The upstream text is still there, scrubbed: the key by its id, or redacted.
     let a_message = &err.attempts()[0].message;
-    assert!(a_message.starts_with("Incorrect API key provided."), "{a_message}");
+    assert!(
+        a_message.starts_with("Incorrect API key provided."),
+        "{a_message}"
+    );
     assert!(a_message.contains("key#"), "{a_message}");
-    assert!(err.attempts()[1].message.contains("key#"), "{}", err.attempts()[1].message);
+    for attempt in &err.attempts()[1..] {
+        assert!(attempt.message.contains("key#"), "{}", attempt.message);
+    }
     assert_no_secret("the error", &visible(&err));
 
     let admin = serde_json::to_string(&gw.admin_state()).unwrap();
-    assert!(admin.contains("\"state\":\"disabled\""), "key a disabled: {admin}");
+    assert!(
+        admin.contains("\"state\":\"disabled\""),
+        "key a disabled: {admin}"
+    );
     assert_no_secret("/admin/state", &admin);
 
     let logged = logs.text();
-    assert!(logged.contains("attempt failed"), "the capture works: {logged}");
+    assert!(
+        logged.contains("attempt failed"),
+        "the capture works: {logged}"
+    );
     assert_no_secret("the logs", &logged);
 }
 
@@ -297,7 +326,10 @@ async fn a_streamed_request_to_echoing_upstreams_leaks_no_key() {
         &serde_json::to_string(&gw.admin_state()).unwrap(),
     );
     let logged = logs.text();
-    assert!(logged.contains("stream failed after its first chunk"), "{logged}");
+    assert!(
+        logged.contains("stream failed after its first chunk"),
+        "{logged}"
+    );
     assert_no_secret("the logs", &logged);
 }
 
@@ -381,7 +413,11 @@ models:
         err.attempts()[0].message,
         "every key is disabled; next re-probe in 60 s"
     );
-    assert_eq!(upstream.chat_requests(), 1, "nothing sent with the disabled key");
+    assert_eq!(
+        upstream.chat_requests(),
+        1,
+        "nothing sent with the disabled key"
+    );
 
     let admin = serde_json::to_value(gw.admin_state()).unwrap();
     let key = &admin["models"]["m"]["keys"][0];
