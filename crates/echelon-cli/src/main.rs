@@ -630,6 +630,11 @@ async fn serve(
     port: Option<u16>,
 ) -> anyhow::Result<ExitCode> {
     let config = load(&config_path)?;
+    // Where each provider's keys came from, by id (issue 14 item 7).
+    for (provider, source) in &config.key_sources {
+        let key_ids = config.provider_key_ids(provider);
+        tracing::info!(provider = %provider, source = %source, ?key_ids, "provider keys");
+    }
     // The ledger writer runs on its own thread; requests hand it their records.
     let ledger = match &config.usage.ledger_path {
         Some(path) => {

@@ -1,4 +1,7 @@
-//! API keys and their short public ids.
+//! API keys, their short public ids, and the [`Redactor`] that replaces them (and
+//! anything shaped like a key) in upstream text.
+
+use std::sync::Arc;
 
 use secrecy::{ExposeSecret, SecretString};
 use sha2::{Digest, Sha256};
@@ -43,6 +46,136 @@ pub fn key_id(key: &str) -> String {
     digest[..4].iter().map(|b| format!("{b:02x}")).collect()
 }
 
+/// Scrubs secrets out of upstream text (error bodies, error events, transport errors)
+/// before it becomes a [`ProviderError`](crate::provider::ProviderError) message, and so
+/// before it is logged, stored in `/admin/state` or returned to a client (issue 14 item 6:
+/// an upstream may echo the `Authorization` header in its 401 body).
+///
+/// Two passes, both without regular expressions, run only on error paths:
+/// 1. every configured key of the model (exact bytes, longest first) becomes
+///    `key#<id>` (its [`key_id`]);
+/// 2. whatever still looks like a credential becomes `[redacted]`: the token after
+///    `Bearer` (any case, then spaces or tabs, then `token68` characters, RFC 7235), and
+///    `sk-` followed by 8 or more of `[A-Za-z0-9_-]` (OpenAI-style keys) when not
+///    preceded by such a character.
+///
+/// Built once per model from its key pool ([`KeyPool::redactor`](crate::resilience::key_pool::KeyPool::redactor));
+/// cheap to clone (the keys are shared). [`Redactor::default`] knows no keys and runs
+/// the second pass only.
+#[derive(Clone, Default)]
+pub struct Redactor {
+    /// The keys, longest first: a key that contains another is replaced whole.
+    keys: Arc<[ApiKey]>,
+}
+
+impl std::fmt::Debug for Redactor {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_list()
+            .entries(self.keys.iter().map(ApiKey::id))
+            .finish()
+    }
+}
+
+/// What a `Bearer` token or an `sk-…` shape is replaced with.
+pub const REDACTED: &str = "[redacted]";
+
+/// Shortest run after `sk-` that counts as a key shape.
+const SK_MIN_TAIL: usize = 8;
+
+impl Redactor {
+    /// A redactor of `keys` (empty keys are ignored) plus the generic shapes.
+    pub fn new(keys: impl IntoIterator<Item = ApiKey>) -> Self {
+        let mut keys: Vec<ApiKey> = keys
+            .into_iter()
+            .filter(|k| !k.expose().is_empty())
+            .collect();
+        keys.sort_by_key(|k| std::cmp::Reverse(k.expose().len()));
+        Redactor { keys: keys.into() }
+    }
+
+    /// `text` with every configured key replaced by `key#<id>` and every `Bearer`
+    /// token or `sk-…` shape left by [`REDACTED`].
+    pub fn scrub(&self, text: &str) -> String {
+        let mut out = text.to_owned();
+        for key in self.keys.iter() {
+            if out.contains(key.expose()) {
+                out = out.replace(key.expose(), &format!("key#{}", key.id()));
+            }
+        }
+        scrub_sk_shapes(&scrub_bearer_tokens(&out))
+    }
+}
+
+/// A character of RFC 7235's `token68` (`=` padding included).
+fn is_token68(b: u8) -> bool {
+    b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_' | b'~' | b'+' | b'/' | b'=')
+}
+
+/// Replaces the token after each `Bearer` (any case) with [`REDACTED`], unless it is
+/// already a `key#<id>` left by the first pass.
+fn scrub_bearer_tokens(text: &str) -> String {
+    const WORD: &[u8] = b"bearer";
+    let bytes = text.as_bytes();
+    let mut out = String::with_capacity(text.len());
+    let mut copied = 0;
+    let mut i = 0;
+    while i + WORD.len() <= bytes.len() {
+        if !bytes[i..i + WORD.len()].eq_ignore_ascii_case(WORD) {
+            i += 1;
+            continue;
+        }
+        let mut start = i + WORD.len();
+        while start < bytes.len() && matches!(bytes[start], b' ' | b'\t') {
+            start += 1;
+        }
+        let mut end = start;
+        while end < bytes.len() && is_token68(bytes[end]) {
+            end += 1;
+        }
+        // `start` and `end` sit on ASCII bytes (or the end): both are char boundaries.
+        let spaced = start > i + WORD.len();
+        if spaced && end > start && !text[start..].starts_with("key#") {
+            out.push_str(&text[copied..start]);
+            out.push_str(REDACTED);
+            copied = end;
+        }
+        i = end.max(i + WORD.len());
+    }
+    out.push_str(&text[copied..]);
+    out
+}
+
+/// A character an `sk-` key is made of.
+fn is_sk_char(b: u8) -> bool {
+    b.is_ascii_alphanumeric() || matches!(b, b'_' | b'-')
+}
+
+/// Replaces each `sk-` + at least [`SK_MIN_TAIL`] key characters, not preceded by a key
+/// character, with `sk-[redacted]`.
+fn scrub_sk_shapes(text: &str) -> String {
+    let bytes = text.as_bytes();
+    let mut out = String::with_capacity(text.len());
+    let mut copied = 0;
+    let mut from = 0;
+    while let Some(found) = text[from..].find("sk-") {
+        let at = from + found;
+        let tail = at + 3;
+        let mut end = tail;
+        while end < bytes.len() && is_sk_char(bytes[end]) {
+            end += 1;
+        }
+        let bounded = at == 0 || !is_sk_char(bytes[at - 1]);
+        if bounded && end - tail >= SK_MIN_TAIL {
+            out.push_str(&text[copied..tail]);
+            out.push_str(REDACTED);
+            copied = end;
+        }
+        from = end.max(tail);
+    }
+    out.push_str(&text[copied..]);
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -53,5 +186,76 @@ mod tests {
         let k = ApiKey::new(SecretString::from("test"));
         assert_eq!(k.id(), "9f86d081");
         assert_eq!(format!("{k:?}"), "ApiKey(9f86d081)");
+    }
+
+    #[test]
+    fn configured_keys_become_their_ids() {
+        let key = ApiKey::new(SecretString::from("my-provider-key-123"));
+        let r = Redactor::new([key.clone()]);
+        let text = "invalid key my-provider-key-123 (Authorization: Bearer my-provider-key-123)";
+        let out = r.scrub(text);
+        assert!(!out.contains("my-provider-key-123"), "{out}");
+        assert_eq!(
+            out,
+            format!(
+                "invalid key key#{id} (Authorization: Bearer key#{id})",
+                id = key.id()
+            )
+        );
+    }
+
+    #[test]
+    fn the_longest_key_is_replaced_first() {
+        let short = ApiKey::new(SecretString::from("abc123"));
+        let long = ApiKey::new(SecretString::from("abc123-and-more"));
+        let r = Redactor::new([short.clone(), long.clone()]);
+        let out = r.scrub("got abc123-and-more and abc123");
+        assert_eq!(out, format!("got key#{} and key#{}", long.id(), short.id()));
+        // Empty keys are ignored, not an endless replacement.
+        let r = Redactor::new([ApiKey::new(SecretString::from(""))]);
+        assert_eq!(r.scrub("text"), "text");
+    }
+
+    #[test]
+    fn bearer_tokens_and_sk_shapes_are_redacted_without_configured_keys() {
+        let r = Redactor::default();
+        assert_eq!(
+            r.scrub("header was 'Authorization: Bearer abc.DEF_123+/=='"),
+            "header was 'Authorization: Bearer [redacted]'"
+        );
+        assert_eq!(
+            r.scrub("BEARER\tzzz, bearer  yyy"),
+            "BEARER\t[redacted], bearer  [redacted]"
+        );
+        assert_eq!(
+            r.scrub("key sk-proj-ABCdef123456_-x in use"),
+            "key sk-[redacted] in use"
+        );
+        assert_eq!(r.scrub("sk-12345678"), "sk-[redacted]");
+        // Not credentials: too short, inside a word, `Bearer` without a token.
+        for text in [
+            "sk-1234567",
+            "risk-assessment-module",
+            "task-abcdefghijk",
+            "Bearer",
+            "use a Bearer: token",
+            "bearers",
+            "plain message",
+            "é sk-",
+        ] {
+            assert_eq!(r.scrub(text), text);
+        }
+        // Multi-byte text around a shape stays intact.
+        assert_eq!(r.scrub("clé: sk-abcdefgh1234 ✓"), "clé: sk-[redacted] ✓");
+        assert_eq!(r.scrub("ключ Bearer tok ✓"), "ключ Bearer [redacted] ✓");
+    }
+
+    #[test]
+    fn a_configured_key_after_bearer_keeps_its_id() {
+        let key = ApiKey::new(SecretString::from("sk-live-0123456789abcdef"));
+        let r = Redactor::new([key.clone()]);
+        let out = r.scrub("Bearer sk-live-0123456789abcdef");
+        assert_eq!(out, format!("Bearer key#{}", key.id()));
+        assert_eq!(format!("{r:?}"), format!("[\"{}\"]", key.id()));
     }
 }

@@ -240,21 +240,54 @@ fn seed_provider_json_loads_as_it_is() {
     assert!(config.task_groups.is_empty());
 }
 
+/// Issue 14 item 7: the env var only fills in keys the file does not list (before, it
+/// replaced the provider's keys and its models' own).
 #[test]
-fn provider_env_var_overrides_file_keys() {
-    let env = env_of(&[("OPENAI_API_KEY", "env-1, env-2")]);
+fn provider_env_var_fills_in_only_keys_the_file_does_not_list() {
+    let env = env_of(&[
+        ("OPENAI_API_KEY", "env-1, env-2"),
+        ("DEEPSEEK_API_KEY", "env-deepseek"),
+    ]);
     let config = Config::load_with_env(fixture("provider.json"), &env).unwrap();
+    // The openai provider lists no keys (its models list different ones): filled in …
     assert_eq!(
         keys(&config.providers["openai"].api_keys),
         ["env-1", "env-2"]
     );
-    // The env var beats the per-model keys of that provider too (seed 000 order) …
-    assert!(config.models["openai/gpt-3.5-turbo"].api_keys.is_none());
-    assert!(config.models["openai/gpt-4"].api_keys.is_none());
-    // … and leaves other providers alone.
+    assert_eq!(
+        config.key_sources["openai"],
+        echelon::config::KeySource::Env("OPENAI_API_KEY".into())
+    );
+    // … but the models keep the keys the file gives them.
+    assert_eq!(
+        keys(
+            config.models["openai/gpt-3.5-turbo"]
+                .api_keys
+                .as_deref()
+                .unwrap()
+        ),
+        ["sk-key1", "sk-key2"]
+    );
+    assert_eq!(
+        keys(config.models["openai/gpt-4"].api_keys.as_deref().unwrap()),
+        ["sk-key3"]
+    );
+    // deepseek lists its keys: the variable is ignored, with a warning naming it.
     assert_eq!(
         keys(&config.providers["deepseek"].api_keys),
         ["your-deepseek-key"]
+    );
+    assert_eq!(
+        config.key_sources["deepseek"],
+        echelon::config::KeySource::File
+    );
+    assert!(
+        config
+            .warnings
+            .iter()
+            .any(|w| w.message.contains("`DEEPSEEK_API_KEY` is ignored")),
+        "{:?}",
+        config.warnings
     );
 
     // An empty variable does not override.

@@ -4,14 +4,14 @@
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
-use secrecy::SecretString;
+use secrecy::{ExposeSecret, SecretString};
 
 use super::check;
 use super::env::EnvLookup;
 use super::error::{ConfigError, ConfigErrors, closest};
 use super::model::{
-    Config, ModelConfig, PollingPoolConfig, ProviderConfig, ServerConfig, TaskGroupConfig,
-    UsageConfig, WrapperConfig,
+    Config, KeySource, ModelConfig, PollingPoolConfig, ProviderConfig, ServerConfig,
+    TaskGroupConfig, UsageConfig, WrapperConfig,
 };
 use super::node::{Entry, Format, Kind, Node, Pos, join, parse};
 use super::pool::{self, PoolRefs, WrapperRefs};
@@ -564,8 +564,8 @@ fn merge<T, R>(
     }
 }
 
-/// The environment variable that overrides a provider's keys: `local-a` →
-/// `LOCAL_A_API_KEY`.
+/// The environment variable that fills in the keys of a provider whose file lists none:
+/// `local-a` → `LOCAL_A_API_KEY`.
 pub(crate) fn key_env_var(provider_id: &str) -> String {
     let mut name: String = provider_id
         .chars()
@@ -592,6 +592,36 @@ pub(crate) fn keys_from_env(provider_id: &str, env: EnvLookup<'_>) -> Option<Vec
         .map(SecretString::from)
         .collect();
     (!keys.is_empty()).then_some(keys)
+}
+
+/// Where `provider`'s keys come from, filling them in from `<ID>_API_KEY` when the file
+/// lists none; also the variable's name when it is set but ignored (the file lists
+/// keys, and not the variable's own).
+fn provider_key_source(
+    id: &str,
+    provider: &mut ProviderConfig,
+    env: EnvLookup<'_>,
+) -> (KeySource, Option<String>) {
+    let from_env = keys_from_env(id, env);
+    if provider.api_keys.is_empty() {
+        return match from_env {
+            Some(keys) => {
+                provider.api_keys = keys;
+                (KeySource::Env(key_env_var(id)), None)
+            }
+            None => (KeySource::None, None),
+        };
+    }
+    // `api_keys: ["${OPENAI_API_KEY}"]` uses the variable on purpose: no warning.
+    let same = from_env.as_deref().is_some_and(|keys| {
+        keys.len() == provider.api_keys.len()
+            && keys
+                .iter()
+                .zip(&provider.api_keys)
+                .all(|(a, b)| a.expose_secret() == b.expose_secret())
+    });
+    let ignored = (from_env.is_some() && !same).then(|| key_env_var(id));
+    (KeySource::File, ignored)
 }
 
 /// Sorts errors by file, line and column.
@@ -711,22 +741,35 @@ pub(crate) fn assemble(
         ..Config::default()
     };
 
-    // API keys, step 1: `<ID>_API_KEY` replaces the provider's keys and its models'.
-    let mut env_keyed = Vec::new();
+    // API keys: `<ID>_API_KEY` only fills in a provider that lists none (its models
+    // without keys of their own inherit them); the file's keys are never replaced.
     for item in &providers {
         let mut provider = item.value.clone();
-        if let Some(keys) = keys_from_env(&item.id, env) {
-            provider.api_keys = keys;
-            env_keyed.push(item.id.clone());
+        let (source, ignored) = provider_key_source(&item.id, &mut provider, env);
+        if let Some(var) = ignored {
+            let warning = located(
+                &item.file,
+                item.pos,
+                &item.path,
+                format!(
+                    "environment variable `{var}` is ignored: provider `{}` lists its own \
+                     api_keys",
+                    item.id
+                ),
+                Some(format!(
+                    "`{var}` only fills in a provider without api_keys; to use it here, \
+                     write `api_keys: [\"${{{var}}}\"]`, or unset it"
+                )),
+            );
+            tracing::warn!("config: {warning}");
+            warnings.push(warning);
         }
+        config.key_sources.insert(item.id.clone(), source);
         config.providers.insert(item.id.clone(), provider);
     }
+    sort_errors(&mut warnings);
     for item in &models {
-        let mut model = item.value.clone();
-        if env_keyed.contains(&model.provider) {
-            model.api_keys = None;
-        }
-        config.models.insert(item.id.clone(), model);
+        config.models.insert(item.id.clone(), item.value.clone());
     }
     for item in &groups {
         config
@@ -813,8 +856,10 @@ models:
         assert!(config.models["n"].api_keys.is_none());
     }
 
+    /// Issue 14 item 7: `<ID>_API_KEY` no longer overrides the file (it did before,
+    /// provider and model keys alike); it is ignored with a warning naming it.
     #[test]
-    fn key_resolution_env_var_wins_over_file_and_model_overrides() {
+    fn key_resolution_file_keys_win_over_the_env_var_with_a_warning() {
         let env = |name: &str| match name {
             "RESOLVE_FILE_KEY" => Some("from-file-ref".to_owned()),
             "LOCAL_A_API_KEY" => Some("env-key-1,env-key-2".to_owned()),
@@ -823,16 +868,101 @@ models:
         let config = load_text(KEYS_YAML, "k.yaml", &env).unwrap();
         assert_eq!(
             exposed(&config.providers["local-a"].api_keys),
-            ["env-key-1", "env-key-2"]
+            ["from-file-ref", "inline-key"]
         );
-        assert!(config.models["m"].api_keys.is_none());
+        assert_eq!(
+            exposed(config.models["m"].api_keys.as_deref().unwrap()),
+            ["model-key"]
+        );
         assert_eq!(exposed(&config.providers["other"].api_keys), ["other-key"]);
+        assert_eq!(config.key_sources["local-a"], KeySource::File);
+        assert_eq!(config.key_sources["other"], KeySource::File);
+        assert_eq!(config.warnings.len(), 1, "{:?}", config.warnings);
+        let w = &config.warnings[0];
+        assert_eq!(
+            w.message,
+            "environment variable `LOCAL_A_API_KEY` is ignored: provider `local-a` lists its own api_keys"
+        );
+        assert_eq!((w.file.as_str(), w.line), ("k.yaml", Some(2)));
+        assert!(!w.to_string().contains("env-key"), "never the value: {w}");
+    }
+
+    #[test]
+    fn the_env_var_fills_in_a_provider_that_lists_no_keys() {
+        let yaml = "\
+providers:
+  openai: { base_url: \"http://h/v1\" }
+  empty: { base_url: \"http://e/v1\", api_keys: [\"${UNSET_KEY:-}\"] }
+  bare: { base_url: \"http://b/v1\" }
+models:
+  inherits: { provider: openai }
+  own: { provider: openai, api_keys: [own-key] }
+  e: { provider: empty }
+  b: { provider: bare }
+";
+        let env = |name: &str| match name {
+            "OPENAI_API_KEY" => Some("env-openai".to_owned()),
+            "EMPTY_API_KEY" => Some("env-empty-1, env-empty-2".to_owned()),
+            _ => None,
+        };
+        let config = load_text(yaml, "f.yaml", &env).unwrap();
+        assert_eq!(
+            exposed(&config.providers["openai"].api_keys),
+            ["env-openai"]
+        );
+        // The model without keys inherits the provider's; its own keys stay its own.
+        assert!(config.models["inherits"].api_keys.is_none());
+        assert_eq!(
+            exposed(config.models["own"].api_keys.as_deref().unwrap()),
+            ["own-key"]
+        );
+        // A list that is empty once `${VAR:-}` resolved lists no keys.
+        assert_eq!(
+            exposed(&config.providers["empty"].api_keys),
+            ["env-empty-1", "env-empty-2"]
+        );
+        assert!(config.providers["bare"].api_keys.is_empty());
+        assert_eq!(
+            config.key_sources["openai"],
+            KeySource::Env("OPENAI_API_KEY".into())
+        );
+        assert_eq!(
+            config.key_sources["empty"],
+            KeySource::Env("EMPTY_API_KEY".into())
+        );
+        assert_eq!(config.key_sources["bare"], KeySource::None);
+        assert_eq!(
+            config.provider_key_ids("openai"),
+            [crate::key::key_id("env-openai")]
+        );
+        assert!(config.provider_key_ids("bare").is_empty());
+        assert!(config.provider_key_ids("unknown").is_empty());
+        assert!(config.warnings.is_empty(), "{:?}", config.warnings);
+        assert_eq!(
+            KeySource::Env("OPENAI_API_KEY".into()).to_string(),
+            "env OPENAI_API_KEY"
+        );
+    }
+
+    #[test]
+    fn a_file_naming_the_env_var_itself_gets_no_warning() {
+        let yaml = "\
+providers:
+  openai: { base_url: \"http://h/v1\", api_keys: [\"${OPENAI_API_KEY}\"] }
+models:
+  m: { provider: openai }
+";
+        let env = |name: &str| (name == "OPENAI_API_KEY").then(|| "sk-real".to_owned());
+        let config = load_text(yaml, "f.yaml", &env).unwrap();
+        assert_eq!(exposed(&config.providers["openai"].api_keys), ["sk-real"]);
+        assert_eq!(config.key_sources["openai"], KeySource::File);
+        assert!(config.warnings.is_empty(), "{:?}", config.warnings);
     }
 
     #[test]
     fn key_env_var_does_not_excuse_a_missing_file_reference() {
         // The file's `${VAR}` must still resolve: a missing variable is an error even
-        // when `<ID>_API_KEY` would replace the keys.
+        // when `<ID>_API_KEY` is set.
         let env = |name: &str| (name == "LOCAL_A_API_KEY").then(|| "env-key".to_owned());
         let errors = load_text(KEYS_YAML, "k.yaml", &env).unwrap_err();
         assert_eq!(errors.0.len(), 1);

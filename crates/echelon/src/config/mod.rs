@@ -106,9 +106,9 @@ pub use error::{ConfigError, ConfigErrors};
 pub use migrate::{MigrateError, MigrateOptions, MigrationReport, migrate, migrate_with_env};
 pub use model::{
     CircuitBreakerConfig, Config, EchelonConfig, FallbackConfig, FallbackStrategy, HealthCheckKind,
-    ModelConfig, PollingPoolConfig, PoolFallbackConfig, PoolFallbackStrategy, PricingConfig,
-    ProviderApi, ProviderConfig, RotationStrategy, ServerConfig, TaskGroupConfig, TokenEncoding,
-    UsageConfig, WrapperConfig,
+    KeySource, ModelConfig, PollingPoolConfig, PoolFallbackConfig, PoolFallbackStrategy,
+    PricingConfig, ProviderApi, ProviderConfig, RotationStrategy, ServerConfig, TaskGroupConfig,
+    TokenEncoding, UsageConfig, WrapperConfig,
 };
 
 impl Config {
@@ -133,6 +133,20 @@ impl Config {
     /// the process environment.
     pub fn from_str(text: &str, origin: &str) -> Result<Config, ConfigErrors> {
         load::load_text(text, origin, &env::process_env)
+    }
+
+    /// The ids ([`key_id`](crate::key::key_id)) of provider `id`'s keys, in order
+    /// (empty for an unknown provider or one without keys): with
+    /// [`key_sources`](Config::key_sources), what the startup log says of each
+    /// provider's keys, never the keys.
+    pub fn provider_key_ids(&self, id: &str) -> Vec<String> {
+        use secrecy::ExposeSecret;
+        self.providers.get(id).map_or_else(Vec::new, |p| {
+            p.api_keys
+                .iter()
+                .map(|k| crate::key::key_id(k.expose_secret()))
+                .collect()
+        })
     }
 
     /// [`Config::from_str`] with variables taken from `env` (`None` = unset) instead

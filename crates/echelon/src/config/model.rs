@@ -52,6 +52,32 @@ pub struct Config {
     /// milliseconds), each with where it is written; each is also logged at `warn`
     /// level when the configuration is loaded.
     pub warnings: Vec<super::ConfigError>,
+    /// Where each provider's keys came from, by provider id (every provider has an
+    /// entry): for the startup log, which names keys by id only.
+    pub key_sources: BTreeMap<String, KeySource>,
+}
+
+/// Where a provider's [`api_keys`](ProviderConfig::api_keys) came from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum KeySource {
+    /// The configuration file (`api_keys:`, literal or `${VAR}` references).
+    File,
+    /// The implicit environment variable `<ID>_API_KEY` (named here, never its value):
+    /// the file listed no keys for the provider.
+    Env(String),
+    /// Neither: the provider is called without an `Authorization` header.
+    None,
+}
+
+impl std::fmt::Display for KeySource {
+    /// `file`, `env OPENAI_API_KEY` or `none`.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            KeySource::File => f.write_str("file"),
+            KeySource::Env(var) => write!(f, "env {var}"),
+            KeySource::None => f.write_str("none"),
+        }
+    }
 }
 
 /// The gateway's HTTP server (`server:` section).
@@ -104,19 +130,22 @@ impl Default for ServerConfig {
 /// A provider: an API family and endpoint (`providers.<id>:`).
 ///
 /// # API keys
-/// The keys are resolved in this order (seed 000):
-/// 1. the environment variable `<ID>_API_KEY`, where `<ID>` is the provider id
-///    upper-cased with every non-alphanumeric character replaced by `_` (provider
-///    `local-a` → `LOCAL_A_API_KEY`). When set and not empty it holds one key or
-///    several separated by commas, and it replaces the keys of this provider **and**
-///    the per-model `api_keys` overrides of its models;
-/// 2. otherwise the file's entries, where `${VAR}`, `$VAR` and `${VAR:-default}`
-///    references have been replaced from the environment;
-/// 3. inline literal keys are used as written.
+/// The keys are resolved in this order:
+/// 1. the file's entries, where `${VAR}`, `$VAR` and `${VAR:-default}` references
+///    have been replaced from the environment, and inline literal keys as written;
+/// 2. only when that leaves the provider **no** key: the implicit environment variable
+///    `<ID>_API_KEY`, where `<ID>` is the provider id upper-cased with every
+///    non-alphanumeric character replaced by `_` (provider `local-a` →
+///    `LOCAL_A_API_KEY`), one key or several separated by commas. When the file lists
+///    keys, the variable is ignored with a warning ([`Config::warnings`], naming the
+///    variable, never its value): a provider merely *named* `openai` but pointed at
+///    another `base_url` must not be sent the real `OPENAI_API_KEY` (issue 14 item 7).
+///    A model's own `api_keys` override the provider's, wherever those came from.
 ///
 /// Surrounding whitespace is trimmed and keys that are then empty (after
 /// substitution, or between commas) are dropped. An empty list is allowed: the
-/// upstream then gets no `Authorization` header.
+/// upstream then gets no `Authorization` header. [`Config::key_sources`] records
+/// which rule gave each provider its keys.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ProviderConfig {

@@ -4,6 +4,8 @@ use std::time::{Duration, SystemTime};
 
 pub use echelon_types::ErrorKind;
 
+use crate::key::Redactor;
+
 /// A failed provider call.
 ///
 /// Ask it questions rather than matching on its parts: [`is_retryable`](Self::is_retryable),
@@ -15,7 +17,9 @@ pub struct ProviderError {
     pub kind: ErrorKind,
     /// The HTTP status, when the provider answered with one.
     pub status: Option<u16>,
-    /// The provider's error message, or the local reason. Never contains a key.
+    /// The provider's error message, or the local reason. Never contains a key: the
+    /// wires build it through the model's [`Redactor`] ([`from_response`](Self::from_response),
+    /// [`redacted`](Self::redacted)).
     pub message: String,
     /// The provider's `Retry-After`, when it sent one.
     pub retry_after: Option<Duration>,
@@ -62,11 +66,25 @@ impl ProviderError {
         self.kind == ErrorKind::BadRequest
     }
 
-    /// Classifies an HTTP error answer from its status, headers and body.
+    /// This error with its message scrubbed by `redactor` (configured keys → `key#<id>`,
+    /// `Bearer` tokens and `sk-…` shapes → `[redacted]`).
+    pub fn redacted(mut self, redactor: &Redactor) -> Self {
+        self.message = redactor.scrub(&self.message);
+        self
+    }
+
+    /// Classifies an HTTP error answer from its status, headers and body; the message
+    /// is scrubbed by `redactor` before it is cut to its length limit (so a key that
+    /// straddles the cut cannot leave a piece behind).
     ///
     /// Context-length errors are recognised by OpenAI's code `context_length_exceeded`,
     /// llama.cpp's type `exceed_context_size_error`, or the usual wording in the message.
-    pub fn from_response(status: u16, retry_after: Option<Duration>, body: &[u8]) -> Self {
+    pub fn from_response(
+        status: u16,
+        retry_after: Option<Duration>,
+        body: &[u8],
+        redactor: &Redactor,
+    ) -> Self {
         let (message, err_type, code) = parse_error_body(body);
         let context = code.as_deref() == Some("context_length_exceeded")
             || err_type.as_deref() == Some("exceed_context_size_error")
@@ -88,7 +106,7 @@ impl ProviderError {
         ProviderError {
             kind,
             status: Some(status),
-            message,
+            message: truncate(redactor.scrub(&truncate_to(message, MAX_SCRUBBED_BYTES))),
             retry_after,
         }
     }
@@ -96,6 +114,11 @@ impl ProviderError {
 
 /// Longest provider message kept, in bytes; bodies can be whole HTML pages.
 const MAX_MESSAGE_BYTES: usize = 500;
+
+/// Longest part of a provider message that is scrubbed before the final cut to
+/// [`MAX_MESSAGE_BYTES`], in bytes: bounds the scrub's work on a huge body, and is far
+/// enough past the final cut that what the cut keeps was scrubbed whole.
+const MAX_SCRUBBED_BYTES: usize = 64 * 1024;
 
 fn parse_error_body(body: &[u8]) -> (String, Option<String>, Option<String>) {
     let parsed: Option<serde_json::Value> = serde_json::from_slice(body).ok();
@@ -108,12 +131,18 @@ fn parse_error_body(body: &[u8]) -> (String, Option<String>, Option<String>) {
     let message = field("message")
         .or_else(|| err.and_then(serde_json::Value::as_str).map(str::to_owned))
         .unwrap_or_else(|| String::from_utf8_lossy(body).trim().to_owned());
-    (truncate(message), field("type"), field("code"))
+    (message, field("type"), field("code"))
 }
 
-fn truncate(mut s: String) -> String {
-    if s.len() > MAX_MESSAGE_BYTES {
-        let mut cut = MAX_MESSAGE_BYTES;
+/// `s` cut to [`MAX_MESSAGE_BYTES`] (at a character boundary) with `…` when cut.
+fn truncate(s: String) -> String {
+    truncate_to(s, MAX_MESSAGE_BYTES)
+}
+
+/// `s` cut to `max` bytes (at a character boundary) with `…` when cut.
+fn truncate_to(mut s: String, max: usize) -> String {
+    if s.len() > max {
+        let mut cut = max;
         while !s.is_char_boundary(cut) {
             cut -= 1;
         }
@@ -170,7 +199,8 @@ mod tests {
 
     #[test]
     fn classifies_statuses() {
-        let e = |s, b: &str| ProviderError::from_response(s, None, b.as_bytes());
+        let e =
+            |s, b: &str| ProviderError::from_response(s, None, b.as_bytes(), &Redactor::default());
         assert_eq!(e(429, "{}").kind, ErrorKind::RateLimited);
         assert!(e(429, "{}").is_retryable());
         assert!(e(500, "oops").is_retryable());
@@ -184,9 +214,12 @@ mod tests {
     #[test]
     fn recognises_context_length_errors() {
         let llama = r#"{"error":{"code":400,"message":"the request exceeds the available context size","type":"exceed_context_size_error"}}"#;
-        assert!(ProviderError::from_response(400, None, llama.as_bytes()).is_context_length());
+        assert!(
+            ProviderError::from_response(400, None, llama.as_bytes(), &Redactor::default())
+                .is_context_length()
+        );
         let openai = r#"{"error":{"message":"This model's maximum context length is 8192 tokens","type":"invalid_request_error","code":"context_length_exceeded"}}"#;
-        let e = ProviderError::from_response(400, None, openai.as_bytes());
+        let e = ProviderError::from_response(400, None, openai.as_bytes(), &Redactor::default());
         assert!(e.is_context_length());
         assert!(!e.is_retryable());
         assert_eq!(
@@ -289,16 +322,60 @@ mod tests {
 
     #[test]
     fn a_huge_retry_after_on_a_429_is_capped_not_a_panic() {
-        let e = ProviderError::from_response(429, retry_after("1e30"), b"{}");
+        let e = ProviderError::from_response(429, retry_after("1e30"), b"{}", &Redactor::default());
         assert_eq!(e.retry_after, None);
-        let e = ProviderError::from_response(429, retry_after("18446744073709551615"), b"{}");
+        let e = ProviderError::from_response(
+            429,
+            retry_after("18446744073709551615"),
+            b"{}",
+            &Redactor::default(),
+        );
         assert_eq!(e.retry_after, Some(MAX_RETRY_AFTER));
     }
 
     #[test]
     fn long_messages_are_cut() {
         let body = "x".repeat(2000);
-        let e = ProviderError::from_response(500, None, body.as_bytes());
+        let e = ProviderError::from_response(500, None, body.as_bytes(), &Redactor::default());
+        assert!(e.message.len() <= MAX_MESSAGE_BYTES + '…'.len_utf8());
+    }
+
+    #[test]
+    fn an_echoed_authorization_header_is_scrubbed_from_the_message() {
+        use crate::key::ApiKey;
+        use secrecy::SecretString;
+        let key = ApiKey::new(SecretString::from("sk-echoed-0123456789"));
+        let r = Redactor::new([key.clone()]);
+        let body = r#"{"error":{"message":"Invalid key. Headers: {\"authorization\": \"Bearer sk-echoed-0123456789\"}"}}"#;
+        let e = ProviderError::from_response(401, None, body.as_bytes(), &r);
+        assert!(!e.message.contains("sk-echoed"), "{}", e.message);
+        assert!(
+            e.message.contains(&format!("Bearer key#{}", key.id())),
+            "{}",
+            e.message
+        );
+        // Not JSON: the raw body is the message, scrubbed the same way.
+        let e = ProviderError::from_response(401, None, b"bad key sk-echoed-0123456789", &r);
+        assert_eq!(e.message, format!("bad key key#{}", key.id()));
+        // An unknown token after Bearer is redacted too.
+        let e = ProviderError::from_response(403, None, b"got Bearer other-token", &r);
+        assert_eq!(e.message, "got Bearer [redacted]");
+    }
+
+    #[test]
+    fn a_key_straddling_the_length_cut_leaves_no_piece() {
+        use crate::key::ApiKey;
+        use secrecy::SecretString;
+        let secret = "zzzz-a-long-configured-key-0123456789";
+        let r = Redactor::new([ApiKey::new(SecretString::from(secret))]);
+        // The key starts 10 bytes before the cut.
+        let body = format!(
+            "{}{secret}{}",
+            "x".repeat(MAX_MESSAGE_BYTES - 10),
+            "y".repeat(100)
+        );
+        let e = ProviderError::from_response(500, None, body.as_bytes(), &r);
+        assert!(!e.message.contains(&secret[..10]), "{}", e.message);
         assert!(e.message.len() <= MAX_MESSAGE_BYTES + '…'.len_utf8());
     }
 }

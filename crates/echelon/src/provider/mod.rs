@@ -9,7 +9,8 @@
 //! [`build`] by a new [`ProviderApi`] variant. It owns its URLs, auth headers, request
 //! mapping (from the neutral [`ProviderRequest`]), response and stream-event mapping
 //! (into [`ChunkStream::from_events`]) and error classification (into
-//! [`ProviderError`]). What every wire shares stays here: [`Timeouts`], the HTTP
+//! [`ProviderError`], its messages scrubbed by the model's [`Redactor`]: upstream text
+//! can hold the key it was sent). What every wire shares stays here: [`Timeouts`], the HTTP
 //! clients ([`HttpClients`]), the stream contract ([`ChunkStream`]) and the error
 //! classes. `openai/` ([`OpenAiProvider`]) is the first wire.
 //!
@@ -33,7 +34,7 @@ use echelon_types::{ChatCompletion, ChatCompletionRequest};
 use futures::future::BoxFuture;
 
 use crate::config::ProviderApi;
-use crate::key::ApiKey;
+use crate::key::{ApiKey, Redactor};
 
 pub use error::{ErrorKind, MAX_RETRY_AFTER, ProviderError};
 pub use http::HttpClients;
@@ -111,7 +112,8 @@ impl<'a> ProviderRequest<'a> {
 ///
 /// Object-safe (models hold an `Arc<dyn Provider>`): the operations return boxed
 /// futures. Implementations enforce [`Timeouts`] themselves and classify every failure
-/// as a [`ProviderError`]; they never retry.
+/// as a [`ProviderError`] whose message went through the [`Redactor`] they were built
+/// with (no configured key, no `Bearer` token, no `sk-…` shape); they never retry.
 pub trait Provider: Send + Sync + fmt::Debug {
     /// A non-streamed chat completion (`req.stream` is false).
     ///
@@ -159,14 +161,19 @@ pub trait Provider: Send + Sync + fmt::Debug {
 
 /// The provider for a model: the wire `api` selects, at `base_url` (e.g.
 /// `http://127.0.0.1:8082/v1`) over `http` (from [`HttpClients::get`], whose connect
-/// timeout should be `timeouts.connect`); the other timeouts apply per request.
+/// timeout should be `timeouts.connect`); the other timeouts apply per request. Its
+/// error messages are scrubbed by `redactor` (the model's keys, from
+/// [`KeyPool::redactor`](crate::resilience::key_pool::KeyPool::redactor)).
 pub fn build(
     api: ProviderApi,
     http: reqwest::Client,
     base_url: &str,
     timeouts: Timeouts,
+    redactor: Redactor,
 ) -> Arc<dyn Provider> {
     match api {
-        ProviderApi::OpenAi => Arc::new(OpenAiProvider::new(http, base_url, timeouts)),
+        ProviderApi::OpenAi => {
+            Arc::new(OpenAiProvider::new(http, base_url, timeouts).with_redactor(redactor))
+        }
     }
 }

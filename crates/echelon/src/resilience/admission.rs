@@ -47,7 +47,7 @@ pub struct Refusal {
     /// What a person reads (never a key).
     pub message: String,
     /// When the step may admit again, if it knows (a cooling key's end of cooldown, an
-    /// open breaker's end of its open period).
+    /// open breaker's end of its open period, a disabled key's next re-probe).
     pub retry_at: Option<Instant>,
 }
 
@@ -316,6 +316,8 @@ impl Ticket for KeyTicket {
                 self.0.cool_down(report.retry_after, report.key_cooldown);
             }
             Some(ErrorKind::Auth) => self.0.disable(report.message),
+            // A success re-enables a key disabled meanwhile (or being re-probed).
+            None if report.outcome == Outcome::Ok => self.0.succeed(),
             _ => {}
         }
     }
@@ -335,10 +337,20 @@ impl Admit for Arc<KeyPool> {
                     retry_at: Some(until),
                 })
             }
-            Err(NoKey::Exhausted) => Err(Refusal::new(
-                SkipReason::NoKey,
-                "every key is disabled".to_owned(),
-            )),
+            Err(NoKey::Exhausted) => Err(match self.next_reprobe(ask.exclude_keys) {
+                // The time of the next re-probe, for the attempt list and the log.
+                Some(at) => Refusal {
+                    reason: SkipReason::NoKey,
+                    message: format!(
+                        "every key is disabled; next re-probe in {} s",
+                        at.saturating_duration_since(Instant::now())
+                            .as_secs_f64()
+                            .ceil()
+                    ),
+                    retry_at: Some(at),
+                },
+                None => Refusal::new(SkipReason::NoKey, "every key is disabled".to_owned()),
+            }),
         }
     }
 }

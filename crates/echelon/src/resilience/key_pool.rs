@@ -3,18 +3,39 @@
 //!
 //! Selection is least-loaded (fewest requests in flight across all the models sharing
 //! the pool), ties broken round-robin. A 429 cools a key down for its Retry-After (or
-//! the configured cooldown), capped; a 401/403 disables it with the reason.
+//! the configured cooldown), capped. A 401/403 disables it with the reason, and it is
+//! re-probed with backoff (issue 14 item 8: one transient refusal must not take a key
+//! out until restart): [`REPROBE_INITIAL`] after the refusal the key may serve ONE live
+//! request again (the probe); a success re-enables it fully, another 401/403 doubles the
+//! wait (up to [`REPROBE_MAX`]). Time is tokio's ([`tokio::time::Instant`]), so tests
+//! can pause and advance it.
 
-use std::sync::atomic::{AtomicU32, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use tokio::time::Instant;
 
-use crate::key::ApiKey;
+use crate::key::{ApiKey, Redactor};
 
 /// Longest cooldown a 429 can put a key into, whatever its Retry-After says.
 pub const MAX_KEY_COOLDOWN: Duration = Duration::from_secs(300);
+
+/// Wait after a key's first 401/403 before it is re-probed (1 min). Each further
+/// refusal of a re-probe doubles the wait, up to [`REPROBE_MAX`].
+pub const REPROBE_INITIAL: Duration = Duration::from_secs(60);
+
+/// Longest wait between two re-probes of a disabled key (1 h).
+pub const REPROBE_MAX: Duration = Duration::from_secs(3600);
+
+/// The wait before the re-probe of a key refused `failures` times in a row (≥ 1):
+/// [`REPROBE_INITIAL`] × 2^(failures − 1), at most [`REPROBE_MAX`].
+pub fn reprobe_delay(failures: u32) -> Duration {
+    let factor = 1u32
+        .checked_shl(failures.saturating_sub(1))
+        .unwrap_or(u32::MAX);
+    REPROBE_INITIAL.saturating_mul(factor).min(REPROBE_MAX)
+}
 
 /// What a key can be used for right now.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -26,10 +47,32 @@ pub enum KeyState {
         /// When it becomes usable again.
         until: Instant,
     },
-    /// Refused by the provider (401/403); not used again until restart.
+    /// Refused by the provider (401/403): not used until its re-probe.
     Disabled {
-        /// The provider's message.
+        /// The provider's message (scrubbed of keys).
         reason: String,
+        /// 401/403 answers in a row: the first refusal, then each failed re-probe.
+        consecutive_failures: u32,
+        /// From when one live request may use it again as a probe (tokio time).
+        reprobe_at: Instant,
+        /// Whether that probe request is in flight now.
+        probe_in_flight: bool,
+    },
+}
+
+/// A slot's state behind its lock; [`KeyState`] is what the outside sees of it.
+#[derive(Debug)]
+enum Health {
+    Ok,
+    CoolingDown {
+        until: Instant,
+    },
+    Disabled {
+        reason: String,
+        failures: u32,
+        reprobe_at: Instant,
+        /// The number of the probe lease in flight, if one is.
+        probe: Option<u64>,
     },
 }
 
@@ -37,7 +80,7 @@ pub enum KeyState {
 struct Slot {
     key: ApiKey,
     in_flight: AtomicU32,
-    state: Mutex<KeyState>,
+    state: Mutex<Health>,
 }
 
 /// The keys of one provider or model.
@@ -46,6 +89,8 @@ pub struct KeyPool {
     name: String,
     slots: Vec<Slot>,
     next: AtomicUsize,
+    /// Numbers the probe leases, so that only the probe in flight can end its probe.
+    probes: AtomicU64,
 }
 
 /// Why no key could be leased.
@@ -56,7 +101,8 @@ pub enum NoKey {
         /// Earliest end of a cooldown.
         until: Instant,
     },
-    /// Every key is disabled or excluded.
+    /// Every key is disabled or excluded ([`KeyPool::next_reprobe`] says when a
+    /// disabled one may be tried again).
     Exhausted,
 }
 
@@ -65,6 +111,8 @@ pub enum NoKey {
 pub struct KeyLease {
     pool: Arc<KeyPool>,
     index: usize,
+    /// For the re-probe of a disabled key: the probe's number.
+    probe: Option<u64>,
 }
 
 impl KeyLease {
@@ -78,34 +126,96 @@ impl KeyLease {
         self.index
     }
 
+    /// Whether this lease is the re-probe of a disabled key.
+    pub fn is_probe(&self) -> bool {
+        self.probe.is_some()
+    }
+
+    fn slot(&self) -> &Slot {
+        &self.pool.slots[self.index]
+    }
+
     /// Puts the key into cooldown after a 429: for `retry_after` when given, else
-    /// `default`; capped at [`MAX_KEY_COOLDOWN`].
+    /// `default`; capped at [`MAX_KEY_COOLDOWN`]. A disabled key stays disabled; when
+    /// this lease was its re-probe, the probe proved nothing and the next one waits at
+    /// least for the cooldown.
     pub fn cool_down(&self, retry_after: Option<Duration>, default: Duration) {
         let wait = retry_after.unwrap_or(default).min(MAX_KEY_COOLDOWN);
         let until = Instant::now() + wait;
-        let slot = &self.pool.slots[self.index];
+        let slot = self.slot();
         let mut state = lock(&slot.state);
-        if !matches!(*state, KeyState::Disabled { .. }) {
-            tracing::warn!(pool = %self.pool.name, key_id = slot.key.id(), cooldown_ms = wait.as_millis() as u64, "key rate-limited: cooling down");
-            *state = KeyState::CoolingDown { until };
+        match &mut *state {
+            Health::Disabled {
+                reprobe_at, probe, ..
+            } => {
+                if self.probe.is_some() && *probe == self.probe {
+                    *probe = None;
+                    *reprobe_at = (*reprobe_at).max(until);
+                }
+            }
+            _ => {
+                tracing::warn!(pool = %self.pool.name, key_id = slot.key.id(), cooldown_ms = wait.as_millis() as u64, "key rate-limited: cooling down");
+                *state = Health::CoolingDown { until };
+            }
         }
     }
 
     /// Disables the key after a 401/403, keeping the provider's message as the reason.
+    ///
+    /// A first refusal schedules the re-probe [`REPROBE_INITIAL`] from now; the refusal
+    /// of the re-probe itself counts one more failure and schedules the next one
+    /// [`reprobe_delay`] away. The refusal of a request that was already in flight when
+    /// the key was disabled changes nothing (it is the same outage, not a new failure).
     pub fn disable(&self, reason: &str) {
-        let slot = &self.pool.slots[self.index];
-        tracing::error!(pool = %self.pool.name, key_id = slot.key.id(), "key refused by the provider: disabled: {reason}");
-        *lock(&slot.state) = KeyState::Disabled {
-            reason: reason.to_owned(),
+        let slot = self.slot();
+        let now = Instant::now();
+        let mut state = lock(&slot.state);
+        let failures = match &*state {
+            Health::Disabled {
+                failures, probe, ..
+            } if self.probe.is_some() && *probe == self.probe => failures.saturating_add(1),
+            Health::Disabled { .. } => return,
+            Health::Ok | Health::CoolingDown { .. } => 1,
         };
+        let delay = reprobe_delay(failures);
+        tracing::error!(
+            pool = %self.pool.name, key_id = slot.key.id(), consecutive_failures = failures,
+            reprobe_in_s = delay.as_secs(), "key refused by the provider: disabled until its re-probe: {reason}"
+        );
+        *state = Health::Disabled {
+            reason: reason.to_owned(),
+            failures,
+            reprobe_at: now + delay,
+            probe: None,
+        };
+    }
+
+    /// The call with the key succeeded: a disabled key (this lease was its re-probe,
+    /// or it was disabled while the call was in flight) is re-enabled fully, its
+    /// failure count and backoff reset.
+    pub fn succeed(&self) {
+        let slot = self.slot();
+        let mut state = lock(&slot.state);
+        if let Health::Disabled { failures, .. } = &*state {
+            tracing::info!(pool = %self.pool.name, key_id = slot.key.id(), consecutive_failures = *failures, "key accepted again: re-enabled");
+            *state = Health::Ok;
+        }
     }
 }
 
 impl Drop for KeyLease {
     fn drop(&mut self) {
-        self.pool.slots[self.index]
-            .in_flight
-            .fetch_sub(1, Ordering::Relaxed);
+        let slot = &self.pool.slots[self.index];
+        if self.probe.is_some() {
+            // A probe that ended without a verdict (cancelled, or failed in another
+            // way): the next request may probe.
+            if let Health::Disabled { probe, .. } = &mut *lock(&slot.state)
+                && *probe == self.probe
+            {
+                *probe = None;
+            }
+        }
+        slot.in_flight.fetch_sub(1, Ordering::Relaxed);
     }
 }
 
@@ -125,6 +235,14 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
+/// What [`KeyPool::acquire`] may do with one slot.
+enum Candidate {
+    /// Lease it.
+    Usable,
+    /// Lease it as the re-probe of a disabled key.
+    Probe,
+}
+
 impl KeyPool {
     /// A pool named `name` (the provider or model id, for logs) over `keys`.
     pub fn new(name: impl Into<String>, keys: Vec<ApiKey>) -> Arc<KeyPool> {
@@ -135,10 +253,11 @@ impl KeyPool {
                 .map(|key| Slot {
                     key,
                     in_flight: AtomicU32::new(0),
-                    state: Mutex::new(KeyState::Ok),
+                    state: Mutex::new(Health::Ok),
                 })
                 .collect(),
             next: AtomicUsize::new(0),
+            probes: AtomicU64::new(0),
         })
     }
 
@@ -157,50 +276,130 @@ impl KeyPool {
         self.slots.is_empty()
     }
 
-    /// Leases the least-loaded usable key not in `exclude`, ties broken round-robin.
+    /// A [`Redactor`] of the pool's keys, for the upstream of a model drawing from it.
+    pub fn redactor(&self) -> Redactor {
+        Redactor::new(self.slots.iter().map(|s| s.key.clone()))
+    }
+
+    /// Leases the least-loaded usable key not in `exclude`, ties broken round-robin. A
+    /// disabled key whose re-probe is due (and not already in flight) is a candidate
+    /// too: the lease is then its probe ([`KeyLease::is_probe`]), and no other request
+    /// gets the key until the probe's verdict.
     ///
     /// # Errors
     /// [`NoKey::CoolingDown`] when every candidate is cooling down (with the earliest
     /// end), [`NoKey::Exhausted`] when every key is disabled or excluded.
     pub fn acquire(self: &Arc<Self>, exclude: &[usize]) -> Result<KeyLease, NoKey> {
+        // A second pass only when another request claimed the probe chosen first.
+        for _ in 0..=self.slots.len() {
+            match self.choose(exclude) {
+                Ok((i, Candidate::Usable)) => {
+                    self.slots[i].in_flight.fetch_add(1, Ordering::Relaxed);
+                    return Ok(KeyLease {
+                        pool: self.clone(),
+                        index: i,
+                        probe: None,
+                    });
+                }
+                Ok((i, Candidate::Probe)) => {
+                    if let Some(lease) = self.claim_probe(i) {
+                        return Ok(lease);
+                    }
+                }
+                Err(no) => return Err(no),
+            }
+        }
+        Err(NoKey::Exhausted)
+    }
+
+    /// The least-loaded candidate slot.
+    fn choose(&self, exclude: &[usize]) -> Result<(usize, Candidate), NoKey> {
         let now = Instant::now();
         let n = self.slots.len();
         let start = self.next.fetch_add(1, Ordering::Relaxed);
-        let mut best: Option<(usize, u32)> = None;
+        let mut best: Option<(usize, u32, Candidate)> = None;
         let mut earliest: Option<Instant> = None;
         for i in (0..n).map(|k| (start + k) % n) {
             if exclude.contains(&i) {
                 continue;
             }
             let slot = &self.slots[i];
-            {
+            let candidate = {
                 let mut state = lock(&slot.state);
                 match &*state {
-                    KeyState::Disabled { .. } => continue,
-                    KeyState::CoolingDown { until } if *until > now => {
+                    Health::Disabled {
+                        reprobe_at,
+                        probe: None,
+                        ..
+                    } if *reprobe_at <= now => Candidate::Probe,
+                    Health::Disabled { .. } => continue,
+                    Health::CoolingDown { until } if *until > now => {
                         earliest = Some(earliest.map_or(*until, |e| e.min(*until)));
                         continue;
                     }
-                    KeyState::CoolingDown { .. } => *state = KeyState::Ok,
-                    KeyState::Ok => {}
+                    Health::CoolingDown { .. } => {
+                        *state = Health::Ok;
+                        Candidate::Usable
+                    }
+                    Health::Ok => Candidate::Usable,
                 }
-            }
+            };
             let load = slot.in_flight.load(Ordering::Relaxed);
-            if best.is_none_or(|(_, l)| load < l) {
-                best = Some((i, load));
+            if best.as_ref().is_none_or(|(_, l, _)| load < *l) {
+                best = Some((i, load, candidate));
             }
         }
         match (best, earliest) {
-            (Some((i, _)), _) => {
-                self.slots[i].in_flight.fetch_add(1, Ordering::Relaxed);
-                Ok(KeyLease {
-                    pool: self.clone(),
-                    index: i,
-                })
-            }
+            (Some((i, _, candidate)), _) => Ok((i, candidate)),
             (None, Some(until)) => Err(NoKey::CoolingDown { until }),
             (None, None) => Err(NoKey::Exhausted),
         }
+    }
+
+    /// Claims the re-probe of disabled slot `i`, unless another request did first.
+    fn claim_probe(self: &Arc<Self>, i: usize) -> Option<KeyLease> {
+        let slot = &self.slots[i];
+        let mut state = lock(&slot.state);
+        let Health::Disabled {
+            reprobe_at,
+            probe: probe @ None,
+            failures,
+            ..
+        } = &mut *state
+        else {
+            return None;
+        };
+        if *reprobe_at > Instant::now() {
+            return None;
+        }
+        let number = self.probes.fetch_add(1, Ordering::Relaxed);
+        *probe = Some(number);
+        tracing::info!(pool = %self.name, key_id = slot.key.id(), consecutive_failures = *failures, "re-probing a disabled key with one request");
+        slot.in_flight.fetch_add(1, Ordering::Relaxed);
+        Some(KeyLease {
+            pool: self.clone(),
+            index: i,
+            probe: Some(number),
+        })
+    }
+
+    /// The earliest re-probe of a disabled key not in `exclude` whose probe is not in
+    /// flight: when a request refused with [`NoKey::Exhausted`] may find a key again.
+    /// `None` when no such key is disabled (a probe in flight, or only excluded keys).
+    pub fn next_reprobe(&self, exclude: &[usize]) -> Option<Instant> {
+        self.slots
+            .iter()
+            .enumerate()
+            .filter(|(i, _)| !exclude.contains(i))
+            .filter_map(|(_, s)| match &*lock(&s.state) {
+                Health::Disabled {
+                    reprobe_at,
+                    probe: None,
+                    ..
+                } => Some(*reprobe_at),
+                _ => None,
+            })
+            .min()
     }
 
     /// Every key's id, state and in-flight count.
@@ -210,8 +409,20 @@ impl KeyPool {
             .iter()
             .map(|s| {
                 let state = match &*lock(&s.state) {
-                    KeyState::CoolingDown { until } if *until <= now => KeyState::Ok,
-                    other => other.clone(),
+                    Health::Ok => KeyState::Ok,
+                    Health::CoolingDown { until } if *until <= now => KeyState::Ok,
+                    Health::CoolingDown { until } => KeyState::CoolingDown { until: *until },
+                    Health::Disabled {
+                        reason,
+                        failures,
+                        reprobe_at,
+                        probe,
+                    } => KeyState::Disabled {
+                        reason: reason.clone(),
+                        consecutive_failures: *failures,
+                        reprobe_at: *reprobe_at,
+                        probe_in_flight: probe.is_some(),
+                    },
                 };
                 KeySnapshot {
                     id: s.key.id().to_owned(),
@@ -291,7 +502,10 @@ mod tests {
         assert_eq!(
             snap[bi].state,
             KeyState::Disabled {
-                reason: "Invalid API Key".into()
+                reason: "Invalid API Key".into(),
+                consecutive_failures: 1,
+                reprobe_at: Instant::now() + REPROBE_INITIAL - Duration::from_secs(2),
+                probe_in_flight: false,
             }
         );
     }
@@ -512,12 +726,17 @@ mod tests {
         // A later 429 on the same key does not bring it back as merely cooling.
         lease.cool_down(Some(Duration::from_secs(1)), Duration::from_secs(1));
         drop(lease);
-        tokio::time::advance(Duration::from_secs(3_600)).await;
+        let disabled_at = Instant::now();
+        // Until its re-probe is due (then see `a_disabled_key_is_re_probed_with_backoff`).
+        tokio::time::advance(REPROBE_INITIAL - Duration::from_secs(1)).await;
         let snap = p.snapshot();
         for (i, key) in snap.iter().enumerate() {
             let expected = if i == disabled {
                 KeyState::Disabled {
                     reason: "invalid x-api-key".into(),
+                    consecutive_failures: 1,
+                    reprobe_at: disabled_at + REPROBE_INITIAL,
+                    probe_in_flight: false,
                 }
             } else {
                 KeyState::Ok
@@ -566,5 +785,133 @@ mod tests {
                 until: start + Duration::from_secs(5)
             }
         );
+    }
+
+    #[test]
+    fn reprobe_delays_double_from_a_minute_to_an_hour() {
+        let mins: Vec<u64> = (1..=9).map(|f| reprobe_delay(f).as_secs() / 60).collect();
+        assert_eq!(mins, [1, 2, 4, 8, 16, 32, 60, 60, 60]);
+        assert_eq!(reprobe_delay(0), REPROBE_INITIAL);
+        assert_eq!(reprobe_delay(u32::MAX), REPROBE_MAX);
+    }
+
+    fn disabled_state(p: &KeyPool, i: usize) -> (u32, Instant, bool) {
+        match &p.snapshot()[i].state {
+            KeyState::Disabled {
+                consecutive_failures,
+                reprobe_at,
+                probe_in_flight,
+                ..
+            } => (*consecutive_failures, *reprobe_at, *probe_in_flight),
+            other => panic!("expected disabled, got {other:?}"),
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_disabled_key_is_re_probed_with_backoff() {
+        let p = pool(1);
+        let t0 = Instant::now();
+        p.acquire(&[]).unwrap().disable("invalid key");
+        assert_eq!(disabled_state(&p, 0), (1, t0 + REPROBE_INITIAL, false));
+        assert_eq!(p.acquire(&[]).unwrap_err(), NoKey::Exhausted);
+        assert_eq!(p.next_reprobe(&[]), Some(t0 + REPROBE_INITIAL));
+        assert_eq!(
+            p.next_reprobe(&[0]),
+            None,
+            "an excluded key is not waited for"
+        );
+
+        // Due: one request gets it as a probe, no other while it is in flight.
+        tokio::time::advance(REPROBE_INITIAL).await;
+        let probe = p.acquire(&[]).unwrap();
+        assert!(probe.is_probe());
+        assert_eq!(p.acquire(&[]).unwrap_err(), NoKey::Exhausted);
+        assert!(disabled_state(&p, 0).2, "probe in flight");
+        assert_eq!(p.next_reprobe(&[]), None);
+
+        // Refused again: 2 failures, the next probe 2 min away; then 4 min.
+        let t1 = Instant::now();
+        probe.disable("still invalid");
+        drop(probe);
+        assert_eq!(disabled_state(&p, 0), (2, t1 + reprobe_delay(2), false));
+        tokio::time::advance(reprobe_delay(2) - Duration::from_millis(1)).await;
+        assert_eq!(p.acquire(&[]).unwrap_err(), NoKey::Exhausted);
+        tokio::time::advance(Duration::from_millis(1)).await;
+        let probe = p.acquire(&[]).unwrap();
+        let t2 = Instant::now();
+        probe.disable("still invalid");
+        drop(probe);
+        assert_eq!(
+            disabled_state(&p, 0),
+            (3, t2 + Duration::from_secs(240), false)
+        );
+
+        // A success re-enables it and resets the backoff: the next refusal waits 1 min.
+        tokio::time::advance(Duration::from_secs(240)).await;
+        let probe = p.acquire(&[]).unwrap();
+        probe.succeed();
+        drop(probe);
+        assert_eq!(p.snapshot()[0].state, KeyState::Ok);
+        let lease = p.acquire(&[]).unwrap();
+        assert!(!lease.is_probe());
+        let t3 = Instant::now();
+        lease.disable("glitch");
+        assert_eq!(disabled_state(&p, 0), (1, t3 + REPROBE_INITIAL, false));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn concurrent_refusals_count_once_and_a_probe_without_verdict_frees_the_slot() {
+        let p = pool(1);
+        let a = p.acquire(&[]).unwrap();
+        let b = p.acquire(&[]).unwrap();
+        let t0 = Instant::now();
+        a.disable("invalid");
+        // b was in flight before the key was disabled: the same outage.
+        b.disable("invalid");
+        drop((a, b));
+        assert_eq!(disabled_state(&p, 0), (1, t0 + REPROBE_INITIAL, false));
+
+        tokio::time::advance(REPROBE_INITIAL).await;
+        // A probe dropped without a verdict (cancelled, or a 5xx): the next request probes.
+        drop(p.acquire(&[]).unwrap());
+        assert_eq!(disabled_state(&p, 0), (1, t0 + REPROBE_INITIAL, false));
+        // A 429 on the probe proves nothing either; the next probe waits the cooldown.
+        let probe = p.acquire(&[]).unwrap();
+        assert!(probe.is_probe());
+        probe.cool_down(Some(Duration::from_secs(5)), Duration::from_secs(30));
+        drop(probe);
+        assert_eq!(
+            disabled_state(&p, 0),
+            (1, Instant::now() + Duration::from_secs(5), false)
+        );
+        tokio::time::advance(Duration::from_secs(5)).await;
+        assert!(p.acquire(&[]).unwrap().is_probe());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_due_probe_competes_by_load_with_the_healthy_keys() {
+        let p = pool(2);
+        let bad = p.acquire(&[]).unwrap();
+        let bad_index = bad.index();
+        bad.disable("invalid");
+        drop(bad);
+        tokio::time::advance(REPROBE_INITIAL).await;
+        // Requests held at once: the disabled key serves exactly one of them.
+        let held: Vec<_> = (0..6).map(|_| p.acquire(&[]).unwrap()).collect();
+        let probes: Vec<_> = held.iter().filter(|l| l.is_probe()).collect();
+        assert_eq!(probes.len(), 1);
+        assert_eq!(probes[0].index(), bad_index);
+        assert_eq!(
+            held.iter().filter(|l| l.index() == bad_index).count(),
+            1,
+            "one live request on the disabled key"
+        );
+    }
+
+    #[test]
+    fn the_pools_redactor_knows_its_keys() {
+        let p = pool(2);
+        let out = p.redactor().scrub("k0 and k1");
+        assert!(!out.contains("k0") && !out.contains("k1"), "{out}");
     }
 }

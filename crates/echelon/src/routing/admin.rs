@@ -5,10 +5,11 @@
 //!
 //! One typed tree ([`AdminState`]); its `Serialize` impl *is* the JSON of
 //! `/admin/state`, so the field names and shapes below are the wire format. Times are
-//! milliseconds from the moment of the snapshot.
+//! milliseconds from the moment of the snapshot, except the fields named `*_unix_ms`
+//! (milliseconds since the Unix epoch, wall clock).
 
 use std::collections::BTreeMap;
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
 use serde::Serialize;
 use tokio::time::Instant;
@@ -177,10 +178,20 @@ pub enum KeyStateView {
         /// Time until it is usable again, ms.
         until_ms: u64,
     },
-    /// Refused by the provider (401/403); not used again until restart.
+    /// Refused by the provider (401/403): not used until its re-probe, when one live
+    /// request may use it again (1 min after the first refusal, doubling with each
+    /// refused re-probe up to 1 h; a success re-enables it).
     Disabled {
-        /// The provider's message.
+        /// The provider's message (scrubbed of keys).
         reason: String,
+        /// 401/403 answers in a row: the first refusal, then each refused re-probe.
+        consecutive_failures: u32,
+        /// Time until one request may re-probe it, ms (0 when due or in flight).
+        reprobe_in_ms: u64,
+        /// When that is, ms since the Unix epoch.
+        reprobe_at_unix_ms: u64,
+        /// Whether the re-probe request is in flight now.
+        probe_in_flight: bool,
     },
 }
 
@@ -281,7 +292,25 @@ impl KeyView {
             KeyState::CoolingDown { until } => KeyStateView::CoolingDown {
                 until_ms: ms(until.saturating_duration_since(now)),
             },
-            KeyState::Disabled { reason } => KeyStateView::Disabled { reason },
+            KeyState::Disabled {
+                reason,
+                consecutive_failures,
+                reprobe_at,
+                probe_in_flight,
+            } => {
+                let left = reprobe_at.saturating_duration_since(now);
+                let at = SystemTime::now()
+                    .checked_add(left)
+                    .and_then(|t| t.duration_since(SystemTime::UNIX_EPOCH).ok())
+                    .unwrap_or_default();
+                KeyStateView::Disabled {
+                    reason,
+                    consecutive_failures,
+                    reprobe_in_ms: ms(left),
+                    reprobe_at_unix_ms: ms(at),
+                    probe_in_flight,
+                }
+            }
         };
         KeyView {
             id: k.id,
@@ -354,7 +383,7 @@ impl PoolState {
 impl Gateway {
     /// A snapshot of every model's breaker (state, ms until it next changes), buckets
     /// (level, capacity), in-flight count and keys (id, state, cooldown left, disable
-    /// reason, in-flight); of every echelon's limits, every route's counters and every
+    /// reason, failures in a row and next re-probe, in-flight); of every echelon's limits, every route's counters and every
     /// polling pool's instances. Times are in ms from now. Serialize it for
     /// `GET /admin/state`.
     pub fn admin_state(&self) -> AdminState {
@@ -424,16 +453,23 @@ mod tests {
             key(KeyStateView::CoolingDown { until_ms: 1500 }),
             json!({"id": "abcd1234", "in_flight": 2, "state": "cooling_down", "until_ms": 1500})
         );
+        let disabled = |reason: &str| KeyStateView::Disabled {
+            reason: reason.into(),
+            consecutive_failures: 2,
+            reprobe_in_ms: 120_000,
+            reprobe_at_unix_ms: 1_700_000_120_000,
+            probe_in_flight: false,
+        };
         assert_eq!(
-            key(KeyStateView::Disabled {
-                reason: "Invalid API Key".into()
-            }),
-            json!({"id": "abcd1234", "in_flight": 2, "state": "disabled", "reason": "Invalid API Key"})
+            key(disabled("Invalid API Key")),
+            json!({"id": "abcd1234", "in_flight": 2, "state": "disabled", "reason": "Invalid API Key",
+                   "consecutive_failures": 2, "reprobe_in_ms": 120_000,
+                   "reprobe_at_unix_ms": 1_700_000_120_000_u64, "probe_in_flight": false})
         );
         for s in [
             KeyStateView::Ok,
             KeyStateView::CoolingDown { until_ms: 0 },
-            KeyStateView::Disabled { reason: "r".into() },
+            disabled("r"),
         ] {
             assert_eq!(key(s.clone())["state"], s.name());
             assert!(KeyStateView::NAMES.contains(&s.name()));

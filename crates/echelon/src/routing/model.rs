@@ -93,7 +93,8 @@ pub(crate) fn breaker_settings(c: &CircuitBreakerConfig) -> BreakerSettings {
 
 impl Model {
     /// Builds model `id` from its config and its provider's. `keys` is the key pool it
-    /// draws from: the provider's (shared with every model using it) or its own; its
+    /// draws from: the provider's (shared with every model using it) or its own, whose
+    /// keys its upstream scrubs from error messages; its
     /// HTTP client comes from `http`, shared with the other models of the gateway; its
     /// provider's `api` selects the wire ([`crate::provider::build`]); its breaker,
     /// buckets, concurrency limit and retry budget come from `registry`, keyed by its id
@@ -152,6 +153,7 @@ impl Model {
                 http.get(timeouts.connect)?,
                 base_url,
                 timeouts,
+                keys.redactor(),
             ),
             keys,
             identity,

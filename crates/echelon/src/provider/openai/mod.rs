@@ -20,13 +20,15 @@ use super::error::{ErrorKind, ProviderError, parse_retry_after};
 use super::http::from_reqwest;
 use super::stream::first_token_timeout;
 use super::{ChunkStream, ProbeKind, Provider, ProviderRequest, Timeouts};
-use crate::key::ApiKey;
+use crate::key::{ApiKey, Redactor};
 
 /// Added to the connect timeout to bound a `GET /models` probe.
 const MODELS_PROBE_EXTRA: Duration = Duration::from_secs(5);
 
 /// One OpenAI-compatible endpoint: `{base_url}/chat/completions` for calls and streams,
-/// `{base_url}/models` for probes; the key, when there is one, as a bearer token.
+/// `{base_url}/models` for probes; the key, when there is one, as a bearer token. Every
+/// error it returns (HTTP error bodies, error events and failures mid-stream, transport
+/// and decoding errors) has its message scrubbed by its [`Redactor`].
 ///
 /// Cheap to clone; clones share the connection pool.
 #[derive(Debug, Clone)]
@@ -40,6 +42,8 @@ pub struct OpenAiProvider {
     /// `{base_url}/models`, the same way.
     models_url: Result<reqwest::Url, String>,
     timeouts: Timeouts,
+    /// Scrubs the model's keys (and key shapes) out of every error message.
+    redactor: Redactor,
 }
 
 fn parse_url(url: String) -> Result<reqwest::Url, String> {
@@ -57,7 +61,15 @@ impl OpenAiProvider {
             chat_url: parse_url(format!("{base}/chat/completions")),
             models_url: parse_url(format!("{base}/models")),
             timeouts,
+            redactor: Redactor::default(),
         }
+    }
+
+    /// The same endpoint scrubbing error messages with `redactor` (the model's keys);
+    /// without it only the generic key shapes are scrubbed.
+    pub fn with_redactor(mut self, redactor: Redactor) -> Self {
+        self.redactor = redactor;
+        self
     }
 
     /// A request to `url` with the key as a bearer token, bounded by `timeout`.
@@ -99,7 +111,7 @@ impl OpenAiProvider {
         send: reqwest::RequestBuilder,
     ) -> Result<ChatCompletion, ProviderError> {
         let resp = send.send().await.map_err(from_reqwest)?;
-        let resp = check_status(resp).await?;
+        let resp = check_status(resp, &self.redactor).await?;
         let bytes = resp.bytes().await.map_err(from_reqwest)?;
         serde_json::from_slice(&bytes).map_err(|e| {
             ProviderError::new(
@@ -119,10 +131,13 @@ impl OpenAiProvider {
             Ok(r) => r.map_err(from_reqwest)?,
             Err(_) => return Err(first_token_timeout(self.timeouts.first_token)),
         };
-        let resp = check_status(resp).await?;
+        let resp = check_status(resp, &self.redactor).await?;
         let bytes = resp.bytes_stream().map(|r| r.map_err(from_reqwest));
+        // In-band error events and failures mid-stream carry upstream text too.
+        let redactor = self.redactor.clone();
+        let events = sse::events(bytes).map(move |event| event.map_err(|e| e.redacted(&redactor)));
         Ok(ChunkStream::with_deadline(
-            sse::events(bytes),
+            events,
             self.timeouts,
             first_token_deadline,
         ))
@@ -139,7 +154,7 @@ impl OpenAiProvider {
                 let timeout = self.timeouts.connect + MODELS_PROBE_EXTRA;
                 let send = self.send(reqwest::Method::GET, &self.models_url, key, timeout);
                 let resp = send.send().await.map_err(from_reqwest)?;
-                check_status(resp).await.map(drop)
+                check_status(resp, &self.redactor).await.map(drop)
             }
             ProbeKind::Completion => {
                 let ping = ChatCompletionRequest::new(
@@ -162,7 +177,8 @@ impl Provider for OpenAiProvider {
         key: Option<&'a ApiKey>,
         req: &'a ProviderRequest<'a>,
     ) -> BoxFuture<'a, Result<ChatCompletion, ProviderError>> {
-        Box::pin(self.call_inner(self.post_chat(key, req)))
+        let call = self.call_inner(self.post_chat(key, req));
+        Box::pin(async move { call.await.map_err(|e| e.redacted(&self.redactor)) })
     }
 
     fn stream<'a>(
@@ -170,7 +186,8 @@ impl Provider for OpenAiProvider {
         key: Option<&'a ApiKey>,
         req: &'a ProviderRequest<'a>,
     ) -> BoxFuture<'a, Result<ChunkStream, ProviderError>> {
-        Box::pin(self.stream_inner(self.post_chat(key, req)))
+        let stream = self.stream_inner(self.post_chat(key, req));
+        Box::pin(async move { stream.await.map_err(|e| e.redacted(&self.redactor)) })
     }
 
     fn probe<'a>(
@@ -179,7 +196,8 @@ impl Provider for OpenAiProvider {
         kind: ProbeKind,
         upstream_model: &'a str,
     ) -> BoxFuture<'a, Result<(), ProviderError>> {
-        Box::pin(self.probe_inner(key, kind, upstream_model))
+        let probe = self.probe_inner(key, kind, upstream_model);
+        Box::pin(async move { probe.await.map_err(|e| e.redacted(&self.redactor)) })
     }
 
     fn timeouts(&self) -> Timeouts {
@@ -195,8 +213,11 @@ impl Provider for OpenAiProvider {
 }
 
 /// The response when it is 2xx, else its classified error (status, `Retry-After`, the
-/// OpenAI error body's message).
-async fn check_status(resp: reqwest::Response) -> Result<reqwest::Response, ProviderError> {
+/// OpenAI error body's message, scrubbed by `redactor`).
+async fn check_status(
+    resp: reqwest::Response,
+    redactor: &Redactor,
+) -> Result<reqwest::Response, ProviderError> {
     let status = resp.status();
     if status.is_success() {
         return Ok(resp);
@@ -207,6 +228,7 @@ async fn check_status(resp: reqwest::Response) -> Result<reqwest::Response, Prov
         status.as_u16(),
         retry_after,
         &body,
+        redactor,
     ))
 }
 
