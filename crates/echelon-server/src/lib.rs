@@ -177,7 +177,7 @@ pub fn exposure_warnings(local: SocketAddr, options: &ServerOptions) -> Vec<Stri
         && options
             .api_keys
             .iter()
-            .all(|k| k.expose_secret().trim().is_empty())
+            .all(|k| k.expose_secret().is_empty())
     {
         warnings
             .push("every server.api_keys entry is empty: gateway authentication is OFF".to_owned());
