@@ -125,25 +125,20 @@ impl ApiError {
     }
 
     /// The request's `Host` names neither this gateway nor a `server.allowed_hosts`
-    /// entry: 403 `host_not_allowed` (see [`crate::host`]). `local` is the address the
-    /// connection came in on, when known.
-    pub(crate) fn host_not_allowed(
-        host: Option<&str>,
-        local: Option<std::net::SocketAddr>,
-    ) -> Self {
+    /// entry: 403 `host_not_allowed` (see [`crate::host`]). The listening address is not
+    /// named: a page that got here by DNS rebinding reads this body.
+    pub(crate) fn host_not_allowed(host: Option<&str>) -> Self {
         let found = host.map_or_else(
-            || "no `Host` header".to_owned(),
+            || "a request without `Host`".to_owned(),
             |h| format!("`Host: {}`", shown(h)),
         );
-        let listening =
-            local.map_or_else(String::new, |a| format!(" (this gateway listens on {a})"));
         Self::new(
             StatusCode::FORBIDDEN,
             "permission_error",
             "host_not_allowed",
             format!(
-                "{found} is not an address of this gateway{listening}: add the host to \
-                 `server.allowed_hosts` to serve it"
+                "{found} does not name this gateway: add the host to `server.allowed_hosts` \
+                 to serve it"
             ),
         )
     }

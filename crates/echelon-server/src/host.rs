@@ -134,7 +134,7 @@ pub(crate) async fn require_allowed_host(
     if hosts.allows(host, local) {
         Ok(next.run(req).await)
     } else {
-        Err(ApiError::host_not_allowed(host, local))
+        Err(ApiError::host_not_allowed(host))
     }
 }
 

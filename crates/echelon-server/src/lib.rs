@@ -14,16 +14,16 @@
 //!
 //! # Who may call it
 //! Besides the gateway keys: a request is served only when its `Host` names this gateway
-//! ([`host`]: the listening address, loopback names on loopback, `allowed_hosts`), when
-//! it carries no `Origin` or one of `cors_origins` ([`cors`]), and, on `POST`, when its
-//! body is declared `application/json` ([`content_type`]). `/metrics` is behind the keys
+//! (`host.rs`: the listening address, loopback names on loopback, `allowed_hosts`), when
+//! it carries no `Origin` or one of `cors_origins` (`cors.rs`), and, on `POST`, when its
+//! body is declared `application/json` (`content_type.rs`). `/metrics` is behind the keys
 //! with `metrics_auth`. Together they keep web pages out of a gateway on a user's
 //! machine (issue 14).
 //!
 //! # Bounds
 //! [`serve`] closes connections that do not send a request head within
 //! `header_read_timeout`, serves at most `max_connections` at once, and ends in-flight
-//! requests `shutdown_timeout` after shutdown begins ([`conn`]).
+//! requests `shutdown_timeout` after shutdown begins (`conn.rs`).
 
 mod auth;
 mod conn;
@@ -212,7 +212,7 @@ pub use echelon_socket::{LISTEN_BACKLOG, bind};
 /// ends those still running and returns.
 ///
 /// Connections are bounded by `options.header_read_timeout` and
-/// `options.max_connections` (see [`conn`]); [`exposure_warnings`] are logged first.
+/// `options.max_connections` (see `conn.rs`); [`exposure_warnings`] are logged first.
 ///
 /// Accepted connections get `TCP_NODELAY`: without it, Nagle's algorithm holds each
 /// small SSE event until the client's delayed ACK (up to 40 ms on Linux), so a stream's
