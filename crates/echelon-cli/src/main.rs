@@ -666,6 +666,15 @@ async fn serve(
         body_limit_bytes: config.server.body_limit_bytes,
         log_bodies: config.server.log_bodies,
         metrics: config.server.metrics,
+        metrics_auth: config.server.metrics_auth,
+        allowed_hosts: config.server.allowed_hosts.clone(),
+        cors_origins: config.server.cors_origins.clone(),
+        header_read_timeout: config.server.header_read_timeout,
+        max_connections: config
+            .server
+            .max_connections
+            .unwrap_or_else(echelon_server::default_max_connections),
+        shutdown_timeout: config.server.shutdown_timeout,
     };
     let app = echelon_server::router(gateway.clone(), &options);
     tracing::info!(
@@ -675,8 +684,10 @@ async fn serve(
     );
     println!("echelon listening on http://{addr}");
     std::io::stdout().flush()?;
-    echelon_server::serve(listener, app, echelon_server::shutdown_signal()).await?;
-    // In-flight requests are done: stop the health checks and wait until abandoned
+    // A second SIGTERM/SIGINT exits at once (`shutdown_signal`); otherwise in-flight
+    // requests get `server.shutdown_timeout`, then are ended.
+    echelon_server::serve(listener, app, &options, echelon_server::shutdown_signal()).await?;
+    // In-flight requests are done or ended: stop the health checks and wait until abandoned
     // streams' last records have reached the sink, then close it and wait for the
     // writer to flush everything.
     gateway.shutdown().await;

@@ -174,6 +174,55 @@ async fn serve_finishes_in_flight_requests_on_sigterm() {
     );
 }
 
+/// Issue 14 item 10: a request that outlasts the operator's patience no longer keeps
+/// `serve` alive after SIGTERM: a second signal exits at once (status 143).
+#[tokio::test]
+async fn a_second_sigterm_exits_at_once() {
+    let up = TestUpstream::start_with(UpstreamOptions {
+        latency: Duration::from_secs(120),
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let text = format!(
+        "{}server: {{ shutdown_timeout: 600 }}\n",
+        config_for(&up.base_url()).replace("max_retries: 0", "max_retries: 0, timeout: 300")
+    );
+    let p = write(&dir, "c.yaml", &text);
+    let (mut child, url) = spawn_serve(&p, dir.path());
+    let _stalled = tokio::spawn(async move {
+        reqwest::Client::new()
+            .post(format!("{url}/v1/chat/completions"))
+            .json(&serde_json::json!({"model": "grp", "messages": [{"role": "user", "content": "stall"}]}))
+            .send()
+            .await
+    });
+    while up.chat_requests() == 0 {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    sigterm(&child);
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(
+        child.try_wait().unwrap().is_none(),
+        "the first SIGTERM waits for the in-flight request"
+    );
+    sigterm(&child);
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    let status = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break status;
+        }
+        if std::time::Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("serve ignored the second SIGTERM");
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    assert_eq!(status.code(), Some(143), "{status:?}");
+}
+
 fn copy_dir(from: &std::path::Path, to: &std::path::Path) {
     std::fs::create_dir_all(to).unwrap();
     for entry in std::fs::read_dir(from).unwrap() {

@@ -124,6 +124,52 @@ impl ApiError {
         )
     }
 
+    /// The request's `Host` names neither this gateway nor a `server.allowed_hosts`
+    /// entry: 403 `host_not_allowed` (see [`crate::host`]). The listening address is not
+    /// named: a page that got here by DNS rebinding reads this body.
+    pub(crate) fn host_not_allowed(host: Option<&str>) -> Self {
+        let found = host.map_or_else(
+            || "a request without `Host`".to_owned(),
+            |h| format!("`Host: {}`", shown(h)),
+        );
+        Self::new(
+            StatusCode::FORBIDDEN,
+            "permission_error",
+            "host_not_allowed",
+            format!(
+                "{found} does not name this gateway: add the host to `server.allowed_hosts` \
+                 to serve it"
+            ),
+        )
+    }
+
+    /// The request carries an `Origin` that `server.cors_origins` does not list (a web
+    /// page): 403 `origin_not_allowed`.
+    pub(crate) fn origin_not_allowed(origin: &str) -> Self {
+        Self::new(
+            StatusCode::FORBIDDEN,
+            "permission_error",
+            "origin_not_allowed",
+            format!(
+                "requests from web pages of origin `{}` are not allowed: list the origin in \
+                 `server.cors_origins` to allow them",
+                shown(origin)
+            ),
+        )
+    }
+
+    /// A POST body that does not say it is JSON: 415 `unsupported_media_type`. `found` is
+    /// the `Content-Type` sent, if any.
+    pub(crate) fn unsupported_media_type(found: Option<&str>) -> Self {
+        let found = found.map_or_else(|| "none".to_owned(), |f| format!("`{}`", shown(f)));
+        Self::new(
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            "invalid_request_error",
+            "unsupported_media_type",
+            format!("`Content-Type` must be `application/json`, found {found}"),
+        )
+    }
+
     /// Something on the server's side failed (not the request, not an upstream): 500
     /// `server_error` / `internal_error`.
     pub(crate) fn internal(message: impl Into<String>) -> Self {
@@ -148,6 +194,22 @@ impl ApiError {
                 .to_vec()
         })
     }
+}
+
+/// How much of a client-sent value an error message echoes, in bytes.
+const ECHO_MAX_BYTES: usize = 100;
+
+/// `value` as echoed in a message: at most [`ECHO_MAX_BYTES`] (cut on a character
+/// boundary, `…` added).
+fn shown(value: &str) -> String {
+    if value.len() <= ECHO_MAX_BYTES {
+        return value.to_owned();
+    }
+    let mut end = ECHO_MAX_BYTES;
+    while !value.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!("{}…", &value[..end])
 }
 
 impl From<&GatewayError> for ApiError {

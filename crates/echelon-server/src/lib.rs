@@ -11,21 +11,41 @@
 //! `x-echelon-attempts` (each attempt as `model:error_kind:status:latency_ms`, comma
 //! separated), so a failover is visible to any client without logs.
 
+//!
+//! # Who may call it
+//! Besides the gateway keys: a request is served only when its `Host` names this gateway
+//! (`host.rs`: the listening address, loopback names on loopback, `allowed_hosts`), when
+//! it carries no `Origin` or one of `cors_origins` (`cors.rs`), and, on `POST`, when its
+//! body is declared `application/json` (`content_type.rs`). `/metrics` is behind the keys
+//! with `metrics_auth`. Together they keep web pages out of a gateway on a user's
+//! machine (issue 14).
+//!
+//! # Bounds
+//! [`serve`] closes connections that do not send a request head within
+//! `header_read_timeout`, serves at most `max_connections` at once, and ends in-flight
+//! requests `shutdown_timeout` after shutdown begins (`conn.rs`).
+
 mod auth;
+mod conn;
+mod content_type;
+mod cors;
 mod error;
 mod handlers;
+mod host;
 mod metrics;
 mod reply;
 mod sse;
 
 use std::future::Future;
+use std::net::SocketAddr;
 use std::sync::Arc;
+use std::time::Duration;
 
 use axum::Router;
 use axum::extract::DefaultBodyLimit;
 use axum::routing::{get, post};
 use echelon::Gateway;
-use secrecy::SecretString;
+use secrecy::{ExposeSecret, SecretString};
 use tokio::net::TcpListener;
 
 pub use auth::GatewayKeys;
@@ -41,6 +61,24 @@ pub struct ServerOptions {
     pub log_bodies: bool,
     /// Serve `GET /metrics` and install the Prometheus recorder (`server.metrics`).
     pub metrics: bool,
+    /// Put `GET /metrics` behind the gateway keys (`server.metrics_auth`); default off.
+    pub metrics_auth: bool,
+    /// `Host` values accepted besides this gateway's own address (`server.allowed_hosts`:
+    /// `host` or `host:port`; `"*"` turns the check off). Default empty.
+    pub allowed_hosts: Vec<String>,
+    /// Origins (`scheme://host[:port]`) of web pages allowed to call the gateway, with
+    /// CORS headers (`server.cors_origins`; `"*"` allows any). Default empty: requests
+    /// with an `Origin` header get 403.
+    pub cors_origins: Vec<String>,
+    /// Longest wait for a complete request head, and on an idle kept-alive connection
+    /// (`server.header_read_timeout`). Default 10 s.
+    pub header_read_timeout: Duration,
+    /// Connections served at once; more wait in the listen backlog
+    /// (`server.max_connections`). Default [`default_max_connections`].
+    pub max_connections: usize,
+    /// After shutdown begins, how long in-flight requests may still run before they are
+    /// ended (`server.shutdown_timeout`). Default 30 s.
+    pub shutdown_timeout: Duration,
 }
 
 impl Default for ServerOptions {
@@ -50,8 +88,23 @@ impl Default for ServerOptions {
             body_limit_bytes: 8 * 1024 * 1024,
             log_bodies: false,
             metrics: true,
+            metrics_auth: false,
+            allowed_hosts: Vec::new(),
+            cors_origins: Vec::new(),
+            header_read_timeout: Duration::from_secs(10),
+            max_connections: default_max_connections(),
+            shutdown_timeout: Duration::from_secs(30),
         }
     }
+}
+
+/// The default connection cap: 4,096, or half the process's open-files limit when that
+/// is lower (the other half is left for the upstream connections each request opens, the
+/// ledger and the logs), at least 16.
+pub fn default_max_connections() -> usize {
+    const CAP: u64 = 4096;
+    let by_limit = echelon_socket::open_files_limit().map_or(CAP, |n| n / 2);
+    usize::try_from(by_limit.clamp(16, CAP)).unwrap_or(4096)
 }
 
 /// What every handler shares.
@@ -69,8 +122,10 @@ pub fn router(gateway: Arc<Gateway>, options: &ServerOptions) -> Router {
         keys: Arc::new(GatewayKeys::new(&options.api_keys)),
         log_bodies: options.log_bodies,
     };
+    let chat = post(handlers::chat_completions)
+        .route_layer(axum::middleware::from_fn(content_type::require_json));
     let v1 = Router::new()
-        .route("/chat/completions", post(handlers::chat_completions))
+        .route("/chat/completions", chat)
         .route("/models", get(handlers::list_models))
         .method_not_allowed_fallback(handlers::method_not_allowed)
         .route_layer(axum::middleware::from_fn_with_state(
@@ -89,7 +144,7 @@ pub fn router(gateway: Arc<Gateway>, options: &ServerOptions) -> Router {
         .nest("/admin", admin)
         .route("/health", get(handlers::health))
         .merge(if options.metrics {
-            metrics::routes(state.clone(), false)
+            metrics::routes(state.clone(), options.metrics_auth)
         } else {
             Router::new()
         })
@@ -98,57 +153,178 @@ pub fn router(gateway: Arc<Gateway>, options: &ServerOptions) -> Router {
         .method_not_allowed_fallback(handlers::method_not_allowed)
         .fallback(handlers::not_found)
         .layer(DefaultBodyLimit::max(options.body_limit_bytes))
+        // Outermost first: the `Host` check, then the `Origin` check, on every path.
+        .layer(axum::middleware::from_fn_with_state(
+            Arc::new(cors::CorsOrigins::new(&options.cors_origins)),
+            cors::check_origin,
+        ))
+        .layer(axum::middleware::from_fn_with_state(
+            Arc::new(host::AllowedHosts::new(&options.allowed_hosts)),
+            host::require_allowed_host,
+        ))
         .with_state(state)
+}
+
+/// What is risky in serving with `options` on `local` (the listener's address), one
+/// message each: a non-loopback address without gateway keys; `api_keys` given but all
+/// empty; `cors_origins` or `allowed_hosts` of `"*"` without keys. [`serve`] logs each
+/// at `warn` level when it starts.
+pub fn exposure_warnings(local: SocketAddr, options: &ServerOptions) -> Vec<String> {
+    let keyless = !GatewayKeys::new(&options.api_keys).is_enabled();
+    let mut warnings = Vec::new();
+    if keyless
+        && !options.api_keys.is_empty()
+        && options
+            .api_keys
+            .iter()
+            .all(|k| k.expose_secret().is_empty())
+    {
+        warnings
+            .push("every server.api_keys entry is empty: gateway authentication is OFF".to_owned());
+    }
+    if keyless && !local.ip().to_canonical().is_loopback() {
+        warnings.push(format!(
+            "listening on {local}, reachable from other machines, without server.api_keys: \
+             anyone who can connect can spend your provider keys"
+        ));
+    }
+    if keyless && options.cors_origins.iter().any(|o| o.trim() == "*") {
+        warnings.push(
+            "server.cors_origins allows any web page (\"*\") and there are no server.api_keys"
+                .to_owned(),
+        );
+    }
+    if keyless && options.allowed_hosts.iter().any(|h| h.trim() == "*") {
+        warnings.push(
+            "server.allowed_hosts is \"*\" (no Host check: open to DNS rebinding) and there \
+             are no server.api_keys"
+                .to_owned(),
+        );
+    }
+    warnings
 }
 
 /// A listener for [`serve`]: backlog 4,096, not tokio's 128 (see `echelon_socket`).
 pub use echelon_socket::{LISTEN_BACKLOG, bind};
 
-/// Serves `app` on `listener` until `shutdown` resolves, then stops accepting and lets
-/// in-flight requests (streams included) finish.
+/// Serves `app` on `listener` until `shutdown` resolves, then stops accepting, lets
+/// in-flight requests (streams included) finish for up to `options.shutdown_timeout`,
+/// ends those still running and returns.
+///
+/// Connections are bounded by `options.header_read_timeout` and
+/// `options.max_connections` (see `conn.rs`); [`exposure_warnings`] are logged first.
 ///
 /// Accepted connections get `TCP_NODELAY`: without it, Nagle's algorithm holds each
 /// small SSE event until the client's delayed ACK (up to 40 ms on Linux), so a stream's
 /// chunks would reach the client late and in bursts.
 ///
 /// # Errors
-/// An I/O error of the listener.
+/// An I/O error of the listener (its local address cannot be read).
 pub async fn serve(
     listener: TcpListener,
     app: Router,
+    options: &ServerOptions,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
-    use axum::serve::ListenerExt;
-    let listener = listener.tap_io(|tcp| {
-        if let Err(e) = tcp.set_nodelay(true) {
-            tracing::debug!(error = %e, "TCP_NODELAY could not be set");
-        }
-    });
-    axum::serve(listener, app)
-        .with_graceful_shutdown(shutdown)
-        .await
+    let local = listener.local_addr()?;
+    for w in exposure_warnings(local, options) {
+        tracing::warn!("{w}");
+    }
+    let limits = conn::Limits {
+        header_read_timeout: options.header_read_timeout,
+        max_connections: options.max_connections,
+        shutdown_timeout: options.shutdown_timeout,
+    };
+    conn::run(listener, app, limits, shutdown).await
 }
 
-/// Resolves on SIGINT (Ctrl-C) or, on Unix, SIGTERM.
+/// Resolves on the first SIGINT (Ctrl-C) or, on Unix, SIGTERM; from then on, a second
+/// one of either exits the process at once (status 128 + the signal's number: 130 or
+/// 143), for when the graceful shutdown takes longer than the operator will wait.
 pub async fn shutdown_signal() {
-    let ctrl_c = async {
-        if tokio::signal::ctrl_c().await.is_err() {
-            std::future::pending::<()>().await;
+    let mut signals = Signals::new();
+    let first = signals.next().await;
+    tracing::info!(
+        "{} received: finishing in-flight requests (again to exit at once)",
+        first.name()
+    );
+    tokio::spawn(async move {
+        let second = signals.next().await;
+        tracing::warn!("{} received again: exiting now", second.name());
+        std::process::exit(second.exit_code());
+    });
+}
+
+/// A shutdown signal.
+#[derive(Debug, Clone, Copy)]
+enum Signal {
+    Interrupt,
+    Terminate,
+}
+
+impl Signal {
+    fn name(self) -> &'static str {
+        match self {
+            Signal::Interrupt => "SIGINT",
+            Signal::Terminate => "SIGTERM",
         }
-    };
+    }
+
+    /// The shell's status for a process ended by it.
+    fn exit_code(self) -> i32 {
+        match self {
+            Signal::Interrupt => 130,
+            Signal::Terminate => 143,
+        }
+    }
+}
+
+/// SIGINT and SIGTERM listeners, registered once and kept, so that a signal arriving
+/// just after the first is not missed. A listener that cannot be registered never fires.
+struct Signals {
     #[cfg(unix)]
-    let term = async {
-        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(mut s) => {
-                s.recv().await;
+    interrupt: Option<tokio::signal::unix::Signal>,
+    #[cfg(unix)]
+    terminate: Option<tokio::signal::unix::Signal>,
+}
+
+impl Signals {
+    fn new() -> Self {
+        #[cfg(unix)]
+        {
+            use tokio::signal::unix::{SignalKind, signal};
+            Signals {
+                interrupt: signal(SignalKind::interrupt()).ok(),
+                terminate: signal(SignalKind::terminate()).ok(),
             }
-            Err(_) => std::future::pending::<()>().await,
         }
-    };
-    #[cfg(not(unix))]
-    let term = std::future::pending::<()>();
-    tokio::select! {
-        () = ctrl_c => tracing::info!("SIGINT received: finishing in-flight requests"),
-        () = term => tracing::info!("SIGTERM received: finishing in-flight requests"),
+        #[cfg(not(unix))]
+        Signals {}
+    }
+
+    /// The next signal.
+    async fn next(&mut self) -> Signal {
+        #[cfg(unix)]
+        {
+            async fn recv(s: &mut Option<tokio::signal::unix::Signal>) {
+                if let Some(s) = s
+                    && s.recv().await.is_some()
+                {
+                    return;
+                }
+                std::future::pending().await
+            }
+            tokio::select! {
+                () = recv(&mut self.interrupt) => Signal::Interrupt,
+                () = recv(&mut self.terminate) => Signal::Terminate,
+            }
+        }
+        #[cfg(not(unix))]
+        {
+            match tokio::signal::ctrl_c().await {
+                Ok(()) => Signal::Interrupt,
+                Err(_) => std::future::pending().await,
+            }
+        }
     }
 }

@@ -61,6 +61,7 @@ task_groups:
             body_limit_bytes,
             log_bodies: false,
             metrics: true,
+            ..ServerOptions::default()
         };
         let server = common::serve(gateway, &options).await;
         Harness {

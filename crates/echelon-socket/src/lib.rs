@@ -101,6 +101,19 @@ pub fn reserve_descriptors(descriptors: u64) {
 #[cfg(not(target_os = "linux"))]
 pub fn reserve_descriptors(_descriptors: u64) {}
 
+/// The process's soft limit on open files (`RLIMIT_NOFILE`), when it can be read and
+/// is not unlimited. The server sizes its default connection cap from it.
+#[cfg(target_os = "linux")]
+pub fn open_files_limit() -> Option<u64> {
+    rustix::process::getrlimit(rustix::process::Resource::Nofile).current
+}
+
+/// Elsewhere, unknown.
+#[cfg(not(target_os = "linux"))]
+pub fn open_files_limit() -> Option<u64> {
+    None
+}
+
 #[cfg(test)]
 #[allow(clippy::unwrap_used)]
 mod tests {

@@ -22,9 +22,13 @@ pub(crate) async fn serve(gateway: Arc<Gateway>, options: &ServerOptions) -> Ser
     let listener = echelon_server::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     let (tx, rx) = tokio::sync::oneshot::channel::<()>();
-    let server = tokio::spawn(echelon_server::serve(listener, app, async {
-        let _ = rx.await;
-    }));
+    let options = options.clone();
+    let server = tokio::spawn(async move {
+        echelon_server::serve(listener, app, &options, async {
+            let _ = rx.await;
+        })
+        .await
+    });
     Served {
         addr,
         shutdown: Some(tx),

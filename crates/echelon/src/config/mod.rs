@@ -31,8 +31,10 @@
 //!
 //! A model may also set `pricing: { input_per_1m: 0.15, output_per_1m: 0.60,
 //! cached_input_per_1m: 0.075 }` (USD per 1M tokens) and `encoding: o200k_base`
-//! (or `cl100k_base`); `server:` takes `log_bodies: true`. Without `usage.ledger` the
-//! ledger is at [`UsageConfig::default_ledger_path`].
+//! (or `cl100k_base`); `server:` takes `log_bodies: true`, and the access and
+//! connection settings of [`ServerConfig`] (`allowed_hosts`, `cors_origins`,
+//! `metrics_auth`, `header_read_timeout`, `max_connections`, `shutdown_timeout`).
+//! Without `usage.ledger` the ledger is at [`UsageConfig::default_ledger_path`].
 //!
 //! - Every section is optional, but a configuration needs at least one model.
 //! - Every duration is a number of **seconds** (`timeout: 30`, `queue_timeout: 0.25`),

@@ -16,8 +16,8 @@ use serde::{Deserialize, Deserializer};
 
 use super::error::{did_you_mean, reference_hint};
 use super::value::limits::{
-    MAX_ATTEMPTS, MAX_BODY_BYTES, MAX_CONCURRENCY, MAX_COUNT, MAX_FLUSH_MS, MAX_PER_MINUTE,
-    MAX_PRIORITY, MAX_RECORDS, MAX_RETRIES, MAX_TOKENS,
+    MAX_ATTEMPTS, MAX_BODY_BYTES, MAX_CONCURRENCY, MAX_CONNECTIONS, MAX_COUNT, MAX_FLUSH_MS,
+    MAX_PER_MINUTE, MAX_PRIORITY, MAX_RECORDS, MAX_RETRIES, MAX_TOKENS,
 };
 use super::value::{self, int, named, opt_int, secs};
 
@@ -103,6 +103,38 @@ pub struct ServerConfig {
     pub log_bodies: bool,
     /// Serve Prometheus metrics at `GET /metrics` (`metrics:`). Default `true`.
     pub metrics: bool,
+    /// Put `GET /metrics` behind the gateway keys, like `/v1` and `/admin`
+    /// (`metrics_auth:`). Default `false`: scrapers often carry no key, and nothing in
+    /// the metrics is secret.
+    pub metrics_auth: bool,
+    /// `Host` values accepted besides the listening address itself (`allowed_hosts:`),
+    /// each `host` (any port) or `host:port`, lower-cased; `"*"` turns the check off.
+    /// Default empty: only the address a connection came in on (and, on loopback,
+    /// `localhost`, `127.0.0.1` and `[::1]`, with the listening port). The check keeps
+    /// a web page from reaching the gateway by DNS rebinding.
+    #[serde(deserialize_with = "value::hosts")]
+    pub allowed_hosts: Vec<String>,
+    /// Browser origins (`scheme://host[:port]`, lower-cased) allowed to call the gateway
+    /// (`cors_origins:`); `"*"` allows any. Default empty: no CORS headers, and a
+    /// request carrying an `Origin` header is refused (403).
+    #[serde(deserialize_with = "value::origins")]
+    pub cors_origins: Vec<String>,
+    /// How long a client may take to send a request head (and how long a kept-alive
+    /// connection may sit idle before its next one), written in seconds, > 0, at most
+    /// a day (`header_read_timeout:`). Default
+    /// [`ServerConfig::DEFAULT_HEADER_READ_TIMEOUT`] (10 s).
+    #[serde(deserialize_with = "secs::positive")]
+    pub header_read_timeout: Duration,
+    /// Client connections held open at once (`max_connections:`, 1 to 1,000,000);
+    /// further connections wait in the listen backlog until one closes. Default `None`:
+    /// the server picks 4,096, or half the open-files limit when that is lower.
+    #[serde(deserialize_with = "opt_int::<_, _, 1, MAX_CONNECTIONS>")]
+    pub max_connections: Option<usize>,
+    /// After SIGTERM/SIGINT, how long in-flight requests may take to finish before they
+    /// are ended and the server exits, written in seconds, 0 to a day
+    /// (`shutdown_timeout:`). Default [`ServerConfig::DEFAULT_SHUTDOWN_TIMEOUT`] (30 s).
+    #[serde(deserialize_with = "secs::non_negative")]
+    pub shutdown_timeout: Duration,
 }
 
 impl ServerConfig {
@@ -112,6 +144,10 @@ impl ServerConfig {
     pub const DEFAULT_PORT: u16 = 4000;
     /// Default body limit, in bytes (8 MiB).
     pub const DEFAULT_BODY_LIMIT_BYTES: usize = 8 * 1024 * 1024;
+    /// Default [`header_read_timeout`](Self::header_read_timeout) (10 s).
+    pub const DEFAULT_HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
+    /// Default [`shutdown_timeout`](Self::shutdown_timeout) (30 s).
+    pub const DEFAULT_SHUTDOWN_TIMEOUT: Duration = Duration::from_secs(30);
 }
 
 impl Default for ServerConfig {
@@ -123,6 +159,12 @@ impl Default for ServerConfig {
             body_limit_bytes: Self::DEFAULT_BODY_LIMIT_BYTES,
             log_bodies: false,
             metrics: true,
+            metrics_auth: false,
+            allowed_hosts: Vec::new(),
+            cors_origins: Vec::new(),
+            header_read_timeout: Self::DEFAULT_HEADER_READ_TIMEOUT,
+            max_connections: None,
+            shutdown_timeout: Self::DEFAULT_SHUTDOWN_TIMEOUT,
         }
     }
 }

@@ -89,8 +89,52 @@ fn require(ctx: &mut Ctx, node: &Node, path: &str, key: &str, hint: &str) {
 }
 
 /// Reads `server:`.
+///
+/// Warns when gateway auth is off without it looking meant: `api_keys` lists entries
+/// that are all empty once `${VAR}`s are substituted (`${ECHELON_KEY:-}` with the
+/// variable unset), or `host` is not a loopback address and no key is configured.
 pub(crate) fn server(ctx: &mut Ctx, node: &Node, path: &str) -> ServerConfig {
-    read(ctx, node, path).unwrap_or_default()
+    let server: ServerConfig = read(ctx, node, path).unwrap_or_default();
+    if server.api_keys.is_empty()
+        && let Some(e) = entry(node, "api_keys")
+        && matches!(&e.value.kind, Kind::Seq(items) if !items.is_empty())
+    {
+        ctx.warn(
+            e.value.pos,
+            &join(path, "api_keys"),
+            "every `api_keys` entry is empty after substitution: gateway authentication is off",
+            Some(
+                "set the variable (e.g. `ECHELON_KEY`), or write `api_keys: []` to run \
+                 without keys on purpose"
+                    .to_owned(),
+            ),
+        );
+    }
+    if server.api_keys.is_empty()
+        && !is_loopback_host(&server.host)
+        && let Some(e) = entry(node, "host")
+    {
+        ctx.warn(
+            e.value.pos,
+            &join(path, "host"),
+            format!(
+                "`host: {}` accepts connections from other machines and no `api_keys` \
+                 are configured: anyone who can reach it can spend your provider keys",
+                server.host
+            ),
+            Some("add `server.api_keys`, or listen on `127.0.0.1`".to_owned()),
+        );
+    }
+    server
+}
+
+/// Whether `host` (a `server.host` value) names only this machine: `localhost` or a
+/// loopback IP.
+pub(crate) fn is_loopback_host(host: &str) -> bool {
+    let h = host.trim().trim_start_matches('[').trim_end_matches(']');
+    h.eq_ignore_ascii_case("localhost")
+        || h.parse::<std::net::IpAddr>()
+            .is_ok_and(|ip| ip.is_loopback())
 }
 
 /// Reads one provider (`providers.<id>:`).

@@ -48,6 +48,8 @@ pub(crate) mod limits {
     pub(crate) const MAX_RECORDS: i128 = 10_000_000;
     /// The ledger writer's flush interval, in milliseconds (one hour).
     pub(crate) const MAX_FLUSH_MS: i128 = 3_600_000;
+    /// Client connections the server holds open at once (`server.max_connections`).
+    pub(crate) const MAX_CONNECTIONS: i128 = 1_000_000;
     /// Above this many seconds a `queue_timeout` looks like milliseconds (its old unit).
     pub(crate) const QUEUE_TIMEOUT_WARN: Duration = Duration::from_secs(10);
 }
@@ -353,6 +355,63 @@ pub(crate) fn opt_secrets<'de, D: Deserializer<'de>>(
     d: D,
 ) -> Result<Option<Vec<SecretString>>, D::Error> {
     Ok(Some(secrets(d)?).filter(|keys| !keys.is_empty()))
+}
+
+/// `server.allowed_hosts`: each entry a host name or IP, optionally with `:port`
+/// (`localhost`, `gw.internal:4000`, `[::1]:4000`), or `"*"` (no `Host` check); kept
+/// lower-cased.
+pub(crate) fn hosts<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<String>, D::Error> {
+    Vec::<String>::deserialize(d)?
+        .into_iter()
+        .map(|h| check_host(&h).map_err(de::Error::custom))
+        .collect()
+}
+
+/// One `allowed_hosts` entry, trimmed and lower-cased, or why it is not one.
+pub(crate) fn check_host(entry: &str) -> Result<String, String> {
+    let h = entry.trim().to_ascii_lowercase();
+    if h.contains("://") || h.contains('/') {
+        return Err(with_hint(
+            format!("`{h}` is not a host: an `allowed_hosts` entry has no scheme or path"),
+            "write `gw.example.com` or `gw.example.com:4000`",
+        ));
+    }
+    if h.is_empty() || h.contains(|c: char| c.is_whitespace() || c == ',') {
+        return Err(with_hint(
+            "an `allowed_hosts` entry must be a non-empty host, without spaces or commas",
+            "one host per list item, e.g. `[localhost, \"gw.internal:4000\"]`",
+        ));
+    }
+    Ok(h)
+}
+
+/// `server.cors_origins`: each entry an origin as browsers send it,
+/// `scheme://host[:port]` without a path (`http://localhost:5173`), or `"*"` (any
+/// origin); kept lower-cased.
+pub(crate) fn origins<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<String>, D::Error> {
+    Vec::<String>::deserialize(d)?
+        .into_iter()
+        .map(|o| check_origin(&o).map_err(de::Error::custom))
+        .collect()
+}
+
+/// One `cors_origins` entry, trimmed and lower-cased, or why it is not one.
+pub(crate) fn check_origin(entry: &str) -> Result<String, String> {
+    let o = entry.trim().to_ascii_lowercase();
+    if o == "*" {
+        return Ok(o);
+    }
+    let rest = o
+        .strip_prefix("http://")
+        .or_else(|| o.strip_prefix("https://"));
+    match rest {
+        Some(rest) if !rest.is_empty() && !rest.contains(['/', ' ']) => Ok(o),
+        _ => Err(with_hint(
+            format!("`{o}` is not an origin"),
+            "an origin is `scheme://host[:port]` with no path or trailing slash, e.g. \
+             `http://localhost:5173`, or `*` for any",
+        )),
+    }
 }
 
 /// Checks and normalises a URL: `http://` or `https://` plus a host, no spaces;
