@@ -152,6 +152,7 @@ impl Model {
                 http.get(timeouts.connect)?,
                 base_url,
                 timeouts,
+                config.max_response_bytes,
             ),
             keys,
             identity,

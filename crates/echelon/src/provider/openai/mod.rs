@@ -40,6 +40,8 @@ pub struct OpenAiProvider {
     /// `{base_url}/models`, the same way.
     models_url: Result<reqwest::Url, String>,
     timeouts: Timeouts,
+    /// The largest answer read, bytes: a non-streamed body, or a stream's whole body.
+    max_response_bytes: usize,
 }
 
 fn parse_url(url: String) -> Result<reqwest::Url, String> {
@@ -57,7 +59,16 @@ impl OpenAiProvider {
             chat_url: parse_url(format!("{base}/chat/completions")),
             models_url: parse_url(format!("{base}/models")),
             timeouts,
+            max_response_bytes: super::DEFAULT_MAX_RESPONSE_BYTES,
         }
+    }
+
+    /// The same endpoint reading answers of at most `max_bytes` (a non-streamed body,
+    /// or a stream's whole body); a longer answer fails the call as
+    /// [`ErrorKind::Malformed`]. Default [`DEFAULT_MAX_RESPONSE_BYTES`](super::DEFAULT_MAX_RESPONSE_BYTES).
+    pub fn with_max_response_bytes(mut self, max_bytes: usize) -> Self {
+        self.max_response_bytes = max_bytes;
+        self
     }
 
     /// A request to `url` with the key as a bearer token, bounded by `timeout`.
@@ -100,13 +111,23 @@ impl OpenAiProvider {
     ) -> Result<ChatCompletion, ProviderError> {
         let resp = send.send().await.map_err(from_reqwest)?;
         let resp = check_status(resp).await?;
-        let bytes = resp.bytes().await.map_err(from_reqwest)?;
-        serde_json::from_slice(&bytes).map_err(|e| {
+        let bytes = read_capped(resp, self.max_response_bytes).await?;
+        let completion: ChatCompletion = serde_json::from_slice(&bytes).map_err(|e| {
             ProviderError::new(
                 ErrorKind::Malformed,
                 format!("response is not a chat completion: {e}"),
             )
-        })
+        })?;
+        // `{}` and `{"choices":[]}` parse (every field has a default) but answer nothing:
+        // relayed, they would be a 200 without an answer (DESIGN.md §4: "an empty 200 is
+        // a failure like any other").
+        if completion.choices.is_empty() {
+            return Err(ProviderError::new(
+                ErrorKind::Malformed,
+                "response has no choices (an empty answer)",
+            ));
+        }
+        Ok(completion)
     }
 
     async fn stream_inner(
@@ -120,7 +141,10 @@ impl OpenAiProvider {
             Err(_) => return Err(first_token_timeout(self.timeouts.first_token)),
         };
         let resp = check_status(resp).await?;
-        let bytes = resp.bytes_stream().map(|r| r.map_err(from_reqwest));
+        let bytes = capped(
+            resp.bytes_stream().map(|r| r.map_err(from_reqwest)),
+            self.max_response_bytes,
+        );
         Ok(ChunkStream::with_deadline(
             sse::events(bytes),
             self.timeouts,
@@ -192,6 +216,78 @@ impl Provider for OpenAiProvider {
             Err(raw) => raw,
         }
     }
+}
+
+/// The error of an answer longer than `max` bytes.
+fn too_large(max: usize) -> ProviderError {
+    ProviderError::new(
+        ErrorKind::Malformed,
+        format!("response larger than max_response_bytes ({max} bytes)"),
+    )
+}
+
+/// A 2xx body, read piece by piece up to `max` bytes: a `Content-Length` above it is
+/// refused before reading, a body that grows past it is dropped as soon as it does (the
+/// gateway never holds more than `max` bytes of one answer).
+async fn read_capped(
+    mut resp: reqwest::Response,
+    max: usize,
+) -> Result<bytes::Bytes, ProviderError> {
+    if resp
+        .content_length()
+        .is_some_and(|n| n > u64::try_from(max).unwrap_or(u64::MAX))
+    {
+        return Err(too_large(max));
+    }
+    // A body in one piece (the usual small answer) is kept as it came, without a copy.
+    let Some(first) = resp.chunk().await.map_err(from_reqwest)? else {
+        return Ok(bytes::Bytes::new());
+    };
+    if first.len() > max {
+        return Err(too_large(max));
+    }
+    let Some(second) = resp.chunk().await.map_err(from_reqwest)? else {
+        return Ok(first);
+    };
+    let mut body = bytes::BytesMut::from(&first[..]);
+    let mut next = Some(second);
+    while let Some(piece) = next {
+        if body.len().saturating_add(piece.len()) > max {
+            return Err(too_large(max));
+        }
+        body.extend_from_slice(&piece);
+        next = resp.chunk().await.map_err(from_reqwest)?;
+    }
+    Ok(body.freeze())
+}
+
+/// `bytes`, failing with [`too_large`] once more than `max` bytes have passed: this
+/// bounds what a stream can make the gateway buffer (an SSE event without its end, the
+/// answer's text kept for counting).
+fn capped<S>(
+    bytes: S,
+    max: usize,
+) -> impl futures::Stream<Item = Result<bytes::Bytes, ProviderError>> + Send
+where
+    S: futures::Stream<Item = Result<bytes::Bytes, ProviderError>> + Send,
+{
+    // (bytes seen, the cap was passed): after the error, the stream ends.
+    bytes.scan((0usize, false), move |(seen, over), piece| {
+        let item = if *over {
+            None
+        } else {
+            Some(piece.and_then(|p| {
+                *seen = seen.saturating_add(p.len());
+                if *seen > max {
+                    *over = true;
+                    Err(too_large(max))
+                } else {
+                    Ok(p)
+                }
+            }))
+        };
+        futures::future::ready(item)
+    })
 }
 
 /// The response when it is 2xx, else its classified error (status, `Retry-After`, the
