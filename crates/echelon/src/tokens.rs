@@ -120,7 +120,8 @@ impl Encoding {
                 up.saturating_add(bytes),
             )
         });
-        let framing = REPLY_PRIMING.saturating_add(PER_MESSAGE.saturating_mul(messages.len() as u64));
+        let framing =
+            REPLY_PRIMING.saturating_add(PER_MESSAGE.saturating_mul(messages.len() as u64));
         PromptBounds {
             lower: lower.saturating_add(framing),
             upper: upper.saturating_add(framing),
@@ -306,11 +307,19 @@ mod tests {
             for t in &texts {
                 let pieces: Vec<&str> = pieces(t).collect();
                 assert_eq!(pieces.concat(), *t);
-                assert!(pieces.iter().all(|p| p.len() <= CHUNK_BYTES && !p.is_empty()));
+                assert!(
+                    pieces
+                        .iter()
+                        .all(|p| p.len() <= CHUNK_BYTES && !p.is_empty())
+                );
                 let msgs = [ChatMessage::new(Role::User, t.as_str())];
                 let b = enc.prompt_bounds(&msgs);
                 let n = enc.prompt_tokens(&msgs);
-                assert!(b.lower <= n && n <= b.upper, "{enc:?} {} bytes: {b:?} {n}", t.len());
+                assert!(
+                    b.lower <= n && n <= b.upper,
+                    "{enc:?} {} bytes: {b:?} {n}",
+                    t.len()
+                );
             }
         }
         // Words are not cut: the piecewise count of a long text of words is the whole count.

@@ -255,17 +255,26 @@ mod tests {
             vec![Ok(role.clone()), Ok(chunk("", None)), Ok(StreamEvent::Done)],
         ] {
             let n = events.len();
-            let items: Vec<_> =
-                StreamExt::collect(ChunkStream::from_events(futures::stream::iter(events), TIMEOUTS))
-                    .await;
-            assert_eq!(items.len(), n - 1, "the chunks, then one error");
+            let items: Vec<_> = StreamExt::collect(ChunkStream::from_events(
+                futures::stream::iter(events),
+                TIMEOUTS,
+            ))
+            .await;
+            assert_eq!(items.len(), n, "the chunks, then one error");
             let e = items.last().unwrap().as_ref().unwrap_err();
             assert_eq!(e.kind, ErrorKind::Malformed, "{e}");
         }
         // A finish reason alone is an answer (e.g. `length` with nothing generated).
-        let events = vec![Ok(role), Ok(chunk("", Some("length"))), Ok(StreamEvent::Done)];
-        let items: Vec<_> =
-            StreamExt::collect(ChunkStream::from_events(futures::stream::iter(events), TIMEOUTS)).await;
+        let events = vec![
+            Ok(role),
+            Ok(chunk("", Some("length"))),
+            Ok(StreamEvent::Done),
+        ];
+        let items: Vec<_> = StreamExt::collect(ChunkStream::from_events(
+            futures::stream::iter(events),
+            TIMEOUTS,
+        ))
+        .await;
         assert!(items.iter().all(Result::is_ok));
         assert_eq!(items.len(), 2);
     }

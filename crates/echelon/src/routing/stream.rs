@@ -7,13 +7,13 @@ use echelon_types::{Attempt, ChatCompletionChunk, ChatCompletionRequest, Outcome
 
 use super::admit::Admitted;
 use super::attempt::failure_report;
+use super::cancel::CLIENT_CLOSED;
 use super::gateway::Gateway;
 use super::model::Model;
 use crate::error::{GatewayError, GatewayErrorKind};
 use crate::provider::{ChunkStream, ErrorKind, ProviderError};
 use crate::resilience::admission::Report;
 use crate::usage::record::RequestRecord;
-use super::cancel::CLIENT_CLOSED;
 use crate::usage::{RecordSink, RequestMeta, TokenCount};
 
 /// The chunks of a streamed completion whose first content chunk has arrived.
@@ -313,9 +313,13 @@ impl PendingRecord {
             cached: 0,
             estimated: true,
         };
-        let mut record =
-            c.meta
-                .record(Some(&c.model), c.status, &c.attempts, tokens, Some(c.ttft_ms));
+        let mut record = c.meta.record(
+            Some(&c.model),
+            c.status,
+            &c.attempts,
+            tokens,
+            Some(c.ttft_ms),
+        );
         record.no_finish_reason = c.no_finish_reason;
         record
     }
