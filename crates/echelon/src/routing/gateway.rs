@@ -52,7 +52,7 @@ pub struct CallOptions {
 /// Build it with [`from_config`](Self::from_config), call [`start`](Self::start) inside a
 /// tokio runtime to run its background tasks (polling pools' health checks), and
 /// [`shutdown`](Self::shutdown) to stop them and wait for the records still being
-/// written (streams the client abandoned).
+/// written (requests and streams the client abandoned, recorded with status 499).
 #[derive(Debug)]
 pub struct Gateway {
     /// The models and routes requests are served over; a request keeps the one it
@@ -62,7 +62,7 @@ pub struct Gateway {
     registry: Arc<dyn StateRegistry>,
     /// Where finished requests go (the ledger), besides the metrics.
     sink: Option<Arc<dyn RecordSink>>,
-    /// Background tasks: health checks and the records of abandoned streams.
+    /// Background tasks: health checks and the records of abandoned requests.
     tasks: TaskTracker,
     /// Ends the health checks at shutdown.
     stop: CancellationToken,
@@ -133,7 +133,7 @@ impl Gateway {
     }
 
     /// Stops the background tasks and waits for those still finishing (the records of
-    /// abandoned streams reach the sink before this returns).
+    /// abandoned requests and streams reach the sink before this returns).
     pub async fn shutdown(&self) {
         self.stop.cancel();
         self.tasks.close();
@@ -273,6 +273,9 @@ impl Gateway {
     }
 
     /// [`chat`](Self::chat) with per-request options.
+    ///
+    /// Dropped before it returns (the client went away), the request is still recorded,
+    /// with status 499 and its attempts, the call in flight as `cancelled`.
     ///
     /// # Errors
     /// As [`chat`](Self::chat).

@@ -336,6 +336,25 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn a_capped_body_fails_once_past_the_cap_and_then_ends() {
+        let pieces =
+            ["abcd", "efgh", "ijkl", "mnop"].map(|p| Ok(bytes::Bytes::from_static(p.as_bytes())));
+        let out: Vec<_> = capped(futures::stream::iter(pieces), 10).collect().await;
+        assert_eq!(out.len(), 3, "two pieces, then the error, then nothing");
+        assert!(out[0].is_ok() && out[1].is_ok());
+        let e = out[2].as_ref().unwrap_err();
+        assert_eq!(e.kind, ErrorKind::Malformed);
+        assert_eq!(
+            e.message,
+            "response larger than max_response_bytes (10 bytes)"
+        );
+        // Exactly at the cap is fine.
+        let pieces = ["abcde", "fghij"].map(|p| Ok(bytes::Bytes::from_static(p.as_bytes())));
+        let out: Vec<_> = capped(futures::stream::iter(pieces), 10).collect().await;
+        assert!(out.iter().all(Result::is_ok));
+    }
+
+    #[tokio::test]
     async fn a_url_that_does_not_parse_fails_each_call_cleanly() {
         let p = OpenAiProvider::new(reqwest::Client::new(), "not a url", timeouts());
         let body = ChatCompletionRequest::new("m", vec![]);
