@@ -539,3 +539,25 @@ async fn an_upstream_options_default_still_answers() {
     let (gw, _) = gateway(&up, &up, "");
     assert_eq!(gw.chat(request("grp", "x")).await.unwrap().model, "a");
 }
+
+#[test]
+fn max_response_bytes_has_a_default_and_bounds() {
+    let yaml = |extra: &str| {
+        format!(
+            "providers:\n  p: {{ base_url: \"http://127.0.0.1:9/v1\" }}\nmodels:\n  m: {{ provider: p{extra} }}\n"
+        )
+    };
+    let config = Config::from_str(&yaml(""), "t.yaml").unwrap();
+    assert_eq!(config.models["m"].max_response_bytes, 32 << 20);
+    let config = Config::from_str(&yaml(", max_response_bytes: 1000"), "t.yaml").unwrap();
+    assert_eq!(config.models["m"].max_response_bytes, 1000);
+    for bad in ["0", "2000000000", "-1", "1.5"] {
+        let e = Config::from_str(&yaml(&format!(", max_response_bytes: {bad}")), "t.yaml")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("t.yaml:4:") && e.contains("models.m.max_response_bytes"),
+            "{bad}: {e}"
+        );
+    }
+}
