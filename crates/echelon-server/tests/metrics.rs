@@ -309,6 +309,7 @@ fn record(
         cost_usd: attempts.iter().map(|a| a.cost_usd).sum(),
         estimated: false,
         fallback: attempts.windows(2).any(|w| w[0].model != w[1].model),
+        no_finish_reason: false,
         attempts,
     }
 }

@@ -60,6 +60,23 @@ pub enum Behavior {
     },
     /// Sleep this long, then behave normally.
     Delay(Duration),
+    /// An empty answer: 200 with the body `{}` (non-stream), or the role chunk then
+    /// `[DONE]` with no content, finish reason or usage (stream).
+    EmptyAnswer,
+    /// No choices: 200 with `{"id":…,"object":"chat.completion","choices":[]}`
+    /// (non-stream), or a lone `[DONE]` (stream).
+    NoChoices,
+    /// The answer without a finish reason: non-streams get `finish_reason: null`;
+    /// streams get the role chunk, every content chunk and `[DONE]` but no finish
+    /// chunk (the usage chunk too, when asked for).
+    NoFinishReason,
+    /// A huge answer: content of exactly `bytes` bytes (`"lorem "` repeated, cut to
+    /// length) and no `usage`, in one body (non-stream) or in content chunks of at most
+    /// 64 KiB (stream, then the finish chunk and `[DONE]`).
+    HugeAnswer {
+        /// Bytes of content.
+        bytes: usize,
+    },
 }
 
 impl Behavior {
@@ -86,8 +103,8 @@ impl fmt::Display for ParseBehaviorError {
         write!(
             f,
             "unknown fault `{}` (expected normal, stall, cut, reset, malformed, malformed-sse[:N], \
-             stream-cut[:N], stream-stall[:N], delay:MS, or an HTTP status like 429 or \
-             429:RETRY_AFTER_SECS)",
+             stream-cut[:N], stream-stall[:N], delay:MS, empty, no-choices, no-finish, \
+             huge:BYTES, or an HTTP status like 429 or 429:RETRY_AFTER_SECS)",
             self.0
         )
     }
@@ -104,7 +121,8 @@ impl FromStr for Behavior {
 
     /// Parses the names used by the binary's `--faults` list:
     /// `normal`, `stall`, `cut`, `reset`, `malformed`, `malformed-sse[:N]`,
-    /// `stream-cut[:N]`, `stream-stall[:N]`, `delay:MS`, `STATUS` or
+    /// `stream-cut[:N]`, `stream-stall[:N]`, `delay:MS`, `empty`, `no-choices`,
+    /// `no-finish`, `huge:BYTES`, `STATUS` or
     /// `STATUS:RETRY_AFTER_SECS` (the names [`Behavior`]'s `Display` writes).
     fn from_str(s: &str) -> Result<Behavior, ParseBehaviorError> {
         let err = || ParseBehaviorError(s.to_owned());
@@ -142,6 +160,15 @@ impl FromStr for Behavior {
                 Some(ms) => Ok(Behavior::Delay(Duration::from_millis(ms))),
                 None => Err(err()),
             },
+            "empty" if arg.is_none() => Ok(Behavior::EmptyAnswer),
+            "no-choices" if arg.is_none() => Ok(Behavior::NoChoices),
+            "no-finish" if arg.is_none() => Ok(Behavior::NoFinishReason),
+            "huge" => match number(arg)? {
+                Some(n) => Ok(Behavior::HugeAnswer {
+                    bytes: usize::try_from(n).map_err(|_| err())?,
+                }),
+                None => Err(err()),
+            },
             code => match code.parse::<u16>() {
                 Ok(status) if (100..=599).contains(&status) => Ok(Behavior::Status {
                     status,
@@ -174,6 +201,10 @@ impl fmt::Display for Behavior {
             Behavior::Malformed => f.write_str("malformed"),
             Behavior::MalformedSse { chunks } => write!(f, "malformed-sse:{chunks}"),
             Behavior::Delay(d) => write!(f, "delay:{}", d.as_millis()),
+            Behavior::EmptyAnswer => f.write_str("empty"),
+            Behavior::NoChoices => f.write_str("no-choices"),
+            Behavior::NoFinishReason => f.write_str("no-finish"),
+            Behavior::HugeAnswer { bytes } => write!(f, "huge:{bytes}"),
         }
     }
 }
@@ -257,6 +288,12 @@ mod tests {
             Ok(Behavior::Delay(Duration::from_millis(250)))
         );
         assert_eq!(parse(" 503 "), Ok(Behavior::status(503)));
+        assert_eq!(parse("empty"), Ok(Behavior::EmptyAnswer));
+        assert_eq!(parse("no-choices"), Ok(Behavior::NoChoices));
+        assert_eq!(parse("no-finish"), Ok(Behavior::NoFinishReason));
+        assert_eq!(parse("huge:100"), Ok(Behavior::HugeAnswer { bytes: 100 }));
+        assert!(parse("huge").is_err());
+        assert!(parse("empty:1").is_err());
         assert_eq!(
             parse("429:3"),
             Ok(Behavior::Status {
@@ -293,6 +330,10 @@ mod tests {
             Behavior::StreamCut { chunks: 0 },
             Behavior::StreamStall { chunks: 4 },
             Behavior::Delay(Duration::from_millis(250)),
+            Behavior::EmptyAnswer,
+            Behavior::NoChoices,
+            Behavior::NoFinishReason,
+            Behavior::HugeAnswer { bytes: 1 << 20 },
             Behavior::status(503),
             Behavior::Status {
                 status: 429,

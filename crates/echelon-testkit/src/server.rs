@@ -404,6 +404,10 @@ async fn chat(
                 | Behavior::StreamStall { .. }
                 | Behavior::Malformed
                 | Behavior::MalformedSse { .. }
+                | Behavior::EmptyAnswer
+                | Behavior::NoChoices
+                | Behavior::NoFinishReason
+                | Behavior::HugeAnswer { .. }
         );
     // The latency counts from the moment the request's head was read, not from after
     // its body was read and parsed and its answer built: under a burst of requests
@@ -468,6 +472,16 @@ async fn chat(
             );
             Ok(json_bytes_response(StatusCode::OK, Bytes::from(text)))
         }
+        Behavior::EmptyAnswer
+        | Behavior::NoChoices
+        | Behavior::NoFinishReason
+        | Behavior::HugeAnswer { .. } => Ok(scripted_answer(
+            &behavior,
+            &answer,
+            stream,
+            latency,
+            chunk_delay,
+        )),
         Behavior::StreamCut { chunks } | Behavior::StreamStall { chunks } => {
             let end = if matches!(behavior, Behavior::StreamCut { .. }) {
                 Step::Cut
@@ -499,6 +513,86 @@ async fn chat(
             Ok(resp)
         }
     }
+}
+
+/// The answers that are well-formed HTTP but wrong or extreme ([`Behavior::EmptyAnswer`],
+/// [`Behavior::NoChoices`], [`Behavior::NoFinishReason`], [`Behavior::HugeAnswer`]).
+fn scripted_answer(
+    behavior: &Behavior,
+    answer: &Answer,
+    stream: bool,
+    latency: Duration,
+    chunk_delay: Duration,
+) -> Response<Body> {
+    let done = || Step::Data(Bytes::from(wire::sse("[DONE]")));
+    let mut steps = vec![Step::Sleep(latency)];
+    match (behavior, stream) {
+        (Behavior::EmptyAnswer, false) => {
+            return json_bytes_response(StatusCode::OK, Bytes::from_static(b"{}"));
+        }
+        (Behavior::EmptyAnswer, true) => {
+            steps.push(Step::Data(event(&answer.role_chunk())));
+        }
+        (Behavior::NoChoices, false) => {
+            return json_response(
+                StatusCode::OK,
+                &json!({"id": answer.id, "object": "chat.completion", "choices": []}),
+            );
+        }
+        (Behavior::NoChoices, true) => {}
+        (Behavior::NoFinishReason, false) => {
+            let mut body = answer.completion();
+            if let Some(choice) = body.pointer_mut("/choices/0") {
+                choice["finish_reason"] = Value::Null;
+            }
+            return json_response(StatusCode::OK, &body);
+        }
+        (Behavior::NoFinishReason, true) => {
+            steps.push(Step::Data(event(&answer.role_chunk())));
+            for chunk in answer.content_chunks() {
+                steps.push(Step::Sleep(chunk_delay));
+                steps.push(Step::Data(event(&chunk)));
+            }
+            if let Some(usage) = answer.usage_chunk() {
+                steps.push(Step::Data(event(&usage)));
+            }
+        }
+        (Behavior::HugeAnswer { bytes }, stream) => {
+            let text = huge_text(*bytes);
+            if !stream {
+                let mut body = answer.completion();
+                if let Some(obj) = body.as_object_mut() {
+                    obj.remove("usage");
+                }
+                body["choices"][0]["message"]["content"] = Value::String(text);
+                return json_response(StatusCode::OK, &body);
+            }
+            steps.push(Step::Data(event(&answer.role_chunk())));
+            let mut rest = text.as_str();
+            while !rest.is_empty() {
+                // "lorem " is ASCII: any cut is a character boundary.
+                let (piece, tail) = rest.split_at(rest.len().min(HUGE_CHUNK_BYTES));
+                rest = tail;
+                let mut chunk = answer.role_chunk();
+                chunk["choices"][0]["delta"] = json!({"content": piece});
+                steps.push(Step::Data(event(&chunk)));
+            }
+            steps.push(Step::Data(event(&answer.finish_chunk())));
+        }
+        _ => return normal(answer, stream, latency, chunk_delay),
+    }
+    steps.push(done());
+    sse_response(steps)
+}
+
+/// A stream's [`Behavior::HugeAnswer`] content chunks, bytes at most.
+const HUGE_CHUNK_BYTES: usize = 64 * 1024;
+
+/// `"lorem "` repeated to exactly `bytes` bytes.
+fn huge_text(bytes: usize) -> String {
+    let mut text = "lorem ".repeat(bytes / 6 + 1);
+    text.truncate(bytes);
+    text
 }
 
 /// A normal answer: the completion object, or the whole stream.

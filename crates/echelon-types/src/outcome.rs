@@ -28,7 +28,9 @@ pub enum ErrorKind {
     ContextLength,
     /// Any other 4xx: the request itself is at fault.
     BadRequest,
-    /// A 2xx whose body or SSE stream could not be parsed, or that carried no answer.
+    /// A 2xx whose body or SSE stream could not be parsed, that carried no answer (no
+    /// choices; a stream ended without content, tool call or finish reason), or that was
+    /// larger than the model's `max_response_bytes`.
     Malformed,
     /// The stream ended (or the connection dropped) before `[DONE]` / a finish reason.
     StreamCut,

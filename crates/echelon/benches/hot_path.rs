@@ -154,6 +154,7 @@ fn sample_record(i: u64) -> echelon::usage::record::RequestRecord {
         cost_usd: 0.000_042,
         estimated: false,
         fallback: false,
+        no_finish_reason: false,
         attempts: vec![AttemptRecord {
             model: "gpt-4o-mini".into(),
             provider: "openai".into(),

@@ -84,6 +84,7 @@ fn record(i: u64) -> RequestRecord {
         cost_usd: attempts.iter().map(|a| a.cost_usd).sum(),
         estimated: attempts.iter().any(|a| a.estimated),
         fallback: n_attempts > 1,
+        no_finish_reason: false,
         attempts,
     }
 }
@@ -530,6 +531,7 @@ fn usage_summary_matches_seed_000_pricing() {
             cost_usd: cost,
             estimated: false,
             fallback: false,
+            no_finish_reason: false,
             attempts: vec![AttemptRecord {
                 model: model.to_owned(),
                 provider: "openai".to_owned(),

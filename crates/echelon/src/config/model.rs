@@ -342,6 +342,12 @@ pub struct ModelConfig {
     /// The tiktoken encoding for local token counts (`encoding:`); `None` picks one by
     /// the upstream model name ([`TokenEncoding::for_model`]).
     pub encoding: Option<TokenEncoding>,
+    /// The largest answer the gateway reads from this model, in bytes (1 to 1 GiB): a
+    /// non-streamed body, or a stream's whole body. A longer answer fails the attempt
+    /// as `malformed` (the next candidate is tried) and is not buffered further.
+    /// Default [`ModelConfig::DEFAULT_MAX_RESPONSE_BYTES`] (32 MiB).
+    #[serde(deserialize_with = "int::<_, _, 1, MAX_BODY_BYTES>")]
+    pub max_response_bytes: usize,
 }
 
 impl ModelConfig {
@@ -359,6 +365,8 @@ impl ModelConfig {
     pub const DEFAULT_MAX_RETRIES: u32 = 2;
     /// Default [`retry_delay`](Self::retry_delay).
     pub const DEFAULT_RETRY_DELAY: Duration = Duration::from_secs(1);
+    /// Default [`max_response_bytes`](Self::max_response_bytes): 32 MiB.
+    pub const DEFAULT_MAX_RESPONSE_BYTES: usize = crate::provider::DEFAULT_MAX_RESPONSE_BYTES;
 
     /// The defaults before a file names the provider and the model.
     fn unnamed() -> Self {
@@ -390,6 +398,7 @@ impl ModelConfig {
             circuit_breaker: CircuitBreakerConfig::default(),
             pricing: None,
             encoding: None,
+            max_response_bytes: Self::DEFAULT_MAX_RESPONSE_BYTES,
         }
     }
 

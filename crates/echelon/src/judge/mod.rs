@@ -554,7 +554,7 @@ impl Inner {
         // The semaphore is never closed; should it be, judge without a slot.
         let _slot = self.slots.acquire().await.ok();
         let started = Instant::now();
-        let response_tokens = Encoding::Cl100kBase.count(&item.response);
+        let response_tokens = Encoding::Cl100kBase.count_async(&item.response).await;
         let key = self.cache.as_ref().map(|_| self.key_base.key(item));
 
         if let (Some(cache), Some(key)) = (&self.cache, &key)
@@ -602,8 +602,8 @@ impl Inner {
             let count = match (&done.response.usage, &answered_by) {
                 (Some(u), _) => TokenCount::from_usage(u),
                 (None, Some(m)) => TokenCount {
-                    prompt: crate::tokens::prompt_tokens_for(m, &messages),
-                    completion: crate::tokens::text_tokens_for(m, &text),
+                    prompt: crate::tokens::prompt_tokens_for(m, &messages).await,
+                    completion: crate::tokens::text_tokens_for(m, &text).await,
                     cached: 0,
                     estimated: true,
                 },

@@ -41,6 +41,10 @@ pub use http::HttpClients;
 pub use openai::OpenAiProvider;
 pub use stream::{ChunkStream, StreamEvent};
 
+/// Default largest answer a provider reads, bytes (32 MiB): a model's
+/// `max_response_bytes` (`config::ModelConfig::max_response_bytes`).
+pub const DEFAULT_MAX_RESPONSE_BYTES: usize = 32 << 20;
+
 /// The timeouts of one attempt (DESIGN.md §4 "Streams").
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Timeouts {
@@ -119,7 +123,8 @@ pub trait Provider: Send + Sync + fmt::Debug {
     ///
     /// # Errors
     /// A classified [`ProviderError`]: HTTP errors by status, timeouts (total),
-    /// connection errors, and `Malformed` for a 2xx body that is not a chat completion.
+    /// connection errors, and `Malformed` for a 2xx body that is not a chat completion,
+    /// has no choices, or is longer than the provider's largest answer.
     fn call<'a>(
         &'a self,
         key: Option<&'a ApiKey>,
@@ -163,17 +168,22 @@ pub trait Provider: Send + Sync + fmt::Debug {
 /// `http://127.0.0.1:8082/v1`) over `http` (from [`HttpClients::get`], whose connect
 /// timeout should be `timeouts.connect`); the other timeouts apply per request. Its
 /// error messages are scrubbed by `redactor` (the model's keys, from
-/// [`KeyPool::redactor`](crate::resilience::key_pool::KeyPool::redactor)).
+/// [`KeyPool::redactor`](crate::resilience::key_pool::KeyPool::redactor)). An
+/// answer longer than `max_response_bytes` (a non-streamed body, a stream's whole body)
+/// fails the call as [`ErrorKind::Malformed`].
 pub fn build(
     api: ProviderApi,
     http: reqwest::Client,
     base_url: &str,
     timeouts: Timeouts,
     redactor: Redactor,
+    max_response_bytes: usize,
 ) -> Arc<dyn Provider> {
     match api {
-        ProviderApi::OpenAi => {
-            Arc::new(OpenAiProvider::new(http, base_url, timeouts).with_redactor(redactor))
-        }
+        ProviderApi::OpenAi => Arc::new(
+            OpenAiProvider::new(http, base_url, timeouts)
+                .with_redactor(redactor)
+                .with_max_response_bytes(max_response_bytes),
+        ),
     }
 }

@@ -1,6 +1,7 @@
 //! The stream contract every wire's streams keep: chunks within the first-token and
-//! chunk-gap timeouts, a complete end (`[DONE]` or a finish reason) or an error, and
-//! nothing after the end (DESIGN.md §4 "Streams").
+//! chunk-gap timeouts, a complete end (`[DONE]` or a finish reason) or an error, an
+//! answer before the end (content, a tool call or a finish reason: a stream of only a
+//! role chunk is an empty answer), and nothing after the end (DESIGN.md §4 "Streams").
 
 use std::fmt;
 use std::pin::Pin;
@@ -88,7 +89,8 @@ impl ChunkStream {
     /// # Errors
     /// `Timeout` when the first content chunk does not come within the first-token
     /// timeout or a gap exceeds the chunk-gap timeout; `StreamCut` when the stream ends
-    /// or drops before it is complete; the wire's errors (`Malformed` for an unparsable
+    /// or drops before it is complete; `Malformed` when it ends (`[DONE]`) without any
+    /// content, tool call or finish reason (an empty answer); the wire's errors (`Malformed` for an unparsable
     /// event, `ServerError` for an error event from the provider).
     pub async fn next(&mut self) -> Option<Result<ChatCompletionChunk, ProviderError>> {
         self.chunks.next().await
@@ -163,6 +165,13 @@ impl Reader {
                     )));
                 }
                 Some(Err(e)) => return Some(Err(e)),
+                // Still waiting for the first token: nothing was answered.
+                Some(Ok(StreamEvent::Done)) if self.first_token_deadline.is_some() => {
+                    return Some(Err(ProviderError::new(
+                        ErrorKind::Malformed,
+                        "stream ended without content, tool call or finish reason (an empty answer)",
+                    )));
+                }
                 Some(Ok(StreamEvent::Done)) => return None,
                 Some(Ok(StreamEvent::Keepalive)) => continue,
                 Some(Ok(StreamEvent::Chunk(chunk))) => {
@@ -230,6 +239,44 @@ mod tests {
         let cut = stream.next().await.unwrap().unwrap_err();
         assert_eq!(cut.kind, ErrorKind::StreamCut);
         assert!(stream.next().await.is_none());
+    }
+
+    #[tokio::test]
+    async fn a_stream_that_ends_without_an_answer_is_malformed() {
+        let role: StreamEvent = StreamEvent::Chunk(
+            serde_json::from_value(
+                serde_json::json!({"choices": [{"delta": {"role": "assistant", "content": null}}]}),
+            )
+            .unwrap(),
+        );
+        for events in [
+            vec![Ok(role.clone()), Ok(StreamEvent::Done)],
+            vec![Ok(StreamEvent::Done)],
+            vec![Ok(role.clone()), Ok(chunk("", None)), Ok(StreamEvent::Done)],
+        ] {
+            let n = events.len();
+            let items: Vec<_> = StreamExt::collect(ChunkStream::from_events(
+                futures::stream::iter(events),
+                TIMEOUTS,
+            ))
+            .await;
+            assert_eq!(items.len(), n, "the chunks, then one error");
+            let e = items.last().unwrap().as_ref().unwrap_err();
+            assert_eq!(e.kind, ErrorKind::Malformed, "{e}");
+        }
+        // A finish reason alone is an answer (e.g. `length` with nothing generated).
+        let events = vec![
+            Ok(role),
+            Ok(chunk("", Some("length"))),
+            Ok(StreamEvent::Done),
+        ];
+        let items: Vec<_> = StreamExt::collect(ChunkStream::from_events(
+            futures::stream::iter(events),
+            TIMEOUTS,
+        ))
+        .await;
+        assert!(items.iter().all(Result::is_ok));
+        assert_eq!(items.len(), 2);
     }
 
     #[tokio::test(start_paused = true)]

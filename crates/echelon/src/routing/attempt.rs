@@ -12,6 +12,7 @@ use echelon_types::{
 use tokio::time::Instant;
 
 use super::admit::{Admitted, PoolTicket, admit};
+use super::cancel::Trace;
 use super::model::Model;
 use super::plan::Tier;
 use crate::error::{GatewayError, GatewayErrorKind};
@@ -65,6 +66,11 @@ pub(crate) struct RequestState {
     max_calls: Option<u32>,
     /// The pool instance that answered, when a pool step answered.
     pub(crate) answered_by: Option<Arc<Model>>,
+    /// Where the request's attempts are also written, so that an abandoned request can
+    /// still be recorded (`cancel.rs`); `None` outside a traced request.
+    trace: Option<Arc<Trace>>,
+    /// The key id of the call in flight, when there is no trace to hold it.
+    call_key: Option<String>,
 }
 
 impl RequestState {
@@ -77,7 +83,33 @@ impl RequestState {
             calls: 0,
             max_calls,
             answered_by: None,
+            trace: Trace::current(),
+            call_key: None,
         }
+    }
+
+    /// A call to `model` with key `key_id` starts (the trace holds the key id meanwhile).
+    fn call_started(&mut self, model: &Arc<Model>, key_id: Option<String>) {
+        match &self.trace {
+            Some(t) => t.call_started(model, key_id),
+            None => self.call_key = key_id,
+        }
+    }
+
+    /// The call in flight ended: its key id.
+    fn call_ended(&mut self) -> Option<String> {
+        match &self.trace {
+            Some(t) => t.call_ended(),
+            None => self.call_key.take(),
+        }
+    }
+
+    /// Records a finished attempt that did not answer (a failure or a skip).
+    fn push_failed(&mut self, attempt: Attempt) {
+        if let Some(t) = &self.trace {
+            t.push(&attempt);
+        }
+        self.attempts.push(attempt);
     }
 
     /// HTTP calls made so far for this request.
@@ -90,13 +122,14 @@ impl RequestState {
         self.max_calls.is_none_or(|m| self.calls < m)
     }
 
-    /// The prompt's tokens in `model`'s encoding, counted once per encoding per request.
-    fn prompt_tokens(&mut self, model: &Model, req: &ChatCompletionRequest) -> u64 {
+    /// The prompt's tokens in `model`'s encoding, counted once per encoding per request
+    /// (off the async workers when the prompt is large: `tokens::count_off_runtime`).
+    async fn prompt_tokens(&mut self, model: &Model, req: &ChatCompletionRequest) -> u64 {
         let encoding = model.encoding();
         if let Some((_, n)) = self.prompt_tokens.iter().find(|(e, _)| *e == encoding) {
             return *n;
         }
-        let n = encoding.prompt_tokens(&req.messages);
+        let n = encoding.prompt_tokens_async(&req.messages).await;
         self.prompt_tokens.push((encoding, n));
         n
     }
@@ -106,7 +139,14 @@ impl RequestState {
     /// `context_window`) and nothing is sent (issue 4: "before sending, not after the
     /// provider refuses").
     /// `max_output` is the request's output cap within its echelon.
-    pub(crate) fn exceeds_context(
+    ///
+    /// The prompt's byte bounds decide first ([`Encoding::prompt_bounds`]): a prompt
+    /// whose upper bound fits is not counted, one whose lower bound does not fit is
+    /// refused without tokenizing it (a 7 MB prompt took seconds to count); only one in
+    /// between is counted, off the async workers when large.
+    ///
+    /// [`Encoding::prompt_bounds`]: crate::tokens::Encoding::prompt_bounds
+    pub(crate) async fn exceeds_context(
         &mut self,
         model: &Model,
         body: &ChatCompletionRequest,
@@ -115,12 +155,36 @@ impl RequestState {
         let Some(window) = model.context_window() else {
             return false;
         };
-        let prompt = self.prompt_tokens(model, body);
+        let window = u64::from(window);
         let output = max_output.map_or(0, u64::from);
-        if prompt.saturating_add(output) <= u64::from(window) {
+        let counted = self
+            .prompt_tokens
+            .iter()
+            .find(|(e, _)| *e == model.encoding())
+            .map(|(_, n)| *n);
+        let (prompt, at_least) = match counted {
+            Some(n) => (n, false),
+            None => {
+                let bounds = model.encoding().prompt_bounds(&body.messages);
+                if bounds.upper.saturating_add(output) <= window {
+                    return false;
+                }
+                if bounds.lower.saturating_add(output) > window {
+                    (bounds.lower, true)
+                } else {
+                    (self.prompt_tokens(model, body).await, false)
+                }
+            }
+        };
+        if prompt.saturating_add(output) <= window {
             return false;
         }
         self.context_refused = true;
+        let prompt = if at_least {
+            format!("at least {prompt}")
+        } else {
+            prompt.to_string()
+        };
         self.skip(
             model,
             SkipReason::ContextWindow,
@@ -138,7 +202,7 @@ impl RequestState {
             kind = reason.as_str(),
             "model skipped: {message}"
         );
-        self.attempts.push(Attempt {
+        self.push_failed(Attempt {
             model: model.id().to_owned(),
             provider: model.provider().to_owned(),
             key_id: None,
@@ -180,7 +244,7 @@ pub(crate) async fn try_model(
     // The TPM reservation: the prompt plus the output cap the call is sent with.
     let tokens = match &model.tpm {
         None => 0,
-        Some(_) => st.prompt_tokens(model, body).saturating_add(
+        Some(_) => st.prompt_tokens(model, body).await.saturating_add(
             req.effective_max_tokens()
                 .map_or(DEFAULT_OUTPUT_RESERVE, u64::from),
         ),
@@ -237,10 +301,11 @@ pub(crate) async fn try_model(
         admitted.commit(model);
         calls += 1;
         st.calls += 1;
-        let key_id = admitted.key().map(|k| k.id().to_owned());
+        st.call_started(model, admitted.key().map(|k| k.id().to_owned()));
         let key_index = admitted.key_index();
         let started = Instant::now();
         let result = call(model, admitted.key(), &req, tier.defaults.timeout).await;
+        let key_id = st.call_ended();
         let latency_ms = started.elapsed().as_millis() as u64;
         let e = match result {
             Ok(answer) => {
@@ -271,8 +336,7 @@ pub(crate) async fn try_model(
             model = model.id(), tier = %tier.label, key_id = key_id.as_deref().unwrap_or("-"),
             kind = %e.kind, status = e.status, latency_ms, "attempt failed: {}", e.message
         );
-        st.attempts
-            .push(failed_attempt(model, key_id, &e, latency_ms));
+        st.push_failed(failed_attempt(model, key_id, &e, latency_ms));
         // The breaker, the TPM bucket, the key and the pool learn the outcome; a 429
         // cools the key down and a 401/403 disables it.
         admitted.report(&failure_report(&e, model.key_cooldown()));
@@ -370,17 +434,23 @@ async fn call(
         let mut rest = model.upstream().stream(key, req).await?;
         let mut buffered = VecDeque::new();
         // Hold chunks back until one carries content: a role-only first chunk (llama.cpp
-        // sends `content: null`) must not commit the client to this candidate.
+        // sends `content: null`) must not commit the client to this candidate, and a
+        // stream that ends before any (an empty answer) fails over like any failure.
         while let Some(chunk) = rest.next().await {
             let chunk = chunk?;
             let decisive =
                 chunk.has_content() || chunk.choices.iter().any(|c| c.finish_reason.is_some());
             buffered.push_back(chunk);
             if decisive {
-                break;
+                return Ok(CallAnswer::Stream { buffered, rest });
             }
         }
-        Ok(CallAnswer::Stream { buffered, rest })
+        // The stream contract ends an answerless stream with an error; this is its
+        // fallback should a wire end one without.
+        Err(ProviderError::new(
+            ErrorKind::Malformed,
+            "stream ended without content (an empty answer)",
+        ))
     };
     match bound {
         None => call.await,

@@ -95,7 +95,7 @@ pub(crate) async fn run_plan(
                 );
                 continue;
             }
-            if st.exceeds_context(model, req, max_output) {
+            if st.exceeds_context(model, req, max_output).await {
                 continue;
             }
             let calls_before = st.calls();
@@ -156,7 +156,7 @@ async fn run_pool(
             break;
         };
         let model = &ps.pool.instances()[i];
-        if st.exceeds_context(model, req, max_output) {
+        if st.exceeds_context(model, req, max_output).await {
             exclude.push(i);
             last = None;
             continue;

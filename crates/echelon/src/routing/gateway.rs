@@ -11,6 +11,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use super::attempt::Answer;
+use super::cancel::Pending;
 use super::execute::{run_plan, session_key};
 use super::model::Model;
 use super::plan::Plan;
@@ -21,7 +22,7 @@ use crate::config::Config;
 use crate::error::{GatewayError, GatewayErrorKind};
 use crate::state::{MemoryRegistry, StateRegistry};
 use crate::usage::record::RequestRecord;
-use crate::usage::{RecordSink, RequestMeta, TokenCount};
+use crate::usage::{RecordSink, RequestMeta};
 
 /// A successful non-streamed completion and how it was obtained.
 #[derive(Debug, Clone)]
@@ -51,7 +52,7 @@ pub struct CallOptions {
 /// Build it with [`from_config`](Self::from_config), call [`start`](Self::start) inside a
 /// tokio runtime to run its background tasks (polling pools' health checks), and
 /// [`shutdown`](Self::shutdown) to stop them and wait for the records still being
-/// written (streams the client abandoned).
+/// written (requests and streams the client abandoned, recorded with status 499).
 #[derive(Debug)]
 pub struct Gateway {
     /// The models and routes requests are served over; a request keeps the one it
@@ -61,7 +62,7 @@ pub struct Gateway {
     registry: Arc<dyn StateRegistry>,
     /// Where finished requests go (the ledger), besides the metrics.
     sink: Option<Arc<dyn RecordSink>>,
-    /// Background tasks: health checks and the records of abandoned streams.
+    /// Background tasks: health checks and the records of abandoned requests.
     tasks: TaskTracker,
     /// Ends the health checks at shutdown.
     stop: CancellationToken,
@@ -132,7 +133,7 @@ impl Gateway {
     }
 
     /// Stops the background tasks and waits for those still finishing (the records of
-    /// abandoned streams reach the sink before this returns).
+    /// abandoned requests and streams reach the sink before this returns).
     pub async fn shutdown(&self) {
         self.stop.cancel();
         self.tasks.close();
@@ -273,6 +274,9 @@ impl Gateway {
 
     /// [`chat`](Self::chat) with per-request options.
     ///
+    /// Dropped before it returns (the client went away), the request is still recorded,
+    /// with status 499 and its attempts, the call in flight as `cancelled`.
+    ///
     /// # Errors
     /// As [`chat`](Self::chat).
     pub async fn chat_with(
@@ -283,18 +287,15 @@ impl Gateway {
         req.stream = None;
         let topology = self.topology();
         let (meta, plan) = begin(&topology, &req, options, false);
-        match execute(plan, &req, false, options).await {
+        // Dropped before it is recorded (the client went away), it records a 499.
+        let mut pending = Pending::new(meta, req, self.sink.clone(), self.tasks.clone());
+        let result = pending
+            .trace()
+            .scope(execute(plan, pending.request(), false, options))
+            .await;
+        match result {
             Ok((Answer::Chat(response), model, attempts)) => {
-                let tokens = match &response.usage {
-                    Some(u) => TokenCount::from_usage(u),
-                    None => TokenCount::estimate(
-                        &model,
-                        &req,
-                        response.first_text().unwrap_or_default(),
-                    ),
-                };
-                let record = meta.record(Some(&model), 200, &attempts, tokens, None);
-                Gateway::emit(self.sink.as_ref(), record).await;
+                let attempts = pending.record_answer(&model, attempts, &response).await;
                 Ok(Completion {
                     response,
                     model: model.id().to_owned(),
@@ -302,14 +303,15 @@ impl Gateway {
                     attempts,
                 })
             }
-            Ok((Answer::Stream { .. }, _, _)) => Err(GatewayError::new(
-                GatewayErrorKind::UpstreamFailed,
-                "internal: a stream answered a non-streamed request",
-            )),
+            Ok((Answer::Stream { .. }, _, _)) => {
+                pending.done();
+                Err(GatewayError::new(
+                    GatewayErrorKind::UpstreamFailed,
+                    "internal: a stream answered a non-streamed request",
+                ))
+            }
             Err(e) => {
-                let record =
-                    meta.record(None, e.status(), e.attempts(), TokenCount::default(), None);
-                Gateway::emit(self.sink.as_ref(), record).await;
+                pending.record_error(&e).await;
                 Err(e)
             }
         }
@@ -348,7 +350,13 @@ impl Gateway {
             .include_usage = Some(true);
         let topology = self.topology();
         let (meta, plan) = begin(&topology, &req, options, true);
-        match execute(plan, &req, true, options).await {
+        // Dropped before the stream starts (the client went away), it records a 499.
+        let mut pending = Pending::new(meta, req, self.sink.clone(), self.tasks.clone());
+        let result = pending
+            .trace()
+            .scope(execute(plan, pending.request(), true, options))
+            .await;
+        match result {
             Ok((
                 Answer::Stream {
                     buffered,
@@ -358,6 +366,7 @@ impl Gateway {
                 model,
                 attempts,
             )) => {
+                let (meta, req) = pending.into_parts();
                 let accounting = StreamAccounting::new(
                     meta,
                     self.sink.clone(),
@@ -369,14 +378,15 @@ impl Gateway {
                     model, attempts, buffered, rest, admitted, accounting,
                 ))
             }
-            Ok((Answer::Chat(_), _, _)) => Err(GatewayError::new(
-                GatewayErrorKind::UpstreamFailed,
-                "internal: a non-streamed answer to a streamed request",
-            )),
+            Ok((Answer::Chat(_), _, _)) => {
+                pending.done();
+                Err(GatewayError::new(
+                    GatewayErrorKind::UpstreamFailed,
+                    "internal: a non-streamed answer to a streamed request",
+                ))
+            }
             Err(e) => {
-                let record =
-                    meta.record(None, e.status(), e.attempts(), TokenCount::default(), None);
-                Gateway::emit(self.sink.as_ref(), record).await;
+                pending.record_error(&e).await;
                 Err(e)
             }
         }

@@ -10,11 +10,13 @@
 //! - `attempt`: one model's retry and backoff policy; `admit`: one attempt's admission
 //!   steps in order (the steps themselves are in `resilience::admission`);
 //! - `stream`: a started stream, reported to its tickets when it ends;
+//! - `cancel`: the 499 record of a request its caller abandoned before the answer;
 //! - `admin`: the typed `/admin/state`.
 
 mod admin;
 mod admit;
 mod attempt;
+mod cancel;
 mod execute;
 mod gateway;
 mod model;

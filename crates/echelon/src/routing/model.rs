@@ -154,6 +154,7 @@ impl Model {
                 base_url,
                 timeouts,
                 keys.redactor(),
+                config.max_response_bytes,
             ),
             keys,
             identity,

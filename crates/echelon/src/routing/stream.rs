@@ -7,6 +7,7 @@ use echelon_types::{Attempt, ChatCompletionChunk, ChatCompletionRequest, Outcome
 
 use super::admit::Admitted;
 use super::attempt::failure_report;
+use super::cancel::CLIENT_CLOSED;
 use super::gateway::Gateway;
 use super::model::Model;
 use crate::error::{GatewayError, GatewayErrorKind};
@@ -48,6 +49,8 @@ pub(crate) struct StreamAccounting {
     usage: Option<Usage>,
     text: String,
     ttft_ms: u64,
+    /// A chunk carried a `finish_reason` (a complete end without one is flagged).
+    finished: bool,
     recorded: bool,
 }
 
@@ -69,6 +72,7 @@ impl StreamAccounting {
             usage: None,
             text: String::new(),
             ttft_ms,
+            finished: false,
             recorded: false,
         }
     }
@@ -129,6 +133,7 @@ impl GatewayStream {
             if let Some(t) = &c.delta.content {
                 self.accounting.text.push_str(t);
             }
+            self.accounting.finished |= c.finish_reason.is_some();
         }
         if let Some(usage) = &chunk.usage {
             self.accounting.usage = Some(usage.clone());
@@ -142,29 +147,42 @@ impl GatewayStream {
         Some(chunk)
     }
 
-    /// The request's record, once: `status` 200 for a complete stream, the error's for a
-    /// cut one, 499 for one the client abandoned.
-    fn take_record(&mut self, status: u16) -> Option<RequestRecord> {
+    /// What the request's record needs, once: `status` 200 for a complete stream, the
+    /// error's for a cut one, 499 for one the client abandoned.
+    fn take_record(&mut self, status: u16) -> Option<PendingRecord> {
         let a = &mut self.accounting;
         if a.recorded {
             return None;
         }
         a.recorded = true;
-        let tokens = match &a.usage {
-            Some(u) => TokenCount::from_usage(u),
-            None => TokenCount::estimate(&self.model, &a.request, &a.text),
-        };
-        Some(a.meta.record(
-            Some(&self.model),
+        let no_finish_reason = status == 200 && !a.finished;
+        // The usual case, the provider's usage: the record is complete now.
+        if let Some(u) = &a.usage {
+            let mut record = a.meta.record(
+                Some(&self.model),
+                status,
+                &self.attempts,
+                TokenCount::from_usage(u),
+                Some(a.ttft_ms),
+            );
+            record.no_finish_reason = no_finish_reason;
+            return Some(PendingRecord::Ready(record));
+        }
+        Some(PendingRecord::Count(Box::new(ToCount {
+            meta: a.meta.clone(),
+            model: self.model.clone(),
             status,
-            &self.attempts,
-            tokens,
-            Some(a.ttft_ms),
-        ))
+            attempts: self.attempts.clone(),
+            messages: std::mem::take(&mut a.request.messages),
+            text: std::mem::take(&mut a.text),
+            ttft_ms: a.ttft_ms,
+            no_finish_reason,
+        })))
     }
 
     async fn finish(&mut self, status: u16) {
         if let Some(record) = self.take_record(status) {
+            let record = record.build().await;
             Gateway::emit(self.accounting.sink.as_ref(), record).await;
         }
     }
@@ -189,6 +207,14 @@ impl GatewayStream {
                 None => {
                     let used = self.accounting.usage.as_ref().map(|u| u.total_tokens);
                     self.report(&Report::ok(used));
+                    if !self.accounting.finished {
+                        // Delivered (the provider said `[DONE]`), but flagged: the answer
+                        // may be incomplete (DESIGN.md §4 "Streams").
+                        tracing::warn!(
+                            model = self.model.id(),
+                            "stream ended with [DONE] but no finish_reason"
+                        );
+                    }
                     self.finish(200).await;
                     return None;
                 }
@@ -244,16 +270,57 @@ impl Drop for GatewayStream {
         };
         let sink = self.accounting.sink.clone();
         // Outside a runtime (a stream dropped after its runtime ended) only the metrics
-        // can still see it.
+        // can still see it; the count then runs here, with no runtime to block.
         if tokio::runtime::Handle::try_current().is_ok() {
-            self.accounting
-                .tasks
-                .spawn(async move { Gateway::emit(sink.as_ref(), record).await });
-        } else {
-            crate::usage::metrics::observe(&record);
+            self.accounting.tasks.spawn(async move {
+                let record = record.build().await;
+                Gateway::emit(sink.as_ref(), record).await;
+            });
+        } else if let Ok(rt) = tokio::runtime::Builder::new_current_thread().build() {
+            crate::usage::metrics::observe(&rt.block_on(record.build()));
         }
     }
 }
 
-/// The status recorded for a stream the client abandoned (nginx's "client closed request").
-const CLIENT_CLOSED: u16 = 499;
+/// A finished stream's record: complete, or waiting for its tokens to be counted (the
+/// provider sent no usage), which is done off the async workers ([`PendingRecord::build`]).
+enum PendingRecord {
+    Ready(RequestRecord),
+    Count(Box<ToCount>),
+}
+
+/// What a record without the provider's usage is built from.
+struct ToCount {
+    meta: RequestMeta,
+    model: Arc<Model>,
+    status: u16,
+    attempts: Vec<Attempt>,
+    messages: Vec<echelon_types::ChatMessage>,
+    text: String,
+    ttft_ms: u64,
+    no_finish_reason: bool,
+}
+
+impl PendingRecord {
+    async fn build(self) -> RequestRecord {
+        let c = match self {
+            PendingRecord::Ready(record) => return record,
+            PendingRecord::Count(c) => c,
+        };
+        let tokens = TokenCount {
+            prompt: crate::tokens::prompt_tokens_for(&c.model, &c.messages).await,
+            completion: crate::tokens::text_tokens_for(&c.model, &c.text).await,
+            cached: 0,
+            estimated: true,
+        };
+        let mut record = c.meta.record(
+            Some(&c.model),
+            c.status,
+            &c.attempts,
+            tokens,
+            Some(c.ttft_ms),
+        );
+        record.no_finish_reason = c.no_finish_reason;
+        record
+    }
+}

@@ -16,8 +16,9 @@
 //! - `requests`: `id` (row id), `request_id`, `started_at_ms` (Unix ms), `route`,
 //!   `model`, `provider` (NULL when no model answered), `status` (HTTP), `stream`,
 //!   `latency_ms`, `ttft_ms`, `prompt_tokens`, `completion_tokens`, `cost_usd` (USD),
-//!   `estimated`, `fallback` (booleans as 0/1); indexed on `started_at_ms`, `model`,
-//!   `route`.
+//!   `estimated`, `fallback`, `no_finish_reason` (booleans as 0/1: a stream delivered
+//!   although no chunk carried a `finish_reason`, since v2); indexed on `started_at_ms`,
+//!   `model`, `route`.
 //! - `attempts`: `id`, `request_rowid` (→ `requests.id`), `seq` (0-based order),
 //!   `model`, `provider`, `key_id` (short id, never the key), `status` (NULL when the
 //!   provider did not answer), `error_kind` (`ok` or the error/skip kind),
@@ -72,6 +73,8 @@ const MIGRATIONS: &[&str] = &[
     );
     CREATE INDEX requests_started_at_ms ON requests(started_at_ms);
     CREATE INDEX attempts_request_rowid ON attempts(request_rowid);",
+    // v2: streams delivered without a finish reason are flagged (issue 14 item 3).
+    "ALTER TABLE requests ADD COLUMN no_finish_reason INTEGER NOT NULL DEFAULT 0;",
 ];
 
 /// How long a connection waits for a lock held by another one, in milliseconds.
@@ -541,8 +544,8 @@ fn insert_batch(conn: &mut Connection, records: &[RequestRecord]) -> rusqlite::R
         let mut request = tx.prepare_cached(
             "INSERT INTO requests (request_id, started_at_ms, route, model, provider, status,
                 stream, latency_ms, ttft_ms, prompt_tokens, completion_tokens, cost_usd,
-                estimated, fallback)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14)",
+                estimated, fallback, no_finish_reason)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15)",
         )?;
         let mut attempt = tx.prepare_cached(
             "INSERT INTO attempts (request_rowid, seq, model, provider, key_id, status,
@@ -565,6 +568,7 @@ fn insert_batch(conn: &mut Connection, records: &[RequestRecord]) -> rusqlite::R
                 r.cost_usd,
                 r.estimated,
                 r.fallback,
+                r.no_finish_reason,
             ])?;
             for (seq, a) in r.attempts.iter().enumerate() {
                 attempt.execute(params![

@@ -63,6 +63,9 @@ pub const POOL_HEALTHY_INSTANCES: &str = "echelon_pool_healthy_instances";
 pub const POOL_INSTANCE_HEALTHY: &str = "echelon_pool_instance_healthy";
 /// `echelon_ledger_queue_depth`: records waiting for the ledger writer.
 pub const LEDGER_QUEUE_DEPTH: &str = "echelon_ledger_queue_depth";
+/// `echelon_stream_no_finish_reason_total{route, model}`: streams delivered although no
+/// chunk carried a `finish_reason` (ended by `[DONE]` alone; the answer may be cut).
+pub const STREAM_NO_FINISH_REASON_TOTAL: &str = "echelon_stream_no_finish_reason_total";
 
 /// Every metric this module records (what [`describe`] registers).
 pub const METRIC_NAMES: &[&str] = &[
@@ -82,6 +85,7 @@ pub const METRIC_NAMES: &[&str] = &[
     POOL_HEALTHY_INSTANCES,
     POOL_INSTANCE_HEALTHY,
     LEDGER_QUEUE_DEPTH,
+    STREAM_NO_FINISH_REASON_TOTAL,
 ];
 
 /// The histograms, for exporters that set buckets per metric.
@@ -128,6 +132,10 @@ pub fn observe(rec: &RequestRecord) {
     }
     if rec.fallback {
         counter!(FALLBACK_REQUESTS_TOTAL, "route" => route.clone()).increment(1);
+    }
+    if rec.no_finish_reason {
+        counter!(STREAM_NO_FINISH_REASON_TOTAL, "route" => route.clone(), "model" => model.clone())
+            .increment(1);
     }
 
     let (mut prompt, mut completion, mut cost) = (0u64, 0u64, 0.0f64);
@@ -297,6 +305,12 @@ pub fn describe() {
         POOL_INSTANCE_HEALTHY,
         "1 when the polling pool's instance is healthy (in the rotation), else 0."
     );
+    describe_counter!(
+        STREAM_NO_FINISH_REASON_TOTAL,
+        Unit::Count,
+        "Streams delivered although no chunk carried a finish_reason ([DONE] alone ended \
+         them): the answer may be incomplete."
+    );
     describe_gauge!(
         LEDGER_QUEUE_DEPTH,
         Unit::Count,
@@ -341,6 +355,7 @@ mod tests {
             cost_usd: 0.0,
             estimated: false,
             fallback: false,
+            no_finish_reason: false,
             attempts,
         }
     }

@@ -70,11 +70,12 @@ impl TokenCount {
         }
     }
 
-    /// Counted with tiktoken: the request's prompt and the answer's text.
-    pub(crate) fn estimate(model: &Model, req: &ChatCompletionRequest, answer: &str) -> Self {
+    /// Counted with tiktoken (off the async workers when large): the request's prompt
+    /// and the answer's text.
+    pub(crate) async fn estimate(model: &Model, req: &ChatCompletionRequest, answer: &str) -> Self {
         TokenCount {
-            prompt: crate::tokens::prompt_tokens_for(model, &req.messages),
-            completion: crate::tokens::text_tokens_for(model, answer),
+            prompt: crate::tokens::prompt_tokens_for(model, &req.messages).await,
+            completion: crate::tokens::text_tokens_for(model, answer).await,
             cached: 0,
             estimated: true,
         }
@@ -153,6 +154,7 @@ impl RequestMeta {
             cost_usd: cost,
             estimated: tokens.estimated,
             fallback,
+            no_finish_reason: false,
             attempts,
         }
     }

@@ -18,7 +18,7 @@ pub struct RequestRecord {
     /// Its provider id.
     pub provider: Option<String>,
     /// The HTTP status the caller got (200, or the error's status; 499 when the client
-    /// went away during a stream).
+    /// went away before the answer was complete, streamed or not).
     pub status: u16,
     /// Whether the caller asked for a stream.
     pub stream: bool,
@@ -37,6 +37,10 @@ pub struct RequestRecord {
     pub estimated: bool,
     /// Whether the request moved past its first candidate.
     pub fallback: bool,
+    /// Streams: the stream ended with `[DONE]` but no chunk carried a `finish_reason`
+    /// (delivered, but flagged: the answer may be incomplete; the ledger's
+    /// `no_finish_reason` column, the `echelon_stream_no_finish_reason_total` metric).
+    pub no_finish_reason: bool,
     /// Every attempt, in order (skips included, with zero tokens).
     pub attempts: Vec<AttemptRecord>,
 }

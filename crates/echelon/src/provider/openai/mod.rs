@@ -44,6 +44,8 @@ pub struct OpenAiProvider {
     timeouts: Timeouts,
     /// Scrubs the model's keys (and key shapes) out of every error message.
     redactor: Redactor,
+    /// The largest answer read, bytes: a non-streamed body, or a stream's whole body.
+    max_response_bytes: usize,
 }
 
 fn parse_url(url: String) -> Result<reqwest::Url, String> {
@@ -62,6 +64,7 @@ impl OpenAiProvider {
             models_url: parse_url(format!("{base}/models")),
             timeouts,
             redactor: Redactor::default(),
+            max_response_bytes: super::DEFAULT_MAX_RESPONSE_BYTES,
         }
     }
 
@@ -69,6 +72,14 @@ impl OpenAiProvider {
     /// without it only the generic key shapes are scrubbed.
     pub fn with_redactor(mut self, redactor: Redactor) -> Self {
         self.redactor = redactor;
+        self
+    }
+
+    /// The same endpoint reading answers of at most `max_bytes` (a non-streamed body,
+    /// or a stream's whole body); a longer answer fails the call as
+    /// [`ErrorKind::Malformed`]. Default [`DEFAULT_MAX_RESPONSE_BYTES`](super::DEFAULT_MAX_RESPONSE_BYTES).
+    pub fn with_max_response_bytes(mut self, max_bytes: usize) -> Self {
+        self.max_response_bytes = max_bytes;
         self
     }
 
@@ -112,13 +123,23 @@ impl OpenAiProvider {
     ) -> Result<ChatCompletion, ProviderError> {
         let resp = send.send().await.map_err(from_reqwest)?;
         let resp = check_status(resp, &self.redactor).await?;
-        let bytes = resp.bytes().await.map_err(from_reqwest)?;
-        serde_json::from_slice(&bytes).map_err(|e| {
+        let bytes = read_capped(resp, self.max_response_bytes).await?;
+        let completion: ChatCompletion = serde_json::from_slice(&bytes).map_err(|e| {
             ProviderError::new(
                 ErrorKind::Malformed,
                 format!("response is not a chat completion: {e}"),
             )
-        })
+        })?;
+        // `{}` and `{"choices":[]}` parse (every field has a default) but answer nothing:
+        // relayed, they would be a 200 without an answer (DESIGN.md §4: "an empty 200 is
+        // a failure like any other").
+        if completion.choices.is_empty() {
+            return Err(ProviderError::new(
+                ErrorKind::Malformed,
+                "response has no choices (an empty answer)",
+            ));
+        }
+        Ok(completion)
     }
 
     async fn stream_inner(
@@ -132,7 +153,10 @@ impl OpenAiProvider {
             Err(_) => return Err(first_token_timeout(self.timeouts.first_token)),
         };
         let resp = check_status(resp, &self.redactor).await?;
-        let bytes = resp.bytes_stream().map(|r| r.map_err(from_reqwest));
+        let bytes = capped(
+            resp.bytes_stream().map(|r| r.map_err(from_reqwest)),
+            self.max_response_bytes,
+        );
         // In-band error events and failures mid-stream carry upstream text too.
         let redactor = self.redactor.clone();
         let events = sse::events(bytes).map(move |event| event.map_err(|e| e.redacted(&redactor)));
@@ -212,6 +236,99 @@ impl Provider for OpenAiProvider {
     }
 }
 
+/// The error of an answer longer than `max` bytes.
+fn too_large(max: usize) -> ProviderError {
+    ProviderError::new(
+        ErrorKind::Malformed,
+        format!("response larger than max_response_bytes ({max} bytes)"),
+    )
+}
+
+/// A 2xx body, read piece by piece up to `max` bytes: a `Content-Length` above it is
+/// refused before reading, a body that grows past it is dropped as soon as it does (the
+/// gateway never holds more than `max` bytes of one answer).
+async fn read_capped(
+    mut resp: reqwest::Response,
+    max: usize,
+) -> Result<bytes::Bytes, ProviderError> {
+    if resp
+        .content_length()
+        .is_some_and(|n| n > u64::try_from(max).unwrap_or(u64::MAX))
+    {
+        return Err(too_large(max));
+    }
+    // A body in one piece (the usual small answer) is kept as it came, without a copy.
+    let Some(first) = resp.chunk().await.map_err(from_reqwest)? else {
+        return Ok(bytes::Bytes::new());
+    };
+    if first.len() > max {
+        return Err(too_large(max));
+    }
+    let Some(second) = resp.chunk().await.map_err(from_reqwest)? else {
+        return Ok(first);
+    };
+    let mut body = bytes::BytesMut::from(&first[..]);
+    let mut next = Some(second);
+    while let Some(piece) = next {
+        if body.len().saturating_add(piece.len()) > max {
+            return Err(too_large(max));
+        }
+        body.extend_from_slice(&piece);
+        next = resp.chunk().await.map_err(from_reqwest)?;
+    }
+    Ok(body.freeze())
+}
+
+/// Longest part of an error body kept, bytes: its message is cut far shorter (and
+/// scrubbed within its first 64 KiB), so a hostile upstream's endless error body is
+/// never buffered.
+const MAX_ERROR_BODY_BYTES: usize = 64 * 1024;
+
+/// The first [`MAX_ERROR_BODY_BYTES`] of an error answer's body (what arrived before a
+/// read error, if one came first); the rest is not read.
+async fn error_body(mut resp: reqwest::Response) -> bytes::Bytes {
+    let mut body = bytes::BytesMut::new();
+    while body.len() < MAX_ERROR_BODY_BYTES {
+        match resp.chunk().await {
+            Ok(Some(piece)) => {
+                let room = MAX_ERROR_BODY_BYTES - body.len();
+                body.extend_from_slice(&piece[..piece.len().min(room)]);
+            }
+            Ok(None) | Err(_) => break,
+        }
+    }
+    body.freeze()
+}
+
+/// `bytes`, failing with [`too_large`] once more than `max` bytes have passed: this
+/// bounds what a stream can make the gateway buffer (an SSE event without its end, the
+/// answer's text kept for counting).
+fn capped<S>(
+    bytes: S,
+    max: usize,
+) -> impl futures::Stream<Item = Result<bytes::Bytes, ProviderError>> + Send
+where
+    S: futures::Stream<Item = Result<bytes::Bytes, ProviderError>> + Send,
+{
+    // (bytes seen, the cap was passed): after the error, the stream ends.
+    bytes.scan((0usize, false), move |(seen, over), piece| {
+        let item = if *over {
+            None
+        } else {
+            Some(piece.and_then(|p| {
+                *seen = seen.saturating_add(p.len());
+                if *seen > max {
+                    *over = true;
+                    Err(too_large(max))
+                } else {
+                    Ok(p)
+                }
+            }))
+        };
+        futures::future::ready(item)
+    })
+}
+
 /// The response when it is 2xx, else its classified error (status, `Retry-After`, the
 /// OpenAI error body's message, scrubbed by `redactor`).
 async fn check_status(
@@ -223,7 +340,7 @@ async fn check_status(
         return Ok(resp);
     }
     let retry_after = parse_retry_after(resp.headers().get(http::header::RETRY_AFTER));
-    let body = resp.bytes().await.unwrap_or_default();
+    let body = error_body(resp).await;
     Err(ProviderError::from_response(
         status.as_u16(),
         retry_after,
@@ -259,6 +376,25 @@ mod tests {
         }
         let p = OpenAiProvider::new(reqwest::Client::new(), "not a url", timeouts());
         assert_eq!(p.endpoint(), "not a url/chat/completions");
+    }
+
+    #[tokio::test]
+    async fn a_capped_body_fails_once_past_the_cap_and_then_ends() {
+        let pieces =
+            ["abcd", "efgh", "ijkl", "mnop"].map(|p| Ok(bytes::Bytes::from_static(p.as_bytes())));
+        let out: Vec<_> = capped(futures::stream::iter(pieces), 10).collect().await;
+        assert_eq!(out.len(), 3, "two pieces, then the error, then nothing");
+        assert!(out[0].is_ok() && out[1].is_ok());
+        let e = out[2].as_ref().unwrap_err();
+        assert_eq!(e.kind, ErrorKind::Malformed);
+        assert_eq!(
+            e.message,
+            "response larger than max_response_bytes (10 bytes)"
+        );
+        // Exactly at the cap is fine.
+        let pieces = ["abcde", "fghij"].map(|p| Ok(bytes::Bytes::from_static(p.as_bytes())));
+        let out: Vec<_> = capped(futures::stream::iter(pieces), 10).collect().await;
+        assert!(out.iter().all(Result::is_ok));
     }
 
     #[tokio::test]
