@@ -31,6 +31,8 @@ use crate::error::GatewayError;
 /// A candidate set aside because it is rate-limited until `at`.
 struct SetAside<'p> {
     at: Instant,
+    /// Its place in the plan's order (the order it was first set aside in).
+    order: usize,
     tier: &'p Tier,
     model: &'p Arc<Model>,
     /// The pool instance the model stands for, when it came from a pool step.
@@ -162,11 +164,18 @@ pub(crate) async fn run_plan(
         );
         tokio::time::sleep_until(at).await;
         let now = Instant::now();
-        let (due, later): (Vec<_>, Vec<_>) = aside.into_iter().partition(|a| a.at <= now);
+        let (mut due, later): (Vec<_>, Vec<_>) = aside.into_iter().partition(|a| a.at <= now);
+        due.sort_by_key(|a| a.order);
         aside = later;
         for mut a in due {
             if !st.budget_left() {
                 break;
+            }
+            // A context-length refusal elsewhere since it was set aside rules it out too.
+            if let Some(floor) = st.context_floor
+                && a.model.context_window().is_none_or(|w| w <= floor)
+            {
+                continue;
             }
             let flow = try_model(a.tier, a.model, req, stream, &mut st, a.pool, &mut a.state).await;
             match flow {
@@ -216,8 +225,10 @@ fn set_aside<'p>(
         wait_ms = at.saturating_duration_since(Instant::now()).as_millis() as u64,
         "model rate-limited: trying the next candidate first"
     );
+    let order = aside.iter().map(|a| a.order + 1).max().unwrap_or(0);
     aside.push(SetAside {
         at,
+        order,
         tier,
         model,
         pool,
