@@ -230,3 +230,60 @@ async fn an_unknown_huge_model_name_is_echoed_and_stored_bounded() {
     assert!(route.len() <= MAX_ECHOED_NAME_BYTES + 31, "{}", route.len());
     assert!(route.ends_with("…(1048576 bytes)"), "{route}");
 }
+
+/// A polling pool moves on to its next instance when one is rate-limited, instead of
+/// waiting for it; its sticky sessions (hashed keys) still work.
+#[tokio::test]
+async fn a_pool_moves_past_a_rate_limited_instance() {
+    let (a, b) = pair().await;
+    a.set_behavior(rate_limited(2));
+    let yaml = format!(
+        r#"
+providers:
+  pa: {{ base_url: "{}", api_keys: ["key-a"] }}
+  pb: {{ base_url: "{}" }}
+models:
+  m0: {{ provider: pa, max_retries: 2 }}
+  m1: {{ provider: pb, max_retries: 2 }}
+task_groups:
+  g: {{ echelon1: {{ models: [m0, m1] }} }}
+polling_pools:
+  pool: {{ task_groups: [g], rotation_strategy: round_robin, health_check_interval: 3600 }}
+"#,
+        a.base_url(),
+        b.base_url()
+    );
+    let gw = Gateway::from_config(&Config::from_str(&yaml, "pool.yaml").unwrap()).unwrap();
+    let mut seen = Vec::new();
+    for _ in 0..4 {
+        let done = gw.chat(request("pool")).await.unwrap();
+        assert_eq!(done.model, "m1");
+        seen.push(
+            outcomes(&done.attempts)
+                .into_iter()
+                .map(|(m, o)| format!("{m}:{o}"))
+                .collect::<Vec<_>>()
+                .join(","),
+        );
+    }
+    assert_eq!(a.chat_requests(), 1, "{seen:?}");
+    assert!(seen.iter().all(|s| s.ends_with("m1:ok")), "{seen:?}");
+    assert!(
+        seen.iter().any(|s| s == "m0:rate_limited,m1:ok"),
+        "{seen:?}"
+    );
+    assert!(
+        seen.iter().any(|s| s == "m0:key_cooldown,m1:ok"),
+        "{seen:?}"
+    );
+
+    // A long x-session-id keeps the conversation on one instance like a short one.
+    let options = echelon::CallOptions {
+        session_id: Some("s".repeat(256 * 1024)),
+        request_id: None,
+    };
+    for _ in 0..3 {
+        let done = gw.chat_with(request("pool"), &options).await.unwrap();
+        assert_eq!(done.model, "m1");
+    }
+}
