@@ -73,6 +73,8 @@ pub(crate) struct ModelTry {
     refused_keys: Vec<usize>,
     /// The next call is a retry not yet paid for from the retry budget.
     retry_unpaid: bool,
+    /// The delays between retries (from the model's `retry_delay`), made at the first
+    /// retry.
     backoff: Option<ExponentialBackoff>,
 }
 
