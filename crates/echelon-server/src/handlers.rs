@@ -62,7 +62,7 @@ async fn chat_in_span(
     // worker thread (6 MB of log in a few seconds of bench/run.sh), and every request is
     // in the ledger and the metrics anyway. Failures, skips, fallbacks and breaker
     // transitions still log at info or above.
-    tracing::debug!(route = %req.model, stream = req.is_stream(), "chat completion");
+    tracing::debug!(route = %echelon_types::bounded_name(&req.model), stream = req.is_stream(), "chat completion");
     if req.is_stream() {
         let stream = state.gateway.chat_stream_with(req, &options).await?;
         Ok(stream_response(stream))

@@ -9,6 +9,7 @@
 //! (<https://platform.openai.com/docs/api-reference/chat>).
 
 mod chat;
+mod echo;
 mod error;
 mod outcome;
 mod request_check;
@@ -17,6 +18,7 @@ mod stream;
 pub use chat::{
     ChatCompletion, ChatCompletionRequest, ChatMessage, Choice, Role, StreamOptions, Usage,
 };
+pub use echo::{MAX_ECHOED_NAME_BYTES, bounded_name, bounded_to};
 pub use error::{Attempt, ErrorBody, ErrorObject};
 pub use outcome::{ErrorKind, Outcome, SkipReason, UnknownOutcome};
 pub use request_check::{RequestError, parse_request};

@@ -5,7 +5,7 @@ use std::collections::VecDeque;
 use std::sync::Arc;
 use std::time::Duration;
 
-use backon::{BackoffBuilder, ExponentialBuilder};
+use backon::{BackoffBuilder, ExponentialBackoff, ExponentialBuilder};
 use echelon_types::{
     Attempt, ChatCompletion, ChatCompletionChunk, ChatCompletionRequest, Outcome, SkipReason,
 };
@@ -21,8 +21,10 @@ use crate::provider::{ChunkStream, ErrorKind, ProviderError, ProviderRequest};
 use crate::resilience::admission::{Ask, Report};
 
 /// Longest wait the gateway spends on a live request for a rate-limited model: a
-/// Retry-After (or a key cooldown) up to this is waited out before the retry; a longer
-/// one moves on to the next candidate at once.
+/// Retry-After (or a key cooldown) up to this may be waited out before the retry, but
+/// only when no other candidate of the request's plan can take the request now
+/// (`routing::execute`); a longer one moves on to the next candidate and is not waited
+/// for.
 pub const MAX_RETRY_WAIT: Duration = Duration::from_secs(10);
 
 /// Longest backoff between two retries of the same model.
@@ -48,6 +50,33 @@ pub(crate) enum Flow {
     Answered(Answer),
     Next,
     Stop(GatewayError),
+    /// The model is rate-limited until this instant (a 429's Retry-After or its keys'
+    /// cooldown, at most [`MAX_RETRY_WAIT`] away; for a keyless model's 429 without
+    /// Retry-After, its retry backoff) and may take the request then: the
+    /// caller tries the other candidates first and comes back to it (with the same
+    /// [`ModelTry`]) only if none of them answers (issue 14, item 4).
+    Later(Instant),
+}
+
+/// One model's attempts for one request, kept while the model is set aside
+/// ([`Flow::Later`]), so that trying it again continues its retry count, its refused
+/// keys and its backoff instead of starting over.
+#[derive(Default)]
+pub(crate) struct ModelTry {
+    /// Whether the model was entered for this request (its retry budget got the
+    /// request's deposit).
+    entered: bool,
+    /// Calls made to the model for this request.
+    calls: u32,
+    /// Times the model was set aside for its keys' cooldown.
+    cooldown_waits: u32,
+    /// Keys refused with 401/403 for this request.
+    refused_keys: Vec<usize>,
+    /// The next call is a retry not yet paid for from the retry budget.
+    retry_unpaid: bool,
+    /// The delays between retries (from the model's `retry_delay`), made at the first
+    /// retry.
+    backoff: Option<ExponentialBackoff>,
 }
 
 /// State of one request across the models it tries.
@@ -218,6 +247,11 @@ impl RequestState {
 /// breaker, the token buckets, the concurrency limits and the key pool first
 /// ([`admit`]), then sent, then reported to every step that admitted it. `pool` names
 /// the polling pool instance the model stands for, whose health the outcome also feeds.
+///
+/// A rate-limited model (a 429, every key cooling down) is not waited for here: the
+/// answer is [`Flow::Later`] with the time it may be tried again, and the caller calls
+/// this again with the same `mt` if it comes back to it. A cooldown that turns away a
+/// model not yet called is recorded as its skip (`key_cooldown`).
 pub(crate) async fn try_model(
     tier: &Tier,
     model: &Arc<Model>,
@@ -225,15 +259,9 @@ pub(crate) async fn try_model(
     stream: bool,
     st: &mut RequestState,
     pool: Option<(&Arc<super::pool::PollingPool>, usize)>,
+    mt: &mut ModelTry,
 ) -> Flow {
     let max_retries = tier.defaults.max_retries.unwrap_or(model.max_retries());
-    let mut backoff = ExponentialBuilder::new()
-        .with_min_delay(model.retry_delay())
-        .with_factor(2.0)
-        .with_jitter()
-        .with_max_delay(MAX_BACKOFF)
-        .without_max_times()
-        .build();
     let req = ProviderRequest {
         body,
         model: model.upstream_model(),
@@ -249,12 +277,12 @@ pub(crate) async fn try_model(
                 .map_or(DEFAULT_OUTPUT_RESERVE, u64::from),
         ),
     };
-    let mut refused_keys: Vec<usize> = Vec::new();
-    let mut calls: u32 = 0;
-    let mut cooldown_waits: u32 = 0;
-    model.retry_budget.deposit();
+    if !mt.entered {
+        mt.entered = true;
+        model.retry_budget.deposit();
+    }
     loop {
-        let tried = calls > 0;
+        let tried = mt.calls > 0;
         // The request's max_attempts is checked before anything is taken.
         if !st.budget_left() {
             return Flow::Next;
@@ -262,7 +290,7 @@ pub(crate) async fn try_model(
         let ask = Ask {
             queue: model.queue_timeout(),
             tokens,
-            exclude_keys: &refused_keys,
+            exclude_keys: &mt.refused_keys,
         };
         let mut admitted = match admit(tier, model, &ask).await {
             Ok(a) => a,
@@ -271,15 +299,17 @@ pub(crate) async fn try_model(
                     && let Some(until) = refusal.retry_at
                 {
                     let wait = until.saturating_duration_since(Instant::now());
-                    cooldown_waits += 1;
+                    mt.cooldown_waits += 1;
                     // Bounded: other requests may keep re-cooling the keys. Everything
                     // the earlier steps took has gone back with the refusal.
-                    if calls <= max_retries
-                        && cooldown_waits <= max_retries + 1
+                    if mt.calls <= max_retries
+                        && mt.cooldown_waits <= max_retries + 1
                         && wait <= MAX_RETRY_WAIT
                     {
-                        tokio::time::sleep(wait).await;
-                        continue;
+                        if !tried {
+                            st.skip(model, refusal.reason, refusal.message);
+                        }
+                        return Flow::Later(until);
                     }
                 }
                 // A model already called for this request is not also listed as skipped
@@ -295,11 +325,23 @@ pub(crate) async fn try_model(
                 return Flow::Next;
             }
         };
+        // A retry after a 429 is paid for once it can be sent (one set aside and never
+        // retried costs the budget nothing); what was admitted goes back if it cannot.
+        if mt.retry_unpaid {
+            if !model.retry_budget.try_withdraw() {
+                tracing::warn!(
+                    model = model.id(),
+                    "retry budget exhausted: moving on without retry"
+                );
+                return Flow::Next;
+            }
+            mt.retry_unpaid = false;
+        }
         if let Some((p, i)) = pool {
             admitted = admitted.with_pool(PoolTicket::new(p.clone(), i));
         }
         admitted.commit(model);
-        calls += 1;
+        mt.calls += 1;
         st.calls += 1;
         st.call_started(model, admitted.key().map(|k| k.id().to_owned()));
         let key_index = admitted.key_index();
@@ -360,13 +402,13 @@ pub(crate) async fn try_model(
                 None => Flow::Stop(context_error(std::mem::take(&mut st.attempts))),
             };
         }
-        if calls > max_retries {
+        if mt.calls > max_retries {
             return Flow::Next;
         }
         if e.is_key_fatal() {
             match key_index {
                 Some(i) => {
-                    refused_keys.push(i);
+                    mt.refused_keys.push(i);
                     continue;
                 }
                 None => return Flow::Next,
@@ -375,26 +417,37 @@ pub(crate) async fn try_model(
         if !e.is_retryable() {
             return Flow::Next;
         }
+        let backoff = mt.backoff.get_or_insert_with(|| {
+            ExponentialBuilder::new()
+                .with_min_delay(model.retry_delay())
+                .with_factor(2.0)
+                .with_jitter()
+                .with_max_delay(MAX_BACKOFF)
+                .without_max_times()
+                .build()
+        });
+        if e.kind == ErrorKind::RateLimited {
+            mt.retry_unpaid = true;
+            if key_index.is_some() {
+                // The next pass takes another key at once, or sets the model aside
+                // until its first key's cooldown ends.
+                continue;
+            }
+            // No key to cool down: the model itself is rate-limited for the Retry-After
+            // (else for the backoff), and set aside until then.
+            let wait = match e.retry_after {
+                Some(ra) if ra > MAX_RETRY_WAIT => return Flow::Next,
+                Some(ra) => ra,
+                None => backoff.next().unwrap_or(MAX_BACKOFF),
+            };
+            return Flow::Later(Instant::now() + wait);
+        }
         if !model.retry_budget.try_withdraw() {
             tracing::warn!(
                 model = model.id(),
                 "retry budget exhausted: moving on without retry"
             );
             return Flow::Next;
-        }
-        if e.kind == ErrorKind::RateLimited {
-            if key_index.is_some() {
-                // The next pass takes another key at once, or waits out the cooldown.
-                continue;
-            }
-            match e.retry_after {
-                Some(ra) if ra > MAX_RETRY_WAIT => return Flow::Next,
-                Some(ra) => {
-                    tokio::time::sleep(ra).await;
-                    continue;
-                }
-                None => {}
-            }
         }
         tokio::time::sleep(backoff.next().unwrap_or(MAX_BACKOFF)).await;
     }

@@ -14,7 +14,7 @@ use super::attempt::Answer;
 use super::cancel::Pending;
 use super::execute::{run_plan, session_key};
 use super::model::Model;
-use super::plan::Plan;
+use super::plan::{Plan, Step};
 use super::stats::{FallbackEvent, StatsSnapshot};
 use super::stream::{GatewayStream, StreamAccounting};
 use super::topology::{NodeRoutes, RouteInfo, Topology};
@@ -418,8 +418,14 @@ async fn execute(
     options: &CallOptions,
 ) -> Result<(Answer, Arc<Model>, Vec<Attempt>), GatewayError> {
     let plan = plan?;
-    let session = session_key(req, options);
-    let result = run_plan(plan, req, stream, session.as_deref()).await;
+    // Only a polling pool keeps sessions: no key (and no hashing) for other routes.
+    let session = plan
+        .steps
+        .iter()
+        .any(|s| matches!(s, Step::Pool(_)))
+        .then(|| session_key(req, options))
+        .flatten();
+    let result = run_plan(plan, req, stream, session).await;
     match &result {
         Ok((_, _, attempts)) => plan.stats.record(attempts, true),
         Err(e) => plan.stats.record(e.attempts(), false),

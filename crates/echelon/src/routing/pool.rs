@@ -35,11 +35,41 @@ use tokio::time::{Instant, MissedTickBehavior};
 use super::model::Model;
 use crate::resilience::key_pool::NoKey;
 
-/// Sticky sessions kept at most (the least recently used go first beyond that).
+/// Sticky sessions kept at most (the least recently used go first beyond that). With
+/// [`SessionKey`]s of 16 bytes the map stays within a few MiB however large the values
+/// clients send.
 const MAX_SESSIONS: u64 = 100_000;
 /// Longest `recovery_time` / `session_ttl` honoured (one year), so that adding it to an
 /// instant cannot overflow (moka refuses TTLs over 1000 years).
 const MAX_DURATION: Duration = Duration::from_secs(365 * 24 * 3600);
+
+/// The key a sticky session is kept under: 128 bits of SHA-256 over what the key is
+/// made of (its kind and the client's value), never the value itself, so that the
+/// sticky map costs the same per entry whatever a client sends (issue 14, item 11: 1,000
+/// requests with a 256 KiB `x-session-id` used to keep 256 MB). A collision needs about
+/// 2^64 chosen values, and would only share an instance between two conversations.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub(crate) struct SessionKey([u8; 16]);
+
+impl SessionKey {
+    /// The key of `parts` under `kind` (`session`, `user`, `conversation`): each part is
+    /// hashed with its length first, so that no two lists of parts hash alike by
+    /// concatenation.
+    pub(crate) fn new<'a>(kind: &str, parts: impl IntoIterator<Item = &'a [u8]>) -> Self {
+        use sha2::{Digest, Sha256};
+        let mut h = Sha256::new();
+        h.update((kind.len() as u64).to_le_bytes());
+        h.update(kind.as_bytes());
+        for part in parts {
+            h.update((part.len() as u64).to_le_bytes());
+            h.update(part);
+        }
+        let digest = h.finalize();
+        let mut key = [0u8; 16];
+        key.copy_from_slice(&digest[..16]);
+        SessionKey(key)
+    }
+}
 
 /// How a pool spreads requests over its healthy instances (`rotation_strategy`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -142,7 +172,7 @@ pub(crate) struct PollingPool {
     weights: Vec<i64>,
     inner: Mutex<Inner>,
     picked: Vec<AtomicU64>,
-    sessions: moka::sync::Cache<String, usize>,
+    sessions: moka::sync::Cache<SessionKey, usize>,
 }
 
 impl std::fmt::Debug for PollingPool {
@@ -221,9 +251,9 @@ impl PollingPool {
     /// oldest, so that a request still tries something (and a success there can bring
     /// the instance back once `recovery_time` has passed). While at least one instance
     /// is healthy, unhealthy ones are never picked.
-    pub(crate) fn select(&self, session: Option<&str>, exclude: &[usize]) -> Option<usize> {
+    pub(crate) fn select(&self, session: Option<SessionKey>, exclude: &[usize]) -> Option<usize> {
         let n = self.instances.len();
-        let bound = session.and_then(|key| self.sessions.get(key));
+        let bound = session.and_then(|key| self.sessions.get(&key));
         let pick = {
             let mut inner = lock(&self.inner);
             let sticky = bound.filter(|&i| {
@@ -247,7 +277,7 @@ impl PollingPool {
             }
         };
         if let Some(key) = session {
-            self.sessions.insert(key.to_owned(), pick);
+            self.sessions.insert(key, pick);
         }
         self.picked[pick].fetch_add(1, Ordering::Relaxed);
         Some(pick)
@@ -513,6 +543,10 @@ mod tests {
     /// Nothing listens there: the discard port, refused.
     const NOWHERE: &str = "http://127.0.0.1:9/v1";
 
+    fn sk(id: &str) -> SessionKey {
+        SessionKey::new("session", [id.as_bytes()])
+    }
+
     fn model(id: &str, base_url: &str, keys: &[&str]) -> Arc<Model> {
         let provider = ProviderConfig {
             base_url: base_url.to_owned(),
@@ -669,7 +703,7 @@ mod tests {
             assert_eq!(c[1] + c[2], 100, "{rotation:?}");
             assert_eq!(p.select(None, &[2, 0]), Some(1), "{rotation:?}");
             assert_eq!(p.select(None, &[0, 1, 2]), None, "{rotation:?}");
-            assert_eq!(p.select(Some("s"), &[0, 1, 2]), None, "{rotation:?}");
+            assert_eq!(p.select(Some(sk("s")), &[0, 1, 2]), None, "{rotation:?}");
         }
         // Some instance healthy but every healthy one excluded: the unhealthy one is not
         // tried.
@@ -681,25 +715,25 @@ mod tests {
     #[test]
     fn sticky_session_stays_while_healthy_and_moves_when_not() {
         let p = pool(3, settings(Rotation::RoundRobin));
-        let first = p.select(Some("conv-1"), &[]).unwrap();
-        let other = p.select(Some("conv-2"), &[]).unwrap();
+        let first = p.select(Some(sk("conv-1")), &[]).unwrap();
+        let other = p.select(Some(sk("conv-2")), &[]).unwrap();
         assert_ne!(first, other);
         for _ in 0..20 {
             // Other traffic moves the rotation on; the session stays put.
             p.select(None, &[]).unwrap();
-            assert_eq!(p.select(Some("conv-1"), &[]), Some(first));
+            assert_eq!(p.select(Some(sk("conv-1")), &[]), Some(first));
         }
         // Excluded for this request: another instance, and the session follows it.
-        let moved = p.select(Some("conv-1"), &[first]).unwrap();
+        let moved = p.select(Some(sk("conv-1")), &[first]).unwrap();
         assert_ne!(moved, first);
-        assert_eq!(p.select(Some("conv-1"), &[]), Some(moved));
+        assert_eq!(p.select(Some(sk("conv-1")), &[]), Some(moved));
 
         // Its instance turns unhealthy: the session moves and stays on the new one.
         fail(&p, moved, 3);
-        let next = p.select(Some("conv-1"), &[]).unwrap();
+        let next = p.select(Some(sk("conv-1")), &[]).unwrap();
         assert_ne!(next, moved);
         for _ in 0..10 {
-            assert_eq!(p.select(Some("conv-1"), &[]), Some(next));
+            assert_eq!(p.select(Some(sk("conv-1")), &[]), Some(next));
         }
     }
 
@@ -742,7 +776,7 @@ mod tests {
         assert_eq!(p.select(None, &[0, 1, 2]), None);
         // The tried instance fails again: the next-oldest failure is tried next.
         p.record(1, false);
-        assert_eq!(p.select(Some("s"), &[]), Some(0));
+        assert_eq!(p.select(Some(sk("s")), &[]), Some(0));
 
         // A live success there counts as a passing probe, once recovery_time is over.
         p.record(0, true);

@@ -379,7 +379,8 @@ impl Topology {
     /// `default_route` for the name `default` when no route has that name.
     ///
     /// # Errors
-    /// 404 (`model_not_found`) when the name is not a route.
+    /// 404 (`model_not_found`) when the name is not a route; the message names it
+    /// cut to [`echelon_types::MAX_ECHOED_NAME_BYTES`].
     pub(crate) fn resolve(&self, name: &str) -> Result<(&str, &Plan), GatewayError> {
         let found = self.routes.get_key_value(name).or_else(|| {
             if name == DEFAULT_ROUTE_ALIAS {
@@ -393,8 +394,10 @@ impl Topology {
             Some((route, plan)) => Ok((route.as_str(), plan)),
             None => Err(GatewayError::new(
                 GatewayErrorKind::UnknownRoute,
+                // The name is the client's: echoed bounded (issue 14, item 11).
                 format!(
-                    "route `{name}` is not a route of this gateway (GET /v1/models lists them)"
+                    "route `{}` is not a route of this gateway (GET /v1/models lists them)",
+                    echelon_types::bounded_name(name)
                 ),
             )
             .with_param("model")

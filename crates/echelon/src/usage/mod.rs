@@ -96,7 +96,8 @@ impl RequestMeta {
     pub(crate) fn new(request_id: Option<&str>, route: &str, stream: bool) -> Self {
         RequestMeta {
             request_id: request_id.map_or_else(new_request_id, str::to_owned),
-            route: route.to_owned(),
+            // An unknown route is the client's `model` as sent: stored bounded.
+            route: echelon_types::bounded_name(route).into_owned(),
             started: Instant::now(),
             started_unix_ms: std::time::SystemTime::now()
                 .duration_since(std::time::UNIX_EPOCH)

@@ -11,7 +11,9 @@ pub struct RequestRecord {
     pub request_id: String,
     /// When the request arrived, Unix time in milliseconds.
     pub started_at_unix_ms: u64,
-    /// The route the request named (`model` field), after `default` resolution.
+    /// The route the request named (`model` field), after `default` resolution; an unknown
+    /// name is kept cut to [`echelon_types::MAX_ECHOED_NAME_BYTES`] (`…(N bytes)` marks the
+    /// cut).
     pub route: String,
     /// The model id that answered; `None` when none did.
     pub model: Option<String>,
