@@ -220,7 +220,8 @@ fn set_aside<'p>(
     own: bool,
     state: ModelTry,
 ) {
-    tracing::info!(
+    // At debug: in a 429 storm this is most requests, and the attempt records say it.
+    tracing::debug!(
         model = model.id(),
         wait_ms = at.saturating_duration_since(Instant::now()).as_millis() as u64,
         "model rate-limited: trying the next candidate first"
