@@ -5,14 +5,12 @@
 //! a gateway on their machine, even with a CORS "simple" request whose answer it never
 //! reads. Requests without `Origin` (curl, SDKs, servers) are not affected.
 //!
-//! A small middleware rather than tower-http's `CorsLayer`: that layer only adds or
-//! leaves out headers and never refuses a request, which is the part that matters here.
-
-use std::sync::Arc;
+//! Checked by the [guard](crate::guard) rather than tower-http's `CorsLayer`: that layer
+//! only adds or leaves out headers and never refuses a request, which is the part that
+//! matters here.
 
 use axum::body::Body;
-use axum::extract::{Request, State};
-use axum::middleware::Next;
+use axum::extract::Request;
 use axum::response::{IntoResponse, Response};
 use http::header::{
     ACCESS_CONTROL_ALLOW_HEADERS, ACCESS_CONTROL_ALLOW_METHODS, ACCESS_CONTROL_ALLOW_ORIGIN,
@@ -62,32 +60,38 @@ impl CorsOrigins {
     }
 }
 
-/// Middleware: passes requests without `Origin` through untouched; refuses those of an
-/// origin not configured; answers an allowed origin's preflight (`OPTIONS` with
-/// `Access-Control-Request-Method`) itself, and adds `Access-Control-Allow-Origin` to its
-/// other answers.
-///
-/// # Errors
-/// 403 `origin_not_allowed`, without CORS headers.
-pub(crate) async fn check_origin(
-    State(cors): State<Arc<CorsOrigins>>,
-    req: Request,
-    next: Next,
-) -> Result<Response, ApiError> {
-    let Some(origin) = req.headers().get(ORIGIN).cloned() else {
-        return Ok(next.run(req).await);
+/// What a request's `Origin` asks of the [guard](crate::guard).
+pub(crate) enum OriginCheck {
+    /// No `Origin`: not from a web page; served as it is.
+    Absent,
+    /// An origin not configured: this 403 `origin_not_allowed` (without CORS headers).
+    Refused(ApiError),
+    /// An allowed origin's preflight (`OPTIONS` with `Access-Control-Request-Method`):
+    /// this 204, answered here.
+    Preflight(Response),
+    /// An allowed origin: served, its answer gets [`add_headers`].
+    Allowed(HeaderValue),
+}
+
+/// Checks `req`'s `Origin` against `cors` (see the module docs).
+pub(crate) fn check(cors: &CorsOrigins, req: &Request) -> OriginCheck {
+    let Some(origin) = req.headers().get(ORIGIN) else {
+        return OriginCheck::Absent;
     };
-    let allowed = origin.to_str().ok().filter(|o| cors.allows(o));
-    if allowed.is_none() {
-        return Err(ApiError::origin_not_allowed(&String::from_utf8_lossy(
+    if !origin.to_str().is_ok_and(|o| cors.allows(o)) {
+        return OriginCheck::Refused(ApiError::origin_not_allowed(&String::from_utf8_lossy(
             origin.as_bytes(),
         )));
     }
     if req.method() == Method::OPTIONS && req.headers().contains_key(ACCESS_CONTROL_REQUEST_METHOD)
     {
-        return Ok(preflight(origin, req.headers()));
+        return OriginCheck::Preflight(preflight(origin.clone(), req.headers()));
     }
-    let mut resp = next.run(req).await;
+    OriginCheck::Allowed(origin.clone())
+}
+
+/// The CORS headers of an allowed origin's (non-preflight) answer.
+pub(crate) fn add_headers(resp: &mut Response, origin: HeaderValue) {
     let h = resp.headers_mut();
     h.insert(ACCESS_CONTROL_ALLOW_ORIGIN, origin);
     h.insert(
@@ -95,7 +99,6 @@ pub(crate) async fn check_origin(
         HeaderValue::from_static(EXPOSE_HEADERS),
     );
     h.append(VARY, HeaderValue::from_static("origin"));
-    Ok(resp)
 }
 
 /// 204 with what the page may do: the methods, the headers it asked for (else

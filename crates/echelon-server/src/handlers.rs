@@ -1,10 +1,8 @@
 //! The endpoint handlers.
 
 use axum::Json;
-use axum::extract::rejection::BytesRejection;
 use axum::extract::{OriginalUri, State};
 use axum::response::{IntoResponse, Response};
-use bytes::Bytes;
 use echelon::CallOptions;
 use echelon_types::parse_request;
 use http::StatusCode;
@@ -12,6 +10,7 @@ use serde_json::json;
 use tracing::Instrument;
 
 use crate::AppState;
+use crate::content_type::JsonBody;
 use crate::error::ApiError;
 use crate::reply::{json_response, put_route_headers};
 use crate::sse::stream_response;
@@ -20,7 +19,7 @@ use crate::sse::stream_response;
 pub(crate) async fn chat_completions(
     State(state): State<AppState>,
     headers: http::HeaderMap,
-    body: Result<Bytes, BytesRejection>,
+    body: Result<JsonBody, ApiError>,
 ) -> Response {
     // The caller's x-request-id when it sent a sane one, else a new id; it is on every
     // log line of the request and echoed in the response.
@@ -43,7 +42,7 @@ pub(crate) async fn chat_completions(
 async fn chat_in_span(
     state: AppState,
     headers: http::HeaderMap,
-    body: Result<Bytes, BytesRejection>,
+    body: Result<JsonBody, ApiError>,
     request_id: String,
 ) -> Result<Response, ApiError> {
     let options = CallOptions {
@@ -53,7 +52,7 @@ async fn chat_in_span(
             .map(str::to_owned),
         request_id: Some(request_id),
     };
-    let body = body.map_err(|rejection| ApiError::body_rejected(&rejection))?;
+    let JsonBody(body) = body?;
     if state.log_bodies {
         tracing::info!(body = %String::from_utf8_lossy(&body), "request body (log_bodies: true)");
     }

@@ -15,11 +15,8 @@
 //! names are accepted with any port, besides `allowed_hosts`.
 
 use std::net::{IpAddr, SocketAddr};
-use std::sync::Arc;
 
-use axum::extract::{Request, State};
-use axum::middleware::Next;
-use axum::response::Response;
+use axum::extract::Request;
 
 use crate::error::ApiError;
 
@@ -115,16 +112,12 @@ fn split_host_port(value: &str) -> Option<(String, Option<u16>)> {
     Some((host.to_ascii_lowercase(), port))
 }
 
-/// Middleware: serves the request only when its `Host` (or HTTP/2 `:authority`) is
-/// allowed (see the module docs).
+/// Checks `req`'s `Host` (or HTTP/2 `:authority`) against `hosts` and the local address
+/// of its connection (see the module docs).
 ///
 /// # Errors
 /// 403 `host_not_allowed`, naming `server.allowed_hosts`.
-pub(crate) async fn require_allowed_host(
-    State(hosts): State<Arc<AllowedHosts>>,
-    req: Request,
-    next: Next,
-) -> Result<Response, ApiError> {
+pub(crate) fn check(hosts: &AllowedHosts, req: &Request) -> Result<(), ApiError> {
     let local = req.extensions().get::<LocalAddr>().map(|l| l.0);
     let host = req.uri().authority().map(|a| a.as_str()).or_else(|| {
         req.headers()
@@ -132,7 +125,7 @@ pub(crate) async fn require_allowed_host(
             .and_then(|v| v.to_str().ok())
     });
     if hosts.allows(host, local) {
-        Ok(next.run(req).await)
+        Ok(())
     } else {
         Err(ApiError::host_not_allowed(host))
     }

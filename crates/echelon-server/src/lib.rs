@@ -30,6 +30,7 @@ mod conn;
 mod content_type;
 mod cors;
 mod error;
+mod guard;
 mod handlers;
 mod host;
 mod metrics;
@@ -122,8 +123,8 @@ pub fn router(gateway: Arc<Gateway>, options: &ServerOptions) -> Router {
         keys: Arc::new(GatewayKeys::new(&options.api_keys)),
         log_bodies: options.log_bodies,
     };
-    let chat = post(handlers::chat_completions)
-        .route_layer(axum::middleware::from_fn(content_type::require_json));
+    // Its body is read only as JSON (`content_type::JsonBody`).
+    let chat = post(handlers::chat_completions);
     let v1 = Router::new()
         .route("/chat/completions", chat)
         .route("/models", get(handlers::list_models))
@@ -153,14 +154,10 @@ pub fn router(gateway: Arc<Gateway>, options: &ServerOptions) -> Router {
         .method_not_allowed_fallback(handlers::method_not_allowed)
         .fallback(handlers::not_found)
         .layer(DefaultBodyLimit::max(options.body_limit_bytes))
-        // Outermost first: the `Host` check, then the `Origin` check, on every path.
-        .layer(axum::middleware::from_fn_with_state(
-            Arc::new(cors::CorsOrigins::new(&options.cors_origins)),
-            cors::check_origin,
-        ))
-        .layer(axum::middleware::from_fn_with_state(
-            Arc::new(host::AllowedHosts::new(&options.allowed_hosts)),
-            host::require_allowed_host,
+        // Outermost, on every path: the `Host` check, then the `Origin` check.
+        .layer(guard::GuardLayer::new(
+            &options.allowed_hosts,
+            &options.cors_origins,
         ))
         .with_state(state)
 }
