@@ -1064,6 +1064,8 @@ struct StormRun {
     /// many of those `b` answered.
     cooled: i64,
     cooled_answered_by_b: i64,
+    /// Requests that called `a` again after its 429 (waited out the Retry-After).
+    waited_for_a: i64,
     a_calls: usize,
     b_calls: usize,
 }
@@ -1113,6 +1115,12 @@ async fn storm(seed: u64, fault: Behavior) -> StormRun {
         latency_ms: (pct(50), pct(99)),
         cooled: one(&format!("SELECT COUNT(*) {cooled_sql}")),
         cooled_answered_by_b: one(&format!("SELECT COUNT(*) {cooled_sql} AND r.model = 'b'")),
+        waited_for_a: one(
+            "SELECT COUNT(DISTINCT f.request_rowid) FROM attempts f JOIN attempts n \
+             ON n.request_rowid = f.request_rowid AND n.seq > f.seq \
+             WHERE f.model = 'a' AND f.error_kind = 'rate_limited' \
+               AND n.model = 'a' AND n.error_kind <> 'key_cooldown'",
+        ),
         ledger,
         a_calls,
         b_calls,
@@ -1122,9 +1130,9 @@ async fn storm(seed: u64, fault: Behavior) -> StormRun {
 /// Issue 14, item 4: `a` answers 429 + `Retry-After: 1` on 30% of its calls (its one
 /// key then cools down for a second), `b` in echelon 2 is healthy. No client sees an
 /// error, `b` takes every request `a` cannot take now (`a` is skipped for its cooldown
-/// and `b` answers), and the throughput stays of the order of the same run with 500s
-/// instead of 429s (old: 25.8 req/s, p50 1.0 s, against 1,770 req/s: every request slept
-/// out the cooldown).
+/// and `b` answers), and no request waits for `a`'s Retry-After (old code: each one that
+/// found the key cooling slept it out and called `a` again; 23.4 req/s, p50 1.0 s, in
+/// BENCHMARKS.md).
 #[test]
 fn a_429_storm_fails_over_like_a_500_storm() {
     let _serial = serial();
@@ -1191,18 +1199,10 @@ fn a_429_storm_fails_over_like_a_500_storm() {
         );
         assert_eq!(r.ledger.calls.get("a").copied(), Some(r.a_calls as i64));
         assert_eq!(r.ledger.calls.get("b").copied(), Some(r.b_calls as i64));
-        // Nothing sleeps out the Retry-After while `b` can answer: the run is not an
-        // order of magnitude slower than with 500s (old: 1/70 of it, p50 at 1 s).
-        assert!(
-            r.latency_ms.0 < 500,
-            "p50 {} ms: requests waited for a's Retry-After",
-            r.latency_ms.0
-        );
-        assert!(
-            r.rps() >= server_errors.rps() / 4.0,
-            "429 storm {:.1} req/s against {:.1} req/s with 500s",
-            r.rps(),
-            server_errors.rps()
-        );
+        // Nothing sleeps out the Retry-After while `b` can answer: no request calls `a`
+        // again after its 429 (the old code did, after sleeping; its p50 was the 1 s
+        // Retry-After). Throughput is printed above, not asserted (timing on a shared
+        // machine; BENCHMARKS.md has the figures).
+        assert_eq!(r.waited_for_a, 0, "requests waited for a's Retry-After");
     });
 }

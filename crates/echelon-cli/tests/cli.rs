@@ -7,7 +7,7 @@ use std::time::Duration;
 use echelon_testkit::{TestUpstream, UpstreamOptions};
 
 mod common;
-use common::{BIN, sigterm, spawn_serve, write};
+use common::{BIN, sigterm, spawn_serve, spawn_serve_with, write};
 
 fn config_for(base_url: &str) -> String {
     format!(
@@ -190,7 +190,14 @@ async fn a_second_sigterm_exits_at_once() {
         config_for(&up.base_url()).replace("max_retries: 0", "max_retries: 0, timeout: 300")
     );
     let p = write(&dir, "c.yaml", &text);
-    let (mut child, url) = spawn_serve(&p, dir.path());
+    let log = dir.path().join("serve.log");
+    let (mut child, url) = spawn_serve_with(
+        &p,
+        dir.path(),
+        std::fs::File::create(&log).unwrap(),
+        &[],
+        &[],
+    );
     let _stalled = tokio::spawn(async move {
         reqwest::Client::new()
             .post(format!("{url}/v1/chat/completions"))
@@ -202,7 +209,19 @@ async fn a_second_sigterm_exits_at_once() {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     sigterm(&child);
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    // Two signals sent before serve took the first would be one (signals merge): wait
+    // until it says it got it.
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while !std::fs::read_to_string(&log)
+        .unwrap_or_default()
+        .contains("received: finishing in-flight requests")
+    {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "serve never logged the first SIGTERM"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
     assert!(
         child.try_wait().unwrap().is_none(),
         "the first SIGTERM waits for the in-flight request"

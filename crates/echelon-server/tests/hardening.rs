@@ -532,10 +532,9 @@ async fn a_stalled_request_is_ended_at_the_shutdown_timeout_and_serve_returns() 
         .await
         .expect("the client's stream ends")
         .unwrap();
-    assert!(
-        body.is_err() || !body.as_ref().unwrap().contains("[DONE]"),
-        "the stream was cut, not finished: {body:?}"
-    );
+    // The stalled upstream never sends `[DONE]`: ended at the deadline, the chunked
+    // body is cut, which the client sees as an error, not as a normal end.
+    assert!(body.is_err(), "the stream was cut, not finished: {body:?}");
     // The gateway records the ended stream (499: the client side went away).
     tokio::time::timeout(SOON, h.gateway.shutdown())
         .await

@@ -63,15 +63,15 @@ fn outcomes(attempts: &[Attempt]) -> Vec<(&str, &str)> {
         .collect()
 }
 
-/// Issue 14, item 4: `a` always answers 429 + Retry-After: 2 and `b` is healthy. The
+/// Issue 14, item 4: `a` always answers 429 + Retry-After: 9 (under the 10 s the old code waited out; long enough that the key is still cooling at the next request on a slow machine) and `b` is healthy. The
 /// request is answered by `b` right after `a`'s one 429 — not after sleeping out the
-/// Retry-After and retrying `a` (old: `a` 429 ×3, 4 s of sleep, then `b`) — and the next
+/// Retry-After and retrying `a` (old: `a` 429 ×3, 18 s of sleep, then `b`) — and the next
 /// request, while `a`'s key cools down, does not call `a` at all: `a` shows as skipped
 /// for its cooldown, `b` answers.
 #[tokio::test]
 async fn a_rate_limited_echelon_fails_over_without_waiting() {
     let (a, b) = pair().await;
-    a.set_behavior(rate_limited(2));
+    a.set_behavior(rate_limited(9));
     let gw = gateway(&a, &b, r#"api_keys: ["key-a"]"#);
 
     let done = gw.chat(request("grp")).await.unwrap();
@@ -236,7 +236,7 @@ async fn an_unknown_huge_model_name_is_echoed_and_stored_bounded() {
 #[tokio::test]
 async fn a_pool_moves_past_a_rate_limited_instance() {
     let (a, b) = pair().await;
-    a.set_behavior(rate_limited(2));
+    a.set_behavior(rate_limited(9));
     let yaml = format!(
         r#"
 providers:
