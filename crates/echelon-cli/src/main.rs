@@ -336,12 +336,10 @@ fn error_chain(e: &anyhow::Error) -> String {
 }
 
 fn validate(path: &std::path::Path) -> ExitCode {
-    // The verdict on stdout, what is wrong (errors, warnings) on stderr, as `serve` does.
+    // The verdict on stdout, what is wrong on stderr, as `serve` does (warnings are
+    // logged there by the load itself).
     match Config::load(path) {
-        Ok(config) => {
-            for w in &config.warnings {
-                eprintln!("warning: {w}");
-            }
+        Ok(_) => {
             println!("ok");
             ExitCode::SUCCESS
         }

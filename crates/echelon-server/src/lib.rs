@@ -125,21 +125,29 @@ pub fn router(gateway: Arc<Gateway>, options: &ServerOptions) -> Router {
     };
     // Its body is read only as JSON (`content_type::JsonBody`).
     let chat = post(handlers::chat_completions);
-    let v1 = Router::new()
-        .route("/chat/completions", chat)
-        .route("/models", get(handlers::list_models))
-        .method_not_allowed_fallback(handlers::method_not_allowed)
-        .route_layer(axum::middleware::from_fn_with_state(
-            state.clone(),
-            auth::require_gateway_key,
-        ));
-    let admin = Router::new()
-        .route("/state", get(handlers::admin_state))
-        .method_not_allowed_fallback(handlers::method_not_allowed)
-        .route_layer(axum::middleware::from_fn_with_state(
-            state.clone(),
-            auth::require_gateway_key,
-        ));
+    // The key check only when there are keys: a `from_fn` layer costs a service clone
+    // and a boxed future per request (see `guard.rs`).
+    let with_keys = |r: Router<AppState>| {
+        if state.keys.is_enabled() {
+            r.route_layer(axum::middleware::from_fn_with_state(
+                state.clone(),
+                auth::require_gateway_key,
+            ))
+        } else {
+            r
+        }
+    };
+    let v1 = with_keys(
+        Router::new()
+            .route("/chat/completions", chat)
+            .route("/models", get(handlers::list_models))
+            .method_not_allowed_fallback(handlers::method_not_allowed),
+    );
+    let admin = with_keys(
+        Router::new()
+            .route("/state", get(handlers::admin_state))
+            .method_not_allowed_fallback(handlers::method_not_allowed),
+    );
     Router::new()
         .nest("/v1", v1)
         .nest("/admin", admin)

@@ -2330,3 +2330,18 @@ models:\n  a: { provider: p, timeout: .inf, retry_budget: .nan }\n  b: { provide
     assert!(errors[0].message.contains("finite"), "{errors:?}");
     assert_eq!((errors[0].line, errors[0].column), (Some(4), Some(30)));
 }
+
+/// A huge echelon number is read like any other: the "did you mean" candidates are the
+/// keys written, not every number up to it (`echelon4000000000` ran out of memory).
+#[test]
+fn a_huge_echelon_number_does_not_build_a_candidate_per_number() {
+    let text = "providers:\n  p: { base_url: \"http://127.0.0.1:9/v1\" }\n\
+models:\n  m: { provider: p }\n\
+task_groups:\n  g:\n    echelon4000000000: { models: [m] }\n    echelom1: { models: [m] }\n";
+    let errors = errors_of(Config::from_str_with_env(text, "e.yaml", &no_env));
+    let typo = errors
+        .iter()
+        .find(|e| e.key_path == "task_groups.g.echelom1")
+        .unwrap_or_else(|| panic!("{errors:?}"));
+    assert!(typo.hint.is_some(), "{typo:?}");
+}

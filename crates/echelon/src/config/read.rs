@@ -15,6 +15,8 @@ pub(crate) struct Ctx {
     pub(crate) errors: Vec<ConfigError>,
     /// Warnings so far: what loads but looks wrong.
     pub(crate) warnings: Vec<ConfigError>,
+    /// Where each warning was written, with its message (each is said once).
+    warned_at: std::collections::HashSet<(u64, u64, String)>,
 }
 
 impl Ctx {
@@ -23,6 +25,7 @@ impl Ctx {
             file: file.into(),
             errors: Vec::new(),
             warnings: Vec::new(),
+            warned_at: std::collections::HashSet::new(),
         }
     }
 
@@ -36,10 +39,12 @@ impl Ctx {
     ) {
         let w = located(&self.file, pos, path, message, hint);
         // A `model_defaults:` value is read under every model of its file: warn about
-        // the place it is written once.
-        if !self.warnings.iter().any(|o| {
-            pos.line > 0 && (o.line, o.column, &o.message) == (w.line, w.column, &w.message)
-        }) {
+        // the place it is written once (a set, not a scan: a file may warn per model).
+        if pos.line == 0
+            || self
+                .warned_at
+                .insert((pos.line, pos.column, w.message.clone()))
+        {
             self.warnings.push(w);
         }
     }

@@ -371,10 +371,13 @@ pub(crate) fn task_group(
         .max()
         .unwrap_or(0)
         .saturating_add(1);
+    // The echelon keys written and the next number: not every number up to the largest
+    // (`echelon4000000000` would make four billion candidates).
     let candidates: Vec<String> = group_keys
         .iter()
         .map(|k| (*k).to_owned())
-        .chain((1..=next).map(|n| format!("echelon{n}")))
+        .chain(numbered.iter().map(|(_, _, k)| k.clone()))
+        .chain(std::iter::once(format!("echelon{next}")))
         .collect();
     for entry in view.entries {
         let key = entry.key.as_str();
