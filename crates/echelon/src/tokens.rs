@@ -202,7 +202,10 @@ fn pieces(text: &str) -> impl Iterator<Item = &str> {
         while !rest.is_char_boundary(cut) {
             cut -= 1;
         }
-        let window = cut.saturating_sub(1024);
+        let mut window = cut.saturating_sub(1024);
+        while !rest.is_char_boundary(window) {
+            window -= 1;
+        }
         if let Some(ws) = rest[window..cut].rfind(char::is_whitespace)
             && window + ws > 0
         {
@@ -300,6 +303,9 @@ mod tests {
             "a".repeat(CHUNK_BYTES * 2 + 17),
             "word ".repeat(CHUNK_BYTES / 4),
             "é".repeat(CHUNK_BYTES),
+            // 3- and 4-byte characters: the whitespace window starts on a boundary too.
+            "中".repeat(CHUNK_BYTES),
+            "🦀 ".repeat(CHUNK_BYTES / 3),
             " ".repeat(1000),
             String::new(),
         ];

@@ -68,8 +68,11 @@ impl ProviderError {
 
     /// This error with its message scrubbed by `redactor` (configured keys → `key#<id>`,
     /// `Bearer` tokens and `sk-…` shapes → `[redacted]`).
+    /// The message is also cut to its length limit after the scrub, so an upstream's text
+    /// is bounded whichever path it came by (an HTTP body, an in-band stream error).
     pub fn redacted(mut self, redactor: &Redactor) -> Self {
-        self.message = redactor.scrub(&self.message);
+        let message = std::mem::take(&mut self.message);
+        self.message = truncate(redactor.scrub(&truncate_to(message, MAX_SCRUBBED_BYTES)));
         self
     }
 
@@ -134,6 +137,20 @@ fn parse_error_body(body: &[u8]) -> (String, Option<String>, Option<String>) {
     (message, field("type"), field("code"))
 }
 
+/// At most the first [`MAX_SCRUBBED_BYTES`] of an upstream's text, owned (the rest is
+/// never copied): what may become an error message once scrubbed.
+pub(crate) fn upstream_text(s: &str) -> String {
+    let mut cut = s.len().min(MAX_SCRUBBED_BYTES);
+    while !s.is_char_boundary(cut) {
+        cut -= 1;
+    }
+    if cut < s.len() {
+        format!("{}…", &s[..cut])
+    } else {
+        s.to_owned()
+    }
+}
+
 /// `s` cut to [`MAX_MESSAGE_BYTES`] (at a character boundary) with `…` when cut.
 fn truncate(s: String) -> String {
     truncate_to(s, MAX_MESSAGE_BYTES)
@@ -196,6 +213,27 @@ fn is_decimal(text: &str) -> bool {
 #[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
+
+    /// An in-band stream error is as long as the upstream likes: bounded once owned and
+    /// cut to the message limit once scrubbed, like an HTTP error body.
+    #[test]
+    fn a_huge_upstream_message_is_bounded_on_every_path() {
+        let huge = "中".repeat(400_000);
+        let owned = upstream_text(&huge);
+        assert!(
+            owned.len() <= MAX_SCRUBBED_BYTES + '…'.len_utf8(),
+            "{}",
+            owned.len()
+        );
+        let e = ProviderError::new(ErrorKind::ServerError, owned).redacted(&Redactor::default());
+        assert!(
+            e.message.len() <= MAX_MESSAGE_BYTES + '…'.len_utf8(),
+            "{}",
+            e.message.len()
+        );
+        assert!(e.message.ends_with('…'));
+        assert_eq!(upstream_text("short"), "short");
+    }
 
     #[test]
     fn classifies_statuses() {

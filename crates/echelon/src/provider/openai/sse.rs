@@ -94,11 +94,13 @@ fn decode_slowly(data: &str) -> Result<StreamEvent, ProviderError> {
 
 /// An `{"error": …}` event from the provider.
 fn error_event(err: &serde_json::Value) -> ProviderError {
-    let message = err
-        .get("message")
-        .and_then(|m| m.as_str())
-        .unwrap_or("error event in stream")
-        .to_owned();
+    // Bounded here (an event may be as long as the whole answer), cut to the message
+    // limit once scrubbed (`ProviderError::redacted`).
+    let message = super::super::error::upstream_text(
+        err.get("message")
+            .and_then(|m| m.as_str())
+            .unwrap_or("error event in stream"),
+    );
     ProviderError::new(ErrorKind::ServerError, message)
 }
 
