@@ -803,6 +803,7 @@ fn polling_pools_wrappers_and_default_route_load() {
                 "fast_group.echelon2".to_owned(),
                 "fast_group.echelon3".to_owned()
             ],
+            stream_failure: None,
         }
     );
     let outer = &config.wrappers["outer_wrapper"];

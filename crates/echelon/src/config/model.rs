@@ -348,6 +348,12 @@ pub struct ModelConfig {
     /// Default [`ModelConfig::DEFAULT_MAX_RESPONSE_BYTES`] (32 MiB).
     #[serde(deserialize_with = "int::<_, _, 1, MAX_BODY_BYTES>")]
     pub max_response_bytes: usize,
+    /// Whether the model continues an answer given as a last assistant message (an
+    /// assistant prefill). A stream continued on this model (`stream_failure: continue`)
+    /// is sent the partial answer that way; otherwise as the partial answer and an
+    /// instruction to go on. Default `false`: some providers refuse a prefill (Anthropic's
+    /// newest models answer 400).
+    pub prefill: bool,
 }
 
 impl ModelConfig {
@@ -399,6 +405,7 @@ impl ModelConfig {
             pricing: None,
             encoding: None,
             max_response_bytes: Self::DEFAULT_MAX_RESPONSE_BYTES,
+            prefill: false,
         }
     }
 
@@ -597,6 +604,77 @@ pub struct TaskGroupConfig {
     /// How the group fails over; `None` means the defaults of [`FallbackConfig`].
     #[serde(default)]
     pub fallback_config: Option<FallbackConfig>,
+    /// What a stream that fails after its first content chunk does
+    /// (`stream_failure:`); `None` means [`StreamFailureConfig::default`] (end with the
+    /// error event).
+    #[serde(default)]
+    pub stream_failure: Option<StreamFailureConfig>,
+}
+
+/// What a stream that fails after its first content chunk does (`stream_failure:` of a
+/// task group or a wrapper; issue 19).
+///
+/// Before the first content chunk every failure fails over transparently. After it, the
+/// client has part of one model's answer, and by default (`mode: error`) the stream ends
+/// with an explicit error event — never a normal end. With `mode: continue` the gateway
+/// asks the route's next candidate (not the model whose stream failed) to continue the
+/// same answer and streams the rest as one response: as an assistant prefill to a model
+/// declared [`prefill: true`](ModelConfig::prefill), otherwise as the partial answer
+/// followed by an instruction to go on; a restated prefix is dropped. RL rollouts
+/// should keep `error`: a sample mixed from two models is not a sample of the policy.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct StreamFailureConfig {
+    /// `error` (default) or `continue`.
+    pub mode: StreamFailureMode,
+    /// Most continuations of one stream (1 to 10). Default 1. A continuation that also
+    /// fails beyond this ends the stream with the error event.
+    #[serde(deserialize_with = "int::<_, _, 1, MAX_CONTINUATIONS>")]
+    pub max_continuations: u32,
+}
+
+/// Most continuations a [`StreamFailureConfig`] may allow.
+const MAX_CONTINUATIONS: i128 = 10;
+
+impl Default for StreamFailureConfig {
+    fn default() -> Self {
+        StreamFailureConfig {
+            mode: StreamFailureMode::Error,
+            max_continuations: 1,
+        }
+    }
+}
+
+/// A [`StreamFailureConfig::mode`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum StreamFailureMode {
+    /// `error`: end the stream with the error event (DESIGN.md §4 "Streams").
+    #[default]
+    Error,
+    /// `continue`: have the next candidate continue the answer.
+    Continue,
+}
+
+impl StreamFailureMode {
+    /// Every accepted value, as written in the file.
+    pub const NAMES: &'static [&'static str] = &["error", "continue"];
+
+    /// The mode written `name` in the file.
+    pub fn from_name(name: &str) -> Option<Self> {
+        match name {
+            "error" => Some(StreamFailureMode::Error),
+            "continue" => Some(StreamFailureMode::Continue),
+            _ => None,
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for StreamFailureMode {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        named(d, "stream failure mode", Self::from_name, |v| {
+            values_hint(v, Self::NAMES)
+        })
+    }
 }
 
 /// One tier of a task group (`echelon<N>:`). The optional values override the
@@ -980,4 +1058,8 @@ pub struct WrapperConfig {
     /// Routes tried in order after [`target`](Self::target) fails (same forms).
     #[serde(default)]
     pub fallback_groups: Vec<String>,
+    /// What a stream that fails after its first content chunk does; `None` keeps the
+    /// target's (see [`StreamFailureConfig`]).
+    #[serde(default)]
+    pub stream_failure: Option<StreamFailureConfig>,
 }

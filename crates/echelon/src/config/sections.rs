@@ -398,8 +398,8 @@ pub(crate) fn task_group(
                 format!("unknown key `{key}`"),
                 Some(
                     did_you_mean(key, candidates.iter().map(String::as_str)).unwrap_or_else(|| {
-                        "a task group has `echelon1`, `echelon2`, …, `description`, `name` \
-                         and `fallback_config`"
+                        "a task group has `echelon1`, `echelon2`, …, `description`, `name`, \
+                         `fallback_config` and `stream_failure`"
                             .to_owned()
                     }),
                 ),

@@ -79,6 +79,18 @@ pub(crate) struct ModelTry {
     backoff: Option<ExponentialBackoff>,
 }
 
+/// What a continuation of a failed stream changes in a plan's run (`routing/stream.rs`):
+/// the body a `prefill: true` model is sent, and the models that may not take it.
+#[derive(Debug)]
+pub(crate) struct Resume {
+    /// The request with the partial answer as its last message (an assistant prefill).
+    /// Models without `prefill` get the run's own body: the partial answer and an
+    /// instruction to go on.
+    pub(crate) prefill: ChatCompletionRequest,
+    /// Ids of the models whose stream failed: the continuation goes to another.
+    pub(crate) exclude: Vec<String>,
+}
+
 /// State of one request across the models it tries.
 pub(crate) struct RequestState {
     pub(crate) attempts: Vec<Attempt>,
@@ -100,6 +112,8 @@ pub(crate) struct RequestState {
     trace: Option<Arc<Trace>>,
     /// The key id of the call in flight, when there is no trace to hold it.
     call_key: Option<String>,
+    /// Set when this run continues a failed stream.
+    pub(crate) resume: Option<Arc<Resume>>,
 }
 
 impl RequestState {
@@ -114,6 +128,7 @@ impl RequestState {
             answered_by: None,
             trace: Trace::current(),
             call_key: None,
+            resume: None,
         }
     }
 
@@ -261,6 +276,14 @@ pub(crate) async fn try_model(
     pool: Option<(&Arc<super::pool::PollingPool>, usize)>,
     mt: &mut ModelTry,
 ) -> Flow {
+    // A continuation is not sent to a model whose stream already failed; a prefill
+    // model gets the partial answer as an assistant prefill.
+    let resume = st.resume.clone();
+    let body = match resume.as_deref() {
+        Some(r) if r.exclude.iter().any(|id| id == model.id()) => return Flow::Next,
+        Some(r) if model.prefill() => &r.prefill,
+        _ => body,
+    };
     let max_retries = tier.defaults.max_retries.unwrap_or(model.max_retries());
     let req = ProviderRequest {
         body,

@@ -21,7 +21,9 @@ use std::sync::Arc;
 use echelon_types::{Attempt, ChatCompletionRequest, SkipReason};
 use tokio::time::Instant;
 
-use super::attempt::{Answer, Flow, ModelTry, RequestState, context_error, exhausted, try_model};
+use super::attempt::{
+    Answer, Flow, ModelTry, RequestState, Resume, context_error, exhausted, try_model,
+};
 use super::gateway::CallOptions;
 use super::model::Model;
 use super::plan::{Plan, PoolStep, Step, Tier};
@@ -48,8 +50,10 @@ pub(crate) async fn run_plan(
     req: &ChatCompletionRequest,
     stream: bool,
     session: Option<SessionKey>,
+    resume: Option<Arc<Resume>>,
 ) -> Result<(Answer, Arc<Model>, Vec<Attempt>), GatewayError> {
     let mut st = RequestState::new(plan.max_attempts);
+    st.resume = resume;
     let mut failed_providers: HashSet<String> = HashSet::new();
     let mut aside: Vec<SetAside<'_>> = Vec::new();
     // The group breaker guards the group's own steps as a whole.

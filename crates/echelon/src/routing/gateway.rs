@@ -16,9 +16,9 @@ use super::execute::{run_plan, session_key};
 use super::model::Model;
 use super::plan::{Plan, Step};
 use super::stats::{FallbackEvent, StatsSnapshot};
-use super::stream::{GatewayStream, StreamAccounting};
+use super::stream::{Continuation, GatewayStream, StreamAccounting};
 use super::topology::{NodeRoutes, RouteInfo, Topology};
-use crate::config::Config;
+use crate::config::{Config, StreamFailureMode};
 use crate::error::{GatewayError, GatewayErrorKind};
 use crate::state::{MemoryRegistry, StateRegistry};
 use crate::usage::record::RequestRecord;
@@ -350,6 +350,12 @@ impl Gateway {
             .include_usage = Some(true);
         let topology = self.topology();
         let (meta, plan) = begin(&topology, &req, options, true);
+        let continuation = plan
+            .as_ref()
+            .ok()
+            .map(|p| p.stream_failure)
+            .filter(|f| f.mode == StreamFailureMode::Continue)
+            .map(|f| Continuation::new(topology.clone(), f.max_continuations));
         // Dropped before the stream starts (the client went away), it records a 499.
         let mut pending = Pending::new(meta, req, self.sink.clone(), self.tasks.clone());
         let result = pending
@@ -375,7 +381,13 @@ impl Gateway {
                     req,
                 );
                 Ok(GatewayStream::new(
-                    model, attempts, buffered, rest, admitted, accounting,
+                    model,
+                    attempts,
+                    buffered,
+                    rest,
+                    admitted,
+                    accounting,
+                    continuation,
                 ))
             }
             Ok((Answer::Chat(_), _, _)) => {
@@ -425,7 +437,7 @@ async fn execute(
         .any(|s| matches!(s, Step::Pool(_)))
         .then(|| session_key(req, options))
         .flatten();
-    let result = run_plan(plan, req, stream, session).await;
+    let result = run_plan(plan, req, stream, session, None).await;
     match &result {
         Ok((_, _, attempts)) => plan.stats.record(attempts, true),
         Err(e) => plan.stats.record(e.attempts(), false),

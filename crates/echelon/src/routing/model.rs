@@ -47,6 +47,8 @@ pub struct Model {
     max_retries: u32,
     retry_delay: Duration,
     context_window: Option<u32>,
+    /// Whether it continues an answer given as a last assistant message (`prefill`).
+    prefill: bool,
     queue_timeout: Duration,
     pub(crate) breaker: CircuitBreaker,
     /// Request buckets: one request each.
@@ -162,6 +164,7 @@ impl Model {
             max_retries: config.max_retries,
             retry_delay: config.retry_delay,
             context_window: config.context_window,
+            prefill: config.prefill,
             queue_timeout: config.queue_timeout,
             breaker: registry.breaker(
                 &unit_id(Unit::Breaker),
@@ -256,6 +259,12 @@ impl Model {
     /// The declared context window, tokens.
     pub fn context_window(&self) -> Option<u32> {
         self.context_window
+    }
+
+    /// Whether it continues an answer given as a last assistant message (the model's
+    /// `prefill` setting): a stream continued on it is sent the partial answer that way.
+    pub fn prefill(&self) -> bool {
+        self.prefill
     }
 
     /// Longest wait for a bucket or a concurrency slot before the model is skipped.

@@ -9,6 +9,7 @@ use echelon_types::ChatCompletionRequest;
 use super::model::Model;
 use super::pool::PollingPool;
 use super::stats::RouteStats;
+use crate::config::StreamFailureConfig;
 use crate::resilience::breaker::CircuitBreaker;
 use crate::resilience::concurrency::ConcurrencyLimit;
 use crate::resilience::token_bucket::TokenBucket;
@@ -164,6 +165,8 @@ pub(crate) struct Plan {
     pub(crate) group_breaker: Option<CircuitBreaker>,
     /// Counters and fallback history.
     pub(crate) stats: Arc<RouteStats>,
+    /// What a stream that fails after its first content chunk does (`stream_failure:`).
+    pub(crate) stream_failure: StreamFailureConfig,
 }
 
 impl Plan {
@@ -179,6 +182,7 @@ impl Plan {
             step_delay: None,
             group_breaker: None,
             stats: Arc::default(),
+            stream_failure: StreamFailureConfig::default(),
         }
     }
 }

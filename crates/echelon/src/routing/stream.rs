@@ -3,13 +3,17 @@
 use std::collections::VecDeque;
 use std::sync::Arc;
 
-use echelon_types::{Attempt, ChatCompletionChunk, ChatCompletionRequest, Outcome, Usage};
+use echelon_types::{
+    Attempt, ChatCompletionChunk, ChatCompletionRequest, ChatMessage, Outcome, Role, Usage,
+};
 
 use super::admit::Admitted;
-use super::attempt::failure_report;
+use super::attempt::{Answer, Resume, failure_report};
 use super::cancel::CLIENT_CLOSED;
+use super::execute::run_plan;
 use super::gateway::Gateway;
 use super::model::Model;
+use super::topology::Topology;
 use crate::error::{GatewayError, GatewayErrorKind};
 use crate::provider::{ChunkStream, ErrorKind, ProviderError};
 use crate::resilience::admission::Report;
@@ -33,6 +37,95 @@ pub struct GatewayStream {
     /// a stream cut after its first chunk counts against the model's health.
     admitted: Option<Admitted>,
     accounting: StreamAccounting,
+    /// Set when the route continues a stream that fails after its start
+    /// (`stream_failure: continue`).
+    continuation: Option<Continuation>,
+}
+
+/// The instruction sent after the partial answer to a continuing model without
+/// `prefill`.
+pub(crate) const CONTINUE_INSTRUCTION: &str = "Your previous answer above was cut off. \
+Continue it exactly where it stops, without repeating any of it.";
+
+/// How a stream is continued on another candidate when it fails after its start
+/// (`stream_failure: continue`; [`crate::config::StreamFailureConfig`]).
+#[derive(Debug)]
+pub(crate) struct Continuation {
+    /// The topology the request started on: the continuation runs the same route's plan.
+    topology: Arc<Topology>,
+    /// Continuations still allowed (`max_continuations`).
+    left: u32,
+    /// The models whose stream failed, in order: none of them continues.
+    failed: Vec<String>,
+    /// While the continuing model's answer may still be restating what was sent.
+    seam: Option<Seam>,
+    /// The failed streams' usage (prompt and partial answer, counted locally unless the
+    /// provider sent it), added to the continuing model's.
+    carried: Usage,
+    /// Where the current attempt's text starts in the stream's text.
+    attempt_start: usize,
+    /// The first stream's completion id, kept on every chunk: one response.
+    id: Option<String>,
+}
+
+impl Continuation {
+    /// Continuation of a stream of a route whose plan allows `max` continuations.
+    pub(crate) fn new(topology: Arc<Topology>, max: u32) -> Self {
+        Continuation {
+            topology,
+            left: max,
+            failed: Vec::new(),
+            seam: None,
+            carried: Usage::default(),
+            attempt_start: 0,
+            id: None,
+        }
+    }
+}
+
+/// Drops a restated beginning from a continuing model's answer: a model asked to go on
+/// may answer from the start anyway. Its text is held back while it is still a prefix
+/// of what the client already has; once it covers all of that, only what follows is
+/// passed on; once it departs from it, everything held is passed on (a true
+/// continuation). Leading whitespace is ignored in the comparison.
+#[derive(Debug)]
+struct Seam {
+    sent: String,
+    held: String,
+}
+
+impl Seam {
+    /// Takes the next piece of the continuing answer: `None` while holding, else the
+    /// text to pass on (the seam is then resolved).
+    fn feed(&mut self, piece: &str) -> Option<String> {
+        self.held.push_str(piece);
+        let held = self.held.trim_start();
+        let sent = self.sent.trim_start();
+        if held.is_empty() {
+            return None;
+        }
+        if held.len() >= sent.len() {
+            return Some(match held.strip_prefix(sent) {
+                Some(rest) => rest.to_owned(),
+                None => std::mem::take(&mut self.held),
+            });
+        }
+        if sent.starts_with(held) {
+            None
+        } else {
+            Some(std::mem::take(&mut self.held))
+        }
+    }
+}
+
+/// What [`GatewayStream::continue_stream`] did.
+enum Continued {
+    /// Another model streams the rest.
+    Yes,
+    /// Not continued (mode `error`, none left, nothing to continue): the error as is.
+    No,
+    /// Tried, and no candidate could continue: this error ends the stream.
+    Failed(GatewayError),
 }
 
 /// What a stream needs to account for itself when it ends: the request's meta, the
@@ -51,6 +144,9 @@ pub(crate) struct StreamAccounting {
     ttft_ms: u64,
     /// A chunk carried a `finish_reason` (a complete end without one is flagged).
     finished: bool,
+    /// A chunk carried something a continuation cannot carry on (a tool-call delta, a
+    /// second choice): such a stream is not continued.
+    not_text: bool,
     recorded: bool,
 }
 
@@ -73,6 +169,7 @@ impl StreamAccounting {
             text: String::new(),
             ttft_ms,
             finished: false,
+            not_text: false,
             recorded: false,
         }
     }
@@ -86,6 +183,7 @@ impl GatewayStream {
         rest: ChunkStream,
         admitted: Admitted,
         accounting: StreamAccounting,
+        continuation: Option<Continuation>,
     ) -> Self {
         GatewayStream {
             model,
@@ -95,6 +193,7 @@ impl GatewayStream {
             failed: false,
             admitted: Some(admitted),
             accounting,
+            continuation,
         }
     }
 
@@ -127,15 +226,50 @@ impl GatewayStream {
     }
 
     /// Takes what accounting needs from a chunk; returns the chunk to hand to the
-    /// client, or `None` for a usage-only chunk the client did not ask for.
+    /// client, or `None` for one with nothing left to pass on (a usage-only chunk the
+    /// client did not ask for; a continuing model's restatement of what was sent).
     fn account(&mut self, mut chunk: ChatCompletionChunk) -> Option<ChatCompletionChunk> {
-        for c in &chunk.choices {
+        if let Some(c) = self.continuation.as_mut() {
+            match &c.id {
+                None => c.id = Some(chunk.id.clone()),
+                Some(id) if !c.failed.is_empty() => chunk.id.clone_from(id),
+                Some(_) => {}
+            }
+        }
+        let continued = self
+            .continuation
+            .as_ref()
+            .is_some_and(|c| !c.failed.is_empty());
+        let mut passed_text = false;
+        for c in &mut chunk.choices {
+            if continued {
+                // The client has had its role chunk.
+                c.delta.role = None;
+                if let (Some(t), Some(cont)) = (c.delta.content.take(), self.continuation.as_mut())
+                {
+                    c.delta.content = match cont.seam.as_mut() {
+                        None => Some(t),
+                        Some(seam) => {
+                            let out = seam.feed(&t);
+                            if out.is_some() {
+                                cont.seam = None;
+                            }
+                            out
+                        }
+                    };
+                }
+            }
             if let Some(t) = &c.delta.content {
                 self.accounting.text.push_str(t);
+                passed_text |= !t.is_empty();
             }
             self.accounting.finished |= c.finish_reason.is_some();
+            self.accounting.not_text |= c.index != 0 || c.delta.extra.contains_key("tool_calls");
         }
-        if let Some(usage) = &chunk.usage {
+        if let Some(usage) = &mut chunk.usage {
+            if let Some(c) = &self.continuation {
+                add_usage(usage, &c.carried);
+            }
             self.accounting.usage = Some(usage.clone());
             if !self.accounting.client_wants_usage {
                 if chunk.choices.is_empty() {
@@ -144,7 +278,145 @@ impl GatewayStream {
                 chunk.usage = None;
             }
         }
+        if continued {
+            let finish = chunk.choices.iter().any(|c| c.finish_reason.is_some());
+            if finish && let Some(c) = &self.continuation {
+                // The client learns it was continued, and from what.
+                chunk.extra.insert(
+                    "echelon".to_owned(),
+                    serde_json::json!({
+                        "continued_from": c.failed.first(),
+                        "continued_on": self.model.id(),
+                        "continuations": c.failed.len(),
+                        "attempts": self.attempts,
+                    }),
+                );
+            }
+            // Nothing left of a chunk that only restated what was sent.
+            let empty = !passed_text
+                && !finish
+                && chunk.usage.is_none()
+                && chunk
+                    .choices
+                    .iter()
+                    .all(|c| c.delta.extra.is_empty() && c.delta.role.is_none());
+            if empty {
+                return None;
+            }
+        }
         Some(chunk)
+    }
+
+    /// Has the route's next candidate continue the answer after the stream failed with
+    /// `e` (`stream_failure: continue`): the request goes again through the route's
+    /// plan, with the partial answer — as an assistant prefill to a `prefill` model,
+    /// else followed by [`CONTINUE_INSTRUCTION`] — to any candidate whose stream has not
+    /// failed. The failed stream's usage (its own, else counted locally) is carried over.
+    async fn continue_stream(&mut self, e: &ProviderError) -> Continued {
+        let Some(c) = self.continuation.as_mut() else {
+            return Continued::No;
+        };
+        let partial = &self.accounting.text;
+        if c.left == 0 || partial.is_empty() || self.accounting.not_text {
+            return Continued::No;
+        }
+        c.left -= 1;
+        c.failed.push(self.model.id().to_owned());
+        // What the failed attempt used: its own usage if it sent one, else counted.
+        let failed_usage = match self.accounting.usage.take() {
+            Some(u) => u,
+            None => {
+                let prompt = crate::tokens::prompt_tokens_for(
+                    &self.model,
+                    &self.accounting.request.messages,
+                )
+                .await;
+                let completion = crate::tokens::text_tokens_for(
+                    &self.model,
+                    partial.get(c.attempt_start..).unwrap_or_default(),
+                )
+                .await;
+                Usage {
+                    prompt_tokens: prompt,
+                    completion_tokens: completion,
+                    total_tokens: prompt.saturating_add(completion),
+                    extra: Default::default(),
+                }
+            }
+        };
+        add_usage(&mut c.carried, &failed_usage);
+        c.attempt_start = partial.len();
+
+        let mut prefill = self.accounting.request.clone();
+        prefill
+            .messages
+            .push(ChatMessage::new(Role::Assistant, partial.clone()));
+        let mut instructed = prefill.clone();
+        instructed
+            .messages
+            .push(ChatMessage::new(Role::User, CONTINUE_INSTRUCTION));
+        let resume = Arc::new(Resume {
+            prefill,
+            exclude: c.failed.clone(),
+        });
+        tracing::info!(
+            model = self.model.id(),
+            kind = %e.kind,
+            sent_bytes = partial.len(),
+            "stream failed after it started: continuing it on the next candidate"
+        );
+        let topology = c.topology.clone();
+        let result = match topology.resolve(&instructed.model) {
+            Ok((_, plan)) => {
+                let r = run_plan(plan, &instructed, true, None, Some(resume)).await;
+                match &r {
+                    Ok((_, _, attempts)) => plan.stats.record(attempts, true),
+                    Err(err) => plan.stats.record(err.attempts(), false),
+                }
+                r
+            }
+            Err(err) => Err(err),
+        };
+        match result {
+            Ok((
+                Answer::Stream {
+                    buffered,
+                    rest,
+                    admitted,
+                },
+                model,
+                attempts,
+            )) => {
+                tracing::info!(
+                    from = %self.model.id(),
+                    to = model.id(),
+                    "stream continued"
+                );
+                self.attempts.extend(attempts);
+                self.model = model;
+                self.buffered = buffered;
+                self.rest = rest;
+                self.admitted = Some(admitted);
+                if let Some(c) = self.continuation.as_mut() {
+                    c.seam = Some(Seam {
+                        sent: self.accounting.text.clone(),
+                        held: String::new(),
+                    });
+                }
+                Continued::Yes
+            }
+            Ok((Answer::Chat(_), _, attempts)) => {
+                self.attempts.extend(attempts);
+                Continued::Failed(GatewayError::new(
+                    GatewayErrorKind::UpstreamFailed,
+                    "internal: a non-streamed answer to a stream's continuation",
+                ))
+            }
+            Err(err) => {
+                self.attempts.extend(err.attempts().iter().cloned());
+                Continued::Failed(err)
+            }
+        }
     }
 
     /// What the request's record needs, once: `status` 200 for a complete stream, the
@@ -223,7 +495,6 @@ impl GatewayStream {
                     None => continue,
                 },
                 Some(Err(e)) => {
-                    self.failed = true;
                     tracing::warn!(model = self.model.id(), kind = %e.kind, "stream failed after its first chunk: {}", e.message);
                     self.report_failure(&e);
                     if let Some(last) = self.attempts.last_mut() {
@@ -231,28 +502,46 @@ impl GatewayStream {
                         last.message = e.message.clone();
                         last.status = e.status.or(last.status);
                     }
+                    let failed_model = self.model.id().to_owned();
+                    let continuation = match self.continue_stream(&e).await {
+                        Continued::Yes => continue,
+                        Continued::No => None,
+                        Continued::Failed(err) => Some(err),
+                    };
+                    self.failed = true;
                     let kind = if e.kind == ErrorKind::Timeout {
                         GatewayErrorKind::Timeout
                     } else {
                         GatewayErrorKind::UpstreamFailed
                     };
-                    let err = GatewayError::new(
-                        kind,
-                        format!(
-                            "stream from model `{}` failed after it started: {}: {}",
-                            self.model.id(),
-                            e.kind,
-                            e.message
-                        ),
-                    )
-                    .with_code("stream_interrupted")
-                    .with_attempts(self.attempts.clone());
+                    let mut message = format!(
+                        "stream from model `{failed_model}` failed after it started: {}: {}",
+                        e.kind, e.message
+                    );
+                    if let Some(err) = &continuation {
+                        message.push_str(&format!(
+                            "; no candidate could continue it: {}",
+                            err.message()
+                        ));
+                    }
+                    let err = GatewayError::new(kind, message)
+                        .with_code("stream_interrupted")
+                        .with_attempts(self.attempts.clone());
                     self.finish(err.status()).await;
                     return Some(Err(err));
                 }
             }
         }
     }
+}
+
+/// Adds `more` to `usage` (saturating).
+fn add_usage(usage: &mut Usage, more: &Usage) {
+    usage.prompt_tokens = usage.prompt_tokens.saturating_add(more.prompt_tokens);
+    usage.completion_tokens = usage
+        .completion_tokens
+        .saturating_add(more.completion_tokens);
+    usage.total_tokens = usage.total_tokens.saturating_add(more.total_tokens);
 }
 
 impl Drop for GatewayStream {

@@ -200,6 +200,7 @@ impl Topology {
             }
             plan.steps = steps;
             plan.own_steps = own_steps;
+            plan.stream_failure = group.stream_failure.unwrap_or_default();
             routes.insert(name.clone(), plan);
         }
         for name in pools.keys() {
@@ -233,6 +234,7 @@ impl Topology {
                 plan.provider_failover = target.provider_failover;
                 plan.max_attempts = target.max_attempts;
                 plan.step_delay = target.step_delay;
+                plan.stream_failure = w.stream_failure.unwrap_or(target.stream_failure);
                 routes.insert((*name).clone(), plan);
                 false
             });
