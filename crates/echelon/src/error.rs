@@ -83,6 +83,12 @@ impl GatewayError {
         &self.message
     }
 
+    /// The machine-readable code, when it has one (`stream_interrupted`,
+    /// `context_length_exceeded`, …).
+    pub fn code(&self) -> Option<&str> {
+        self.code.as_deref()
+    }
+
     /// Every attempt made, in order.
     pub fn attempts(&self) -> &[Attempt] {
         &self.attempts

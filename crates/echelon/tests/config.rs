@@ -2346,3 +2346,58 @@ task_groups:\n  g:\n    echelon4000000000: { models: [m] }\n    echelom1: { mode
         .unwrap_or_else(|| panic!("{errors:?}"));
     assert!(typo.hint.is_some(), "{typo:?}");
 }
+
+/// Issue 19: `stream_failure:` of a task group or wrapper, and a model's `prefill`.
+#[test]
+fn stream_failure_and_prefill_load_and_bad_values_name_their_place() {
+    let yaml = r#"
+providers:
+  p: { base_url: "http://127.0.0.1:9/v1" }
+models:
+  a: { provider: p }
+  b: { provider: p, prefill: true }
+task_groups:
+  g:
+    echelon1: { models: [a] }
+    echelon2: { models: [b] }
+    stream_failure: { mode: continue, max_continuations: 2 }
+wrappers:
+  w: { target: g }
+"#;
+    let config = Config::from_str(yaml, "sf.yaml").unwrap();
+    let sf = config.task_groups["g"].stream_failure.unwrap();
+    assert_eq!(sf.mode, echelon::config::StreamFailureMode::Continue);
+    assert_eq!(sf.max_continuations, 2);
+    assert!(config.models["b"].prefill && !config.models["a"].prefill);
+    assert_eq!(
+        config.wrappers["w"].stream_failure, None,
+        "kept from the target"
+    );
+    assert_eq!(
+        echelon::config::StreamFailureConfig::default().mode,
+        echelon::config::StreamFailureMode::Error,
+        "the default stays today's contract"
+    );
+
+    let bad = yaml
+        .replace("mode: continue", "mode: contineu")
+        .replace("max_continuations: 2", "max_continuations: 0");
+    let errors = errors_of(Config::from_str(&bad, "sf.yaml"));
+    let at: Vec<&str> = errors.iter().map(|e| e.key_path.as_str()).collect();
+    assert_eq!(
+        at,
+        [
+            "task_groups.g.stream_failure.mode",
+            "task_groups.g.stream_failure.max_continuations"
+        ]
+    );
+    assert!(
+        errors[0]
+            .message
+            .contains("unknown stream failure mode `contineu`"),
+        "{}",
+        errors[0].message
+    );
+    assert_eq!(errors[0].hint.as_deref(), Some("did you mean `continue`?"));
+    assert!(errors[1].message.contains("1"), "{}", errors[1].message);
+}

@@ -613,3 +613,55 @@ impl PendingRecord {
         record
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::Seam;
+
+    fn seam(sent: &str) -> Seam {
+        Seam {
+            sent: sent.to_owned(),
+            held: String::new(),
+        }
+    }
+
+    /// Feeds `pieces` and returns what was passed on, piece by piece.
+    fn feed(s: &mut Seam, pieces: &[&str]) -> Vec<Option<String>> {
+        pieces.iter().map(|p| s.feed(p)).collect()
+    }
+
+    #[test]
+    fn a_restated_prefix_is_held_then_dropped() {
+        let mut s = seam("The sky is");
+        assert_eq!(
+            feed(&mut s, &["The", " sky", " is"]),
+            [None, None, Some(String::new())],
+            "held while a prefix, then nothing to pass on from the restatement"
+        );
+        // Once resolved the caller stops feeding; a piece that covers the sent text and
+        // more passes on only the rest.
+        let mut s = seam("The sky is");
+        assert_eq!(s.feed("The sky is blue"), Some(" blue".to_owned()));
+        // Leading whitespace is not compared.
+        let mut s = seam("  The sky");
+        assert_eq!(
+            feed(&mut s, &["\n", "The", " sky"]),
+            [None, None, Some(String::new())]
+        );
+    }
+
+    #[test]
+    fn a_true_continuation_is_passed_on_whole() {
+        let mut s = seam("The sky is");
+        assert_eq!(s.feed(" blue"), Some(" blue".to_owned()));
+        // A piece that starts like the sent text, then departs: everything held goes.
+        let mut s = seam("The sky is");
+        assert_eq!(
+            feed(&mut s, &["The", " sea"]),
+            [None, Some("The sea".to_owned())]
+        );
+        // A longer piece that is not the sent text is passed on as it came.
+        let mut s = seam("ab");
+        assert_eq!(s.feed("xyz"), Some("xyz".to_owned()));
+    }
+}
