@@ -156,6 +156,15 @@ impl GatewayStream {
         }
         a.recorded = true;
         let no_finish_reason = status == 200 && !a.finished;
+        // Counted by the stream since its start, the events before the first chunk too.
+        let stream_anomalies = self.rest.anomalies();
+        if stream_anomalies > 0 {
+            tracing::warn!(
+                model = self.model.id(),
+                stream_anomalies,
+                "stream had malformed events (skipped, or the last one ended it)"
+            );
+        }
         // The usual case, the provider's usage: the record is complete now.
         if let Some(u) = &a.usage {
             let mut record = a.meta.record(
@@ -166,6 +175,7 @@ impl GatewayStream {
                 Some(a.ttft_ms),
             );
             record.no_finish_reason = no_finish_reason;
+            record.stream_anomalies = stream_anomalies;
             return Some(PendingRecord::Ready(record));
         }
         Some(PendingRecord::Count(Box::new(ToCount {
@@ -177,6 +187,7 @@ impl GatewayStream {
             text: std::mem::take(&mut a.text),
             ttft_ms: a.ttft_ms,
             no_finish_reason,
+            stream_anomalies,
         })))
     }
 
@@ -299,6 +310,7 @@ struct ToCount {
     text: String,
     ttft_ms: u64,
     no_finish_reason: bool,
+    stream_anomalies: u32,
 }
 
 impl PendingRecord {
@@ -321,6 +333,7 @@ impl PendingRecord {
             Some(c.ttft_ms),
         );
         record.no_finish_reason = c.no_finish_reason;
+        record.stream_anomalies = c.stream_anomalies;
         record
     }
 }
