@@ -128,14 +128,14 @@ async fn only_record(gw: &Gateway, sink: &Collect) -> RequestRecord {
     records.into_iter().next().unwrap()
 }
 
+/// One counter increment: the metric's name, its labels, the amount.
+type Increment = (String, Vec<(String, String)>, u64);
+
 /// Counter increments with their labels (a recorder local to the test's thread).
 #[derive(Default)]
-struct Counters(Arc<Mutex<Vec<(String, Vec<(String, String)>, u64)>>>);
+struct Counters(Arc<Mutex<Vec<Increment>>>);
 
-struct CounterHandle(
-    metrics::Key,
-    Arc<Mutex<Vec<(String, Vec<(String, String)>, u64)>>>,
-);
+struct CounterHandle(metrics::Key, Arc<Mutex<Vec<Increment>>>);
 
 impl metrics::CounterFn for CounterHandle {
     fn increment(&self, value: u64) {
