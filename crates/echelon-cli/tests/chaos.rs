@@ -76,15 +76,16 @@ fn faults() -> Vec<Behavior> {
         Behavior::Reset,
         Behavior::CutConnection,
         // Plain: a 200 whose body is not JSON. Stream: a malformed SSE data line right
-        // after the role chunk, before any content.
+        // after the role chunk, before any content (skipped: the stream completes).
         Behavior::Malformed,
         // Stream: the role chunk, then the connection drops (before its first content
         // chunk). Plain: half the body announced by Content-Length, then the drop.
         Behavior::StreamCut { chunks: 0 },
         // Stream: cut midway, after CUT_AFTER content chunks. Plain: a truncated body.
         Behavior::StreamCut { chunks: CUT_AFTER },
-        // Stream: a malformed SSE line midway, after MALFORMED_AFTER content chunks.
-        // Plain: a body that is not JSON.
+        // Stream: a malformed SSE line midway, after MALFORMED_AFTER content chunks: skipped
+        // (`malformed_event: skip`, the default), the stream completes. Plain: a body that
+        // is not JSON.
         Behavior::MalformedSse {
             chunks: MALFORMED_AFTER,
         },
@@ -96,7 +97,7 @@ fn faults() -> Vec<Behavior> {
 fn after_first_chunk(b: &Behavior) -> bool {
     matches!(
         b,
-        Behavior::StreamCut { chunks } | Behavior::MalformedSse { chunks } if *chunks > 0
+        Behavior::StreamCut { chunks } if *chunks > 0
     )
 }
 

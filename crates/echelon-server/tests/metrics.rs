@@ -310,6 +310,7 @@ fn record(
         estimated: false,
         fallback: attempts.windows(2).any(|w| w[0].model != w[1].model),
         no_finish_reason: false,
+        stream_anomalies: 0,
         attempts,
     }
 }

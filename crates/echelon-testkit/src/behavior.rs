@@ -58,6 +58,16 @@ pub enum Behavior {
         /// Content chunks sent before the malformed event.
         chunks: usize,
     },
+    /// As [`Behavior::MalformedSse`] with `count` `data: {not json` events in a row
+    /// (none between them) after the `chunks` content chunks, then the rest of the
+    /// stream as normal: more than the gateway's limit of malformed events in a row
+    /// is a stream that never recovers. For non-streams: as [`Behavior::Malformed`].
+    MalformedSseRun {
+        /// Content chunks sent before the malformed events.
+        chunks: usize,
+        /// Malformed events sent in a row.
+        count: usize,
+    },
     /// Sleep this long, then behave normally.
     Delay(Duration),
     /// An empty answer: 200 with the body `{}` (non-stream), or the role chunk then
@@ -103,7 +113,8 @@ impl fmt::Display for ParseBehaviorError {
         write!(
             f,
             "unknown fault `{}` (expected normal, stall, cut, reset, malformed, malformed-sse[:N], \
-             stream-cut[:N], stream-stall[:N], delay:MS, empty, no-choices, no-finish, \
+             malformed-sse-run:N:COUNT, stream-cut[:N], stream-stall[:N], delay:MS, empty, \
+             no-choices, no-finish, \
              huge:BYTES, or an HTTP status like 429 or 429:RETRY_AFTER_SECS)",
             self.0
         )
@@ -121,7 +132,7 @@ impl FromStr for Behavior {
 
     /// Parses the names used by the binary's `--faults` list:
     /// `normal`, `stall`, `cut`, `reset`, `malformed`, `malformed-sse[:N]`,
-    /// `stream-cut[:N]`, `stream-stall[:N]`, `delay:MS`, `empty`, `no-choices`,
+    /// `malformed-sse-run:N:COUNT`, `stream-cut[:N]`, `stream-stall[:N]`, `delay:MS`, `empty`, `no-choices`,
     /// `no-finish`, `huge:BYTES`, `STATUS` or
     /// `STATUS:RETRY_AFTER_SECS` (the names [`Behavior`]'s `Display` writes).
     fn from_str(s: &str) -> Result<Behavior, ParseBehaviorError> {
@@ -150,6 +161,13 @@ impl FromStr for Behavior {
             "malformed-sse" => Ok(Behavior::MalformedSse {
                 chunks: chunks(arg)?,
             }),
+            "malformed-sse-run" => {
+                let (n, count) = arg.and_then(|a| a.split_once(':')).ok_or_else(err)?;
+                Ok(Behavior::MalformedSseRun {
+                    chunks: chunks(Some(n))?,
+                    count: chunks(Some(count))?,
+                })
+            }
             "stream-cut" => Ok(Behavior::StreamCut {
                 chunks: chunks(arg)?,
             }),
@@ -200,6 +218,9 @@ impl fmt::Display for Behavior {
             Behavior::StreamStall { chunks } => write!(f, "stream-stall:{chunks}"),
             Behavior::Malformed => f.write_str("malformed"),
             Behavior::MalformedSse { chunks } => write!(f, "malformed-sse:{chunks}"),
+            Behavior::MalformedSseRun { chunks, count } => {
+                write!(f, "malformed-sse-run:{chunks}:{count}")
+            }
             Behavior::Delay(d) => write!(f, "delay:{}", d.as_millis()),
             Behavior::EmptyAnswer => f.write_str("empty"),
             Behavior::NoChoices => f.write_str("no-choices"),
@@ -277,6 +298,13 @@ mod tests {
             parse("malformed-sse:0"),
             Ok(Behavior::MalformedSse { chunks: 0 })
         );
+        assert_eq!(
+            parse("malformed-sse-run:1:9"),
+            Ok(Behavior::MalformedSseRun {
+                chunks: 1,
+                count: 9
+            })
+        );
         assert_eq!(parse("stream-cut"), Ok(Behavior::StreamCut { chunks: 2 }));
         assert_eq!(parse("stream-cut:5"), Ok(Behavior::StreamCut { chunks: 5 }));
         assert_eq!(
@@ -313,6 +341,9 @@ mod tests {
             "stream-cut:x",
             "429:y",
             "malformed-sse:z",
+            "malformed-sse-run",
+            "malformed-sse-run:1",
+            "malformed-sse-run:1:x",
         ] {
             assert!(parse(bad).is_err(), "{bad:?} should not parse");
         }
@@ -327,6 +358,10 @@ mod tests {
             Behavior::Reset,
             Behavior::Malformed,
             Behavior::MalformedSse { chunks: 3 },
+            Behavior::MalformedSseRun {
+                chunks: 1,
+                count: 9,
+            },
             Behavior::StreamCut { chunks: 0 },
             Behavior::StreamStall { chunks: 4 },
             Behavior::Delay(Duration::from_millis(250)),

@@ -15,8 +15,8 @@ usage: echelon-testkit [--host 127.0.0.1] [--port 0] [--model test-model] [--api
                        [--latency-ms 0] [--chunk-delay-ms 0] [--context-window TOKENS]
                        [--fault-rate 0.3 [--faults LIST] [--seed N]]
 
-faults: normal, stall, cut, reset, malformed, malformed-sse[:N], stream-cut[:N], stream-stall[:N], delay:MS,
-        empty, no-choices, no-finish, huge:BYTES, or an HTTP status (e.g. 503), optionally with Retry-After seconds (e.g. 429:2);
+faults: normal, stall, cut, reset, malformed, malformed-sse[:N], malformed-sse-run:N:COUNT, stream-cut[:N],
+        stream-stall[:N], delay:MS, empty, no-choices, no-finish, huge:BYTES, or an HTTP status (e.g. 503), optionally with Retry-After seconds (e.g. 429:2);
         default LIST: 429:1,500,503,stall,cut,reset,malformed,stream-cut:0,stream-cut:3,malformed-sse:2";
 
 /// Faults used when `--fault-rate` is given without `--faults`.

@@ -404,6 +404,7 @@ async fn chat(
                 | Behavior::StreamStall { .. }
                 | Behavior::Malformed
                 | Behavior::MalformedSse { .. }
+                | Behavior::MalformedSseRun { .. }
                 | Behavior::EmptyAnswer
                 | Behavior::NoChoices
                 | Behavior::NoFinishReason
@@ -447,10 +448,13 @@ async fn chat(
             Ok(normal(&answer, stream, latency, chunk_delay))
         }
         Behavior::Normal => Ok(normal(&answer, stream, latency, chunk_delay)),
-        Behavior::Malformed | Behavior::MalformedSse { .. } if stream => {
-            let before = match behavior {
-                Behavior::MalformedSse { chunks } => chunks,
-                _ => 0,
+        Behavior::Malformed | Behavior::MalformedSse { .. } | Behavior::MalformedSseRun { .. }
+            if stream =>
+        {
+            let (before, count) = match behavior {
+                Behavior::MalformedSse { chunks } => (chunks, 1),
+                Behavior::MalformedSseRun { chunks, count } => (chunks, count),
+                _ => (0, 1),
             };
             let mut steps = vec![
                 Step::Sleep(latency),
@@ -461,11 +465,13 @@ async fn chat(
                 steps.push(Step::Sleep(chunk_delay));
                 steps.push(Step::Data(event(chunk)));
             }
-            steps.push(Step::Data(Bytes::from_static(b"data: {not json\n\n")));
+            for _ in 0..count {
+                steps.push(Step::Data(Bytes::from_static(b"data: {not json\n\n")));
+            }
             steps.extend(rest_of_stream(&answer, chunk_delay, before));
             Ok(sse_response(steps))
         }
-        Behavior::Malformed | Behavior::MalformedSse { .. } => {
+        Behavior::Malformed | Behavior::MalformedSse { .. } | Behavior::MalformedSseRun { .. } => {
             let text = format!(
                 "{{\"id\":\"{}\",\"object\":\"chat.completion\",\"choices\":[{{\"message\":{{\"content\":\"echo",
                 answer.id

@@ -867,3 +867,19 @@ async fn binary_prints_its_address_and_serves_until_sigterm() {
     assert!(status.success(), "{status:?}");
     assert_eq!(lines.next_line().await.unwrap(), None, "exactly one line");
 }
+
+#[tokio::test]
+async fn a_run_of_malformed_sse_events_then_the_rest() {
+    let up = TestUpstream::start().await.unwrap();
+    up.push_behavior(Behavior::MalformedSseRun {
+        chunks: 1,
+        count: 3,
+    });
+    let resp = post(&client(), &up, &chat_body("one two", true)).await;
+    let data = sse_data(&resp.text().await.unwrap());
+    assert!(data[0].contains("\"role\":\"assistant\""));
+    assert_eq!(streamed_content(&parse_chunks(&data[1..2])), "echo:");
+    assert_eq!(data[2..5], ["{not json", "{not json", "{not json"]);
+    assert_eq!(streamed_content(&parse_chunks(&data[5..])), " one two");
+    assert_eq!(data.last().unwrap(), "[DONE]");
+}

@@ -155,6 +155,7 @@ fn sample_record(i: u64) -> echelon::usage::record::RequestRecord {
         estimated: false,
         fallback: false,
         no_finish_reason: false,
+        stream_anomalies: 0,
         attempts: vec![AttemptRecord {
             model: "gpt-4o-mini".into(),
             provider: "openai".into(),

@@ -1,6 +1,7 @@
 //! What counts as an answer, and what an answer may cost the gateway (issue 14 items 3, 5
-//! and 12): an empty 200 is a malformed answer that fails over; a stream without a
-//! finish reason is delivered but flagged; token counts never block the runtime; an
+//! and 12, issue 19): an empty 200 is a malformed answer that fails over, and so is a
+//! plain answer without a finish reason; a stream without a finish reason is delivered
+//! but flagged; token counts never block the runtime; an
 //! answer larger than `max_response_bytes` fails over; a request the client abandons is
 //! still recorded (499). Real local upstreams (the testkit) on 127.0.0.1:0.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
@@ -254,6 +255,46 @@ fn a_stream_without_a_finish_reason_is_delivered_and_flagged() {
         seen.iter()
             .any(|(name, n)| name == "echelon_stream_no_finish_reason_total" && *n == 1),
         "{seen:?}"
+    );
+}
+
+/// Issue 19: a non-streamed answer whose choice has no `finish_reason` (null here) may
+/// be cut short: it is malformed, counts against the model's health, and the next
+/// candidate answers. (Old: `a`'s answer was relayed as a success.)
+#[tokio::test]
+async fn a_plain_answer_without_a_finish_reason_fails_over_as_malformed() {
+    let (a, b) = upstreams().await;
+    a.push_behavior(Behavior::NoFinishReason);
+    let (gw, sink) = gateway(&a, &b, "");
+    let done = gw.chat(request("grp", "hello")).await.unwrap();
+    assert_eq!(done.model, "b");
+    assert_eq!(done.response.first_text(), Some("echo: hello"));
+    assert_eq!(
+        done.response.choices[0].finish_reason.as_deref(),
+        Some("stop")
+    );
+    assert_eq!(
+        kinds(&done.attempts),
+        [pair("a", "malformed"), pair("b", "ok")]
+    );
+    assert!(
+        done.attempts[0].message.contains("no finish_reason"),
+        "{}",
+        done.attempts[0].message
+    );
+    let failures = gw
+        .model("a")
+        .unwrap()
+        .breaker()
+        .snapshot()
+        .consecutive_failures;
+    assert_eq!(failures, 1);
+    gw.shutdown().await;
+    let records = sink.records();
+    assert_eq!(records.len(), 1);
+    assert_eq!(
+        (records[0].status, records[0].model.as_deref()),
+        (200, Some("b"))
     );
 }
 

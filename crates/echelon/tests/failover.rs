@@ -405,11 +405,12 @@ async fn a_stream_stalling_midway_times_out_with_an_error() {
     assert_eq!(attempts, vec![("a".into(), "timeout".into())]);
 }
 
+/// With `malformed_event: fail` (the default `skip` delivers it: tests/streams.rs).
 #[tokio::test]
 async fn malformed_sse_before_content_fails_over() {
     let (a, b) = pair().await;
     a.push_behavior(Behavior::Malformed);
-    let gw = gateway(&a, &b, "max_retries: 0");
+    let gw = gateway(&a, &b, "max_retries: 0, malformed_event: fail");
     let (text, attempts, err) = collect_stream(&gw, "grp").await;
     assert!(err.is_none());
     assert_eq!(text, "echo: hello there");

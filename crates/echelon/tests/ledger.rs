@@ -85,6 +85,7 @@ fn record(i: u64) -> RequestRecord {
         estimated: attempts.iter().any(|a| a.estimated),
         fallback: n_attempts > 1,
         no_finish_reason: false,
+        stream_anomalies: 0,
         attempts,
     }
 }
@@ -532,6 +533,7 @@ fn usage_summary_matches_seed_000_pricing() {
             estimated: false,
             fallback: false,
             no_finish_reason: false,
+            stream_anomalies: 0,
             attempts: vec![AttemptRecord {
                 model: model.to_owned(),
                 provider: "openai".to_owned(),

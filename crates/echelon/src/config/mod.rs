@@ -31,8 +31,10 @@
 //!
 //! A model may also set `pricing: { input_per_1m: 0.15, output_per_1m: 0.60,
 //! cached_input_per_1m: 0.075 }` (USD per 1M tokens) and `encoding: o200k_base`
-//! (or `cl100k_base`); `server:` takes `log_bodies: true`, and the access and
-//! connection settings of [`ServerConfig`] (`allowed_hosts`, `cors_origins`,
+//! (or `cl100k_base`), and `malformed_event: fail` (default `skip`: a stream's SSE
+//! event that is not a chunk is skipped and counted, see [`MalformedEvent`]);
+//! `server:` takes `log_bodies: true`, and the access and connection settings of
+//! [`ServerConfig`] (`allowed_hosts`, `cors_origins`,
 //! `metrics_auth`, `header_read_timeout`, `max_connections`, `shutdown_timeout`).
 //! Without `usage.ledger` the ledger is at [`UsageConfig::default_ledger_path`].
 //!
@@ -108,10 +110,10 @@ pub use error::{ConfigError, ConfigErrors};
 pub use migrate::{MigrateError, MigrateOptions, MigrationReport, migrate, migrate_with_env};
 pub use model::{
     CircuitBreakerConfig, Config, EchelonConfig, FallbackConfig, FallbackStrategy, HealthCheckKind,
-    KeySource, ModelConfig, PollingPoolConfig, PoolFallbackConfig, PoolFallbackStrategy,
-    PricingConfig, ProviderApi, ProviderConfig, RotationStrategy, ServerConfig,
-    StreamFailureConfig, StreamFailureMode, TaskGroupConfig, TokenEncoding, UsageConfig,
-    WrapperConfig,
+    KeySource, MalformedEvent, ModelConfig, PollingPoolConfig, PoolFallbackConfig,
+    PoolFallbackStrategy, PricingConfig, ProviderApi, ProviderConfig, RotationStrategy,
+    ServerConfig, StreamFailureConfig, StreamFailureMode, TaskGroupConfig, TokenEncoding,
+    UsageConfig, WrapperConfig,
 };
 
 impl Config {

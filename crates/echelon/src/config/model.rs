@@ -354,6 +354,12 @@ pub struct ModelConfig {
     /// instruction to go on. Default `false`: some providers refuse a prefill (Anthropic's
     /// newest models answer 400).
     pub prefill: bool,
+    /// Streams: what an SSE event whose `data:` is not a chunk does (`malformed_event:
+    /// skip | fail`). Default [`MalformedEvent::Skip`]: it is skipped and counted, and
+    /// the stream goes on (a stream that never recovers still fails, see
+    /// [`crate::provider::MAX_MALFORMED_IN_A_ROW`]). An in-band `{"error": …}` event
+    /// ends the stream either way.
+    pub malformed_event: MalformedEvent,
 }
 
 impl ModelConfig {
@@ -406,6 +412,7 @@ impl ModelConfig {
             encoding: None,
             max_response_bytes: Self::DEFAULT_MAX_RESPONSE_BYTES,
             prefill: false,
+            malformed_event: MalformedEvent::default(),
         }
     }
 
@@ -414,6 +421,52 @@ impl ModelConfig {
     pub fn token_encoding(&self) -> TokenEncoding {
         self.encoding
             .unwrap_or_else(|| TokenEncoding::for_model(&self.model))
+    }
+}
+
+/// What a stream does with an SSE event whose `data:` does not parse as a chunk
+/// (`malformed_event:` of a model; issue 19: one malformed event is not the end of a
+/// stream).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum MalformedEvent {
+    /// `skip`: the event is not passed on, it is counted (the stream's anomalies, the
+    /// ledger's `stream_anomalies`, `echelon_stream_anomalies_total`) and the stream
+    /// goes on; more than [`crate::provider::MAX_MALFORMED_IN_A_ROW`] in a row end it
+    /// as `malformed`.
+    #[default]
+    Skip,
+    /// `fail`: the first one ends the stream as `malformed` (before the first content
+    /// chunk the next candidate is tried; after it the client gets the error event).
+    Fail,
+}
+
+impl MalformedEvent {
+    /// Every accepted value, as written in the file.
+    pub const NAMES: &'static [&'static str] = &["skip", "fail"];
+
+    /// The name as written in the file.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            MalformedEvent::Skip => "skip",
+            MalformedEvent::Fail => "fail",
+        }
+    }
+
+    /// The setting written `name` in the file.
+    pub fn from_name(name: &str) -> Option<Self> {
+        match name {
+            "skip" => Some(MalformedEvent::Skip),
+            "fail" => Some(MalformedEvent::Fail),
+            _ => None,
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for MalformedEvent {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        named(d, "malformed_event value", Self::from_name, |v| {
+            values_hint(v, Self::NAMES)
+        })
     }
 }
 

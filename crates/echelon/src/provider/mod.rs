@@ -33,13 +33,13 @@ use std::time::Duration;
 use echelon_types::{ChatCompletion, ChatCompletionRequest};
 use futures::future::BoxFuture;
 
-use crate::config::ProviderApi;
+use crate::config::{MalformedEvent, ProviderApi};
 use crate::key::{ApiKey, Redactor};
 
 pub use error::{ErrorKind, MAX_RETRY_AFTER, ProviderError};
 pub use http::HttpClients;
 pub use openai::OpenAiProvider;
-pub use stream::{ChunkStream, StreamEvent};
+pub use stream::{ChunkStream, MAX_MALFORMED_IN_A_ROW, StreamEvent};
 
 /// Default largest answer a provider reads, bytes (32 MiB): a model's
 /// `max_response_bytes` (`config::ModelConfig::max_response_bytes`).
@@ -124,7 +124,8 @@ pub trait Provider: Send + Sync + fmt::Debug {
     /// # Errors
     /// A classified [`ProviderError`]: HTTP errors by status, timeouts (total),
     /// connection errors, and `Malformed` for a 2xx body that is not a chat completion,
-    /// has no choices, or is longer than the provider's largest answer.
+    /// has no choices, has a choice without a `finish_reason` (missing or null: the
+    /// answer may be cut short), or is longer than the provider's largest answer.
     fn call<'a>(
         &'a self,
         key: Option<&'a ApiKey>,
@@ -170,7 +171,9 @@ pub trait Provider: Send + Sync + fmt::Debug {
 /// error messages are scrubbed by `redactor` (the model's keys, from
 /// [`KeyPool::redactor`](crate::resilience::key_pool::KeyPool::redactor)). An
 /// answer longer than `max_response_bytes` (a non-streamed body, a stream's whole body)
-/// fails the call as [`ErrorKind::Malformed`].
+/// fails the call as [`ErrorKind::Malformed`]. A stream event that is not a chunk is
+/// skipped and counted or ends the stream, as `malformed_event` says (the model's
+/// `malformed_event`, [`StreamEvent::Malformed`]).
 pub fn build(
     api: ProviderApi,
     http: reqwest::Client,
@@ -178,12 +181,14 @@ pub fn build(
     timeouts: Timeouts,
     redactor: Redactor,
     max_response_bytes: usize,
+    malformed_event: MalformedEvent,
 ) -> Arc<dyn Provider> {
     match api {
         ProviderApi::OpenAi => Arc::new(
             OpenAiProvider::new(http, base_url, timeouts)
                 .with_redactor(redactor)
-                .with_max_response_bytes(max_response_bytes),
+                .with_max_response_bytes(max_response_bytes)
+                .with_malformed_event(malformed_event),
         ),
     }
 }

@@ -2,9 +2,13 @@
 //! chunk-gap timeouts, a complete end (`[DONE]` or a finish reason) or an error, an
 //! answer before the end (content, a tool call or a finish reason: a stream of only a
 //! role chunk is an empty answer), and nothing after the end (DESIGN.md §4 "Streams").
+//! An event that is not a chunk is skipped and counted, or ends the stream, as the
+//! model's `malformed_event` says ([`MalformedEvent`]).
 
 use std::fmt;
 use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU32, Ordering};
 use std::task::{Context, Poll};
 
 use echelon_types::ChatCompletionChunk;
@@ -13,6 +17,15 @@ use tokio::time::Instant;
 
 use super::Timeouts;
 use super::error::{ErrorKind, ProviderError};
+use crate::config::MalformedEvent;
+
+/// Malformed events in a row (no chunk between them) a stream survives with
+/// `malformed_event: skip`: the next one (the 9th) ends it as [`ErrorKind::Malformed`].
+/// An upstream that recovers sends a chunk long before; one that sends nothing else
+/// never will, and would otherwise hold the client until the chunk-gap or total
+/// timeout while every event it sends is thrown away (issue 19: "a stream that never
+/// recovers is a failure").
+pub const MAX_MALFORMED_IN_A_ROW: u32 = 8;
 
 /// One event of a wire's stream, already decoded from the wire's format.
 #[derive(Debug, Clone, PartialEq)]
@@ -24,6 +37,14 @@ pub enum StreamEvent {
     Keepalive,
     /// The provider's end of stream (OpenAI: `data: [DONE]`).
     Done,
+    /// An event whose data is not a chunk (not JSON, or JSON that is not a chunk), with
+    /// the reason (already scrubbed of keys by the wire). With `malformed_event: skip`
+    /// it is counted and skipped: it does not prove the stream alive (the chunk-gap
+    /// timeout goes on running) and it is not an answer (the first-token timeout goes
+    /// on too). With `fail`, or after [`MAX_MALFORMED_IN_A_ROW`] in a row, it ends the
+    /// stream as [`ErrorKind::Malformed`]. An error event from the provider is not one
+    /// of these: the wire yields it as an `Err`, which always ends the stream.
+    Malformed(String),
 }
 
 type Chunks = Pin<Box<dyn Stream<Item = Result<ChatCompletionChunk, ProviderError>> + Send>>;
@@ -35,6 +56,9 @@ type Chunks = Pin<Box<dyn Stream<Item = Result<ChatCompletionChunk, ProviderErro
 /// `Err`, then `None`. Every chunk is decoded once, by the wire.
 pub struct ChunkStream {
     chunks: Chunks,
+    /// Malformed events seen (skipped or not), shared with the reader so that it can
+    /// be read after the stream ended.
+    anomalies: Arc<AtomicU32>,
 }
 
 impl fmt::Debug for ChunkStream {
@@ -48,30 +72,55 @@ impl ChunkStream {
     /// `timeouts` (the first-token timeout counts from now).
     ///
     /// `events` ends (`None`) when the body ends; an `Err` event ends the stream with
-    /// that error. [`next`](Self::next) needs a Tokio runtime with the time driver.
+    /// that error; a [`StreamEvent::Malformed`] is skipped (the default
+    /// [`MalformedEvent::Skip`]). [`next`](Self::next) needs a Tokio runtime with the
+    /// time driver.
     pub fn from_events<S>(events: S, timeouts: Timeouts) -> ChunkStream
     where
         S: Stream<Item = Result<StreamEvent, ProviderError>> + Send + 'static,
     {
-        ChunkStream::with_deadline(events, timeouts, Instant::now() + timeouts.first_token)
+        ChunkStream::from_events_with(events, timeouts, MalformedEvent::default())
     }
 
-    /// As [`from_events`](Self::from_events), the first-token timeout ending at
-    /// `first_token_deadline` (it started with the request).
-    pub(crate) fn with_deadline<S>(
+    /// As [`from_events`](Self::from_events), a [`StreamEvent::Malformed`] handled as
+    /// `malformed_event` says.
+    pub fn from_events_with<S>(
         events: S,
         timeouts: Timeouts,
-        first_token_deadline: Instant,
+        malformed_event: MalformedEvent,
     ) -> ChunkStream
     where
         S: Stream<Item = Result<StreamEvent, ProviderError>> + Send + 'static,
     {
+        ChunkStream::with_deadline(
+            events,
+            timeouts,
+            Instant::now() + timeouts.first_token,
+            malformed_event,
+        )
+    }
+
+    /// As [`from_events_with`](Self::from_events_with), the first-token timeout ending
+    /// at `first_token_deadline` (it started with the request).
+    pub(crate) fn with_deadline<S>(
+        events: S,
+        timeouts: Timeouts,
+        first_token_deadline: Instant,
+        malformed_event: MalformedEvent,
+    ) -> ChunkStream
+    where
+        S: Stream<Item = Result<StreamEvent, ProviderError>> + Send + 'static,
+    {
+        let anomalies = Arc::new(AtomicU32::new(0));
         let reader = Reader {
             events: Box::pin(events),
             first_token_deadline: Some(first_token_deadline),
             timeouts,
             finished: false,
             done: false,
+            malformed_event,
+            anomalies: anomalies.clone(),
+            malformed_in_a_row: 0,
         };
         let chunks = futures::stream::unfold(reader, |mut reader| async move {
             let item = reader.next().await?;
@@ -80,7 +129,14 @@ impl ChunkStream {
         ChunkStream {
             // Fused: polled again after its end, it stays ended.
             chunks: Box::pin(chunks.fuse()),
+            anomalies,
         }
+    }
+
+    /// Malformed events the stream has seen so far ([`StreamEvent::Malformed`]: the ones
+    /// skipped, and the one that ended it, if one did); readable after the end.
+    pub fn anomalies(&self) -> u32 {
+        self.anomalies.load(Ordering::Relaxed)
     }
 
     /// The next chunk; `None` after the provider's end of stream (or a clean end after a
@@ -90,8 +146,9 @@ impl ChunkStream {
     /// `Timeout` when the first content chunk does not come within the first-token
     /// timeout or a gap exceeds the chunk-gap timeout; `StreamCut` when the stream ends
     /// or drops before it is complete; `Malformed` when it ends (`[DONE]`) without any
-    /// content, tool call or finish reason (an empty answer); the wire's errors (`Malformed` for an unparsable
-    /// event, `ServerError` for an error event from the provider).
+    /// content, tool call or finish reason (an empty answer), and for a malformed event
+    /// with `malformed_event: fail` or the one past [`MAX_MALFORMED_IN_A_ROW`] in a
+    /// row; the wire's errors (`ServerError` for an error event from the provider).
     pub async fn next(&mut self) -> Option<Result<ChatCompletionChunk, ProviderError>> {
         self.chunks.next().await
     }
@@ -122,6 +179,12 @@ struct Reader {
     /// A finish reason was seen: the body may end without `[DONE]`.
     finished: bool,
     done: bool,
+    /// What a [`StreamEvent::Malformed`] does.
+    malformed_event: MalformedEvent,
+    /// Malformed events seen ([`ChunkStream::anomalies`]).
+    anomalies: Arc<AtomicU32>,
+    /// Malformed events since the last chunk.
+    malformed_in_a_row: u32,
 }
 
 impl Reader {
@@ -138,8 +201,10 @@ impl Reader {
     }
 
     async fn read(&mut self) -> Option<Result<ChatCompletionChunk, ProviderError>> {
+        // Reset only by what proves the stream alive (a keepalive; a chunk returns),
+        // never by a malformed event.
+        let mut gap_deadline = Instant::now() + self.timeouts.chunk_gap;
         loop {
-            let gap_deadline = Instant::now() + self.timeouts.chunk_gap;
             let (deadline, first) = match self.first_token_deadline {
                 Some(ft) if ft < gap_deadline => (ft, true),
                 _ => (gap_deadline, false),
@@ -173,8 +238,34 @@ impl Reader {
                     )));
                 }
                 Some(Ok(StreamEvent::Done)) => return None,
-                Some(Ok(StreamEvent::Keepalive)) => continue,
+                Some(Ok(StreamEvent::Keepalive)) => {
+                    gap_deadline = Instant::now() + self.timeouts.chunk_gap;
+                }
+                Some(Ok(StreamEvent::Malformed(why))) => {
+                    self.anomalies.fetch_add(1, Ordering::Relaxed);
+                    self.malformed_in_a_row = self.malformed_in_a_row.saturating_add(1);
+                    match self.malformed_event {
+                        MalformedEvent::Fail => {
+                            return Some(Err(ProviderError::new(ErrorKind::Malformed, why)));
+                        }
+                        MalformedEvent::Skip
+                            if self.malformed_in_a_row > MAX_MALFORMED_IN_A_ROW =>
+                        {
+                            return Some(Err(ProviderError::new(
+                                ErrorKind::Malformed,
+                                format!(
+                                    "{} malformed events in a row (more than {MAX_MALFORMED_IN_A_ROW}); the last: {why}",
+                                    self.malformed_in_a_row
+                                ),
+                            )));
+                        }
+                        MalformedEvent::Skip => {
+                            tracing::debug!("malformed stream event skipped: {why}");
+                        }
+                    }
+                }
                 Some(Ok(StreamEvent::Chunk(chunk))) => {
+                    self.malformed_in_a_row = 0;
                     let finish = chunk.choices.iter().any(|c| c.finish_reason.is_some());
                     if finish || chunk.has_content() {
                         self.first_token_deadline = None;
@@ -277,6 +368,51 @@ mod tests {
         .await;
         assert!(items.iter().all(Result::is_ok));
         assert_eq!(items.len(), 2);
+    }
+
+    /// `first`, then `then` every 60 ms, `n` times, then `last` (paused time).
+    fn paced(
+        first: StreamEvent,
+        then: StreamEvent,
+        n: usize,
+        last: StreamEvent,
+    ) -> impl Stream<Item = Result<StreamEvent, ProviderError>> + Send {
+        let mut events = vec![(Duration::ZERO, first)];
+        events.extend(std::iter::repeat_n((Duration::from_millis(60), then), n));
+        events.push((Duration::from_millis(60), last));
+        futures::stream::iter(events).then(|(wait, e)| async move {
+            tokio::time::sleep(wait).await;
+            Ok(e)
+        })
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn malformed_events_do_not_keep_a_stream_alive_but_keepalives_do() {
+        let t = Timeouts {
+            chunk_gap: Duration::from_millis(100),
+            ..TIMEOUTS
+        };
+        let bad = || StreamEvent::Malformed("malformed SSE data: x".into());
+        // Skipped events 60 ms apart: the gap since the last chunk passes 100 ms.
+        let events = paced(chunk("a", None), bad(), 5, chunk("b", Some("stop")));
+        let mut stream = ChunkStream::from_events(events, t);
+        assert!(stream.next().await.unwrap().is_ok());
+        let e = stream.next().await.unwrap().unwrap_err();
+        assert_eq!(
+            (e.kind, e.message.as_str()),
+            (ErrorKind::Timeout, "no chunk within 100 ms")
+        );
+        assert_eq!(stream.anomalies(), 1);
+        // Keepalives 60 ms apart keep it alive.
+        let events = paced(
+            chunk("a", None),
+            StreamEvent::Keepalive,
+            5,
+            chunk("b", Some("stop")),
+        );
+        let items: Vec<_> = StreamExt::collect(ChunkStream::from_events(events, t)).await;
+        assert_eq!(items.len(), 2);
+        assert!(items.iter().all(Result::is_ok));
     }
 
     #[tokio::test(start_paused = true)]

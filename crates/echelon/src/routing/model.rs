@@ -157,6 +157,7 @@ impl Model {
                 timeouts,
                 keys.redactor(),
                 config.max_response_bytes,
+                config.malformed_event,
             ),
             keys,
             identity,

@@ -40,6 +40,8 @@ pub struct GatewayStream {
     /// Set when the route continues a stream that fails after its start
     /// (`stream_failure: continue`).
     continuation: Option<Continuation>,
+    /// Malformed events skipped by the streams this one continued.
+    anomalies_before: u32,
 }
 
 /// The instruction sent after the partial answer to a continuing model without
@@ -194,7 +196,14 @@ impl GatewayStream {
             admitted: Some(admitted),
             accounting,
             continuation,
+            anomalies_before: 0,
         }
+    }
+
+    /// Malformed events skipped so far (`malformed_event: skip`), over every stream of
+    /// this answer.
+    fn anomalies(&self) -> u32 {
+        self.anomalies_before.saturating_add(self.rest.anomalies())
     }
 
     /// Hands the streaming attempt's outcome to its tickets, once.
@@ -278,20 +287,29 @@ impl GatewayStream {
                 chunk.usage = None;
             }
         }
-        if continued {
-            let finish = chunk.choices.iter().any(|c| c.finish_reason.is_some());
-            if finish && let Some(c) = &self.continuation {
-                // The client learns it was continued, and from what.
-                chunk.extra.insert(
-                    "echelon".to_owned(),
-                    serde_json::json!({
-                        "continued_from": c.failed.first(),
-                        "continued_on": self.model.id(),
-                        "continuations": c.failed.len(),
-                        "attempts": self.attempts,
-                    }),
+        let finish = chunk.choices.iter().any(|c| c.finish_reason.is_some());
+        if finish {
+            // The client learns what the answer went through: a continuation, and from
+            // what; malformed events skipped.
+            let mut echelon = serde_json::Map::new();
+            if let Some(c) = self.continuation.as_ref().filter(|_| continued) {
+                echelon.insert("continued_from".into(), c.failed.first().cloned().into());
+                echelon.insert("continued_on".into(), self.model.id().into());
+                echelon.insert("continuations".into(), c.failed.len().into());
+                echelon.insert(
+                    "attempts".into(),
+                    serde_json::to_value(&self.attempts).unwrap_or_default(),
                 );
             }
+            let anomalies = self.anomalies();
+            if anomalies > 0 {
+                echelon.insert("stream_anomalies".into(), anomalies.into());
+            }
+            if !echelon.is_empty() {
+                chunk.extra.insert("echelon".to_owned(), echelon.into());
+            }
+        }
+        if continued {
             // Nothing left of a chunk that only restated what was sent.
             let empty = !passed_text
                 && !finish
@@ -395,6 +413,7 @@ impl GatewayStream {
                 self.attempts.extend(attempts);
                 self.model = model;
                 self.buffered = buffered;
+                self.anomalies_before = self.anomalies();
                 self.rest = rest;
                 self.admitted = Some(admitted);
                 if let Some(c) = self.continuation.as_mut() {
@@ -422,12 +441,22 @@ impl GatewayStream {
     /// What the request's record needs, once: `status` 200 for a complete stream, the
     /// error's for a cut one, 499 for one the client abandoned.
     fn take_record(&mut self, status: u16) -> Option<PendingRecord> {
+        let anomalies = self.anomalies();
         let a = &mut self.accounting;
         if a.recorded {
             return None;
         }
         a.recorded = true;
         let no_finish_reason = status == 200 && !a.finished;
+        // Counted by the stream since its start, the events before the first chunk too.
+        let stream_anomalies = anomalies;
+        if stream_anomalies > 0 {
+            tracing::warn!(
+                model = self.model.id(),
+                stream_anomalies,
+                "stream had malformed events (skipped, or the last one ended it)"
+            );
+        }
         // The usual case, the provider's usage: the record is complete now.
         if let Some(u) = &a.usage {
             let mut record = a.meta.record(
@@ -438,6 +467,7 @@ impl GatewayStream {
                 Some(a.ttft_ms),
             );
             record.no_finish_reason = no_finish_reason;
+            record.stream_anomalies = stream_anomalies;
             return Some(PendingRecord::Ready(record));
         }
         Some(PendingRecord::Count(Box::new(ToCount {
@@ -449,6 +479,7 @@ impl GatewayStream {
             text: std::mem::take(&mut a.text),
             ttft_ms: a.ttft_ms,
             no_finish_reason,
+            stream_anomalies,
         })))
     }
 
@@ -588,6 +619,7 @@ struct ToCount {
     text: String,
     ttft_ms: u64,
     no_finish_reason: bool,
+    stream_anomalies: u32,
 }
 
 impl PendingRecord {
@@ -610,6 +642,7 @@ impl PendingRecord {
             Some(c.ttft_ms),
         );
         record.no_finish_reason = c.no_finish_reason;
+        record.stream_anomalies = c.stream_anomalies;
         record
     }
 }

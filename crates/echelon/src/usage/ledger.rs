@@ -17,8 +17,9 @@
 //!   `model`, `provider` (NULL when no model answered), `status` (HTTP), `stream`,
 //!   `latency_ms`, `ttft_ms`, `prompt_tokens`, `completion_tokens`, `cost_usd` (USD),
 //!   `estimated`, `fallback`, `no_finish_reason` (booleans as 0/1: a stream delivered
-//!   although no chunk carried a `finish_reason`, since v2); indexed on `started_at_ms`,
-//!   `model`, `route`.
+//!   although no chunk carried a `finish_reason`, since v2), `stream_anomalies` (a
+//!   stream's malformed SSE events, 0 when none or not streamed, since v3); indexed on
+//!   `started_at_ms`, `model`, `route`.
 //! - `attempts`: `id`, `request_rowid` (→ `requests.id`), `seq` (0-based order),
 //!   `model`, `provider`, `key_id` (short id, never the key), `status` (NULL when the
 //!   provider did not answer), `error_kind` (`ok` or the error/skip kind),
@@ -75,6 +76,8 @@ const MIGRATIONS: &[&str] = &[
     CREATE INDEX attempts_request_rowid ON attempts(request_rowid);",
     // v2: streams delivered without a finish reason are flagged (issue 14 item 3).
     "ALTER TABLE requests ADD COLUMN no_finish_reason INTEGER NOT NULL DEFAULT 0;",
+    // v3: a stream's malformed SSE events, skipped or fatal, are counted (issue 19).
+    "ALTER TABLE requests ADD COLUMN stream_anomalies INTEGER NOT NULL DEFAULT 0;",
 ];
 
 /// How long a connection waits for a lock held by another one, in milliseconds.
@@ -544,8 +547,8 @@ fn insert_batch(conn: &mut Connection, records: &[RequestRecord]) -> rusqlite::R
         let mut request = tx.prepare_cached(
             "INSERT INTO requests (request_id, started_at_ms, route, model, provider, status,
                 stream, latency_ms, ttft_ms, prompt_tokens, completion_tokens, cost_usd,
-                estimated, fallback, no_finish_reason)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15)",
+                estimated, fallback, no_finish_reason, stream_anomalies)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16)",
         )?;
         let mut attempt = tx.prepare_cached(
             "INSERT INTO attempts (request_rowid, seq, model, provider, key_id, status,
@@ -569,6 +572,7 @@ fn insert_batch(conn: &mut Connection, records: &[RequestRecord]) -> rusqlite::R
                 r.estimated,
                 r.fallback,
                 r.no_finish_reason,
+                r.stream_anomalies,
             ])?;
             for (seq, a) in r.attempts.iter().enumerate() {
                 attempt.execute(params![
@@ -590,4 +594,53 @@ fn insert_batch(conn: &mut Connection, records: &[RequestRecord]) -> rusqlite::R
     }
     tx.commit()?;
     Ok(records.len() as u64)
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    /// A ledger written at v2 (before `stream_anomalies`) is migrated at open: its rows
+    /// read 0, new rows keep their count.
+    #[test]
+    fn a_v2_ledger_gains_stream_anomalies_at_open() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("ledger.db");
+        {
+            let conn = Connection::open(&path).unwrap();
+            for sql in &MIGRATIONS[..2] {
+                conn.execute_batch(sql).unwrap();
+            }
+            conn.pragma_update(None, "user_version", 2).unwrap();
+            conn.execute(
+                "INSERT INTO requests (request_id, started_at_ms, route, status, stream,
+                    latency_ms, prompt_tokens, completion_tokens, cost_usd, estimated, fallback)
+                 VALUES ('old', 1, 'r', 200, 1, 5, 0, 0, 0.0, 0, 0)",
+                [],
+            )
+            .unwrap();
+        }
+        let mut ledger = Ledger::open(&path).unwrap();
+        assert_eq!(SCHEMA_VERSION, 3);
+        assert_eq!(ledger.schema_version().unwrap(), 3);
+        let mut record = crate::usage::RequestMeta::new(Some("new"), "r", true).record(
+            None,
+            200,
+            &[],
+            crate::usage::TokenCount::default(),
+            None,
+        );
+        record.stream_anomalies = 5;
+        ledger.insert(&[record]).unwrap();
+        let rows: Vec<(String, i64)> = ledger
+            .conn
+            .prepare("SELECT request_id, stream_anomalies FROM requests ORDER BY id")
+            .unwrap()
+            .query_map([], |r| Ok((r.get(0)?, r.get(1)?)))
+            .unwrap()
+            .collect::<Result<_, _>>()
+            .unwrap();
+        assert_eq!(rows, [("old".to_owned(), 0), ("new".to_owned(), 5)]);
+    }
 }

@@ -66,6 +66,10 @@ pub const LEDGER_QUEUE_DEPTH: &str = "echelon_ledger_queue_depth";
 /// `echelon_stream_no_finish_reason_total{route, model}`: streams delivered although no
 /// chunk carried a `finish_reason` (ended by `[DONE]` alone; the answer may be cut).
 pub const STREAM_NO_FINISH_REASON_TOTAL: &str = "echelon_stream_no_finish_reason_total";
+/// `echelon_stream_anomalies_total{model, kind}`: anomalies of streams, by the model
+/// that streamed; `kind="malformed_event"`: SSE events whose data was not a chunk
+/// (skipped with `malformed_event: skip`, or the one that ended the stream).
+pub const STREAM_ANOMALIES_TOTAL: &str = "echelon_stream_anomalies_total";
 
 /// Every metric this module records (what [`describe`] registers).
 pub const METRIC_NAMES: &[&str] = &[
@@ -86,6 +90,7 @@ pub const METRIC_NAMES: &[&str] = &[
     POOL_INSTANCE_HEALTHY,
     LEDGER_QUEUE_DEPTH,
     STREAM_NO_FINISH_REASON_TOTAL,
+    STREAM_ANOMALIES_TOTAL,
 ];
 
 /// The histograms, for exporters that set buckets per metric.
@@ -136,6 +141,10 @@ pub fn observe(rec: &RequestRecord) {
     if rec.no_finish_reason {
         counter!(STREAM_NO_FINISH_REASON_TOTAL, "route" => route.clone(), "model" => model.clone())
             .increment(1);
+    }
+    if rec.stream_anomalies > 0 {
+        counter!(STREAM_ANOMALIES_TOTAL, "model" => model.clone(), "kind" => "malformed_event")
+            .increment(u64::from(rec.stream_anomalies));
     }
 
     let (mut prompt, mut completion, mut cost) = (0u64, 0u64, 0.0f64);
@@ -311,6 +320,13 @@ pub fn describe() {
         "Streams delivered although no chunk carried a finish_reason ([DONE] alone ended \
          them): the answer may be incomplete."
     );
+    describe_counter!(
+        STREAM_ANOMALIES_TOTAL,
+        Unit::Count,
+        "Stream anomalies by the model that streamed and kind; kind=malformed_event: SSE \
+         events whose data was not a chunk (skipped with malformed_event: skip, or the one \
+         that ended the stream)."
+    );
     describe_gauge!(
         LEDGER_QUEUE_DEPTH,
         Unit::Count,
@@ -356,6 +372,7 @@ mod tests {
             estimated: false,
             fallback: false,
             no_finish_reason: false,
+            stream_anomalies: 0,
             attempts,
         }
     }

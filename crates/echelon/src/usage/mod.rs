@@ -156,6 +156,7 @@ impl RequestMeta {
             estimated: tokens.estimated,
             fallback,
             no_finish_reason: false,
+            stream_anomalies: 0,
             attempts,
         }
     }

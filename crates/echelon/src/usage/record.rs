@@ -43,6 +43,11 @@ pub struct RequestRecord {
     /// (delivered, but flagged: the answer may be incomplete; the ledger's
     /// `no_finish_reason` column, the `echelon_stream_no_finish_reason_total` metric).
     pub no_finish_reason: bool,
+    /// Streams: malformed SSE events of the answering attempt's stream (events whose
+    /// data was not a chunk: skipped with `malformed_event: skip`, or the one that ended
+    /// the stream); 0 for non-streamed requests (the ledger's `stream_anomalies`
+    /// column, the `echelon_stream_anomalies_total{kind="malformed_event"}` metric).
+    pub stream_anomalies: u32,
     /// Every attempt, in order (skips included, with zero tokens).
     pub attempts: Vec<AttemptRecord>,
 }

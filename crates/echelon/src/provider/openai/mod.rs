@@ -19,7 +19,8 @@ use self::request::WireRequest;
 use super::error::{ErrorKind, ProviderError, parse_retry_after};
 use super::http::from_reqwest;
 use super::stream::first_token_timeout;
-use super::{ChunkStream, ProbeKind, Provider, ProviderRequest, Timeouts};
+use super::{ChunkStream, ProbeKind, Provider, ProviderRequest, StreamEvent, Timeouts};
+use crate::config::MalformedEvent;
 use crate::key::{ApiKey, Redactor};
 
 /// Added to the connect timeout to bound a `GET /models` probe.
@@ -46,6 +47,8 @@ pub struct OpenAiProvider {
     redactor: Redactor,
     /// The largest answer read, bytes: a non-streamed body, or a stream's whole body.
     max_response_bytes: usize,
+    /// What a stream event that is not a chunk does.
+    malformed_event: MalformedEvent,
 }
 
 fn parse_url(url: String) -> Result<reqwest::Url, String> {
@@ -65,6 +68,7 @@ impl OpenAiProvider {
             timeouts,
             redactor: Redactor::default(),
             max_response_bytes: super::DEFAULT_MAX_RESPONSE_BYTES,
+            malformed_event: MalformedEvent::default(),
         }
     }
 
@@ -80,6 +84,13 @@ impl OpenAiProvider {
     /// [`ErrorKind::Malformed`]. Default [`DEFAULT_MAX_RESPONSE_BYTES`](super::DEFAULT_MAX_RESPONSE_BYTES).
     pub fn with_max_response_bytes(mut self, max_bytes: usize) -> Self {
         self.max_response_bytes = max_bytes;
+        self
+    }
+
+    /// The same endpoint handling a stream event that is not a chunk as
+    /// `malformed_event` says (default [`MalformedEvent::Skip`]: skipped and counted).
+    pub fn with_malformed_event(mut self, malformed_event: MalformedEvent) -> Self {
+        self.malformed_event = malformed_event;
         self
     }
 
@@ -157,13 +168,23 @@ impl OpenAiProvider {
             resp.bytes_stream().map(|r| r.map_err(from_reqwest)),
             self.max_response_bytes,
         );
-        // In-band error events and failures mid-stream carry upstream text too.
+        // In-band error events, malformed events (a parser's message may quote the
+        // data) and failures mid-stream carry upstream text too.
         let redactor = self.redactor.clone();
-        let events = sse::events(bytes).map(move |event| event.map_err(|e| e.redacted(&redactor)));
+        let events = sse::events(bytes).map(move |event| match event {
+            Ok(StreamEvent::Malformed(why)) => Ok(StreamEvent::Malformed(
+                ProviderError::new(ErrorKind::Malformed, why)
+                    .redacted(&redactor)
+                    .message,
+            )),
+            Ok(event) => Ok(event),
+            Err(e) => Err(e.redacted(&redactor)),
+        });
         Ok(ChunkStream::with_deadline(
             events,
             self.timeouts,
             first_token_deadline,
+            self.malformed_event,
         ))
     }
 
@@ -202,7 +223,11 @@ impl Provider for OpenAiProvider {
         req: &'a ProviderRequest<'a>,
     ) -> BoxFuture<'a, Result<ChatCompletion, ProviderError>> {
         let call = self.call_inner(self.post_chat(key, req));
-        Box::pin(async move { call.await.map_err(|e| e.redacted(&self.redactor)) })
+        Box::pin(async move {
+            call.await
+                .and_then(finished)
+                .map_err(|e| e.redacted(&self.redactor))
+        })
     }
 
     fn stream<'a>(
@@ -233,6 +258,26 @@ impl Provider for OpenAiProvider {
             Ok(url) => url.as_str(),
             Err(raw) => raw,
         }
+    }
+}
+
+/// A non-streamed answer whose every choice says why it stopped; one without a
+/// `finish_reason` (missing or null) may be cut short and is `Malformed`, so that it
+/// fails over like any malformed body (issue 19: "truncation is never success").
+/// Streams are checked by their end instead (`[DONE]` or a finish reason,
+/// [`ChunkStream`]). A health probe's answer is not checked: it proves the upstream
+/// answers.
+fn finished(completion: ChatCompletion) -> Result<ChatCompletion, ProviderError> {
+    match completion
+        .choices
+        .iter()
+        .position(|c| c.finish_reason.is_none())
+    {
+        None => Ok(completion),
+        Some(i) => Err(ProviderError::new(
+            ErrorKind::Malformed,
+            format!("response has no finish_reason (choice {i}): the answer may be incomplete"),
+        )),
     }
 }
 
