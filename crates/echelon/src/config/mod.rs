@@ -109,8 +109,8 @@ pub use migrate::{MigrateError, MigrateOptions, MigrationReport, migrate, migrat
 pub use model::{
     CircuitBreakerConfig, Config, EchelonConfig, FallbackConfig, FallbackStrategy, HealthCheckKind,
     KeySource, ModelConfig, PollingPoolConfig, PoolFallbackConfig, PoolFallbackStrategy,
-    PricingConfig, ProviderApi, ProviderConfig, RotationStrategy, ServerConfig, TaskGroupConfig,
-    TokenEncoding, UsageConfig, WrapperConfig,
+    PricingConfig, ProviderApi, ProviderConfig, RetryOn, RotationStrategy, ServerConfig,
+    TaskGroupConfig, TokenEncoding, UsageConfig, WrapperConfig,
 };
 
 impl Config {

@@ -8,6 +8,8 @@ use echelon_types::ChatCompletionRequest;
 
 use super::model::Model;
 use super::pool::PollingPool;
+use crate::config::RetryOn;
+use crate::provider::ErrorKind;
 use super::stats::RouteStats;
 use crate::resilience::breaker::CircuitBreaker;
 use crate::resilience::concurrency::ConcurrencyLimit;
@@ -21,6 +23,10 @@ pub(crate) struct EchelonDefaults {
     pub(crate) max_tokens: Option<u32>,
     /// Overrides each model's `max_retries` within this echelon.
     pub(crate) max_retries: Option<u32>,
+    /// Overrides each model's `retry_on`, key by key, within this echelon.
+    pub(crate) retry_on: RetryOn,
+    /// Overrides each model's `rate_limit_wait` within this echelon.
+    pub(crate) rate_limit_wait: Option<Duration>,
     /// Bounds each attempt within this echelon (non-streamed: the whole call; streamed:
     /// until the first content chunk).
     pub(crate) timeout: Option<Duration>,
@@ -31,6 +37,33 @@ impl EchelonDefaults {
     /// `max_tokens` (the same rule the provider request applies when serialized).
     pub(crate) fn max_output_tokens(&self, req: &ChatCompletionRequest) -> Option<u32> {
         req.max_output_tokens().or(self.max_tokens)
+    }
+
+    /// Retries of `model` through this echelon after failures of `kind` (the rule of
+    /// [`RetryOn`]): the echelon's `retry_on` entry, else (but for the timeouts) its
+    /// `max_retries`, else the model's own ([`Model::retries_on`]). A 401/403 may move
+    /// on to another key `max_retries` times (the echelon's, else the model's); any
+    /// other kind is never retried (0).
+    pub(crate) fn retries_on(&self, model: &Model, kind: ErrorKind) -> u32 {
+        if kind == ErrorKind::Auth {
+            return self.max_retries.unwrap_or(model.max_retries());
+        }
+        if let Some(n) = self.retry_on.get(kind) {
+            return n;
+        }
+        if let Some(n) = self.max_retries
+            && RetryOn::KINDS.contains(&kind)
+            && !kind.is_timeout()
+        {
+            return n;
+        }
+        model.retries_on(kind).unwrap_or(0)
+    }
+
+    /// How long a request may wait in place for `model` through this echelon when it
+    /// is rate-limited: the echelon's `rate_limit_wait`, else the model's.
+    pub(crate) fn rate_limit_wait(&self, model: &Model) -> Duration {
+        self.rate_limit_wait.unwrap_or(model.rate_limit_wait())
     }
 }
 

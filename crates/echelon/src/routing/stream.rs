@@ -231,7 +231,7 @@ impl GatewayStream {
                         last.message = e.message.clone();
                         last.status = e.status.or(last.status);
                     }
-                    let kind = if e.kind == ErrorKind::Timeout {
+                    let kind = if e.kind.is_timeout() {
                         GatewayErrorKind::Timeout
                     } else {
                         GatewayErrorKind::UpstreamFailed
