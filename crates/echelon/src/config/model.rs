@@ -535,9 +535,10 @@ impl RetryOn {
     /// [`default_for`](Self::default_for); `None` for a kind that is never retried
     /// (not one of [`KINDS`](Self::KINDS)).
     pub fn limit(&self, kind: ErrorKind, max_retries: u32) -> Option<u32> {
-        Self::KINDS
-            .contains(&kind)
-            .then(|| self.get(kind).unwrap_or_else(|| Self::default_for(kind, max_retries)))
+        Self::KINDS.contains(&kind).then(|| {
+            self.get(kind)
+                .unwrap_or_else(|| Self::default_for(kind, max_retries))
+        })
     }
 
     /// The entry written for `kind`, if any (`None` for a kind it has no key for).

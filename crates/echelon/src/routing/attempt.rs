@@ -713,7 +713,10 @@ mod tests {
     #[test]
     fn exhausted_status_follows_the_attempts() {
         assert_eq!(exhausted("r", vec![], None).status(), 503);
-        assert_eq!(exhausted("r", vec![att("circuit_open")], None).status(), 503);
+        assert_eq!(
+            exhausted("r", vec![att("circuit_open")], None).status(),
+            503
+        );
         assert_eq!(
             exhausted("r", vec![att("rate_limited"), att("rate_limited")], None).status(),
             429

@@ -8,9 +8,9 @@ use echelon_types::ChatCompletionRequest;
 
 use super::model::Model;
 use super::pool::PollingPool;
+use super::stats::RouteStats;
 use crate::config::RetryOn;
 use crate::provider::ErrorKind;
-use super::stats::RouteStats;
 use crate::resilience::breaker::CircuitBreaker;
 use crate::resilience::concurrency::ConcurrencyLimit;
 use crate::resilience::token_bucket::TokenBucket;
@@ -234,6 +234,89 @@ impl RouteKind {
             RouteKind::Echelon => "echelon",
             RouteKind::PollingPool => "polling_pool",
             RouteKind::Wrapper => "wrapper",
+        }
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+    use crate::config::{ModelConfig, ProviderApi, ProviderConfig};
+    use crate::resilience::key_pool::KeyPool;
+
+    fn model(configure: impl FnOnce(&mut ModelConfig)) -> Model {
+        let provider = ProviderConfig {
+            base_url: "http://127.0.0.1:9/v1".to_owned(),
+            api_keys: Vec::new(),
+            api: ProviderApi::OpenAi,
+            key_cooldown: ProviderConfig::DEFAULT_KEY_COOLDOWN,
+        };
+        let mut config = ModelConfig::new("p", "m");
+        configure(&mut config);
+        Model::from_config(
+            "m",
+            &config,
+            &provider,
+            KeyPool::new("m", Vec::new()),
+            &mut crate::provider::HttpClients::new(),
+            &crate::state::MemoryRegistry::new(),
+        )
+        .unwrap()
+    }
+
+    /// `retry_on` resolution through an echelon: its entry, else (not for timeouts) its
+    /// `max_retries`, else the model's entry, else the model's default.
+    #[test]
+    fn the_echelon_overrides_the_models_retry_on_key_by_key() {
+        let m = model(|c| {
+            c.max_retries = 4;
+            c.retry_on.server_error = Some(1);
+            c.retry_on.timeout = Some(3);
+            c.rate_limit_wait = Duration::from_secs(2);
+        });
+        let plain = EchelonDefaults::default();
+        assert_eq!(plain.retries_on(&m, ErrorKind::ServerError), 1);
+        assert_eq!(plain.retries_on(&m, ErrorKind::Timeout), 3);
+        assert_eq!(plain.retries_on(&m, ErrorKind::FirstTokenTimeout), 0);
+        assert_eq!(plain.retries_on(&m, ErrorKind::Connect), 4);
+        assert_eq!(plain.retries_on(&m, ErrorKind::Auth), 4, "other keys");
+        assert_eq!(plain.retries_on(&m, ErrorKind::BadRequest), 0);
+        assert_eq!(plain.rate_limit_wait(&m), Duration::from_secs(2));
+
+        let echelon = EchelonDefaults {
+            max_retries: Some(1),
+            retry_on: RetryOn {
+                connect: Some(0),
+                first_token_timeout: Some(2),
+                ..RetryOn::default()
+            },
+            rate_limit_wait: Some(Duration::ZERO),
+            ..EchelonDefaults::default()
+        };
+        assert_eq!(echelon.retries_on(&m, ErrorKind::Connect), 0, "its entry");
+        assert_eq!(echelon.retries_on(&m, ErrorKind::FirstTokenTimeout), 2);
+        assert_eq!(
+            echelon.retries_on(&m, ErrorKind::ServerError),
+            1,
+            "its max_retries over the model's entry"
+        );
+        assert_eq!(
+            echelon.retries_on(&m, ErrorKind::Timeout),
+            3,
+            "max_retries is not a timeout's limit: the model's entry"
+        );
+        assert_eq!(echelon.retries_on(&m, ErrorKind::Auth), 1);
+        assert_eq!(echelon.rate_limit_wait(&m), Duration::ZERO);
+
+        // A polling pool's tier: no per-model retry of any kind.
+        let pool = EchelonDefaults {
+            max_retries: Some(0),
+            retry_on: RetryOn::all(0),
+            ..EchelonDefaults::default()
+        };
+        for kind in ErrorKind::ALL {
+            assert_eq!(pool.retries_on(&m, kind), 0, "{kind}");
         }
     }
 }
