@@ -783,7 +783,11 @@ fn chaos_run_fails_over_accounts_and_returns_to_baseline() {
         let mid_stream_faults = served_count(&|b, stream| stream && after_first_chunk(b));
         let pre_chunk_stream_faults =
             served_count(&|b, stream| stream && *b != Behavior::Normal && !after_first_chunk(b));
-        let a_timeouts = ledger.kinds.get("a:timeout").copied().unwrap_or(0) as usize;
+        // Both deadlines: a stream's silent start is `first_token_timeout`.
+        let a_timeouts = ["a:timeout", "a:first_token_timeout"]
+            .iter()
+            .map(|k| ledger.kinds.get(*k).copied().unwrap_or(0) as usize)
+            .sum::<usize>();
         let mut fault_table: Vec<String> = served
             .iter()
             .map(|s| {

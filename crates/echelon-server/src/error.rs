@@ -38,6 +38,10 @@ pub(crate) struct ApiError {
     dialect: ErrorDialect,
     /// Whether it came from the gateway (then `x-echelon-attempts` is sent).
     routed: bool,
+    /// The gateway's [`retry_after`](GatewayError::retry_after): sent as `Retry-After`.
+    retry_after: Option<std::time::Duration>,
+    /// The gateway's own time on the request, sent as `x-echelon-overhead-ms`.
+    overhead_ms: Option<u64>,
 }
 
 impl ApiError {
@@ -54,7 +58,15 @@ impl ApiError {
             body: Box::new(ErrorBody::new(kind, message).with_code(code)),
             dialect: ErrorDialect::default(),
             routed: false,
+            retry_after: None,
+            overhead_ms: None,
         }
+    }
+
+    /// Sets the `x-echelon-overhead-ms` the answer carries.
+    pub(crate) fn with_overhead_ms(mut self, ms: u64) -> Self {
+        self.overhead_ms = Some(ms);
+        self
     }
 
     /// The body could not be read: 413 `request_too_large` beyond `server.body_limit`,
@@ -220,6 +232,8 @@ impl From<&GatewayError> for ApiError {
             body: Box::new(e.to_body()),
             dialect: ErrorDialect::default(),
             routed: true,
+            retry_after: e.retry_after(),
+            overhead_ms: None,
         }
     }
 }
@@ -241,13 +255,37 @@ impl IntoResponse for ApiError {
         if self.routed {
             put_attempts(resp.headers_mut(), &self.body.error.attempts);
         }
+        if let Some(ra) = self.retry_after {
+            resp.headers_mut().insert(
+                http::header::RETRY_AFTER,
+                HeaderValue::from(retry_after_secs(ra)),
+            );
+        }
+        if let Some(ms) = self.overhead_ms {
+            resp.headers_mut()
+                .insert("x-echelon-overhead-ms", HeaderValue::from(ms));
+        }
         resp
     }
+}
+
+/// A `Retry-After` in delta-seconds (RFC 9110 §10.2.3): whole seconds, rounded up, at
+/// least 1 (a client told 0 would come back at once, into the same limit).
+pub(crate) fn retry_after_secs(ra: std::time::Duration) -> u64 {
+    let whole = ra.as_secs();
+    let secs = if ra.subsec_nanos() > 0 {
+        whole.saturating_add(1)
+    } else {
+        whole
+    };
+    secs.max(1)
 }
 
 #[cfg(test)]
 #[allow(clippy::unwrap_used)]
 mod tests {
+    use std::time::Duration;
+
     use echelon::error::GatewayErrorKind;
     use echelon_types::Attempt;
     use serde_json::{Value, json};
@@ -290,6 +328,14 @@ mod tests {
         assert_eq!(v["error"]["code"], "invalid_request");
     }
 
+    #[test]
+    fn retry_after_is_whole_seconds_rounded_up_at_least_one() {
+        assert_eq!(retry_after_secs(Duration::ZERO), 1);
+        assert_eq!(retry_after_secs(Duration::from_millis(1)), 1);
+        assert_eq!(retry_after_secs(Duration::from_secs(2)), 2);
+        assert_eq!(retry_after_secs(Duration::from_millis(2001)), 3);
+    }
+
     #[tokio::test]
     async fn a_gateway_error_keeps_its_status_body_and_attempts() {
         let attempt: Attempt = serde_json::from_value(json!({
@@ -305,6 +351,14 @@ mod tests {
         assert_eq!(v, expected);
         assert_eq!(v["error"]["attempts"][0]["model"], "a");
         assert_eq!(headers["x-echelon-attempts"], "a:server_error:500:12ms");
+
+        assert!(!headers.contains_key(http::header::RETRY_AFTER));
+
+        let limited = GatewayError::new(GatewayErrorKind::RateLimited, "all rate-limited")
+            .with_retry_after(std::time::Duration::from_millis(1200));
+        let (status, headers, _) = rendered(ApiError::from(limited)).await;
+        assert_eq!(status, StatusCode::TOO_MANY_REQUESTS);
+        assert_eq!(headers[http::header::RETRY_AFTER], "2", "rounded up");
 
         let unknown = GatewayError::new(GatewayErrorKind::UnknownRoute, "no route `x`");
         let (status, headers, _) = rendered(ApiError::from(unknown)).await;

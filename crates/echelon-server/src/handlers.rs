@@ -12,7 +12,7 @@ use tracing::Instrument;
 use crate::AppState;
 use crate::content_type::JsonBody;
 use crate::error::ApiError;
-use crate::reply::{json_response, put_route_headers};
+use crate::reply::{json_response, overhead_ms, put_overhead, put_route_headers};
 use crate::sse::stream_response;
 
 /// `POST /v1/chat/completions`.
@@ -28,8 +28,9 @@ pub(crate) async fn chat_completions(
         .and_then(|v| v.to_str().ok())
         .filter(|v| !v.is_empty() && v.len() <= 128 && v.bytes().all(|b| b.is_ascii_graphic()))
         .map_or_else(echelon::usage::new_request_id, str::to_owned);
+    let arrived = std::time::Instant::now();
     let span = tracing::info_span!("request", request_id = %request_id);
-    let mut resp = chat_in_span(state, headers, body, request_id.clone())
+    let mut resp = chat_in_span(state, headers, body, request_id.clone(), arrived)
         .instrument(span)
         .await
         .unwrap_or_else(IntoResponse::into_response);
@@ -44,6 +45,7 @@ async fn chat_in_span(
     headers: http::HeaderMap,
     body: Result<JsonBody, ApiError>,
     request_id: String,
+    arrived: std::time::Instant,
 ) -> Result<Response, ApiError> {
     let options = CallOptions {
         session_id: headers
@@ -62,13 +64,31 @@ async fn chat_in_span(
     // in the ledger and the metrics anyway. Failures, skips, fallbacks and breaker
     // transitions still log at info or above.
     tracing::debug!(route = %echelon_types::bounded_name(&req.model), stream = req.is_stream(), "chat completion");
+    // Every routed answer, an error too, says the gateway's own time
+    // (`x-echelon-overhead-ms`): for a stream, up to its response head.
+    let routed_error = |e: echelon::GatewayError| {
+        ApiError::from(&e).with_overhead_ms(overhead_ms(arrived, e.attempts()))
+    };
     if req.is_stream() {
-        let stream = state.gateway.chat_stream_with(req, &options).await?;
-        Ok(stream_response(stream))
+        let stream = state
+            .gateway
+            .chat_stream_with(req, &options)
+            .await
+            .map_err(routed_error)?;
+        let overhead = overhead_ms(arrived, stream.attempts());
+        let mut resp = stream_response(stream);
+        resp.headers_mut()
+            .insert("x-echelon-overhead-ms", http::HeaderValue::from(overhead));
+        Ok(resp)
     } else {
-        let done = state.gateway.chat_with(req, &options).await?;
+        let done = state
+            .gateway
+            .chat_with(req, &options)
+            .await
+            .map_err(routed_error)?;
         let mut resp = json_response(StatusCode::OK, &done.response)?;
         put_route_headers(resp.headers_mut(), &done.model, &done.attempts);
+        put_overhead(resp.headers_mut(), arrived, &done.attempts);
         Ok(resp)
     }
 }

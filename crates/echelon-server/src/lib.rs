@@ -9,7 +9,11 @@
 //!
 //! Every answer carries `x-echelon-model` (the model that answered) and
 //! `x-echelon-attempts` (each attempt as `model:error_kind:status:latency_ms`, comma
-//! separated), so a failover is visible to any client without logs.
+//! separated), so a failover is visible to any client without logs; every chat
+//! completion answer (an error too) carries `x-echelon-overhead-ms`, the time spent in
+//! the gateway excluding the attempts' upstream latencies (for a stream, up to its
+//! response head). A 429 whose every candidate was rate-limited carries `Retry-After`
+//! (whole seconds, rounded up, at least 1): the smallest wait among them.
 
 //!
 //! # Who may call it

@@ -53,3 +53,27 @@ pub(crate) fn put_route_headers(headers: &mut HeaderMap, model: &str, attempts: 
     }
     put_attempts(headers, attempts);
 }
+
+/// The gateway's own time in a routed answer, in whole milliseconds: the time since
+/// `arrived` (the handler got the request, its body read) minus the attempts' upstream
+/// latencies (`latency_ms`, each call from sending to its answer, or for a stream's
+/// answering attempt to its first content chunk), never below 0.
+pub(crate) fn overhead_ms(arrived: std::time::Instant, attempts: &[Attempt]) -> u64 {
+    let elapsed = u64::try_from(arrived.elapsed().as_millis()).unwrap_or(u64::MAX);
+    let upstream = attempts
+        .iter()
+        .fold(0u64, |sum, a| sum.saturating_add(a.latency_ms));
+    elapsed.saturating_sub(upstream)
+}
+
+/// Adds `x-echelon-overhead-ms` ([`overhead_ms`]).
+pub(crate) fn put_overhead(
+    headers: &mut HeaderMap,
+    arrived: std::time::Instant,
+    attempts: &[Attempt],
+) {
+    headers.insert(
+        "x-echelon-overhead-ms",
+        HeaderValue::from(overhead_ms(arrived, attempts)),
+    );
+}

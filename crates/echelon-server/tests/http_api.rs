@@ -409,3 +409,83 @@ async fn admin_state_is_protected_and_shows_breakers_and_keys_without_secrets() 
     assert!(v["echelons"]["grp.echelon1"]["models"].is_array());
     assert!(!v.to_string().contains("gw-secret"));
 }
+
+/// Issue 19: when every candidate is rate-limited, the 429 says when to come back — the
+/// smallest Retry-After among them (b's 3 s, not a's 7 s), in whole seconds rounded
+/// up; a 502 says nothing of the kind.
+#[tokio::test]
+async fn a_persistent_429_carries_the_smallest_retry_after() {
+    let h = Harness::start(&[]).await;
+    for (u, secs) in [(&h.a, 7), (&h.b, 3)] {
+        u.set_behavior(Behavior::Status {
+            status: 429,
+            retry_after: Some(secs),
+            message: "slow down".into(),
+        });
+    }
+    let resp = h.post(chat("grp")).await;
+    assert_eq!(resp.status(), 429);
+    assert_eq!(resp.headers()["retry-after"], "3");
+    let v: Value = resp.json().await.unwrap();
+    assert_eq!(v["error"]["attempts"].as_array().unwrap().len(), 2);
+
+    let mut body = chat("grp");
+    body["stream"] = json!(true);
+    let resp = h.post(body).await;
+    assert_eq!(
+        resp.status(),
+        429,
+        "a stream refused before it starts alike"
+    );
+    assert_eq!(resp.headers()["retry-after"], "3");
+
+    h.b.set_behavior(Behavior::status(500));
+    let resp = h.post(chat("grp")).await;
+    assert_eq!(resp.status(), 502);
+    assert!(!resp.headers().contains_key("retry-after"));
+}
+
+/// Issue 19: every chat completion answer says the gateway's own time,
+/// `x-echelon-overhead-ms`: at most the time the client waited, and without the
+/// upstream's (here a's 500 ms before it answers).
+#[tokio::test]
+async fn every_chat_answer_says_the_gateway_overhead() {
+    let h = Harness::start(&[]).await;
+    let overhead = |resp: &reqwest::Response| -> u64 {
+        resp.headers()["x-echelon-overhead-ms"]
+            .to_str()
+            .unwrap()
+            .parse()
+            .unwrap()
+    };
+    for stream in [false, true] {
+        h.a.push_behavior(Behavior::Delay(std::time::Duration::from_millis(500)));
+        let mut body = chat("grp");
+        body["stream"] = json!(stream);
+        let started = std::time::Instant::now();
+        let resp = h.post(body).await;
+        let waited = started.elapsed().as_millis() as u64;
+        assert_eq!(resp.status(), 200);
+        assert_eq!(resp.headers()["x-echelon-model"], "a");
+        let ms = overhead(&resp);
+        assert!(
+            ms <= waited,
+            "overhead {ms} ms of {waited} ms (stream: {stream})"
+        );
+        assert!(
+            ms < 500,
+            "overhead {ms} ms excludes the upstream's 500 ms (stream: {stream})"
+        );
+        if stream {
+            assert_eq!(sse_events(resp).await.last().unwrap(), "[DONE]");
+        }
+    }
+    // An error answer too.
+    h.a.set_behavior(Behavior::status(500));
+    h.b.set_behavior(Behavior::status(500));
+    let started = std::time::Instant::now();
+    let resp = h.post(chat("grp")).await;
+    let waited = started.elapsed().as_millis() as u64;
+    assert_eq!(resp.status(), 502);
+    assert!(overhead(&resp) <= waited);
+}

@@ -20,7 +20,7 @@ pub use chat::{
 };
 pub use echo::{MAX_ECHOED_NAME_BYTES, bounded_name, bounded_to};
 pub use error::{Attempt, ErrorBody, ErrorObject};
-pub use outcome::{ErrorKind, Outcome, SkipReason, UnknownOutcome};
+pub use outcome::{ErrorKind, Outcome, SkipReason, UnknownErrorKind, UnknownOutcome};
 pub use request_check::{RequestError, parse_request};
 pub use stream::{ChatCompletionChunk, ChunkChoice, Delta};
 

@@ -12,8 +12,14 @@ use serde::{Deserialize, Deserializer, Serialize, Serializer};
 /// The class of a failed provider call (DESIGN.md §4 "Which errors move on").
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum ErrorKind {
-    /// Connect, time to first token, chunk gap or total timeout fired.
+    /// A deadline other than the first token's fired: the whole attempt's `timeout`
+    /// (or its echelon's), or a stream's chunk gap (`chunk_timeout`).
     Timeout,
+    /// A stream's first content chunk did not come within the model's
+    /// `first_token_timeout` (a silent or slow upstream; the deadline also covers the
+    /// response head). Its own kind so that `retry_on` can treat it apart from
+    /// [`ErrorKind::Timeout`]; both are timeouts ([`ErrorKind::is_timeout`]).
+    FirstTokenTimeout,
     /// The TCP/TLS connection failed or was reset before an answer.
     Connect,
     /// HTTP 429.
@@ -40,8 +46,9 @@ pub enum ErrorKind {
 
 impl ErrorKind {
     /// Every kind, in declaration order.
-    pub const ALL: [ErrorKind; 11] = [
+    pub const ALL: [ErrorKind; 12] = [
         ErrorKind::Timeout,
+        ErrorKind::FirstTokenTimeout,
         ErrorKind::Connect,
         ErrorKind::RateLimited,
         ErrorKind::ServerError,
@@ -58,6 +65,7 @@ impl ErrorKind {
     pub fn as_str(self) -> &'static str {
         match self {
             ErrorKind::Timeout => "timeout",
+            ErrorKind::FirstTokenTimeout => "first_token_timeout",
             ErrorKind::Connect => "connect",
             ErrorKind::RateLimited => "rate_limited",
             ErrorKind::ServerError => "server_error",
@@ -71,6 +79,18 @@ impl ErrorKind {
         }
     }
 
+    /// The kind whose wire name is `name` ([`as_str`](Self::as_str)).
+    pub fn from_name(name: &str) -> Option<ErrorKind> {
+        ErrorKind::ALL.into_iter().find(|k| k.as_str() == name)
+    }
+
+    /// Whether a deadline fired: [`ErrorKind::Timeout`] or
+    /// [`ErrorKind::FirstTokenTimeout`] (a request whose every attempt timed out, of
+    /// either kind, is a 504).
+    pub fn is_timeout(self) -> bool {
+        matches!(self, ErrorKind::Timeout | ErrorKind::FirstTokenTimeout)
+    }
+
     /// Whether a failure of this kind says the model is unhealthy: it feeds the model's
     /// circuit breaker and its polling pool's health. Key and request problems (401/403,
     /// 429, 400, a context-length refusal) and a client that went away do not.
@@ -78,6 +98,7 @@ impl ErrorKind {
         matches!(
             self,
             ErrorKind::Timeout
+                | ErrorKind::FirstTokenTimeout
                 | ErrorKind::Connect
                 | ErrorKind::ServerError
                 | ErrorKind::Malformed
@@ -90,6 +111,20 @@ impl ErrorKind {
 impl fmt::Display for ErrorKind {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(self.as_str())
+    }
+}
+
+/// A name that is not an [`ErrorKind`].
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("unknown error kind `{0}`")]
+pub struct UnknownErrorKind(pub String);
+
+impl FromStr for ErrorKind {
+    type Err = UnknownErrorKind;
+
+    /// The kind of a wire name ([`ErrorKind::as_str`]).
+    fn from_str(s: &str) -> Result<ErrorKind, UnknownErrorKind> {
+        ErrorKind::from_name(s).ok_or_else(|| UnknownErrorKind(s.to_owned()))
     }
 }
 
@@ -282,6 +317,23 @@ mod tests {
         names.dedup();
         assert_eq!(names.len(), all.len());
         assert!("nonsense".parse::<Outcome>().is_err());
+    }
+
+    #[test]
+    fn error_kinds_round_trip_and_first_token_timeout_is_its_own_kind() {
+        for k in ErrorKind::ALL {
+            assert_eq!(k.to_string().parse::<ErrorKind>(), Ok(k));
+            assert_eq!(ErrorKind::from_name(k.as_str()), Some(k));
+        }
+        assert_eq!(
+            "first_token_timeout".parse::<Outcome>(),
+            Ok(Outcome::Failed(ErrorKind::FirstTokenTimeout))
+        );
+        assert!("nonsense".parse::<ErrorKind>().is_err());
+        assert!(ErrorKind::FirstTokenTimeout.is_timeout());
+        assert!(ErrorKind::Timeout.is_timeout());
+        assert!(!ErrorKind::Connect.is_timeout());
+        assert!(ErrorKind::FirstTokenTimeout.counts_against_health());
     }
 
     #[test]

@@ -1,5 +1,7 @@
 //! The error a caller gets when the gateway cannot answer.
 
+use std::time::Duration;
+
 use echelon_types::{Attempt, ErrorBody};
 
 /// Why a request failed, as the HTTP status it maps to (DESIGN.md §4 "Errors").
@@ -10,13 +12,13 @@ pub enum GatewayErrorKind {
     BadRequest,
     /// 404: the `model` field names no model or task group.
     UnknownRoute,
-    /// 429: every attempt was rate-limited.
+    /// 429: every attempt was rate-limited (see [`GatewayError::retry_after`]).
     RateLimited,
     /// 502: every attempt failed, for mixed or upstream reasons.
     UpstreamFailed,
     /// 503: no candidate could be tried at all.
     Unavailable,
-    /// 504: every attempt timed out.
+    /// 504: every attempt timed out (`timeout` or `first_token_timeout`).
     Timeout,
 }
 
@@ -33,6 +35,7 @@ pub struct GatewayError {
     param: Option<String>,
     code: Option<String>,
     attempts: Vec<Attempt>,
+    retry_after: Option<Duration>,
 }
 
 impl GatewayError {
@@ -44,6 +47,7 @@ impl GatewayError {
             param: None,
             code: None,
             attempts: Vec::new(),
+            retry_after: None,
         }
     }
 
@@ -71,6 +75,22 @@ impl GatewayError {
     pub fn with_attempts(mut self, attempts: Vec<Attempt>) -> Self {
         self.attempts = attempts;
         self
+    }
+
+    /// Sets how long the caller should wait before sending the request again (the
+    /// `Retry-After` of a 429).
+    pub fn with_retry_after(mut self, retry_after: Duration) -> Self {
+        self.retry_after = Some(retry_after);
+        self
+    }
+
+    /// How long the caller should wait before sending the request again, when known:
+    /// on the 429 of a request whose every candidate was rate-limited, the smallest
+    /// wait among them (a provider's `Retry-After`, or the remaining cooldown of a
+    /// model's keys; zero when one's time has already come). The server sends it as
+    /// the `Retry-After` header, in whole seconds rounded up, at least 1.
+    pub fn retry_after(&self) -> Option<Duration> {
+        self.retry_after
     }
 
     /// The kind.

@@ -9,9 +9,10 @@ use std::time::Duration;
 use echelon::config::{
     CircuitBreakerConfig, Config, ConfigError, ConfigErrors, FallbackConfig, FallbackStrategy,
     HealthCheckKind, MigrateError, MigrateOptions, MigrationReport, PollingPoolConfig,
-    PoolFallbackConfig, PoolFallbackStrategy, PricingConfig, ProviderApi, RotationStrategy,
-    TokenEncoding, UsageConfig, WrapperConfig, migrate_with_env,
+    PoolFallbackConfig, PoolFallbackStrategy, PricingConfig, ProviderApi, RetryOn,
+    RotationStrategy, TokenEncoding, UsageConfig, WrapperConfig, migrate_with_env,
 };
+use echelon_types::ErrorKind;
 use secrecy::{ExposeSecret, SecretString};
 
 fn fixture(name: &str) -> PathBuf {
@@ -92,8 +93,23 @@ fn good_yaml_loads_every_field() {
     assert_eq!(m.timeout, secs(30.0));
     assert_eq!(m.connect_timeout, secs(2.5));
     assert_eq!(m.first_token_timeout, Some(secs(10.0)));
+    assert_eq!(m.effective_first_token_timeout(), secs(10.0));
     assert_eq!(m.chunk_timeout, secs(15.0));
     assert_eq!(m.max_retries, 1);
+    assert_eq!(
+        m.retry_on,
+        RetryOn {
+            rate_limited: Some(3),
+            timeout: Some(1),
+            ..RetryOn::default()
+        }
+    );
+    assert_eq!(m.retries_on(ErrorKind::RateLimited), Some(3));
+    assert_eq!(m.retries_on(ErrorKind::Timeout), Some(1));
+    assert_eq!(m.retries_on(ErrorKind::ServerError), Some(1), "max_retries");
+    assert_eq!(m.retries_on(ErrorKind::FirstTokenTimeout), Some(0));
+    assert_eq!(m.retries_on(ErrorKind::BadRequest), None, "never retried");
+    assert_eq!(m.rate_limit_wait, secs(2.5));
     assert_eq!(m.retry_delay, secs(0.5));
     assert_eq!(m.context_window, Some(2048));
     assert_eq!(m.rpm_limit, Some(600));
@@ -108,8 +124,27 @@ fn good_yaml_loads_every_field() {
     assert_eq!(m.timeout, secs(60.0));
     assert_eq!(m.connect_timeout, secs(5.0));
     assert_eq!(m.first_token_timeout, None);
+    assert_eq!(
+        m.effective_first_token_timeout(),
+        secs(20.0),
+        "the default first-token deadline"
+    );
     assert_eq!(m.chunk_timeout, secs(30.0));
     assert_eq!(m.max_retries, 2);
+    assert_eq!(m.retry_on, RetryOn::default());
+    // Defaults: the timeouts 0, every other retryable kind max_retries.
+    assert_eq!(m.retries_on(ErrorKind::Timeout), Some(0));
+    assert_eq!(m.retries_on(ErrorKind::FirstTokenTimeout), Some(0));
+    for kind in [
+        ErrorKind::Connect,
+        ErrorKind::RateLimited,
+        ErrorKind::ServerError,
+        ErrorKind::Malformed,
+        ErrorKind::StreamCut,
+    ] {
+        assert_eq!(m.retries_on(kind), Some(2), "{kind}");
+    }
+    assert_eq!(m.rate_limit_wait, Duration::ZERO);
     assert_eq!(m.retry_delay, secs(1.0));
     assert_eq!(m.rate_limit_capacity, Some(20.0));
     assert_eq!(m.rate_limit_refill_rate, Some(3.0));
@@ -129,6 +164,16 @@ fn good_yaml_loads_every_field() {
     assert_eq!(e1.priority, Some(1));
     assert_eq!(e1.timeout, None);
     assert_eq!(e1.max_retries, Some(3));
+    assert_eq!(
+        e1.retry_on,
+        RetryOn {
+            server_error: Some(0),
+            ..RetryOn::default()
+        }
+    );
+    assert_eq!(e1.rate_limit_wait, Some(secs(1.0)));
+    assert_eq!(g.echelons[1].retry_on, RetryOn::default());
+    assert_eq!(g.echelons[1].rate_limit_wait, None);
     assert_eq!(e1.temperature, Some(0.7));
     assert_eq!(e1.max_tokens, Some(2000));
     assert_eq!(g.echelons[1].models, ["smollm-b"]);
@@ -2400,4 +2445,82 @@ wrappers:
     );
     assert_eq!(errors[0].hint.as_deref(), Some("did you mean `continue`?"));
     assert!(errors[1].message.contains("1"), "{}", errors[1].message);
+}
+
+/// `retry_on` takes the retryable outcome names only (an unknown key is an error with a
+/// "did you mean"), values 0 to 100; `rate_limit_wait` is 0 to 10 s; both on a model
+/// and on an echelon; every bad value is reported in one load.
+#[test]
+fn retry_on_and_rate_limit_wait_are_checked() {
+    let text = "providers:\n  p: { base_url: \"http://127.0.0.1:9/v1\" }\n\
+models:\n  a: { provider: p, retry_on: { rate_limted: 1, timeout: 101 }, rate_limit_wait: 11 }\n\
+task_groups:\n  g:\n    echelon1: { models: [a], retry_on: { first_token_timout: 0, auth: 1 }, rate_limit_wait: -1 }\n";
+    let errors = errors_of(Config::from_str_with_env(text, "r.yaml", &no_env));
+    let paths: Vec<&str> = errors.iter().map(|e| e.key_path.as_str()).collect();
+    assert_eq!(
+        paths,
+        [
+            "models.a.retry_on.rate_limted",
+            "models.a.retry_on.timeout",
+            "models.a.rate_limit_wait",
+            "task_groups.g.echelon1.retry_on.first_token_timout",
+            "task_groups.g.echelon1.retry_on.auth",
+            "task_groups.g.echelon1.rate_limit_wait",
+        ],
+        "{errors:?}"
+    );
+    assert_eq!(
+        errors[0].hint.as_deref(),
+        Some("did you mean `rate_limited`?"),
+        "{errors:?}"
+    );
+    assert!(
+        errors[1].message.contains("between 0 and 100"),
+        "{errors:?}"
+    );
+    assert!(
+        errors[2].message.contains("at most 10 seconds"),
+        "{errors:?}"
+    );
+    assert!(
+        errors[3]
+            .message
+            .contains("unknown key `first_token_timout`"),
+        "{errors:?}"
+    );
+    assert_eq!(
+        errors[3].hint.as_deref(),
+        Some("did you mean `first_token_timeout`?"),
+        "{errors:?}"
+    );
+    assert!(
+        errors[4].message.contains("unknown key `auth`"),
+        "{errors:?}"
+    );
+
+    // Every key, at its bounds.
+    let text = "providers:\n  p: { base_url: \"http://127.0.0.1:9/v1\" }\n\
+models:\n  a: { provider: p, timeout: 5, rate_limit_wait: 10, retry_on: { timeout: 0, first_token_timeout: 100, \
+connect: 1, rate_limited: 2, server_error: 3, malformed: 4, stream_cut: 5 } }\n";
+    let config = Config::from_str_with_env(text, "r.yaml", &no_env).unwrap();
+    let a = &config.models["a"];
+    assert_eq!(a.rate_limit_wait, secs(10.0));
+    assert_eq!(
+        a.effective_first_token_timeout(),
+        secs(5.0),
+        "the 20 s default, capped at timeout"
+    );
+    let written: Vec<Option<u32>> = RetryOn::KINDS.iter().map(|k| a.retries_on(*k)).collect();
+    assert_eq!(
+        written,
+        [
+            Some(0),
+            Some(100),
+            Some(1),
+            Some(2),
+            Some(3),
+            Some(4),
+            Some(5)
+        ]
+    );
 }

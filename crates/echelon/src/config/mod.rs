@@ -111,7 +111,7 @@ pub use migrate::{MigrateError, MigrateOptions, MigrationReport, migrate, migrat
 pub use model::{
     CircuitBreakerConfig, Config, EchelonConfig, FallbackConfig, FallbackStrategy, HealthCheckKind,
     KeySource, MalformedEvent, ModelConfig, PollingPoolConfig, PoolFallbackConfig,
-    PoolFallbackStrategy, PricingConfig, ProviderApi, ProviderConfig, RotationStrategy,
+    PoolFallbackStrategy, PricingConfig, ProviderApi, ProviderConfig, RetryOn, RotationStrategy,
     ServerConfig, StreamFailureConfig, StreamFailureMode, TaskGroupConfig, TokenEncoding,
     UsageConfig, WrapperConfig,
 };

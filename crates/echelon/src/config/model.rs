@@ -11,6 +11,7 @@ use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::time::Duration;
 
+use echelon_types::ErrorKind;
 use secrecy::SecretString;
 use serde::{Deserialize, Deserializer};
 
@@ -287,17 +288,41 @@ pub struct ModelConfig {
     /// Time allowed to open the connection (> 0). Default 5 s.
     #[serde(deserialize_with = "secs::positive")]
     pub connect_timeout: Duration,
-    /// Streaming: time allowed until the first token (> 0); `None` means
-    /// [`timeout`](Self::timeout).
+    /// Streaming: time allowed from sending the request until the first content chunk
+    /// (> 0, at most a day); it covers the response head too, so a silent upstream is
+    /// abandoned at it. Missing it fails the attempt as `first_token_timeout`, which
+    /// counts against the model's health and by default is not retried on the same
+    /// model ([`retry_on`](Self::retry_on)). `None` means
+    /// [`DEFAULT_FIRST_TOKEN_TIMEOUT`](Self::DEFAULT_FIRST_TOKEN_TIMEOUT) (20 s); either
+    /// way it is capped at [`timeout`](Self::timeout)
+    /// ([`effective_first_token_timeout`](Self::effective_first_token_timeout)). Keep it
+    /// well below `timeout` for non-reasoning models (a healthy one starts streaming
+    /// within a few seconds); raise it for reasoning models, which may think for
+    /// minutes before their first content token.
     #[serde(deserialize_with = "secs::opt_positive")]
     pub first_token_timeout: Option<Duration>,
     /// Streaming: largest gap allowed between two chunks (> 0). Default 30 s.
     #[serde(deserialize_with = "secs::positive")]
     pub chunk_timeout: Duration,
-    /// Retries of the same model after a retryable failure (so at most
-    /// `max_retries + 1` attempts; 0 to 100). Default 2.
+    /// Retries of the same model after a retryable failure, the simple form of
+    /// [`retry_on`](Self::retry_on) (0 to 100): the limit of every kind `retry_on`
+    /// does not name, except the timeouts (`timeout`, `first_token_timeout`), whose
+    /// default is 0. Also how many other keys a 401/403 may move on to. Default 2.
     #[serde(deserialize_with = "int::<_, _, 0, MAX_RETRIES>")]
     pub max_retries: u32,
+    /// Retries of the same model per kind of failure (`retry_on: { rate_limited: 2,
+    /// timeout: 0, … }`); see [`RetryOn`] for the keys, the rule and the defaults.
+    pub retry_on: RetryOn,
+    /// How long a request may wait for this model when it is rate-limited, in seconds
+    /// (0 to 10; `rate_limit_wait:`). When a 429's `Retry-After`, a keyless model's
+    /// backoff after a 429, or the cooldown of all its keys ends at most this far away,
+    /// the request sleeps until then and retries the same model (within
+    /// `retry_on.rate_limited`); a longer wait sets the model aside and the next
+    /// candidate is tried at once. Default 0: a rate-limited model is always set aside
+    /// (lowest latency; a fallback answers instead). Raise it to prefer this model's
+    /// tier over latency when its Retry-After values are short.
+    #[serde(deserialize_with = "secs::rate_limit_wait")]
+    pub rate_limit_wait: Duration,
     /// Base delay between retries (≥ 0). Default 1 s.
     #[serde(deserialize_with = "secs::non_negative")]
     pub retry_delay: Duration,
@@ -375,6 +400,11 @@ impl ModelConfig {
     pub const DEFAULT_CHUNK_TIMEOUT: Duration = Duration::from_secs(30);
     /// Default [`max_retries`](Self::max_retries).
     pub const DEFAULT_MAX_RETRIES: u32 = 2;
+    /// Default [`first_token_timeout`](Self::first_token_timeout) (20 s), capped at
+    /// [`timeout`](Self::timeout).
+    pub const DEFAULT_FIRST_TOKEN_TIMEOUT: Duration = Duration::from_secs(20);
+    /// Default [`rate_limit_wait`](Self::rate_limit_wait): 0, never wait in place.
+    pub const DEFAULT_RATE_LIMIT_WAIT: Duration = Duration::ZERO;
     /// Default [`retry_delay`](Self::retry_delay).
     pub const DEFAULT_RETRY_DELAY: Duration = Duration::from_secs(1);
     /// Default [`max_response_bytes`](Self::max_response_bytes): 32 MiB.
@@ -397,6 +427,8 @@ impl ModelConfig {
             first_token_timeout: None,
             chunk_timeout: Self::DEFAULT_CHUNK_TIMEOUT,
             max_retries: Self::DEFAULT_MAX_RETRIES,
+            retry_on: RetryOn::default(),
+            rate_limit_wait: Self::DEFAULT_RATE_LIMIT_WAIT,
             retry_delay: Self::DEFAULT_RETRY_DELAY,
             context_window: None,
             rate_limit_capacity: None,
@@ -421,6 +453,134 @@ impl ModelConfig {
     pub fn token_encoding(&self) -> TokenEncoding {
         self.encoding
             .unwrap_or_else(|| TokenEncoding::for_model(&self.model))
+    }
+
+    /// The first-token deadline streams get: [`first_token_timeout`](Self::first_token_timeout),
+    /// else [`DEFAULT_FIRST_TOKEN_TIMEOUT`](Self::DEFAULT_FIRST_TOKEN_TIMEOUT) (20 s),
+    /// at most [`timeout`](Self::timeout).
+    pub fn effective_first_token_timeout(&self) -> Duration {
+        self.first_token_timeout
+            .unwrap_or(Self::DEFAULT_FIRST_TOKEN_TIMEOUT)
+            .min(self.timeout)
+    }
+
+    /// How many times the same model is retried for one request after failures of
+    /// `kind`, by this model's own settings: [`retry_on`](Self::retry_on)'s entry,
+    /// else its default ([`RetryOn::default_for`] with [`max_retries`](Self::max_retries)).
+    /// `None` for a kind that is never retried (see [`RetryOn::KINDS`]).
+    pub fn retries_on(&self, kind: ErrorKind) -> Option<u32> {
+        self.retry_on.limit(kind, self.max_retries)
+    }
+}
+
+/// Retries of the same model per kind of failure (`retry_on:` of a model or of an
+/// echelon), e.g. `retry_on: { rate_limited: 2, server_error: 2, connect: 1, timeout: 0,
+/// first_token_timeout: 0 }`.
+///
+/// The keys are the retryable attempt outcomes by their names: `timeout`,
+/// `first_token_timeout`, `connect`, `rate_limited`, `server_error`, `malformed`,
+/// `stream_cut`; each value is 0 to 100. Any other key is an error (with a "did you
+/// mean").
+///
+/// **The rule.** After a failure of kind K, the same model is retried only while the
+/// retries already made after kind-K failures, for this request, are fewer than
+/// `retry_on[K]`; else the request moves on to its next candidate. The kinds count
+/// apart: with `{ server_error: 1, connect: 1 }` a 500, a retry, a reset, a retry, a
+/// 500 moves on (two retries in all). Retries still wait their backoff (`retry_delay`),
+/// draw on the model's `retry_budget`, and count against the request's
+/// `max_attempts`.
+///
+/// **Defaults** (a key not written): `timeout: 0` and `first_token_timeout: 0` — a
+/// model that timed out or stayed silent is abandoned for the next candidate at once,
+/// instead of holding the request for another whole deadline — and every other kind
+/// the model's `max_retries` (default 2), so a 429, a 5xx or a reset still gets its
+/// same-model retries with backoff.
+///
+/// **Echelon over model, key by key.** An echelon's `retry_on` entry wins over its
+/// models' for calls through that echelon; a kind the echelon does not name falls back
+/// to the echelon's `max_retries` when it sets one (not for the two timeouts), else
+/// to the model's entry, else to the model's default.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RetryOn {
+    /// After the whole attempt's `timeout` (or a stream's chunk gap before content).
+    #[serde(deserialize_with = "opt_int::<_, _, 0, MAX_RETRIES>")]
+    pub timeout: Option<u32>,
+    /// After a stream's `first_token_timeout`.
+    #[serde(deserialize_with = "opt_int::<_, _, 0, MAX_RETRIES>")]
+    pub first_token_timeout: Option<u32>,
+    /// After a connection failure or reset.
+    #[serde(deserialize_with = "opt_int::<_, _, 0, MAX_RETRIES>")]
+    pub connect: Option<u32>,
+    /// After a 429 (another key at once; a keyless model after its Retry-After, see
+    /// [`ModelConfig::rate_limit_wait`]). Also bounds the waits for its keys' cooldown.
+    #[serde(deserialize_with = "opt_int::<_, _, 0, MAX_RETRIES>")]
+    pub rate_limited: Option<u32>,
+    /// After a 5xx.
+    #[serde(deserialize_with = "opt_int::<_, _, 0, MAX_RETRIES>")]
+    pub server_error: Option<u32>,
+    /// After an answer that does not parse or is empty.
+    #[serde(deserialize_with = "opt_int::<_, _, 0, MAX_RETRIES>")]
+    pub malformed: Option<u32>,
+    /// After a stream that ended before its end (before its first content chunk).
+    #[serde(deserialize_with = "opt_int::<_, _, 0, MAX_RETRIES>")]
+    pub stream_cut: Option<u32>,
+}
+
+impl RetryOn {
+    /// The kinds `retry_on` names, in key order: the retryable ones.
+    pub const KINDS: [ErrorKind; 7] = [
+        ErrorKind::Timeout,
+        ErrorKind::FirstTokenTimeout,
+        ErrorKind::Connect,
+        ErrorKind::RateLimited,
+        ErrorKind::ServerError,
+        ErrorKind::Malformed,
+        ErrorKind::StreamCut,
+    ];
+
+    /// The default retries after `kind` for a model with `max_retries`: 0 for the
+    /// timeouts (`timeout`, `first_token_timeout`), else `max_retries`.
+    pub fn default_for(kind: ErrorKind, max_retries: u32) -> u32 {
+        if kind.is_timeout() { 0 } else { max_retries }
+    }
+
+    /// The retries after `kind` by these entries over a `max_retries`: the entry, else
+    /// [`default_for`](Self::default_for); `None` for a kind that is never retried
+    /// (not one of [`KINDS`](Self::KINDS)).
+    pub fn limit(&self, kind: ErrorKind, max_retries: u32) -> Option<u32> {
+        Self::KINDS.contains(&kind).then(|| {
+            self.get(kind)
+                .unwrap_or_else(|| Self::default_for(kind, max_retries))
+        })
+    }
+
+    /// The entry written for `kind`, if any (`None` for a kind it has no key for).
+    pub fn get(&self, kind: ErrorKind) -> Option<u32> {
+        match kind {
+            ErrorKind::Timeout => self.timeout,
+            ErrorKind::FirstTokenTimeout => self.first_token_timeout,
+            ErrorKind::Connect => self.connect,
+            ErrorKind::RateLimited => self.rate_limited,
+            ErrorKind::ServerError => self.server_error,
+            ErrorKind::Malformed => self.malformed,
+            ErrorKind::StreamCut => self.stream_cut,
+            _ => None,
+        }
+    }
+
+    /// Every entry set to `n` (a polling pool's instances: `RetryOn::all(0)`, the pool
+    /// does its own retrying).
+    pub fn all(n: u32) -> RetryOn {
+        RetryOn {
+            timeout: Some(n),
+            first_token_timeout: Some(n),
+            connect: Some(n),
+            rate_limited: Some(n),
+            server_error: Some(n),
+            malformed: Some(n),
+            stream_cut: Some(n),
+        }
     }
 }
 
@@ -754,9 +914,18 @@ pub struct EchelonConfig {
     /// Total time per attempt (> 0, at most a day).
     #[serde(deserialize_with = "secs::opt_positive")]
     pub timeout: Option<Duration>,
-    /// Retries per model (0 to 100).
+    /// Retries per model (0 to 100): overrides the models' `max_retries` within this
+    /// echelon, and is the limit of every kind but the timeouts that the echelon's
+    /// [`retry_on`](Self::retry_on) does not name.
     #[serde(deserialize_with = "opt_int::<_, _, 0, MAX_RETRIES>")]
     pub max_retries: Option<u32>,
+    /// Retries per kind of failure for calls through this echelon; each key written
+    /// overrides the models' (see [`RetryOn`]).
+    pub retry_on: RetryOn,
+    /// Overrides the models' [`rate_limit_wait`](ModelConfig::rate_limit_wait) within
+    /// this echelon (seconds, 0 to 10).
+    #[serde(deserialize_with = "secs::opt_rate_limit_wait")]
+    pub rate_limit_wait: Option<Duration>,
     /// Sampling temperature sent when the request has none (≥ 0).
     #[serde(deserialize_with = "value::opt_non_negative")]
     pub temperature: Option<f64>,

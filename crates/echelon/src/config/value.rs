@@ -52,6 +52,9 @@ pub(crate) mod limits {
     pub(crate) const MAX_CONNECTIONS: i128 = 1_000_000;
     /// Above this many seconds a `queue_timeout` looks like milliseconds (its old unit).
     pub(crate) const QUEUE_TIMEOUT_WARN: Duration = Duration::from_secs(10);
+    /// The longest `rate_limit_wait`: the longest wait the gateway spends on a live
+    /// request for a rate-limited model ([`MAX_RETRY_WAIT`](crate::routing::MAX_RETRY_WAIT)).
+    pub(crate) const MAX_RATE_LIMIT_WAIT: Duration = crate::routing::MAX_RETRY_WAIT;
 }
 
 use limits::{DAY, MAX_RATE, WEEK};
@@ -151,7 +154,7 @@ pub(crate) mod secs {
 
     use serde::de::{self, Deserialize, Deserializer};
 
-    use super::limits::DAY;
+    use super::limits::{DAY, MAX_RATE_LIMIT_WAIT};
     use super::{Min, Seconds};
 
     fn one<'de, D: Deserializer<'de>>(d: D, min: Min) -> Result<Duration, D::Error> {
@@ -188,6 +191,23 @@ pub(crate) mod secs {
         d: D,
     ) -> Result<Option<Duration>, D::Error> {
         maybe(d, Min::NonNegative)
+    }
+
+    /// A wait for a rate-limited model (`rate_limit_wait`): 0 to
+    /// [`MAX_RATE_LIMIT_WAIT`](super::limits::MAX_RATE_LIMIT_WAIT) (10 s).
+    pub(crate) fn rate_limit_wait<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
+        let secs = f64::deserialize(d)?;
+        Seconds::parse(secs, Min::NonNegative, MAX_RATE_LIMIT_WAIT).map_err(de::Error::custom)
+    }
+
+    /// An optional [`rate_limit_wait`].
+    pub(crate) fn opt_rate_limit_wait<'de, D: Deserializer<'de>>(
+        d: D,
+    ) -> Result<Option<Duration>, D::Error> {
+        Option::<f64>::deserialize(d)?
+            .map(|secs| Seconds::parse(secs, Min::NonNegative, MAX_RATE_LIMIT_WAIT))
+            .transpose()
+            .map_err(de::Error::custom)
     }
 }
 

@@ -36,12 +36,14 @@ impl ProviderError {
         }
     }
 
-    /// Whether the same model may be tried again: timeouts, connection errors, 429, 5xx,
-    /// malformed answers and cut streams (DESIGN.md §4).
+    /// Whether the same model may be tried again: timeouts (of either kind), connection
+    /// errors, 429, 5xx, malformed answers and cut streams (DESIGN.md §4). How often is
+    /// the model's `retry_on` (by default a timed-out model is not retried at all).
     pub fn is_retryable(&self) -> bool {
         matches!(
             self.kind,
             ErrorKind::Timeout
+                | ErrorKind::FirstTokenTimeout
                 | ErrorKind::Connect
                 | ErrorKind::RateLimited
                 | ErrorKind::ServerError

@@ -162,10 +162,13 @@ impl Stream for ChunkStream {
     }
 }
 
-/// The error of a first-token timeout of `limit`.
+/// The error of a first-token timeout of `limit`: kind
+/// [`FirstTokenTimeout`](ErrorKind::FirstTokenTimeout), whether the deadline fired
+/// before the response head (the wire's send) or before the first content chunk
+/// ([`Reader`]).
 pub(crate) fn first_token_timeout(limit: std::time::Duration) -> ProviderError {
     ProviderError::new(
-        ErrorKind::Timeout,
+        ErrorKind::FirstTokenTimeout,
         format!("no first token within {} ms", limit.as_millis()),
     )
 }
@@ -423,7 +426,7 @@ mod tests {
         };
         let mut stream = ChunkStream::from_events(futures::stream::pending(), t);
         let e = stream.next().await.unwrap().unwrap_err();
-        assert_eq!(e.kind, ErrorKind::Timeout);
+        assert_eq!(e.kind, ErrorKind::FirstTokenTimeout);
         assert_eq!(e.message, "no first token within 100 ms");
     }
 }

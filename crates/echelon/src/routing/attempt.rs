@@ -19,6 +19,7 @@ use crate::error::{GatewayError, GatewayErrorKind};
 use crate::key::ApiKey;
 use crate::provider::{ChunkStream, ErrorKind, ProviderError, ProviderRequest};
 use crate::resilience::admission::{Ask, Report};
+use crate::resilience::key_pool::KeyState;
 
 /// Longest wait the gateway spends on a live request for a rate-limited model: a
 /// Retry-After (or a key cooldown) up to this may be waited out before the retry, but
@@ -52,9 +53,10 @@ pub(crate) enum Flow {
     Stop(GatewayError),
     /// The model is rate-limited until this instant (a 429's Retry-After or its keys'
     /// cooldown, at most [`MAX_RETRY_WAIT`] away; for a keyless model's 429 without
-    /// Retry-After, its retry backoff) and may take the request then: the
-    /// caller tries the other candidates first and comes back to it (with the same
-    /// [`ModelTry`]) only if none of them answers (issue 14, item 4).
+    /// Retry-After, its retry backoff), further away than its `rate_limit_wait`, and
+    /// may take the request then: the caller tries the other candidates first and
+    /// comes back to it (with the same [`ModelTry`]) only if none of them answers
+    /// (issue 14, item 4).
     Later(Instant),
 }
 
@@ -77,6 +79,28 @@ pub(crate) struct ModelTry {
     /// The delays between retries (from the model's `retry_delay`), made at the first
     /// retry.
     backoff: Option<ExponentialBackoff>,
+    /// Retries decided after a failure of each kind (indexed as [`ErrorKind::ALL`]):
+    /// what `retry_on` bounds.
+    retries: [u32; ErrorKind::ALL.len()],
+}
+
+impl ModelTry {
+    fn slot(kind: ErrorKind) -> usize {
+        ErrorKind::ALL
+            .iter()
+            .position(|k| *k == kind)
+            .unwrap_or_default()
+    }
+
+    /// Retries decided after failures of `kind` so far.
+    fn retries_after(&self, kind: ErrorKind) -> u32 {
+        self.retries[Self::slot(kind)]
+    }
+
+    /// One more retry after a failure of `kind`.
+    fn count_retry(&mut self, kind: ErrorKind) {
+        self.retries[Self::slot(kind)] += 1;
+    }
 }
 
 /// What a continuation of a failed stream changes in a plan's run (`routing/stream.rs`):
@@ -114,6 +138,10 @@ pub(crate) struct RequestState {
     call_key: Option<String>,
     /// Set when this run continues a failed stream.
     pub(crate) resume: Option<Arc<Resume>>,
+    /// Per model id, when it is known to be rate-limited until (its latest 429's
+    /// Retry-After, or the end of its keys' cooldown): the Retry-After of the 429 the
+    /// request ends with when every candidate was rate-limited.
+    rate_limited_until: Vec<(String, Instant)>,
 }
 
 impl RequestState {
@@ -129,7 +157,28 @@ impl RequestState {
             trace: Trace::current(),
             call_key: None,
             resume: None,
+            rate_limited_until: Vec::new(),
         }
+    }
+
+    /// What the request learned of `model`'s rate limit: rate-limited until `until`, or
+    /// (`None`) no known end. The latest word on a model replaces the earlier one.
+    fn note_rate_limited(&mut self, model: &Model, until: Option<Instant>) {
+        self.rate_limited_until.retain(|(id, _)| id != model.id());
+        if let Some(until) = until {
+            self.rate_limited_until.push((model.id().to_owned(), until));
+        }
+    }
+
+    /// The shortest time until a rate-limited candidate may be called again, from now
+    /// (zero when one's time has come): the smallest Retry-After among the providers'
+    /// values and the cooling keys' remaining cooldowns; `None` when none is known.
+    pub(crate) fn retry_after(&self) -> Option<Duration> {
+        let now = Instant::now();
+        self.rate_limited_until
+            .iter()
+            .map(|(_, until)| until.saturating_duration_since(now))
+            .min()
     }
 
     /// A call to `model` with key `key_id` starts (the trace holds the key id meanwhile).
@@ -258,15 +307,21 @@ impl RequestState {
     }
 }
 
-/// Tries `model` for this request: up to `max_retries + 1` calls, each admitted by the
-/// breaker, the token buckets, the concurrency limits and the key pool first
+/// Tries `model` for this request: a first call, then retries as the echelon's and the
+/// model's `retry_on` allow (the rule of [`RetryOn`](crate::config::RetryOn): after a
+/// failure of kind K, a retry only while the retries after kind-K failures for this
+/// request are fewer than `retry_on[K]`; by default a timed-out model is not retried
+/// and every other retryable kind is retried `max_retries` times), each call admitted
+/// by the breaker, the token buckets, the concurrency limits and the key pool first
 /// ([`admit`]), then sent, then reported to every step that admitted it. `pool` names
 /// the polling pool instance the model stands for, whose health the outcome also feeds.
 ///
-/// A rate-limited model (a 429, every key cooling down) is not waited for here: the
-/// answer is [`Flow::Later`] with the time it may be tried again, and the caller calls
-/// this again with the same `mt` if it comes back to it. A cooldown that turns away a
-/// model not yet called is recorded as its skip (`key_cooldown`).
+/// A rate-limited model (a 429, every key cooling down) is waited for here only when
+/// its wait ends within its `rate_limit_wait` (the echelon's, else the model's; default
+/// 0): then the request sleeps and retries the same model. Otherwise the answer is
+/// [`Flow::Later`] with the time it may be tried again, and the caller calls this again
+/// with the same `mt` if it comes back to it. A cooldown that turns away a model not
+/// yet called is recorded as its skip (`key_cooldown`).
 pub(crate) async fn try_model(
     tier: &Tier,
     model: &Arc<Model>,
@@ -284,12 +339,14 @@ pub(crate) async fn try_model(
         Some(r) if model.prefill() => &r.prefill,
         _ => body,
     };
-    let max_retries = tier.defaults.max_retries.unwrap_or(model.max_retries());
+    let defaults = &tier.defaults;
+    let wait_in_place = defaults.rate_limit_wait(model);
+    let rate_limited_retries = defaults.retries_on(model, ErrorKind::RateLimited);
     let req = ProviderRequest {
         body,
         model: model.upstream_model(),
-        temperature: tier.defaults.temperature,
-        max_tokens: tier.defaults.max_tokens,
+        temperature: defaults.temperature,
+        max_tokens: defaults.max_tokens,
         stream,
     };
     // The TPM reservation: the prompt plus the output cap the call is sent with.
@@ -321,16 +378,23 @@ pub(crate) async fn try_model(
                 if refusal.reason == SkipReason::KeyCooldown
                     && let Some(until) = refusal.retry_at
                 {
+                    st.note_rate_limited(model, Some(until));
                     let wait = until.saturating_duration_since(Instant::now());
                     mt.cooldown_waits += 1;
                     // Bounded: other requests may keep re-cooling the keys. Everything
                     // the earlier steps took has gone back with the refusal.
-                    if mt.calls <= max_retries
-                        && mt.cooldown_waits <= max_retries + 1
-                        && wait <= MAX_RETRY_WAIT
-                    {
+                    if mt.cooldown_waits <= rate_limited_retries + 1 && wait <= MAX_RETRY_WAIT {
                         if !tried {
                             st.skip(model, refusal.reason, refusal.message);
+                        }
+                        if !wait_in_place.is_zero() && wait <= wait_in_place {
+                            tracing::debug!(
+                                model = model.id(),
+                                wait_ms = wait.as_millis() as u64,
+                                "keys cooling down: waiting for them (rate_limit_wait)"
+                            );
+                            tokio::time::sleep_until(until).await;
+                            continue;
                         }
                         return Flow::Later(until);
                     }
@@ -369,7 +433,7 @@ pub(crate) async fn try_model(
         st.call_started(model, admitted.key().map(|k| k.id().to_owned()));
         let key_index = admitted.key_index();
         let started = Instant::now();
-        let result = call(model, admitted.key(), &req, tier.defaults.timeout).await;
+        let result = call(model, admitted.key(), &req, defaults.timeout).await;
         let key_id = st.call_ended();
         let latency_ms = started.elapsed().as_millis() as u64;
         let e = match result {
@@ -405,6 +469,13 @@ pub(crate) async fn try_model(
         // The breaker, the TPM bucket, the key and the pool learn the outcome; a 429
         // cools the key down and a 401/403 disables it.
         admitted.report(&failure_report(&e, model.key_cooldown()));
+        if e.kind == ErrorKind::RateLimited {
+            let until = match key_index {
+                Some(_) => keys_cooling_until(model, &mt.refused_keys),
+                None => e.retry_after.map(|ra| Instant::now() + ra),
+            };
+            st.note_rate_limited(model, until);
+        }
         if e.is_client_fault() {
             return Flow::Stop(
                 GatewayError::new(
@@ -425,9 +496,11 @@ pub(crate) async fn try_model(
                 None => Flow::Stop(context_error(std::mem::take(&mut st.attempts))),
             };
         }
-        if mt.calls > max_retries {
+        // retry_on: 0 for a kind that is never retried, and by default for timeouts.
+        if mt.retries_after(e.kind) >= defaults.retries_on(model, e.kind) {
             return Flow::Next;
         }
+        mt.count_retry(e.kind);
         if e.is_key_fatal() {
             match key_index {
                 Some(i) => {
@@ -436,9 +509,6 @@ pub(crate) async fn try_model(
                 }
                 None => return Flow::Next,
             }
-        }
-        if !e.is_retryable() {
-            return Flow::Next;
         }
         let backoff = mt.backoff.get_or_insert_with(|| {
             ExponentialBuilder::new()
@@ -452,17 +522,27 @@ pub(crate) async fn try_model(
         if e.kind == ErrorKind::RateLimited {
             mt.retry_unpaid = true;
             if key_index.is_some() {
-                // The next pass takes another key at once, or sets the model aside
-                // until its first key's cooldown ends.
+                // The next pass takes another key at once, or waits for (or sets the
+                // model aside until) its first key's cooldown end.
                 continue;
             }
             // No key to cool down: the model itself is rate-limited for the Retry-After
-            // (else for the backoff), and set aside until then.
+            // (else for the backoff): waited out here within `rate_limit_wait`, else set
+            // aside until then.
             let wait = match e.retry_after {
                 Some(ra) if ra > MAX_RETRY_WAIT => return Flow::Next,
                 Some(ra) => ra,
                 None => backoff.next().unwrap_or(MAX_BACKOFF),
             };
+            if !wait_in_place.is_zero() && wait <= wait_in_place {
+                tracing::debug!(
+                    model = model.id(),
+                    wait_ms = wait.as_millis() as u64,
+                    "model rate-limited: waiting to retry it (rate_limit_wait)"
+                );
+                tokio::time::sleep(wait).await;
+                continue;
+            }
             return Flow::Later(Instant::now() + wait);
         }
         if !model.retry_budget.try_withdraw() {
@@ -474,6 +554,26 @@ pub(crate) async fn try_model(
         }
         tokio::time::sleep(backoff.next().unwrap_or(MAX_BACKOFF)).await;
     }
+}
+
+/// When every key of `model` that this request may still use is cooling down: the
+/// earliest end of those cooldowns. `None` when one is usable now (the model is not
+/// rate-limited as a whole) or none is left (all disabled or refused).
+fn keys_cooling_until(model: &Model, refused: &[usize]) -> Option<Instant> {
+    let mut earliest: Option<Instant> = None;
+    for (i, key) in model.keys().snapshot().into_iter().enumerate() {
+        if refused.contains(&i) {
+            continue;
+        }
+        match key.state {
+            KeyState::Ok => return None,
+            KeyState::CoolingDown { until } => {
+                earliest = Some(earliest.map_or(until, |e| e.min(until)));
+            }
+            KeyState::Disabled { .. } => {}
+        }
+    }
+    earliest
 }
 
 /// The report of a failed call.
@@ -568,8 +668,16 @@ pub(crate) fn context_error(attempts: Vec<Attempt>) -> GatewayError {
 
 /// The error once every candidate failed or was skipped: 429 when all were rate-limited
 /// (by a provider or a local limit; breakers may be open too), 503 when none could be
-/// tried at all, 504 when all timed out, else 502.
-pub(crate) fn exhausted(route: &str, attempts: Vec<Attempt>) -> GatewayError {
+/// tried at all, 504 when all timed out (`timeout` or `first_token_timeout`), else 502.
+///
+/// `retry_after` is the shortest time until a rate-limited candidate may be called again
+/// ([`RequestState::retry_after`]); the 429 carries it ([`GatewayError::retry_after`]),
+/// the other statuses do not.
+pub(crate) fn exhausted(
+    route: &str,
+    attempts: Vec<Attempt>,
+    retry_after: Option<Duration>,
+) -> GatewayError {
     let all_local_or_rate = attempts
         .iter()
         .all(|a| a.outcome.is_rate_limit() || a.outcome.is_unavailable());
@@ -579,7 +687,7 @@ pub(crate) fn exhausted(route: &str, attempts: Vec<Attempt>) -> GatewayError {
         GatewayErrorKind::RateLimited
     } else if attempts
         .iter()
-        .all(|a| a.outcome == Outcome::Failed(ErrorKind::Timeout))
+        .all(|a| a.outcome.error_kind().is_some_and(ErrorKind::is_timeout))
     {
         GatewayErrorKind::Timeout
     } else {
@@ -601,7 +709,11 @@ pub(crate) fn exhausted(route: &str, attempts: Vec<Attempt>) -> GatewayError {
             attempts.len()
         )
     };
-    GatewayError::new(kind, message).with_attempts(attempts)
+    let e = GatewayError::new(kind, message).with_attempts(attempts);
+    match retry_after {
+        Some(ra) if kind == GatewayErrorKind::RateLimited => e.with_retry_after(ra),
+        _ => e,
+    }
 }
 
 #[cfg(test)]
@@ -623,18 +735,32 @@ mod tests {
 
     #[test]
     fn exhausted_status_follows_the_attempts() {
-        assert_eq!(exhausted("r", vec![]).status(), 503);
-        assert_eq!(exhausted("r", vec![att("circuit_open")]).status(), 503);
+        assert_eq!(exhausted("r", vec![], None).status(), 503);
         assert_eq!(
-            exhausted("r", vec![att("rate_limited"), att("rate_limited")]).status(),
+            exhausted("r", vec![att("circuit_open")], None).status(),
+            503
+        );
+        assert_eq!(
+            exhausted("r", vec![att("rate_limited"), att("rate_limited")], None).status(),
             429
         );
         assert_eq!(
-            exhausted("r", vec![att("token_bucket"), att("circuit_open")]).status(),
+            exhausted("r", vec![att("token_bucket"), att("circuit_open")], None).status(),
             429
         );
-        assert_eq!(exhausted("r", vec![att("timeout")]).status(), 504);
-        let mixed = exhausted("r", vec![att("timeout"), att("connect")]);
+        assert_eq!(exhausted("r", vec![att("timeout")], None).status(), 504);
+        assert_eq!(
+            exhausted("r", vec![att("first_token_timeout"), att("timeout")], None).status(),
+            504,
+            "a first-token deadline is a timeout too"
+        );
+        // The 429 carries the smallest Retry-After; the other statuses carry none.
+        let ra = Some(Duration::from_millis(1500));
+        let limited = exhausted("r", vec![att("rate_limited"), att("key_cooldown")], ra);
+        assert_eq!(limited.status(), 429);
+        assert_eq!(limited.retry_after(), ra);
+        assert_eq!(exhausted("r", vec![att("timeout")], ra).retry_after(), None);
+        let mixed = exhausted("r", vec![att("timeout"), att("connect")], None);
         assert_eq!(mixed.status(), 502);
         assert_eq!(mixed.attempts().len(), 2);
         assert!(mixed.message().contains("m → connect"));

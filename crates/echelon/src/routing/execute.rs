@@ -12,8 +12,14 @@
 //! sleep until the earliest time a set-aside candidate may be tried (at most
 //! [`MAX_RETRY_WAIT`](super::attempt::MAX_RETRY_WAIT) away) and try the candidates
 //! whose time came, in plan order; each continues its own retry count, so the waits are
-//! bounded as the model's `max_retries` bounds them. A route with a single candidate
-//! therefore still waits out the Retry-After and retries.
+//! bounded as the model's `retry_on.rate_limited` (by default its `max_retries`) bounds
+//! them. A route with a single candidate therefore still waits out the Retry-After and
+//! retries.
+//!
+//! A candidate whose wait ends within its `rate_limit_wait` (default 0) is not set
+//! aside: `attempt::try_model` sleeps and retries it in place, preferring its tier over
+//! the latency of moving on. When every candidate stays rate-limited, the 429 carries
+//! the smallest known Retry-After among them (`RequestState::retry_after`).
 
 use std::collections::HashSet;
 use std::sync::Arc;
@@ -205,7 +211,8 @@ pub(crate) async fn run_plan(
         return Err(context_error(st.attempts));
     }
     let stopped = !st.budget_left();
-    let mut e = exhausted(&req.model, st.attempts);
+    let retry_after = st.retry_after();
+    let mut e = exhausted(&req.model, st.attempts, retry_after);
     if let Some(max) = plan.max_attempts
         && stopped
     {

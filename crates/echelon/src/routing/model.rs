@@ -6,8 +6,8 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::Duration;
 
-use crate::config::{CircuitBreakerConfig, ModelConfig, ProviderConfig, TokenEncoding};
-use crate::provider::{HttpClients, Provider, ProviderError, Timeouts};
+use crate::config::{CircuitBreakerConfig, ModelConfig, ProviderConfig, RetryOn, TokenEncoding};
+use crate::provider::{ErrorKind, HttpClients, Provider, ProviderError, Timeouts};
 use crate::resilience::breaker::{BreakerSettings, CircuitBreaker, FailureRate};
 use crate::resilience::concurrency::ConcurrencyLimit;
 use crate::resilience::key_pool::KeyPool;
@@ -45,6 +45,8 @@ pub struct Model {
     identity: String,
     key_cooldown: Duration,
     max_retries: u32,
+    retry_on: RetryOn,
+    rate_limit_wait: Duration,
     retry_delay: Duration,
     context_window: Option<u32>,
     /// Whether it continues an answer given as a last assistant message (`prefill`).
@@ -117,7 +119,7 @@ impl Model {
         let timeouts = Timeouts {
             connect: config.connect_timeout,
             total,
-            first_token: config.first_token_timeout.unwrap_or(total),
+            first_token: config.effective_first_token_timeout(),
             chunk_gap: config.chunk_timeout,
         };
         let base_url = config.base_url.as_deref().unwrap_or(&provider.base_url);
@@ -163,6 +165,8 @@ impl Model {
             identity,
             key_cooldown: config.key_cooldown.unwrap_or(provider.key_cooldown),
             max_retries: config.max_retries,
+            retry_on: config.retry_on,
+            rate_limit_wait: config.rate_limit_wait,
             retry_delay: config.retry_delay,
             context_window: config.context_window,
             prefill: config.prefill,
@@ -250,6 +254,23 @@ impl Model {
     /// Retries of the same model after a retryable error (seed 004 `max_retries`).
     pub fn max_retries(&self) -> u32 {
         self.max_retries
+    }
+
+    /// Its own `retry_on` entries (an echelon's override them, key by key).
+    pub fn retry_on(&self) -> &RetryOn {
+        &self.retry_on
+    }
+
+    /// Retries of the same model after failures of `kind` by its own settings
+    /// ([`ModelConfig::retries_on`]); `None` for a kind never retried.
+    pub fn retries_on(&self, kind: ErrorKind) -> Option<u32> {
+        self.retry_on.limit(kind, self.max_retries)
+    }
+
+    /// Longest wait in place for this model when it is rate-limited
+    /// ([`ModelConfig::rate_limit_wait`]).
+    pub fn rate_limit_wait(&self) -> Duration {
+        self.rate_limit_wait
     }
 
     /// Base delay before a retry; grows exponentially with jitter (seed 004 `retry_delay`).

@@ -9,7 +9,9 @@ use echelon_types::ChatCompletionRequest;
 use super::model::Model;
 use super::pool::PollingPool;
 use super::stats::RouteStats;
+use crate::config::RetryOn;
 use crate::config::StreamFailureConfig;
+use crate::provider::ErrorKind;
 use crate::resilience::breaker::CircuitBreaker;
 use crate::resilience::concurrency::ConcurrencyLimit;
 use crate::resilience::token_bucket::TokenBucket;
@@ -22,6 +24,10 @@ pub(crate) struct EchelonDefaults {
     pub(crate) max_tokens: Option<u32>,
     /// Overrides each model's `max_retries` within this echelon.
     pub(crate) max_retries: Option<u32>,
+    /// Overrides each model's `retry_on`, key by key, within this echelon.
+    pub(crate) retry_on: RetryOn,
+    /// Overrides each model's `rate_limit_wait` within this echelon.
+    pub(crate) rate_limit_wait: Option<Duration>,
     /// Bounds each attempt within this echelon (non-streamed: the whole call; streamed:
     /// until the first content chunk).
     pub(crate) timeout: Option<Duration>,
@@ -32,6 +38,33 @@ impl EchelonDefaults {
     /// `max_tokens` (the same rule the provider request applies when serialized).
     pub(crate) fn max_output_tokens(&self, req: &ChatCompletionRequest) -> Option<u32> {
         req.max_output_tokens().or(self.max_tokens)
+    }
+
+    /// Retries of `model` through this echelon after failures of `kind` (the rule of
+    /// [`RetryOn`]): the echelon's `retry_on` entry, else (but for the timeouts) its
+    /// `max_retries`, else the model's own ([`Model::retries_on`]). A 401/403 may move
+    /// on to another key `max_retries` times (the echelon's, else the model's); any
+    /// other kind is never retried (0).
+    pub(crate) fn retries_on(&self, model: &Model, kind: ErrorKind) -> u32 {
+        if kind == ErrorKind::Auth {
+            return self.max_retries.unwrap_or(model.max_retries());
+        }
+        if let Some(n) = self.retry_on.get(kind) {
+            return n;
+        }
+        if let Some(n) = self.max_retries
+            && RetryOn::KINDS.contains(&kind)
+            && !kind.is_timeout()
+        {
+            return n;
+        }
+        model.retries_on(kind).unwrap_or(0)
+    }
+
+    /// How long a request may wait in place for `model` through this echelon when it
+    /// is rate-limited: the echelon's `rate_limit_wait`, else the model's.
+    pub(crate) fn rate_limit_wait(&self, model: &Model) -> Duration {
+        self.rate_limit_wait.unwrap_or(model.rate_limit_wait())
     }
 }
 
@@ -205,6 +238,89 @@ impl RouteKind {
             RouteKind::Echelon => "echelon",
             RouteKind::PollingPool => "polling_pool",
             RouteKind::Wrapper => "wrapper",
+        }
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+    use crate::config::{ModelConfig, ProviderApi, ProviderConfig};
+    use crate::resilience::key_pool::KeyPool;
+
+    fn model(configure: impl FnOnce(&mut ModelConfig)) -> Model {
+        let provider = ProviderConfig {
+            base_url: "http://127.0.0.1:9/v1".to_owned(),
+            api_keys: Vec::new(),
+            api: ProviderApi::OpenAi,
+            key_cooldown: ProviderConfig::DEFAULT_KEY_COOLDOWN,
+        };
+        let mut config = ModelConfig::new("p", "m");
+        configure(&mut config);
+        Model::from_config(
+            "m",
+            &config,
+            &provider,
+            KeyPool::new("m", Vec::new()),
+            &mut crate::provider::HttpClients::new(),
+            &crate::state::MemoryRegistry::new(),
+        )
+        .unwrap()
+    }
+
+    /// `retry_on` resolution through an echelon: its entry, else (not for timeouts) its
+    /// `max_retries`, else the model's entry, else the model's default.
+    #[test]
+    fn the_echelon_overrides_the_models_retry_on_key_by_key() {
+        let m = model(|c| {
+            c.max_retries = 4;
+            c.retry_on.server_error = Some(1);
+            c.retry_on.timeout = Some(3);
+            c.rate_limit_wait = Duration::from_secs(2);
+        });
+        let plain = EchelonDefaults::default();
+        assert_eq!(plain.retries_on(&m, ErrorKind::ServerError), 1);
+        assert_eq!(plain.retries_on(&m, ErrorKind::Timeout), 3);
+        assert_eq!(plain.retries_on(&m, ErrorKind::FirstTokenTimeout), 0);
+        assert_eq!(plain.retries_on(&m, ErrorKind::Connect), 4);
+        assert_eq!(plain.retries_on(&m, ErrorKind::Auth), 4, "other keys");
+        assert_eq!(plain.retries_on(&m, ErrorKind::BadRequest), 0);
+        assert_eq!(plain.rate_limit_wait(&m), Duration::from_secs(2));
+
+        let echelon = EchelonDefaults {
+            max_retries: Some(1),
+            retry_on: RetryOn {
+                connect: Some(0),
+                first_token_timeout: Some(2),
+                ..RetryOn::default()
+            },
+            rate_limit_wait: Some(Duration::ZERO),
+            ..EchelonDefaults::default()
+        };
+        assert_eq!(echelon.retries_on(&m, ErrorKind::Connect), 0, "its entry");
+        assert_eq!(echelon.retries_on(&m, ErrorKind::FirstTokenTimeout), 2);
+        assert_eq!(
+            echelon.retries_on(&m, ErrorKind::ServerError),
+            1,
+            "its max_retries over the model's entry"
+        );
+        assert_eq!(
+            echelon.retries_on(&m, ErrorKind::Timeout),
+            3,
+            "max_retries is not a timeout's limit: the model's entry"
+        );
+        assert_eq!(echelon.retries_on(&m, ErrorKind::Auth), 1);
+        assert_eq!(echelon.rate_limit_wait(&m), Duration::ZERO);
+
+        // A polling pool's tier: no per-model retry of any kind.
+        let pool = EchelonDefaults {
+            max_retries: Some(0),
+            retry_on: RetryOn::all(0),
+            ..EchelonDefaults::default()
+        };
+        for kind in ErrorKind::ALL {
+            assert_eq!(pool.retries_on(&m, kind), 0, "{kind}");
         }
     }
 }

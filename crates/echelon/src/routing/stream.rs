@@ -540,7 +540,7 @@ impl GatewayStream {
                         Continued::Failed(err) => Some(err),
                     };
                     self.failed = true;
-                    let kind = if e.kind == ErrorKind::Timeout {
+                    let kind = if e.kind.is_timeout() {
                         GatewayErrorKind::Timeout
                     } else {
                         GatewayErrorKind::UpstreamFailed

@@ -109,6 +109,8 @@ impl Topology {
                     temperature: ech.temperature,
                     max_tokens: ech.max_tokens,
                     max_retries: ech.max_retries,
+                    retry_on: ech.retry_on,
+                    rate_limit_wait: ech.rate_limit_wait,
                     timeout: ech.timeout,
                 };
                 let limits = EchelonLimits {
@@ -151,8 +153,10 @@ impl Topology {
             let tier = Tier::new(
                 name.clone(),
                 instances,
+                // No per-model retries of any kind: the pool's own fallback retries.
                 EchelonDefaults {
                     max_retries: Some(0),
+                    retry_on: crate::config::RetryOn::all(0),
                     ..EchelonDefaults::default()
                 },
                 EchelonLimits::default(),

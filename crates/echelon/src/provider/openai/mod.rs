@@ -161,6 +161,8 @@ impl OpenAiProvider {
         let first_token_deadline = started + self.timeouts.first_token;
         let resp = match tokio::time::timeout_at(first_token_deadline, send.send()).await {
             Ok(r) => r.map_err(from_reqwest)?,
+            // No response head by the first-token deadline (a silent upstream): kind
+            // `first_token_timeout`, like no content chunk by then.
             Err(_) => return Err(first_token_timeout(self.timeouts.first_token)),
         };
         let resp = check_status(resp, &self.redactor).await?;
@@ -453,5 +455,33 @@ mod tests {
         assert_eq!(e.kind, ErrorKind::Connect);
         let e = p.probe(None, ProbeKind::Models, "m").await.unwrap_err();
         assert_eq!(e.kind, ErrorKind::Connect);
+    }
+
+    /// A silent upstream (accepts, never answers) is abandoned at the first-token
+    /// deadline, before any response head, as kind `first_token_timeout`.
+    #[tokio::test]
+    async fn a_silent_upstream_is_a_first_token_timeout_before_the_response_head() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let held = tokio::spawn(async move {
+            let (socket, _) = listener.accept().await.unwrap();
+            tokio::time::sleep(Duration::from_secs(30)).await;
+            drop(socket);
+        });
+        let t = Timeouts {
+            first_token: Duration::from_millis(200),
+            total: Duration::from_secs(10),
+            ..timeouts()
+        };
+        let p = OpenAiProvider::new(reqwest::Client::new(), &format!("http://{addr}/v1"), t);
+        let body = ChatCompletionRequest::new("m", vec![ChatMessage::new(Role::User, "hi")]);
+        let started = std::time::Instant::now();
+        let e = p
+            .stream(None, &ProviderRequest::new(&body, "m", true))
+            .await
+            .unwrap_err();
+        assert_eq!(e.kind, ErrorKind::FirstTokenTimeout, "{e}");
+        assert!(started.elapsed() < Duration::from_secs(5));
+        held.abort();
     }
 }
