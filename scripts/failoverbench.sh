@@ -5,7 +5,8 @@
 # model (echelon2) in one task group, all 16 scenarios, the scorecard.
 #
 # Exits non-zero when any scenario scores `fail` (a truncated or wrong answer reported
-# as success, a hang). Usage: scripts/failoverbench.sh [--profile full|fast] [--only S01,S08]
+# as success, a hang). Usage: scripts/failoverbench.sh [--profile full|fast] [--only S01,S08] [--plain]
+# (--plain: the config without the three preferences bench/failoverbench/config.py names)
 # Env: FAILOVERBENCH_SRC (default ../shared/third_party/failoverbench),
 #      FAILOVERBENCH_OUT (where the result JSON and the scorecard go; default a temp dir).
 set -euo pipefail
@@ -14,11 +15,13 @@ cd "$root"
 
 profile=full
 only=""
+plain=""
 while [ $# -gt 0 ]; do
   case "$1" in
     --profile) profile="$2"; shift 2 ;;
     --only) only="$2"; shift 2 ;;
-    *) echo "usage: $0 [--profile full|fast] [--only S01,S08]" >&2; exit 2 ;;
+    --plain) plain="--plain"; shift ;;
+    *) echo "usage: $0 [--profile full|fast] [--only S01,S08] [--plain]" >&2; exit 2 ;;
   esac
 done
 
@@ -70,7 +73,7 @@ grep -q 'listening on' "$work/wall.out" || { cat "$work/wall.out"; exit 1; }
 # from the catalogue so a new scenario gets its group.
 cfg="$work/echelon.yaml"
 "$PY" bench/failoverbench/config.py "$cache/src/scenarios/catalogue.yaml" \
-  "http://127.0.0.1:$wall_port/v1" >"$cfg"
+  "http://127.0.0.1:$wall_port/v1" $plain >"$cfg"
 "$ECHELON" config validate "$cfg" >/dev/null
 
 ECHELON_DATA_DIR="$work/data" "$ECHELON" serve --config "$cfg" --port 0 \

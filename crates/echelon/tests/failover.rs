@@ -244,6 +244,52 @@ task_groups:
     assert_eq!(b.chat_requests(), 0, "b's window is no larger than a's");
 }
 
+/// Issue 19 (failoverbench S12): a model whose window is not declared refuses the prompt
+/// and states its window ("context size 8 tokens"): only models declared larger are
+/// tried next (here `c`, not `b`), and the refusing model is not called again.
+#[tokio::test]
+async fn a_stated_context_window_moves_to_a_model_declared_larger() {
+    let small = |alias: &str| UpstreamOptions {
+        model_alias: alias.to_owned(),
+        context_window: Some(8),
+        ..UpstreamOptions::default()
+    };
+    let a = TestUpstream::start_with(small("a")).await.unwrap();
+    let b = TestUpstream::start().await.unwrap();
+    let c = TestUpstream::start().await.unwrap();
+    let yaml = format!(
+        r#"
+providers:
+  pa: {{ base_url: "{}" }}
+  pb: {{ base_url: "{}" }}
+  pc: {{ base_url: "{}" }}
+models:
+  a: {{ provider: pa, max_retries: 3 }}
+  b: {{ provider: pb, context_window: 8 }}
+  c: {{ provider: pc, context_window: 4096 }}
+task_groups:
+  grp: {{ echelon1: {{ models: [a] }}, echelon2: {{ models: [b] }}, echelon3: {{ models: [c] }} }}
+"#,
+        a.base_url(),
+        b.base_url(),
+        c.base_url()
+    );
+    let gw = Gateway::from_config(&Config::from_str(&yaml, "t.yaml").unwrap()).unwrap();
+    let mut req = request("grp");
+    req.messages = vec![ChatMessage::new(Role::User, "word ".repeat(40))];
+    let done = gw.chat(req).await.unwrap();
+    assert_eq!(done.model, "c");
+    assert_eq!(
+        done.attempts
+            .iter()
+            .map(|a| (a.model.as_str(), a.outcome.as_str()))
+            .collect::<Vec<_>>(),
+        [("a", "context_length"), ("c", "ok")]
+    );
+    assert_eq!(a.chat_requests(), 1, "not resent to the model that refused");
+    assert_eq!(b.chat_requests(), 0, "b is no larger than the stated window");
+}
+
 #[tokio::test]
 async fn every_tier_failing_gives_a_typed_error_naming_each_attempt() {
     let (a, b) = pair().await;

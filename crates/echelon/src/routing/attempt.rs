@@ -487,12 +487,16 @@ pub(crate) async fn try_model(
         }
         if e.is_context_length() {
             st.context_refused = true;
-            return match model.context_window() {
+            // The declared window, else the one the provider's message states.
+            return match model
+                .context_window()
+                .or_else(|| stated_context_window(&e.message))
+            {
                 Some(w) => {
                     st.context_floor = Some(st.context_floor.unwrap_or(0).max(w));
                     Flow::Next
                 }
-                // Nothing known about the other windows: do not guess.
+                // Nothing known about this model's window: do not guess.
                 None => Flow::Stop(context_error(std::mem::take(&mut st.attempts))),
             };
         }
@@ -574,6 +578,29 @@ fn keys_cooling_until(model: &Model, refused: &[usize]) -> Option<Instant> {
         }
     }
     earliest
+}
+
+/// The context window a context-length refusal states, in tokens: OpenAI's and vLLM's
+/// "maximum context length is 8192 tokens", llama.cpp's "context size 8192 tokens" /
+/// "context size (8192 tokens)", or "context window of 8192". `None` when the message
+/// states none (then only a declared `context_window` says which models are larger).
+fn stated_context_window(message: &str) -> Option<u32> {
+    const AFTER: [&str; 4] = [
+        "maximum context length is ",
+        "context size (",
+        "context size ",
+        "context window of ",
+    ];
+    let lower = message.to_ascii_lowercase();
+    AFTER.iter().find_map(|marker| {
+        let at = lower.find(marker)? + marker.len();
+        let digits: String = lower[at..]
+            .chars()
+            .take_while(|c| c.is_ascii_digit() || *c == ',')
+            .filter(char::is_ascii_digit)
+            .collect();
+        digits.parse::<u32>().ok().filter(|w| *w > 0)
+    })
 }
 
 /// The report of a failed call.
@@ -730,6 +757,30 @@ mod tests {
             outcome: kind.parse().unwrap(),
             message: String::new(),
             latency_ms: 1,
+        }
+    }
+
+    #[test]
+    fn a_refusal_states_its_context_window() {
+        for (message, window) in [
+            (
+                "This model's maximum context length is 8192 tokens. However, your messages resulted in 9631 tokens.",
+                Some(8192),
+            ),
+            (
+                "the request exceeds the available context size: 900 prompt tokens, context size 512 tokens",
+                Some(512),
+            ),
+            (
+                "request (9631 tokens) exceeds the available context size (4,096 tokens)",
+                Some(4096),
+            ),
+            ("prompt is longer than the context window of 200000", Some(200_000)),
+            ("the request exceeds the available context size, try increasing it", None),
+            ("maximum context length is 99999999999999 tokens", None),
+            ("context length exceeded", None),
+        ] {
+            assert_eq!(stated_context_window(message), window, "{message}");
         }
     }
 
