@@ -287,7 +287,11 @@ task_groups:
         [("a", "context_length"), ("c", "ok")]
     );
     assert_eq!(a.chat_requests(), 1, "not resent to the model that refused");
-    assert_eq!(b.chat_requests(), 0, "b is no larger than the stated window");
+    assert_eq!(
+        b.chat_requests(),
+        0,
+        "b is no larger than the stated window"
+    );
 }
 
 #[tokio::test]

@@ -775,8 +775,14 @@ mod tests {
                 "request (9631 tokens) exceeds the available context size (4,096 tokens)",
                 Some(4096),
             ),
-            ("prompt is longer than the context window of 200000", Some(200_000)),
-            ("the request exceeds the available context size, try increasing it", None),
+            (
+                "prompt is longer than the context window of 200000",
+                Some(200_000),
+            ),
+            (
+                "the request exceeds the available context size, try increasing it",
+                None,
+            ),
             ("maximum context length is 99999999999999 tokens", None),
             ("context length exceeded", None),
         ] {
