@@ -143,8 +143,8 @@ impl ChunkStream {
     /// finish reason), and after an error.
     ///
     /// # Errors
-    /// `Timeout` when the first content chunk does not come within the first-token
-    /// timeout or a gap exceeds the chunk-gap timeout; `StreamCut` when the stream ends
+    /// `FirstTokenTimeout` when the first content chunk does not come within the
+    /// first-token timeout; `Timeout` when a gap exceeds the chunk-gap timeout; `StreamCut` when the stream ends
     /// or drops before it is complete; `Malformed` when it ends (`[DONE]`) without any
     /// content, tool call or finish reason (an empty answer), and for a malformed event
     /// with `malformed_event: fail` or the one past [`MAX_MALFORMED_IN_A_ROW`] in a
