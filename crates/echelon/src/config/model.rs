@@ -226,16 +226,20 @@ pub enum ProviderApi {
     /// OpenAI chat completions (`api: openai`); also llama.cpp, vLLM, DeepSeek, ….
     #[default]
     OpenAi,
+    /// The Gemini API (`api: gemini`): `generateContent` / `streamGenerateContent`
+    /// under `{base_url}/v1beta/models/`, the key in `x-goog-api-key`.
+    Gemini,
 }
 
 impl ProviderApi {
     /// Every accepted value, as written in the file.
-    pub const NAMES: &'static [&'static str] = &["openai"];
+    pub const NAMES: &'static [&'static str] = &["openai", "gemini"];
 
     /// The name as written in the file.
     pub fn as_str(self) -> &'static str {
         match self {
             ProviderApi::OpenAi => "openai",
+            ProviderApi::Gemini => "gemini",
         }
     }
 
@@ -243,6 +247,7 @@ impl ProviderApi {
     pub fn from_name(name: &str) -> Option<Self> {
         match name {
             "openai" => Some(ProviderApi::OpenAi),
+            "gemini" => Some(ProviderApi::Gemini),
             _ => None,
         }
     }

@@ -20,8 +20,10 @@
 //! - `http.rs`: [`HttpClients`], the reqwest clients the wires share.
 //! - `stream.rs`: [`ChunkStream`], the stream contract (timeouts, a complete end).
 //! - `openai/`: [`OpenAiProvider`], the OpenAI chat-completions wire.
+//! - `gemini/`: [`GeminiProvider`], the Gemini API wire (`generateContent`).
 
 mod error;
+mod gemini;
 mod http;
 mod openai;
 mod stream;
@@ -37,6 +39,7 @@ use crate::config::{MalformedEvent, ProviderApi};
 use crate::key::{ApiKey, Redactor};
 
 pub use error::{ErrorKind, MAX_RETRY_AFTER, ProviderError};
+pub use gemini::GeminiProvider;
 pub use http::HttpClients;
 pub use openai::OpenAiProvider;
 pub use stream::{ChunkStream, MAX_MALFORMED_IN_A_ROW, StreamEvent};
@@ -186,6 +189,12 @@ pub fn build(
     match api {
         ProviderApi::OpenAi => Arc::new(
             OpenAiProvider::new(http, base_url, timeouts)
+                .with_redactor(redactor)
+                .with_max_response_bytes(max_response_bytes)
+                .with_malformed_event(malformed_event),
+        ),
+        ProviderApi::Gemini => Arc::new(
+            GeminiProvider::new(http, base_url, timeouts)
                 .with_redactor(redactor)
                 .with_max_response_bytes(max_response_bytes)
                 .with_malformed_event(malformed_event),

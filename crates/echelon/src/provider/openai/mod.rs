@@ -294,7 +294,7 @@ fn too_large(max: usize) -> ProviderError {
 /// A 2xx body, read piece by piece up to `max` bytes: a `Content-Length` above it is
 /// refused before reading, a body that grows past it is dropped as soon as it does (the
 /// gateway never holds more than `max` bytes of one answer).
-async fn read_capped(
+pub(in crate::provider) async fn read_capped(
     mut resp: reqwest::Response,
     max: usize,
 ) -> Result<bytes::Bytes, ProviderError> {
@@ -333,7 +333,7 @@ const MAX_ERROR_BODY_BYTES: usize = 64 * 1024;
 
 /// The first [`MAX_ERROR_BODY_BYTES`] of an error answer's body (what arrived before a
 /// read error, if one came first); the rest is not read.
-async fn error_body(mut resp: reqwest::Response) -> bytes::Bytes {
+pub(in crate::provider) async fn error_body(mut resp: reqwest::Response) -> bytes::Bytes {
     let mut body = bytes::BytesMut::new();
     while body.len() < MAX_ERROR_BODY_BYTES {
         match resp.chunk().await {
@@ -350,7 +350,7 @@ async fn error_body(mut resp: reqwest::Response) -> bytes::Bytes {
 /// `bytes`, failing with [`too_large`] once more than `max` bytes have passed: this
 /// bounds what a stream can make the gateway buffer (an SSE event without its end, the
 /// answer's text kept for counting).
-fn capped<S>(
+pub(in crate::provider) fn capped<S>(
     bytes: S,
     max: usize,
 ) -> impl futures::Stream<Item = Result<bytes::Bytes, ProviderError>> + Send
