@@ -109,7 +109,7 @@ use std::path::Path;
 pub use error::{ConfigError, ConfigErrors};
 pub use migrate::{MigrateError, MigrateOptions, MigrationReport, migrate, migrate_with_env};
 pub use model::{
-    CircuitBreakerConfig, Config, EchelonConfig, FallbackConfig, FallbackStrategy, HealthCheckKind,
+    CircuitBreakerConfig, Config, EchelonConfig, ExtraHeaders, FallbackConfig, FallbackStrategy, HealthCheckKind,
     KeySource, MalformedEvent, ModelConfig, PollingPoolConfig, PoolFallbackConfig,
     PoolFallbackStrategy, PricingConfig, ProviderApi, ProviderConfig, RetryOn, RotationStrategy,
     ServerConfig, StreamFailureConfig, StreamFailureMode, TaskGroupConfig, TokenEncoding,

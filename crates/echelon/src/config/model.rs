@@ -209,6 +209,59 @@ pub struct ProviderConfig {
         deserialize_with = "secs::non_negative"
     )]
     pub key_cooldown: Duration,
+    /// Extra HTTP headers sent on every call to this provider's models, whatever the
+    /// wire (`headers: { x-team: rl, x-portkey-key: "${PORTKEY_KEY}" }`). Names and
+    /// values are checked at load (a `file:line:col` error: a name must be an HTTP
+    /// token, a value visible ASCII without line breaks); `host`, `content-length`,
+    /// `transfer-encoding` and `connection` are refused. A header the wire sets itself
+    /// (its key header, `content-type`) wins over one of the same name here. Default
+    /// none.
+    #[serde(default, deserialize_with = "value::headers")]
+    pub headers: ExtraHeaders,
+}
+
+/// The extra headers of a provider ([`ProviderConfig::headers`]): checked names and
+/// values, in the file's order. Values count as sensitive (they may hold a token): its
+/// `Debug` shows names only.
+#[derive(Clone, Default, PartialEq, Eq)]
+pub struct ExtraHeaders(Vec<(http::HeaderName, http::HeaderValue)>);
+
+impl ExtraHeaders {
+    /// Headers from checked pairs (each value marked sensitive).
+    pub fn new(pairs: impl IntoIterator<Item = (http::HeaderName, http::HeaderValue)>) -> Self {
+        ExtraHeaders(
+            pairs
+                .into_iter()
+                .map(|(name, mut value)| {
+                    value.set_sensitive(true);
+                    (name, value)
+                })
+                .collect(),
+        )
+    }
+
+    /// Whether there are none.
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+
+    /// The headers, in the file's order.
+    pub fn iter(&self) -> impl Iterator<Item = (&http::HeaderName, &http::HeaderValue)> {
+        self.0.iter().map(|(n, v)| (n, v))
+    }
+
+    /// As a header map (for a client's default headers).
+    pub fn to_header_map(&self) -> http::HeaderMap {
+        self.iter().map(|(n, v)| (n.clone(), v.clone())).collect()
+    }
+}
+
+impl std::fmt::Debug for ExtraHeaders {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_list()
+            .entries(self.0.iter().map(|(n, _)| n.as_str()))
+            .finish()
+    }
 }
 
 impl ProviderConfig {

@@ -472,6 +472,103 @@ pub(crate) fn opt_base_url<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Str
         .transpose()
 }
 
+/// Header names an upstream call sets from the request itself: not configurable.
+const RESERVED_HEADERS: &[&str] = &["host", "content-length", "transfer-encoding", "connection"];
+
+/// One `headers:` name, checked as an HTTP field name (RFC 9110 §5.1: a token).
+struct HeaderNameText(http::HeaderName);
+
+impl<'de> Deserialize<'de> for HeaderNameText {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let name = String::deserialize(d)?;
+        let parsed = http::HeaderName::from_bytes(name.trim().as_bytes()).map_err(|_| {
+            de::Error::custom(with_hint(
+                format!("`{name}` is not an HTTP header name"),
+                "letters, digits and `-` (a token of RFC 9110), e.g. `x-team`",
+            ))
+        })?;
+        if RESERVED_HEADERS.contains(&parsed.as_str()) {
+            return Err(de::Error::custom(with_hint(
+                format!("header `{parsed}` cannot be configured"),
+                "the gateway sets it for each call",
+            )));
+        }
+        Ok(HeaderNameText(parsed))
+    }
+}
+
+/// One `headers:` value, checked as an HTTP field value (visible ASCII, spaces and
+/// tabs; no line breaks). Its text is never shown in an error (it may be a token).
+struct HeaderValueText(http::HeaderValue);
+
+impl<'de> Deserialize<'de> for HeaderValueText {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl Visitor<'_> for V {
+            type Value = HeaderValueText;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a header value (a string)")
+            }
+            fn visit_str<E: de::Error>(self, v: &str) -> Result<HeaderValueText, E> {
+                http::HeaderValue::from_str(v.trim())
+                    .map(HeaderValueText)
+                    .map_err(|_| {
+                        E::custom(with_hint(
+                            "not a valid HTTP header value",
+                            "visible ASCII characters, spaces and tabs only, no line breaks",
+                        ))
+                    })
+            }
+            fn visit_i64<E: de::Error>(self, v: i64) -> Result<HeaderValueText, E> {
+                self.visit_str(&v.to_string())
+            }
+            fn visit_u64<E: de::Error>(self, v: u64) -> Result<HeaderValueText, E> {
+                self.visit_str(&v.to_string())
+            }
+            fn visit_bool<E: de::Error>(self, v: bool) -> Result<HeaderValueText, E> {
+                self.visit_str(if v { "true" } else { "false" })
+            }
+        }
+        d.deserialize_any(V)
+    }
+}
+
+/// `providers.<id>.headers`: a mapping of header names to values, each checked
+/// ([`HeaderNameText`], [`HeaderValueText`]); two names that differ only in case are
+/// one header, refused.
+pub(crate) fn headers<'de, D: Deserializer<'de>>(
+    d: D,
+) -> Result<super::model::ExtraHeaders, D::Error> {
+    struct V;
+    impl<'de> Visitor<'de> for V {
+        type Value = super::model::ExtraHeaders;
+        fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            f.write_str(&with_hint(
+                "a mapping of header names to values",
+                "e.g. `headers: { x-team: rl }`",
+            ))
+        }
+        fn visit_unit<E: de::Error>(self) -> Result<Self::Value, E> {
+            Ok(super::model::ExtraHeaders::default())
+        }
+        fn visit_map<A: de::MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
+            let mut pairs: Vec<(http::HeaderName, http::HeaderValue)> = Vec::new();
+            while let Some(HeaderNameText(name)) = map.next_key()? {
+                let HeaderValueText(value) = map.next_value()?;
+                if pairs.iter().any(|(n, _)| *n == name) {
+                    return Err(de::Error::custom(with_hint(
+                        format!("header `{name}` is given twice"),
+                        "header names are case-insensitive: keep one",
+                    )));
+                }
+                pairs.push((name, value));
+            }
+            Ok(super::model::ExtraHeaders::new(pairs))
+        }
+    }
+    d.deserialize_any(V)
+}
+
 /// A value named in the file (`strategy: echelon_down`): `from_name` of the text, or
 /// "unknown {what} `x`" with `hint(x)`.
 pub(crate) fn named<'de, D, T>(

@@ -154,7 +154,7 @@ impl Model {
             upstream_model: config.model.clone(),
             upstream: crate::provider::build(
                 provider.api,
-                http.get(timeouts.connect)?,
+                http.get_with(timeouts.connect, &provider.headers)?,
                 base_url,
                 timeouts,
                 keys.redactor(),
