@@ -87,6 +87,14 @@ pub enum Behavior {
         /// Bytes of content.
         bytes: usize,
     },
+    /// For streams: the role chunk and `chunks` content chunks, then an in-band error
+    /// event (OpenAI: `data: {"error": {…, "type": "server_error"}}`; Gemini:
+    /// `data: {"error": {"code": 503, "status": "UNAVAILABLE", …}}`), then the body
+    /// ends. For non-streams: HTTP 500 with the same error body.
+    StreamError {
+        /// Content chunks sent before the error event.
+        chunks: usize,
+    },
 }
 
 impl Behavior {
@@ -113,7 +121,7 @@ impl fmt::Display for ParseBehaviorError {
         write!(
             f,
             "unknown fault `{}` (expected normal, stall, cut, reset, malformed, malformed-sse[:N], \
-             malformed-sse-run:N:COUNT, stream-cut[:N], stream-stall[:N], delay:MS, empty, \
+             malformed-sse-run:N:COUNT, stream-cut[:N], stream-stall[:N], stream-error[:N], delay:MS, empty, \
              no-choices, no-finish, \
              huge:BYTES, or an HTTP status like 429 or 429:RETRY_AFTER_SECS)",
             self.0
@@ -132,7 +140,7 @@ impl FromStr for Behavior {
 
     /// Parses the names used by the binary's `--faults` list:
     /// `normal`, `stall`, `cut`, `reset`, `malformed`, `malformed-sse[:N]`,
-    /// `malformed-sse-run:N:COUNT`, `stream-cut[:N]`, `stream-stall[:N]`, `delay:MS`, `empty`, `no-choices`,
+    /// `malformed-sse-run:N:COUNT`, `stream-cut[:N]`, `stream-stall[:N]`, `stream-error[:N]`, `delay:MS`, `empty`, `no-choices`,
     /// `no-finish`, `huge:BYTES`, `STATUS` or
     /// `STATUS:RETRY_AFTER_SECS` (the names [`Behavior`]'s `Display` writes).
     fn from_str(s: &str) -> Result<Behavior, ParseBehaviorError> {
@@ -172,6 +180,9 @@ impl FromStr for Behavior {
                 chunks: chunks(arg)?,
             }),
             "stream-stall" => Ok(Behavior::StreamStall {
+                chunks: chunks(arg)?,
+            }),
+            "stream-error" => Ok(Behavior::StreamError {
                 chunks: chunks(arg)?,
             }),
             "delay" => match number(arg)? {
@@ -216,6 +227,7 @@ impl fmt::Display for Behavior {
             Behavior::Reset => f.write_str("reset"),
             Behavior::StreamCut { chunks } => write!(f, "stream-cut:{chunks}"),
             Behavior::StreamStall { chunks } => write!(f, "stream-stall:{chunks}"),
+            Behavior::StreamError { chunks } => write!(f, "stream-error:{chunks}"),
             Behavior::Malformed => f.write_str("malformed"),
             Behavior::MalformedSse { chunks } => write!(f, "malformed-sse:{chunks}"),
             Behavior::MalformedSseRun { chunks, count } => {
@@ -297,6 +309,14 @@ mod tests {
         assert_eq!(
             parse("malformed-sse:0"),
             Ok(Behavior::MalformedSse { chunks: 0 })
+        );
+        assert_eq!(
+            parse("stream-error"),
+            Ok(Behavior::StreamError { chunks: 2 })
+        );
+        assert_eq!(
+            Behavior::StreamError { chunks: 1 }.to_string(),
+            "stream-error:1"
         );
         assert_eq!(
             parse("malformed-sse-run:1:9"),

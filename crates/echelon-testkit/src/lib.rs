@@ -52,7 +52,9 @@ pub struct UpstreamOptions {
     /// Default `"test-model"`.
     pub model_alias: String,
     /// If set, `/v1/*` requires `Authorization: Bearer <key>`; anything else
-    /// gets 401 with an OpenAI `invalid_api_key` error body.
+    /// gets 401 with an OpenAI `invalid_api_key` error body. The Gemini paths
+    /// (`/v1beta/*`) require it in `x-goog-api-key` (or `?key=`), else 400
+    /// `API_KEY_INVALID` as Gemini answers.
     pub api_key: Option<String>,
     /// How long a chat completion takes: a non-streamed one is answered this
     /// long after its request's head was read; a stream sends its headers at
@@ -89,10 +91,15 @@ impl Default for UpstreamOptions {
     }
 }
 
-/// One `POST /v1/chat/completions` request as the upstream received it.
+/// One `POST /v1/chat/completions` (or Gemini `generateContent` /
+/// `streamGenerateContent`) request as the upstream received it.
 #[derive(Clone, Debug)]
 pub struct RecordedRequest {
-    /// The parsed JSON body, or `None` if it was not JSON.
+    /// The request target: path and query (`/v1/chat/completions`,
+    /// `/v1beta/models/up-g:streamGenerateContent?alt=sse`).
+    pub uri: String,
+    /// The parsed JSON body as sent (a Gemini request's in Gemini's shape), or `None`
+    /// if it was not JSON.
     pub body: Option<serde_json::Value>,
     /// The `Authorization` header value, if any.
     pub authorization: Option<String>,
@@ -167,6 +174,18 @@ impl TestUpstream {
     /// `"http://127.0.0.1:PORT/v1"`.
     pub fn base_url(&self) -> String {
         format!("http://{}/v1", self.addr)
+    }
+
+    /// `"http://127.0.0.1:PORT"`: the API root of the Gemini endpoints
+    /// (`POST /v1beta/models/{model}:generateContent`,
+    /// `POST /v1beta/models/{model}:streamGenerateContent?alt=sse`, `GET /v1beta/models`),
+    /// which answer the same echo and play the same behaviours in Gemini's wire: an
+    /// HTTP status as a `google.rpc.Status` body (429 `RESOURCE_EXHAUSTED` with the
+    /// `Retry-After` seconds as `RetryInfo.retryDelay`, 503 `UNAVAILABLE`, …), a stream
+    /// of whole `GenerateContentResponse`s without `[DONE]`, the bad key as Gemini's
+    /// 400 `API_KEY_INVALID`.
+    pub fn gemini_base_url(&self) -> String {
+        format!("http://{}", self.addr)
     }
 
     /// Behaviour for every request that finds the one-shot queue empty

@@ -30,7 +30,7 @@ use tokio::sync::oneshot;
 use tokio::task::JoinSet;
 
 use crate::behavior::{Behavior, FaultDraws};
-use crate::wire::{self, Answer};
+use crate::wire::{self, Answer, Dialect};
 use crate::{RecordedRequest, ServedCount, UpstreamOptions};
 
 /// Error type of response bodies.
@@ -278,12 +278,15 @@ async fn handle(
 ) -> Result<Response<Body>, Cut> {
     let path = req.uri().path().to_owned();
     let is_api = path == "/v1" || path.starts_with("/v1/");
+    if path == "/v1beta" || path.starts_with("/v1beta/") {
+        return gemini(state, reset, req, &path).await;
+    }
     match (req.method(), path.as_str()) {
         (&Method::POST, "/v1/chat/completions") => {
             // Counted until the handler is dropped (a stall ends when hyper drops
             // it with the connection) or, once it answered, until the body is.
             let active = Held::up(&state, |s| &s.active_requests);
-            let resp = chat(&state, &reset, req).await?;
+            let resp = chat(&state, &reset, req, Dialect::OpenAi, false).await?;
             Ok(resp.map(move |body| {
                 body.map_frame(move |frame| {
                     let _active = &active;
@@ -313,6 +316,69 @@ async fn handle(
     }
 }
 
+/// The Gemini API paths: `POST /v1beta/models/{model}:generateContent`,
+/// `POST /v1beta/models/{model}:streamGenerateContent` (SSE with `alt=sse`), and
+/// `GET /v1beta/models`; the key in `x-goog-api-key` (or `?key=`).
+async fn gemini(
+    state: Arc<State>,
+    reset: Arc<AtomicBool>,
+    req: Request<Incoming>,
+    path: &str,
+) -> Result<Response<Body>, Cut> {
+    let method = path
+        .strip_prefix("/v1beta/models/")
+        .and_then(|rest| rest.rsplit_once(':'))
+        .map(|(_, method)| method);
+    match (req.method(), method) {
+        (&Method::POST, Some(m @ ("generateContent" | "streamGenerateContent"))) => {
+            let stream = m == "streamGenerateContent";
+            let active = Held::up(&state, |s| &s.active_requests);
+            let resp = chat(&state, &reset, req, Dialect::Gemini, stream).await?;
+            Ok(resp.map(move |body| {
+                body.map_frame(move |frame| {
+                    let _active = &active;
+                    frame
+                })
+                .boxed_unsync()
+            }))
+        }
+        _ if !gemini_authorized(&state.options, &req) => Ok(json_response(
+            StatusCode::BAD_REQUEST,
+            &wire::gemini_invalid_key(),
+        )),
+        (&Method::GET, None) if path.trim_end_matches('/') == "/v1beta/models" => {
+            Ok(json_response(
+                StatusCode::OK,
+                &json!({"models": [{
+                    "name": format!("models/{}", state.options.model_alias),
+                    "displayName": state.options.model_alias,
+                    "supportedGenerationMethods": ["generateContent", "streamGenerateContent"],
+                }]}),
+            ))
+        }
+        _ => Ok(json_response(
+            StatusCode::NOT_FOUND,
+            &wire::gemini_error_body(404, &format!("unknown path {path}"), None),
+        )),
+    }
+}
+
+/// Whether a Gemini request carries the key (`x-goog-api-key`, or `key=` in the query).
+fn gemini_authorized<B>(options: &UpstreamOptions, req: &Request<B>) -> bool {
+    let Some(key) = &options.api_key else {
+        return true;
+    };
+    let header = req
+        .headers()
+        .get("x-goog-api-key")
+        .and_then(|v| v.to_str().ok());
+    let query = req
+        .uri()
+        .query()
+        .and_then(|q| q.split('&').find_map(|pair| pair.strip_prefix("key=")));
+    header.or(query).is_some_and(|given| given == key)
+}
+
 fn authorized<B>(options: &UpstreamOptions, req: &Request<B>) -> bool {
     let Some(key) = &options.api_key else {
         return true;
@@ -335,20 +401,28 @@ fn unauthorized() -> Response<Body> {
     )
 }
 
+/// A chat completion in `dialect`; `gemini_stream` is whether a Gemini request asked
+/// for a stream (by its path: an OpenAI request says so in its body).
 async fn chat(
     state: &State,
     reset: &AtomicBool,
     req: Request<Incoming>,
+    dialect: Dialect,
+    gemini_stream: bool,
 ) -> Result<Response<Body>, Cut> {
     let arrived = Instant::now();
     state.chat_requests.fetch_add(1, Ordering::SeqCst);
-    let ok = authorized(&state.options, &req);
+    let ok = match dialect {
+        Dialect::OpenAi => authorized(&state.options, &req),
+        Dialect::Gemini => gemini_authorized(&state.options, &req),
+    };
     let (parts, body) = req.into_parts();
     // A client that goes away mid-body gets nothing more.
     let bytes = body.collect().await.map_err(|_| Cut)?.to_bytes();
     let json: Option<Value> = serde_json::from_slice(&bytes).ok();
     if state.options.record_requests {
         lock(&state.recorded).push(RecordedRequest {
+            uri: parts.uri.to_string(),
             body: json.clone(),
             authorization: parts
                 .headers
@@ -361,23 +435,40 @@ async fn chat(
     }
 
     if !ok {
-        return Ok(unauthorized());
+        return Ok(match dialect {
+            Dialect::OpenAi => unauthorized(),
+            Dialect::Gemini => json_response(StatusCode::BAD_REQUEST, &wire::gemini_invalid_key()),
+        });
     }
     let Some(body) = json.filter(Value::is_object) else {
-        return Ok(error_response(400, "the request body is not a JSON object"));
+        return Ok(error_in(
+            dialect,
+            400,
+            "the request body is not a JSON object",
+        ));
+    };
+    let body = match dialect {
+        Dialect::OpenAi => body,
+        Dialect::Gemini => wire::gemini_as_chat(&body),
     };
     if let Some(n_ctx) = state.options.context_window {
         let prompt_tokens = wire::prompt_chars(&body) / 4;
         if prompt_tokens > n_ctx {
             return Ok(json_response(
                 StatusCode::BAD_REQUEST,
-                &wire::context_error(prompt_tokens, n_ctx),
+                &match dialect {
+                    Dialect::OpenAi => wire::context_error(prompt_tokens, n_ctx),
+                    Dialect::Gemini => wire::gemini_context_error(prompt_tokens, n_ctx),
+                },
             ));
         }
     }
 
     let behavior = state.next_behavior();
-    let stream = body.get("stream").and_then(Value::as_bool).unwrap_or(false);
+    let stream = match dialect {
+        Dialect::OpenAi => body.get("stream").and_then(Value::as_bool).unwrap_or(false),
+        Dialect::Gemini => gemini_stream,
+    };
     state.count_served(&behavior, stream);
     let id = state.next_id.fetch_add(1, Ordering::SeqCst);
     let created = SystemTime::now()
@@ -389,7 +480,8 @@ async fn chat(
         format!("chatcmpl-test-{id}"),
         created,
         state.options.model_alias.clone(),
-    );
+    )
+    .in_dialect(dialect);
     let latency = state.options.latency;
     let chunk_delay = state.options.chunk_delay;
 
@@ -409,6 +501,7 @@ async fn chat(
                 | Behavior::NoChoices
                 | Behavior::NoFinishReason
                 | Behavior::HugeAnswer { .. }
+                | Behavior::StreamError { .. }
         );
     // The latency counts from the moment the request's head was read, not from after
     // its body was read and parsed and its answer built: under a burst of requests
@@ -429,13 +522,43 @@ async fn chat(
             status,
             retry_after,
             message,
-        } => {
-            let mut resp = error_response(status, &message);
-            if let Some(secs) = retry_after {
-                resp.headers_mut()
-                    .insert(RETRY_AFTER, HeaderValue::from(secs));
+        } => match dialect {
+            Dialect::OpenAi => {
+                let mut resp = error_response(status, &message);
+                if let Some(secs) = retry_after {
+                    resp.headers_mut()
+                        .insert(RETRY_AFTER, HeaderValue::from(secs));
+                }
+                Ok(resp)
             }
-            Ok(resp)
+            // Gemini says when to retry in the body (`RetryInfo.retryDelay`), not in
+            // a `Retry-After` header.
+            Dialect::Gemini => {
+                let code =
+                    StatusCode::from_u16(status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+                Ok(json_response(
+                    code,
+                    &wire::gemini_error_body(code.as_u16(), &message, retry_after),
+                ))
+            }
+        },
+        Behavior::StreamError { chunks } => {
+            if !stream {
+                return Ok(json_response(
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    &answer.error_event(),
+                ));
+            }
+            let mut steps = vec![
+                Step::Sleep(latency),
+                Step::Data(event(&answer.role_chunk())),
+            ];
+            for chunk in answer.content_chunks().into_iter().take(chunks) {
+                steps.push(Step::Sleep(chunk_delay));
+                steps.push(Step::Data(event(&chunk)));
+            }
+            steps.push(Step::Data(event(&answer.error_event())));
+            Ok(sse_response(steps))
         }
         Behavior::Stall => std::future::pending().await,
         Behavior::CutConnection => Err(Cut),
@@ -472,11 +595,10 @@ async fn chat(
             Ok(sse_response(steps))
         }
         Behavior::Malformed | Behavior::MalformedSse { .. } | Behavior::MalformedSseRun { .. } => {
-            let text = format!(
-                "{{\"id\":\"{}\",\"object\":\"chat.completion\",\"choices\":[{{\"message\":{{\"content\":\"echo",
-                answer.id
-            );
-            Ok(json_bytes_response(StatusCode::OK, Bytes::from(text)))
+            Ok(json_bytes_response(
+                StatusCode::OK,
+                Bytes::from(answer.broken_body()),
+            ))
         }
         Behavior::EmptyAnswer
         | Behavior::NoChoices
@@ -530,7 +652,6 @@ fn scripted_answer(
     latency: Duration,
     chunk_delay: Duration,
 ) -> Response<Body> {
-    let done = || Step::Data(Bytes::from(wire::sse("[DONE]")));
     let mut steps = vec![Step::Sleep(latency)];
     match (behavior, stream) {
         (Behavior::EmptyAnswer, false) => {
@@ -540,18 +661,11 @@ fn scripted_answer(
             steps.push(Step::Data(event(&answer.role_chunk())));
         }
         (Behavior::NoChoices, false) => {
-            return json_response(
-                StatusCode::OK,
-                &json!({"id": answer.id, "object": "chat.completion", "choices": []}),
-            );
+            return json_response(StatusCode::OK, &answer.no_choices());
         }
         (Behavior::NoChoices, true) => {}
         (Behavior::NoFinishReason, false) => {
-            let mut body = answer.completion();
-            if let Some(choice) = body.pointer_mut("/choices/0") {
-                choice["finish_reason"] = Value::Null;
-            }
-            return json_response(StatusCode::OK, &body);
+            return json_response(StatusCode::OK, &answer.completion_without_finish());
         }
         (Behavior::NoFinishReason, true) => {
             steps.push(Step::Data(event(&answer.role_chunk())));
@@ -566,12 +680,7 @@ fn scripted_answer(
         (Behavior::HugeAnswer { bytes }, stream) => {
             let text = huge_text(*bytes);
             if !stream {
-                let mut body = answer.completion();
-                if let Some(obj) = body.as_object_mut() {
-                    obj.remove("usage");
-                }
-                body["choices"][0]["message"]["content"] = Value::String(text);
-                return json_response(StatusCode::OK, &body);
+                return json_response(StatusCode::OK, &answer.completion_with_text(text));
             }
             steps.push(Step::Data(event(&answer.role_chunk())));
             let mut rest = text.as_str();
@@ -579,15 +688,15 @@ fn scripted_answer(
                 // "lorem " is ASCII: any cut is a character boundary.
                 let (piece, tail) = rest.split_at(rest.len().min(HUGE_CHUNK_BYTES));
                 rest = tail;
-                let mut chunk = answer.role_chunk();
-                chunk["choices"][0]["delta"] = json!({"content": piece});
-                steps.push(Step::Data(event(&chunk)));
+                steps.push(Step::Data(event(&answer.text_chunk(piece))));
             }
             steps.push(Step::Data(event(&answer.finish_chunk())));
         }
         _ => return normal(answer, stream, latency, chunk_delay),
     }
-    steps.push(done());
+    if let Some(done) = answer.done() {
+        steps.push(Step::Data(Bytes::from(done)));
+    }
     sse_response(steps)
 }
 
@@ -633,7 +742,9 @@ fn rest_of_stream(answer: &Answer, chunk_delay: Duration, skip: usize) -> Vec<St
     if let Some(usage) = answer.usage_chunk() {
         events.push(event(&usage));
     }
-    events.push(Bytes::from(wire::sse("[DONE]")));
+    if let Some(done) = answer.done() {
+        events.push(Bytes::from(done));
+    }
     events
         .into_iter()
         .flat_map(|e| [Step::Sleep(chunk_delay), Step::Data(e)])
@@ -717,6 +828,17 @@ fn json_bytes_response(status: StatusCode, bytes: Bytes) -> Response<Body> {
 
 fn json_response(status: StatusCode, value: &Value) -> Response<Body> {
     json_bytes_response(status, Bytes::from(value.to_string()))
+}
+
+/// An error body in `dialect` with this status (an invalid status becomes 500).
+fn error_in(dialect: Dialect, status: u16, message: &str) -> Response<Body> {
+    match dialect {
+        Dialect::OpenAi => error_response(status, message),
+        Dialect::Gemini => {
+            let code = StatusCode::from_u16(status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+            json_response(code, &wire::gemini_error_body(code.as_u16(), message, None))
+        }
+    }
 }
 
 /// An OpenAI error body with this status (an invalid status becomes 500).

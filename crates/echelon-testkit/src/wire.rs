@@ -1,5 +1,6 @@
-//! The OpenAI wire format as the fake upstream writes it: completions,
-//! stream chunks and error bodies.
+//! The wire formats the fake upstream writes: completions, stream chunks and error
+//! bodies, in OpenAI's chat-completions shape or Gemini's `GenerateContentResponse`
+//! ([`Dialect`]).
 
 use serde_json::{Map, Value, json};
 
@@ -75,6 +76,70 @@ pub(crate) fn word_pieces(s: &str) -> Vec<&str> {
     starts.iter().zip(ends).map(|(&a, b)| &s[a..b]).collect()
 }
 
+/// The wire a request came in on, and its answer goes out in.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Dialect {
+    /// `POST /v1/chat/completions`.
+    OpenAi,
+    /// `POST /v1beta/models/{model}:generateContent` / `:streamGenerateContent`.
+    Gemini,
+}
+
+/// A Gemini request body as the chat-completions body [`Answer::for_request`] reads:
+/// `systemInstruction` and `contents` (roles `user` / `model`) as `messages` of text
+/// parts (a `functionCall` or `functionResponse` part as its name), and
+/// `generationConfig.maxOutputTokens` as `max_tokens`.
+pub(crate) fn gemini_as_chat(body: &Value) -> Value {
+    let text_parts = |parts: Option<&Value>| -> Value {
+        let parts = parts
+            .and_then(Value::as_array)
+            .map(Vec::as_slice)
+            .unwrap_or_default();
+        Value::Array(
+            parts
+                .iter()
+                .filter_map(|p| {
+                    p.get("text")
+                        .and_then(Value::as_str)
+                        .or_else(|| p.pointer("/functionCall/name").and_then(Value::as_str))
+                        .or_else(|| p.pointer("/functionResponse/name").and_then(Value::as_str))
+                        .map(|t| json!({"type": "text", "text": t}))
+                })
+                .collect(),
+        )
+    };
+    let mut messages = Vec::new();
+    if let Some(system) = body.get("systemInstruction") {
+        messages.push(json!({"role": "system", "content": text_parts(system.get("parts"))}));
+    }
+    for content in body
+        .get("contents")
+        .and_then(Value::as_array)
+        .map(Vec::as_slice)
+        .unwrap_or_default()
+    {
+        let role = match content.get("role").and_then(Value::as_str) {
+            Some("model") => "assistant",
+            _ => "user",
+        };
+        messages.push(json!({"role": role, "content": text_parts(content.get("parts"))}));
+    }
+    let mut chat = json!({ "messages": messages });
+    if let Some(max) = body.pointer("/generationConfig/maxOutputTokens") {
+        chat["max_tokens"] = max.clone();
+    }
+    chat
+}
+
+/// Gemini's name of an OpenAI finish reason.
+fn gemini_finish(reason: &str) -> &'static str {
+    match reason {
+        "length" => "MAX_TOKENS",
+        "content_filter" => "SAFETY",
+        _ => "STOP",
+    }
+}
+
 /// The answer to one chat-completion request, before it is serialised.
 #[derive(Debug)]
 pub(crate) struct Answer {
@@ -86,6 +151,8 @@ pub(crate) struct Answer {
     pub(crate) prompt_tokens: usize,
     pub(crate) x_echo: Option<Value>,
     pub(crate) include_usage: bool,
+    /// The wire it is written in.
+    pub(crate) dialect: Dialect,
 }
 
 impl Answer {
@@ -114,6 +181,114 @@ impl Answer {
             prompt_tokens: prompt_words(body),
             x_echo: body.get("x_echo").cloned(),
             include_usage,
+            dialect: Dialect::OpenAi,
+        }
+    }
+
+    /// The same answer written in `dialect`.
+    pub(crate) fn in_dialect(mut self, dialect: Dialect) -> Answer {
+        self.dialect = dialect;
+        self
+    }
+
+    /// A Gemini `GenerateContentResponse` of `text`, with `finish` (an OpenAI
+    /// reason) and the usage when asked.
+    fn gemini(&self, text: &str, finish: Option<&str>, usage: bool) -> Value {
+        let mut candidate = json!({
+            "content": {"role": "model", "parts": [{"text": text}]},
+            "index": 0,
+        });
+        if let Some(finish) = finish {
+            candidate["finishReason"] = json!(gemini_finish(finish));
+        }
+        let mut v = json!({
+            "candidates": [candidate],
+            "modelVersion": self.model,
+            "responseId": self.id,
+        });
+        if usage {
+            let completion = word_pieces(&self.content).len();
+            v["usageMetadata"] = json!({
+                "promptTokenCount": self.prompt_tokens,
+                "candidatesTokenCount": completion,
+                "totalTokenCount": self.prompt_tokens + completion,
+            });
+        }
+        v
+    }
+
+    /// The whole answer without its finish reason (non-stream).
+    pub(crate) fn completion_without_finish(&self) -> Value {
+        let mut body = self.completion();
+        match self.dialect {
+            Dialect::OpenAi => {
+                if let Some(choice) = body.pointer_mut("/choices/0") {
+                    choice["finish_reason"] = Value::Null;
+                }
+            }
+            Dialect::Gemini => {
+                if let Some(c) = body
+                    .pointer_mut("/candidates/0")
+                    .and_then(Value::as_object_mut)
+                {
+                    c.remove("finishReason");
+                }
+            }
+        }
+        body
+    }
+
+    /// The whole answer with `text` as its content and no usage (non-stream).
+    pub(crate) fn completion_with_text(&self, text: String) -> Value {
+        match self.dialect {
+            Dialect::OpenAi => {
+                let mut body = self.completion();
+                if let Some(obj) = body.as_object_mut() {
+                    obj.remove("usage");
+                }
+                body["choices"][0]["message"]["content"] = Value::String(text);
+                body
+            }
+            Dialect::Gemini => self.gemini(&text, Some(self.finish_reason), false),
+        }
+    }
+
+    /// An answer with no choices / candidates (non-stream).
+    pub(crate) fn no_choices(&self) -> Value {
+        match self.dialect {
+            Dialect::OpenAi => json!({"id": self.id, "object": "chat.completion", "choices": []}),
+            Dialect::Gemini => json!({"candidates": [], "responseId": self.id}),
+        }
+    }
+
+    /// A 200 body cut inside a string: not JSON.
+    pub(crate) fn broken_body(&self) -> String {
+        match self.dialect {
+            Dialect::OpenAi => format!(
+                "{{\"id\":\"{}\",\"object\":\"chat.completion\",\"choices\":[{{\"message\":{{\"content\":\"echo",
+                self.id
+            ),
+            Dialect::Gemini => {
+                "{\"candidates\":[{\"content\":{\"parts\":[{\"text\":\"echo".to_owned()
+            }
+        }
+    }
+
+    /// The end-of-stream event, if the wire has one (OpenAI's `[DONE]`; a Gemini
+    /// stream ends with its finish reason).
+    pub(crate) fn done(&self) -> Option<String> {
+        match self.dialect {
+            Dialect::OpenAi => Some(sse("[DONE]")),
+            Dialect::Gemini => None,
+        }
+    }
+
+    /// A stream's in-band error event ([`crate::Behavior::StreamError`]).
+    pub(crate) fn error_event(&self) -> Value {
+        let message = "injected fault: error event in stream";
+        match self.dialect {
+            Dialect::OpenAi => error_body(500, message),
+            Dialect::Gemini => gemini_error_body(503, message, None),
         }
     }
 
@@ -133,8 +308,11 @@ impl Answer {
         v
     }
 
-    /// The non-stream `chat.completion` object.
+    /// The non-stream `chat.completion` object (Gemini: the whole response).
     pub(crate) fn completion(&self) -> Value {
+        if self.dialect == Dialect::Gemini {
+            return self.gemini(&self.content, Some(self.finish_reason), true);
+        }
         self.with_x_echo(json!({
             "id": self.id,
             "object": "chat.completion",
@@ -160,22 +338,37 @@ impl Answer {
         }))
     }
 
-    /// The first chunk: `delta: {role: assistant, content: null}`.
+    /// The first chunk: `delta: {role: assistant, content: null}` (Gemini: a response
+    /// with an empty text part).
     pub(crate) fn role_chunk(&self) -> Value {
+        if self.dialect == Dialect::Gemini {
+            return self.gemini("", None, false);
+        }
         self.chunk(json!({"role": "assistant", "content": null}), None)
+    }
+
+    /// A chunk of `piece` of text.
+    pub(crate) fn text_chunk(&self, piece: &str) -> Value {
+        match self.dialect {
+            Dialect::OpenAi => self.chunk(json!({ "content": piece }), None),
+            Dialect::Gemini => self.gemini(piece, None, false),
+        }
     }
 
     /// One chunk per word piece of the content.
     pub(crate) fn content_chunks(&self) -> Vec<Value> {
         word_pieces(&self.content)
             .into_iter()
-            .map(|piece| self.chunk(json!({"content": piece}), None))
+            .map(|piece| self.text_chunk(piece))
             .collect()
     }
 
     /// The chunk with an empty delta and the finish reason (and llama.cpp's
-    /// `timings`).
+    /// `timings`); Gemini: an empty text part, the finish reason and the usage.
     pub(crate) fn finish_chunk(&self) -> Value {
+        if self.dialect == Dialect::Gemini {
+            return self.gemini("", Some(self.finish_reason), true);
+        }
         let mut chunk = self.chunk(json!({}), Some(self.finish_reason));
         if let Some(obj) = chunk.as_object_mut() {
             obj.insert("timings".into(), json!({"predicted_ms": 1.0}));
@@ -183,9 +376,10 @@ impl Answer {
         chunk
     }
 
-    /// The `choices: []` usage chunk, if the request asked for one.
+    /// The `choices: []` usage chunk, if the request asked for one (never in Gemini:
+    /// its usage rides on the finish chunk).
     pub(crate) fn usage_chunk(&self) -> Option<Value> {
-        self.include_usage.then(|| {
+        (self.include_usage && self.dialect == Dialect::OpenAi).then(|| {
             self.with_x_echo(json!({
                 "id": self.id,
                 "object": "chat.completion.chunk",
@@ -225,6 +419,61 @@ fn error_kind(status: u16) -> (&'static str, &'static str) {
 pub(crate) fn error_body(status: u16, message: &str) -> Value {
     let (kind, code) = error_kind(status);
     json!({"error": {"message": message, "type": kind, "code": code}})
+}
+
+/// The `google.rpc.Status` name Gemini answers an HTTP status with.
+fn gemini_status(status: u16) -> &'static str {
+    match status {
+        400 | 413 | 422 => "INVALID_ARGUMENT",
+        401 => "UNAUTHENTICATED",
+        403 => "PERMISSION_DENIED",
+        404 => "NOT_FOUND",
+        409 => "ABORTED",
+        429 => "RESOURCE_EXHAUSTED",
+        501 => "UNIMPLEMENTED",
+        503 => "UNAVAILABLE",
+        504 => "DEADLINE_EXCEEDED",
+        500..=599 => "INTERNAL",
+        _ => "UNKNOWN",
+    }
+}
+
+/// Gemini's error body `{"error":{"code","message","status"}}` for a status; a
+/// `retry_delay` (seconds) adds a `google.rpc.RetryInfo` detail, as a 429 carries.
+pub(crate) fn gemini_error_body(status: u16, message: &str, retry_delay: Option<u64>) -> Value {
+    let mut error = json!({"code": status, "message": message, "status": gemini_status(status)});
+    if let Some(secs) = retry_delay {
+        error["details"] = json!([
+            {"@type": "type.googleapis.com/google.rpc.QuotaFailure", "violations": [
+                {"quotaMetric": "generativelanguage.googleapis.com/generate_content_requests", "quotaId": "injected"}
+            ]},
+            {"@type": "type.googleapis.com/google.rpc.RetryInfo", "retryDelay": format!("{secs}s")}
+        ]);
+    }
+    json!({ "error": error })
+}
+
+/// Gemini's answer to a request without a valid key: 400 `INVALID_ARGUMENT` with
+/// reason `API_KEY_INVALID` (not a 401).
+pub(crate) fn gemini_invalid_key() -> Value {
+    json!({"error": {
+        "code": 400,
+        "message": "API key not valid. Please pass a valid API key.",
+        "status": "INVALID_ARGUMENT",
+        "details": [{"@type": "type.googleapis.com/google.rpc.ErrorInfo", "reason": "API_KEY_INVALID",
+                     "domain": "googleapis.com"}],
+    }})
+}
+
+/// Gemini's over-the-input-limit error.
+pub(crate) fn gemini_context_error(prompt_tokens: usize, n_ctx: usize) -> Value {
+    gemini_error_body(
+        400,
+        &format!(
+            "The input token count ({prompt_tokens}) exceeds the maximum number of tokens allowed ({n_ctx})."
+        ),
+        None,
+    )
 }
 
 /// llama.cpp's context-overflow error (with OpenAI's code).
