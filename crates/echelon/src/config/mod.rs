@@ -109,8 +109,8 @@ use std::path::Path;
 pub use error::{ConfigError, ConfigErrors};
 pub use migrate::{MigrateError, MigrateOptions, MigrationReport, migrate, migrate_with_env};
 pub use model::{
-    CircuitBreakerConfig, Config, EchelonConfig, ExtraHeaders, FallbackConfig, FallbackStrategy, HealthCheckKind,
-    KeySource, MalformedEvent, ModelConfig, PollingPoolConfig, PoolFallbackConfig,
+    CircuitBreakerConfig, Config, EchelonConfig, ExtraHeaders, FallbackConfig, FallbackStrategy,
+    HealthCheckKind, KeySource, MalformedEvent, ModelConfig, PollingPoolConfig, PoolFallbackConfig,
     PoolFallbackStrategy, PricingConfig, ProviderApi, ProviderConfig, RetryOn, RotationStrategy,
     ServerConfig, StreamFailureConfig, StreamFailureMode, TaskGroupConfig, TokenEncoding,
     UsageConfig, WrapperConfig,

@@ -143,7 +143,8 @@ pub(crate) fn provider(ctx: &mut Ctx, node: &Node, path: &str) -> ProviderConfig
         base_url: String::new(),
         api_keys: Vec::new(),
         api: Default::default(),
-        key_cooldown: ProviderConfig::DEFAULT_KEY_COOLDOWN,        headers: Default::default(),
+        key_cooldown: ProviderConfig::DEFAULT_KEY_COOLDOWN,
+        headers: Default::default(),
     })
 }
 

@@ -105,7 +105,8 @@ pub(crate) fn read(ctx: &mut Ctx, root: &MapView<'_>, fragment: &mut Fragment) {
                 base_url,
                 api_keys: provider_keys,
                 api: ProviderApi::OpenAi,
-                key_cooldown: ProviderConfig::DEFAULT_KEY_COOLDOWN,                headers: Default::default(),
+                key_cooldown: ProviderConfig::DEFAULT_KEY_COOLDOWN,
+                headers: Default::default(),
             },
             refs: (),
         });

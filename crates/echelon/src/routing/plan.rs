@@ -254,7 +254,8 @@ mod tests {
             base_url: "http://127.0.0.1:9/v1".to_owned(),
             api_keys: Vec::new(),
             api: ProviderApi::OpenAi,
-            key_cooldown: ProviderConfig::DEFAULT_KEY_COOLDOWN,            headers: Default::default(),
+            key_cooldown: ProviderConfig::DEFAULT_KEY_COOLDOWN,
+            headers: Default::default(),
         };
         let mut config = ModelConfig::new("p", "m");
         configure(&mut config);

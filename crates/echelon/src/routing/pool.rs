@@ -552,7 +552,8 @@ mod tests {
             base_url: base_url.to_owned(),
             api_keys: Vec::new(),
             api: ProviderApi::OpenAi,
-            key_cooldown: ProviderConfig::DEFAULT_KEY_COOLDOWN,            headers: Default::default(),
+            key_cooldown: ProviderConfig::DEFAULT_KEY_COOLDOWN,
+            headers: Default::default(),
         };
         let mut config = ModelConfig::new("local", format!("{id}-upstream"));
         config.timeout = Duration::from_secs(5);
