@@ -42,9 +42,7 @@ impl Input<'_> {
 
 /// The inputs of a request body, or why it is refused (a 400's message).
 fn inputs(body: &Value) -> Result<Vec<Input<'_>>, String> {
-    let ids = |v: &Value| -> Option<Vec<u64>> {
-        v.as_array()?.iter().map(Value::as_u64).collect()
-    };
+    let ids = |v: &Value| -> Option<Vec<u64>> { v.as_array()?.iter().map(Value::as_u64).collect() };
     match body.get("input") {
         Some(Value::String(s)) if !s.is_empty() => Ok(vec![Input::Text(s)]),
         Some(Value::Array(items)) if !items.is_empty() => {
@@ -141,8 +139,7 @@ pub(crate) fn answer(body: &Value, model: &str) -> Result<Value, String> {
 
 /// Standard base64 (RFC 4648 §4) with padding.
 fn base64_encode(bytes: &[u8]) -> String {
-    const ALPHABET: &[u8; 64] =
-        b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+    const ALPHABET: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
     let mut out = String::with_capacity(bytes.len().div_ceil(3) * 4);
     for chunk in bytes.chunks(3) {
         let b = [
@@ -195,6 +192,9 @@ mod tests {
         assert_eq!(base64_encode(b"fo"), "Zm8=");
         assert!(answer(&json!({"input": []}), "m").is_err());
         assert!(answer(&json!({"input": ""}), "m").is_err());
-        assert_eq!(largest_input_tokens(&json!({"input": ["abcdefghi", "a"]})), 3);
+        assert_eq!(
+            largest_input_tokens(&json!({"input": ["abcdefghi", "a"]})),
+            3
+        );
     }
 }

@@ -430,7 +430,10 @@ async fn embeddings(
                 Bytes::from_static(b"{\"object\":\"list\",\"data\":[{\"embedding\":[0.1,"),
             ))
         }
-        Behavior::EmptyAnswer => Ok(json_bytes_response(StatusCode::OK, Bytes::from_static(b"{}"))),
+        Behavior::EmptyAnswer => Ok(json_bytes_response(
+            StatusCode::OK,
+            Bytes::from_static(b"{}"),
+        )),
         Behavior::NoChoices => Ok(json_response(
             StatusCode::OK,
             &json!({"object": "list", "data": [], "model": model}),

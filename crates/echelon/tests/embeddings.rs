@@ -151,7 +151,10 @@ async fn token_inputs_dimensions_unknown_fields_and_base64_pass_through() {
         done.response.data[0].embedding,
         EmbeddingVector::Base64(_)
     ));
-    assert_eq!(a.recorded()[1].body.as_ref().unwrap()["encoding_format"], "base64");
+    assert_eq!(
+        a.recorded()[1].body.as_ref().unwrap()["encoding_format"],
+        "base64"
+    );
     done.response.convert_to(EncodingFormat::Float).unwrap();
     assert_eq!(
         floats(&done.response.data[0].embedding),
@@ -240,7 +243,11 @@ async fn an_open_breaker_skips_the_model_without_calling_it() {
         kinds(&second.attempts),
         pairs(&[("a", "circuit_open"), ("b", "ok")])
     );
-    assert_eq!(a.embedding_requests(), 1, "no call while the breaker is open");
+    assert_eq!(
+        a.embedding_requests(),
+        1,
+        "no call while the breaker is open"
+    );
     // The same breaker guards chat: a chat request skips `a` too.
     let chat = gw
         .chat(ChatCompletionRequest::new(
@@ -289,7 +296,10 @@ async fn the_ledger_gets_prompt_tokens_and_cost_and_no_completion_tokens() {
     assert!(r.fallback);
     assert!((r.cost_usd - 3.0 / 1e6).abs() < 1e-12, "{}", r.cost_usd);
     assert_eq!(r.attempts.len(), 2);
-    assert_eq!(r.attempts[0].prompt_tokens, 0, "the failed attempt used nothing");
+    assert_eq!(
+        r.attempts[0].prompt_tokens, 0,
+        "the failed attempt used nothing"
+    );
     assert_eq!(r.attempts[1].prompt_tokens, 3);
     // A failed request is recorded too.
     b.set_behavior(Behavior::status(500));
@@ -341,10 +351,7 @@ async fn the_context_window_applies_to_each_input() {
     let gw = gateway(&a, &b, "context_window: 16", "context_window: 16");
     // Many inputs, each small: they fit although their sum does not.
     let many: Vec<String> = (0..10).map(|i| format!("input number {i}")).collect();
-    let done = gw
-        .embed(EmbeddingRequest::new("grp", many))
-        .await
-        .unwrap();
+    let done = gw.embed(EmbeddingRequest::new("grp", many)).await.unwrap();
     assert_eq!(done.response.data.len(), 10);
     // One input too large for every model: refused before sending, naming `input`.
     let e = gw
@@ -386,7 +393,11 @@ async fn a_400_from_the_provider_is_the_clients_fault_and_stops() {
         .await
         .unwrap_err();
     assert_eq!(e.status(), 400);
-    assert_eq!(b.embedding_requests(), 0, "no failover for the request's own fault");
+    assert_eq!(
+        b.embedding_requests(),
+        0,
+        "no failover for the request's own fault"
+    );
 }
 
 #[tokio::test]
@@ -447,5 +458,9 @@ task_groups:
         .unwrap_err();
     assert_eq!(e.status(), 400);
     assert_eq!(e.code(), Some("embeddings_not_supported"));
-    assert!(e.message().contains("does not serve embeddings"), "{}", e.message());
+    assert!(
+        e.message().contains("does not serve embeddings"),
+        "{}",
+        e.message()
+    );
 }
