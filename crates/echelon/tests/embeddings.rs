@@ -464,3 +464,73 @@ task_groups:
         e.message()
     );
 }
+
+/// The real thing: llama-server with `--embeddings --pooling mean` behind a task group
+/// whose echelon1 is dead; the same server still answers chat.
+#[tokio::test]
+async fn a_real_llama_server_embeds_behind_a_failover_and_still_chats() {
+    if let Err(why) = echelon_testkit::real::locate() {
+        assert!(
+            !echelon_testkit::real::required(),
+            "the real upstream is required: {why}"
+        );
+        eprintln!("SKIPPED: real upstream not installed: {why}");
+        return;
+    }
+    let server = echelon_testkit::real::LlamaServer::start_embeddings("emb-real", "emb-key")
+        .await
+        .unwrap();
+    let yaml = format!(
+        r#"
+providers:
+  dead: {{ base_url: "http://127.0.0.1:9/v1" }}
+  real: {{ base_url: "{}", api_keys: ["emb-key"] }}
+models:
+  gone: {{ provider: dead, max_retries: 0 }}
+  smol: {{ provider: real, model: smollm2, timeout: 60 }}
+task_groups:
+  grp:
+    echelon1: {{ models: [gone] }}
+    echelon2: {{ models: [smol] }}
+"#,
+        server.base_url()
+    );
+    let gw = Gateway::from_config(&Config::from_str(&yaml, "t.yaml").unwrap()).unwrap();
+    let done = gw
+        .embed(EmbeddingRequest::new(
+            "grp",
+            vec!["red apples", "red apples", "taxes"],
+        ))
+        .await
+        .unwrap();
+    assert_eq!(done.model, "smol");
+    assert_eq!(done.attempts[0].outcome, "connect");
+    let v: Vec<Vec<f32>> = done
+        .response
+        .data
+        .iter()
+        .map(|d| floats(&d.embedding))
+        .collect();
+    assert_eq!(v.len(), 3);
+    assert!(v[0].len() > 16, "SmolLM2's hidden size, not a stub");
+    let cosine = |a: &[f32], b: &[f32]| {
+        let dot: f32 = a.iter().zip(b).map(|(x, y)| x * y).sum();
+        let norm = |v: &[f32]| v.iter().map(|x| x * x).sum::<f32>().sqrt();
+        dot / (norm(a) * norm(b))
+    };
+    assert!(
+        cosine(&v[0], &v[1]) > 0.9999,
+        "the same text, the same vector"
+    );
+    assert!(cosine(&v[0], &v[2]) < 0.9999);
+    assert!(done.response.usage.as_ref().unwrap().prompt_tokens > 0);
+    let chat = gw
+        .chat(ChatCompletionRequest {
+            max_tokens: Some(4),
+            ..ChatCompletionRequest::new("grp", vec![ChatMessage::new(Role::User, "hi")])
+        })
+        .await
+        .unwrap();
+    assert_eq!(chat.model, "smol");
+    assert!(chat.response.first_text().is_some());
+}
