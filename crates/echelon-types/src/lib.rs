@@ -6,7 +6,8 @@
 //! `extra` map (`#[serde(flatten)]`) and passes through both ways untouched.
 //!
 //! Shapes follow the OpenAI API reference for `POST /v1/chat/completions`
-//! (<https://platform.openai.com/docs/api-reference/chat>).
+//! (<https://platform.openai.com/docs/api-reference/chat>) and `POST /v1/embeddings`
+//! (`embeddings.rs`).
 
 mod chat;
 mod echo;

@@ -534,3 +534,28 @@ task_groups:
     assert_eq!(chat.model, "smol");
     assert!(chat.response.first_text().is_some());
 }
+
+#[tokio::test]
+async fn an_abandoned_embeddings_request_is_recorded_as_499_with_its_prompt() {
+    let (a, b) = pair().await;
+    let sink = Arc::new(Collect::default());
+    let gw = gateway(&a, &b, "", "").with_record_sink(sink.clone());
+    a.set_behavior(Behavior::Stall);
+    let call = gw.embed(EmbeddingRequest::new("grp", vec!["word"; 10].join(" ")));
+    // The client goes away while the call is in flight.
+    assert!(
+        tokio::time::timeout(std::time::Duration::from_millis(200), call)
+            .await
+            .is_err()
+    );
+    gw.shutdown().await;
+    let records = sink.0.lock().unwrap().clone();
+    assert_eq!(records.len(), 1);
+    assert_eq!(records[0].status, 499);
+    assert!(records[0].estimated);
+    assert_eq!(
+        records[0].prompt_tokens, 10,
+        "the inputs, counted: the provider may bill them"
+    );
+    assert_eq!(records[0].attempts[0].outcome.to_string(), "cancelled");
+}
