@@ -541,7 +541,7 @@ async fn an_abandoned_embeddings_request_is_recorded_as_499_with_its_prompt() {
     let sink = Arc::new(Collect::default());
     let gw = gateway(&a, &b, "", "").with_record_sink(sink.clone());
     a.set_behavior(Behavior::Stall);
-    let call = gw.embed(EmbeddingRequest::new("grp", vec!["word"; 10].join(" ")));
+    let call = gw.embed(EmbeddingRequest::new("grp", ["word"; 10].join(" ")));
     // The client goes away while the call is in flight.
     assert!(
         tokio::time::timeout(std::time::Duration::from_millis(200), call)
