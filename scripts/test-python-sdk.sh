@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The official openai Python SDK (PyPI, in .venv) against `echelon serve`, with two real
-# llama-server instances and a fault-injecting test upstream behind it.
+# llama-server instances (with --embeddings --pooling mean, so that they serve
+# /v1/embeddings as well as chat) and a fault-injecting test upstream behind it.
 # Needs the real upstream installed (scripts/real-upstream.sh install); fails if it is not.
 set -euo pipefail
 root="$(cd "$(dirname "$0")/.." && pwd)"
@@ -20,7 +21,7 @@ cleanup() {
 }
 trap cleanup EXIT
 
-mapfile -t inst < <(scripts/real-upstream.sh start 2 sdk)
+mapfile -t inst < <(scripts/real-upstream.sh start 2 sdk --embeddings)
 read -r a_name a_port _ a_key <<<"${inst[0]}"
 read -r _ b_port _ b_key <<<"${inst[1]}"
 
@@ -45,6 +46,9 @@ task_groups:
   demo:
     echelon1: { models: [real-a] }
     echelon2: { models: [real-b] }
+  emb-failover:
+    echelon1: { models: [dead-model] }
+    echelon2: { models: [real-b] }
 YAML
 
 SDK_A_KEY="$a_key" SDK_B_KEY="$b_key" "$ECHELON" serve --config "$work/echelon.yaml" --port 0 \
@@ -54,4 +58,4 @@ for _ in $(seq 1 100); do grep -q 'listening on' "$work/serve.out" && break; sle
 url="$(sed -n 's/^echelon listening on \(http[^ ]*\)$/\1/p' "$work/serve.out")"
 [ -n "$url" ] || { cat "$work/serve.err"; exit 1; }
 
-ECHELON_URL="$url/v1" ECHELON1_ALIAS="$a_name" "$PY" -m unittest -v tests/python/test_openai_sdk.py
+ECHELON_URL="$url/v1" ECHELON1_ALIAS="$a_name" "$PY" -m unittest -v tests/python/test_openai_sdk.py tests/python/test_openai_embeddings.py

@@ -1,6 +1,7 @@
 //! Echelon's OpenAI-compatible HTTP server (axum).
 //!
-//! Endpoints: `POST /v1/chat/completions` (streamed and not), `GET /v1/models` (the
+//! Endpoints: `POST /v1/chat/completions` (streamed and not), `POST /v1/embeddings`
+//! (routed and guarded like chat: `embeddings.rs`), `GET /v1/models` (the
 //! routes), `GET /health`, `GET /metrics` (Prometheus), `GET /admin/state` (breakers, buckets, keys, in-flight
 //! counts). Gateway keys, when configured, are checked as `Authorization: Bearer` on
 //! `/v1/*` and `/admin/*`. Every error, 404 and 405 included, is the OpenAI error body
@@ -10,7 +11,7 @@
 //! Every answer carries `x-echelon-model` (the model that answered) and
 //! `x-echelon-attempts` (each attempt as `model:error_kind:status:latency_ms`, comma
 //! separated), so a failover is visible to any client without logs; every chat
-//! completion answer (an error too) carries `x-echelon-overhead-ms`, the time spent in
+//! completion and embeddings answer (an error too) carries `x-echelon-overhead-ms`, the time spent in
 //! the gateway excluding the attempts' upstream latencies (for a stream, up to its
 //! response head). A 429 whose every candidate was rate-limited carries `Retry-After`
 //! (whole seconds, rounded up, at least 1): the smallest wait among them.
@@ -33,6 +34,7 @@ mod auth;
 mod conn;
 mod content_type;
 mod cors;
+mod embeddings;
 mod error;
 mod guard;
 mod handlers;
@@ -144,6 +146,7 @@ pub fn router(gateway: Arc<Gateway>, options: &ServerOptions) -> Router {
     let v1 = with_keys(
         Router::new()
             .route("/chat/completions", chat)
+            .route("/embeddings", post(embeddings::embeddings))
             .route("/models", get(handlers::list_models))
             .method_not_allowed_fallback(handlers::method_not_allowed),
     );

@@ -2,6 +2,7 @@
 //! benchmarks.
 //!
 //! [`TestUpstream`] serves `POST /v1/chat/completions` (plain and streamed),
+//! `POST /v1/embeddings` (deterministic vectors: [`embeddings::text_vector`]),
 //! `GET /v1/models` and `GET /health` on a local port. A normal answer echoes
 //! the last user message (`"echo: <text>"`); a [`Behavior`] makes one request
 //! (or every request) fail in a chosen way: an error status with
@@ -28,6 +29,7 @@
 //! ```
 
 mod behavior;
+pub mod embeddings;
 pub mod real;
 mod server;
 mod timer;
@@ -206,6 +208,13 @@ impl TestUpstream {
         self.state.chat_requests()
     }
 
+    /// Number of `POST /v1/embeddings` requests received (including failed ones).
+    /// They play the same behaviours as chat completions (the one-shot queue, the
+    /// fault plan, the default) and are recorded with them ([`recorded`](Self::recorded)).
+    pub fn embedding_requests(&self) -> usize {
+        self.state.embedding_requests()
+    }
+
     /// How many chat completions got each behaviour (one-shot, drawn from the
     /// [`FaultPlan`] or the default), split by streamed or not, in the order
     /// each was first played. Requests refused by the auth or context-window
@@ -231,7 +240,7 @@ impl TestUpstream {
         self.state.active_requests()
     }
 
-    /// The recorded chat-completion requests, in arrival order (empty when
+    /// The recorded chat-completion and embeddings requests, in arrival order (empty when
     /// [`UpstreamOptions::record_requests`] is off).
     pub fn recorded(&self) -> Vec<RecordedRequest> {
         self.state.recorded()

@@ -11,6 +11,10 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 /// test failure. `scripts/test.sh` (and so CI) sets it.
 pub const REQUIRE_ENV: &str = "ECHELON_REQUIRE_REAL_UPSTREAM";
 
+/// The arguments that make `llama-server` serve OpenAI-style embeddings of SmolLM2
+/// ([`LlamaServer::start_embeddings`]).
+pub const EMBEDDINGS_ARGS: &[&str] = &["--embeddings", "--pooling", "mean"];
+
 /// A running `llama-server`, killed on drop.
 #[derive(Debug)]
 pub struct LlamaServer {
@@ -64,6 +68,29 @@ impl LlamaServer {
     /// When the binary or model is missing, the process cannot start, or it never
     /// becomes healthy.
     pub async fn start(alias: &str, api_key: &str) -> Result<LlamaServer, String> {
+        LlamaServer::start_with_args(alias, api_key, &[]).await
+    }
+
+    /// [`start`](Self::start) serving `POST /v1/embeddings` too: with
+    /// [`EMBEDDINGS_ARGS`] (`--embeddings --pooling mean`; without `--pooling mean`
+    /// llama-server refuses OpenAI-style embedding requests for SmolLM2, whose GGUF
+    /// declares no pooling). Chat completions, streamed or not, are still served.
+    ///
+    /// # Errors
+    /// As [`start`](Self::start).
+    pub async fn start_embeddings(alias: &str, api_key: &str) -> Result<LlamaServer, String> {
+        LlamaServer::start_with_args(alias, api_key, EMBEDDINGS_ARGS).await
+    }
+
+    /// [`start`](Self::start) with `extra` arguments after the usual ones.
+    ///
+    /// # Errors
+    /// As [`start`](Self::start).
+    pub async fn start_with_args(
+        alias: &str,
+        api_key: &str,
+        extra: &[&str],
+    ) -> Result<LlamaServer, String> {
         let (bin, model) = locate()?;
         let port = std::net::TcpListener::bind("127.0.0.1:0")
             .and_then(|l| l.local_addr())
@@ -90,6 +117,7 @@ impl LlamaServer {
                 "-np",
                 "2",
             ])
+            .args(extra)
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()

@@ -65,6 +65,8 @@ pub(crate) struct State {
     queue: Mutex<VecDeque<Behavior>>,
     faults: Option<Mutex<FaultDraws>>,
     chat_requests: AtomicUsize,
+    /// `POST /v1/embeddings` requests received.
+    embedding_requests: AtomicUsize,
     next_id: AtomicU64,
     recorded: Mutex<Vec<RecordedRequest>>,
     /// TCP connections accepted since the start.
@@ -112,6 +114,7 @@ impl State {
             queue: Mutex::new(VecDeque::new()),
             faults,
             chat_requests: AtomicUsize::new(0),
+            embedding_requests: AtomicUsize::new(0),
             next_id: AtomicU64::new(1),
             recorded: Mutex::new(Vec::new()),
             connections: AtomicUsize::new(0),
@@ -131,6 +134,10 @@ impl State {
 
     pub(crate) fn chat_requests(&self) -> usize {
         self.chat_requests.load(Ordering::SeqCst)
+    }
+
+    pub(crate) fn embedding_requests(&self) -> usize {
+        self.embedding_requests.load(Ordering::SeqCst)
     }
 
     pub(crate) fn recorded(&self) -> Vec<RecordedRequest> {
@@ -295,6 +302,10 @@ async fn handle(
                 .boxed_unsync()
             }))
         }
+        (&Method::POST, "/v1/embeddings") => {
+            let _active = Held::up(&state, |s| &s.active_requests);
+            embeddings(&state, &reset, req).await
+        }
         (_, "/health") | (_, "/v1/models") if req.method() != Method::GET => {
             Ok(error_response(405, "method not allowed"))
         }
@@ -311,7 +322,9 @@ async fn handle(
                 }],
             }),
         )),
-        (_, "/v1/chat/completions") => Ok(error_response(405, "method not allowed")),
+        (_, "/v1/chat/completions") | (_, "/v1/embeddings") => {
+            Ok(error_response(405, "method not allowed"))
+        }
         _ => Ok(error_response(404, &format!("unknown path {path}"))),
     }
 }
@@ -399,6 +412,132 @@ fn unauthorized() -> Response<Body> {
             "code": "invalid_api_key",
         }}),
     )
+}
+
+/// `POST /v1/embeddings`: the deterministic vectors of `crate::embeddings`, after the
+/// same auth and context checks as a chat completion, playing the same behaviours (the
+/// one-shot queue, the fault plan, the default). A behaviour without an embeddings
+/// meaning (`NoFinishReason`) answers normally; stream faults (`StreamCut`,
+/// `StreamStall`) send half of the body and then cut or stall; `EmptyAnswer` is `{}`,
+/// `NoChoices` a list without data, `HugeAnswer` one vector of about that many bytes.
+async fn embeddings(
+    state: &State,
+    reset: &AtomicBool,
+    req: Request<Incoming>,
+) -> Result<Response<Body>, Cut> {
+    let arrived = Instant::now();
+    state.embedding_requests.fetch_add(1, Ordering::SeqCst);
+    let ok = authorized(&state.options, &req);
+    let (parts, body) = req.into_parts();
+    let bytes = body.collect().await.map_err(|_| Cut)?.to_bytes();
+    let json: Option<Value> = serde_json::from_slice(&bytes).ok();
+    if state.options.record_requests {
+        lock(&state.recorded).push(RecordedRequest {
+            body: json.clone(),
+            authorization: parts
+                .headers
+                .get(AUTHORIZATION)
+                .and_then(|v| v.to_str().ok())
+                .map(str::to_owned),
+            uri: parts.uri.to_string(),
+            headers: parts.headers,
+            at: arrived,
+        });
+    }
+    if !ok {
+        return Ok(unauthorized());
+    }
+    let Some(body) = json.filter(Value::is_object) else {
+        return Ok(error_response(400, "the request body is not a JSON object"));
+    };
+    if let Some(n_ctx) = state.options.context_window {
+        let largest = crate::embeddings::largest_input_tokens(&body);
+        if largest > n_ctx {
+            return Ok(json_response(
+                StatusCode::BAD_REQUEST,
+                &wire::context_error(largest, n_ctx),
+            ));
+        }
+    }
+    let behavior = state.next_behavior();
+    state.count_served(&behavior, false);
+    crate::timer::sleep_until(arrived + state.options.latency).await;
+    let model = state.options.model_alias.as_str();
+    let answer = |body: &Value| match crate::embeddings::answer(body, model) {
+        Ok(v) => json_response(StatusCode::OK, &v),
+        Err(message) => error_response(400, &message),
+    };
+    match behavior {
+        Behavior::Status {
+            status,
+            retry_after,
+            message,
+        } => {
+            let mut resp = error_response(status, &message);
+            if let Some(secs) = retry_after {
+                resp.headers_mut()
+                    .insert(RETRY_AFTER, HeaderValue::from(secs));
+            }
+            Ok(resp)
+        }
+        Behavior::Stall => std::future::pending().await,
+        Behavior::CutConnection => Err(Cut),
+        Behavior::Reset => {
+            reset.store(true, Ordering::SeqCst);
+            Err(Cut)
+        }
+        Behavior::Delay(d) => {
+            sleep(d).await;
+            Ok(answer(&body))
+        }
+        Behavior::Normal | Behavior::NoFinishReason => Ok(answer(&body)),
+        Behavior::Malformed | Behavior::MalformedSse { .. } | Behavior::MalformedSseRun { .. } => {
+            Ok(json_bytes_response(
+                StatusCode::OK,
+                Bytes::from_static(b"{\"object\":\"list\",\"data\":[{\"embedding\":[0.1,"),
+            ))
+        }
+        Behavior::EmptyAnswer => Ok(json_bytes_response(
+            StatusCode::OK,
+            Bytes::from_static(b"{}"),
+        )),
+        Behavior::NoChoices => Ok(json_response(
+            StatusCode::OK,
+            &json!({"object": "list", "data": [], "model": model}),
+        )),
+        // No stream to carry an in-band error: a 500, as a non-streamed chat gets.
+        Behavior::StreamError { .. } => Ok(error_response(500, "injected fault: HTTP 500")),
+        Behavior::HugeAnswer { bytes } => {
+            let mut huge = body.clone();
+            // About 10 bytes per number as JSON.
+            huge["dimensions"] = json!((bytes / 10).max(1));
+            huge["input"] = json!("huge");
+            match crate::embeddings::answer(&huge, model) {
+                Ok(v) => Ok(json_response(StatusCode::OK, &v)),
+                Err(message) => Ok(error_response(400, &message)),
+            }
+        }
+        Behavior::StreamCut { .. } | Behavior::StreamStall { .. } => {
+            let end = if matches!(behavior, Behavior::StreamCut { .. }) {
+                Step::Cut
+            } else {
+                Step::Stall
+            };
+            let full = match crate::embeddings::answer(&body, model) {
+                Ok(v) => Bytes::from(v.to_string()),
+                Err(message) => return Ok(error_response(400, &message)),
+            };
+            let partial = full.slice(..full.len() / 2);
+            let mut resp = body_response(
+                StatusCode::OK,
+                "application/json",
+                vec![Step::Data(partial), end],
+            );
+            resp.headers_mut()
+                .insert(CONTENT_LENGTH, HeaderValue::from(full.len()));
+            Ok(resp)
+        }
+    }
 }
 
 /// A chat completion in `dialect`; `gemini_stream` is whether a Gemini request asked

@@ -6,10 +6,12 @@
 //! `extra` map (`#[serde(flatten)]`) and passes through both ways untouched.
 //!
 //! Shapes follow the OpenAI API reference for `POST /v1/chat/completions`
-//! (<https://platform.openai.com/docs/api-reference/chat>).
+//! (<https://platform.openai.com/docs/api-reference/chat>) and `POST /v1/embeddings`
+//! (`embeddings.rs`).
 
 mod chat;
 mod echo;
+mod embeddings;
 mod error;
 mod outcome;
 mod request_check;
@@ -19,6 +21,10 @@ pub use chat::{
     ChatCompletion, ChatCompletionRequest, ChatMessage, Choice, Role, StreamOptions, Usage,
 };
 pub use echo::{MAX_ECHOED_NAME_BYTES, bounded_name, bounded_to};
+pub use embeddings::{
+    Embedding, EmbeddingInput, EmbeddingRequest, EmbeddingResponse, EmbeddingUsage,
+    EmbeddingVector, EncodingFormat, InputItem, parse_embedding_request,
+};
 pub use error::{Attempt, ErrorBody, ErrorObject};
 pub use outcome::{ErrorKind, Outcome, SkipReason, UnknownErrorKind, UnknownOutcome};
 pub use request_check::{RequestError, parse_request};

@@ -20,7 +20,7 @@ pub struct RequestError {
 }
 
 impl RequestError {
-    fn at(path: impl Into<String>, what: impl std::fmt::Display) -> Self {
+    pub(crate) fn at(path: impl Into<String>, what: impl std::fmt::Display) -> Self {
         let path = path.into();
         RequestError {
             message: format!("{path}: {what}"),

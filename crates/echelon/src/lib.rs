@@ -26,6 +26,6 @@ pub mod usage;
 
 pub use error::GatewayError;
 pub use routing::{
-    CallOptions, Completion, Gateway, GatewayStream, LlmHandle, NodeRoutes, RouteInfo,
+    CallOptions, Completion, Embeddings, Gateway, GatewayStream, LlmHandle, NodeRoutes, RouteInfo,
     StatsSnapshot,
 };

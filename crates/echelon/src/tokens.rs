@@ -17,7 +17,7 @@
 
 use std::sync::{Arc, OnceLock};
 
-use echelon_types::ChatMessage;
+use echelon_types::{ChatMessage, EmbeddingInput, InputItem};
 use tokio::sync::Semaphore;
 
 /// Tokens of framing per message (`<|start|>{role}\n … <|end|>`).
@@ -224,9 +224,10 @@ fn pieces(text: &str) -> impl Iterator<Item = &str> {
 ///
 /// Needs a tokio runtime (any flavour: a current-thread runtime keeps serving its other
 /// tasks meanwhile).
-pub async fn count_off_runtime<F>(count: F) -> Option<u64>
+pub async fn count_off_runtime<F, T>(count: F) -> Option<T>
 where
-    F: FnOnce() -> u64 + Send + 'static,
+    F: FnOnce() -> T + Send + 'static,
+    T: Send + 'static,
 {
     static PERMITS: OnceLock<Arc<Semaphore>> = OnceLock::new();
     let permits = PERMITS.get_or_init(|| {
@@ -247,6 +248,62 @@ where
             None
         }
     }
+}
+
+/// Bounds on the tokens of the largest input of an embeddings request, without
+/// tokenizing: token ids count exactly, a text `ceil(bytes / max_token_bytes)` to
+/// `bytes` (no framing: an input is embedded as it is).
+pub fn largest_input_bounds(encoding: Encoding, input: &EmbeddingInput) -> PromptBounds {
+    let max = encoding.max_token_bytes();
+    input
+        .items()
+        .map(|item| match item {
+            InputItem::Text(t) => PromptBounds {
+                lower: (t.len() as u64).div_ceil(max),
+                upper: t.len() as u64,
+            },
+            InputItem::Tokens(ids) => PromptBounds {
+                lower: ids.len() as u64,
+                upper: ids.len() as u64,
+            },
+        })
+        .fold(PromptBounds { lower: 0, upper: 0 }, |a, b| PromptBounds {
+            lower: a.lower.max(b.lower),
+            upper: a.upper.max(b.upper),
+        })
+}
+
+/// The tokens of an embeddings request's inputs: their sum and the largest one's. Token
+/// ids count as given; texts are counted with `encoding`, off the async workers when
+/// they are longer than [`INLINE_BYTES`] together (copied for the worker only then).
+pub async fn input_tokens_async(encoding: Encoding, input: &EmbeddingInput) -> (u64, u64) {
+    let add = |(total, largest): (u64, u64), n: u64| (total.saturating_add(n), largest.max(n));
+    let text_bytes: usize = input
+        .items()
+        .map(|i| match i {
+            InputItem::Text(t) => t.len(),
+            InputItem::Tokens(_) => 0,
+        })
+        .sum();
+    if text_bytes <= INLINE_BYTES {
+        return input.items().fold((0, 0), |acc, i| match i {
+            InputItem::Text(t) => add(acc, encoding.count(t)),
+            InputItem::Tokens(ids) => add(acc, ids.len() as u64),
+        });
+    }
+    let owned = input.clone();
+    let upper = input.items().fold((0, 0), |acc, i| match i {
+        InputItem::Text(t) => add(acc, t.len() as u64),
+        InputItem::Tokens(ids) => add(acc, ids.len() as u64),
+    });
+    count_off_runtime(move || {
+        owned.items().fold((0, 0), |acc, i| match i {
+            InputItem::Text(t) => add(acc, encoding.count(t)),
+            InputItem::Tokens(ids) => add(acc, ids.len() as u64),
+        })
+    })
+    .await
+    .unwrap_or(upper)
 }
 
 /// The prompt tokens of `messages` (cl100k_base).

@@ -32,7 +32,7 @@ use std::fmt;
 use std::sync::Arc;
 use std::time::Duration;
 
-use echelon_types::{ChatCompletion, ChatCompletionRequest};
+use echelon_types::{ChatCompletion, ChatCompletionRequest, EmbeddingRequest, EmbeddingResponse};
 use futures::future::BoxFuture;
 
 use crate::config::{MalformedEvent, ProviderApi};
@@ -115,6 +115,19 @@ impl<'a> ProviderRequest<'a> {
     }
 }
 
+/// One embeddings call to send: the client's request, shared as it came, and the name
+/// the provider knows the model by (sent in place of `body.model`).
+#[derive(Debug, Clone, Copy)]
+pub struct EmbedRequest<'a> {
+    /// The request as the client sent it (its `model` is the route, not sent).
+    pub body: &'a EmbeddingRequest,
+    /// The upstream model name.
+    pub model: &'a str,
+}
+
+/// The message of [`Provider::embed`]'s default answer.
+pub const NO_EMBEDDINGS: &str = "this wire does not serve embeddings";
+
 /// One upstream wire: calls, streams and probes an endpoint with one key at a time.
 ///
 /// Object-safe (models hold an `Arc<dyn Provider>`): the operations return boxed
@@ -161,6 +174,40 @@ pub trait Provider: Send + Sync + fmt::Debug {
         upstream_model: &'a str,
     ) -> BoxFuture<'a, Result<(), ProviderError>>;
 
+    /// Whether [`embed`](Self::embed) is implemented. Default `false`: the router then
+    /// passes the model over for embeddings requests without admitting or calling it
+    /// (`routing/attempt.rs`), so its breaker and buckets never see them.
+    fn serves_embeddings(&self) -> bool {
+        false
+    }
+
+    /// One embeddings call (`POST {base_url}/embeddings` on the OpenAI wire), bounded by
+    /// the total timeout and the largest answer. The vectors come back in the encoding
+    /// the request asks for (`float` or `base64`), converted when the provider sent the
+    /// other.
+    ///
+    /// # Errors
+    /// As [`call`](Self::call); `Malformed` for a 2xx body that is not an embeddings
+    /// list, holds another number of vectors than the request has inputs, or has a
+    /// base64 vector that does not decode.
+    ///
+    /// The default (a wire without embeddings: `serves_embeddings` is false) fails at
+    /// once with kind [`ErrorKind::NotFound`] and the message [`NO_EMBEDDINGS`]: not
+    /// `BadRequest`, because the request is not at fault and another model of the
+    /// route may serve it; `NotFound` is what an OpenAI-compatible server without the
+    /// endpoint answers.
+    fn embed<'a>(
+        &'a self,
+        key: Option<&'a ApiKey>,
+        req: &'a EmbedRequest<'a>,
+    ) -> BoxFuture<'a, Result<EmbeddingResponse, ProviderError>> {
+        let _ = (key, req);
+        Box::pin(std::future::ready(Err(ProviderError::new(
+            ErrorKind::NotFound,
+            NO_EMBEDDINGS,
+        ))))
+    }
+
     /// The attempt timeouts.
     fn timeouts(&self) -> Timeouts;
 
@@ -199,5 +246,63 @@ pub fn build(
                 .with_max_response_bytes(max_response_bytes)
                 .with_malformed_event(malformed_event),
         ),
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    /// A wire with chat only: what every wire is until it implements `embed`.
+    #[derive(Debug)]
+    struct ChatOnly;
+
+    impl Provider for ChatOnly {
+        fn call<'a>(
+            &'a self,
+            _: Option<&'a ApiKey>,
+            _: &'a ProviderRequest<'a>,
+        ) -> BoxFuture<'a, Result<ChatCompletion, ProviderError>> {
+            unimplemented!()
+        }
+        fn stream<'a>(
+            &'a self,
+            _: Option<&'a ApiKey>,
+            _: &'a ProviderRequest<'a>,
+        ) -> BoxFuture<'a, Result<ChunkStream, ProviderError>> {
+            unimplemented!()
+        }
+        fn probe<'a>(
+            &'a self,
+            _: Option<&'a ApiKey>,
+            _: ProbeKind,
+            _: &'a str,
+        ) -> BoxFuture<'a, Result<(), ProviderError>> {
+            unimplemented!()
+        }
+        fn timeouts(&self) -> Timeouts {
+            unimplemented!()
+        }
+        fn endpoint(&self) -> &str {
+            "chat-only"
+        }
+    }
+
+    #[tokio::test]
+    async fn a_wire_without_embeddings_refuses_them_clearly() {
+        let body = EmbeddingRequest::new("r", "hello");
+        let req = EmbedRequest {
+            body: &body,
+            model: "m",
+        };
+        assert!(!ChatOnly.serves_embeddings());
+        let e = ChatOnly.embed(None, &req).await.unwrap_err();
+        assert_eq!(e.kind, ErrorKind::NotFound);
+        assert_eq!(e.message, NO_EMBEDDINGS);
+        assert!(
+            !e.is_client_fault(),
+            "another model of the route may serve it"
+        );
     }
 }

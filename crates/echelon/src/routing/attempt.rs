@@ -7,19 +7,23 @@ use std::time::Duration;
 
 use backon::{BackoffBuilder, ExponentialBackoff, ExponentialBuilder};
 use echelon_types::{
-    Attempt, ChatCompletion, ChatCompletionChunk, ChatCompletionRequest, Outcome, SkipReason,
+    Attempt, ChatCompletion, ChatCompletionChunk, ChatCompletionRequest, EmbeddingRequest,
+    EmbeddingResponse, Outcome, SkipReason,
 };
 use tokio::time::Instant;
 
 use super::admit::{Admitted, PoolTicket, admit};
 use super::cancel::Trace;
 use super::model::Model;
-use super::plan::Tier;
+use super::plan::{EchelonDefaults, Tier};
 use crate::error::{GatewayError, GatewayErrorKind};
 use crate::key::ApiKey;
-use crate::provider::{ChunkStream, ErrorKind, ProviderError, ProviderRequest};
+use crate::provider::{
+    ChunkStream, EmbedRequest, ErrorKind, NO_EMBEDDINGS, ProviderError, ProviderRequest,
+};
 use crate::resilience::admission::{Ask, Report};
 use crate::resilience::key_pool::KeyState;
+use crate::tokens::{Encoding, PromptBounds};
 
 /// Longest wait the gateway spends on a live request for a rate-limited model: a
 /// Retry-After (or a key cooldown) up to this may be waited out before the retry, but
@@ -35,9 +39,86 @@ const MAX_BACKOFF: Duration = Duration::from_secs(30);
 /// `max_tokens`.
 const DEFAULT_OUTPUT_RESERVE: u64 = 512;
 
+/// What a plan's run sends, one call at a time: a chat completion, a streamed one, or
+/// embeddings. References only (`Copy`): the request is never copied per tier or
+/// attempt, and asking it for its route, output cap or prompt tokens costs a match.
+#[derive(Debug, Clone, Copy)]
+pub(crate) enum Job<'a> {
+    /// A non-streamed chat completion.
+    Chat(&'a ChatCompletionRequest),
+    /// A streamed chat completion (answered once its first content chunk arrives).
+    Stream(&'a ChatCompletionRequest),
+    /// An embeddings request.
+    Embed(&'a EmbeddingRequest),
+}
+
+impl<'a> Job<'a> {
+    /// The route the client named (`model`).
+    pub(crate) fn route(self) -> &'a str {
+        match self {
+            Job::Chat(r) | Job::Stream(r) => &r.model,
+            Job::Embed(r) => &r.model,
+        }
+    }
+
+    /// The output cap within an echelon (its `max_tokens` when the request sets none);
+    /// `None` for embeddings, which generate nothing.
+    pub(crate) fn max_output(self, defaults: &EchelonDefaults) -> Option<u32> {
+        match self {
+            Job::Chat(r) | Job::Stream(r) => defaults.max_output_tokens(r),
+            Job::Embed(_) => None,
+        }
+    }
+
+    /// The request field a context-length error names.
+    fn prompt_param(self) -> &'static str {
+        match self {
+            Job::Chat(_) | Job::Stream(_) => "messages",
+            Job::Embed(_) => "input",
+        }
+    }
+
+    /// Bounds on [`PromptCount::largest`] without tokenizing.
+    fn largest_bounds(self, encoding: Encoding) -> PromptBounds {
+        match self {
+            Job::Chat(r) | Job::Stream(r) => encoding.prompt_bounds(&r.messages),
+            Job::Embed(r) => crate::tokens::largest_input_bounds(encoding, &r.input),
+        }
+    }
+
+    /// The prompt's tokens in `encoding` (off the async workers when large).
+    async fn count(self, encoding: Encoding) -> PromptCount {
+        match self {
+            Job::Chat(r) | Job::Stream(r) => {
+                let n = encoding.prompt_tokens_async(&r.messages).await;
+                PromptCount {
+                    total: n,
+                    largest: n,
+                }
+            }
+            Job::Embed(r) => {
+                let (total, largest) = crate::tokens::input_tokens_async(encoding, &r.input).await;
+                PromptCount { total, largest }
+            }
+        }
+    }
+}
+
+/// A prompt's tokens in one encoding.
+#[derive(Debug, Clone, Copy)]
+struct PromptCount {
+    /// What the call reads (the `tpm_limit` reservation): a chat prompt, or every input
+    /// of an embeddings request.
+    total: u64,
+    /// What must fit the context window: the chat prompt, or the largest input (each
+    /// input is embedded on its own).
+    largest: u64,
+}
+
 /// What one successful attempt produced.
 pub(crate) enum Answer {
     Chat(ChatCompletion),
+    Embeddings(EmbeddingResponse),
     Stream {
         buffered: VecDeque<ChatCompletionChunk>,
         rest: ChunkStream,
@@ -124,7 +205,10 @@ pub(crate) struct RequestState {
     /// A provider refused the prompt as too long, or every window was too small.
     pub(crate) context_refused: bool,
     /// Prompt token counts already made, per encoding.
-    prompt_tokens: Vec<(crate::tokens::Encoding, u64)>,
+    prompt_tokens: Vec<(Encoding, PromptCount)>,
+    /// Candidates passed over because their wire does not serve the request's kind
+    /// (embeddings): when they are all the attempts, the route cannot serve it (400).
+    pub(crate) unserved: usize,
     /// HTTP calls made so far.
     calls: u32,
     /// Most calls allowed (`fallback_config.max_attempts`).
@@ -151,6 +235,7 @@ impl RequestState {
             context_floor: None,
             context_refused: false,
             prompt_tokens: Vec::new(),
+            unserved: 0,
             calls: 0,
             max_calls,
             answered_by: None,
@@ -217,18 +302,19 @@ impl RequestState {
 
     /// The prompt's tokens in `model`'s encoding, counted once per encoding per request
     /// (off the async workers when the prompt is large: `tokens::count_off_runtime`).
-    async fn prompt_tokens(&mut self, model: &Model, req: &ChatCompletionRequest) -> u64 {
+    async fn prompt_tokens(&mut self, model: &Model, job: Job<'_>) -> PromptCount {
         let encoding = model.encoding();
         if let Some((_, n)) = self.prompt_tokens.iter().find(|(e, _)| *e == encoding) {
             return *n;
         }
-        let n = encoding.prompt_tokens_async(&req.messages).await;
+        let n = job.count(encoding).await;
         self.prompt_tokens.push((encoding, n));
         n
     }
 
     /// Whether the prompt (counted with tiktoken) plus the requested output cannot fit
-    /// `model`'s declared context window; if so the skip is recorded (kind
+    /// `model`'s declared context window (for embeddings: whether the largest input
+    /// cannot, each input being embedded on its own); if so the skip is recorded (kind
     /// `context_window`) and nothing is sent (issue 4: "before sending, not after the
     /// provider refuses").
     /// `max_output` is the request's output cap within its echelon.
@@ -242,7 +328,7 @@ impl RequestState {
     pub(crate) async fn exceeds_context(
         &mut self,
         model: &Model,
-        body: &ChatCompletionRequest,
+        job: Job<'_>,
         max_output: Option<u32>,
     ) -> bool {
         let Some(window) = model.context_window() else {
@@ -254,18 +340,18 @@ impl RequestState {
             .prompt_tokens
             .iter()
             .find(|(e, _)| *e == model.encoding())
-            .map(|(_, n)| *n);
+            .map(|(_, n)| n.largest);
         let (prompt, at_least) = match counted {
             Some(n) => (n, false),
             None => {
-                let bounds = model.encoding().prompt_bounds(&body.messages);
+                let bounds = job.largest_bounds(model.encoding());
                 if bounds.upper.saturating_add(output) <= window {
                     return false;
                 }
                 if bounds.lower.saturating_add(output) > window {
                     (bounds.lower, true)
                 } else {
-                    (self.prompt_tokens(model, body).await, false)
+                    (self.prompt_tokens(model, job).await.largest, false)
                 }
             }
         };
@@ -278,13 +364,15 @@ impl RequestState {
         } else {
             prompt.to_string()
         };
-        self.skip(
-            model,
-            SkipReason::ContextWindow,
-            format!(
+        let message = match job {
+            Job::Embed(_) => {
+                format!("an input of {prompt} tokens exceeds the context window of {window}")
+            }
+            Job::Chat(_) | Job::Stream(_) => format!(
                 "{prompt} prompt tokens + {output} max_tokens exceed the context window of {window}"
             ),
-        );
+        };
+        self.skip(model, SkipReason::ContextWindow, message);
         true
     }
 
@@ -322,11 +410,16 @@ impl RequestState {
 /// [`Flow::Later`] with the time it may be tried again, and the caller calls this again
 /// with the same `mt` if it comes back to it. A cooldown that turns away a model not
 /// yet called is recorded as its skip (`key_cooldown`).
+///
+/// The same loop serves every [`Job`]: only the call itself ([`call`]) and the prompt
+/// tokens asked of the job differ. A model whose wire does not serve embeddings
+/// ([`Provider::serves_embeddings`](crate::provider::Provider::serves_embeddings)) is
+/// passed over for an embeddings job before admission (recorded as a `not_found`
+/// attempt without status; its breaker and buckets see nothing).
 pub(crate) async fn try_model(
     tier: &Tier,
     model: &Arc<Model>,
-    body: &ChatCompletionRequest,
-    stream: bool,
+    job: Job<'_>,
     st: &mut RequestState,
     pool: Option<(&Arc<super::pool::PollingPool>, usize)>,
     mt: &mut ModelTry,
@@ -334,28 +427,54 @@ pub(crate) async fn try_model(
     // A continuation is not sent to a model whose stream already failed; a prefill
     // model gets the partial answer as an assistant prefill.
     let resume = st.resume.clone();
-    let body = match resume.as_deref() {
-        Some(r) if r.exclude.iter().any(|id| id == model.id()) => return Flow::Next,
-        Some(r) if model.prefill() => &r.prefill,
-        _ => body,
+    let job = match (resume.as_deref(), job) {
+        (Some(r), _) if r.exclude.iter().any(|id| id == model.id()) => return Flow::Next,
+        (Some(r), Job::Stream(_)) if model.prefill() => Job::Stream(&r.prefill),
+        _ => job,
     };
+    if matches!(job, Job::Embed(_)) && !model.upstream().serves_embeddings() {
+        st.unserved += 1;
+        st.push_failed(Attempt {
+            model: model.id().to_owned(),
+            provider: model.provider().to_owned(),
+            key_id: None,
+            status: None,
+            outcome: Outcome::Failed(ErrorKind::NotFound),
+            message: NO_EMBEDDINGS.to_owned(),
+            latency_ms: 0,
+        });
+        return Flow::Next;
+    }
     let defaults = &tier.defaults;
     let wait_in_place = defaults.rate_limit_wait(model);
     let rate_limited_retries = defaults.retries_on(model, ErrorKind::RateLimited);
-    let req = ProviderRequest {
-        body,
-        model: model.upstream_model(),
-        temperature: defaults.temperature,
-        max_tokens: defaults.max_tokens,
-        stream,
+    let req = match job {
+        Job::Chat(body) | Job::Stream(body) => Outbound::Chat(ProviderRequest {
+            body,
+            model: model.upstream_model(),
+            temperature: defaults.temperature,
+            max_tokens: defaults.max_tokens,
+            stream: matches!(job, Job::Stream(_)),
+        }),
+        Job::Embed(body) => Outbound::Embed(EmbedRequest {
+            body,
+            model: model.upstream_model(),
+        }),
     };
-    // The TPM reservation: the prompt plus the output cap the call is sent with.
+    // The TPM reservation: the prompt plus the output cap the call is sent with (for
+    // embeddings, the inputs alone).
     let tokens = match &model.tpm {
         None => 0,
-        Some(_) => st.prompt_tokens(model, body).await.saturating_add(
-            req.effective_max_tokens()
-                .map_or(DEFAULT_OUTPUT_RESERVE, u64::from),
-        ),
+        Some(_) => {
+            let prompt = st.prompt_tokens(model, job).await.total;
+            match &req {
+                Outbound::Chat(r) => prompt.saturating_add(
+                    r.effective_max_tokens()
+                        .map_or(DEFAULT_OUTPUT_RESERVE, u64::from),
+                ),
+                Outbound::Embed(_) => prompt,
+            }
+        }
     };
     if !mt.entered {
         mt.entered = true;
@@ -457,6 +576,10 @@ pub(crate) async fn try_model(
                         rest,
                         admitted,
                     },
+                    CallAnswer::Embeddings(r) => {
+                        admitted.report(&Report::ok(r.usage.as_ref().map(|u| u.total_tokens)));
+                        Answer::Embeddings(r)
+                    }
                 });
             }
             Err(e) => e,
@@ -497,7 +620,7 @@ pub(crate) async fn try_model(
                     Flow::Next
                 }
                 // Nothing known about this model's window: do not guess.
-                None => Flow::Stop(context_error(std::mem::take(&mut st.attempts))),
+                None => Flow::Stop(context_error(job, std::mem::take(&mut st.attempts))),
             };
         }
         // retry_on: 0 for a kind that is never retried, and by default for timeouts.
@@ -615,22 +738,40 @@ pub(crate) fn failure_report(e: &ProviderError, key_cooldown: Duration) -> Repor
     }
 }
 
+/// What one call sends: a chat completion (streamed or not) or embeddings.
+enum Outbound<'a> {
+    Chat(ProviderRequest<'a>),
+    Embed(EmbedRequest<'a>),
+}
+
+/// What one call returns.
 enum CallAnswer {
     Chat(ChatCompletion),
     Stream {
         buffered: VecDeque<ChatCompletionChunk>,
         rest: ChunkStream,
     },
+    Embeddings(EmbeddingResponse),
 }
 
 /// One HTTP call: the whole answer, or a stream up to its first content chunk.
 async fn call(
     model: &Model,
     key: Option<&ApiKey>,
-    req: &ProviderRequest<'_>,
+    req: &Outbound<'_>,
     bound: Option<Duration>,
 ) -> Result<CallAnswer, ProviderError> {
     let call = async {
+        let req = match req {
+            Outbound::Embed(r) => {
+                return model
+                    .upstream()
+                    .embed(key, r)
+                    .await
+                    .map(CallAnswer::Embeddings);
+            }
+            Outbound::Chat(r) => r,
+        };
         if !req.stream {
             return model.upstream().call(key, req).await.map(CallAnswer::Chat);
         }
@@ -683,13 +824,29 @@ fn failed_attempt(
     }
 }
 
-pub(crate) fn context_error(attempts: Vec<Attempt>) -> GatewayError {
+pub(crate) fn context_error(job: Job<'_>, attempts: Vec<Attempt>) -> GatewayError {
+    let message = match job {
+        Job::Embed(_) => "an input does not fit the context window of any candidate model",
+        Job::Chat(_) | Job::Stream(_) => {
+            "the prompt does not fit the context window of any candidate model"
+        }
+    };
+    GatewayError::new(GatewayErrorKind::BadRequest, message)
+        .with_param(job.prompt_param())
+        .with_code("context_length_exceeded")
+        .with_attempts(attempts)
+}
+
+/// The error when no candidate of the route serves the request's kind (embeddings on
+/// routes whose every model speaks a wire without them): 400, code
+/// `embeddings_not_supported`, the attempts naming each model passed over.
+pub(crate) fn unserved_error(route: &str, attempts: Vec<Attempt>) -> GatewayError {
     GatewayError::new(
         GatewayErrorKind::BadRequest,
-        "the prompt does not fit the context window of any candidate model",
+        format!("route `{route}`: no model of it serves embeddings ({NO_EMBEDDINGS})"),
     )
-    .with_param("messages")
-    .with_code("context_length_exceeded")
+    .with_param("model")
+    .with_code("embeddings_not_supported")
     .with_attempts(attempts)
 }
 

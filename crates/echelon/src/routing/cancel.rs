@@ -13,7 +13,10 @@
 use std::future::Future;
 use std::sync::{Arc, Mutex, MutexGuard};
 
-use echelon_types::{Attempt, ChatCompletion, ChatCompletionRequest, ErrorKind, Outcome};
+use echelon_types::{
+    Attempt, ChatCompletion, ChatCompletionRequest, EmbeddingRequest, EmbeddingResponse, ErrorKind,
+    Outcome,
+};
 use tokio::time::Instant;
 use tokio_util::task::TaskTracker;
 
@@ -111,12 +114,44 @@ impl Trace {
     }
 }
 
+/// A request body a [`Pending`] holds: what its prompt costs on a model, for the record
+/// of a call the client abandoned (the provider may bill it).
+pub(crate) trait PendingBody: Send + Sync + 'static {
+    /// An empty body left behind when the real one is moved out.
+    fn placeholder() -> Self;
+
+    /// The prompt's tokens in `model`'s encoding (off the async workers when large).
+    fn prompt_tokens(&self, model: &Model) -> impl Future<Output = u64> + Send;
+}
+
+impl PendingBody for ChatCompletionRequest {
+    fn placeholder() -> Self {
+        ChatCompletionRequest::new(String::new(), Vec::new())
+    }
+
+    async fn prompt_tokens(&self, model: &Model) -> u64 {
+        crate::tokens::prompt_tokens_for(model, &self.messages).await
+    }
+}
+
+impl PendingBody for EmbeddingRequest {
+    fn placeholder() -> Self {
+        EmbeddingRequest::new(String::new(), Vec::<String>::new())
+    }
+
+    async fn prompt_tokens(&self, model: &Model) -> u64 {
+        crate::tokens::input_tokens_async(model.encoding(), &self.input)
+            .await
+            .0
+    }
+}
+
 /// A request not yet recorded: dropped before [`done`](Self::done) or
 /// [`into_parts`](Self::into_parts), it records itself with status 499 (by a task of the
 /// gateway's tracker, which [`Gateway::shutdown`] waits for).
-pub(crate) struct Pending {
+pub(crate) struct Pending<R: PendingBody = ChatCompletionRequest> {
     meta: RequestMeta,
-    request: ChatCompletionRequest,
+    request: R,
     trace: Arc<Trace>,
     sink: Option<Arc<dyn RecordSink>>,
     tasks: TaskTracker,
@@ -127,10 +162,10 @@ pub(crate) struct Pending {
     done: bool,
 }
 
-impl Pending {
+impl<R: PendingBody> Pending<R> {
     pub(crate) fn new(
         meta: RequestMeta,
-        request: ChatCompletionRequest,
+        request: R,
         sink: Option<Arc<dyn RecordSink>>,
         tasks: TaskTracker,
     ) -> Self {
@@ -146,6 +181,88 @@ impl Pending {
         }
     }
 
+    /// Records a failed request (the error's status and attempts).
+    pub(crate) async fn record_error(&mut self, e: &GatewayError) {
+        self.done = true;
+        let record = self
+            .meta
+            .record(None, e.status(), e.attempts(), TokenCount::default(), None);
+        Gateway::emit(self.sink.as_ref(), record).await;
+    }
+
+    /// The request being served.
+    pub(crate) fn request(&self) -> &R {
+        &self.request
+    }
+
+    /// The trace its attempts are written to (run the plan in its [`Trace::scope`]).
+    pub(crate) fn trace(&self) -> Arc<Trace> {
+        self.trace.clone()
+    }
+
+    /// The request is recorded by its caller: nothing to do on drop.
+    pub(crate) fn done(&mut self) {
+        self.done = true;
+    }
+
+    /// The meta, leaving empty strings behind (no copy).
+    fn take_meta(&mut self) -> RequestMeta {
+        RequestMeta {
+            request_id: std::mem::take(&mut self.meta.request_id),
+            route: std::mem::take(&mut self.meta.route),
+            ..self.meta.clone()
+        }
+    }
+
+    /// The request, leaving an empty one behind (no copy).
+    fn take_request(&mut self) -> R {
+        std::mem::replace(&mut self.request, R::placeholder())
+    }
+
+    /// Records a 200 answered by `model` with `tokens` and hands its attempts back. A
+    /// drop while the tokens were counted still recorded the request (499).
+    async fn record_ok(
+        &mut self,
+        model: &Arc<Model>,
+        attempts: Vec<Attempt>,
+        tokens: TokenCount,
+    ) -> Vec<Attempt> {
+        let record = self.meta.record(Some(model), 200, &attempts, tokens, None);
+        self.done = true;
+        Gateway::emit(self.sink.as_ref(), record).await;
+        attempts
+    }
+}
+
+impl Pending<EmbeddingRequest> {
+    /// Records an embeddings answer from `model` (status 200; its usage's prompt tokens,
+    /// or the inputs counted when the provider sent none; no completion tokens) and
+    /// hands its attempts back.
+    pub(crate) async fn record_embeddings(
+        &mut self,
+        model: &Arc<Model>,
+        attempts: Vec<Attempt>,
+        response: &EmbeddingResponse,
+    ) -> Vec<Attempt> {
+        self.answered_by = Some(model.clone());
+        self.answered_attempts = attempts;
+        let tokens = match &response.usage {
+            Some(u) => TokenCount {
+                prompt: u.prompt_tokens,
+                ..TokenCount::default()
+            },
+            None => TokenCount {
+                prompt: self.request.prompt_tokens(model).await,
+                estimated: true,
+                ..TokenCount::default()
+            },
+        };
+        let attempts = std::mem::take(&mut self.answered_attempts);
+        self.record_ok(model, attempts, tokens).await
+    }
+}
+
+impl Pending<ChatCompletionRequest> {
     /// Records a non-streamed answer from `model` (status 200; its usage, or the prompt
     /// and answer counted when the provider sent none) and hands its attempts back. A
     /// drop while it counts still records the request (499, with these attempts).
@@ -164,36 +281,8 @@ impl Pending {
                 TokenCount::estimate(model, &self.request, text).await
             }
         };
-        let record = self
-            .meta
-            .record(Some(model), 200, &self.answered_attempts, tokens, None);
-        self.done = true;
-        Gateway::emit(self.sink.as_ref(), record).await;
-        std::mem::take(&mut self.answered_attempts)
-    }
-
-    /// Records a failed request (the error's status and attempts).
-    pub(crate) async fn record_error(&mut self, e: &GatewayError) {
-        self.done = true;
-        let record = self
-            .meta
-            .record(None, e.status(), e.attempts(), TokenCount::default(), None);
-        Gateway::emit(self.sink.as_ref(), record).await;
-    }
-
-    /// The request being served.
-    pub(crate) fn request(&self) -> &ChatCompletionRequest {
-        &self.request
-    }
-
-    /// The trace its attempts are written to (run the plan in its [`Trace::scope`]).
-    pub(crate) fn trace(&self) -> Arc<Trace> {
-        self.trace.clone()
-    }
-
-    /// The request is recorded by its caller: nothing to do on drop.
-    pub(crate) fn done(&mut self) {
-        self.done = true;
+        let attempts = std::mem::take(&mut self.answered_attempts);
+        self.record_ok(model, attempts, tokens).await
     }
 
     /// The meta and the request, for a started stream that records itself from now on.
@@ -201,26 +290,9 @@ impl Pending {
         self.done = true;
         (self.take_meta(), self.take_request())
     }
-
-    /// The meta, leaving empty strings behind (no copy).
-    fn take_meta(&mut self) -> RequestMeta {
-        RequestMeta {
-            request_id: std::mem::take(&mut self.meta.request_id),
-            route: std::mem::take(&mut self.meta.route),
-            ..self.meta.clone()
-        }
-    }
-
-    /// The request, leaving an empty one behind (no copy).
-    fn take_request(&mut self) -> ChatCompletionRequest {
-        std::mem::replace(
-            &mut self.request,
-            ChatCompletionRequest::new(String::new(), Vec::new()),
-        )
-    }
 }
 
-impl Drop for Pending {
+impl<R: PendingBody> Drop for Pending<R> {
     fn drop(&mut self) {
         if self.done {
             return;
@@ -240,7 +312,7 @@ impl Drop for Pending {
         let record = async move {
             let tokens = match &model {
                 Some(m) => TokenCount {
-                    prompt: crate::tokens::prompt_tokens_for(m, &request.messages).await,
+                    prompt: request.prompt_tokens(m).await,
                     estimated: true,
                     ..TokenCount::default()
                 },

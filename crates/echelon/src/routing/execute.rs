@@ -24,11 +24,12 @@
 use std::collections::HashSet;
 use std::sync::Arc;
 
-use echelon_types::{Attempt, ChatCompletionRequest, SkipReason};
+use echelon_types::{Attempt, ChatCompletionRequest, EmbeddingRequest, SkipReason};
 use tokio::time::Instant;
 
 use super::attempt::{
-    Answer, Flow, ModelTry, RequestState, Resume, context_error, exhausted, try_model,
+    Answer, Flow, Job, ModelTry, RequestState, Resume, context_error, exhausted, try_model,
+    unserved_error,
 };
 use super::gateway::CallOptions;
 use super::model::Model;
@@ -50,11 +51,11 @@ struct SetAside<'p> {
     state: ModelTry,
 }
 
-/// Tries a plan's steps in order under its fallback settings.
+/// Tries a plan's steps in order under its fallback settings: the same run for every
+/// [`Job`] (chat, stream, embeddings).
 pub(crate) async fn run_plan(
     plan: &Plan,
-    req: &ChatCompletionRequest,
-    stream: bool,
+    job: Job<'_>,
     session: Option<SessionKey>,
     resume: Option<Arc<Resume>>,
 ) -> Result<(Answer, Arc<Model>, Vec<Attempt>), GatewayError> {
@@ -69,7 +70,7 @@ pub(crate) async fn run_plan(
         match b.try_acquire() {
             Ok(p) => group_permit = Some(p),
             Err(_) => {
-                tracing::info!(route = %req.model, "group breaker open: going straight to the fallbacks");
+                tracing::info!(route = %job.route(), "group breaker open: going straight to the fallbacks");
                 skip_own = true;
             }
         }
@@ -97,7 +98,7 @@ pub(crate) async fn run_plan(
         let tier = match step {
             Step::Tier(t) => t,
             Step::Pool(ps) => {
-                match run_pool(ps, req, stream, session, &mut st, own, &mut aside).await {
+                match run_pool(ps, job, session, &mut st, own, &mut aside).await {
                     Flow::Answered(answer) => {
                         let model = st.answered_by.take();
                         if let (Some(b), Some(p)) = (&plan.group_breaker, group_permit.take()) {
@@ -115,7 +116,7 @@ pub(crate) async fn run_plan(
         };
         // The request is not copied per tier: the model name and the echelon's defaults
         // are applied as it is serialized (provider::ProviderRequest).
-        let max_output = tier.defaults.max_output_tokens(req);
+        let max_output = job.max_output(&tier.defaults);
         for model in tier.ordered() {
             if !st.budget_left() {
                 break;
@@ -136,12 +137,12 @@ pub(crate) async fn run_plan(
                 );
                 continue;
             }
-            if st.exceeds_context(model, req, max_output).await {
+            if st.exceeds_context(model, job, max_output).await {
                 continue;
             }
             let calls_before = st.calls();
             let mut state = ModelTry::default();
-            let flow = try_model(tier, model, req, stream, &mut st, None, &mut state).await;
+            let flow = try_model(tier, model, job, &mut st, None, &mut state).await;
             match flow {
                 Flow::Answered(answer) => {
                     if let (Some(b), Some(p)) = (&plan.group_breaker, group_permit.take()) {
@@ -167,7 +168,7 @@ pub(crate) async fn run_plan(
             break;
         };
         tracing::info!(
-            route = %req.model,
+            route = %job.route(),
             wait_ms = at.saturating_duration_since(Instant::now()).as_millis() as u64,
             candidates = aside.len(),
             "every candidate is rate-limited: waiting for the first to be free"
@@ -187,7 +188,7 @@ pub(crate) async fn run_plan(
             {
                 continue;
             }
-            let flow = try_model(a.tier, a.model, req, stream, &mut st, a.pool, &mut a.state).await;
+            let flow = try_model(a.tier, a.model, job, &mut st, a.pool, &mut a.state).await;
             match flow {
                 Flow::Answered(answer) => {
                     if let (Some(b), Some(p)) = (&plan.group_breaker, group_permit.take()) {
@@ -208,11 +209,14 @@ pub(crate) async fn run_plan(
         b.record(p, false);
     }
     if st.context_refused {
-        return Err(context_error(st.attempts));
+        return Err(context_error(job, st.attempts));
+    }
+    if st.unserved > 0 && st.unserved == st.attempts.len() {
+        return Err(unserved_error(job.route(), st.attempts));
     }
     let stopped = !st.budget_left();
     let retry_after = st.retry_after();
-    let mut e = exhausted(&req.model, st.attempts, retry_after);
+    let mut e = exhausted(job.route(), st.attempts, retry_after);
     if let Some(max) = plan.max_attempts
         && stopped
     {
@@ -255,8 +259,7 @@ fn set_aside<'p>(
 /// the pool moves on to another (by `simple_retry`, the pool's turn ends).
 async fn run_pool<'p>(
     ps: &'p PoolStep,
-    req: &ChatCompletionRequest,
-    stream: bool,
+    job: Job<'_>,
     session: Option<SessionKey>,
     st: &mut RequestState,
     own: bool,
@@ -264,7 +267,7 @@ async fn run_pool<'p>(
 ) -> Flow {
     let mut exclude: Vec<usize> = Vec::new();
     let mut last: Option<usize> = None;
-    let max_output = ps.tier.defaults.max_output_tokens(req);
+    let max_output = job.max_output(&ps.tier.defaults);
     for _ in 0..ps.max_instance_attempts {
         if !st.budget_left() {
             break;
@@ -277,7 +280,7 @@ async fn run_pool<'p>(
             break;
         };
         let model = &ps.pool.instances()[i];
-        if st.exceeds_context(model, req, max_output).await {
+        if st.exceeds_context(model, job, max_output).await {
             exclude.push(i);
             last = None;
             continue;
@@ -285,7 +288,7 @@ async fn run_pool<'p>(
         // The attempt's outcome feeds the instance's health (for a stream, at its end).
         let mut state = ModelTry::default();
         let instance = Some((&ps.pool, i));
-        match try_model(&ps.tier, model, req, stream, st, instance, &mut state).await {
+        match try_model(&ps.tier, model, job, st, instance, &mut state).await {
             Flow::Answered(answer) => {
                 st.answered_by = Some(model.clone());
                 return Flow::Answered(answer);
@@ -306,6 +309,22 @@ async fn run_pool<'p>(
         }
     }
     Flow::Next
+}
+
+/// The key that keeps an embeddings request's caller on one pool instance: the
+/// `x-session-id`, else the request's `user` (as [`session_key`] for chat, without the
+/// conversation rule: an embeddings request has no turns).
+pub(crate) fn embed_session_key(
+    req: &EmbeddingRequest,
+    options: &CallOptions,
+) -> Option<SessionKey> {
+    if let Some(s) = options.session_id.as_deref().filter(|s| !s.is_empty()) {
+        return Some(SessionKey::new("session", [s.as_bytes()]));
+    }
+    req.user
+        .as_deref()
+        .filter(|s| !s.is_empty())
+        .map(|u| SessionKey::new("user", [u.as_bytes()]))
 }
 
 /// The key that keeps a conversation on one pool instance: the `x-session-id`, else the

@@ -6,13 +6,15 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use arc_swap::ArcSwap;
-use echelon_types::{Attempt, ChatCompletion, ChatCompletionRequest};
+use echelon_types::{
+    Attempt, ChatCompletion, ChatCompletionRequest, EmbeddingRequest, EmbeddingResponse,
+};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use super::attempt::Answer;
+use super::attempt::{Answer, Job};
 use super::cancel::Pending;
-use super::execute::{run_plan, session_key};
+use super::execute::{embed_session_key, run_plan, session_key};
 use super::model::Model;
 use super::plan::{Plan, Step};
 use super::stats::{FallbackEvent, StatsSnapshot};
@@ -29,6 +31,20 @@ use crate::usage::{RecordSink, RequestMeta};
 pub struct Completion {
     /// The provider's answer, unknown fields included.
     pub response: ChatCompletion,
+    /// The model id that answered.
+    pub model: String,
+    /// Its provider id.
+    pub provider: String,
+    /// Every attempt, the successful last one included.
+    pub attempts: Vec<Attempt>,
+}
+
+/// A successful embeddings request and how it was obtained.
+#[derive(Debug, Clone)]
+pub struct Embeddings {
+    /// The provider's answer, its vectors in the encoding the request asked for
+    /// (`float` or `base64`), unknown fields included.
+    pub response: EmbeddingResponse,
     /// The model id that answered.
     pub model: String,
     /// Its provider id.
@@ -286,12 +302,12 @@ impl Gateway {
     ) -> Result<Completion, GatewayError> {
         req.stream = None;
         let topology = self.topology();
-        let (meta, plan) = begin(&topology, &req, options, false);
+        let (meta, plan) = begin(&topology, &req.model, options, false);
         // Dropped before it is recorded (the client went away), it records a 499.
         let mut pending = Pending::new(meta, req, self.sink.clone(), self.tasks.clone());
         let result = pending
             .trace()
-            .scope(execute(plan, pending.request(), false, options))
+            .scope(execute(plan, Job::Chat(pending.request()), options))
             .await;
         match result {
             Ok((Answer::Chat(response), model, attempts)) => {
@@ -303,7 +319,7 @@ impl Gateway {
                     attempts,
                 })
             }
-            Ok((Answer::Stream { .. }, _, _)) => {
+            Ok(_) => {
                 pending.done();
                 Err(GatewayError::new(
                     GatewayErrorKind::UpstreamFailed,
@@ -349,7 +365,7 @@ impl Gateway {
             .get_or_insert_with(Default::default)
             .include_usage = Some(true);
         let topology = self.topology();
-        let (meta, plan) = begin(&topology, &req, options, true);
+        let (meta, plan) = begin(&topology, &req.model, options, true);
         let continuation = plan
             .as_ref()
             .ok()
@@ -360,7 +376,7 @@ impl Gateway {
         let mut pending = Pending::new(meta, req, self.sink.clone(), self.tasks.clone());
         let result = pending
             .trace()
-            .scope(execute(plan, pending.request(), true, options))
+            .scope(execute(plan, Job::Stream(pending.request()), options))
             .await;
         match result {
             Ok((
@@ -390,11 +406,75 @@ impl Gateway {
                     continuation,
                 ))
             }
-            Ok((Answer::Chat(_), _, _)) => {
+            Ok(_) => {
                 pending.done();
                 Err(GatewayError::new(
                     GatewayErrorKind::UpstreamFailed,
                     "internal: a non-streamed answer to a streamed request",
+                ))
+            }
+            Err(e) => {
+                pending.record_error(&e).await;
+                Err(e)
+            }
+        }
+    }
+
+    /// Embeddings on the route named by `req.model` (OpenAI's `POST /v1/embeddings`),
+    /// through the same plan and resilience as a chat completion: breakers, the
+    /// echelon's and model's request buckets, `tpm_limit` (reserving the inputs'
+    /// tokens), concurrency limits, keys, `retry_on`, failover. Models whose wire does
+    /// not serve embeddings are passed over. The ledger gets one record: the prompt
+    /// tokens (the provider's usage, else counted with tiktoken and marked estimated),
+    /// no completion tokens, and their cost.
+    ///
+    /// # Errors
+    /// As [`chat`](Self::chat); also 400 when `input` is empty, and 400 (code
+    /// `embeddings_not_supported`) when no model of the route serves embeddings.
+    pub async fn embed(&self, req: EmbeddingRequest) -> Result<Embeddings, GatewayError> {
+        self.embed_with(req, &CallOptions::default()).await
+    }
+
+    /// [`embed`](Self::embed) with per-request options (a polling pool keeps a session
+    /// by `session_id`, else by the request's `user`).
+    ///
+    /// # Errors
+    /// As [`embed`](Self::embed).
+    pub async fn embed_with(
+        &self,
+        req: EmbeddingRequest,
+        options: &CallOptions,
+    ) -> Result<Embeddings, GatewayError> {
+        let topology = self.topology();
+        let (meta, plan) = begin(&topology, &req.model, options, false);
+        let plan = match plan {
+            Ok(_) if req.input.is_empty() => Err(GatewayError::new(
+                GatewayErrorKind::BadRequest,
+                "input: must not be empty",
+            )
+            .with_param("input")),
+            other => other,
+        };
+        let mut pending = Pending::new(meta, req, self.sink.clone(), self.tasks.clone());
+        let result = pending
+            .trace()
+            .scope(execute(plan, Job::Embed(pending.request()), options))
+            .await;
+        match result {
+            Ok((Answer::Embeddings(response), model, attempts)) => {
+                let attempts = pending.record_embeddings(&model, attempts, &response).await;
+                Ok(Embeddings {
+                    response,
+                    model: model.id().to_owned(),
+                    provider: model.provider().to_owned(),
+                    attempts,
+                })
+            }
+            Ok(_) => {
+                pending.done();
+                Err(GatewayError::new(
+                    GatewayErrorKind::UpstreamFailed,
+                    "internal: a chat answer to an embeddings request",
                 ))
             }
             Err(e) => {
@@ -410,14 +490,12 @@ impl Gateway {
 /// when that resolves to nothing.
 fn begin<'t>(
     topology: &'t Topology,
-    req: &ChatCompletionRequest,
+    name: &str,
     options: &CallOptions,
     stream: bool,
 ) -> (RequestMeta, Result<&'t Plan, GatewayError>) {
-    let resolved = topology.resolve(&req.model);
-    let route = resolved
-        .as_ref()
-        .map_or(req.model.as_str(), |(route, _)| route);
+    let resolved = topology.resolve(name);
+    let route = resolved.as_ref().map_or(name, |(route, _)| route);
     let meta = RequestMeta::new(options.request_id.as_deref(), route, stream);
     (meta, resolved.map(|(_, plan)| plan))
 }
@@ -425,8 +503,7 @@ fn begin<'t>(
 /// Runs the plan of a resolved route (`Err`: the resolution's error, recorded as is).
 async fn execute(
     plan: Result<&Plan, GatewayError>,
-    req: &ChatCompletionRequest,
-    stream: bool,
+    job: Job<'_>,
     options: &CallOptions,
 ) -> Result<(Answer, Arc<Model>, Vec<Attempt>), GatewayError> {
     let plan = plan?;
@@ -435,9 +512,12 @@ async fn execute(
         .steps
         .iter()
         .any(|s| matches!(s, Step::Pool(_)))
-        .then(|| session_key(req, options))
+        .then(|| match job {
+            Job::Chat(r) | Job::Stream(r) => session_key(r, options),
+            Job::Embed(r) => embed_session_key(r, options),
+        })
         .flatten();
-    let result = run_plan(plan, req, stream, session, None).await;
+    let result = run_plan(plan, job, session, None).await;
     match &result {
         Ok((_, _, attempts)) => plan.stats.record(attempts, true),
         Err(e) => plan.stats.record(e.attempts(), false),
@@ -478,6 +558,15 @@ impl LlmHandle {
     ) -> Result<GatewayStream, GatewayError> {
         req.model.clone_from(&self.route);
         self.gateway.chat_stream(req).await
+    }
+
+    /// Embeddings on this route (`req.model` is replaced by the route).
+    ///
+    /// # Errors
+    /// As [`Gateway::embed`].
+    pub async fn embed(&self, mut req: EmbeddingRequest) -> Result<Embeddings, GatewayError> {
+        req.model.clone_from(&self.route);
+        self.gateway.embed(req).await
     }
 
     /// Sends `prompt` as one user message and returns the answer's text (seed 000's

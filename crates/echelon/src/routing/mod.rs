@@ -31,7 +31,7 @@ pub use admin::{
     KeyStateView, KeyView, ModelState, PoolState, RouteState,
 };
 pub use attempt::MAX_RETRY_WAIT;
-pub use gateway::{CallOptions, Completion, Gateway, LlmHandle};
+pub use gateway::{CallOptions, Completion, Embeddings, Gateway, LlmHandle};
 pub use model::Model;
 pub use pool::InstanceSnapshot;
 pub use stats::{FALLBACK_HISTORY_LEN, FallbackEvent, StatsSnapshot};

@@ -8,7 +8,7 @@ use echelon_types::{
 };
 
 use super::admit::Admitted;
-use super::attempt::{Answer, Resume, failure_report};
+use super::attempt::{Answer, Job, Resume, failure_report};
 use super::cancel::CLIENT_CLOSED;
 use super::execute::run_plan;
 use super::gateway::Gateway;
@@ -386,7 +386,7 @@ impl GatewayStream {
         let topology = c.topology.clone();
         let result = match topology.resolve(&instructed.model) {
             Ok((_, plan)) => {
-                let r = run_plan(plan, &instructed, true, None, Some(resume)).await;
+                let r = run_plan(plan, Job::Stream(&instructed), None, Some(resume)).await;
                 match &r {
                     Ok((_, _, attempts)) => plan.stats.record(attempts, true),
                     Err(err) => plan.stats.record(err.attempts(), false),
@@ -424,7 +424,7 @@ impl GatewayStream {
                 }
                 Continued::Yes
             }
-            Ok((Answer::Chat(_), _, attempts)) => {
+            Ok((_, _, attempts)) => {
                 self.attempts.extend(attempts);
                 Continued::Failed(GatewayError::new(
                     GatewayErrorKind::UpstreamFailed,

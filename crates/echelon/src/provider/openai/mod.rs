@@ -1,7 +1,7 @@
 //! The OpenAI chat-completions wire (`api: openai`; also llama.cpp, vLLM, DeepSeek, …):
 //! [`OpenAiProvider`], over reqwest with rustls.
 //!
-//! - `mod.rs`: the provider (URLs, bearer auth, calls, probes, error answers).
+//! - `mod.rs`: the provider (URLs, bearer auth, calls, probes, embeddings, error answers).
 //! - `request.rs`: the request body, serialized from a [`ProviderRequest`] by borrowing.
 //! - `sse.rs`: the stream events (SSE, chunk JSON, `[DONE]`, error events).
 
@@ -10,7 +10,10 @@ mod sse;
 
 use std::time::Duration;
 
-use echelon_types::{ChatCompletion, ChatCompletionRequest, ChatMessage, Role};
+use echelon_types::{
+    ChatCompletion, ChatCompletionRequest, ChatMessage, EmbeddingInput, EmbeddingResponse,
+    EncodingFormat, Extra, Role,
+};
 use futures::StreamExt;
 use futures::future::BoxFuture;
 use tokio::time::Instant;
@@ -19,7 +22,9 @@ use self::request::WireRequest;
 use super::error::{ErrorKind, ProviderError, parse_retry_after};
 use super::http::from_reqwest;
 use super::stream::first_token_timeout;
-use super::{ChunkStream, ProbeKind, Provider, ProviderRequest, StreamEvent, Timeouts};
+use super::{
+    ChunkStream, EmbedRequest, ProbeKind, Provider, ProviderRequest, StreamEvent, Timeouts,
+};
 use crate::config::MalformedEvent;
 use crate::key::{ApiKey, Redactor};
 
@@ -27,7 +32,7 @@ use crate::key::{ApiKey, Redactor};
 const MODELS_PROBE_EXTRA: Duration = Duration::from_secs(5);
 
 /// One OpenAI-compatible endpoint: `{base_url}/chat/completions` for calls and streams,
-/// `{base_url}/models` for probes; the key, when there is one, as a bearer token. Every
+/// `{base_url}/embeddings` for embeddings, `{base_url}/models` for probes; the key, when there is one, as a bearer token. Every
 /// error it returns (HTTP error bodies, error events and failures mid-stream, transport
 /// and decoding errors) has its message scrubbed by its [`Redactor`].
 ///
@@ -42,6 +47,8 @@ pub struct OpenAiProvider {
     chat_url: Result<reqwest::Url, String>,
     /// `{base_url}/models`, the same way.
     models_url: Result<reqwest::Url, String>,
+    /// `{base_url}/embeddings`, the same way.
+    embeddings_url: Result<reqwest::Url, String>,
     timeouts: Timeouts,
     /// Scrubs the model's keys (and key shapes) out of every error message.
     redactor: Redactor,
@@ -65,6 +72,7 @@ impl OpenAiProvider {
             http,
             chat_url: parse_url(format!("{base}/chat/completions")),
             models_url: parse_url(format!("{base}/models")),
+            embeddings_url: parse_url(format!("{base}/embeddings")),
             timeouts,
             redactor: Redactor::default(),
             max_response_bytes: super::DEFAULT_MAX_RESPONSE_BYTES,
@@ -190,6 +198,56 @@ impl OpenAiProvider {
         ))
     }
 
+    async fn embed_inner(
+        &self,
+        key: Option<&ApiKey>,
+        req: &EmbedRequest<'_>,
+    ) -> Result<EmbeddingResponse, ProviderError> {
+        let body = WireEmbedding {
+            model: req.model,
+            input: &req.body.input,
+            encoding_format: req.body.encoding_format,
+            dimensions: req.body.dimensions,
+            user: req.body.user.as_deref(),
+            extra: &req.body.extra,
+        };
+        let send = self
+            .send(
+                reqwest::Method::POST,
+                &self.embeddings_url,
+                key,
+                self.timeouts.total,
+            )
+            .json(&body);
+        let resp = send.send().await.map_err(from_reqwest)?;
+        let resp = check_status(resp, &self.redactor).await?;
+        let bytes = read_capped(resp, self.max_response_bytes).await?;
+        let answer: EmbeddingResponse = serde_json::from_slice(&bytes).map_err(|e| {
+            ProviderError::new(
+                ErrorKind::Malformed,
+                format!("response is not an embeddings list: {e}"),
+            )
+        })?;
+        // One vector per input, or the client gets vectors it cannot match to inputs.
+        let inputs = req.body.input.len();
+        if answer.data.len() != inputs {
+            return Err(ProviderError::new(
+                ErrorKind::Malformed,
+                format!(
+                    "response has {} vectors for {inputs} inputs",
+                    answer.data.len()
+                ),
+            ));
+        }
+        // The client gets the encoding it asked for, whatever the server sent (a server
+        // that ignores `encoding_format` answers floats).
+        let mut answer = answer;
+        answer
+            .convert_to(req.body.format())
+            .map_err(|why| ProviderError::new(ErrorKind::Malformed, why))?;
+        Ok(answer)
+    }
+
     async fn probe_inner(
         &self,
         key: Option<&ApiKey>,
@@ -251,6 +309,22 @@ impl Provider for OpenAiProvider {
         Box::pin(async move { probe.await.map_err(|e| e.redacted(&self.redactor)) })
     }
 
+    fn serves_embeddings(&self) -> bool {
+        true
+    }
+
+    fn embed<'a>(
+        &'a self,
+        key: Option<&'a ApiKey>,
+        req: &'a EmbedRequest<'a>,
+    ) -> BoxFuture<'a, Result<EmbeddingResponse, ProviderError>> {
+        Box::pin(async move {
+            self.embed_inner(key, req)
+                .await
+                .map_err(|e| e.redacted(&self.redactor))
+        })
+    }
+
     fn timeouts(&self) -> Timeouts {
         self.timeouts
     }
@@ -261,6 +335,22 @@ impl Provider for OpenAiProvider {
             Err(raw) => raw,
         }
     }
+}
+
+/// An embeddings request body, serialized by borrowing the client's: the upstream model
+/// name in place of the route, the other fields as the client sent them.
+#[derive(serde::Serialize)]
+struct WireEmbedding<'a> {
+    model: &'a str,
+    input: &'a EmbeddingInput,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    encoding_format: Option<EncodingFormat>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    dimensions: Option<u32>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    user: Option<&'a str>,
+    #[serde(flatten)]
+    extra: &'a Extra,
 }
 
 /// A non-streamed answer whose every choice says why it stopped; one without a
