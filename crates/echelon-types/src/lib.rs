@@ -13,6 +13,7 @@ mod echo;
 mod error;
 mod outcome;
 mod request_check;
+pub mod responses;
 mod stream;
 
 pub use chat::{

@@ -20,7 +20,7 @@ pub struct RequestError {
 }
 
 impl RequestError {
-    fn at(path: impl Into<String>, what: impl std::fmt::Display) -> Self {
+    pub(crate) fn at(path: impl Into<String>, what: impl std::fmt::Display) -> Self {
         let path = path.into();
         RequestError {
             message: format!("{path}: {what}"),
@@ -50,7 +50,7 @@ pub fn parse_request(body: &[u8]) -> Result<ChatCompletionRequest, RequestError>
     })
 }
 
-fn type_name(v: &Value) -> &'static str {
+pub(crate) fn type_name(v: &Value) -> &'static str {
     match v {
         Value::Null => "null",
         Value::Bool(_) => "a boolean",
