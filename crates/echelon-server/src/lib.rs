@@ -1,6 +1,7 @@
 //! Echelon's OpenAI-compatible HTTP server (axum).
 //!
-//! Endpoints: `POST /v1/chat/completions` (streamed and not), `GET /v1/models` (the
+//! Endpoints: `POST /v1/chat/completions` (streamed and not), `POST /v1/responses` (the
+//! OpenAI Responses API, stateless, bridged to chat completions), `GET /v1/models` (the
 //! routes), `GET /health`, `GET /metrics` (Prometheus), `GET /admin/state` (breakers, buckets, keys, in-flight
 //! counts). Gateway keys, when configured, are checked as `Authorization: Bearer` on
 //! `/v1/*` and `/admin/*`. Every error, 404 and 405 included, is the OpenAI error body
@@ -39,6 +40,7 @@ mod handlers;
 mod host;
 mod metrics;
 mod reply;
+mod responses;
 mod sse;
 
 use std::future::Future;
@@ -144,6 +146,7 @@ pub fn router(gateway: Arc<Gateway>, options: &ServerOptions) -> Router {
     let v1 = with_keys(
         Router::new()
             .route("/chat/completions", chat)
+            .route("/responses", post(responses::responses))
             .route("/models", get(handlers::list_models))
             .method_not_allowed_fallback(handlers::method_not_allowed),
     );
