@@ -65,12 +65,16 @@ class OpenAiResponsesAgainstEchelon(unittest.TestCase):
         self.assertEqual(types[:2], ["response.created", "response.in_progress"])
         self.assertGreaterEqual(len(deltas), 3, types)
         self.assertIsNotNone(final, types)
+        self.assertEqual(final.model, os.environ["ECHELON1_ALIAS"])
         self.assertEqual(final.output_text, "".join(deltas))
         self.assertGreater(final.usage.output_tokens, 0)
 
     def test_stream_helper_gets_the_final_response(self):
+        # Not cut by a token cap: a capped stream ends with `response.incomplete`, as
+        # OpenAI's does, and the helper's get_final_response wants `response.completed`.
         with self.client.responses.stream(
-            model="demo", input="Name three colours.", max_output_tokens=16
+            model="demo", instructions="Reply with one word.", input="Say yes.",
+            max_output_tokens=64, temperature=0,
         ) as stream:
             for _ in stream:
                 pass

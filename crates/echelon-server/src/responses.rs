@@ -87,8 +87,7 @@ async fn in_span(
             .await
             .map_err(routed_error)?;
         let overhead = overhead_ms(arrived, stream.attempts());
-        // The upstream's model name arrives with the chunks; until then, the model
-        // that answers.
+        // The model that answers, until its first chunk names the upstream's model.
         let started = ResponseObject::started(id, unix_now(), stream.model().to_owned(), &echo);
         let mut resp = stream_response(stream, ResponseStreamTranslator::new(started));
         resp.headers_mut()
@@ -137,9 +136,30 @@ fn stream_response(stream: GatewayStream, translator: ResponseStreamTranslator) 
         Phase::Start(stream, Box::new(translator)),
         |phase| async move {
             match phase {
-                Phase::Start(stream, mut t) => {
-                    let bytes = frames(&t.start());
-                    Some((Ok::<_, Infallible>(bytes), Phase::Running(stream, t)))
+                Phase::Start(mut stream, mut t) => {
+                    // The first chunk is already buffered (the gateway answers once
+                    // content arrived): it names the upstream's model for
+                    // `response.created`.
+                    let first = stream.next().await;
+                    if let Some(Ok(chunk)) = &first {
+                        t.set_model(&chunk.model);
+                    }
+                    let mut events = t.start();
+                    let next = match first {
+                        Some(Ok(chunk)) => {
+                            events.extend(t.chunk(&chunk));
+                            Phase::Running(stream, t)
+                        }
+                        Some(Err(e)) => {
+                            events.extend(t.fail(&e.to_body().error));
+                            Phase::Done
+                        }
+                        None => {
+                            events.extend(t.finish());
+                            Phase::Done
+                        }
+                    };
+                    Some((Ok::<_, Infallible>(frames(&events)), next))
                 }
                 Phase::Running(mut stream, mut t) => loop {
                     match stream.next().await {

@@ -343,8 +343,14 @@ async fn a_stream_sends_the_events_in_order_with_sequence_numbers() {
         .map(|(_, d)| d["delta"].as_str().unwrap())
         .collect();
     assert_eq!(text, "echo: one two three");
+    assert_eq!(
+        events[0].1["response"]["model"], "test-model",
+        "the upstream's name from the start, as a non-streamed answer"
+    );
+    assert_eq!(events[0].1["response"]["status"], "in_progress");
     let done = &events.last().unwrap().1["response"];
     assert_eq!(done["status"], "completed");
+    assert_eq!(done["model"], "test-model");
     assert_eq!(done["output"][0]["content"][0]["text"], text);
     assert!(
         done["usage"]["output_tokens"].as_u64().unwrap() > 0,

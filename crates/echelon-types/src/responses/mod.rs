@@ -16,6 +16,7 @@ mod stream;
 
 pub use request::{Echo, TranslatedRequest, parse_responses_request};
 pub use response::{
-    InputTokensDetails, OutputContent, OutputItem, OutputTokensDetails, Response, ResponseUsage,
+    InputTokensDetails, OutputContent, OutputItem, OutputTokensDetails, ReasoningContent, Response,
+    ResponseUsage,
 };
 pub use stream::{ResponseEvent, ResponseStreamTranslator};

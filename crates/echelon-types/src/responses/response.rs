@@ -128,6 +128,13 @@ impl Response {
         let mut r = Response::started(id, completion.created, model, echo);
         let choice = completion.choices.first();
         if let Some(message) = choice.map(|c| &c.message) {
+            if let Some(thinking) = reasoning_text(message).filter(|t| !t.is_empty()) {
+                r.output.push(OutputItem::reasoning(
+                    item_id("rs", &r.id, 0),
+                    thinking.to_owned(),
+                    "completed",
+                ));
+            }
             let mut content = Vec::new();
             if let Some(text) = message_text(message.get("content")).filter(|t| !t.is_empty()) {
                 content.push(OutputContent::text(text));
@@ -183,6 +190,15 @@ pub(crate) fn item_id(prefix: &str, response_id: &str, n: usize) -> String {
     format!("{prefix}_{base}_{n}")
 }
 
+/// The model's reasoning in a chat message or delta: `reasoning_content` (llama-server,
+/// vLLM, DeepSeek) or a string `reasoning` (newer vLLM, OpenRouter).
+pub(crate) fn reasoning_text(fields: &serde_json::Map<String, Value>) -> Option<&str> {
+    fields
+        .get("reasoning_content")
+        .and_then(Value::as_str)
+        .or_else(|| fields.get("reasoning").and_then(Value::as_str))
+}
+
 /// A chat message's content as text: the string, or its text parts joined.
 fn message_text(content: Option<&Value>) -> Option<String> {
     match content? {
@@ -212,6 +228,17 @@ pub enum OutputItem {
         /// Its parts.
         content: Vec<OutputContent>,
     },
+    /// The model's reasoning, from the chat answer's `reasoning_content`.
+    Reasoning {
+        /// `rs_…`.
+        id: String,
+        /// Always empty: chat completions give the reasoning itself, not a summary.
+        summary: Vec<Value>,
+        /// One `reasoning_text` part.
+        content: Vec<ReasoningContent>,
+        /// `in_progress` while streaming, then `completed` (or `incomplete`).
+        status: &'static str,
+    },
     /// A call of one of the request's function tools.
     FunctionCall {
         /// `fc_…`.
@@ -224,6 +251,29 @@ pub enum OutputItem {
         arguments: String,
         /// `in_progress` while streaming, then `completed` (or `incomplete`).
         status: &'static str,
+    },
+}
+
+impl OutputItem {
+    /// A `reasoning` item with `text` as its one `reasoning_text` part.
+    pub fn reasoning(id: String, text: String, status: &'static str) -> Self {
+        OutputItem::Reasoning {
+            id,
+            summary: Vec::new(),
+            content: vec![ReasoningContent::ReasoningText { text }],
+            status,
+        }
+    }
+}
+
+/// One content part of a `reasoning` output item.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum ReasoningContent {
+    /// The reasoning as text.
+    ReasoningText {
+        /// The text.
+        text: String,
     },
 }
 
@@ -352,6 +402,20 @@ mod tests {
                    "output_tokens": 3, "output_tokens_details": {"reasoning_tokens": 0},
                    "total_tokens": 8})
         );
+    }
+
+    #[test]
+    fn reasoning_content_is_a_reasoning_item_first() {
+        let c = completion(json!({"choices": [{"finish_reason": "stop", "message": {
+            "role": "assistant", "content": "4", "reasoning_content": "2 + 2 is 4"}}]}));
+        let r = Response::from_completion("resp_r".into(), &c, "route", &Echo::default());
+        let v = serde_json::to_value(&r).unwrap();
+        assert_eq!(
+            v["output"][0],
+            json!({"type": "reasoning", "id": "rs_r_0", "summary": [], "status": "completed",
+                   "content": [{"type": "reasoning_text", "text": "2 + 2 is 4"}]})
+        );
+        assert_eq!(v["output"][1]["content"][0]["text"], "4");
     }
 
     #[test]

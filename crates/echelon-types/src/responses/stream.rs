@@ -3,7 +3,9 @@
 use serde::Serialize;
 use serde_json::{Value, json};
 
-use super::response::{OutputContent, OutputItem, Response, ResponseUsage, item_id};
+use super::response::{
+    OutputContent, OutputItem, ReasoningContent, Response, ResponseUsage, item_id, reasoning_text,
+};
 use crate::{ChatCompletionChunk, ErrorObject};
 
 /// One server-sent event of a streamed Response: `event: {name}` and its JSON `data`
@@ -36,6 +38,8 @@ pub struct ResponseStreamTranslator {
     seq: u64,
     /// Output index of the message item being written, if one is.
     open_message: Option<usize>,
+    /// Output index of the reasoning item being written, if one is.
+    open_reasoning: Option<usize>,
     /// `(chat tool_calls index, output index)` of each function call item still open.
     open_calls: Vec<(u64, usize)>,
     finish_reason: Option<String>,
@@ -43,6 +47,8 @@ pub struct ResponseStreamTranslator {
     calls: usize,
     /// Message items so far, for their ids.
     messages: usize,
+    /// Reasoning items so far, for their ids.
+    reasonings: usize,
 }
 
 impl ResponseStreamTranslator {
@@ -52,16 +58,26 @@ impl ResponseStreamTranslator {
             response,
             seq: 0,
             open_message: None,
+            open_reasoning: None,
             open_calls: Vec::new(),
             finish_reason: None,
             calls: 0,
             messages: 0,
+            reasonings: 0,
         }
     }
 
     /// The Response as it stands.
     pub fn response(&self) -> &Response {
         &self.response
+    }
+
+    /// Names the model in the Response (before [`start`](Self::start): the upstream's
+    /// name, from the first chunk, as a non-streamed answer names it).
+    pub fn set_model(&mut self, model: &str) {
+        if !model.is_empty() {
+            model.clone_into(&mut self.response.model);
+        }
     }
 
     /// `response.created` and `response.in_progress`.
@@ -84,12 +100,12 @@ impl ResponseStreamTranslator {
         if let Some(u) = &chunk.usage {
             self.response.usage = Some(ResponseUsage::from_chat(u));
         }
-        if !chunk.model.is_empty() && self.response.model.is_empty() {
-            self.response.model.clone_from(&chunk.model);
-        }
         let Some(choice) = chunk.choices.iter().find(|c| c.index == 0) else {
             return out;
         };
+        if let Some(thinking) = reasoning_text(&choice.delta.extra).filter(|t| !t.is_empty()) {
+            self.reasoning_delta(&mut out, thinking);
+        }
         if let Some(text) = choice.delta.content.as_deref().filter(|t| !t.is_empty()) {
             self.text_delta(&mut out, text);
         }
@@ -126,14 +142,16 @@ impl ResponseStreamTranslator {
     pub fn fail(&mut self, error: &ErrorObject) -> Vec<ResponseEvent> {
         let mut out = Vec::new();
         for item in &mut self.response.output {
-            if let OutputItem::Message { status, .. } | OutputItem::FunctionCall { status, .. } =
-                item
+            if let OutputItem::Message { status, .. }
+            | OutputItem::Reasoning { status, .. }
+            | OutputItem::FunctionCall { status, .. } = item
                 && *status == "in_progress"
             {
                 *status = "incomplete";
             }
         }
         self.open_message = None;
+        self.open_reasoning = None;
         self.open_calls.clear();
         self.response.status = "failed";
         self.response.error = Some(json!({
@@ -146,10 +164,101 @@ impl ResponseStreamTranslator {
         out
     }
 
+    fn reasoning_delta(&mut self, out: &mut Vec<ResponseEvent>, text: &str) {
+        let index = match self.open_reasoning {
+            Some(i) => i,
+            None => {
+                // Reasoning comes first; were it to follow text, the text is complete.
+                self.close_message(out, "completed");
+                let i = self.response.output.len();
+                let id = item_id("rs", &self.response.id, self.reasonings);
+                self.reasonings += 1;
+                self.response.output.push(OutputItem::Reasoning {
+                    id: id.clone(),
+                    summary: Vec::new(),
+                    content: Vec::new(),
+                    status: "in_progress",
+                });
+                let item = self.item_json(i);
+                self.push(
+                    out,
+                    "response.output_item.added",
+                    json!({"output_index": i, "item": item}),
+                );
+                let part = ReasoningContent::ReasoningText {
+                    text: String::new(),
+                };
+                self.push(
+                    out,
+                    "response.content_part.added",
+                    json!({"item_id": id, "output_index": i, "content_index": 0, "part": part}),
+                );
+                if let Some(OutputItem::Reasoning { content, .. }) = self.response.output.get_mut(i)
+                {
+                    content.push(part);
+                }
+                self.open_reasoning = Some(i);
+                i
+            }
+        };
+        let Some(OutputItem::Reasoning { id, content, .. }) = self.response.output.get_mut(index)
+        else {
+            return;
+        };
+        if let Some(ReasoningContent::ReasoningText { text: t }) = content.first_mut() {
+            t.push_str(text);
+        }
+        let id = id.clone();
+        self.push(
+            out,
+            "response.reasoning_text.delta",
+            json!({"item_id": id, "output_index": index, "content_index": 0, "delta": text}),
+        );
+    }
+
+    fn close_reasoning(&mut self, out: &mut Vec<ResponseEvent>, status: &'static str) {
+        let Some(index) = self.open_reasoning.take() else {
+            return;
+        };
+        let Some(OutputItem::Reasoning {
+            id,
+            content,
+            status: s,
+            ..
+        }) = self.response.output.get_mut(index)
+        else {
+            return;
+        };
+        *s = status;
+        let id = id.clone();
+        let part = content.first().cloned();
+        let text = match &part {
+            Some(ReasoningContent::ReasoningText { text }) => text.clone(),
+            None => String::new(),
+        };
+        self.push(
+            out,
+            "response.reasoning_text.done",
+            json!({"item_id": id, "output_index": index, "content_index": 0, "text": text}),
+        );
+        self.push(
+            out,
+            "response.content_part.done",
+            json!({"item_id": id, "output_index": index, "content_index": 0, "part": part}),
+        );
+        let item = self.item_json(index);
+        self.push(
+            out,
+            "response.output_item.done",
+            json!({"output_index": index, "item": item}),
+        );
+    }
+
     fn text_delta(&mut self, out: &mut Vec<ResponseEvent>, text: &str) {
         let index = match self.open_message {
             Some(i) => i,
             None => {
+                self.close_reasoning(out, "completed");
                 let i = self.response.output.len();
                 let id = item_id("msg", &self.response.id, self.messages);
                 self.messages += 1;
@@ -210,6 +319,7 @@ impl ResponseStreamTranslator {
             None => {
                 // Output items are written one after another: the text before a call
                 // is complete when the call starts.
+                self.close_reasoning(out, "completed");
                 self.close_message(out, "completed");
                 let i = self.response.output.len();
                 let n = self.calls;
@@ -254,6 +364,7 @@ impl ResponseStreamTranslator {
     }
 
     fn close_all(&mut self, out: &mut Vec<ResponseEvent>, status: &'static str) {
+        self.close_reasoning(out, status);
         self.close_message(out, status);
         for (_, index) in std::mem::take(&mut self.open_calls) {
             let Some(OutputItem::FunctionCall {
@@ -435,6 +546,38 @@ mod tests {
         assert_eq!(last.data["response"]["status"], "failed");
         assert_eq!(last.data["response"]["error"]["code"], "stream_cut");
         assert_eq!(last.data["response"]["output"][0]["status"], "incomplete");
+    }
+
+    #[test]
+    fn reasoning_deltas_are_a_reasoning_item_before_the_message() {
+        let mut t = translator();
+        let mut events = t.start();
+        for c in [
+            json!({"choices": [{"index": 0, "delta": {"reasoning_content": "think"}}]}),
+            json!({"choices": [{"index": 0, "delta": {"reasoning_content": "ing"}}]}),
+            json!({"choices": [{"index": 0, "delta": {"content": "4"}, "finish_reason": "stop"}]}),
+        ] {
+            events.extend(t.chunk(&chunk(c)));
+        }
+        events.extend(t.finish());
+        let names: Vec<_> = events.iter().map(|e| e.name).collect();
+        assert_eq!(
+            &names[2..9],
+            [
+                "response.output_item.added",
+                "response.content_part.added",
+                "response.reasoning_text.delta",
+                "response.reasoning_text.delta",
+                "response.reasoning_text.done",
+                "response.content_part.done",
+                "response.output_item.done",
+            ]
+        );
+        assert_eq!(events[6].data["text"], "thinking");
+        let done = &events.last().unwrap().data["response"];
+        assert_eq!(done["output"][0]["type"], "reasoning");
+        assert_eq!(done["output"][0]["content"][0]["text"], "thinking");
+        assert_eq!(done["output"][1]["content"][0]["text"], "4");
     }
 
     #[test]
