@@ -488,3 +488,31 @@ async fn a_task_group_fails_over_and_errors_carry_attempts() {
     assert_eq!(status, 404);
     assert_eq!(v["error"]["code"], "model_not_found");
 }
+
+#[tokio::test]
+async fn gateway_keys_guard_the_endpoint() {
+    let a = TestUpstream::start().await.unwrap();
+    let yaml = format!(
+        "providers:\n  pa: {{ base_url: \"{}\" }}\nmodels:\n  a: {{ provider: pa }}\n",
+        a.base_url()
+    );
+    let gw = Arc::new(Gateway::from_config(&Config::from_str(&yaml, "t.yaml").unwrap()).unwrap());
+    let options = ServerOptions {
+        api_keys: vec![secrecy::SecretString::from("gk-1")],
+        ..ServerOptions::default()
+    };
+    let server = common::serve(gw, &options).await;
+    let body = json!({"model": "a", "input": "hi"});
+    let (status, _, v) = post_json(&server, body.clone()).await;
+    assert_eq!(status, 401, "{v}");
+    assert_eq!(v["error"]["code"], "invalid_api_key");
+    let resp = reqwest::Client::new()
+        .post(server.url("/v1/responses"))
+        .bearer_auth("gk-1")
+        .json(&body)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    assert_eq!(a.chat_requests(), 1);
+}
