@@ -59,3 +59,4 @@ url="$(sed -n 's/^echelon listening on \(http[^ ]*\)$/\1/p' "$work/serve.out")"
 [ -n "$url" ] || { cat "$work/serve.err"; exit 1; }
 
 ECHELON_URL="$url/v1" ECHELON1_ALIAS="$a_name" "$PY" -m unittest -v tests/python/test_openai_sdk.py tests/python/test_openai_embeddings.py
+ECHELON_URL="$url/v1" ECHELON1_ALIAS="$a_name" "$PY" -m unittest -v tests/python/test_openai_responses.py

@@ -1,6 +1,7 @@
 //! Echelon's OpenAI-compatible HTTP server (axum).
 //!
-//! Endpoints: `POST /v1/chat/completions` (streamed and not), `POST /v1/embeddings`
+//! Endpoints: `POST /v1/chat/completions` (streamed and not), `POST /v1/responses` (the
+//! OpenAI Responses API, stateless, bridged to chat completions), `POST /v1/embeddings`
 //! (routed and guarded like chat: `embeddings.rs`), `GET /v1/models` (the
 //! routes), `GET /health`, `GET /metrics` (Prometheus), `GET /admin/state` (breakers, buckets, keys, in-flight
 //! counts). Gateway keys, when configured, are checked as `Authorization: Bearer` on
@@ -41,6 +42,7 @@ mod handlers;
 mod host;
 mod metrics;
 mod reply;
+mod responses;
 mod sse;
 
 use std::future::Future;
@@ -147,6 +149,7 @@ pub fn router(gateway: Arc<Gateway>, options: &ServerOptions) -> Router {
         Router::new()
             .route("/chat/completions", chat)
             .route("/embeddings", post(embeddings::embeddings))
+            .route("/responses", post(responses::responses))
             .route("/models", get(handlers::list_models))
             .method_not_allowed_fallback(handlers::method_not_allowed),
     );

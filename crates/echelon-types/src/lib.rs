@@ -15,6 +15,7 @@ mod embeddings;
 mod error;
 mod outcome;
 mod request_check;
+pub mod responses;
 mod stream;
 
 pub use chat::{

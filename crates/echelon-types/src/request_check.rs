@@ -50,7 +50,7 @@ pub fn parse_request(body: &[u8]) -> Result<ChatCompletionRequest, RequestError>
     })
 }
 
-fn type_name(v: &Value) -> &'static str {
+pub(crate) fn type_name(v: &Value) -> &'static str {
     match v {
         Value::Null => "null",
         Value::Bool(_) => "a boolean",
