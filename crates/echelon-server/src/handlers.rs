@@ -21,23 +21,33 @@ pub(crate) async fn chat_completions(
     headers: http::HeaderMap,
     body: Result<JsonBody, ApiError>,
 ) -> Response {
-    // The caller's x-request-id when it sent a sane one, else a new id; it is on every
-    // log line of the request and echoed in the response.
-    let request_id = headers
-        .get("x-request-id")
-        .and_then(|v| v.to_str().ok())
-        .filter(|v| !v.is_empty() && v.len() <= 128 && v.bytes().all(|b| b.is_ascii_graphic()))
-        .map_or_else(echelon::usage::new_request_id, str::to_owned);
+    let request_id = request_id(&headers);
     let arrived = std::time::Instant::now();
     let span = tracing::info_span!("request", request_id = %request_id);
     let mut resp = chat_in_span(state, headers, body, request_id.clone(), arrived)
         .instrument(span)
         .await
         .unwrap_or_else(IntoResponse::into_response);
-    if let Ok(v) = http::HeaderValue::from_str(&request_id) {
+    echo_request_id(&mut resp, &request_id);
+    resp
+}
+
+/// The request's id: the caller's `x-request-id` when it sent a sane one (1 to 128
+/// visible ASCII bytes), else a new one. It is on every log line of the request, in its
+/// ledger row, and echoed in the response ([`echo_request_id`]).
+pub(crate) fn request_id(headers: &http::HeaderMap) -> String {
+    headers
+        .get("x-request-id")
+        .and_then(|v| v.to_str().ok())
+        .filter(|v| !v.is_empty() && v.len() <= 128 && v.bytes().all(|b| b.is_ascii_graphic()))
+        .map_or_else(echelon::usage::new_request_id, str::to_owned)
+}
+
+/// Sets `x-request-id: id` on `resp`.
+pub(crate) fn echo_request_id(resp: &mut Response, id: &str) {
+    if let Ok(v) = http::HeaderValue::from_str(id) {
         resp.headers_mut().insert("x-request-id", v);
     }
-    resp
 }
 
 async fn chat_in_span(

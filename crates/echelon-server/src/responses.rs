@@ -32,21 +32,14 @@ pub(crate) async fn responses(
     headers: http::HeaderMap,
     body: Result<JsonBody, ApiError>,
 ) -> Response {
-    // As `handlers::chat_completions`: the caller's sane x-request-id, else a new one.
-    let request_id = headers
-        .get("x-request-id")
-        .and_then(|v| v.to_str().ok())
-        .filter(|v| !v.is_empty() && v.len() <= 128 && v.bytes().all(|b| b.is_ascii_graphic()))
-        .map_or_else(echelon::usage::new_request_id, str::to_owned);
+    let request_id = crate::handlers::request_id(&headers);
     let arrived = std::time::Instant::now();
     let span = tracing::info_span!("request", request_id = %request_id);
     let mut resp = in_span(state, headers, body, request_id.clone(), arrived)
         .instrument(span)
         .await
         .unwrap_or_else(IntoResponse::into_response);
-    if let Ok(v) = HeaderValue::from_str(&request_id) {
-        resp.headers_mut().insert("x-request-id", v);
-    }
+    crate::handlers::echo_request_id(&mut resp, &request_id);
     resp
 }
 
