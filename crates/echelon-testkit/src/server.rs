@@ -359,6 +359,7 @@ async fn gemini(
             StatusCode::BAD_REQUEST,
             &wire::gemini_invalid_key(),
         )),
+        (&Method::POST, Some("batchEmbedContents")) => gemini_embed(&state, req).await,
         (&Method::GET, None) if path.trim_end_matches('/') == "/v1beta/models" => {
             Ok(json_response(
                 StatusCode::OK,
@@ -374,6 +375,62 @@ async fn gemini(
             &wire::gemini_error_body(404, &format!("unknown path {path}"), None),
         )),
     }
+}
+
+/// `POST /v1beta/models/{model}:batchEmbedContents`: one `values` vector per request,
+/// the same deterministic vectors as `/v1/embeddings` for each request's joined text
+/// parts (`outputDimensionality` numbers, default 8). A `Status` behaviour answers that
+/// status in Gemini's error shape; every other behaviour answers normally.
+async fn gemini_embed(state: &State, req: Request<Incoming>) -> Result<Response<Body>, Cut> {
+    state.embedding_requests.fetch_add(1, Ordering::SeqCst);
+    let bytes = req.into_body().collect().await.map_err(|_| Cut)?.to_bytes();
+    let behavior = state.next_behavior();
+    state.count_served(&behavior, false);
+    if let Behavior::Status {
+        status,
+        retry_after,
+        message,
+    } = behavior
+    {
+        let code = StatusCode::from_u16(status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+        return Ok(json_response(
+            code,
+            &wire::gemini_error_body(code.as_u16(), &message, retry_after),
+        ));
+    }
+    let body: Value = serde_json::from_slice(&bytes).unwrap_or(Value::Null);
+    let Some(requests) = body.get("requests").and_then(Value::as_array) else {
+        return Ok(json_response(
+            StatusCode::BAD_REQUEST,
+            &wire::gemini_error_body(400, "`requests` is required", None),
+        ));
+    };
+    let embeddings: Vec<Value> = requests
+        .iter()
+        .map(|r| {
+            let text: String = r
+                .pointer("/content/parts")
+                .and_then(Value::as_array)
+                .map(|parts| {
+                    parts
+                        .iter()
+                        .filter_map(|p| p.get("text").and_then(Value::as_str))
+                        .collect()
+                })
+                .unwrap_or_default();
+            let dims = r
+                .get("outputDimensionality")
+                .and_then(Value::as_u64)
+                .and_then(|d| usize::try_from(d).ok())
+                .filter(|d| (1..=4096).contains(d))
+                .unwrap_or(8);
+            json!({"values": crate::embeddings::text_vector(&text, dims)})
+        })
+        .collect();
+    Ok(json_response(
+        StatusCode::OK,
+        &json!({ "embeddings": embeddings }),
+    ))
 }
 
 /// Whether a Gemini request carries the key (`x-goog-api-key`, or `key=` in the query).

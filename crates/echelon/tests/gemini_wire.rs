@@ -695,3 +695,52 @@ fn bad_headers_are_load_errors_at_their_place_without_their_value() {
     .0;
     assert_eq!(errors[0].hint.as_deref(), Some("did you mean `gemini`?"));
 }
+
+/// Embeddings on the Gemini wire (`batchEmbedContents`): one vector per input text,
+/// `dimensions` as `outputDimensionality`, the key in `x-goog-api-key`; a Gemini 503
+/// fails over to the OpenAI echelon2; token-id inputs are refused (Gemini embeds text).
+#[tokio::test]
+async fn gemini_embeddings_map_and_fail_over() {
+    use echelon_types::{EmbeddingInput, EmbeddingRequest, EmbeddingVector};
+    let g = TestUpstream::start_with(gemini_upstream(UpstreamOptions::default()))
+        .await
+        .unwrap();
+    let o = TestUpstream::start_with(UpstreamOptions {
+        api_key: Some("sk-o".into()),
+        ..UpstreamOptions::default()
+    })
+    .await
+    .unwrap();
+    let gw = mixed_gateway(&g, &o);
+
+    let mut req = EmbeddingRequest::new("grp", "x");
+    req.input = EmbeddingInput::Texts(vec!["first".into(), "second".into()]);
+    req.dimensions = Some(4);
+    let done = gw.embed(req.clone()).await.unwrap();
+    assert_eq!(done.model, "g");
+    assert_eq!(done.response.data.len(), 2);
+    for (i, text) in ["first", "second"].iter().enumerate() {
+        let expected: Vec<f64> = echelon_testkit::embeddings::text_vector(text, 4)
+            .into_iter()
+            .map(f64::from)
+            .collect();
+        assert_eq!(done.response.data[i].index, i as u32);
+        assert_eq!(
+            done.response.data[i].embedding,
+            EmbeddingVector::Float(expected),
+            "input {i}"
+        );
+    }
+    assert_eq!(g.embedding_requests(), 1, "one batch call for both inputs");
+
+    g.push_behavior(Behavior::status(503));
+    let done = gw.embed(req.clone()).await.unwrap();
+    assert_eq!(done.model, "o", "failed over: {:?}", done.attempts);
+    assert_eq!(done.attempts[0].outcome, "server_error");
+
+    let mut tokens = req;
+    tokens.input = EmbeddingInput::Tokens(vec![1, 2, 3]);
+    let e = gw.embed(tokens).await.unwrap_err();
+    assert_eq!(e.status(), 400);
+    assert!(e.message().contains("text only"), "{}", e.message());
+}

@@ -1,6 +1,7 @@
 //! The Gemini API wire (`api: gemini`): [`GeminiProvider`], over reqwest with rustls.
 //!
-//! - `mod.rs`: the provider (URLs, `x-goog-api-key`, calls, streams, probes).
+//! - `mod.rs`: the provider (URLs, `x-goog-api-key`, calls, streams, embeddings
+//!   (`batchEmbedContents`), probes).
 //! - `request.rs`: the request body, mapped from a [`ProviderRequest`].
 //! - `response.rs`: responses and stream responses mapped to chat completions / chunks.
 //! - `sse.rs`: the stream events (SSE whose data is a whole response; no `[DONE]`).
@@ -13,7 +14,10 @@ mod sse;
 
 use std::time::Duration;
 
-use echelon_types::{ChatCompletion, ChatCompletionRequest, ChatMessage, Role};
+use echelon_types::{
+    ChatCompletion, ChatCompletionRequest, ChatMessage, Embedding, EmbeddingInput,
+    EmbeddingResponse, EmbeddingVector, Role,
+};
 use futures::StreamExt;
 use futures::future::BoxFuture;
 use tokio::time::Instant;
@@ -22,7 +26,9 @@ use super::error::{ErrorKind, ProviderError, parse_retry_after};
 use super::http::from_reqwest;
 use super::openai::{capped, error_body, read_capped};
 use super::stream::first_token_timeout;
-use super::{ChunkStream, ProbeKind, Provider, ProviderRequest, StreamEvent, Timeouts};
+use super::{
+    ChunkStream, EmbedRequest, ProbeKind, Provider, ProviderRequest, StreamEvent, Timeouts,
+};
 use crate::config::MalformedEvent;
 use crate::key::{ApiKey, Redactor};
 
@@ -183,6 +189,100 @@ impl GeminiProvider {
         ))
     }
 
+    /// `POST {root}/v1beta/models/{model}:batchEmbedContents`: one request per input
+    /// text (`outputDimensionality` from `dimensions`), one `values` vector back per
+    /// input. Gemini reports no token usage for embeddings: the ledger counts them.
+    async fn embed_inner(
+        &self,
+        key: Option<&ApiKey>,
+        req: &EmbedRequest<'_>,
+    ) -> Result<EmbeddingResponse, ProviderError> {
+        let texts: Vec<&str> = match &req.body.input {
+            EmbeddingInput::Text(t) => vec![t.as_str()],
+            EmbeddingInput::Texts(ts) => ts.iter().map(String::as_str).collect(),
+            EmbeddingInput::Tokens(_) | EmbeddingInput::TokenBatches(_) => {
+                return Err(ProviderError::new(
+                    ErrorKind::BadRequest,
+                    "Gemini embeds text only: token-id inputs cannot be sent to it",
+                ));
+            }
+        };
+        let model = req.model.strip_prefix("models/").unwrap_or(req.model);
+        let name = format!("models/{model}");
+        let requests: Vec<serde_json::Value> = texts
+            .iter()
+            .map(|text| {
+                let mut r = serde_json::json!({
+                    "model": name,
+                    "content": {"parts": [{"text": text}]},
+                });
+                if let Some(d) = req.body.dimensions {
+                    r["outputDimensionality"] = d.into();
+                }
+                r
+            })
+            .collect();
+        let url = self.model_url(model, "batchEmbedContents");
+        let send = self
+            .send(reqwest::Method::POST, &url, key, self.timeouts.total)
+            .json(&serde_json::json!({ "requests": requests }));
+        let resp = send.send().await.map_err(from_reqwest)?;
+        let resp = check_status(resp, &self.redactor).await?;
+        let bytes = read_capped(resp, self.max_response_bytes).await?;
+        let value: serde_json::Value = serde_json::from_slice(&bytes).map_err(|e| {
+            ProviderError::new(
+                ErrorKind::Malformed,
+                format!("response is not a Gemini BatchEmbedContentsResponse: {e}"),
+            )
+        })?;
+        let vectors = value
+            .get("embeddings")
+            .and_then(serde_json::Value::as_array)
+            .ok_or_else(|| {
+                ProviderError::new(ErrorKind::Malformed, "response has no `embeddings` list")
+            })?;
+        if vectors.len() != texts.len() {
+            return Err(ProviderError::new(
+                ErrorKind::Malformed,
+                format!(
+                    "response has {} vectors for {} inputs",
+                    vectors.len(),
+                    texts.len()
+                ),
+            ));
+        }
+        let mut data = Vec::with_capacity(vectors.len());
+        for (i, v) in vectors.iter().enumerate() {
+            let values: Vec<f64> = v
+                .get("values")
+                .and_then(serde_json::Value::as_array)
+                .map(|xs| xs.iter().filter_map(serde_json::Value::as_f64).collect())
+                .ok_or_else(|| {
+                    ProviderError::new(
+                        ErrorKind::Malformed,
+                        format!("embedding {i} has no `values`"),
+                    )
+                })?;
+            data.push(Embedding {
+                object: "embedding".to_owned(),
+                embedding: EmbeddingVector::Float(values),
+                index: u32::try_from(i).unwrap_or(u32::MAX),
+                extra: Default::default(),
+            });
+        }
+        let mut answer = EmbeddingResponse {
+            object: "list".to_owned(),
+            data,
+            model: model.to_owned(),
+            usage: None,
+            extra: Default::default(),
+        };
+        answer
+            .convert_to(req.body.format())
+            .map_err(|why| ProviderError::new(ErrorKind::Malformed, why))?;
+        Ok(answer)
+    }
+
     async fn probe_inner(
         &self,
         key: Option<&ApiKey>,
@@ -245,6 +345,22 @@ impl Provider for GeminiProvider {
     ) -> BoxFuture<'a, Result<(), ProviderError>> {
         Box::pin(async move {
             self.probe_inner(key, kind, upstream_model)
+                .await
+                .map_err(|e| e.redacted(&self.redactor))
+        })
+    }
+
+    fn serves_embeddings(&self) -> bool {
+        true
+    }
+
+    fn embed<'a>(
+        &'a self,
+        key: Option<&'a ApiKey>,
+        req: &'a EmbedRequest<'a>,
+    ) -> BoxFuture<'a, Result<EmbeddingResponse, ProviderError>> {
+        Box::pin(async move {
+            self.embed_inner(key, req)
                 .await
                 .map_err(|e| e.redacted(&self.redactor))
         })
