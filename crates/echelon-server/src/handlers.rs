@@ -21,10 +21,59 @@ pub(crate) async fn chat_completions(
     headers: http::HeaderMap,
     body: Result<JsonBody, ApiError>,
 ) -> Response {
+    routed(state, headers, body, chat).await
+}
+
+/// A request of a routed endpoint (`/v1/chat/completions`, `/v1/responses`,
+/// `/v1/embeddings`, …) as [`routed`] hands it over.
+pub(crate) struct Routed {
+    pub(crate) state: AppState,
+    /// The request id and the session (`x-session-id`).
+    pub(crate) options: CallOptions,
+    /// The JSON body (already checked to be declared JSON: [`JsonBody`]).
+    pub(crate) body: bytes::Bytes,
+    /// When the handler started: `x-echelon-overhead-ms` counts from here.
+    pub(crate) arrived: std::time::Instant,
+}
+
+/// Serves one request of a routed endpoint with `serve`: the request id (the caller's
+/// sane `x-request-id`, else a new one) on every log line of the request (a span) and
+/// echoed in the answer, the session header, the body (logged with `log_bodies: true`);
+/// an error from `serve` becomes its response.
+pub(crate) async fn routed<F, Fut>(
+    state: AppState,
+    headers: http::HeaderMap,
+    body: Result<JsonBody, ApiError>,
+    serve: F,
+) -> Response
+where
+    F: FnOnce(Routed) -> Fut,
+    Fut: std::future::Future<Output = Result<Response, ApiError>>,
+{
     let request_id = request_id(&headers);
     let arrived = std::time::Instant::now();
     let span = tracing::info_span!("request", request_id = %request_id);
-    let mut resp = chat_in_span(state, headers, body, request_id.clone(), arrived)
+    let options = CallOptions {
+        session_id: headers
+            .get("x-session-id")
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_owned),
+        request_id: Some(request_id.clone()),
+    };
+    let run = async move {
+        let JsonBody(body) = body?;
+        if state.log_bodies {
+            tracing::info!(body = %String::from_utf8_lossy(&body), "request body (log_bodies: true)");
+        }
+        serve(Routed {
+            state,
+            options,
+            body,
+            arrived,
+        })
+        .await
+    };
+    let mut resp = run
         .instrument(span)
         .await
         .unwrap_or_else(IntoResponse::into_response);
@@ -50,24 +99,14 @@ pub(crate) fn echo_request_id(resp: &mut Response, id: &str) {
     }
 }
 
-async fn chat_in_span(
-    state: AppState,
-    headers: http::HeaderMap,
-    body: Result<JsonBody, ApiError>,
-    request_id: String,
-    arrived: std::time::Instant,
-) -> Result<Response, ApiError> {
-    let options = CallOptions {
-        session_id: headers
-            .get("x-session-id")
-            .and_then(|v| v.to_str().ok())
-            .map(str::to_owned),
-        request_id: Some(request_id),
-    };
-    let JsonBody(body) = body?;
-    if state.log_bodies {
-        tracing::info!(body = %String::from_utf8_lossy(&body), "request body (log_bodies: true)");
-    }
+/// A chat completion, streamed or not.
+async fn chat(r: Routed) -> Result<Response, ApiError> {
+    let Routed {
+        state,
+        options,
+        body,
+        arrived,
+    } = r;
     let req = parse_request(&body).map_err(ApiError::invalid_request)?;
     // Debug, not info: a line per request is a formatted, blocking write to stderr on a
     // worker thread (6 MB of log in a few seconds of bench/run.sh), and every request is

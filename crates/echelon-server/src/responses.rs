@@ -12,14 +12,13 @@ use std::convert::Infallible;
 
 use axum::body::Body;
 use axum::extract::State;
-use axum::response::{IntoResponse, Response};
+use axum::response::Response;
 use bytes::Bytes;
-use echelon::{CallOptions, GatewayStream};
+use echelon::GatewayStream;
 use echelon_types::responses::{
     Response as ResponseObject, ResponseEvent, ResponseStreamTranslator, parse_responses_request,
 };
 use http::{HeaderValue, StatusCode};
-use tracing::Instrument;
 
 use crate::AppState;
 use crate::content_type::JsonBody;
@@ -32,35 +31,16 @@ pub(crate) async fn responses(
     headers: http::HeaderMap,
     body: Result<JsonBody, ApiError>,
 ) -> Response {
-    let request_id = crate::handlers::request_id(&headers);
-    let arrived = std::time::Instant::now();
-    let span = tracing::info_span!("request", request_id = %request_id);
-    let mut resp = in_span(state, headers, body, request_id.clone(), arrived)
-        .instrument(span)
-        .await
-        .unwrap_or_else(IntoResponse::into_response);
-    crate::handlers::echo_request_id(&mut resp, &request_id);
-    resp
+    crate::handlers::routed(state, headers, body, in_span).await
 }
 
-async fn in_span(
-    state: AppState,
-    headers: http::HeaderMap,
-    body: Result<JsonBody, ApiError>,
-    request_id: String,
-    arrived: std::time::Instant,
-) -> Result<Response, ApiError> {
-    let options = CallOptions {
-        session_id: headers
-            .get("x-session-id")
-            .and_then(|v| v.to_str().ok())
-            .map(str::to_owned),
-        request_id: Some(request_id),
-    };
-    let JsonBody(body) = body?;
-    if state.log_bodies {
-        tracing::info!(body = %String::from_utf8_lossy(&body), "request body (log_bodies: true)");
-    }
+async fn in_span(r: crate::handlers::Routed) -> Result<Response, ApiError> {
+    let crate::handlers::Routed {
+        state,
+        options,
+        body,
+        arrived,
+    } = r;
     let translated = parse_responses_request(&body).map_err(ApiError::invalid_request)?;
     if !translated.ignored.is_empty() {
         tracing::debug!(fields = ?translated.ignored, "Responses fields without a chat equivalent, ignored");
