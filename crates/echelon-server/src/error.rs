@@ -44,6 +44,11 @@ pub(crate) struct ApiError {
     overhead_ms: Option<u64>,
 }
 
+/// Every endpoint the server has, as a 404 names them.
+pub(crate) const ENDPOINTS: &str = "POST /v1/chat/completions, POST /v1/responses, \
+POST /v1/messages, POST /v1/messages/count_tokens, POST /v1/embeddings, GET /v1/models, \
+GET /health, GET /metrics, GET /admin/state";
+
 impl ApiError {
     /// An error with `status`, OpenAI error `type` `kind` (e.g. `invalid_request_error`),
     /// machine-readable `code` and `message`.
@@ -115,13 +120,14 @@ impl ApiError {
         )
     }
 
-    /// No endpoint at `path`: 404 `unknown_url`.
+    /// A path that is no endpoint: 404 `unknown_url`, the message naming the endpoints
+    /// that exist ([`ENDPOINTS`]).
     pub(crate) fn unknown_url(path: &str) -> Self {
         Self::new(
             StatusCode::NOT_FOUND,
             "invalid_request_error",
             "unknown_url",
-            format!("no such endpoint: {path}"),
+            format!("no such endpoint: {path}; the endpoints are {ENDPOINTS}"),
         )
     }
 
@@ -312,7 +318,7 @@ mod tests {
         assert_eq!(
             v,
             json!({"error": {
-                "message": "no such endpoint: /v2/x",
+                "message": format!("no such endpoint: /v2/x; the endpoints are {ENDPOINTS}"),
                 "type": "invalid_request_error",
                 "param": null,
                 "code": "unknown_url",
