@@ -8,6 +8,7 @@
 //! Shapes follow the OpenAI API reference for `POST /v1/chat/completions`
 //! (<https://platform.openai.com/docs/api-reference/chat>).
 
+pub mod anthropic;
 mod chat;
 mod echo;
 mod error;
