@@ -21,13 +21,7 @@ pub(crate) async fn chat_completions(
     headers: http::HeaderMap,
     body: Result<JsonBody, ApiError>,
 ) -> Response {
-    // The caller's x-request-id when it sent a sane one, else a new id; it is on every
-    // log line of the request and echoed in the response.
-    let request_id = headers
-        .get("x-request-id")
-        .and_then(|v| v.to_str().ok())
-        .filter(|v| !v.is_empty() && v.len() <= 128 && v.bytes().all(|b| b.is_ascii_graphic()))
-        .map_or_else(echelon::usage::new_request_id, str::to_owned);
+    let request_id = request_id(&headers);
     let arrived = std::time::Instant::now();
     let span = tracing::info_span!("request", request_id = %request_id);
     let mut resp = chat_in_span(state, headers, body, request_id.clone(), arrived)
@@ -40,6 +34,27 @@ pub(crate) async fn chat_completions(
     resp
 }
 
+/// The caller's `x-request-id` when it sent a sane one (1–128 visible ASCII bytes), else
+/// a new id; it is on every log line of the request and echoed in the response.
+pub(crate) fn request_id(headers: &http::HeaderMap) -> String {
+    headers
+        .get("x-request-id")
+        .and_then(|v| v.to_str().ok())
+        .filter(|v| !v.is_empty() && v.len() <= 128 && v.bytes().all(|b| b.is_ascii_graphic()))
+        .map_or_else(echelon::usage::new_request_id, str::to_owned)
+}
+
+/// The gateway's options of a request: `x-session-id`, and `request_id`.
+pub(crate) fn call_options(headers: &http::HeaderMap, request_id: String) -> CallOptions {
+    CallOptions {
+        session_id: headers
+            .get("x-session-id")
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_owned),
+        request_id: Some(request_id),
+    }
+}
+
 async fn chat_in_span(
     state: AppState,
     headers: http::HeaderMap,
@@ -47,13 +62,7 @@ async fn chat_in_span(
     request_id: String,
     arrived: std::time::Instant,
 ) -> Result<Response, ApiError> {
-    let options = CallOptions {
-        session_id: headers
-            .get("x-session-id")
-            .and_then(|v| v.to_str().ok())
-            .map(str::to_owned),
-        request_id: Some(request_id),
-    };
+    let options = call_options(&headers, request_id);
     let JsonBody(body) = body?;
     if state.log_bodies {
         tracing::info!(body = %String::from_utf8_lossy(&body), "request body (log_bodies: true)");
