@@ -166,8 +166,14 @@ async fn a_text_message_is_translated_to_chat_and_back() {
     assert!(headers.contains_key("x-request-id"));
     // The upstream got a chat request.
     let sent = h.up.recorded().pop().unwrap().body.unwrap();
-    assert_eq!(sent["messages"][0], json!({"role": "system", "content": "be brief"}));
-    assert_eq!(sent["messages"][1], json!({"role": "user", "content": "hello there"}));
+    assert_eq!(
+        sent["messages"][0],
+        json!({"role": "system", "content": "be brief"})
+    );
+    assert_eq!(
+        sent["messages"][1],
+        json!({"role": "user", "content": "hello there"})
+    );
     assert_eq!(sent["max_tokens"], 33);
     assert_eq!(sent["stop"], json!(["STOP"]));
     assert_eq!(sent["temperature"], 0.2);
@@ -205,7 +211,10 @@ async fn a_tool_call_round_trip_is_translated_both_ways() {
         json!({"input_tokens": 4, "output_tokens": 9, "cache_read_input_tokens": 16})
     );
     let sent = &m["x_received"];
-    assert!(sent.is_null(), "unknown response fields are not leaked: {m}");
+    assert!(
+        sent.is_null(),
+        "unknown response fields are not leaked: {m}"
+    );
     let _ = &h.tools_url;
 }
 
@@ -265,15 +274,25 @@ async fn a_stream_is_the_messages_event_sequence() {
     let names: Vec<&str> = ev.iter().map(|(n, _)| n.as_str()).collect();
     assert_eq!(names[0], "message_start");
     assert_eq!(names[1], "content_block_start");
-    assert_eq!(&names[names.len() - 3..], ["content_block_stop", "message_delta", "message_stop"]);
-    assert!(names[2..names.len() - 3].iter().all(|n| *n == "content_block_delta"));
+    assert_eq!(
+        &names[names.len() - 3..],
+        ["content_block_stop", "message_delta", "message_stop"]
+    );
+    assert!(
+        names[2..names.len() - 3]
+            .iter()
+            .all(|n| *n == "content_block_delta")
+    );
     let text: String = ev
         .iter()
         .filter_map(|(_, d)| d["delta"]["text"].as_str())
         .collect();
     assert_eq!(text, "echo: one two three");
     assert_eq!(ev[0].1["message"]["role"], "assistant");
-    assert_eq!(ev[1].1["content_block"], json!({"type": "text", "text": ""}));
+    assert_eq!(
+        ev[1].1["content_block"],
+        json!({"type": "text", "text": ""})
+    );
     let delta = &ev[names.len() - 2].1;
     assert_eq!(delta["delta"]["stop_reason"], "end_turn");
     assert!(delta["usage"]["output_tokens"].as_u64().unwrap() > 0);
@@ -330,7 +349,10 @@ async fn a_failure_after_the_first_content_is_an_error_event_not_a_message_stop(
     assert!(!names.contains(&"message_stop"), "{names:?}");
     let err = &ev.last().unwrap().1;
     assert_eq!(err["error"]["type"], "api_error");
-    assert!(err["error"]["message"].as_str().unwrap().contains("stream"), "{err}");
+    assert!(
+        err["error"]["message"].as_str().unwrap().contains("stream"),
+        "{err}"
+    );
 }
 
 #[tokio::test]
@@ -338,7 +360,10 @@ async fn errors_are_in_anthropics_shape_with_the_gateways_status_and_attempts() 
     let h = Harness::start(&[]).await;
     let msgs = json!([{"role": "user", "content": "hi"}]);
     let (status, _, body) = h
-        .post("/v1/messages", &json!({"model": "nope", "max_tokens": 5, "messages": msgs}))
+        .post(
+            "/v1/messages",
+            &json!({"model": "nope", "max_tokens": 5, "messages": msgs}),
+        )
         .await;
     assert_eq!(status, 404);
     let v: Value = serde_json::from_str(&body).unwrap();
@@ -347,7 +372,10 @@ async fn errors_are_in_anthropics_shape_with_the_gateways_status_and_attempts() 
     assert_eq!(v["error"]["code"], "model_not_found");
 
     let (status, headers, body) = h
-        .post("/v1/messages", &json!({"model": "dead-model", "max_tokens": 5, "messages": msgs}))
+        .post(
+            "/v1/messages",
+            &json!({"model": "dead-model", "max_tokens": 5, "messages": msgs}),
+        )
         .await;
     assert_eq!(status, 502);
     let v: Value = serde_json::from_str(&body).unwrap();
@@ -362,7 +390,10 @@ async fn errors_are_in_anthropics_shape_with_the_gateways_status_and_attempts() 
         message: "slow down".into(),
     });
     let (status, headers, body) = h
-        .post("/v1/messages", &json!({"model": "a", "max_tokens": 5, "messages": msgs}))
+        .post(
+            "/v1/messages",
+            &json!({"model": "a", "max_tokens": 5, "messages": msgs}),
+        )
         .await;
     assert_eq!(status, 429, "{body}");
     let v: Value = serde_json::from_str(&body).unwrap();
@@ -385,7 +416,8 @@ async fn errors_are_in_anthropics_shape_with_the_gateways_status_and_attempts() 
 #[tokio::test]
 async fn the_gateway_key_is_accepted_as_x_api_key_or_bearer() {
     let h = Harness::start(&[KEY]).await;
-    let body = json!({"model": "a", "max_tokens": 5, "messages": [{"role": "user", "content": "hi"}]});
+    let body =
+        json!({"model": "a", "max_tokens": 5, "messages": [{"role": "user", "content": "hi"}]});
     let send = |path: &str, header: Option<(&str, String)>| {
         let mut r = h.http.post(h.server.url(path)).json(&body);
         if let Some((k, v)) = header {
@@ -438,14 +470,20 @@ async fn count_tokens_counts_with_the_routed_models_encoding() {
     ]);
     assert_eq!(n, expected);
     let (_, _, long) = h
-        .post("/v1/messages/count_tokens", &count("hello there, how are you today?"))
+        .post(
+            "/v1/messages/count_tokens",
+            &count("hello there, how are you today?"),
+        )
         .await;
     let long: Value = serde_json::from_str(&long).unwrap();
     assert!(long["input_tokens"].as_u64().unwrap() > n);
     assert_eq!(h.up.chat_requests(), 0, "counting calls no upstream");
 
     let (status, _, body) = h
-        .post("/v1/messages/count_tokens", &json!({"model": "nope", "messages": [{"role": "user", "content": "x"}]}))
+        .post(
+            "/v1/messages/count_tokens",
+            &json!({"model": "nope", "messages": [{"role": "user", "content": "x"}]}),
+        )
         .await;
     assert_eq!(status, 404);
     let v: Value = serde_json::from_str(&body).unwrap();

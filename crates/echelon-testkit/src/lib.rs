@@ -3,7 +3,9 @@
 //!
 //! [`TestUpstream`] serves `POST /v1/chat/completions` (plain and streamed),
 //! `GET /v1/models` and `GET /health` on a local port. A normal answer echoes
-//! the last user message (`"echo: <text>"`); a [`Behavior`] makes one request
+//! the last user message (`"echo: <text>"`), or, when the request forces a tool call
+//! (`tool_choice: "required"` or naming a function), calls that tool with
+//! `{"text": <last user text>}`; a [`Behavior`] makes one request
 //! (or every request) fail in a chosen way: an error status with
 //! `Retry-After`, a stall, a cut or reset connection, a stream cut or stalled
 //! mid-way, a malformed body, or a delay. A [`FaultPlan`] injects faults at
