@@ -226,16 +226,20 @@ pub enum ProviderApi {
     /// OpenAI chat completions (`api: openai`); also llama.cpp, vLLM, DeepSeek, ….
     #[default]
     OpenAi,
+    /// The Anthropic Messages API (`api: anthropic`): `POST {base_url}/v1/messages`,
+    /// the key as `x-api-key`.
+    Anthropic,
 }
 
 impl ProviderApi {
     /// Every accepted value, as written in the file.
-    pub const NAMES: &'static [&'static str] = &["openai"];
+    pub const NAMES: &'static [&'static str] = &["openai", "anthropic"];
 
     /// The name as written in the file.
     pub fn as_str(self) -> &'static str {
         match self {
             ProviderApi::OpenAi => "openai",
+            ProviderApi::Anthropic => "anthropic",
         }
     }
 
@@ -243,6 +247,7 @@ impl ProviderApi {
     pub fn from_name(name: &str) -> Option<Self> {
         match name {
             "openai" => Some(ProviderApi::OpenAi),
+            "anthropic" => Some(ProviderApi::Anthropic),
             _ => None,
         }
     }

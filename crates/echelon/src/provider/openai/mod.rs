@@ -269,7 +269,7 @@ impl Provider for OpenAiProvider {
 /// Streams are checked by their end instead (`[DONE]` or a finish reason,
 /// [`ChunkStream`]). A health probe's answer is not checked: it proves the upstream
 /// answers.
-fn finished(completion: ChatCompletion) -> Result<ChatCompletion, ProviderError> {
+pub(super) fn finished(completion: ChatCompletion) -> Result<ChatCompletion, ProviderError> {
     match completion
         .choices
         .iter()
@@ -284,7 +284,7 @@ fn finished(completion: ChatCompletion) -> Result<ChatCompletion, ProviderError>
 }
 
 /// The error of an answer longer than `max` bytes.
-fn too_large(max: usize) -> ProviderError {
+pub(super) fn too_large(max: usize) -> ProviderError {
     ProviderError::new(
         ErrorKind::Malformed,
         format!("response larger than max_response_bytes ({max} bytes)"),
@@ -294,7 +294,7 @@ fn too_large(max: usize) -> ProviderError {
 /// A 2xx body, read piece by piece up to `max` bytes: a `Content-Length` above it is
 /// refused before reading, a body that grows past it is dropped as soon as it does (the
 /// gateway never holds more than `max` bytes of one answer).
-async fn read_capped(
+pub(super) async fn read_capped(
     mut resp: reqwest::Response,
     max: usize,
 ) -> Result<bytes::Bytes, ProviderError> {
@@ -333,7 +333,7 @@ const MAX_ERROR_BODY_BYTES: usize = 64 * 1024;
 
 /// The first [`MAX_ERROR_BODY_BYTES`] of an error answer's body (what arrived before a
 /// read error, if one came first); the rest is not read.
-async fn error_body(mut resp: reqwest::Response) -> bytes::Bytes {
+pub(super) async fn error_body(mut resp: reqwest::Response) -> bytes::Bytes {
     let mut body = bytes::BytesMut::new();
     while body.len() < MAX_ERROR_BODY_BYTES {
         match resp.chunk().await {
@@ -350,7 +350,7 @@ async fn error_body(mut resp: reqwest::Response) -> bytes::Bytes {
 /// `bytes`, failing with [`too_large`] once more than `max` bytes have passed: this
 /// bounds what a stream can make the gateway buffer (an SSE event without its end, the
 /// answer's text kept for counting).
-fn capped<S>(
+pub(super) fn capped<S>(
     bytes: S,
     max: usize,
 ) -> impl futures::Stream<Item = Result<bytes::Bytes, ProviderError>> + Send
@@ -378,7 +378,7 @@ where
 
 /// The response when it is 2xx, else its classified error (status, `Retry-After`, the
 /// OpenAI error body's message, scrubbed by `redactor`).
-async fn check_status(
+pub(super) async fn check_status(
     resp: reqwest::Response,
     redactor: &Redactor,
 ) -> Result<reqwest::Response, ProviderError> {
