@@ -87,6 +87,14 @@ pub enum Behavior {
         /// Bytes of content.
         bytes: usize,
     },
+    /// For streams: the role chunk and `chunks` content chunks, then an in-band error
+    /// event (OpenAI: `data: {"error": {...}}`; Anthropic: `event: error` with an
+    /// `overloaded_error`), then the connection is closed cleanly. For non-streams: a
+    /// 500 (Anthropic: 529 `overloaded_error`).
+    ErrorEvent {
+        /// Content chunks sent before the error event.
+        chunks: usize,
+    },
 }
 
 impl Behavior {
@@ -132,7 +140,8 @@ impl FromStr for Behavior {
 
     /// Parses the names used by the binary's `--faults` list:
     /// `normal`, `stall`, `cut`, `reset`, `malformed`, `malformed-sse[:N]`,
-    /// `malformed-sse-run:N:COUNT`, `stream-cut[:N]`, `stream-stall[:N]`, `delay:MS`, `empty`, `no-choices`,
+    /// `malformed-sse-run:N:COUNT`, `stream-cut[:N]`, `stream-stall[:N]`, `error-event[:N]`,
+    /// `delay:MS`, `empty`, `no-choices`,
     /// `no-finish`, `huge:BYTES`, `STATUS` or
     /// `STATUS:RETRY_AFTER_SECS` (the names [`Behavior`]'s `Display` writes).
     fn from_str(s: &str) -> Result<Behavior, ParseBehaviorError> {
@@ -172,6 +181,9 @@ impl FromStr for Behavior {
                 chunks: chunks(arg)?,
             }),
             "stream-stall" => Ok(Behavior::StreamStall {
+                chunks: chunks(arg)?,
+            }),
+            "error-event" => Ok(Behavior::ErrorEvent {
                 chunks: chunks(arg)?,
             }),
             "delay" => match number(arg)? {
@@ -226,6 +238,7 @@ impl fmt::Display for Behavior {
             Behavior::NoChoices => f.write_str("no-choices"),
             Behavior::NoFinishReason => f.write_str("no-finish"),
             Behavior::HugeAnswer { bytes } => write!(f, "huge:{bytes}"),
+            Behavior::ErrorEvent { chunks } => write!(f, "error-event:{chunks}"),
         }
     }
 }
@@ -369,6 +382,7 @@ mod tests {
             Behavior::NoChoices,
             Behavior::NoFinishReason,
             Behavior::HugeAnswer { bytes: 1 << 20 },
+            Behavior::ErrorEvent { chunks: 2 },
             Behavior::status(503),
             Behavior::Status {
                 status: 429,

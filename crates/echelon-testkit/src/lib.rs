@@ -1,8 +1,11 @@
 //! A fault-injecting OpenAI-compatible upstream for Echelon's tests and
 //! benchmarks.
 //!
-//! [`TestUpstream`] serves `POST /v1/chat/completions` (plain and streamed),
-//! `GET /v1/models` and `GET /health` on a local port. A normal answer echoes
+//! [`TestUpstream`] serves `POST /v1/chat/completions` (plain and streamed), the
+//! Anthropic Messages API's `POST /v1/messages` (plain and streamed, with the same
+//! faults in Anthropic's shapes: a 529 `overloaded_error`, a 429 with `retry-after`, an
+//! in-band `event: error`; see [`anthropic`]), `GET /v1/models` and `GET /health` on a
+//! local port. A normal answer echoes
 //! the last user message (`"echo: <text>"`), or, when the request forces a tool call
 //! (`tool_choice: "required"` or naming a function), calls that tool with
 //! `{"text": <last user text>}`; a [`Behavior`] makes one request
@@ -29,6 +32,7 @@
 //! # }
 //! ```
 
+pub mod anthropic;
 mod behavior;
 pub mod real;
 mod server;

@@ -143,7 +143,7 @@ impl Answer {
     }
 
     /// The tool call's id.
-    fn call_id(&self) -> String {
+    pub(crate) fn call_id(&self) -> String {
         format!("call_{}", self.id)
     }
 
