@@ -649,6 +649,11 @@ pub struct PricingConfig {
     /// `None` prices them at [`input_per_1m`](Self::input_per_1m).
     #[serde(default, deserialize_with = "value::opt_non_negative")]
     pub cached_input_per_1m: Option<f64>,
+    /// Prompt tokens written to the provider's prompt cache (Anthropic's
+    /// `cache_creation_input_tokens`), USD per 1M tokens (≥ 0); `None` prices them at
+    /// [`input_per_1m`](Self::input_per_1m).
+    #[serde(default, deserialize_with = "value::opt_non_negative")]
+    pub cache_write_per_1m: Option<f64>,
 }
 
 /// A tiktoken encoding, for counting tokens locally (`encoding:` of a model).
