@@ -308,7 +308,8 @@ async fn handle(
             Ok(error_response(405, "method not allowed"))
         }
         (_, "/health") => Ok(json_response(StatusCode::OK, &json!({"status": "ok"}))),
-        _ if is_api && !authorized(&state.options, &req) => Ok(unauthorized()),
+        // `GET /v1/models` serves both wires: the key as a bearer token or `x-api-key`.
+        _ if is_api && !authorized_anthropic(&state.options, &req) => Ok(unauthorized()),
         (_, "/v1/models") => Ok(json_response(
             StatusCode::OK,
             &json!({
