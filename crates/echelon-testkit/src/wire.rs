@@ -294,6 +294,7 @@ pub(crate) fn context_error(prompt_tokens: usize, n_ctx: usize) -> Value {
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
 

@@ -106,7 +106,10 @@ async fn a_call_speaks_anthropic_and_records_the_cache_tokens_and_their_cost() {
     );
     let usage = done.response.usage.clone().unwrap();
     // 2 words plain, 3 read, 2 written.
-    assert_eq!(usage.prompt_tokens, 2 + CACHE_READ_TOKENS + CACHE_WRITE_TOKENS);
+    assert_eq!(
+        usage.prompt_tokens,
+        2 + CACHE_READ_TOKENS + CACHE_WRITE_TOKENS
+    );
     assert_eq!(
         usage.extra["prompt_tokens_details"]["cached_tokens"],
         CACHE_READ_TOKENS
@@ -131,9 +134,13 @@ async fn a_call_speaks_anthropic_and_records_the_cache_tokens_and_their_cost() {
     assert_eq!(r.prompt_tokens, 7);
     assert_eq!(r.cached_tokens, CACHE_READ_TOKENS);
     assert_eq!(r.cache_write_tokens, CACHE_WRITE_TOKENS);
-    let expected = (2.0 * 3.0 + 3.0 * 0.3 + 2.0 * 3.75 + usage.completion_tokens as f64 * 15.0)
-        / 1e6;
-    assert!((r.cost_usd - expected).abs() < 1e-12, "{} vs {expected}", r.cost_usd);
+    let expected =
+        (2.0 * 3.0 + 3.0 * 0.3 + 2.0 * 3.75 + usage.completion_tokens as f64 * 15.0) / 1e6;
+    assert!(
+        (r.cost_usd - expected).abs() < 1e-12,
+        "{} vs {expected}",
+        r.cost_usd
+    );
 }
 
 #[tokio::test]
@@ -145,7 +152,10 @@ async fn an_overloaded_anthropic_echelon1_fails_over_to_the_openai_echelon2() {
         assert_eq!(done.model, "local", "{fault}");
         assert_eq!(done.response.first_text(), Some("echo: hello there"));
         assert_eq!(done.attempts[0].model, "claude");
-        assert_eq!(done.attempts[0].status, Some(fault.to_string().parse().unwrap()));
+        assert_eq!(
+            done.attempts[0].status,
+            Some(fault.to_string().parse().unwrap())
+        );
         assert_eq!(done.attempts[0].outcome.as_str(), "server_error", "{fault}");
     }
     // A stream whose Anthropic upstream reports an error before any content fails over.
@@ -227,7 +237,9 @@ async fn a_streamed_tool_call_becomes_tool_call_deltas() {
     let (mut args, mut name, mut finish) = (String::new(), None, None);
     while let Some(c) = stream.next().await {
         let c = c.unwrap();
-        let Some(ch) = c.choices.first() else { continue };
+        let Some(ch) = c.choices.first() else {
+            continue;
+        };
         if let Some(calls) = ch.delta.extra.get("tool_calls") {
             let call = &calls[0];
             assert_eq!(call["index"], 0);
@@ -283,7 +295,12 @@ async fn a_malformed_frame_is_skipped_and_counted() {
     let mut stream = s.gw.chat_stream(req).await.unwrap();
     let mut text = String::new();
     while let Some(c) = stream.next().await {
-        text.extend(c.unwrap().choices.iter().filter_map(|c| c.delta.content.clone()));
+        text.extend(
+            c.unwrap()
+                .choices
+                .iter()
+                .filter_map(|c| c.delta.content.clone()),
+        );
     }
     assert_eq!(text, "echo: hello there");
     drop(stream);

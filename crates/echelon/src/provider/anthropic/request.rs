@@ -244,8 +244,9 @@ pub(super) fn finish_reason(stop_reason: &str) -> String {
     .to_owned()
 }
 
-/// Chat usage of Anthropic usage: `prompt_tokens` is the whole prompt (`input_tokens`
-/// + `cache_creation_input_tokens` + `cache_read_input_tokens`), the cache reads in
+/// Chat usage of Anthropic usage: `prompt_tokens` is the whole prompt, the sum of
+/// `input_tokens`, `cache_creation_input_tokens` and `cache_read_input_tokens`; the
+/// cache reads in
 /// `prompt_tokens_details.cached_tokens`, the cache writes in
 /// `cache_creation_input_tokens` (what the ledger prices at `cache_write_per_1m`).
 pub(super) fn usage(u: &MessagesUsage) -> Usage {
