@@ -22,7 +22,7 @@ trap cleanup EXIT
 
 mapfile -t inst < <(scripts/real-upstream.sh start 2 sdk)
 read -r a_name a_port _ a_key <<<"${inst[0]}"
-read -r _ b_port _ b_key <<<"${inst[1]}"
+read -r b_name b_port _ b_key <<<"${inst[1]}"
 
 # A test upstream whose every stream is cut after 3 content chunks.
 "$TESTKIT" --port 0 --fault-rate 1 --faults stream-cut:3 >"$work/testkit.out" 2>&1 &
@@ -36,22 +36,34 @@ pids+=($!)
 for _ in $(seq 1 100); do grep -q 'listening on' "$work/tools.out" && break; sleep 0.05; done
 tools_url="$(sed -n 's/^listening on \(http[^ ]*\)$/\1/p' "$work/tools.out")"
 
+# A test upstream whose every request is refused 529 (Anthropic's overloaded), spoken to
+# over the Anthropic wire: echelon1 of a task group whose echelon2 is the real model.
+"$TESTKIT" --port 0 --fault-rate 1 --faults 529 >"$work/overloaded.out" 2>&1 &
+pids+=($!)
+for _ in $(seq 1 100); do grep -q 'listening on' "$work/overloaded.out" && break; sleep 0.05; done
+overloaded_url="$(sed -n 's/^listening on \(http[^ ]*\)$/\1/p' "$work/overloaded.out")"
+
 cat >"$work/echelon.yaml" <<YAML
 providers:
   pa: { base_url: "http://127.0.0.1:$a_port/v1", api_keys: ["\${SDK_A_KEY}"] }
   pb: { base_url: "http://127.0.0.1:$b_port/v1", api_keys: ["\${SDK_B_KEY}"] }
   faulty: { base_url: "$faulty_url/v1" }
   tools: { base_url: "$tools_url/v1" }
+  overloaded: { base_url: "$overloaded_url", api: anthropic, api_keys: ["sk-ant-unused"] }
   dead: { base_url: "http://127.0.0.1:9/v1" }
 models:
   real-a: { provider: pa, model: smollm2, timeout: 60, max_retries: 1, retry_delay: 0.1 }
   real-b: { provider: pb, model: smollm2, timeout: 60, max_retries: 1, retry_delay: 0.1 }
   cut-model: { provider: faulty, max_retries: 0 }
   tools-model: { provider: tools, max_retries: 0 }
+  claude-overloaded: { provider: overloaded, model: claude-test, max_retries: 0 }
   dead-model: { provider: dead, max_retries: 0 }
 task_groups:
   demo:
     echelon1: { models: [real-a] }
+    echelon2: { models: [real-b] }
+  claude-first:
+    echelon1: { models: [claude-overloaded] }
     echelon2: { models: [real-b] }
 YAML
 
@@ -75,4 +87,4 @@ keyed_url="$(cat "$work/keyed.url")"
 
 ECHELON_URL="$url/v1" ECHELON1_ALIAS="$a_name" "$PY" -m unittest -v tests/python/test_openai_sdk.py
 ECHELON_BASE="$url" ECHELON_KEYED_BASE="$keyed_url" ECHELON_KEY="$gateway_key" \
-  ECHELON1_ALIAS="$a_name" "$PY" -m unittest -v tests/python/test_anthropic_sdk.py
+  ECHELON1_ALIAS="$a_name" ECHELON2_ALIAS="$b_name" "$PY" -m unittest -v tests/python/test_anthropic_sdk.py

@@ -54,6 +54,17 @@ class AnthropicSdkAgainstEchelon(unittest.TestCase):
         self.assertGreater(final.usage.output_tokens, 0)
         self.assertGreater(final.usage.input_tokens, 0)
 
+    def test_an_overloaded_anthropic_echelon1_fails_over_to_the_real_model(self):
+        # echelon1 speaks the Anthropic wire and answers 529; echelon2 is llama-server.
+        raw = self.client.messages.with_raw_response.create(
+            model="claude-first", max_tokens=16, messages=ASK
+        )
+        r = raw.parse()
+        self.assertEqual(r.model, os.environ["ECHELON2_ALIAS"])
+        self.assertTrue(r.content[0].text)
+        attempts = raw.headers["x-echelon-attempts"]
+        self.assertTrue(attempts.startswith("claude-overloaded:server_error:529"), attempts)
+
     def test_tool_call_round_trip(self):
         # The tool upstream (an OpenAI-wire test upstream) calls the tool it is forced to.
         first = self.client.messages.create(
