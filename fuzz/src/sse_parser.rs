@@ -134,6 +134,7 @@ fn account(decoded: &Decoded) {
         input_per_1m: 2.5,
         output_per_1m: 10.0,
         cached_input_per_1m: Some(1.25),
+        cache_write_per_1m: None,
     };
     let usd = price.cost_usd(usage.prompt_tokens, usage.completion_tokens, cached);
     assert!(

@@ -1,5 +1,6 @@
 //! Gateway keys: `Authorization: Bearer <key>` on `/v1/*` and `/admin/*` when keys are
-//! configured.
+//! configured; on the Anthropic endpoints (`/v1/messages*`) also `x-api-key: <key>`, as
+//! the anthropic SDK and Claude Code send it.
 
 use axum::extract::{Request, State};
 use axum::middleware::Next;
@@ -8,7 +9,7 @@ use secrecy::{ExposeSecret, SecretString};
 use sha2::{Digest, Sha256};
 
 use crate::AppState;
-use crate::error::ApiError;
+use crate::error::{ApiError, ErrorDialect};
 
 /// The configured gateway keys, kept as SHA-256 digests so that comparing a presented
 /// key takes the same time whichever byte differs first.
@@ -67,17 +68,42 @@ pub(crate) async fn require_gateway_key(
     req: Request,
     next: Next,
 ) -> Result<Response, ApiError> {
+    check_key(&state, &req, false)?;
+    Ok(next.run(req).await)
+}
+
+/// Middleware of the Anthropic endpoints: as [`require_gateway_key`], the key also
+/// accepted as `x-api-key` (Anthropic's header; the bearer token is looked at first),
+/// and the 401 in Anthropic's error shape.
+///
+/// # Errors
+/// 401 `authentication_error` when neither header holds a gateway key.
+pub(crate) async fn require_gateway_key_anthropic(
+    State(state): State<AppState>,
+    req: Request,
+    next: Next,
+) -> Result<Response, ApiError> {
+    check_key(&state, &req, true).map_err(|e| e.in_dialect(ErrorDialect::Anthropic))?;
+    Ok(next.run(req).await)
+}
+
+fn check_key(state: &AppState, req: &Request, x_api_key: bool) -> Result<(), ApiError> {
     if !state.keys.is_enabled() {
-        return Ok(next.run(req).await);
+        return Ok(());
     }
-    let presented = req
-        .headers()
-        .get(http::header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-        .and_then(bearer_token)
+    let header = |name: http::HeaderName| req.headers().get(name).and_then(|v| v.to_str().ok());
+    let bearer = header(http::header::AUTHORIZATION).and_then(bearer_token);
+    let presented = bearer
+        .or_else(|| {
+            x_api_key
+                .then(|| header(http::HeaderName::from_static("x-api-key")))
+                .flatten()
+                .map(str::trim)
+                .filter(|k| !k.is_empty())
+        })
         .ok_or_else(ApiError::missing_gateway_key)?;
     if state.keys.accepts(presented) {
-        Ok(next.run(req).await)
+        Ok(())
     } else {
         Err(ApiError::invalid_gateway_key())
     }

@@ -11,7 +11,7 @@ use http::StatusCode;
 
 use crate::AppState;
 use crate::content_type::JsonBody;
-use crate::error::ApiError;
+use crate::error::{ApiError, ErrorDialect};
 use crate::reply::{json_response, overhead_ms, put_overhead, put_route_headers};
 
 /// `POST /v1/embeddings`.
@@ -20,7 +20,7 @@ pub(crate) async fn embeddings(
     headers: http::HeaderMap,
     body: Result<JsonBody, ApiError>,
 ) -> Response {
-    crate::handlers::routed(state, headers, body, embed_in_span).await
+    crate::handlers::routed(state, headers, body, ErrorDialect::OpenAi, embed_in_span).await
 }
 
 async fn embed_in_span(r: crate::handlers::Routed) -> Result<Response, ApiError> {

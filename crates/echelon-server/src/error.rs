@@ -13,14 +13,18 @@ use crate::reply::put_attempts;
 
 /// The shape an error body is written in, chosen by the endpoint that failed.
 ///
-/// Only OpenAI's today; an endpoint of another API (e.g. Anthropic's
-/// `{"type": "error", "error": {"type", "message"}}`) adds its variant here and its arm in
+/// An endpoint of another API adds its variant here and its arm in
 /// [`ApiError::body_json`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub(crate) enum ErrorDialect {
     /// `{"error": {"message", "type", "param", "code", "attempts"?}}` (DESIGN.md §4).
     #[default]
     OpenAi,
+    /// Anthropic's `{"type": "error", "error": {"type", "message", "code"?, "param"?,
+    /// "attempts"?}}` (`/v1/messages`): `error.type` from the status
+    /// ([`error_type_for_status`](echelon_types::anthropic::error_type_for_status)),
+    /// Echelon's `code`, `param` and `attempts` kept beside it.
+    Anthropic,
 }
 
 /// An error answer: HTTP status, error body (message, type, code, param, the gateway's
@@ -66,6 +70,18 @@ impl ApiError {
             retry_after: None,
             overhead_ms: None,
         }
+    }
+
+    /// The same error rendered in `dialect`.
+    pub(crate) fn in_dialect(mut self, dialect: ErrorDialect) -> Self {
+        self.dialect = dialect;
+        self
+    }
+
+    /// The HTTP status.
+    #[cfg(test)]
+    pub(crate) fn status(&self) -> StatusCode {
+        self.status
     }
 
     /// Sets the `x-echelon-overhead-ms` the answer carries.
@@ -204,6 +220,7 @@ impl ApiError {
     pub(crate) fn body_json(&self) -> Vec<u8> {
         let rendered = match self.dialect {
             ErrorDialect::OpenAi => serde_json::to_vec(&self.body),
+            ErrorDialect::Anthropic => serde_json::to_vec(&self.anthropic_body()),
         };
         // Serialising an ErrorBody (strings and JSON values) cannot fail; were it to,
         // the client still gets a body of the same shape.
@@ -211,6 +228,34 @@ impl ApiError {
             br#"{"error":{"message":"error body serialisation failed","type":"server_error","param":null,"code":null}}"#
                 .to_vec()
         })
+    }
+}
+
+impl ApiError {
+    /// The body in Anthropic's shape.
+    fn anthropic_body(&self) -> echelon_types::anthropic::ErrorResponse {
+        use echelon_types::anthropic::{ErrorDetail, ErrorResponse, error_type_for_status};
+        let e = &self.body.error;
+        let mut extra = echelon_types::Extra::new();
+        if let Some(code) = &e.code {
+            extra.insert("code".into(), code.clone().into());
+        }
+        if let Some(param) = &e.param {
+            extra.insert("param".into(), param.clone().into());
+        }
+        if !e.attempts.is_empty()
+            && let Ok(a) = serde_json::to_value(&e.attempts)
+        {
+            extra.insert("attempts".into(), a);
+        }
+        ErrorResponse {
+            kind: "error".into(),
+            error: ErrorDetail {
+                kind: error_type_for_status(self.status.as_u16()).into(),
+                message: e.message.clone(),
+                extra,
+            },
+        }
     }
 }
 

@@ -11,7 +11,7 @@ use tracing::Instrument;
 
 use crate::AppState;
 use crate::content_type::JsonBody;
-use crate::error::ApiError;
+use crate::error::{ApiError, ErrorDialect};
 use crate::reply::{json_response, overhead_ms, put_overhead, put_route_headers};
 use crate::sse::stream_response;
 
@@ -21,7 +21,7 @@ pub(crate) async fn chat_completions(
     headers: http::HeaderMap,
     body: Result<JsonBody, ApiError>,
 ) -> Response {
-    routed(state, headers, body, chat).await
+    routed(state, headers, body, ErrorDialect::OpenAi, chat).await
 }
 
 /// A request of a routed endpoint (`/v1/chat/completions`, `/v1/responses`,
@@ -39,11 +39,12 @@ pub(crate) struct Routed {
 /// Serves one request of a routed endpoint with `serve`: the request id (the caller's
 /// sane `x-request-id`, else a new one) on every log line of the request (a span) and
 /// echoed in the answer, the session header, the body (logged with `log_bodies: true`);
-/// an error from `serve` becomes its response.
+/// an error from `serve` becomes its response, in the endpoint's `dialect`.
 pub(crate) async fn routed<F, Fut>(
     state: AppState,
     headers: http::HeaderMap,
     body: Result<JsonBody, ApiError>,
+    dialect: ErrorDialect,
     serve: F,
 ) -> Response
 where
@@ -53,13 +54,7 @@ where
     let request_id = request_id(&headers);
     let arrived = std::time::Instant::now();
     let span = tracing::info_span!("request", request_id = %request_id);
-    let options = CallOptions {
-        session_id: headers
-            .get("x-session-id")
-            .and_then(|v| v.to_str().ok())
-            .map(str::to_owned),
-        request_id: Some(request_id.clone()),
-    };
+    let options = call_options(&headers, request_id.clone());
     let run = async move {
         let JsonBody(body) = body?;
         if state.log_bodies {
@@ -76,7 +71,7 @@ where
     let mut resp = run
         .instrument(span)
         .await
-        .unwrap_or_else(IntoResponse::into_response);
+        .unwrap_or_else(|e| e.in_dialect(dialect).into_response());
     echo_request_id(&mut resp, &request_id);
     resp
 }
@@ -90,6 +85,17 @@ pub(crate) fn request_id(headers: &http::HeaderMap) -> String {
         .and_then(|v| v.to_str().ok())
         .filter(|v| !v.is_empty() && v.len() <= 128 && v.bytes().all(|b| b.is_ascii_graphic()))
         .map_or_else(echelon::usage::new_request_id, str::to_owned)
+}
+
+/// The gateway's options of a request: `x-session-id`, and `request_id`.
+fn call_options(headers: &http::HeaderMap, request_id: String) -> CallOptions {
+    CallOptions {
+        session_id: headers
+            .get("x-session-id")
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_owned),
+        request_id: Some(request_id),
+    }
 }
 
 /// Sets `x-request-id: id` on `resp`.

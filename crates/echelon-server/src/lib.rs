@@ -1,11 +1,14 @@
 //! Echelon's OpenAI-compatible HTTP server (axum).
 //!
 //! Endpoints: `POST /v1/chat/completions` (streamed and not), `POST /v1/responses` (the
-//! OpenAI Responses API, stateless, bridged to chat completions), `POST /v1/embeddings`
-//! (routed and guarded like chat: `embeddings.rs`), `GET /v1/models` (the
+//! OpenAI Responses API, stateless, bridged to chat completions), `POST /v1/messages`
+//! (Anthropic Messages, streamed and not) and `POST /v1/messages/count_tokens`
+//! (`messages.rs`), `POST /v1/embeddings` (routed and guarded like chat:
+//! `embeddings.rs`), `GET /v1/models` (the
 //! routes), `GET /health`, `GET /metrics` (Prometheus), `GET /admin/state` (breakers, buckets, keys, in-flight
 //! counts). Gateway keys, when configured, are checked as `Authorization: Bearer` on
-//! `/v1/*` and `/admin/*`. Every error, 404 and 405 included, is the OpenAI error body
+//! `/v1/*` and `/admin/*` (on `/v1/messages*` also as `x-api-key`). Every error, 404 and
+//! 405 included, is the OpenAI error body (Anthropic's on `/v1/messages*`)
 //! (`{"error": {"message", "type", "param", "code", "attempts"}}`) with the status
 //! DESIGN.md §4 gives (one type: `error::ApiError`).
 //!
@@ -40,6 +43,7 @@ mod error;
 mod guard;
 mod handlers;
 mod host;
+mod messages;
 mod metrics;
 mod reply;
 mod responses;
@@ -145,6 +149,20 @@ pub fn router(gateway: Arc<Gateway>, options: &ServerOptions) -> Router {
             r
         }
     };
+    // The Anthropic endpoints take the key as `x-api-key` too, and answer a missing or
+    // wrong key in Anthropic's error shape.
+    let anthropic = Router::new()
+        .route("/messages", post(messages::messages))
+        .route("/messages/count_tokens", post(messages::count_tokens))
+        .method_not_allowed_fallback(handlers::method_not_allowed);
+    let anthropic = if state.keys.is_enabled() {
+        anthropic.route_layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            auth::require_gateway_key_anthropic,
+        ))
+    } else {
+        anthropic
+    };
     let v1 = with_keys(
         Router::new()
             .route("/chat/completions", chat)
@@ -152,7 +170,8 @@ pub fn router(gateway: Arc<Gateway>, options: &ServerOptions) -> Router {
             .route("/responses", post(responses::responses))
             .route("/models", get(handlers::list_models))
             .method_not_allowed_fallback(handlers::method_not_allowed),
-    );
+    )
+    .merge(anthropic);
     let admin = with_keys(
         Router::new()
             .route("/state", get(handlers::admin_state))

@@ -22,7 +22,7 @@ use http::{HeaderValue, StatusCode};
 
 use crate::AppState;
 use crate::content_type::JsonBody;
-use crate::error::ApiError;
+use crate::error::{ApiError, ErrorDialect};
 use crate::reply::{json_response, overhead_ms, put_overhead, put_route_headers};
 
 /// `POST /v1/responses`.
@@ -31,7 +31,7 @@ pub(crate) async fn responses(
     headers: http::HeaderMap,
     body: Result<JsonBody, ApiError>,
 ) -> Response {
-    crate::handlers::routed(state, headers, body, in_span).await
+    crate::handlers::routed(state, headers, body, ErrorDialect::OpenAi, in_span).await
 }
 
 async fn in_span(r: crate::handlers::Routed) -> Result<Response, ApiError> {

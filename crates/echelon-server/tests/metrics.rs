@@ -311,6 +311,8 @@ fn record(
         fallback: attempts.windows(2).any(|w| w[0].model != w[1].model),
         no_finish_reason: false,
         stream_anomalies: 0,
+        cached_tokens: 0,
+        cache_write_tokens: 0,
         attempts,
     }
 }

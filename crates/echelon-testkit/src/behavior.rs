@@ -389,6 +389,7 @@ mod tests {
             Behavior::NoChoices,
             Behavior::NoFinishReason,
             Behavior::HugeAnswer { bytes: 1 << 20 },
+            Behavior::StreamError { chunks: 2 },
             Behavior::status(503),
             Behavior::Status {
                 status: 429,

@@ -1,10 +1,16 @@
 //! A fault-injecting OpenAI-compatible upstream for Echelon's tests and
 //! benchmarks.
 //!
-//! [`TestUpstream`] serves `POST /v1/chat/completions` (plain and streamed),
-//! `POST /v1/embeddings` (deterministic vectors: [`embeddings::text_vector`]),
-//! `GET /v1/models` and `GET /health` on a local port. A normal answer echoes
-//! the last user message (`"echo: <text>"`); a [`Behavior`] makes one request
+//! [`TestUpstream`] serves `POST /v1/chat/completions` (plain and streamed), the
+//! Anthropic Messages API's `POST /v1/messages` (plain and streamed, with the same
+//! faults in Anthropic's shapes: a 529 `overloaded_error`, a 429 with `retry-after`, an
+//! in-band `event: error`; see [`anthropic`]), the Gemini API's `generateContent` /
+//! `streamGenerateContent` / `batchEmbedContents`, `POST /v1/embeddings` (deterministic
+//! vectors: [`embeddings::text_vector`]), `GET /v1/models` and `GET /health` on a
+//! local port. A normal answer echoes
+//! the last user message (`"echo: <text>"`), or, when the request forces a tool call
+//! (`tool_choice: "required"` or naming a function), calls that tool with
+//! `{"text": <last user text>}`; a [`Behavior`] makes one request
 //! (or every request) fail in a chosen way: an error status with
 //! `Retry-After`, a stall, a cut or reset connection, a stream cut or stalled
 //! mid-way, a malformed body, or a delay. A [`FaultPlan`] injects faults at
@@ -28,6 +34,7 @@
 //! # }
 //! ```
 
+pub mod anthropic;
 mod behavior;
 pub mod embeddings;
 pub mod real;

@@ -29,6 +29,7 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::oneshot;
 use tokio::task::JoinSet;
 
+use crate::anthropic;
 use crate::behavior::{Behavior, FaultDraws};
 use crate::wire::{self, Answer, Dialect};
 use crate::{RecordedRequest, ServedCount, UpstreamOptions};
@@ -306,11 +307,23 @@ async fn handle(
             let _active = Held::up(&state, |s| &s.active_requests);
             embeddings(&state, &reset, req).await
         }
+        (&Method::POST, "/v1/messages") => {
+            let active = Held::up(&state, |s| &s.active_requests);
+            let resp = messages(&state, &reset, req).await?;
+            Ok(resp.map(move |body| {
+                body.map_frame(move |frame| {
+                    let _active = &active;
+                    frame
+                })
+                .boxed_unsync()
+            }))
+        }
         (_, "/health") | (_, "/v1/models") if req.method() != Method::GET => {
             Ok(error_response(405, "method not allowed"))
         }
         (_, "/health") => Ok(json_response(StatusCode::OK, &json!({"status": "ok"}))),
-        _ if is_api && !authorized(&state.options, &req) => Ok(unauthorized()),
+        // `GET /v1/models` serves both wires: the key as a bearer token or `x-api-key`.
+        _ if is_api && !authorized_anthropic(&state.options, &req) => Ok(unauthorized()),
         (_, "/v1/models") => Ok(json_response(
             StatusCode::OK,
             &json!({
@@ -322,7 +335,7 @@ async fn handle(
                 }],
             }),
         )),
-        (_, "/v1/chat/completions") | (_, "/v1/embeddings") => {
+        (_, "/v1/chat/completions") | (_, "/v1/embeddings") | (_, "/v1/messages") => {
             Ok(error_response(405, "method not allowed"))
         }
         _ => Ok(error_response(404, &format!("unknown path {path}"))),
@@ -458,6 +471,228 @@ fn authorized<B>(options: &UpstreamOptions, req: &Request<B>) -> bool {
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.strip_prefix("Bearer "))
         .is_some_and(|given| given == key)
+}
+
+/// As [`authorized`], the key also accepted as `x-api-key` (the Anthropic wire).
+fn authorized_anthropic<B>(options: &UpstreamOptions, req: &Request<B>) -> bool {
+    let Some(key) = &options.api_key else {
+        return true;
+    };
+    authorized(options, req)
+        || req
+            .headers()
+            .get("x-api-key")
+            .and_then(|v| v.to_str().ok())
+            .is_some_and(|given| given == key)
+}
+
+/// An Anthropic error answer with this status (an invalid status becomes 500).
+fn anthropic_error(status: u16, message: &str) -> Response<Body> {
+    let code = StatusCode::from_u16(status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+    json_response(code, &anthropic::error_body(code.as_u16(), message))
+}
+
+/// `POST /v1/messages`: the echo answer and the faults, in Anthropic's shapes (see
+/// [`Behavior`] for what each does; `EmptyAnswer` and `NoChoices` answer a message
+/// without content blocks, `NoFinishReason` one without `stop_reason` (a stream without
+/// `message_delta`), `HugeAnswer` and `Delay` answer normally after their effect).
+async fn messages(
+    state: &State,
+    reset: &AtomicBool,
+    req: Request<Incoming>,
+) -> Result<Response<Body>, Cut> {
+    let arrived = Instant::now();
+    state.chat_requests.fetch_add(1, Ordering::SeqCst);
+    let ok = authorized_anthropic(&state.options, &req);
+    let (parts, body) = req.into_parts();
+    let bytes = body.collect().await.map_err(|_| Cut)?.to_bytes();
+    let json: Option<Value> = serde_json::from_slice(&bytes).ok();
+    if state.options.record_requests {
+        lock(&state.recorded).push(RecordedRequest {
+            body: json.clone(),
+            authorization: parts
+                .headers
+                .get("x-api-key")
+                .or_else(|| parts.headers.get(AUTHORIZATION))
+                .and_then(|v| v.to_str().ok())
+                .map(str::to_owned),
+            uri: parts.uri.to_string(),
+            headers: parts.headers,
+            at: arrived,
+        });
+    }
+    if !ok {
+        return Ok(anthropic_error(401, "invalid x-api-key"));
+    }
+    let Some(body) = json.filter(Value::is_object) else {
+        return Ok(anthropic_error(
+            400,
+            "the request body is not a JSON object",
+        ));
+    };
+    if body.get("max_tokens").and_then(Value::as_u64).is_none() {
+        return Ok(anthropic_error(400, "max_tokens: Field required"));
+    }
+    let chat_body = anthropic::to_chat_body(&body);
+    if let Some(n_ctx) = state.options.context_window {
+        let prompt_tokens = wire::prompt_chars(&chat_body) / 4;
+        if prompt_tokens > n_ctx {
+            return Ok(anthropic_error(
+                400,
+                &format!("prompt is too long: {prompt_tokens} tokens > {n_ctx} maximum"),
+            ));
+        }
+    }
+    let behavior = state.next_behavior();
+    let stream = body.get("stream").and_then(Value::as_bool).unwrap_or(false);
+    state.count_served(&behavior, stream);
+    let id = state.next_id.fetch_add(1, Ordering::SeqCst);
+    let mut answer = Answer::for_request(
+        &chat_body,
+        format!("test-{id}"),
+        0,
+        state.options.model_alias.clone(),
+    );
+    if let Behavior::HugeAnswer { bytes } = behavior {
+        answer.content = huge_text(bytes);
+    }
+    let latency = state.options.latency;
+    let chunk_delay = state.options.chunk_delay;
+    crate::timer::sleep_until(arrived + latency).await;
+    let finished = !matches!(behavior, Behavior::NoFinishReason);
+    if matches!(behavior, Behavior::EmptyAnswer | Behavior::NoChoices) {
+        answer.content.clear();
+    }
+    let paced = |events: Vec<Bytes>| {
+        events
+            .into_iter()
+            .flat_map(|e| [Step::Sleep(chunk_delay), Step::Data(e)])
+            .collect::<Vec<_>>()
+    };
+    let full_stream = |answer: &Answer| {
+        let mut steps: Vec<Step> = anthropic::head(answer)
+            .into_iter()
+            .map(Step::Data)
+            .collect();
+        steps.extend(paced(anthropic::deltas(answer)));
+        steps.extend(paced(anthropic::tail(answer, finished)));
+        steps
+    };
+    match behavior {
+        Behavior::Status {
+            status,
+            retry_after,
+            message,
+        } => {
+            let mut resp = anthropic_error(status, &message);
+            if let Some(secs) = retry_after {
+                resp.headers_mut()
+                    .insert(RETRY_AFTER, HeaderValue::from(secs));
+            }
+            Ok(resp)
+        }
+        Behavior::Stall => std::future::pending().await,
+        Behavior::CutConnection => Err(Cut),
+        Behavior::Reset => {
+            reset.store(true, Ordering::SeqCst);
+            Err(Cut)
+        }
+        Behavior::Delay(d) => {
+            sleep(d).await;
+            Ok(if stream {
+                sse_response(full_stream(&answer))
+            } else {
+                json_response(StatusCode::OK, &anthropic::message(&answer, true))
+            })
+        }
+        Behavior::StreamError { chunks } if stream => {
+            let mut steps: Vec<Step> = anthropic::head(&answer)
+                .into_iter()
+                .map(Step::Data)
+                .collect();
+            steps.extend(paced(
+                anthropic::deltas(&answer)
+                    .into_iter()
+                    .take(chunks)
+                    .collect(),
+            ));
+            steps.push(Step::Data(anthropic::error_event()));
+            Ok(sse_response(steps))
+        }
+        Behavior::StreamError { .. } => Ok(anthropic_error(529, "Overloaded")),
+        Behavior::Malformed | Behavior::MalformedSse { .. } | Behavior::MalformedSseRun { .. }
+            if stream =>
+        {
+            let (before, count) = match behavior {
+                Behavior::MalformedSse { chunks } => (chunks, 1),
+                Behavior::MalformedSseRun { chunks, count } => (chunks, count),
+                _ => (0, 1),
+            };
+            let deltas = anthropic::deltas(&answer);
+            let mut steps: Vec<Step> = anthropic::head(&answer)
+                .into_iter()
+                .map(Step::Data)
+                .collect();
+            steps.extend(paced(deltas.iter().take(before).cloned().collect()));
+            for _ in 0..count {
+                steps.push(Step::Data(Bytes::from_static(
+                    b"event: content_block_delta\ndata: {not json\n\n",
+                )));
+            }
+            steps.extend(paced(deltas.into_iter().skip(before).collect()));
+            steps.extend(paced(anthropic::tail(&answer, true)));
+            Ok(sse_response(steps))
+        }
+        Behavior::Malformed | Behavior::MalformedSse { .. } | Behavior::MalformedSseRun { .. } => {
+            Ok(json_bytes_response(
+                StatusCode::OK,
+                Bytes::from(format!(
+                    "{{\"id\":\"msg_{}\",\"type\":\"message\",\"content\":[",
+                    answer.id
+                )),
+            ))
+        }
+        Behavior::StreamCut { chunks } | Behavior::StreamStall { chunks } => {
+            let end = if matches!(behavior, Behavior::StreamCut { .. }) {
+                Step::Cut
+            } else {
+                Step::Stall
+            };
+            if stream {
+                let mut steps: Vec<Step> = anthropic::head(&answer)
+                    .into_iter()
+                    .map(Step::Data)
+                    .collect();
+                steps.extend(paced(
+                    anthropic::deltas(&answer)
+                        .into_iter()
+                        .take(chunks)
+                        .collect(),
+                ));
+                steps.push(end);
+                return Ok(sse_response(steps));
+            }
+            let full = Bytes::from(anthropic::message(&answer, true).to_string());
+            let partial = full.slice(..full.len() / 2);
+            let mut resp = body_response(
+                StatusCode::OK,
+                "application/json",
+                vec![Step::Data(partial), end],
+            );
+            resp.headers_mut()
+                .insert(CONTENT_LENGTH, HeaderValue::from(full.len()));
+            Ok(resp)
+        }
+        Behavior::Normal
+        | Behavior::EmptyAnswer
+        | Behavior::NoChoices
+        | Behavior::NoFinishReason
+        | Behavior::HugeAnswer { .. } => Ok(if stream {
+            sse_response(full_stream(&answer))
+        } else {
+            json_response(StatusCode::OK, &anthropic::message(&answer, finished))
+        }),
+    }
 }
 
 fn unauthorized() -> Response<Body> {

@@ -153,12 +153,35 @@ pub(crate) struct Answer {
     pub(crate) include_usage: bool,
     /// The wire it is written in.
     pub(crate) dialect: Dialect,
+    /// A forced tool call (`tool_choice: "required"` or naming a function): the tool's
+    /// name; the arguments are `{"text": <last user text>}` ([`content`](Self::content)).
+    pub(crate) tool_call: Option<String>,
+}
+
+/// The tool a request forces a call of: the named function of a `tool_choice` object,
+/// or the first tool's with `tool_choice: "required"`; `None` otherwise.
+fn forced_tool(body: &Value) -> Option<String> {
+    let name = match body.get("tool_choice")? {
+        Value::String(s) if s == "required" => body
+            .pointer("/tools/0/function/name")
+            .and_then(Value::as_str),
+        Value::Object(o) => o
+            .get("function")
+            .and_then(|f| f.get("name"))
+            .and_then(Value::as_str),
+        _ => None,
+    };
+    name.map(str::to_owned)
 }
 
 impl Answer {
     /// Builds the echo answer for a parsed request body.
     pub(crate) fn for_request(body: &Value, id: String, created: u64, model: String) -> Answer {
-        let full = format!("echo: {}", last_user_text(body));
+        let tool_call = forced_tool(body);
+        let full = match &tool_call {
+            Some(_) => json!({"text": last_user_text(body)}).to_string(),
+            None => format!("echo: {}", last_user_text(body)),
+        };
         let max_tokens = ["max_completion_tokens", "max_tokens"]
             .iter()
             .find_map(|k| body.get(*k).and_then(Value::as_u64))
@@ -166,6 +189,7 @@ impl Answer {
         let pieces = word_pieces(&full);
         let (content, finish_reason) = match max_tokens {
             Some(max) if pieces.len() > max => (pieces[..max].concat(), "length"),
+            _ if tool_call.is_some() => (full.clone(), "tool_calls"),
             _ => (full.clone(), "stop"),
         };
         let include_usage = body
@@ -182,7 +206,13 @@ impl Answer {
             x_echo: body.get("x_echo").cloned(),
             include_usage,
             dialect: Dialect::OpenAi,
+            tool_call,
         }
+    }
+
+    /// The tool call's id.
+    pub(crate) fn call_id(&self) -> String {
+        format!("call_{}", self.id)
     }
 
     /// The same answer written in `dialect`.
@@ -320,7 +350,13 @@ impl Answer {
             "model": self.model,
             "choices": [{
                 "index": 0,
-                "message": {"role": "assistant", "content": self.content},
+                "message": match &self.tool_call {
+                    Some(name) => json!({"role": "assistant", "content": null, "tool_calls": [{
+                        "id": self.call_id(), "type": "function",
+                        "function": {"name": name, "arguments": self.content},
+                    }]}),
+                    None => json!({"role": "assistant", "content": self.content}),
+                },
                 "finish_reason": self.finish_reason,
             }],
             "usage": self.usage(),
@@ -355,8 +391,21 @@ impl Answer {
         }
     }
 
-    /// One chunk per word piece of the content.
+    /// One chunk per word piece of the content; for a tool call (OpenAI wire), the
+    /// call's head (id, name, empty arguments), then its arguments a word piece at a time.
     pub(crate) fn content_chunks(&self) -> Vec<Value> {
+        if let (Some(name), Dialect::OpenAi) = (&self.tool_call, self.dialect) {
+            let head = json!({"tool_calls": [{"index": 0, "id": self.call_id(), "type": "function",
+                                               "function": {"name": name, "arguments": ""}}]});
+            let mut chunks = vec![self.chunk(head, None)];
+            chunks.extend(word_pieces(&self.content).into_iter().map(|piece| {
+                self.chunk(
+                    json!({"tool_calls": [{"index": 0, "function": {"arguments": piece}}]}),
+                    None,
+                )
+            }));
+            return chunks;
+        }
         word_pieces(&self.content)
             .into_iter()
             .map(|piece| self.text_chunk(piece))
@@ -494,6 +543,7 @@ pub(crate) fn context_error(prompt_tokens: usize, n_ctx: usize) -> Value {
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
 
@@ -524,5 +574,42 @@ mod tests {
         );
         assert_eq!(content_text(Some(&json!(null))), "");
         assert_eq!(content_text(None), "");
+    }
+
+    #[test]
+    fn a_forced_tool_is_called_with_the_user_text() {
+        let body = json!({
+            "messages": [{"role": "user", "content": "Paris"}],
+            "tools": [{"type": "function", "function": {"name": "get_weather"}}],
+            "tool_choice": "required",
+        });
+        let a = Answer::for_request(&body, "x".into(), 1, "m".into());
+        let c = a.completion();
+        assert_eq!(c["choices"][0]["finish_reason"], "tool_calls");
+        let call = &c["choices"][0]["message"]["tool_calls"][0];
+        assert_eq!(call["function"]["name"], "get_weather");
+        assert_eq!(call["function"]["arguments"], r#"{"text":"Paris"}"#);
+        let chunks = a.content_chunks();
+        assert_eq!(
+            chunks[0]["choices"][0]["delta"]["tool_calls"][0]["id"],
+            "call_x"
+        );
+        let args: String = chunks[1..]
+            .iter()
+            .map(|c| {
+                c["choices"][0]["delta"]["tool_calls"][0]["function"]["arguments"]
+                    .as_str()
+                    .unwrap()
+            })
+            .collect();
+        assert_eq!(args, r#"{"text":"Paris"}"#);
+        // Not forced: the echo.
+        let body = json!({"messages": [{"role": "user", "content": "Paris"}],
+                          "tools": [{"type": "function", "function": {"name": "f"}}]});
+        let a = Answer::for_request(&body, "x".into(), 1, "m".into());
+        assert_eq!(
+            a.completion()["choices"][0]["message"]["content"],
+            "echo: Paris"
+        );
     }
 }

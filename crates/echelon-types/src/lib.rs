@@ -9,6 +9,7 @@
 //! (<https://platform.openai.com/docs/api-reference/chat>) and `POST /v1/embeddings`
 //! (`embeddings.rs`).
 
+pub mod anthropic;
 mod chat;
 mod echo;
 mod embeddings;

@@ -156,6 +156,8 @@ fn sample_record(i: u64) -> echelon::usage::record::RequestRecord {
         fallback: false,
         no_finish_reason: false,
         stream_anomalies: 0,
+        cached_tokens: 0,
+        cache_write_tokens: 0,
         attempts: vec![AttemptRecord {
             model: "gpt-4o-mini".into(),
             provider: "openai".into(),

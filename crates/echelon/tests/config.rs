@@ -1693,6 +1693,7 @@ fn usage_pricing_encoding_and_log_bodies_load() {
             input_per_1m: 0.15,
             output_per_1m: 0.60,
             cached_input_per_1m: Some(0.075),
+            cache_write_per_1m: None,
         })
     );
     assert_eq!(mini.encoding, None);
@@ -1708,6 +1709,7 @@ fn usage_pricing_encoding_and_log_bodies_load() {
             input_per_1m: 30.0,
             output_per_1m: 60.0,
             cached_input_per_1m: None,
+            cache_write_per_1m: None,
         })
     );
     assert_eq!(

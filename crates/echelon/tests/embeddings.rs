@@ -421,7 +421,7 @@ async fn a_chat_only_wire_is_passed_over() {
     let yaml = format!(
         r#"
 providers:
-  claude: {{ base_url: "http://127.0.0.1:9", api: gemini, api_keys: ["k"] }}
+  claude: {{ base_url: "http://127.0.0.1:9", api: anthropic, api_keys: ["k"] }}
   pb: {{ base_url: "{}", api_keys: ["key-b"] }}
 models:
   c: {{ provider: claude, model: claude-x, circuit_breaker: {{ failure_threshold: 1 }} }}
@@ -435,7 +435,7 @@ task_groups:
 "#,
         b.base_url()
     );
-    // The Gemini wire serves chat only (its embedContent is not mapped yet).
+    // The Anthropic wire serves chat only.
     let config = Config::from_str(&yaml, "test.yaml").unwrap();
     let gw = Gateway::from_config(&config).unwrap();
     let done = gw.embed(EmbeddingRequest::new("grp", "x")).await.unwrap();

@@ -86,6 +86,8 @@ fn record(i: u64) -> RequestRecord {
         fallback: n_attempts > 1,
         no_finish_reason: false,
         stream_anomalies: 0,
+        cached_tokens: 0,
+        cache_write_tokens: 0,
         attempts,
     }
 }
@@ -534,6 +536,8 @@ fn usage_summary_matches_seed_000_pricing() {
             fallback: false,
             no_finish_reason: false,
             stream_anomalies: 0,
+            cached_tokens: 0,
+            cache_write_tokens: 0,
             attempts: vec![AttemptRecord {
                 model: model.to_owned(),
                 provider: "openai".to_owned(),
@@ -781,6 +785,7 @@ fn pricing_math() {
         input_per_1m: 2.0,
         output_per_1m: 8.0,
         cached_input_per_1m: Some(0.5),
+        cache_write_per_1m: None,
     };
     // 750k uncached × 2.0 + 250k cached × 0.5 + 0 out.
     assert!(close(p.cost_usd(1_000_000, 0, 250_000), 1.5 + 0.125));
@@ -795,6 +800,7 @@ fn pricing_math() {
         input_per_1m: 0.0,
         output_per_1m: 0.0,
         cached_input_per_1m: None,
+        cache_write_per_1m: None,
     };
     assert!(close(
         price_for(Some(&cfg), "gpt-4o").unwrap().cost_usd(10, 10, 0),

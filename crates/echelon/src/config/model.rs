@@ -279,6 +279,9 @@ pub enum ProviderApi {
     /// OpenAI chat completions (`api: openai`); also llama.cpp, vLLM, DeepSeek, ….
     #[default]
     OpenAi,
+    /// The Anthropic Messages API (`api: anthropic`): `POST {base_url}/v1/messages`,
+    /// the key as `x-api-key`.
+    Anthropic,
     /// The Gemini API (`api: gemini`): `generateContent` / `streamGenerateContent`
     /// under `{base_url}/v1beta/models/`, the key in `x-goog-api-key`.
     Gemini,
@@ -286,12 +289,13 @@ pub enum ProviderApi {
 
 impl ProviderApi {
     /// Every accepted value, as written in the file.
-    pub const NAMES: &'static [&'static str] = &["openai", "gemini"];
+    pub const NAMES: &'static [&'static str] = &["openai", "anthropic", "gemini"];
 
     /// The name as written in the file.
     pub fn as_str(self) -> &'static str {
         match self {
             ProviderApi::OpenAi => "openai",
+            ProviderApi::Anthropic => "anthropic",
             ProviderApi::Gemini => "gemini",
         }
     }
@@ -300,6 +304,7 @@ impl ProviderApi {
     pub fn from_name(name: &str) -> Option<Self> {
         match name {
             "openai" => Some(ProviderApi::OpenAi),
+            "anthropic" => Some(ProviderApi::Anthropic),
             "gemini" => Some(ProviderApi::Gemini),
             _ => None,
         }
@@ -702,6 +707,11 @@ pub struct PricingConfig {
     /// `None` prices them at [`input_per_1m`](Self::input_per_1m).
     #[serde(default, deserialize_with = "value::opt_non_negative")]
     pub cached_input_per_1m: Option<f64>,
+    /// Prompt tokens written to the provider's prompt cache (Anthropic's
+    /// `cache_creation_input_tokens`), USD per 1M tokens (≥ 0); `None` prices them at
+    /// [`input_per_1m`](Self::input_per_1m).
+    #[serde(default, deserialize_with = "value::opt_non_negative")]
+    pub cache_write_per_1m: Option<f64>,
 }
 
 /// A tiktoken encoding, for counting tokens locally (`encoding:` of a model).

@@ -605,6 +605,7 @@ impl Inner {
                     prompt: crate::tokens::prompt_tokens_for(m, &messages).await,
                     completion: crate::tokens::text_tokens_for(m, &text).await,
                     cached: 0,
+                    cache_write: 0,
                     estimated: true,
                 },
                 (None, None) => TokenCount::default(),
@@ -612,7 +613,12 @@ impl Inner {
             spend.tokens.prompt += count.prompt;
             spend.tokens.completion += count.completion;
             spend.cost += answered_by.map_or(0.0, |m| {
-                m.cost_usd(count.prompt, count.completion, count.cached)
+                m.cost_usd_with_cache_write(
+                    count.prompt,
+                    count.completion,
+                    count.cached,
+                    count.cache_write,
+                )
             });
 
             let parsed = self.parser.parse(&text);

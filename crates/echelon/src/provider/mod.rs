@@ -20,8 +20,10 @@
 //! - `http.rs`: [`HttpClients`], the reqwest clients the wires share.
 //! - `stream.rs`: [`ChunkStream`], the stream contract (timeouts, a complete end).
 //! - `openai/`: [`OpenAiProvider`], the OpenAI chat-completions wire.
+//! - `anthropic/`: [`AnthropicProvider`], the Anthropic Messages wire.
 //! - `gemini/`: [`GeminiProvider`], the Gemini API wire (`generateContent`).
 
+mod anthropic;
 mod error;
 mod gemini;
 mod http;
@@ -38,6 +40,7 @@ use futures::future::BoxFuture;
 use crate::config::{MalformedEvent, ProviderApi};
 use crate::key::{ApiKey, Redactor};
 
+pub use anthropic::{AnthropicProvider, DEFAULT_MAX_TOKENS as ANTHROPIC_DEFAULT_MAX_TOKENS};
 pub use error::{ErrorKind, MAX_RETRY_AFTER, ProviderError};
 pub use gemini::GeminiProvider;
 pub use http::HttpClients;
@@ -236,6 +239,12 @@ pub fn build(
     match api {
         ProviderApi::OpenAi => Arc::new(
             OpenAiProvider::new(http, base_url, timeouts)
+                .with_redactor(redactor)
+                .with_max_response_bytes(max_response_bytes)
+                .with_malformed_event(malformed_event),
+        ),
+        ProviderApi::Anthropic => Arc::new(
+            AnthropicProvider::new(http, base_url, timeouts)
                 .with_redactor(redactor)
                 .with_max_response_bytes(max_response_bytes)
                 .with_malformed_event(malformed_event),

@@ -311,6 +311,20 @@ impl Model {
             .map_or(0.0, |p| p.cost_usd(prompt, completion, cached))
     }
 
+    /// As [`cost_usd`](Self::cost_usd), `cache_write` prompt tokens written to the
+    /// provider's cache priced at `cache_write_per_1m` ([`Price::cost_usd_with_cache_write`]).
+    pub fn cost_usd_with_cache_write(
+        &self,
+        prompt: u64,
+        completion: u64,
+        cached: u64,
+        cache_write: u64,
+    ) -> f64 {
+        self.price.as_ref().map_or(0.0, |p| {
+            p.cost_usd_with_cache_write(prompt, completion, cached, cache_write)
+        })
+    }
+
     /// The circuit breaker.
     pub fn breaker(&self) -> &CircuitBreaker {
         &self.breaker

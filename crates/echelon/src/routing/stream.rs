@@ -632,6 +632,7 @@ impl PendingRecord {
             prompt: crate::tokens::prompt_tokens_for(&c.model, &c.messages).await,
             completion: crate::tokens::text_tokens_for(&c.model, &c.text).await,
             cached: 0,
+            cache_write: 0,
             estimated: true,
         };
         let mut record = c.meta.record(

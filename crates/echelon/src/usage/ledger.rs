@@ -18,7 +18,9 @@
 //!   `latency_ms`, `ttft_ms`, `prompt_tokens`, `completion_tokens`, `cost_usd` (USD),
 //!   `estimated`, `fallback`, `no_finish_reason` (booleans as 0/1: a stream delivered
 //!   although no chunk carried a `finish_reason`, since v2), `stream_anomalies` (a
-//!   stream's malformed SSE events, 0 when none or not streamed, since v3); indexed on
+//!   stream's malformed SSE events, 0 when none or not streamed, since v3),
+//!   `cached_tokens` and `cache_write_tokens` (of `prompt_tokens`, those read from and
+//!   written to the provider's prompt cache, since v4); indexed on
 //!   `started_at_ms`, `model`, `route`.
 //! - `attempts`: `id`, `request_rowid` (→ `requests.id`), `seq` (0-based order),
 //!   `model`, `provider`, `key_id` (short id, never the key), `status` (NULL when the
@@ -78,6 +80,9 @@ const MIGRATIONS: &[&str] = &[
     "ALTER TABLE requests ADD COLUMN no_finish_reason INTEGER NOT NULL DEFAULT 0;",
     // v3: a stream's malformed SSE events, skipped or fatal, are counted (issue 19).
     "ALTER TABLE requests ADD COLUMN stream_anomalies INTEGER NOT NULL DEFAULT 0;",
+    // v4: prompt-cache tokens, read and written (issue 20, the Anthropic wire).
+    "ALTER TABLE requests ADD COLUMN cached_tokens INTEGER NOT NULL DEFAULT 0;
+     ALTER TABLE requests ADD COLUMN cache_write_tokens INTEGER NOT NULL DEFAULT 0;",
 ];
 
 /// How long a connection waits for a lock held by another one, in milliseconds.
@@ -547,8 +552,10 @@ fn insert_batch(conn: &mut Connection, records: &[RequestRecord]) -> rusqlite::R
         let mut request = tx.prepare_cached(
             "INSERT INTO requests (request_id, started_at_ms, route, model, provider, status,
                 stream, latency_ms, ttft_ms, prompt_tokens, completion_tokens, cost_usd,
-                estimated, fallback, no_finish_reason, stream_anomalies)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16)",
+                estimated, fallback, no_finish_reason, stream_anomalies, cached_tokens,
+                cache_write_tokens)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16,
+                ?17, ?18)",
         )?;
         let mut attempt = tx.prepare_cached(
             "INSERT INTO attempts (request_rowid, seq, model, provider, key_id, status,
@@ -573,6 +580,8 @@ fn insert_batch(conn: &mut Connection, records: &[RequestRecord]) -> rusqlite::R
                 r.fallback,
                 r.no_finish_reason,
                 r.stream_anomalies,
+                int(r.cached_tokens),
+                int(r.cache_write_tokens),
             ])?;
             for (seq, a) in r.attempts.iter().enumerate() {
                 attempt.execute(params![
@@ -622,8 +631,8 @@ mod tests {
             .unwrap();
         }
         let mut ledger = Ledger::open(&path).unwrap();
-        assert_eq!(SCHEMA_VERSION, 3);
-        assert_eq!(ledger.schema_version().unwrap(), 3);
+        assert_eq!(SCHEMA_VERSION, 4);
+        assert_eq!(ledger.schema_version().unwrap(), 4);
         let mut record = crate::usage::RequestMeta::new(Some("new"), "r", true).record(
             None,
             200,

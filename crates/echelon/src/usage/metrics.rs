@@ -373,6 +373,8 @@ mod tests {
             fallback: false,
             no_finish_reason: false,
             stream_anomalies: 0,
+            cached_tokens: 0,
+            cache_write_tokens: 0,
             attempts,
         }
     }

@@ -49,6 +49,9 @@ pub(crate) struct TokenCount {
     pub(crate) completion: u64,
     /// Prompt tokens served from the provider's cache (`prompt_tokens_details.cached_tokens`).
     pub(crate) cached: u64,
+    /// Prompt tokens written to the provider's cache (Anthropic's
+    /// `cache_creation_input_tokens`, as the Anthropic wire puts it in `usage`).
+    pub(crate) cache_write: u64,
     /// Counted locally because the provider sent no usage.
     pub(crate) estimated: bool,
 }
@@ -62,10 +65,16 @@ impl TokenCount {
             .and_then(|d| d.get("cached_tokens"))
             .and_then(serde_json::Value::as_u64)
             .unwrap_or(0);
+        let cache_write = u
+            .extra
+            .get("cache_creation_input_tokens")
+            .and_then(serde_json::Value::as_u64)
+            .unwrap_or(0);
         TokenCount {
             prompt: u.prompt_tokens,
             completion: u.completion_tokens,
             cached,
+            cache_write,
             estimated: false,
         }
     }
@@ -77,6 +86,7 @@ impl TokenCount {
             prompt: crate::tokens::prompt_tokens_for(model, &req.messages).await,
             completion: crate::tokens::text_tokens_for(model, answer).await,
             cached: 0,
+            cache_write: 0,
             estimated: true,
         }
     }
@@ -117,7 +127,12 @@ impl RequestMeta {
         ttft_ms: Option<u64>,
     ) -> RequestRecord {
         let cost = model.map_or(0.0, |m| {
-            m.cost_usd(tokens.prompt, tokens.completion, tokens.cached)
+            m.cost_usd_with_cache_write(
+                tokens.prompt,
+                tokens.completion,
+                tokens.cached,
+                tokens.cache_write,
+            )
         });
         let last = attempts.len().saturating_sub(1);
         let attempts: Vec<AttemptRecord> = attempts
@@ -152,6 +167,8 @@ impl RequestMeta {
             ttft_ms,
             prompt_tokens: tokens.prompt,
             completion_tokens: tokens.completion,
+            cached_tokens: tokens.cached,
+            cache_write_tokens: tokens.cache_write,
             cost_usd: cost,
             estimated: tokens.estimated,
             fallback,

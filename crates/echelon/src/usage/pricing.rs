@@ -19,6 +19,9 @@ pub struct Price {
     /// Prompt tokens served from the provider's prompt cache, USD per 1M tokens; `None`
     /// prices them at [`input_per_1m`](Self::input_per_1m).
     pub cached_input_per_1m: Option<f64>,
+    /// Prompt tokens written to the provider's prompt cache, USD per 1M tokens; `None`
+    /// prices them at [`input_per_1m`](Self::input_per_1m).
+    pub cache_write_per_1m: Option<f64>,
 }
 
 impl Price {
@@ -43,11 +46,29 @@ impl Price {
         completion_tokens: u64,
         cached_prompt_tokens: u64,
     ) -> f64 {
+        self.cost_usd_with_cache_write(prompt_tokens, completion_tokens, cached_prompt_tokens, 0)
+    }
+
+    /// As [`cost_usd`](Self::cost_usd), `cache_write_tokens` of the prompt written to the
+    /// provider's cache (Anthropic's `cache_creation_input_tokens`) priced at
+    /// [`cache_write_per_1m`](Self::cache_write_per_1m) (the input rate when unset).
+    /// Like cached tokens they are part of `prompt_tokens` (capped at what is left of it
+    /// after the cached ones).
+    pub fn cost_usd_with_cache_write(
+        &self,
+        prompt_tokens: u64,
+        completion_tokens: u64,
+        cached_prompt_tokens: u64,
+        cache_write_tokens: u64,
+    ) -> f64 {
         let cached = cached_prompt_tokens.min(prompt_tokens);
-        let uncached = prompt_tokens - cached;
+        let written = cache_write_tokens.min(prompt_tokens - cached);
+        let uncached = prompt_tokens - cached - written;
         let cached_rate = self.cached_input_per_1m.unwrap_or(self.input_per_1m);
+        let write_rate = self.cache_write_per_1m.unwrap_or(self.input_per_1m);
         (uncached as f64 * self.input_per_1m
             + cached as f64 * cached_rate
+            + written as f64 * write_rate
             + completion_tokens as f64 * self.output_per_1m)
             / PER
     }
@@ -59,6 +80,7 @@ impl From<&PricingConfig> for Price {
             input_per_1m: p.input_per_1m,
             output_per_1m: p.output_per_1m,
             cached_input_per_1m: p.cached_input_per_1m,
+            cache_write_per_1m: p.cache_write_per_1m,
         }
     }
 }
@@ -127,6 +149,7 @@ pub fn builtin_price(upstream_model: &str) -> Option<Price> {
             input_per_1m: input,
             output_per_1m: output,
             cached_input_per_1m: cached,
+            cache_write_per_1m: None,
         })
 }
 
@@ -162,6 +185,7 @@ mod tests {
             input_per_1m: 1.0,
             output_per_1m: 2.0,
             cached_input_per_1m: Some(0.25),
+            cache_write_per_1m: None,
         };
         // 600k uncached at 1.0 + 400k cached at 0.25 + 100k out at 2.0.
         assert!(close(
@@ -171,6 +195,7 @@ mod tests {
         // Without a cached rate they cost the input rate.
         let flat = Price {
             cached_input_per_1m: None,
+            cache_write_per_1m: None,
             ..p
         };
         assert!(close(flat.cost_usd(1_000_000, 0, 400_000), 1.0));
@@ -210,10 +235,42 @@ mod tests {
             input_per_1m: 1.0,
             output_per_1m: 1.0,
             cached_input_per_1m: None,
+            cache_write_per_1m: None,
         };
         let p = price_for(Some(&cfg), "gpt-4o-mini").unwrap();
         assert!(close(p.input_per_1m, 1.0));
         assert_eq!(price_for(None, "gpt-4o-mini"), builtin_price("gpt-4o-mini"));
         assert_eq!(price_for(None, "unknown-model"), None);
+    }
+
+    /// Anthropic's prompt cache: writes and reads are part of the prompt, each at its
+    /// own rate (Claude Sonnet 4: 3 in, 15 out, 3.75 write, 0.30 read).
+    #[test]
+    fn cache_writes_are_part_of_the_prompt_at_their_own_rate() {
+        let p = Price {
+            input_per_1m: 3.0,
+            output_per_1m: 15.0,
+            cached_input_per_1m: Some(0.30),
+            cache_write_per_1m: Some(3.75),
+        };
+        // 1M prompt: 200k read, 300k written, 500k plain; 100k out.
+        let usd = p.cost_usd_with_cache_write(1_000_000, 100_000, 200_000, 300_000);
+        assert!(
+            close(usd, 0.5 * 3.0 + 0.2 * 0.30 + 0.3 * 3.75 + 0.1 * 15.0),
+            "{usd}"
+        );
+        // Unset: writes cost the input rate; more than the prompt is capped.
+        let flat = Price {
+            cache_write_per_1m: None,
+            ..p
+        };
+        assert!(close(
+            flat.cost_usd_with_cache_write(1_000_000, 0, 0, 300_000),
+            3.0
+        ));
+        assert!(close(
+            p.cost_usd_with_cache_write(100, 0, 60, 1_000),
+            (60.0 * 0.30 + 40.0 * 3.75) / 1e6
+        ));
     }
 }

@@ -32,6 +32,14 @@ pub struct RequestRecord {
     pub prompt_tokens: u64,
     /// Completion tokens over all attempts that consumed tokens.
     pub completion_tokens: u64,
+    /// Of [`prompt_tokens`](Self::prompt_tokens), those read from the provider's prompt
+    /// cache (`prompt_tokens_details.cached_tokens`; Anthropic's
+    /// `cache_read_input_tokens`); the ledger's `cached_tokens` column.
+    pub cached_tokens: u64,
+    /// Of [`prompt_tokens`](Self::prompt_tokens), those written to the provider's prompt
+    /// cache (Anthropic's `cache_creation_input_tokens`); the ledger's
+    /// `cache_write_tokens` column.
+    pub cache_write_tokens: u64,
     /// Cost over all attempts, USD.
     pub cost_usd: f64,
     /// Whether any token figure was counted locally (tiktoken) because the provider sent

@@ -359,7 +359,7 @@ struct WireEmbedding<'a> {
 /// Streams are checked by their end instead (`[DONE]` or a finish reason,
 /// [`ChunkStream`]). A health probe's answer is not checked: it proves the upstream
 /// answers.
-fn finished(completion: ChatCompletion) -> Result<ChatCompletion, ProviderError> {
+pub(super) fn finished(completion: ChatCompletion) -> Result<ChatCompletion, ProviderError> {
     match completion
         .choices
         .iter()
@@ -374,7 +374,7 @@ fn finished(completion: ChatCompletion) -> Result<ChatCompletion, ProviderError>
 }
 
 /// The error of an answer longer than `max` bytes.
-fn too_large(max: usize) -> ProviderError {
+pub(super) fn too_large(max: usize) -> ProviderError {
     ProviderError::new(
         ErrorKind::Malformed,
         format!("response larger than max_response_bytes ({max} bytes)"),
@@ -468,7 +468,7 @@ where
 
 /// The response when it is 2xx, else its classified error (status, `Retry-After`, the
 /// OpenAI error body's message, scrubbed by `redactor`).
-async fn check_status(
+pub(super) async fn check_status(
     resp: reqwest::Response,
     redactor: &Redactor,
 ) -> Result<reqwest::Response, ProviderError> {

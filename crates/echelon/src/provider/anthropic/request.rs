@@ -1,0 +1,438 @@
+//! The body of an Anthropic Messages request, translated from a [`ProviderRequest`], and
+//! the answer translated back into a [`ChatCompletion`].
+
+use echelon_types::anthropic::{
+    Content, ContentBlock, Message, MessagesRequest, MessagesResponse, MessagesUsage, Metadata,
+    Tool,
+};
+use echelon_types::{ChatCompletion, ChatMessage, Choice, Extra, Role, Usage};
+use serde_json::{Value, json};
+
+use crate::provider::ProviderRequest;
+
+/// `max_tokens` sent when neither the request nor the echelon sets a cap: Anthropic
+/// requires one. 4,096 tokens, the largest output every current Claude model allows.
+pub const DEFAULT_MAX_TOKENS: u32 = 4096;
+
+/// The Messages request for `req`.
+///
+/// System and developer messages are hoisted into `system` (joined by blank lines);
+/// user content parts become `text` and `image` blocks (a `data:` URL as a base64
+/// source, any other URL as a `url` source); an assistant's `tool_calls` become
+/// `tool_use` blocks (arguments parsed as JSON; text that is not JSON sent as
+/// `{}`), its `content` a text block; `tool` messages become `tool_result` blocks of a
+/// user turn (consecutive ones in one turn). `max_tokens` is always sent (the request's,
+/// else the echelon's, else [`DEFAULT_MAX_TOKENS`]); `stop` → `stop_sequences`,
+/// `temperature`, `top_p`, `top_k` as they are, `user` → `metadata.user_id`, function
+/// tools → tools (`parameters` → `input_schema`), `tool_choice` `auto`/`required`/
+/// `none`/`{function}` → `auto`/`any`/`none`/`tool`, `parallel_tool_calls: false` →
+/// `disable_parallel_tool_use`. Other OpenAI fields (`response_format`, `seed`, `n`,
+/// `logprobs`, …) have no Anthropic equivalent and are not sent.
+pub(super) fn to_messages(req: &ProviderRequest<'_>) -> MessagesRequest {
+    let body = req.body;
+    let mut system = Vec::new();
+    let mut messages: Vec<Message> = Vec::with_capacity(body.messages.len());
+    for m in &body.messages {
+        match m.role {
+            Role::System | Role::Developer => {
+                let t = m.text();
+                if !t.is_empty() {
+                    system.push(t);
+                }
+            }
+            Role::User => messages.push(Message {
+                role: "user".into(),
+                content: user_content(&m.content),
+                extra: Extra::new(),
+            }),
+            Role::Assistant => messages.push(assistant(m)),
+            Role::Tool | Role::Function => {
+                let block = ContentBlock {
+                    kind: "tool_result".into(),
+                    tool_use_id: Some(
+                        m.extra
+                            .get("tool_call_id")
+                            .or_else(|| m.extra.get("name"))
+                            .and_then(Value::as_str)
+                            .unwrap_or_default()
+                            .to_owned(),
+                    ),
+                    content: Some(Content::Text(m.text())),
+                    ..Default::default()
+                };
+                match messages.last_mut() {
+                    Some(Message {
+                        role,
+                        content: Content::Blocks(blocks),
+                        ..
+                    }) if role == "user" && blocks.iter().all(|b| b.kind == "tool_result") => {
+                        blocks.push(block);
+                    }
+                    _ => messages.push(Message {
+                        role: "user".into(),
+                        content: Content::Blocks(vec![block]),
+                        extra: Extra::new(),
+                    }),
+                }
+            }
+        }
+    }
+    let extra = &body.extra;
+    let stop_sequences = match extra.get("stop") {
+        Some(Value::String(s)) => Some(vec![s.clone()]),
+        Some(Value::Array(a)) => Some(
+            a.iter()
+                .filter_map(Value::as_str)
+                .map(str::to_owned)
+                .collect(),
+        ),
+        _ => None,
+    };
+    let tools: Option<Vec<Tool>> = extra.get("tools").and_then(Value::as_array).map(|tools| {
+        tools
+            .iter()
+            .filter_map(|t| {
+                let f = t.get("function")?;
+                Some(Tool {
+                    name: f.get("name")?.as_str()?.to_owned(),
+                    description: f
+                        .get("description")
+                        .and_then(Value::as_str)
+                        .map(str::to_owned),
+                    input_schema: Some(
+                        f.get("parameters")
+                            .cloned()
+                            .unwrap_or_else(|| json!({"type": "object"})),
+                    ),
+                    extra: Extra::new(),
+                })
+            })
+            .collect()
+    });
+    let mut tool_choice = extra.get("tool_choice").and_then(|c| match c {
+        Value::String(s) if s == "auto" => Some(json!({"type": "auto"})),
+        Value::String(s) if s == "required" => Some(json!({"type": "any"})),
+        Value::String(s) if s == "none" => Some(json!({"type": "none"})),
+        Value::Object(o) => o
+            .get("function")
+            .and_then(|f| f.get("name"))
+            .map(|name| json!({"type": "tool", "name": name})),
+        _ => None,
+    });
+    if extra.get("parallel_tool_calls").and_then(Value::as_bool) == Some(false)
+        && tools.as_ref().is_some_and(|t| !t.is_empty())
+    {
+        let choice = tool_choice.get_or_insert_with(|| json!({"type": "auto"}));
+        if let Some(o) = choice.as_object_mut() {
+            o.insert("disable_parallel_tool_use".into(), Value::Bool(true));
+        }
+    }
+    MessagesRequest {
+        model: req.model.to_owned(),
+        messages,
+        system: (!system.is_empty()).then(|| Content::Text(system.join("\n\n"))),
+        max_tokens: Some(req.effective_max_tokens().unwrap_or(DEFAULT_MAX_TOKENS)),
+        stop_sequences: stop_sequences.filter(|s| !s.is_empty()),
+        temperature: req.effective_temperature(),
+        top_p: extra.get("top_p").and_then(Value::as_f64),
+        top_k: extra
+            .get("top_k")
+            .and_then(Value::as_u64)
+            .and_then(|k| u32::try_from(k).ok()),
+        tools: tools.filter(|t| !t.is_empty()),
+        tool_choice,
+        stream: req.stream.then_some(true),
+        metadata: body.user.as_ref().map(|u| Metadata {
+            user_id: Some(u.clone()),
+            extra: Extra::new(),
+        }),
+        extra: Extra::new(),
+    }
+}
+
+/// A user message's content: a string as it is, parts as blocks.
+fn user_content(content: &Value) -> Content {
+    let Value::Array(parts) = content else {
+        return Content::Text(content.as_str().unwrap_or_default().to_owned());
+    };
+    Content::Blocks(
+        parts
+            .iter()
+            .filter_map(|p| match p.get("type").and_then(Value::as_str) {
+                Some("text") => Some(ContentBlock::text(
+                    p.get("text").and_then(Value::as_str).unwrap_or_default(),
+                )),
+                Some("image_url") => {
+                    let url = p
+                        .pointer("/image_url/url")
+                        .or_else(|| p.get("image_url"))
+                        .and_then(Value::as_str)?;
+                    Some(ContentBlock {
+                        kind: "image".into(),
+                        source: Some(image_source(url)),
+                        ..Default::default()
+                    })
+                }
+                _ => None,
+            })
+            .collect(),
+    )
+}
+
+/// An image URL as an Anthropic image source: `data:<type>;base64,<data>` as a base64
+/// source, anything else as a `url` source.
+fn image_source(url: &str) -> Value {
+    if let Some(rest) = url.strip_prefix("data:")
+        && let Some((media_type, data)) = rest.split_once(";base64,")
+    {
+        return json!({"type": "base64", "media_type": media_type, "data": data});
+    }
+    json!({"type": "url", "url": url})
+}
+
+/// An assistant message as blocks: its text, then a `tool_use` per tool call.
+fn assistant(m: &ChatMessage) -> Message {
+    let text = m.text();
+    let calls = m.extra.get("tool_calls").and_then(Value::as_array);
+    if calls.is_none_or(Vec::is_empty) {
+        return Message {
+            role: "assistant".into(),
+            content: Content::Text(text),
+            extra: Extra::new(),
+        };
+    }
+    let mut blocks = Vec::new();
+    if !text.is_empty() {
+        blocks.push(ContentBlock::text(text));
+    }
+    for call in calls.into_iter().flatten() {
+        let f = call.get("function");
+        let args = f
+            .and_then(|f| f.get("arguments"))
+            .and_then(Value::as_str)
+            .unwrap_or("");
+        let input = serde_json::from_str::<Value>(args)
+            .ok()
+            .filter(Value::is_object)
+            .unwrap_or_else(|| json!({}));
+        blocks.push(ContentBlock::tool_use(
+            call.get("id").and_then(Value::as_str).unwrap_or_default(),
+            f.and_then(|f| f.get("name"))
+                .and_then(Value::as_str)
+                .unwrap_or_default(),
+            input,
+        ));
+    }
+    Message {
+        role: "assistant".into(),
+        content: Content::Blocks(blocks),
+        extra: Extra::new(),
+    }
+}
+
+/// The chat `finish_reason` of an Anthropic `stop_reason`: `end_turn`, `stop_sequence`
+/// and `pause_turn` → `stop`, `max_tokens` → `length`, `tool_use` → `tool_calls`,
+/// `refusal` → `content_filter`; an unknown one passes as it is.
+pub(super) fn finish_reason(stop_reason: &str) -> String {
+    match stop_reason {
+        "end_turn" | "stop_sequence" | "pause_turn" => "stop",
+        "max_tokens" => "length",
+        "tool_use" => "tool_calls",
+        "refusal" => "content_filter",
+        other => other,
+    }
+    .to_owned()
+}
+
+/// Chat usage of Anthropic usage: `prompt_tokens` is the whole prompt, the sum of
+/// `input_tokens`, `cache_creation_input_tokens` and `cache_read_input_tokens`; the
+/// cache reads in
+/// `prompt_tokens_details.cached_tokens`, the cache writes in
+/// `cache_creation_input_tokens` (what the ledger prices at `cache_write_per_1m`).
+pub(super) fn usage(u: &MessagesUsage) -> Usage {
+    let written = u.cache_creation_input_tokens.unwrap_or(0);
+    let read = u.cache_read_input_tokens.unwrap_or(0);
+    let prompt = u.input_tokens.saturating_add(written).saturating_add(read);
+    let mut extra = Extra::new();
+    extra.insert(
+        "prompt_tokens_details".into(),
+        json!({"cached_tokens": read}),
+    );
+    extra.insert("cache_creation_input_tokens".into(), json!(written));
+    Usage {
+        prompt_tokens: prompt,
+        completion_tokens: u.output_tokens,
+        total_tokens: prompt.saturating_add(u.output_tokens),
+        extra,
+    }
+}
+
+/// The chat completion of a Messages answer: text blocks joined as `content` (null
+/// when there is none and there are tool calls), `tool_use` blocks as `tool_calls`
+/// (input as JSON text), `thinking` blocks' text as `reasoning_content`, the stop
+/// reason by [`finish_reason`] (none stays none: the answer may be incomplete), usage
+/// by [`usage`].
+pub(super) fn to_completion(m: MessagesResponse) -> ChatCompletion {
+    let mut text = String::new();
+    let mut thinking = String::new();
+    let mut calls = Vec::new();
+    for b in &m.content {
+        match b.kind.as_str() {
+            "text" => text.push_str(b.text.as_deref().unwrap_or_default()),
+            "thinking" => thinking.push_str(
+                b.extra
+                    .get("thinking")
+                    .and_then(Value::as_str)
+                    .unwrap_or_default(),
+            ),
+            "tool_use" => calls.push(json!({
+                "id": b.id.as_deref().unwrap_or_default(),
+                "type": "function",
+                "function": {
+                    "name": b.name.as_deref().unwrap_or_default(),
+                    "arguments": b.input.as_ref().map_or_else(|| "{}".to_owned(), Value::to_string),
+                },
+            })),
+            _ => {}
+        }
+    }
+    let mut message = serde_json::Map::new();
+    message.insert("role".into(), json!("assistant"));
+    message.insert(
+        "content".into(),
+        if text.is_empty() && !calls.is_empty() {
+            Value::Null
+        } else {
+            Value::String(text)
+        },
+    );
+    if !calls.is_empty() {
+        message.insert("tool_calls".into(), Value::Array(calls));
+    }
+    if !thinking.is_empty() {
+        message.insert("reasoning_content".into(), Value::String(thinking));
+    }
+    ChatCompletion {
+        id: m.id,
+        object: "chat.completion".into(),
+        created: now_secs(),
+        model: m.model,
+        choices: vec![Choice {
+            index: 0,
+            message,
+            finish_reason: m.stop_reason.as_deref().map(finish_reason),
+            extra: Extra::new(),
+        }],
+        usage: Some(usage(&m.usage)),
+        extra: Extra::new(),
+    }
+}
+
+/// Unix time, seconds.
+pub(super) fn now_secs() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+    use echelon_types::ChatCompletionRequest;
+
+    fn wire(body: Value, max_tokens: Option<u32>) -> Value {
+        let body: ChatCompletionRequest = serde_json::from_value(body).unwrap();
+        let req = ProviderRequest {
+            max_tokens,
+            ..ProviderRequest::new(&body, "claude-x", false)
+        };
+        serde_json::to_value(to_messages(&req)).unwrap()
+    }
+
+    #[test]
+    fn a_chat_request_becomes_a_messages_request() {
+        let v = wire(
+            json!({
+                "model": "route", "temperature": 0.3, "stop": "END", "top_p": 0.9, "user": "u1",
+                "seed": 4, "response_format": {"type": "json_object"},
+                "tools": [{"type": "function", "function": {"name": "f", "description": "d", "parameters": {"type": "object"}}}],
+                "tool_choice": "required", "parallel_tool_calls": false,
+                "messages": [
+                    {"role": "system", "content": "be brief"},
+                    {"role": "developer", "content": "be kind"},
+                    {"role": "user", "content": [
+                        {"type": "text", "text": "look"},
+                        {"type": "image_url", "image_url": {"url": "data:image/png;base64,AAA"}},
+                        {"type": "image_url", "image_url": {"url": "https://x/y.png"}}]},
+                    {"role": "assistant", "content": null, "tool_calls": [
+                        {"id": "c1", "type": "function", "function": {"name": "f", "arguments": "{\"a\":1}"}},
+                        {"id": "c2", "type": "function", "function": {"name": "f", "arguments": "{}"}}]},
+                    {"role": "tool", "tool_call_id": "c1", "content": "one"},
+                    {"role": "tool", "tool_call_id": "c2", "content": "two"},
+                    {"role": "user", "content": "and?"}
+                ]
+            }),
+            None,
+        );
+        assert_eq!(
+            v,
+            json!({
+                "model": "claude-x", "max_tokens": 4096, "temperature": 0.3, "top_p": 0.9,
+                "stop_sequences": ["END"], "metadata": {"user_id": "u1"},
+                "system": "be brief\n\nbe kind",
+                "tools": [{"name": "f", "description": "d", "input_schema": {"type": "object"}}],
+                "tool_choice": {"type": "any", "disable_parallel_tool_use": true},
+                "messages": [
+                    {"role": "user", "content": [
+                        {"type": "text", "text": "look"},
+                        {"type": "image", "source": {"type": "base64", "media_type": "image/png", "data": "AAA"}},
+                        {"type": "image", "source": {"type": "url", "url": "https://x/y.png"}}]},
+                    {"role": "assistant", "content": [
+                        {"type": "tool_use", "id": "c1", "name": "f", "input": {"a": 1}},
+                        {"type": "tool_use", "id": "c2", "name": "f", "input": {}}]},
+                    {"role": "user", "content": [
+                        {"type": "tool_result", "tool_use_id": "c1", "content": "one"},
+                        {"type": "tool_result", "tool_use_id": "c2", "content": "two"}]},
+                    {"role": "user", "content": "and?"}
+                ]
+            })
+        );
+    }
+
+    #[test]
+    fn max_tokens_comes_from_the_request_then_the_echelon_then_the_default() {
+        let ask = json!({"model": "r", "messages": [{"role": "user", "content": "hi"}]});
+        assert_eq!(wire(ask.clone(), None)["max_tokens"], 4096);
+        assert_eq!(wire(ask.clone(), Some(100))["max_tokens"], 100);
+        let mut own = ask;
+        own["max_completion_tokens"] = json!(7);
+        assert_eq!(wire(own, Some(100))["max_tokens"], 7);
+    }
+
+    #[test]
+    fn a_message_becomes_a_completion_with_cache_usage() {
+        let m: MessagesResponse = serde_json::from_value(json!({
+            "id": "msg_1", "type": "message", "role": "assistant", "model": "claude-x",
+            "content": [{"type": "thinking", "thinking": "hmm", "signature": "s"},
+                        {"type": "text", "text": "Sure."},
+                        {"type": "tool_use", "id": "toolu_1", "name": "f", "input": {"a": 1}}],
+            "stop_reason": "tool_use", "stop_sequence": null,
+            "usage": {"input_tokens": 10, "output_tokens": 5, "cache_creation_input_tokens": 100, "cache_read_input_tokens": 1000}
+        }))
+        .unwrap();
+        let c = serde_json::to_value(to_completion(m)).unwrap();
+        assert_eq!(c["choices"][0]["finish_reason"], "tool_calls");
+        assert_eq!(c["choices"][0]["message"]["content"], "Sure.");
+        assert_eq!(c["choices"][0]["message"]["reasoning_content"], "hmm");
+        assert_eq!(
+            c["choices"][0]["message"]["tool_calls"][0],
+            json!({"id": "toolu_1", "type": "function", "function": {"name": "f", "arguments": "{\"a\":1}"}})
+        );
+        assert_eq!(
+            c["usage"],
+            json!({"prompt_tokens": 1110, "completion_tokens": 5, "total_tokens": 1115,
+                   "prompt_tokens_details": {"cached_tokens": 1000}, "cache_creation_input_tokens": 100})
+        );
+    }
+}
