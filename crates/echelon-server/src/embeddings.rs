@@ -29,6 +29,7 @@ async fn embed_in_span(r: crate::handlers::Routed) -> Result<Response, ApiError>
         options,
         body,
         arrived,
+        ..
     } = r;
     let req = parse_embedding_request(&body).map_err(ApiError::invalid_request)?;
     tracing::debug!(

@@ -34,6 +34,8 @@ pub(crate) struct Routed {
     pub(crate) body: bytes::Bytes,
     /// When the handler started: `x-echelon-overhead-ms` counts from here.
     pub(crate) arrived: std::time::Instant,
+    /// The request's headers (a dialect may forward some: `anthropic-version`, `anthropic-beta`).
+    pub(crate) headers: http::HeaderMap,
 }
 
 /// Serves one request of a routed endpoint with `serve`: the request id (the caller's
@@ -65,6 +67,7 @@ where
             options,
             body,
             arrived,
+            headers,
         })
         .await
     };
@@ -112,6 +115,7 @@ async fn chat(r: Routed) -> Result<Response, ApiError> {
         options,
         body,
         arrived,
+        ..
     } = r;
     let req = parse_request(&body).map_err(ApiError::invalid_request)?;
     // Debug, not info: a line per request is a formatted, blocking write to stderr on a

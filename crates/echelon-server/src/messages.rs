@@ -9,13 +9,20 @@
 //! `code` and `attempts` beside `type`; a failure after a stream began is an
 //! `event: error` frame, never a `message_stop`.
 //!
-//! What the translation loses (each named in the README's mapping table): `cache_control`
+//! To an Anthropic-wire model the request goes as the client sent it (the translation
+//! rides beside it as [`echelon_types::NativeRequest`]; `anthropic-version` and
+//! `anthropic-beta` are forwarded) and a non-streamed answer comes back as that upstream
+//! wrote it; a streamed one is relayed through the chat chunks, its thinking blocks and
+//! signatures included when the client asked for `thinking`.
+//!
+//! What the translation to other wires loses (each named in the README's mapping table): `cache_control`
 //! marks, `thinking` and other top-level fields an OpenAI-wire model has no use for,
 //! `thinking` blocks of earlier assistant turns, images inside tool results, which stop
 //! sequence matched (`stop_reason` says `end_turn`), and a tool result's `is_error` flag
 //! (sent as an `Error: ` prefix of its text).
 
 use std::convert::Infallible;
+use std::sync::Arc;
 
 use axum::body::Body;
 use axum::extract::State;
@@ -27,8 +34,8 @@ use echelon_types::anthropic::{
     MessagesResponse, MessagesUsage, StreamEvent,
 };
 use echelon_types::{
-    ChatCompletion, ChatCompletionChunk, ChatCompletionRequest, ChatMessage, Extra, RequestError,
-    Role, StreamOptions, Usage,
+    ChatCompletion, ChatCompletionChunk, ChatCompletionRequest, ChatMessage, Extra, NativeMessages,
+    NativeRequest, NativeResponse, RequestError, Role, StreamOptions, Usage,
 };
 use http::{HeaderValue, StatusCode};
 use serde_json::{Value, json};
@@ -61,12 +68,26 @@ async fn messages_in_span(r: Routed) -> Result<Response, ApiError> {
         options,
         body,
         arrived,
+        headers,
     } = r;
     let req = parse(&body)?;
     if req.max_tokens.is_none() {
         return Err(invalid("max_tokens", "max_tokens: Field required"));
     }
-    let chat = to_chat(req)?;
+    let thinking = req
+        .extra
+        .get("thinking")
+        .and_then(|t| t.get("type"))
+        .and_then(Value::as_str)
+        == Some("enabled");
+    let sent = req.clone();
+    let mut chat = to_chat(req)?;
+    chat.native = Some(Arc::new(NativeRequest::Anthropic(NativeMessages {
+        request: sent,
+        chat_messages: chat.messages.len(),
+        version: forwarded(&headers, "anthropic-version"),
+        beta: forwarded(&headers, "anthropic-beta"),
+    })));
     tracing::debug!(route = %echelon_types::bounded_name(&chat.model), stream = chat.is_stream(), "messages");
     let routed_error = |e: echelon::GatewayError| {
         ApiError::from(&e).with_overhead_ms(overhead_ms(arrived, e.attempts()))
@@ -78,7 +99,7 @@ async fn messages_in_span(r: Routed) -> Result<Response, ApiError> {
             .await
             .map_err(routed_error)?;
         let overhead = overhead_ms(arrived, stream.attempts());
-        let mut resp = stream_response(stream);
+        let mut resp = stream_response(stream, thinking);
         resp.headers_mut()
             .insert("x-echelon-overhead-ms", HeaderValue::from(overhead));
         Ok(resp)
@@ -88,7 +109,10 @@ async fn messages_in_span(r: Routed) -> Result<Response, ApiError> {
             .chat_with(chat, &options)
             .await
             .map_err(routed_error)?;
-        let message = from_chat(&done.response);
+        let message = match done.response.native.as_deref() {
+            Some(NativeResponse::Anthropic(native)) => native.clone(),
+            None => from_chat(&done.response),
+        };
         let mut resp = json_response(StatusCode::OK, &message)?;
         put_route_headers(resp.headers_mut(), &done.model, &done.attempts);
         put_overhead(resp.headers_mut(), arrived, &done.attempts);
@@ -161,6 +185,13 @@ fn invalid(path: impl Into<String>, message: impl Into<String>) -> ApiError {
 }
 
 /// The body as a Messages request.
+/// A header the client sent for an Anthropic upstream, when it is sane visible ASCII
+/// (at most 256 bytes): forwarded as it came by the provider of the Anthropic wire.
+fn forwarded(headers: &http::HeaderMap, name: &str) -> Option<String> {
+    let v = headers.get(name)?.to_str().ok()?;
+    (!v.is_empty() && v.len() <= 256).then(|| v.to_owned())
+}
+
 fn parse(body: &[u8]) -> Result<MessagesRequest, ApiError> {
     serde_json::from_slice(body).map_err(|e| {
         ApiError::invalid_request(RequestError {
@@ -534,16 +565,24 @@ fn tool_input(args: &str) -> Value {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Open {
     Text,
+    /// A `thinking` block (from `reasoning_content`, signed by `reasoning_signature`).
+    Thinking,
     /// A tool call, by its index in the chunks' `tool_calls`.
     Tool(u64),
 }
 
 /// Turns a chat stream's chunks into Messages stream events: `message_start` first,
-/// then per block `content_block_start`, `content_block_delta`s (`text_delta`, or
-/// `input_json_delta` for a tool call's arguments), `content_block_stop`; at the end
+/// then per block `content_block_start`, `content_block_delta`s (`text_delta`,
+/// `input_json_delta` for a tool call's arguments, `thinking_delta` and
+/// `signature_delta` for `reasoning_content` and `reasoning_signature`),
+/// `content_block_stop`; at the end
 /// `message_delta` (stop reason, usage) and `message_stop`.
 #[derive(Debug, Default)]
 pub(crate) struct Translator {
+    /// Whether the client asked for extended thinking (`thinking: {type: enabled}`):
+    /// only then do `reasoning_content` deltas become `thinking` blocks (a client that
+    /// did not ask has no use for them, and an unsigned block sent back to Claude is refused).
+    thinking: bool,
     open: Option<Open>,
     /// The index of the next block.
     next_index: u32,
@@ -552,6 +591,14 @@ pub(crate) struct Translator {
 }
 
 impl Translator {
+    /// A translator for a client that did (`thinking`) or did not ask for extended thinking.
+    pub(crate) fn new(thinking: bool) -> Translator {
+        Translator {
+            thinking,
+            ..Translator::default()
+        }
+    }
+
     /// The `message_start` of the stream of `model`.
     pub(crate) fn start(id: &str, model: &str) -> StreamEvent {
         StreamEvent::MessageStart {
@@ -587,6 +634,19 @@ impl Translator {
         });
     }
 
+    /// Opens a `thinking` block unless one is open.
+    fn open_thinking(&mut self, out: &mut Vec<StreamEvent>) {
+        if self.open != Some(Open::Thinking) {
+            let mut block = ContentBlock {
+                kind: "thinking".into(),
+                ..Default::default()
+            };
+            block.extra.insert("thinking".into(), json!(""));
+            block.extra.insert("signature".into(), json!(""));
+            self.open(Open::Thinking, block, out);
+        }
+    }
+
     /// The events of one chunk (of its first choice).
     pub(crate) fn chunk(&mut self, chunk: &ChatCompletionChunk, out: &mut Vec<StreamEvent>) {
         if let Some(u) = &chunk.usage {
@@ -595,6 +655,32 @@ impl Translator {
         let Some(choice) = chunk.choices.iter().find(|c| c.index == 0) else {
             return;
         };
+        let field = |name: &str| {
+            choice
+                .delta
+                .extra
+                .get(name)
+                .and_then(Value::as_str)
+                .filter(|t| !t.is_empty())
+        };
+        if let Some(thinking) = field("reasoning_content").filter(|_| self.thinking) {
+            self.open_thinking(out);
+            out.push(StreamEvent::ContentBlockDelta {
+                index: self.next_index,
+                delta: BlockDelta::ThinkingDelta {
+                    thinking: thinking.to_owned(),
+                },
+            });
+        }
+        if let Some(signature) = field("reasoning_signature").filter(|_| self.thinking) {
+            self.open_thinking(out);
+            out.push(StreamEvent::ContentBlockDelta {
+                index: self.next_index,
+                delta: BlockDelta::SignatureDelta {
+                    signature: signature.to_owned(),
+                },
+            });
+        }
         if let Some(text) = choice.delta.content.as_deref().filter(|t| !t.is_empty()) {
             if self.open != Some(Open::Text) {
                 self.open(Open::Text, ContentBlock::text(""), out);
@@ -693,15 +779,15 @@ enum Relay {
 
 /// The SSE response of a Messages stream (see [`Translator`]); a failure after the
 /// start is an `event: error` frame and the end of the body, with no `message_stop`.
-fn stream_response(stream: GatewayStream) -> Response {
+fn stream_response(stream: GatewayStream, thinking: bool) -> Response {
     let mut headers = http::HeaderMap::new();
     put_route_headers(&mut headers, stream.model(), stream.attempts());
-    let events = futures::stream::unfold(Relay::Start(Box::new(stream)), |relay| async move {
+    let events = futures::stream::unfold(Relay::Start(Box::new(stream)), move |relay| async move {
         match relay {
             Relay::Ended => None,
             Relay::Start(mut stream) => {
                 // The first chunk names the completion and the upstream model.
-                let mut t = Translator::default();
+                let mut t = Translator::new(thinking);
                 match stream.next().await {
                     Some(Ok(chunk)) => {
                         let mut out = vec![Translator::start(&chunk.id, &chunk.model)];

@@ -40,6 +40,7 @@ async fn in_span(r: crate::handlers::Routed) -> Result<Response, ApiError> {
         options,
         body,
         arrived,
+        ..
     } = r;
     let translated = parse_responses_request(&body).map_err(ApiError::invalid_request)?;
     if !translated.ignored.is_empty() {

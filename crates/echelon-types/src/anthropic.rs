@@ -322,7 +322,18 @@ pub enum BlockDelta {
         /// The piece.
         partial_json: String,
     },
-    /// Any other delta (`thinking_delta`, `signature_delta`, `citations_delta`, …).
+    /// Text added to a `thinking` block (extended thinking).
+    ThinkingDelta {
+        /// The text.
+        thinking: String,
+    },
+    /// The signature of a `thinking` block, sent once before the block stops; a client
+    /// must send it back with the block in a later turn.
+    SignatureDelta {
+        /// The signature (opaque).
+        signature: String,
+    },
+    /// Any other delta (`citations_delta`, …).
     #[serde(other)]
     Other,
 }

@@ -1,9 +1,12 @@
 //! Request and response bodies of `POST /v1/chat/completions`.
 
+use std::sync::Arc;
+
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
 use crate::Extra;
+use crate::anthropic::{MessagesRequest, MessagesResponse};
 
 /// A chat-completion request as a client sends it.
 ///
@@ -35,6 +38,43 @@ pub struct ChatCompletionRequest {
     /// Every other field, passed to the provider untouched.
     #[serde(flatten)]
     pub extra: Extra,
+    /// The client's own request when it came in another dialect that a provider wire also
+    /// speaks (an Anthropic Messages request): a provider of that wire sends it as it
+    /// came instead of translating this request back, so fields and blocks the neutral
+    /// shape has no place for are not lost. Never serialized; `None` for chat completions.
+    #[serde(skip)]
+    pub native: Option<Arc<NativeRequest>>,
+}
+
+/// A client's request in its own dialect, kept beside its neutral translation
+/// ([`ChatCompletionRequest::native`]).
+#[derive(Debug, Clone, PartialEq)]
+pub enum NativeRequest {
+    /// `POST /v1/messages`.
+    Anthropic(NativeMessages),
+}
+
+/// An Anthropic Messages request as the client sent it, with the headers that go with it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct NativeMessages {
+    /// The request, every unknown field and block kept.
+    pub request: MessagesRequest,
+    /// How many chat messages its translation had: when the gateway changed the
+    /// conversation since (a prefill, a continuation), the number differs and the provider
+    /// translates the changed chat messages instead, keeping only the top-level fields.
+    pub chat_messages: usize,
+    /// The client's `anthropic-version` header, forwarded instead of the provider's own.
+    pub version: Option<String>,
+    /// The client's `anthropic-beta` header, forwarded.
+    pub beta: Option<String>,
+}
+
+/// An answer in a provider's own dialect, kept beside its neutral translation
+/// ([`ChatCompletion::native`]) for a client that speaks the same dialect.
+#[derive(Debug, Clone, PartialEq)]
+pub enum NativeResponse {
+    /// An Anthropic Messages answer.
+    Anthropic(MessagesResponse),
 }
 
 impl ChatCompletionRequest {
@@ -50,6 +90,7 @@ impl ChatCompletionRequest {
             temperature: None,
             user: None,
             extra: Extra::new(),
+            native: None,
         }
     }
 
@@ -177,6 +218,11 @@ pub struct ChatCompletion {
     /// Other fields (`system_fingerprint`, llama.cpp `timings`, …), passed through.
     #[serde(flatten)]
     pub extra: Extra,
+    /// The provider's answer in its own dialect, when the client asked in that dialect
+    /// ([`ChatCompletionRequest::native`]): answered as it came, blocks the neutral shape
+    /// drops (`thinking` with its signature, server tool results) included. Never serialized.
+    #[serde(skip)]
+    pub native: Option<Arc<NativeResponse>>,
 }
 
 impl ChatCompletion {

@@ -20,7 +20,8 @@ pub mod responses;
 mod stream;
 
 pub use chat::{
-    ChatCompletion, ChatCompletionRequest, ChatMessage, Choice, Role, StreamOptions, Usage,
+    ChatCompletion, ChatCompletionRequest, ChatMessage, Choice, NativeMessages, NativeRequest,
+    NativeResponse, Role, StreamOptions, Usage,
 };
 pub use echo::{MAX_ECHOED_NAME_BYTES, bounded_name, bounded_to};
 pub use embeddings::{

@@ -70,3 +70,17 @@ pub struct Delta {
     #[serde(flatten)]
     pub extra: Extra,
 }
+
+impl Delta {
+    /// A delta carrying one field of [`extra`](Self::extra) (`reasoning_content`, …) as
+    /// a string, no role, no content.
+    pub fn extra_field(name: &str, value: String) -> Delta {
+        let mut extra = Extra::new();
+        extra.insert(name.to_owned(), serde_json::Value::String(value));
+        Delta {
+            role: None,
+            content: None,
+            extra,
+        }
+    }
+}

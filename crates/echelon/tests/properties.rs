@@ -219,6 +219,7 @@ fn request() -> impl Strategy<Value = ChatCompletionRequest> {
                     temperature,
                     user,
                     extra,
+                    native: None,
                 }
             },
         )

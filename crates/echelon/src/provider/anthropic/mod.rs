@@ -16,10 +16,13 @@
 mod request;
 mod sse;
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use echelon_types::anthropic::{ANTHROPIC_VERSION, MessagesResponse};
-use echelon_types::{ChatCompletion, ChatCompletionRequest, ChatMessage, Role};
+use echelon_types::{
+    ChatCompletion, ChatCompletionRequest, ChatMessage, NativeMessages, NativeResponse, Role,
+};
 use futures::StreamExt;
 use futures::future::BoxFuture;
 use tokio::time::Instant;
@@ -103,14 +106,19 @@ impl AnthropicProvider {
         url: &Result<reqwest::Url, String>,
         key: Option<&ApiKey>,
         timeout: Duration,
+        native: Option<&NativeMessages>,
     ) -> reqwest::RequestBuilder {
         let req = match url {
             Ok(url) => self.http.request(method, url.clone()),
             Err(raw) => self.http.request(method, raw),
         };
-        let req = req
-            .timeout(timeout)
-            .header("anthropic-version", ANTHROPIC_VERSION);
+        let version = native
+            .and_then(|n| n.version.as_deref())
+            .unwrap_or(ANTHROPIC_VERSION);
+        let mut req = req.timeout(timeout).header("anthropic-version", version);
+        if let Some(beta) = native.and_then(|n| n.beta.as_deref()) {
+            req = req.header("anthropic-beta", beta);
+        }
         match key {
             Some(key) => req.header("x-api-key", key.expose()),
             None => req,
@@ -127,13 +135,17 @@ impl AnthropicProvider {
             &self.messages_url,
             key,
             self.timeouts.total,
+            request::native_of(req.body),
         )
         .json(&request::to_messages(req))
     }
 
+    /// One non-streamed call; with `keep_native` (the client asked in the Messages
+    /// dialect) the answer keeps its own shape beside the translation.
     async fn call_inner(
         &self,
         send: reqwest::RequestBuilder,
+        keep_native: bool,
     ) -> Result<ChatCompletion, ProviderError> {
         let resp = send.send().await.map_err(from_reqwest)?;
         let resp = check_status(resp, &self.redactor).await?;
@@ -150,7 +162,13 @@ impl AnthropicProvider {
                 "response is not a Messages answer (its `type` is not `message`)",
             ));
         }
-        Ok(request::to_completion(message))
+        if keep_native {
+            let mut completion = request::to_completion(message.clone());
+            completion.native = Some(Arc::new(NativeResponse::Anthropic(message)));
+            Ok(completion)
+        } else {
+            Ok(request::to_completion(message))
+        }
     }
 
     async fn stream_inner(
@@ -194,7 +212,7 @@ impl AnthropicProvider {
         match kind {
             ProbeKind::Models => {
                 let timeout = self.timeouts.connect + MODELS_PROBE_EXTRA;
-                let send = self.send(reqwest::Method::GET, &self.models_url, key, timeout);
+                let send = self.send(reqwest::Method::GET, &self.models_url, key, timeout, None);
                 let resp = send.send().await.map_err(from_reqwest)?;
                 check_status(resp, &self.redactor).await.map(drop)
             }
@@ -207,7 +225,7 @@ impl AnthropicProvider {
                     max_tokens: Some(1),
                     ..ProviderRequest::new(&ping, upstream_model, false)
                 };
-                self.call_inner(self.post_messages(key, &req))
+                self.call_inner(self.post_messages(key, &req), false)
                     .await
                     .map(drop)
             }
@@ -246,7 +264,8 @@ impl Provider for AnthropicProvider {
         key: Option<&'a ApiKey>,
         req: &'a ProviderRequest<'a>,
     ) -> BoxFuture<'a, Result<ChatCompletion, ProviderError>> {
-        let call = self.call_inner(self.post_messages(key, req));
+        let keep_native = request::native_of(req.body).is_some();
+        let call = self.call_inner(self.post_messages(key, req), keep_native);
         Box::pin(async move {
             call.await
                 .and_then(finished)

@@ -5,7 +5,10 @@ use echelon_types::anthropic::{
     Content, ContentBlock, Message, MessagesRequest, MessagesResponse, MessagesUsage, Metadata,
     Tool,
 };
-use echelon_types::{ChatCompletion, ChatMessage, Choice, Extra, Role, Usage};
+use echelon_types::{
+    ChatCompletion, ChatCompletionRequest, ChatMessage, Choice, Extra, NativeMessages,
+    NativeRequest, Role, Usage,
+};
 use serde_json::{Value, json};
 
 use crate::provider::ProviderRequest;
@@ -28,7 +31,50 @@ pub const DEFAULT_MAX_TOKENS: u32 = 4096;
 /// `none`/`{function}` → `auto`/`any`/`none`/`tool`, `parallel_tool_calls: false` →
 /// `disable_parallel_tool_use`. Other OpenAI fields (`response_format`, `seed`, `n`,
 /// `logprobs`, …) have no Anthropic equivalent and are not sent.
+///
+/// A request that came in the Messages dialect ([`native_of`]) is sent as the client
+/// wrote it, unknown fields and blocks (`thinking`, `cache_control`, server tools)
+/// included, with the route's model name, generation cap, temperature default and stream
+/// flag; if the gateway changed its conversation since (a prefill or a continuation
+/// added a turn), the changed chat messages are translated and the client's other
+/// top-level fields kept.
 pub(super) fn to_messages(req: &ProviderRequest<'_>) -> MessagesRequest {
+    match native_of(req.body) {
+        Some(native) if native.chat_messages == req.body.messages.len() => {
+            let sent = &native.request;
+            MessagesRequest {
+                model: req.model.to_owned(),
+                max_tokens: Some(req.effective_max_tokens().unwrap_or(DEFAULT_MAX_TOKENS)),
+                temperature: req.effective_temperature(),
+                stream: req.stream.then_some(true),
+                ..sent.clone()
+            }
+        }
+        Some(native) => {
+            let mut m = translate(req);
+            let sent = &native.request;
+            for (k, v) in &sent.extra {
+                m.extra.entry(k.clone()).or_insert_with(|| v.clone());
+            }
+            if sent.metadata.is_some() {
+                m.metadata.clone_from(&sent.metadata);
+            }
+            m
+        }
+        None => translate(req),
+    }
+}
+
+/// The client's own Messages request behind `body`, if it came as one.
+pub(super) fn native_of(body: &ChatCompletionRequest) -> Option<&NativeMessages> {
+    match body.native.as_deref() {
+        Some(NativeRequest::Anthropic(n)) => Some(n),
+        None => None,
+    }
+}
+
+/// [`to_messages`] for a request that did not come in the Messages dialect.
+fn translate(req: &ProviderRequest<'_>) -> MessagesRequest {
     let body = req.body;
     let mut system = Vec::new();
     let mut messages: Vec<Message> = Vec::with_capacity(body.messages.len());
@@ -325,6 +371,7 @@ pub(super) fn to_completion(m: MessagesResponse) -> ChatCompletion {
         }],
         usage: Some(usage(&m.usage)),
         extra: Extra::new(),
+        native: None,
     }
 }
 
@@ -348,6 +395,64 @@ mod tests {
             ..ProviderRequest::new(&body, "claude-x", false)
         };
         serde_json::to_value(to_messages(&req)).unwrap()
+    }
+
+    /// A chat request translated from `sent` (as `/v1/messages` does: one chat message per
+    /// Messages turn here), carrying `sent` as its native request.
+    fn with_native(sent: Value, chat: Value) -> ChatCompletionRequest {
+        let request: MessagesRequest = serde_json::from_value(sent).unwrap();
+        let mut body: ChatCompletionRequest = serde_json::from_value(chat).unwrap();
+        body.native = Some(std::sync::Arc::new(NativeRequest::Anthropic(
+            NativeMessages {
+                chat_messages: request.messages.len(),
+                request,
+                version: None,
+                beta: None,
+            },
+        )));
+        body
+    }
+
+    #[test]
+    fn a_native_request_is_sent_as_it_came_with_the_routes_model_and_cap() {
+        let body = with_native(
+            json!({"model": "route", "max_tokens": 50, "thinking": {"type": "enabled", "budget_tokens": 20},
+                   "messages": [{"role": "user", "content": [{"type": "text", "text": "hi", "cache_control": {"type": "ephemeral"}}]}]}),
+            json!({"model": "route", "max_tokens": 50, "messages": [{"role": "user", "content": "hi"}]}),
+        );
+        let req = ProviderRequest {
+            temperature: Some(0.2),
+            ..ProviderRequest::new(&body, "claude-x", true)
+        };
+        let v = serde_json::to_value(to_messages(&req)).unwrap();
+        assert_eq!(v["model"], "claude-x");
+        assert_eq!(v["max_tokens"], 50);
+        assert_eq!(v["temperature"], 0.2, "the echelon's default applies");
+        assert_eq!(v["stream"], true);
+        assert_eq!(v["thinking"]["budget_tokens"], 20);
+        assert_eq!(
+            v["messages"][0]["content"][0]["cache_control"]["type"],
+            "ephemeral"
+        );
+    }
+
+    #[test]
+    fn a_changed_conversation_is_translated_and_keeps_the_clients_top_level_fields() {
+        // A continuation added an assistant turn: two chat messages, one Messages turn.
+        let body = with_native(
+            json!({"model": "route", "max_tokens": 50, "thinking": {"type": "enabled", "budget_tokens": 20},
+                   "metadata": {"user_id": "u9"},
+                   "messages": [{"role": "user", "content": "hi"}]}),
+            json!({"model": "route", "max_tokens": 50, "messages": [
+                {"role": "user", "content": "hi"},
+                {"role": "assistant", "content": "Hel"}]}),
+        );
+        let v = serde_json::to_value(to_messages(&ProviderRequest::new(&body, "claude-x", false)))
+            .unwrap();
+        assert_eq!(v["messages"].as_array().unwrap().len(), 2);
+        assert_eq!(v["messages"][1]["role"], "assistant");
+        assert_eq!(v["thinking"]["budget_tokens"], 20);
+        assert_eq!(v["metadata"]["user_id"], "u9");
     }
 
     #[test]

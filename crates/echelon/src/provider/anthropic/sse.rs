@@ -1,9 +1,11 @@
 //! Anthropic's stream events (`event: <type>` and `data: <json>`), decoded into chat
 //! chunks: `message_start` → a role chunk (and the prompt's usage, kept), a
 //! `content_block_start` of a tool → the tool call's head (id, name), `text_delta` →
-//! content, `input_json_delta` → the tool call's arguments, `message_delta` → the
-//! finish chunk and a usage chunk, `message_stop` → the end; `ping`, block stops and
-//! events Echelon does not know (thinking deltas, new types) prove the stream alive. An
+//! content, `input_json_delta` → the tool call's arguments, `thinking_delta` →
+//! `reasoning_content` (the field DeepSeek and vLLM stream reasoning in),
+//! `signature_delta` → `reasoning_signature`, `message_delta` → the finish chunk and a
+//! usage chunk, `message_stop` → the end; `ping`, block stops and events Echelon does
+//! not know (citations, new types) prove the stream alive. An
 //! `error` event is a failure: `rate_limit_error` as rate-limited, anything else
 //! (`overloaded_error`, `api_error`, …) as a server error.
 
@@ -136,6 +138,19 @@ impl Decoder {
                     content: Some(text),
                     extra: Extra::new(),
                 },
+                None,
+            ))),
+            Event::ContentBlockDelta {
+                delta: BlockDelta::ThinkingDelta { thinking: text },
+                ..
+            } => one(StreamEvent::Chunk(
+                self.chunk(Delta::extra_field("reasoning_content", text), None),
+            )),
+            Event::ContentBlockDelta {
+                delta: BlockDelta::SignatureDelta { signature },
+                ..
+            } => one(StreamEvent::Chunk(self.chunk(
+                Delta::extra_field("reasoning_signature", signature),
                 None,
             ))),
             Event::ContentBlockDelta {

@@ -249,6 +249,7 @@ pub(crate) fn completion(response: &Value) -> Result<ChatCompletion, ProviderErr
         choices,
         usage: usage(&response["usageMetadata"]),
         extra: Map::new(),
+        native: None,
     })
 }
 
