@@ -1,7 +1,8 @@
 //! API keys, their short public ids, and the [`Redactor`] that replaces them (and
 //! anything shaped like a key) in upstream text.
 
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, PoisonError};
+use tokio::time::Instant;
 
 use secrecy::{ExposeSecret, SecretString};
 use sha2::{Digest, Sha256};
@@ -14,13 +15,38 @@ use sha2::{Digest, Sha256};
 pub struct ApiKey {
     secret: SecretString,
     id: String,
+    /// What the provider's rate-limit headers last said about this key (shared by the
+    /// clones of the key: the pool's and the leases').
+    limits: Arc<Mutex<Option<(RateLimits, Instant)>>>,
 }
 
 impl ApiKey {
     /// Wraps a key and computes its id.
     pub fn new(secret: SecretString) -> Self {
         let id = key_id(secret.expose_secret());
-        ApiKey { secret, id }
+        ApiKey {
+            secret,
+            id,
+            limits: Arc::default(),
+        }
+    }
+
+    /// Records the rate-limit headers of a provider's response to a request made with
+    /// this key ([`RateLimits::from_headers`]); a response without any keeps what an
+    /// earlier one said.
+    pub fn observe(&self, headers: &http::HeaderMap) {
+        if let Some(limits) = RateLimits::from_headers(headers) {
+            *self.limits.lock().unwrap_or_else(PoisonError::into_inner) =
+                Some((limits, Instant::now()));
+        }
+    }
+
+    /// What the provider's rate-limit headers last said about this key, and when.
+    pub fn rate_limits(&self) -> Option<(RateLimits, Instant)> {
+        self.limits
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
     }
 
     /// The short id, e.g. `9f86d081`.
@@ -37,6 +63,91 @@ impl ApiKey {
 impl std::fmt::Debug for ApiKey {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(f, "ApiKey({})", self.id)
+    }
+}
+
+/// What a provider's rate-limit response headers say about the key a request used:
+/// OpenAI's (and most OpenAI-compatible servers') `x-ratelimit-{limit,remaining,reset}-
+/// {requests,tokens}` and Anthropic's `anthropic-ratelimit-{requests,tokens,input-tokens,
+/// output-tokens}-{limit,remaining,reset}`. Counts are requests or tokens in the
+/// provider's current window; resets are kept as the provider wrote them (OpenAI a
+/// duration such as `6m0s`, Anthropic an RFC 3339 time). A header that is not a number
+/// where one is expected is left out. Shown per key by `/admin/state`; Echelon's own
+/// limits do not act on them.
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize)]
+pub struct RateLimits {
+    /// Requests allowed per window.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub requests_limit: Option<u64>,
+    /// Requests left in the window.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub requests_remaining: Option<u64>,
+    /// When the request window resets, as sent.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub requests_reset: Option<String>,
+    /// Tokens allowed per window.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tokens_limit: Option<u64>,
+    /// Tokens left in the window.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tokens_remaining: Option<u64>,
+    /// When the token window resets, as sent.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tokens_reset: Option<String>,
+    /// Input tokens left in the window (Anthropic).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub input_tokens_remaining: Option<u64>,
+    /// Output tokens left in the window (Anthropic).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub output_tokens_remaining: Option<u64>,
+}
+
+impl RateLimits {
+    /// The rate-limit headers of a response, or `None` when it has none.
+    pub fn from_headers(headers: &http::HeaderMap) -> Option<RateLimits> {
+        let text = |names: [&str; 2]| {
+            names.iter().find_map(|n| {
+                let v = headers.get(*n)?.to_str().ok()?.trim();
+                // A reset is a short duration or timestamp: anything longer is not one.
+                (!v.is_empty() && v.len() <= 64).then(|| v.to_owned())
+            })
+        };
+        let count = |names: [&str; 2]| text(names).and_then(|v| v.parse::<u64>().ok());
+        let limits = RateLimits {
+            requests_limit: count([
+                "x-ratelimit-limit-requests",
+                "anthropic-ratelimit-requests-limit",
+            ]),
+            requests_remaining: count([
+                "x-ratelimit-remaining-requests",
+                "anthropic-ratelimit-requests-remaining",
+            ]),
+            requests_reset: text([
+                "x-ratelimit-reset-requests",
+                "anthropic-ratelimit-requests-reset",
+            ]),
+            tokens_limit: count([
+                "x-ratelimit-limit-tokens",
+                "anthropic-ratelimit-tokens-limit",
+            ]),
+            tokens_remaining: count([
+                "x-ratelimit-remaining-tokens",
+                "anthropic-ratelimit-tokens-remaining",
+            ]),
+            tokens_reset: text([
+                "x-ratelimit-reset-tokens",
+                "anthropic-ratelimit-tokens-reset",
+            ]),
+            input_tokens_remaining: count([
+                "anthropic-ratelimit-input-tokens-remaining",
+                "x-ratelimit-remaining-input-tokens",
+            ]),
+            output_tokens_remaining: count([
+                "anthropic-ratelimit-output-tokens-remaining",
+                "x-ratelimit-remaining-output-tokens",
+            ]),
+        };
+        (limits != RateLimits::default()).then_some(limits)
     }
 }
 
@@ -179,6 +290,62 @@ fn scrub_sk_shapes(text: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn headers(pairs: &[(&'static str, &str)]) -> http::HeaderMap {
+        pairs
+            .iter()
+            .map(|(k, v)| {
+                (
+                    http::HeaderName::from_static(k),
+                    http::HeaderValue::from_str(v).unwrap(),
+                )
+            })
+            .collect()
+    }
+
+    #[test]
+    fn openai_and_anthropic_rate_limit_headers_are_read() {
+        let openai = RateLimits::from_headers(&headers(&[
+            ("x-ratelimit-limit-requests", "500"),
+            ("x-ratelimit-remaining-requests", "499"),
+            ("x-ratelimit-reset-requests", "120ms"),
+            ("x-ratelimit-limit-tokens", "30000"),
+            ("x-ratelimit-remaining-tokens", "29000"),
+            ("x-ratelimit-reset-tokens", "2s"),
+        ]))
+        .unwrap();
+        assert_eq!(openai.requests_remaining, Some(499));
+        assert_eq!(openai.tokens_limit, Some(30000));
+        assert_eq!(openai.tokens_reset.as_deref(), Some("2s"));
+        let anthropic = RateLimits::from_headers(&headers(&[
+            ("anthropic-ratelimit-requests-remaining", "49"),
+            ("anthropic-ratelimit-tokens-remaining", "not-a-number"),
+            ("anthropic-ratelimit-input-tokens-remaining", "7000"),
+            ("anthropic-ratelimit-requests-reset", "2026-12-03T06:00:00Z"),
+        ]))
+        .unwrap();
+        assert_eq!(anthropic.requests_remaining, Some(49));
+        assert_eq!(anthropic.tokens_remaining, None, "not a number: left out");
+        assert_eq!(anthropic.input_tokens_remaining, Some(7000));
+        assert_eq!(
+            anthropic.requests_reset.as_deref(),
+            Some("2026-12-03T06:00:00Z")
+        );
+        assert_eq!(
+            RateLimits::from_headers(&headers(&[("x-other", "1")])),
+            None
+        );
+    }
+
+    #[test]
+    fn a_key_remembers_the_last_headers_across_its_clones() {
+        let k = ApiKey::new(SecretString::from("sk-test"));
+        let lease = k.clone();
+        lease.observe(&headers(&[("x-ratelimit-remaining-requests", "9")]));
+        lease.observe(&headers(&[("content-type", "application/json")]));
+        let (seen, _) = k.rate_limits().unwrap();
+        assert_eq!(seen.requests_remaining, Some(9));
+    }
 
     #[test]
     fn id_is_sha256_prefix_and_debug_hides_the_key() {

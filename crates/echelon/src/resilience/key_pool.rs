@@ -228,6 +228,8 @@ pub struct KeySnapshot {
     pub state: KeyState,
     /// Requests in flight with it, across every model sharing the pool.
     pub in_flight: u32,
+    /// What the provider's rate-limit headers last said about it, and when.
+    pub rate_limits: Option<(crate::key::RateLimits, Instant)>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -428,6 +430,7 @@ impl KeyPool {
                     id: s.key.id().to_owned(),
                     state,
                     in_flight: s.in_flight.load(Ordering::Relaxed),
+                    rate_limits: s.key.rate_limits(),
                 }
             })
             .collect()

@@ -165,6 +165,20 @@ pub struct KeyView {
     /// beside `id` and `in_flight`.
     #[serde(flatten)]
     pub state: KeyStateView,
+    /// What the provider's rate-limit response headers last said about the key
+    /// (`x-ratelimit-*`, `anthropic-ratelimit-*`); absent until a response had them.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub provider_rate_limits: Option<ProviderRateLimitsView>,
+}
+
+/// A key's last rate-limit headers ([`RateLimits`](crate::key::RateLimits)) and their age.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct ProviderRateLimitsView {
+    /// The counts and resets, as the provider sent them.
+    #[serde(flatten)]
+    pub limits: crate::key::RateLimits,
+    /// How long ago the response that carried them arrived, ms.
+    pub age_ms: u64,
 }
 
 /// What a key can be used for now.
@@ -316,6 +330,10 @@ impl KeyView {
             id: k.id,
             in_flight: k.in_flight,
             state,
+            provider_rate_limits: k.rate_limits.map(|(limits, seen)| ProviderRateLimitsView {
+                limits,
+                age_ms: ms(now.saturating_duration_since(seen)),
+            }),
         }
     }
 }
@@ -442,6 +460,7 @@ mod tests {
                 id: "abcd1234".into(),
                 in_flight: 2,
                 state,
+                provider_rate_limits: None,
             })
             .unwrap()
         };

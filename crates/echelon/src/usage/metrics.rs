@@ -430,6 +430,7 @@ mod tests {
                     id: "abcd1234".into(),
                     in_flight: 0,
                     state: KeyStateView::Ok,
+                    provider_rate_limits: None,
                 }],
             },
         );

@@ -145,10 +145,11 @@ impl AnthropicProvider {
     async fn call_inner(
         &self,
         send: reqwest::RequestBuilder,
+        key: Option<&ApiKey>,
         keep_native: bool,
     ) -> Result<ChatCompletion, ProviderError> {
         let resp = send.send().await.map_err(from_reqwest)?;
-        let resp = check_status(resp, &self.redactor).await?;
+        let resp = check_status(resp, &self.redactor, key).await?;
         let bytes = read_capped(resp, self.max_response_bytes).await?;
         let message: MessagesResponse = serde_json::from_slice(&bytes).map_err(|e| {
             ProviderError::new(
@@ -174,13 +175,14 @@ impl AnthropicProvider {
     async fn stream_inner(
         &self,
         send: reqwest::RequestBuilder,
+        key: Option<&ApiKey>,
     ) -> Result<ChunkStream, ProviderError> {
         let first_token_deadline = Instant::now() + self.timeouts.first_token;
         let resp = match tokio::time::timeout_at(first_token_deadline, send.send()).await {
             Ok(r) => r.map_err(from_reqwest)?,
             Err(_) => return Err(first_token_timeout(self.timeouts.first_token)),
         };
-        let resp = check_status(resp, &self.redactor).await?;
+        let resp = check_status(resp, &self.redactor, key).await?;
         let bytes = capped(
             resp.bytes_stream().map(|r| r.map_err(from_reqwest)),
             self.max_response_bytes,
@@ -214,7 +216,7 @@ impl AnthropicProvider {
                 let timeout = self.timeouts.connect + MODELS_PROBE_EXTRA;
                 let send = self.send(reqwest::Method::GET, &self.models_url, key, timeout, None);
                 let resp = send.send().await.map_err(from_reqwest)?;
-                check_status(resp, &self.redactor).await.map(drop)
+                check_status(resp, &self.redactor, key).await.map(drop)
             }
             ProbeKind::Completion => {
                 let ping = ChatCompletionRequest::new(
@@ -225,7 +227,7 @@ impl AnthropicProvider {
                     max_tokens: Some(1),
                     ..ProviderRequest::new(&ping, upstream_model, false)
                 };
-                self.call_inner(self.post_messages(key, &req), false)
+                self.call_inner(self.post_messages(key, &req), key, false)
                     .await
                     .map(drop)
             }
@@ -240,7 +242,11 @@ impl AnthropicProvider {
 async fn check_status(
     resp: reqwest::Response,
     redactor: &Redactor,
+    key: Option<&ApiKey>,
 ) -> Result<reqwest::Response, ProviderError> {
+    if let Some(key) = key {
+        key.observe(resp.headers());
+    }
     let status = resp.status();
     if status.is_success() {
         return Ok(resp);
@@ -265,7 +271,7 @@ impl Provider for AnthropicProvider {
         req: &'a ProviderRequest<'a>,
     ) -> BoxFuture<'a, Result<ChatCompletion, ProviderError>> {
         let keep_native = request::native_of(req.body).is_some();
-        let call = self.call_inner(self.post_messages(key, req), keep_native);
+        let call = self.call_inner(self.post_messages(key, req), key, keep_native);
         Box::pin(async move {
             call.await
                 .and_then(finished)
@@ -278,7 +284,7 @@ impl Provider for AnthropicProvider {
         key: Option<&'a ApiKey>,
         req: &'a ProviderRequest<'a>,
     ) -> BoxFuture<'a, Result<ChunkStream, ProviderError>> {
-        let stream = self.stream_inner(self.post_messages(key, req));
+        let stream = self.stream_inner(self.post_messages(key, req), key);
         Box::pin(async move { stream.await.map_err(|e| e.redacted(&self.redactor)) })
     }
 

@@ -140,7 +140,7 @@ impl GeminiProvider {
     ) -> Result<ChatCompletion, ProviderError> {
         let send = self.post(key, req)?;
         let resp = send.send().await.map_err(from_reqwest)?;
-        let resp = check_status(resp, &self.redactor).await?;
+        let resp = check_status(resp, &self.redactor, key).await?;
         let bytes = read_capped(resp, self.max_response_bytes).await?;
         let value: serde_json::Value = serde_json::from_slice(&bytes).map_err(|e| {
             ProviderError::new(
@@ -166,7 +166,7 @@ impl GeminiProvider {
             Ok(r) => r.map_err(from_reqwest)?,
             Err(_) => return Err(first_token_timeout(self.timeouts.first_token)),
         };
-        let resp = check_status(resp, &self.redactor).await?;
+        let resp = check_status(resp, &self.redactor, key).await?;
         let bytes = capped(
             resp.bytes_stream().map(|r| r.map_err(from_reqwest)),
             self.max_response_bytes,
@@ -227,7 +227,7 @@ impl GeminiProvider {
             .send(reqwest::Method::POST, &url, key, self.timeouts.total)
             .json(&serde_json::json!({ "requests": requests }));
         let resp = send.send().await.map_err(from_reqwest)?;
-        let resp = check_status(resp, &self.redactor).await?;
+        let resp = check_status(resp, &self.redactor, key).await?;
         let bytes = read_capped(resp, self.max_response_bytes).await?;
         let value: serde_json::Value = serde_json::from_slice(&bytes).map_err(|e| {
             ProviderError::new(
@@ -294,7 +294,7 @@ impl GeminiProvider {
                 let timeout = self.timeouts.connect + MODELS_PROBE_EXTRA;
                 let send = self.send(reqwest::Method::GET, &self.models_url, key, timeout);
                 let resp = send.send().await.map_err(from_reqwest)?;
-                check_status(resp, &self.redactor).await.map(drop)
+                check_status(resp, &self.redactor, key).await.map(drop)
             }
             ProbeKind::Completion => {
                 let ping = ChatCompletionRequest::new(
@@ -395,7 +395,11 @@ fn finished(completion: ChatCompletion) -> Result<ChatCompletion, ProviderError>
 async fn check_status(
     resp: reqwest::Response,
     redactor: &Redactor,
+    key: Option<&ApiKey>,
 ) -> Result<reqwest::Response, ProviderError> {
+    if let Some(key) = key {
+        key.observe(resp.headers());
+    }
     let status = resp.status();
     if status.is_success() {
         return Ok(resp);

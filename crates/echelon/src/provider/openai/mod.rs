@@ -139,9 +139,10 @@ impl OpenAiProvider {
     async fn call_inner(
         &self,
         send: reqwest::RequestBuilder,
+        key: Option<&ApiKey>,
     ) -> Result<ChatCompletion, ProviderError> {
         let resp = send.send().await.map_err(from_reqwest)?;
-        let resp = check_status(resp, &self.redactor).await?;
+        let resp = check_status(resp, &self.redactor, key).await?;
         let bytes = read_capped(resp, self.max_response_bytes).await?;
         let completion: ChatCompletion = serde_json::from_slice(&bytes).map_err(|e| {
             ProviderError::new(
@@ -164,6 +165,7 @@ impl OpenAiProvider {
     async fn stream_inner(
         &self,
         send: reqwest::RequestBuilder,
+        key: Option<&ApiKey>,
     ) -> Result<ChunkStream, ProviderError> {
         let started = Instant::now();
         let first_token_deadline = started + self.timeouts.first_token;
@@ -173,7 +175,7 @@ impl OpenAiProvider {
             // `first_token_timeout`, like no content chunk by then.
             Err(_) => return Err(first_token_timeout(self.timeouts.first_token)),
         };
-        let resp = check_status(resp, &self.redactor).await?;
+        let resp = check_status(resp, &self.redactor, key).await?;
         let bytes = capped(
             resp.bytes_stream().map(|r| r.map_err(from_reqwest)),
             self.max_response_bytes,
@@ -220,7 +222,7 @@ impl OpenAiProvider {
             )
             .json(&body);
         let resp = send.send().await.map_err(from_reqwest)?;
-        let resp = check_status(resp, &self.redactor).await?;
+        let resp = check_status(resp, &self.redactor, key).await?;
         let bytes = read_capped(resp, self.max_response_bytes).await?;
         let answer: EmbeddingResponse = serde_json::from_slice(&bytes).map_err(|e| {
             ProviderError::new(
@@ -259,7 +261,7 @@ impl OpenAiProvider {
                 let timeout = self.timeouts.connect + MODELS_PROBE_EXTRA;
                 let send = self.send(reqwest::Method::GET, &self.models_url, key, timeout);
                 let resp = send.send().await.map_err(from_reqwest)?;
-                check_status(resp, &self.redactor).await.map(drop)
+                check_status(resp, &self.redactor, key).await.map(drop)
             }
             ProbeKind::Completion => {
                 let ping = ChatCompletionRequest::new(
@@ -270,7 +272,9 @@ impl OpenAiProvider {
                     max_tokens: Some(1),
                     ..ProviderRequest::new(&ping, upstream_model, false)
                 };
-                self.call_inner(self.post_chat(key, &req)).await.map(drop)
+                self.call_inner(self.post_chat(key, &req), key)
+                    .await
+                    .map(drop)
             }
         }
     }
@@ -282,7 +286,7 @@ impl Provider for OpenAiProvider {
         key: Option<&'a ApiKey>,
         req: &'a ProviderRequest<'a>,
     ) -> BoxFuture<'a, Result<ChatCompletion, ProviderError>> {
-        let call = self.call_inner(self.post_chat(key, req));
+        let call = self.call_inner(self.post_chat(key, req), key);
         Box::pin(async move {
             call.await
                 .and_then(finished)
@@ -295,7 +299,7 @@ impl Provider for OpenAiProvider {
         key: Option<&'a ApiKey>,
         req: &'a ProviderRequest<'a>,
     ) -> BoxFuture<'a, Result<ChunkStream, ProviderError>> {
-        let stream = self.stream_inner(self.post_chat(key, req));
+        let stream = self.stream_inner(self.post_chat(key, req), key);
         Box::pin(async move { stream.await.map_err(|e| e.redacted(&self.redactor)) })
     }
 
@@ -471,7 +475,11 @@ where
 pub(super) async fn check_status(
     resp: reqwest::Response,
     redactor: &Redactor,
+    key: Option<&ApiKey>,
 ) -> Result<reqwest::Response, ProviderError> {
+    if let Some(key) = key {
+        key.observe(resp.headers());
+    }
     let status = resp.status();
     if status.is_success() {
         return Ok(resp);
