@@ -288,6 +288,7 @@ fn scrub_sk_shapes(text: &str) -> String {
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
 
