@@ -111,7 +111,7 @@ async fn messages_in_span(r: Routed) -> Result<Response, ApiError> {
             .map_err(routed_error)?;
         let message = match done.response.native.as_deref() {
             Some(NativeResponse::Anthropic(native)) => native.clone(),
-            None => from_chat(&done.response),
+            Some(NativeResponse::Responses(_)) | None => from_chat(&done.response),
         };
         let mut resp = json_response(StatusCode::OK, &message)?;
         put_route_headers(resp.headers_mut(), &done.model, &done.attempts);

@@ -7,8 +7,14 @@
 //! first content included) are the OpenAI error body with their status and attempts; a
 //! stream that fails after its start ends with `response.failed`, never
 //! `response.completed`.
+//!
+//! To a provider that declares `responses: true` the request goes as the client sent it
+//! (to its `{base_url}/responses`), and a non-streamed answer is its own Response object;
+//! a streamed one is decoded into chat chunks and its events made again here (the
+//! gateway checks and meters every stream the same way).
 
 use std::convert::Infallible;
+use std::sync::Arc;
 
 use axum::body::Body;
 use axum::extract::State;
@@ -18,6 +24,7 @@ use echelon::GatewayStream;
 use echelon_types::responses::{
     Response as ResponseObject, ResponseEvent, ResponseStreamTranslator, parse_responses_request,
 };
+use echelon_types::{NativeRequest, NativeResponse, NativeResponses};
 use http::{HeaderValue, StatusCode};
 
 use crate::AppState;
@@ -46,7 +53,15 @@ async fn in_span(r: crate::handlers::Routed) -> Result<Response, ApiError> {
     if !translated.ignored.is_empty() {
         tracing::debug!(fields = ?translated.ignored, "Responses fields without a chat equivalent, ignored");
     }
-    let req = translated.chat;
+    let mut req = translated.chat;
+    // The request as it came, for a provider that serves the Responses API itself
+    // (`responses: true`); the body parsed above, so this parse cannot fail.
+    if let Ok(serde_json::Value::Object(body)) = serde_json::from_slice(&body) {
+        req.native = Some(Arc::new(NativeRequest::Responses(NativeResponses {
+            body,
+            chat_messages: req.messages.len(),
+        })));
+    }
     let echo = translated.echo;
     let route = req.model.clone();
     tracing::debug!(route = %echelon_types::bounded_name(&route), stream = req.is_stream(), "response");
@@ -73,11 +88,18 @@ async fn in_span(r: crate::handlers::Routed) -> Result<Response, ApiError> {
             .chat_with(req, &options)
             .await
             .map_err(routed_error)?;
-        let mut object = ResponseObject::from_completion(id, &done.response, &done.model, &echo);
-        if object.created_at == 0 {
-            object.created_at = unix_now();
-        }
-        let mut resp = json_response(StatusCode::OK, &object)?;
+        let mut resp = match done.response.native.as_deref() {
+            // The upstream's own Response object, as it came.
+            Some(NativeResponse::Responses(object)) => json_response(StatusCode::OK, object)?,
+            Some(NativeResponse::Anthropic(_)) | None => {
+                let mut object =
+                    ResponseObject::from_completion(id, &done.response, &done.model, &echo);
+                if object.created_at == 0 {
+                    object.created_at = unix_now();
+                }
+                json_response(StatusCode::OK, &object)?
+            }
+        };
         put_route_headers(resp.headers_mut(), &done.model, &done.attempts);
         put_overhead(resp.headers_mut(), arrived, &done.attempts);
         Ok(resp)

@@ -48,10 +48,25 @@ pub struct ChatCompletionRequest {
 
 /// A client's request in its own dialect, kept beside its neutral translation
 /// ([`ChatCompletionRequest::native`]).
+// Always behind an `Arc` (one allocation per request): the variants' sizes do not matter.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug, Clone, PartialEq)]
 pub enum NativeRequest {
     /// `POST /v1/messages`.
     Anthropic(NativeMessages),
+    /// `POST /v1/responses`.
+    Responses(NativeResponses),
+}
+
+/// A Responses request as the client sent it: sent as it is to a provider that declares
+/// `responses: true`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct NativeResponses {
+    /// The request's JSON object.
+    pub body: serde_json::Map<String, Value>,
+    /// How many chat messages its translation had (see [`NativeMessages::chat_messages`]):
+    /// when the gateway changed the conversation since, the chat translation is sent.
+    pub chat_messages: usize,
 }
 
 /// An Anthropic Messages request as the client sent it, with the headers that go with it.
@@ -71,10 +86,14 @@ pub struct NativeMessages {
 
 /// An answer in a provider's own dialect, kept beside its neutral translation
 /// ([`ChatCompletion::native`]) for a client that speaks the same dialect.
+// Always behind an `Arc`, as [`NativeRequest`].
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug, Clone, PartialEq)]
 pub enum NativeResponse {
     /// An Anthropic Messages answer.
     Anthropic(MessagesResponse),
+    /// A Response object (`POST /v1/responses`), as JSON.
+    Responses(Value),
 }
 
 impl ChatCompletionRequest {

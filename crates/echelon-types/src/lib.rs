@@ -21,7 +21,7 @@ mod stream;
 
 pub use chat::{
     ChatCompletion, ChatCompletionRequest, ChatMessage, Choice, NativeMessages, NativeRequest,
-    NativeResponse, Role, StreamOptions, Usage,
+    NativeResponse, NativeResponses, Role, StreamOptions, Usage,
 };
 pub use echo::{MAX_ECHOED_NAME_BYTES, bounded_name, bounded_to};
 pub use embeddings::{

@@ -218,6 +218,12 @@ pub struct ProviderConfig {
     /// none.
     #[serde(default, deserialize_with = "value::headers")]
     pub headers: ExtraHeaders,
+    /// Whether the provider serves the OpenAI Responses API at `{base_url}/responses`
+    /// (`api: openai` only): a request that came to `/v1/responses` is then sent there
+    /// as the client wrote it, instead of being bridged to chat completions. Default
+    /// `false`.
+    #[serde(default)]
+    pub responses: bool,
 }
 
 /// The extra headers of a provider ([`ProviderConfig::headers`]): checked names and

@@ -14,8 +14,8 @@ use super::de::{Scope, fields_of, read, read_in, scalar_text};
 use super::env::EnvLookup;
 use super::error::did_you_mean;
 use super::model::{
-    EchelonConfig, FallbackConfig, ModelConfig, ProviderConfig, ServerConfig, TaskGroupConfig,
-    UsageConfig,
+    EchelonConfig, FallbackConfig, ModelConfig, ProviderApi, ProviderConfig, ServerConfig,
+    TaskGroupConfig, UsageConfig,
 };
 use super::node::{Entry, Kind, Node, Pos, index, join};
 use super::read::{At, Ctx, MapView, map};
@@ -139,12 +139,30 @@ pub(crate) fn is_loopback_host(host: &str) -> bool {
 
 /// Reads one provider (`providers.<id>:`).
 pub(crate) fn provider(ctx: &mut Ctx, node: &Node, path: &str) -> ProviderConfig {
-    read(ctx, node, path).unwrap_or_else(|| ProviderConfig {
+    let provider: Option<ProviderConfig> = read(ctx, node, path);
+    if let Some(p) = &provider
+        && p.responses
+        && p.api != ProviderApi::OpenAi
+        && let Some(view) = map(ctx, node, path)
+        && let Some(e) = view.get("responses")
+    {
+        ctx.error(
+            e.key_pos,
+            &join(path, "responses"),
+            format!(
+                "`responses: true` is for `api: openai` providers; this one is `api: {}`",
+                p.api.as_str()
+            ),
+            Some("remove `responses`: /v1/responses requests are translated for this wire".into()),
+        );
+    }
+    provider.unwrap_or_else(|| ProviderConfig {
         base_url: String::new(),
         api_keys: Vec::new(),
         api: Default::default(),
         key_cooldown: ProviderConfig::DEFAULT_KEY_COOLDOWN,
         headers: Default::default(),
+        responses: false,
     })
 }
 

@@ -107,6 +107,7 @@ pub(crate) fn read(ctx: &mut Ctx, root: &MapView<'_>, fragment: &mut Fragment) {
                 api: ProviderApi::OpenAi,
                 key_cooldown: ProviderConfig::DEFAULT_KEY_COOLDOWN,
                 headers: Default::default(),
+                responses: false,
             },
             refs: (),
         });

@@ -37,7 +37,7 @@ use std::time::Duration;
 use echelon_types::{ChatCompletion, ChatCompletionRequest, EmbeddingRequest, EmbeddingResponse};
 use futures::future::BoxFuture;
 
-use crate::config::{MalformedEvent, ProviderApi};
+use crate::config::{MalformedEvent, ProviderApi, ProviderConfig};
 use crate::key::{ApiKey, Redactor};
 
 pub use anthropic::{AnthropicProvider, DEFAULT_MAX_TOKENS as ANTHROPIC_DEFAULT_MAX_TOKENS};
@@ -218,7 +218,8 @@ pub trait Provider: Send + Sync + fmt::Debug {
     fn endpoint(&self) -> &str;
 }
 
-/// The provider for a model: the wire `api` selects, at `base_url` (e.g.
+/// The provider for a model: the wire `provider.api` selects (and, for `api: openai`,
+/// `provider.responses` whether `/v1/responses` requests go to its own Responses API), at `base_url` (e.g.
 /// `http://127.0.0.1:8082/v1`) over `http` (from [`HttpClients::get`], whose connect
 /// timeout should be `timeouts.connect`); the other timeouts apply per request. Its
 /// error messages are scrubbed by `redactor` (the model's keys, from
@@ -228,7 +229,7 @@ pub trait Provider: Send + Sync + fmt::Debug {
 /// skipped and counted or ends the stream, as `malformed_event` says (the model's
 /// `malformed_event`, [`StreamEvent::Malformed`]).
 pub fn build(
-    api: ProviderApi,
+    provider: &ProviderConfig,
     http: reqwest::Client,
     base_url: &str,
     timeouts: Timeouts,
@@ -236,9 +237,10 @@ pub fn build(
     max_response_bytes: usize,
     malformed_event: MalformedEvent,
 ) -> Arc<dyn Provider> {
-    match api {
+    match provider.api {
         ProviderApi::OpenAi => Arc::new(
             OpenAiProvider::new(http, base_url, timeouts)
+                .with_responses(provider.responses)
                 .with_redactor(redactor)
                 .with_max_response_bytes(max_response_bytes)
                 .with_malformed_event(malformed_event),

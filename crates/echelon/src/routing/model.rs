@@ -153,7 +153,7 @@ impl Model {
             provider: config.provider.clone(),
             upstream_model: config.model.clone(),
             upstream: crate::provider::build(
-                provider.api,
+                provider,
                 http.get_with(timeouts.connect, &provider.headers)?,
                 base_url,
                 timeouts,

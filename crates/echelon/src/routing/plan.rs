@@ -256,6 +256,7 @@ mod tests {
             api: ProviderApi::OpenAi,
             key_cooldown: ProviderConfig::DEFAULT_KEY_COOLDOWN,
             headers: Default::default(),
+            responses: false,
         };
         let mut config = ModelConfig::new("p", "m");
         configure(&mut config);

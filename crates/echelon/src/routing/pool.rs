@@ -554,6 +554,7 @@ mod tests {
             api: ProviderApi::OpenAi,
             key_cooldown: ProviderConfig::DEFAULT_KEY_COOLDOWN,
             headers: Default::default(),
+            responses: false,
         };
         let mut config = ModelConfig::new("local", format!("{id}-upstream"));
         config.timeout = Duration::from_secs(5);

@@ -69,7 +69,7 @@ pub(super) fn to_messages(req: &ProviderRequest<'_>) -> MessagesRequest {
 pub(super) fn native_of(body: &ChatCompletionRequest) -> Option<&NativeMessages> {
     match body.native.as_deref() {
         Some(NativeRequest::Anthropic(n)) => Some(n),
-        None => None,
+        Some(NativeRequest::Responses(_)) | None => None,
     }
 }
 

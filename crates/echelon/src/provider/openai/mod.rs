@@ -4,15 +4,18 @@
 //! - `mod.rs`: the provider (URLs, bearer auth, calls, probes, embeddings, error answers).
 //! - `request.rs`: the request body, serialized from a [`ProviderRequest`] by borrowing.
 //! - `sse.rs`: the stream events (SSE, chunk JSON, `[DONE]`, error events).
+//! - `responses.rs`: `POST /responses` for a provider that declares `responses: true`
+//!   (a `/v1/responses` request sent as it came, the answer decoded back).
 
 mod request;
+mod responses;
 mod sse;
 
 use std::time::Duration;
 
 use echelon_types::{
     ChatCompletion, ChatCompletionRequest, ChatMessage, EmbeddingInput, EmbeddingResponse,
-    EncodingFormat, Extra, Role,
+    EncodingFormat, Extra, NativeResponse, NativeResponses, Role,
 };
 use futures::StreamExt;
 use futures::future::BoxFuture;
@@ -49,6 +52,9 @@ pub struct OpenAiProvider {
     models_url: Result<reqwest::Url, String>,
     /// `{base_url}/embeddings`, the same way.
     embeddings_url: Result<reqwest::Url, String>,
+    /// `{base_url}/responses` when the provider declares `responses: true`: a
+    /// `/v1/responses` request goes there as the client sent it.
+    responses_url: Option<Result<reqwest::Url, String>>,
     timeouts: Timeouts,
     /// Scrubs the model's keys (and key shapes) out of every error message.
     redactor: Redactor,
@@ -73,6 +79,7 @@ impl OpenAiProvider {
             chat_url: parse_url(format!("{base}/chat/completions")),
             models_url: parse_url(format!("{base}/models")),
             embeddings_url: parse_url(format!("{base}/embeddings")),
+            responses_url: None,
             timeouts,
             redactor: Redactor::default(),
             max_response_bytes: super::DEFAULT_MAX_RESPONSE_BYTES,
@@ -84,6 +91,21 @@ impl OpenAiProvider {
     /// without it only the generic key shapes are scrubbed.
     pub fn with_redactor(mut self, redactor: Redactor) -> Self {
         self.redactor = redactor;
+        self
+    }
+
+    /// The same endpoint sending requests that came to `/v1/responses` to its own
+    /// `{base_url}/responses` as they came (`responses: true` in the provider's config);
+    /// without it they are bridged to chat completions.
+    pub fn with_responses(mut self, responses: bool) -> Self {
+        self.responses_url = responses.then(|| {
+            let chat = match &self.chat_url {
+                Ok(u) => u.as_str().to_owned(),
+                Err(raw) => raw.clone(),
+            };
+            let base = chat.trim_end_matches("/chat/completions");
+            parse_url(format!("{base}/responses"))
+        });
         self
     }
 
@@ -166,6 +188,7 @@ impl OpenAiProvider {
         &self,
         send: reqwest::RequestBuilder,
         key: Option<&ApiKey>,
+        responses: bool,
     ) -> Result<ChunkStream, ProviderError> {
         let started = Instant::now();
         let first_token_deadline = started + self.timeouts.first_token;
@@ -183,7 +206,12 @@ impl OpenAiProvider {
         // In-band error events, malformed events (a parser's message may quote the
         // data) and failures mid-stream carry upstream text too.
         let redactor = self.redactor.clone();
-        let events = sse::events(bytes).map(move |event| match event {
+        let events = if responses {
+            futures::future::Either::Left(responses::events(bytes))
+        } else {
+            futures::future::Either::Right(sse::events(bytes))
+        };
+        let events = events.map(move |event| match event {
             Ok(StreamEvent::Malformed(why)) => Ok(StreamEvent::Malformed(
                 ProviderError::new(ErrorKind::Malformed, why)
                     .redacted(&redactor)
@@ -198,6 +226,40 @@ impl OpenAiProvider {
             first_token_deadline,
             self.malformed_event,
         ))
+    }
+
+    /// Where a request goes instead of chat completions: `{base_url}/responses` with the
+    /// client's own Responses request, when the provider declares `responses: true` and
+    /// the request came to `/v1/responses` unchanged ([`responses::native_of`]).
+    fn responses_route<'r>(
+        &self,
+        req: &'r ProviderRequest<'_>,
+    ) -> Option<(&Result<reqwest::Url, String>, &'r NativeResponses)> {
+        Some((
+            self.responses_url.as_ref()?,
+            responses::native_of(req.body)?,
+        ))
+    }
+
+    /// One non-streamed Responses call: the Response object as a chat completion, the
+    /// object itself kept beside it for the `/v1/responses` client.
+    async fn call_responses(
+        &self,
+        send: reqwest::RequestBuilder,
+        key: Option<&ApiKey>,
+    ) -> Result<ChatCompletion, ProviderError> {
+        let resp = send.send().await.map_err(from_reqwest)?;
+        let resp = check_status(resp, &self.redactor, key).await?;
+        let bytes = read_capped(resp, self.max_response_bytes).await?;
+        let object: serde_json::Value = serde_json::from_slice(&bytes).map_err(|e| {
+            ProviderError::new(
+                ErrorKind::Malformed,
+                format!("response is not a Response object: {e}"),
+            )
+        })?;
+        let mut completion = responses::to_completion(&object)?;
+        completion.native = Some(std::sync::Arc::new(NativeResponse::Responses(object)));
+        Ok(completion)
     }
 
     async fn embed_inner(
@@ -286,6 +348,17 @@ impl Provider for OpenAiProvider {
         key: Option<&'a ApiKey>,
         req: &'a ProviderRequest<'a>,
     ) -> BoxFuture<'a, Result<ChatCompletion, ProviderError>> {
+        if let Some((url, native)) = self.responses_route(req) {
+            let send = self
+                .send(reqwest::Method::POST, url, key, self.timeouts.total)
+                .json(&responses::body(req, native));
+            return Box::pin(async move {
+                self.call_responses(send, key)
+                    .await
+                    .and_then(finished)
+                    .map_err(|e| e.redacted(&self.redactor))
+            });
+        }
         let call = self.call_inner(self.post_chat(key, req), key);
         Box::pin(async move {
             call.await
@@ -299,7 +372,15 @@ impl Provider for OpenAiProvider {
         key: Option<&'a ApiKey>,
         req: &'a ProviderRequest<'a>,
     ) -> BoxFuture<'a, Result<ChunkStream, ProviderError>> {
-        let stream = self.stream_inner(self.post_chat(key, req), key);
+        let (send, responses) = match self.responses_route(req) {
+            Some((url, native)) => (
+                self.send(reqwest::Method::POST, url, key, self.timeouts.total)
+                    .json(&responses::body(req, native)),
+                true,
+            ),
+            None => (self.post_chat(key, req), false),
+        };
+        let stream = self.stream_inner(send, key, responses);
         Box::pin(async move { stream.await.map_err(|e| e.redacted(&self.redactor)) })
     }
 
