@@ -54,6 +54,11 @@ POST /v1/messages, POST /v1/messages/count_tokens, POST /v1/embeddings, GET /v1/
 GET /health, GET /metrics, GET /admin/state";
 
 impl ApiError {
+    /// The message a client gets in the error body.
+    pub(crate) fn message(&self) -> &str {
+        &self.body.error.message
+    }
+
     /// An error with `status`, OpenAI error `type` `kind` (e.g. `invalid_request_error`),
     /// machine-readable `code` and `message`.
     pub(crate) fn new(

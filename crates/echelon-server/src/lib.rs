@@ -63,6 +63,29 @@ use tokio::net::TcpListener;
 
 pub use auth::GatewayKeys;
 
+/// The inbound dialects' translations to and from the neutral chat shape, exactly as the
+/// endpoints make them, for tools and benchmarks (`benches/translate.rs`). The
+/// Responses translations are public in [`echelon_types::responses`].
+pub mod translate {
+    use echelon_types::anthropic::MessagesResponse;
+    use echelon_types::{ChatCompletion, ChatCompletionRequest};
+
+    /// A `POST /v1/messages` body as the chat request it is routed as.
+    ///
+    /// # Errors
+    /// The message of the 400 a client would get (not a Messages request, no messages).
+    pub fn messages_request(body: &[u8]) -> Result<ChatCompletionRequest, String> {
+        crate::messages::parse(body)
+            .and_then(crate::messages::to_chat)
+            .map_err(|e| e.message().to_owned())
+    }
+
+    /// A chat completion as the Messages answer a `/v1/messages` client gets.
+    pub fn messages_answer(completion: &ChatCompletion) -> MessagesResponse {
+        crate::messages::from_chat(completion)
+    }
+}
+
 /// Settings of the HTTP layer.
 #[derive(Debug, Clone)]
 pub struct ServerOptions {

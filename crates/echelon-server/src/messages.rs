@@ -192,7 +192,7 @@ fn forwarded(headers: &http::HeaderMap, name: &str) -> Option<String> {
     (!v.is_empty() && v.len() <= 256).then(|| v.to_owned())
 }
 
-fn parse(body: &[u8]) -> Result<MessagesRequest, ApiError> {
+pub(crate) fn parse(body: &[u8]) -> Result<MessagesRequest, ApiError> {
     serde_json::from_slice(body).map_err(|e| {
         ApiError::invalid_request(RequestError {
             path: None,

@@ -260,6 +260,35 @@ pub fn build(
     }
 }
 
+/// The request body a model of wire `api` sends for `req`, as JSON bytes: OpenAI chat
+/// completions, Anthropic Messages or Gemini `generateContent` (the same translation a
+/// call makes). For tools and benchmarks that show or measure what a request becomes.
+///
+/// # Errors
+/// A request the wire cannot carry ([`ErrorKind::Malformed`]; e.g. a Gemini request
+/// whose messages translate to no content).
+pub fn wire_body(api: ProviderApi, req: &ProviderRequest<'_>) -> Result<Vec<u8>, ProviderError> {
+    match api {
+        ProviderApi::OpenAi => openai::body(req),
+        ProviderApi::Anthropic => anthropic::body(req),
+        ProviderApi::Gemini => gemini::body(req),
+    }
+}
+
+/// The chat completion of a non-streamed answer `body` of wire `api` (the same decoding
+/// and checks a call makes).
+///
+/// # Errors
+/// [`ErrorKind::Malformed`] for a body that is not that wire's answer or answers
+/// nothing; a Gemini in-band error or blocked prompt as the call classifies it.
+pub fn wire_answer(api: ProviderApi, body: &[u8]) -> Result<ChatCompletion, ProviderError> {
+    match api {
+        ProviderApi::OpenAi => openai::answer(body),
+        ProviderApi::Anthropic => anthropic::answer(body),
+        ProviderApi::Gemini => gemini::answer(body, &Redactor::default()),
+    }
+}
+
 #[cfg(test)]
 #[allow(clippy::unwrap_used)]
 mod tests {

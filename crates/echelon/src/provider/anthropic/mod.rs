@@ -151,18 +151,7 @@ impl AnthropicProvider {
         let resp = send.send().await.map_err(from_reqwest)?;
         let resp = check_status(resp, &self.redactor, key).await?;
         let bytes = read_capped(resp, self.max_response_bytes).await?;
-        let message: MessagesResponse = serde_json::from_slice(&bytes).map_err(|e| {
-            ProviderError::new(
-                ErrorKind::Malformed,
-                format!("response is not a Messages answer: {e}"),
-            )
-        })?;
-        if message.kind != "message" {
-            return Err(ProviderError::new(
-                ErrorKind::Malformed,
-                "response is not a Messages answer (its `type` is not `message`)",
-            ));
-        }
+        let message = message(&bytes)?;
         if keep_native {
             let mut completion = request::to_completion(message.clone());
             completion.native = Some(Arc::new(NativeResponse::Anthropic(message)));
@@ -262,6 +251,34 @@ async fn check_status(
         e.kind = ErrorKind::ContextLength;
     }
     Err(e)
+}
+
+/// A non-streamed Messages answer, checked to be one (`type: message`).
+fn message(bytes: &[u8]) -> Result<MessagesResponse, ProviderError> {
+    let message: MessagesResponse = serde_json::from_slice(bytes).map_err(|e| {
+        ProviderError::new(
+            ErrorKind::Malformed,
+            format!("response is not a Messages answer: {e}"),
+        )
+    })?;
+    if message.kind != "message" {
+        return Err(ProviderError::new(
+            ErrorKind::Malformed,
+            "response is not a Messages answer (its `type` is not `message`)",
+        ));
+    }
+    Ok(message)
+}
+
+/// A non-streamed Messages answer as a chat completion.
+pub(crate) fn answer(bytes: &[u8]) -> Result<ChatCompletion, ProviderError> {
+    message(bytes).map(request::to_completion)
+}
+
+/// The Messages request body of `req`, as sent.
+pub(crate) fn body(req: &ProviderRequest<'_>) -> Result<Vec<u8>, ProviderError> {
+    serde_json::to_vec(&request::to_messages(req))
+        .map_err(|e| ProviderError::new(ErrorKind::Malformed, e.to_string()))
 }
 
 impl Provider for AnthropicProvider {

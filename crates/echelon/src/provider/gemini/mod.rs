@@ -142,16 +142,7 @@ impl GeminiProvider {
         let resp = send.send().await.map_err(from_reqwest)?;
         let resp = check_status(resp, &self.redactor, key).await?;
         let bytes = read_capped(resp, self.max_response_bytes).await?;
-        let value: serde_json::Value = serde_json::from_slice(&bytes).map_err(|e| {
-            ProviderError::new(
-                ErrorKind::Malformed,
-                format!("response is not a Gemini GenerateContentResponse: {e}"),
-            )
-        })?;
-        if let Some(err) = value.get("error") {
-            return Err(error::classify_error(None, None, err, &self.redactor));
-        }
-        response::completion(&value)
+        answer(&bytes, &self.redactor)
     }
 
     async fn stream_inner(
@@ -309,6 +300,27 @@ impl GeminiProvider {
             }
         }
     }
+}
+
+/// The `generateContent` request body of `req`, as sent.
+pub(crate) fn body(req: &ProviderRequest<'_>) -> Result<Vec<u8>, ProviderError> {
+    serde_json::to_vec(&request::body(req)?)
+        .map_err(|e| ProviderError::new(ErrorKind::Malformed, e.to_string()))
+}
+
+/// A non-streamed `generateContent` answer as a chat completion (an in-band `error`
+/// classified, its text scrubbed by `redactor`).
+pub(crate) fn answer(bytes: &[u8], redactor: &Redactor) -> Result<ChatCompletion, ProviderError> {
+    let value: serde_json::Value = serde_json::from_slice(bytes).map_err(|e| {
+        ProviderError::new(
+            ErrorKind::Malformed,
+            format!("response is not a Gemini GenerateContentResponse: {e}"),
+        )
+    })?;
+    if let Some(err) = value.get("error") {
+        return Err(error::classify_error(None, None, err, redactor));
+    }
+    response::completion(&value)
 }
 
 impl Provider for GeminiProvider {

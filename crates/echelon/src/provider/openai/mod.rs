@@ -166,22 +166,7 @@ impl OpenAiProvider {
         let resp = send.send().await.map_err(from_reqwest)?;
         let resp = check_status(resp, &self.redactor, key).await?;
         let bytes = read_capped(resp, self.max_response_bytes).await?;
-        let completion: ChatCompletion = serde_json::from_slice(&bytes).map_err(|e| {
-            ProviderError::new(
-                ErrorKind::Malformed,
-                format!("response is not a chat completion: {e}"),
-            )
-        })?;
-        // `{}` and `{"choices":[]}` parse (every field has a default) but answer nothing:
-        // relayed, they would be a 200 without an answer (DESIGN.md §4: "an empty 200 is
-        // a failure like any other").
-        if completion.choices.is_empty() {
-            return Err(ProviderError::new(
-                ErrorKind::Malformed,
-                "response has no choices (an empty answer)",
-            ));
-        }
-        Ok(completion)
+        answer(&bytes)
     }
 
     async fn stream_inner(
@@ -340,6 +325,32 @@ impl OpenAiProvider {
             }
         }
     }
+}
+
+/// A non-streamed chat-completions answer.
+pub(crate) fn answer(bytes: &[u8]) -> Result<ChatCompletion, ProviderError> {
+    let completion: ChatCompletion = serde_json::from_slice(bytes).map_err(|e| {
+        ProviderError::new(
+            ErrorKind::Malformed,
+            format!("response is not a chat completion: {e}"),
+        )
+    })?;
+    // `{}` and `{"choices":[]}` parse (every field has a default) but answer nothing:
+    // relayed, they would be a 200 without an answer (DESIGN.md §4: "an empty 200 is
+    // a failure like any other").
+    if completion.choices.is_empty() {
+        return Err(ProviderError::new(
+            ErrorKind::Malformed,
+            "response has no choices (an empty answer)",
+        ));
+    }
+    Ok(completion)
+}
+
+/// The chat-completions request body of `req`, as sent.
+pub(crate) fn body(req: &ProviderRequest<'_>) -> Result<Vec<u8>, ProviderError> {
+    serde_json::to_vec(&WireRequest::new(req))
+        .map_err(|e| ProviderError::new(ErrorKind::Malformed, e.to_string()))
 }
 
 impl Provider for OpenAiProvider {
