@@ -46,6 +46,8 @@ server: { host: 127.0.0.1, metrics: true }
 providers:
   fast: { base_url: "$up0/v1", api_keys: ["fast-k1", "fast-k2", "fast-k3"] }
   slow: { base_url: "$up50/v1", api_keys: ["slow-k1", "slow-k2", "slow-k3"] }
+  # The same 0 ms upstream on its Anthropic Messages wire (`POST /v1/messages`).
+  fast-anthropic: { base_url: "$up0", api: anthropic, api_keys: ["fast-k1", "fast-k2", "fast-k3"] }
 models:
   fast-a: &limits
     provider: fast
@@ -60,6 +62,7 @@ models:
   fast-b: { <<: *limits, provider: fast }
   slow-a: { <<: *limits, provider: slow }
   slow-b: { <<: *limits, provider: slow }
+  claude-a: { <<: *limits, provider: fast-anthropic, model: test-model }
 task_groups:
   fast_group: { echelon1: { models: [fast-a] }, echelon2: { models: [fast-b] } }
   slow_group: { echelon1: { models: [slow-a] }, echelon2: { models: [slow-b] } }
@@ -76,9 +79,18 @@ wrk.headers["Content-Type"] = "application/json"
 wrk.body = '{"model":"$2","messages":[{"role":"user","content":"hello there, how are you"}],"max_tokens":16$extra}'
 LUA
 }
-for model in test-model fast_group slow_group; do
+for model in test-model fast_group slow_group claude-a; do
   lua "$work/$model-json.lua" "$model" false
   lua "$work/$model-sse.lua" "$model" true
+done
+# The same request as an Anthropic Messages body (`/v1/messages`).
+for model in test-model fast_group claude-a; do
+  cat >"$work/$model-messages.lua" <<LUA
+wrk.method = "POST"
+wrk.headers["Content-Type"] = "application/json"
+wrk.headers["anthropic-version"] = "2023-06-01"
+wrk.body = '{"model":"$model","max_tokens":16,"messages":[{"role":"user","content":"hello there, how are you"}]}'
+LUA
 done
 
 cpu_ticks() { awk '{print $14 + $15}' "/proc/$1/stat"; }
@@ -100,11 +112,11 @@ if [ "$mode" = soak ]; then
 fi
 
 # One wrk run → "rps p50_ms p99_ms requests errors" (+ cpu seconds of $5's process).
-wrk_run() { # $1 = url base, $2 = lua, $3 = connections, $4 = seconds, $5 = pid to charge CPU to
+wrk_run() { # $1 = url base, $2 = lua, $3 = connections, $4 = seconds, $5 = pid to charge CPU to, $6 = path
   local threads=2; [ "$3" -lt 2 ] && threads=1
   local before after
   before="$(cpu_ticks "$5")"
-  wrk -t"$threads" -c"$3" -d"${4}s" --latency -s "$2" "$1/v1/chat/completions" >"$work/wrk.out"
+  wrk -t"$threads" -c"$3" -d"${4}s" --latency -s "$2" "$1${6:-/v1/chat/completions}" >"$work/wrk.out"
   after="$(cpu_ticks "$5")"
   python3 - "$work/wrk.out" "$before" "$after" "$tck" <<'PY'
 import re, sys
@@ -125,7 +137,12 @@ print(f"{rps:.1f} {ms(pct['50']):.4f} {ms(pct['99']):.4f} {n} {errs} {cpu:.3f}")
 PY
 }
 
-# scenario name | model direct | model gateway | lua kind | connections | upstream url | upstream pid
+# scenario name | model direct | model gateway | lua kind | connections | upstream url |
+# direct lua kind and path | gateway lua kind and path (default: the lua kind, chat completions)
+# The Messages rows: `messages in` is a /v1/messages client in front of the OpenAI-wire
+# group (translated both ways) against the upstream's own chat completions; `messages
+# out` a chat client in front of the Anthropic-wire model against the upstream's own
+# /v1/messages; `messages native` /v1/messages to the Anthropic-wire model (passthrough).
 scenarios=(
   "json c1 0ms|test-model|fast_group|json|1|$up0"
   "json c50 0ms|test-model|fast_group|json|50|$up0"
@@ -133,6 +150,9 @@ scenarios=(
   "stream c50 0ms|test-model|fast_group|sse|50|$up0"
   "json c50 50ms|test-model|slow_group|json|50|$up50"
   "stream c50 50ms|test-model|slow_group|sse|50|$up50"
+  "messages in c50 0ms|test-model|fast_group|json|50|$up0|json /v1/chat/completions|messages /v1/messages"
+  "messages out c50 0ms|test-model|claude-a|json|50|$up0|messages /v1/messages|json /v1/chat/completions"
+  "messages native c50 0ms|test-model|claude-a|json|50|$up0|messages /v1/messages|messages /v1/messages"
 )
 echo "warming up the gateway"
 wrk -t2 -c50 -d2s -s "$work/fast_group-json.lua" "$gw/v1/chat/completions" >/dev/null
@@ -140,9 +160,11 @@ results="$work/results.tsv"
 : >"$results"
 for round in $(seq 1 "$rounds"); do
   for s in "${scenarios[@]}"; do
-    IFS='|' read -r name m_direct m_gw kind conns up <<<"$s"
-    d="$(wrk_run "$up" "$work/$m_direct-$kind.lua" "$conns" "$secs" "$up0_pid")"
-    g="$(wrk_run "$gw" "$work/$m_gw-$kind.lua" "$conns" "$secs" "$gw_pid")"
+    IFS='|' read -r name m_direct m_gw kind conns up direct_at gw_at <<<"$s"
+    read -r d_kind d_path <<<"${direct_at:-$kind /v1/chat/completions}"
+    read -r g_kind g_path <<<"${gw_at:-$kind /v1/chat/completions}"
+    d="$(wrk_run "$up" "$work/$m_direct-$d_kind.lua" "$conns" "$secs" "$up0_pid" "$d_path")"
+    g="$(wrk_run "$gw" "$work/$m_gw-$g_kind.lua" "$conns" "$secs" "$gw_pid" "$g_path")"
     printf '%s\t%s\tdirect\t%s\n%s\t%s\tgateway\t%s\n' "$round" "$name" "$d" "$round" "$name" "$g" >>"$results"
     echo "round $round, $name: direct [$d] gateway [$g]  (rps p50 p99 n errors cpu_s)"
   done

@@ -25,7 +25,8 @@ fn main() {
 
 /// About 2,000 tokens of prose (tiktoken counts ~4 characters per English token).
 fn filler(chars: usize) -> String {
-    let words = "the gateway routes each request to the first healthy echelon and records its usage ";
+    let words =
+        "the gateway routes each request to the first healthy echelon and records its usage ";
     words.repeat(chars / words.len() + 1)[..chars].to_owned()
 }
 
@@ -157,7 +158,7 @@ fn responses_in(bencher: Bencher, size: Size) {
 #[divan::bench(args = SIZES)]
 fn messages_answer_out(bencher: Bencher, size: Size) {
     let c = completion(size);
-    bencher.bench(|| serde_json::to_vec(&messages_answer(black_box(&c))).unwrap());
+    bencher.bench(|| serde_json::to_vec(&messages_answer(black_box(&c), false)).unwrap());
 }
 
 /// Inbound answer: a chat completion → the Response object's bytes.
@@ -200,6 +201,9 @@ fn messages_via_gemini(bencher: Bencher, size: Size) {
         )
         .unwrap();
         let c = wire_answer(ProviderApi::Gemini, black_box(&answer)).unwrap();
-        (sent, serde_json::to_vec(&messages_answer(&c)).unwrap())
+        (
+            sent,
+            serde_json::to_vec(&messages_answer(&c, false)).unwrap(),
+        )
     });
 }

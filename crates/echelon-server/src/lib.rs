@@ -80,9 +80,11 @@ pub mod translate {
             .map_err(|e| e.message().to_owned())
     }
 
-    /// A chat completion as the Messages answer a `/v1/messages` client gets.
-    pub fn messages_answer(completion: &ChatCompletion) -> MessagesResponse {
-        crate::messages::from_chat(completion)
+    /// A chat completion as the Messages answer a `/v1/messages` client gets;
+    /// `thinking`: whether the client asked for extended thinking (then
+    /// `reasoning_content` becomes a `thinking` block).
+    pub fn messages_answer(completion: &ChatCompletion, thinking: bool) -> MessagesResponse {
+        crate::messages::from_chat(completion, thinking)
     }
 }
 

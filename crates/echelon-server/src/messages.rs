@@ -111,7 +111,7 @@ async fn messages_in_span(r: Routed) -> Result<Response, ApiError> {
             .map_err(routed_error)?;
         let message = match done.response.native.as_deref() {
             Some(NativeResponse::Anthropic(native)) => native.clone(),
-            Some(NativeResponse::Responses(_)) | None => from_chat(&done.response),
+            Some(NativeResponse::Responses(_)) | None => from_chat(&done.response, thinking),
         };
         let mut resp = json_response(StatusCode::OK, &message)?;
         put_route_headers(resp.headers_mut(), &done.model, &done.attempts);
@@ -502,14 +502,29 @@ fn message_id(id: &str) -> String {
     }
 }
 
-/// The Messages answer of a chat completion (its first choice): the text as a `text`
+/// The Messages answer of a chat completion (its first choice): with `thinking` (the
+/// client asked for extended thinking) its `reasoning_content` as a leading `thinking`
+/// block (signed by `reasoning_signature`, else an empty signature), the text as a `text`
 /// block, each tool call as a `tool_use` block (its arguments parsed as JSON; text that
 /// is not JSON kept as a string `input`), `stop_reason` by [`stop_reason`], usage by
 /// [`usage`].
-pub(crate) fn from_chat(c: &ChatCompletion) -> MessagesResponse {
+pub(crate) fn from_chat(c: &ChatCompletion, thinking: bool) -> MessagesResponse {
     let choice = c.choices.first();
     let mut content = Vec::new();
     if let Some(m) = choice.map(|c| &c.message) {
+        let reasoning = m.get("reasoning_content").and_then(Value::as_str);
+        if let Some(r) = reasoning.filter(|r| thinking && !r.is_empty()) {
+            let mut block = ContentBlock {
+                kind: "thinking".into(),
+                ..Default::default()
+            };
+            block.extra.insert("thinking".into(), json!(r));
+            let signature = m.get("reasoning_signature").and_then(Value::as_str);
+            block
+                .extra
+                .insert("signature".into(), json!(signature.unwrap_or_default()));
+            content.push(block);
+        }
         let text = match m.get("content") {
             Some(Value::String(s)) => s.clone(),
             Some(Value::Array(parts)) => parts
@@ -927,6 +942,24 @@ mod tests {
     }
 
     #[test]
+    fn reasoning_becomes_a_thinking_block_only_for_a_client_that_asked() {
+        let c: ChatCompletion = serde_json::from_value(json!({
+            "id": "c", "model": "deepseek",
+            "choices": [{"index": 0, "finish_reason": "stop", "message": {
+                "role": "assistant", "content": "4", "reasoning_content": "2 and 2"}}]
+        }))
+        .unwrap();
+        let asked = serde_json::to_value(from_chat(&c, true)).unwrap();
+        assert_eq!(
+            asked["content"],
+            json!([{"type": "thinking", "thinking": "2 and 2", "signature": ""},
+                   {"type": "text", "text": "4"}])
+        );
+        let not_asked = serde_json::to_value(from_chat(&c, false)).unwrap();
+        assert_eq!(not_asked["content"], json!([{"type": "text", "text": "4"}]));
+    }
+
+    #[test]
     fn a_completion_translates_to_a_message() {
         let c: ChatCompletion = serde_json::from_value(json!({
             "id": "chatcmpl-1", "model": "smollm2",
@@ -938,7 +971,7 @@ mod tests {
                       "prompt_tokens_details": {"cached_tokens": 60}}
         }))
         .unwrap();
-        let m = serde_json::to_value(from_chat(&c)).unwrap();
+        let m = serde_json::to_value(from_chat(&c, false)).unwrap();
         assert_eq!(
             m,
             json!({
