@@ -46,7 +46,7 @@ server: { host: 127.0.0.1, metrics: true }
 providers:
   fast: { base_url: "$up0/v1", api_keys: ["fast-k1", "fast-k2", "fast-k3"] }
   slow: { base_url: "$up50/v1", api_keys: ["slow-k1", "slow-k2", "slow-k3"] }
-  # The same 0 ms upstream on its Anthropic Messages wire (`POST /v1/messages`).
+  # The same 0 ms upstream on its Anthropic Messages wire (POST /v1/messages).
   fast-anthropic: { base_url: "$up0", api: anthropic, api_keys: ["fast-k1", "fast-k2", "fast-k3"] }
 models:
   fast-a: &limits

@@ -302,6 +302,7 @@ fn record(
         provider: answered.map(|m| format!("{m}-prov")),
         status,
         stream: false,
+        endpoint: Default::default(),
         latency_ms: 300,
         ttft_ms: None,
         prompt_tokens: attempts.iter().map(|a| a.prompt_tokens).sum(),

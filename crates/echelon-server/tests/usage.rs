@@ -295,3 +295,41 @@ async fn metrics_agree_with_the_ledger_and_no_key_leaks() {
         );
     }
 }
+
+#[tokio::test]
+async fn each_request_is_recorded_with_the_endpoint_it_came_in_by() {
+    let mut s = stack("ep").await;
+    let route = format!("{ROUTE_PREFIX}-ep");
+    let http = reqwest::Client::new();
+    let send = |path: &'static str, body: Value| {
+        let req = http.post(s.server.url(path)).json(&body);
+        async move {
+            let resp = req.send().await.unwrap();
+            assert_eq!(resp.status(), 200, "{path}");
+            resp.text().await.unwrap()
+        }
+    };
+    send("/v1/chat/completions", chat(&route, false)).await;
+    send(
+        "/v1/messages",
+        json!({"model": route, "max_tokens": 8, "messages": [{"role": "user", "content": "hi"}], "stream": true}),
+    )
+    .await;
+    send("/v1/responses", json!({"model": route, "input": "hi"})).await;
+    send(
+        "/v1/embeddings",
+        json!({"model": route, "input": ["a", "b"]}),
+    )
+    .await;
+    s.finish().await;
+    let rows = s.query("SELECT endpoint, stream, prompt_tokens > 0 FROM requests ORDER BY id");
+    assert_eq!(
+        rows,
+        vec![
+            vec![json!("chat"), json!(0), json!(1)],
+            vec![json!("messages"), json!(1), json!(1)],
+            vec![json!("responses"), json!(0), json!(1)],
+            vec![json!("embeddings"), json!(0), json!(1)],
+        ]
+    );
+}

@@ -147,6 +147,7 @@ fn sample_record(i: u64) -> echelon::usage::record::RequestRecord {
         provider: Some("openai".into()),
         status: 200,
         stream: false,
+        endpoint: Default::default(),
         latency_ms: 230,
         ttft_ms: None,
         prompt_tokens: 120,

@@ -8,6 +8,7 @@ use std::sync::Arc;
 use arc_swap::ArcSwap;
 use echelon_types::{
     Attempt, ChatCompletion, ChatCompletionRequest, EmbeddingRequest, EmbeddingResponse,
+    NativeRequest,
 };
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -23,7 +24,7 @@ use super::topology::{NodeRoutes, RouteInfo, Topology};
 use crate::config::{Config, StreamFailureMode};
 use crate::error::{GatewayError, GatewayErrorKind};
 use crate::state::{MemoryRegistry, StateRegistry};
-use crate::usage::record::RequestRecord;
+use crate::usage::record::{Endpoint, RequestRecord};
 use crate::usage::{RecordSink, RequestMeta};
 
 /// A successful non-streamed completion and how it was obtained.
@@ -302,7 +303,7 @@ impl Gateway {
     ) -> Result<Completion, GatewayError> {
         req.stream = None;
         let topology = self.topology();
-        let (meta, plan) = begin(&topology, &req.model, options, false);
+        let (meta, plan) = begin(&topology, &req.model, options, false, endpoint(&req));
         // Dropped before it is recorded (the client went away), it records a 499.
         let mut pending = Pending::new(meta, req, self.sink.clone(), self.tasks.clone());
         let result = pending
@@ -365,7 +366,7 @@ impl Gateway {
             .get_or_insert_with(Default::default)
             .include_usage = Some(true);
         let topology = self.topology();
-        let (meta, plan) = begin(&topology, &req.model, options, true);
+        let (meta, plan) = begin(&topology, &req.model, options, true, endpoint(&req));
         let continuation = plan
             .as_ref()
             .ok()
@@ -446,7 +447,7 @@ impl Gateway {
         options: &CallOptions,
     ) -> Result<Embeddings, GatewayError> {
         let topology = self.topology();
-        let (meta, plan) = begin(&topology, &req.model, options, false);
+        let (meta, plan) = begin(&topology, &req.model, options, false, Endpoint::Embeddings);
         let plan = match plan {
             Ok(_) if req.input.is_empty() => Err(GatewayError::new(
                 GatewayErrorKind::BadRequest,
@@ -493,11 +494,22 @@ fn begin<'t>(
     name: &str,
     options: &CallOptions,
     stream: bool,
+    endpoint: Endpoint,
 ) -> (RequestMeta, Result<&'t Plan, GatewayError>) {
     let resolved = topology.resolve(name);
     let route = resolved.as_ref().map_or(name, |(route, _)| route);
-    let meta = RequestMeta::new(options.request_id.as_deref(), route, stream);
+    let meta = RequestMeta::new(options.request_id.as_deref(), route, stream, endpoint);
     (meta, resolved.map(|(_, plan)| plan))
+}
+
+/// The endpoint a chat request came in by, for its record: `messages` or `responses`
+/// when it carries the client's own request of that dialect, else `chat`.
+fn endpoint(req: &ChatCompletionRequest) -> Endpoint {
+    match req.native.as_deref() {
+        Some(NativeRequest::Anthropic(_)) => Endpoint::Messages,
+        Some(NativeRequest::Responses(_)) => Endpoint::Responses,
+        None => Endpoint::Chat,
+    }
 }
 
 /// Runs the plan of a resolved route (`Err`: the resolution's error, recorded as is).

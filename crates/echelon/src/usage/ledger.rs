@@ -20,7 +20,9 @@
 //!   although no chunk carried a `finish_reason`, since v2), `stream_anomalies` (a
 //!   stream's malformed SSE events, 0 when none or not streamed, since v3),
 //!   `cached_tokens` and `cache_write_tokens` (of `prompt_tokens`, those read from and
-//!   written to the provider's prompt cache, since v4); indexed on
+//!   written to the provider's prompt cache, since v4), `endpoint` (`chat`,
+//!   `messages`, `responses` or `embeddings`: the dialect the request came in by,
+//!   since v5; older rows read `chat`); indexed on
 //!   `started_at_ms`, `model`, `route`.
 //! - `attempts`: `id`, `request_rowid` (→ `requests.id`), `seq` (0-based order),
 //!   `model`, `provider`, `key_id` (short id, never the key), `status` (NULL when the
@@ -83,6 +85,8 @@ const MIGRATIONS: &[&str] = &[
     // v4: prompt-cache tokens, read and written (issue 20, the Anthropic wire).
     "ALTER TABLE requests ADD COLUMN cached_tokens INTEGER NOT NULL DEFAULT 0;
      ALTER TABLE requests ADD COLUMN cache_write_tokens INTEGER NOT NULL DEFAULT 0;",
+    // v5: the endpoint (dialect) a request came in by (issue 20).
+    "ALTER TABLE requests ADD COLUMN endpoint TEXT NOT NULL DEFAULT 'chat';",
 ];
 
 /// How long a connection waits for a lock held by another one, in milliseconds.
@@ -553,9 +557,9 @@ fn insert_batch(conn: &mut Connection, records: &[RequestRecord]) -> rusqlite::R
             "INSERT INTO requests (request_id, started_at_ms, route, model, provider, status,
                 stream, latency_ms, ttft_ms, prompt_tokens, completion_tokens, cost_usd,
                 estimated, fallback, no_finish_reason, stream_anomalies, cached_tokens,
-                cache_write_tokens)
+                cache_write_tokens, endpoint)
              VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16,
-                ?17, ?18)",
+                ?17, ?18, ?19)",
         )?;
         let mut attempt = tx.prepare_cached(
             "INSERT INTO attempts (request_rowid, seq, model, provider, key_id, status,
@@ -582,6 +586,7 @@ fn insert_batch(conn: &mut Connection, records: &[RequestRecord]) -> rusqlite::R
                 r.stream_anomalies,
                 int(r.cached_tokens),
                 int(r.cache_write_tokens),
+                r.endpoint.as_str(),
             ])?;
             for (seq, a) in r.attempts.iter().enumerate() {
                 attempt.execute(params![
@@ -610,7 +615,7 @@ fn insert_batch(conn: &mut Connection, records: &[RequestRecord]) -> rusqlite::R
 mod tests {
     use super::*;
 
-    /// A ledger written at v2 (before `stream_anomalies`) is migrated at open: its rows
+    /// A ledger written at v2 (before `stream_anomalies` and `endpoint`) is migrated at open: its rows
     /// read 0, new rows keep their count.
     #[test]
     fn a_v2_ledger_gains_stream_anomalies_at_open() {
@@ -631,25 +636,28 @@ mod tests {
             .unwrap();
         }
         let mut ledger = Ledger::open(&path).unwrap();
-        assert_eq!(SCHEMA_VERSION, 4);
-        assert_eq!(ledger.schema_version().unwrap(), 4);
-        let mut record = crate::usage::RequestMeta::new(Some("new"), "r", true).record(
-            None,
-            200,
-            &[],
-            crate::usage::TokenCount::default(),
-            None,
-        );
+        assert_eq!(SCHEMA_VERSION, 5);
+        assert_eq!(ledger.schema_version().unwrap(), 5);
+        let mut record = crate::usage::RequestMeta::new(Some("new"), "r", true, Default::default())
+            .record(None, 200, &[], crate::usage::TokenCount::default(), None);
         record.stream_anomalies = 5;
+        record.endpoint = crate::usage::record::Endpoint::Messages;
         ledger.insert(&[record]).unwrap();
-        let rows: Vec<(String, i64)> = ledger
+        let rows: Vec<(String, i64, String)> = ledger
             .conn
-            .prepare("SELECT request_id, stream_anomalies FROM requests ORDER BY id")
+            .prepare("SELECT request_id, stream_anomalies, endpoint FROM requests ORDER BY id")
             .unwrap()
-            .query_map([], |r| Ok((r.get(0)?, r.get(1)?)))
+            .query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))
             .unwrap()
             .collect::<Result<_, _>>()
             .unwrap();
-        assert_eq!(rows, [("old".to_owned(), 0), ("new".to_owned(), 5)]);
+        assert_eq!(
+            rows,
+            [
+                ("old".to_owned(), 0, "chat".to_owned()),
+                ("new".to_owned(), 5, "messages".to_owned())
+            ],
+            "old rows gain the columns' defaults (v3 anomalies, v5 endpoint)"
+        );
     }
 }

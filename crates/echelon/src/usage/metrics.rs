@@ -364,6 +364,7 @@ mod tests {
             provider: None,
             status,
             stream: false,
+            endpoint: Default::default(),
             latency_ms: 1,
             ttft_ms: None,
             prompt_tokens: 0,

@@ -17,7 +17,7 @@ use std::pin::Pin;
 use echelon_types::{Attempt, ChatCompletionRequest, Usage};
 use tokio::time::Instant;
 
-use self::record::{AttemptRecord, RequestRecord};
+use self::record::{AttemptRecord, Endpoint, RequestRecord};
 use crate::routing::Model;
 
 /// Where finished requests go (the ledger writer). `send` may wait when the sink is
@@ -100,10 +100,16 @@ pub(crate) struct RequestMeta {
     pub(crate) started: Instant,
     pub(crate) started_unix_ms: u64,
     pub(crate) stream: bool,
+    pub(crate) endpoint: Endpoint,
 }
 
 impl RequestMeta {
-    pub(crate) fn new(request_id: Option<&str>, route: &str, stream: bool) -> Self {
+    pub(crate) fn new(
+        request_id: Option<&str>,
+        route: &str,
+        stream: bool,
+        endpoint: Endpoint,
+    ) -> Self {
         RequestMeta {
             request_id: request_id.map_or_else(new_request_id, str::to_owned),
             // An unknown route is the client's `model` as sent: stored bounded.
@@ -113,6 +119,7 @@ impl RequestMeta {
                 .duration_since(std::time::UNIX_EPOCH)
                 .map_or(0, |d| d.as_millis() as u64),
             stream,
+            endpoint,
         }
     }
 
@@ -163,6 +170,7 @@ impl RequestMeta {
             provider: model.map(|m| m.provider().to_owned()),
             status,
             stream: self.stream,
+            endpoint: self.endpoint,
             latency_ms: self.started.elapsed().as_millis() as u64,
             ttft_ms,
             prompt_tokens: tokens.prompt,

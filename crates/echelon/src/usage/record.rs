@@ -4,6 +4,33 @@
 
 use serde::Serialize;
 
+/// The endpoint (dialect) a request came in by.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Endpoint {
+    /// `POST /v1/chat/completions`, and every chat call of the library.
+    #[default]
+    Chat,
+    /// `POST /v1/messages` (Anthropic Messages).
+    Messages,
+    /// `POST /v1/responses` (OpenAI Responses).
+    Responses,
+    /// `POST /v1/embeddings`, and the library's embeddings calls.
+    Embeddings,
+}
+
+impl Endpoint {
+    /// `chat`, `messages`, `responses` or `embeddings`, as stored in the ledger.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Endpoint::Chat => "chat",
+            Endpoint::Messages => "messages",
+            Endpoint::Responses => "responses",
+            Endpoint::Embeddings => "embeddings",
+        }
+    }
+}
+
 /// One request, as the ledger and the metrics see it.
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct RequestRecord {
@@ -24,6 +51,8 @@ pub struct RequestRecord {
     pub status: u16,
     /// Whether the caller asked for a stream.
     pub stream: bool,
+    /// Which endpoint (dialect) the request came in by; the ledger's `endpoint` column.
+    pub endpoint: Endpoint,
     /// Wall time from arrival to the last byte, milliseconds.
     pub latency_ms: u64,
     /// Streams: time to the first content chunk, milliseconds.
