@@ -10,7 +10,7 @@ use pyo3::prelude::*;
 use pyo3::types::{PyDict, PyList};
 
 create_exception!(
-    _native,
+    echelon,
     EchelonError,
     PyException,
     "Base of every Echelon error. Attributes: `status` (int, the HTTP status the server \
@@ -18,20 +18,20 @@ create_exception!(
      (list of attempt dicts, possibly empty)."
 );
 create_exception!(
-    _native,
+    echelon,
     AllAttemptsFailed,
     EchelonError,
     "Every candidate of the route failed or was skipped (status 429, 502, 503 or 504). \
      `attempts` lists each try: model, provider, key_id, status, kind, message, latency_ms."
 );
 create_exception!(
-    _native,
+    echelon,
     RouteNotFound,
     EchelonError,
     "The route names no model, task group, echelon, pool or wrapper (status 404)."
 );
 create_exception!(
-    _native,
+    echelon,
     ConfigError,
     EchelonError,
     "The configuration is invalid; the message lists each problem as file:line:col."

@@ -452,6 +452,28 @@ impl Llm {
         block_on(py, complete(handle, prompt, params))
     }
 
+    /// `await llm.call_with_format(prompt, formatter=None, **params)` (seed 000): the
+    /// text of `await llm(prompt, **params)`, passed through `formatter(text)` when given
+    /// (a plain function; its exceptions propagate, its return value is the result).
+    #[pyo3(signature = (prompt, formatter=None, **kwargs))]
+    fn call_with_format<'py>(
+        &self,
+        py: Python<'py>,
+        prompt: String,
+        formatter: Option<Py<PyAny>>,
+        kwargs: Option<&Bound<'py, PyDict>>,
+    ) -> PyResult<Bound<'py, PyAny>> {
+        let params = self.prompt_request(py, &prompt, kwargs)?;
+        let handle = self.handle.clone();
+        pyo3_async_runtimes::tokio::future_into_py(py, async move {
+            let text = complete(handle, prompt, params).await?;
+            Python::attach(|py| match formatter {
+                None => Ok(text.into_pyobject(py)?.into_any().unbind()),
+                Some(f) => f.call1(py, (text,)),
+            })
+        })
+    }
+
     /// `await llm.chat(messages, **params)` → the completion as a dict in OpenAI's shape
     /// (`choices[0].message.content`, `usage`, …). `stream` is ignored (use
     /// `chat_stream`); `timeout` is the call's limit in seconds.
