@@ -272,3 +272,61 @@ def test_many_tasks_and_threads_at_once(upstream, gateway):
     assert texts == [f"echo: n{i}" for i in range(200)]
     assert sorted(results) == sorted(f"echo: t{k}-{j}" for k in range(4) for j in range(5))
     assert llm.get_usage_summary()["requests"] == 220
+
+
+def test_the_gil_is_released_while_a_sync_call_waits(upstream, gateway):
+    slow = upstream("--latency-ms", "400")
+    llm = gateway(two_tier(slow.url, slow.url)).llm("good-model")
+    ticks = 0
+    done = threading.Event()
+
+    def count():
+        nonlocal ticks
+        while not done.is_set():
+            ticks += 1
+
+    t = threading.Thread(target=count)
+    t.start()
+    before = ticks
+    try:
+        assert llm.complete_sync("slow") == "echo: slow"
+    finally:
+        done.set()
+        t.join()
+    # The counting thread ran while Rust waited on the upstream (GIL released); with the
+    # GIL held it would barely advance in 400 ms.
+    assert ticks - before > 100_000
+
+
+def _child_call(config_path, queue):
+    import echelon as e
+
+    gw = e.Gateway.from_config(config_path)
+    queue.put(gw.llm("good-model").complete_sync("from a child"))
+    gw.close_sync()
+
+
+def test_several_processes_each_with_its_own_runtime(upstream, tmp_path):
+    import multiprocessing
+
+    good = upstream()
+    paths = []
+    for k in range(2):
+        # One ledger per process: two processes creating one new ledger file at the same
+        # moment race on its schema (a library limitation, reported).
+        path = tmp_path / f"child{k}.yaml"
+        path.write_text(two_tier(good.url, good.url) + f"\nusage:\n  ledger: {tmp_path / f'child{k}.db'}\n")
+        paths.append(str(path))
+    ctx = multiprocessing.get_context("spawn")
+    queue = ctx.Queue()
+    procs = [ctx.Process(target=_child_call, args=(p, queue)) for p in paths]
+    for p in procs:
+        p.start()
+    answers = [queue.get(timeout=60) for _ in procs]
+    for p in procs:
+        p.join(30)
+        assert p.exitcode == 0
+    assert answers == ["echo: from a child"] * 2
+    for k in range(2):
+        db = sqlite3.connect(str(tmp_path / f"child{k}.db"))
+        assert db.execute("SELECT count(*) FROM requests").fetchone()[0] == 1
