@@ -20,6 +20,7 @@ asyncio task cancels the request (the upstream connection closes).
 
 from __future__ import annotations
 
+import atexit
 import os
 from typing import Any, Dict, Optional, Union
 
@@ -36,6 +37,18 @@ from ._native import (
 
 Gateway = _native.Gateway
 LLM = _native.Llm
+
+
+def _close_open_gateways() -> None:
+    """At exit: close the gateways still open, so that their ledger rows reach the disk."""
+    for gw in list(_native._open_gateways):
+        try:
+            gw.close_sync()
+        except Exception:  # noqa: BLE001 - exiting anyway; the rest still get closed
+            pass
+
+
+atexit.register(_close_open_gateways)
 
 __all__ = [
     "AllAttemptsFailed",

@@ -330,3 +330,22 @@ def test_several_processes_each_with_its_own_runtime(upstream, tmp_path):
     for k in range(2):
         db = sqlite3.connect(str(tmp_path / f"child{k}.db"))
         assert db.execute("SELECT count(*) FROM requests").fetchone()[0] == 1
+
+
+def test_rows_reach_the_ledger_when_the_interpreter_exits_without_close(upstream, tmp_path):
+    import subprocess
+    import sys
+
+    good = upstream()
+    path = tmp_path / "exit.yaml"
+    path.write_text(two_tier(good.url, good.url) + f"\nusage:\n  ledger: {tmp_path / 'exit.db'}\n  flush_interval_ms: 3600000\n")
+    code = (
+        "import echelon\n"
+        f"gw = echelon.Gateway.from_config({str(path)!r})\n"
+        "print(gw.llm('good-model').complete_sync('bye'))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "echo: bye"
+    db = sqlite3.connect(str(tmp_path / "exit.db"))
+    assert db.execute("SELECT count(*) FROM requests").fetchone()[0] == 1

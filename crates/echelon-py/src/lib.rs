@@ -51,7 +51,7 @@ fn value_to_object(value: &Value) -> PyResult<Py<PyAny>> {
 
 /// The gateway: every model and route of a config, with the ledger `echelon serve`
 /// would write.
-#[pyclass(frozen, module = "echelon._native")]
+#[pyclass(frozen, weakref, module = "echelon._native")]
 struct Gateway {
     inner: Arc<echelon::Gateway>,
     sink: Arc<TeeSink>,
@@ -66,12 +66,20 @@ impl Gateway {
     ///
     /// Raises `ConfigError` (each problem as file:line:col) when the config is invalid,
     /// `EchelonError` when the ledger cannot be opened.
+    ///
+    /// Call `close()` (or use it as a context manager) to flush the ledger; gateways still
+    /// open when the interpreter exits are closed then.
     #[staticmethod]
-    fn from_config(py: Python<'_>, path: PathBuf) -> PyResult<Gateway> {
+    fn from_config(py: Python<'_>, path: PathBuf) -> PyResult<Py<Gateway>> {
         let config = py
             .detach(|| Config::load(&path))
             .map_err(|e| ConfigError::new_err(format!("invalid config:\n{e}")))?;
-        Gateway::build(py, &config)
+        let gateway = Py::new(py, Gateway::build(&config)?)?;
+        // Weakly tracked: `echelon` closes the ones still open at exit (atexit).
+        py.import("echelon._native")?
+            .getattr("_open_gateways")?
+            .call_method1("add", (gateway.clone_ref(py),))?;
+        Ok(gateway)
     }
 
     /// A handle on a route (a model, task group, `group.echelonN`, polling pool or
@@ -208,7 +216,7 @@ impl Gateway {
 
 impl Gateway {
     /// The gateway of a loaded config, its ledger open and its background tasks started.
-    fn build(py: Python<'_>, config: &Config) -> PyResult<Gateway> {
+    fn build(config: &Config) -> PyResult<Gateway> {
         let (sender, writer) = match &config.usage.ledger_path {
             Some(path) => {
                 let ledger = Ledger::open(path).map_err(|e| {
@@ -235,7 +243,6 @@ impl Gateway {
             let _enter = runtime().enter();
             gateway.start().map_err(|e| gateway_error(&e))?;
         }
-        let _ = py;
         Ok(Gateway {
             inner: gateway,
             sink,
@@ -664,5 +671,9 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<judge::Judge>()?;
     errors::register(m)?;
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;
+    m.add(
+        "_open_gateways",
+        m.py().import("weakref")?.getattr("WeakSet")?.call0()?,
+    )?;
     Ok(())
 }
