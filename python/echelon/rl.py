@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import os
-from typing import Any, Dict, List, Optional, Sequence, Union
+from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Union
 
 from ._native import EchelonError, Gateway
 
@@ -36,7 +36,7 @@ class JudgeFailed(EchelonError):
         self.attempts = []
 
 
-def _item(index: int, solution_str: str, ground_truth: Any, extra_info: Optional[dict]) -> dict:
+def _item(index: int, solution_str: str, ground_truth: Any, extra_info: Optional[Mapping[str, Any]]) -> Dict[str, Any]:
     extra = extra_info or {}
     prompt = extra.get("prompt", extra.get("question", ""))
     if not isinstance(prompt, str):
@@ -50,7 +50,7 @@ def _item(index: int, solution_str: str, ground_truth: Any, extra_info: Optional
     }
 
 
-def _outcome(result: Dict[str, Any], on_failure: str) -> Dict[str, Any]:
+def _outcome(result: Mapping[str, Any], on_failure: str) -> Dict[str, Any]:
     if result.get("error") is None and result.get("reward") is not None:
         return {
             "score": result["reward"],
@@ -61,7 +61,7 @@ def _outcome(result: Dict[str, Any], on_failure: str) -> Dict[str, Any]:
         }
     why = result.get("error") or "no score"
     if on_failure == "raise":
-        raise JudgeFailed(f"judge failed on item {result.get('id')!r}: {why}", result)
+        raise JudgeFailed(f"judge failed on item {result.get('id')!r}: {why}", dict(result))
     return {"score": None, "scored": False, "error": why}
 
 
@@ -71,7 +71,7 @@ def make_compute_score(
     rubric: Optional[str] = None,
     on_failure: str = "raise",
     **judge_options: Any,
-):
+) -> Callable[..., Dict[str, Any]]:
     """A verl ``compute_score`` function judging through ``route`` of ``config`` (a config
     path, or an :class:`echelon.Gateway`).
 
@@ -88,11 +88,13 @@ def make_compute_score(
     gateway = config if isinstance(config, Gateway) else Gateway.from_config(os.fspath(config))
     judge = gateway.judge(route=route, rubric=rubric, **judge_options)
 
-    def compute_score(data_source: Any, solution_str: str, ground_truth: Any, extra_info: Optional[dict] = None):
+    def compute_score(data_source: Any, solution_str: str, ground_truth: Any,
+                      extra_info: Optional[Mapping[str, Any]] = None) -> Dict[str, Any]:
         (result,) = judge.score_sync([_item(0, solution_str, ground_truth, extra_info)])
         return _outcome(result, on_failure)
 
-    def _items(solution_strs: Sequence[str], ground_truths: Sequence[Any], extra_infos: Optional[Sequence[Any]]):
+    def _items(solution_strs: Sequence[str], ground_truths: Sequence[Any],
+               extra_infos: Optional[Sequence[Any]]) -> List[Dict[str, Any]]:
         extras = list(extra_infos) if extra_infos is not None else [None] * len(solution_strs)
         return [
             _item(i, s, g, e)
