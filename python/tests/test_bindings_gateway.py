@@ -349,3 +349,22 @@ def test_rows_reach_the_ledger_when_the_interpreter_exits_without_close(upstream
     assert out.stdout.strip() == "echo: bye"
     db = sqlite3.connect(str(tmp_path / "exit.db"))
     assert db.execute("SELECT count(*) FROM requests").fetchone()[0] == 1
+
+
+def test_an_abandoned_stream_is_recorded_as_499(upstream, gateway, tmp_path):
+    stalls = upstream("--fault-rate", "1", "--faults", "stream-stall:2")
+    gw = gateway(two_tier(stalls.url, stalls.url))
+    llm = gw.llm("bad-model")
+
+    async def scenario():
+        stream = llm.chat_stream([{"role": "user", "content": "a b c d e f"}])
+        first = await stream.__anext__()
+        assert first["object"] == "chat.completion.chunk"
+        await stream.aclose()  # the upstream stalls after 2 chunks: give up
+        with pytest.raises(StopAsyncIteration):
+            await stream.__anext__()
+        await gw.close()
+
+    asyncio.run(scenario())
+    db = sqlite3.connect(str(tmp_path / "ledger.db"))
+    assert db.execute("SELECT status, stream FROM requests").fetchall() == [(499, 1)]
