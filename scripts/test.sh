@@ -30,3 +30,4 @@ cargo test --workspace --locked
 
 echo "== openai Python SDK against echelon serve"
 scripts/test-python-sdk.sh
+scripts/test-python-bindings.sh
