@@ -10,6 +10,7 @@
 //! backend can answer after its round trip while the memory one is ready at once.
 
 mod memory;
+pub mod redis;
 
 use std::fmt;
 use std::sync::Arc;
