@@ -160,7 +160,8 @@ fn admin(gw: &Gateway) -> Value {
 
 #[test]
 fn the_state_section_is_validated_at_load() {
-    let base = "models: { m: { provider: p } }\nproviders: { p: { base_url: \"http://127.0.0.1:1\" } }\n";
+    let base =
+        "models: { m: { provider: p } }\nproviders: { p: { base_url: \"http://127.0.0.1:1\" } }\n";
     let c = Config::from_str(base, "t.yaml").unwrap();
     assert_eq!(c.state, StateConfig::default(), "memory is the default");
     let e = Config::from_str(&format!("{base}state: {{ backend: redsi }}\n"), "t.yaml")
@@ -198,7 +199,10 @@ fn the_state_section_is_validated_at_load() {
     assert_eq!(c.state.url, "redis://10.0.0.9:6380/2");
     assert_eq!(c.state.lease_ttl, Duration::from_secs(3));
     assert_eq!(c.state.replicas, 3);
-    assert_eq!(c.state.on_unavailable, echelon::config::OnUnavailable::Reject);
+    assert_eq!(
+        c.state.on_unavailable,
+        echelon::config::OnUnavailable::Reject
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -230,8 +234,13 @@ async fn three_replicas_share_one_rpm_limit() {
     let secs = started.elapsed().as_secs_f64();
     let admitted = a.chat_requests() as f64;
     let allowance = 120.0 + 2.0 * secs;
-    eprintln!("sent {sent}, upstream a admitted {admitted} in {secs:.2} s (allowance {allowance:.0})");
-    assert!(f64::from(sent) >= 3.0 * allowance, "the load was not at 3× the limit: {sent}");
+    eprintln!(
+        "sent {sent}, upstream a admitted {admitted} in {secs:.2} s (allowance {allowance:.0})"
+    );
+    assert!(
+        f64::from(sent) >= 3.0 * allowance,
+        "the load was not at 3× the limit: {sent}"
+    );
     assert!(
         admitted <= allowance * 1.01,
         "three replicas admitted {admitted}, more than the one limit's {allowance:.1} + 1%"
@@ -343,7 +352,11 @@ async fn a_breaker_opened_on_one_replica_rejects_on_the_others_and_probes_fleet_
         let r = gw.chat(request("grp")).await.unwrap();
         assert_eq!(r.model, "b", "the breaker A opened rejects on the others");
     }
-    assert_eq!(a.chat_requests(), 2, "no other replica re-discovered the outage");
+    assert_eq!(
+        a.chat_requests(),
+        2,
+        "no other replica re-discovered the outage"
+    );
     // After recovery_time: twelve requests at once over the three replicas, while each
     // probe takes 300 ms: exactly half_open_requests (2) reach a.
     a.set_behavior(Behavior::Delay(Duration::from_millis(300)));
@@ -351,7 +364,9 @@ async fn a_breaker_opened_on_one_replica_rejects_on_the_others_and_probes_fleet_
     let mut all = Vec::new();
     for i in 0..12 {
         let gw = gws[i % 3].clone();
-        all.push(tokio::spawn(async move { gw.chat(request("grp")).await.unwrap() }));
+        all.push(tokio::spawn(async move {
+            gw.chat(request("grp")).await.unwrap()
+        }));
     }
     let mut on_a = 0;
     for t in all {
@@ -395,7 +410,10 @@ async fn a_dead_replicas_leases_come_back_within_the_ttl_and_live_ones_are_renew
             let limit = a.concurrency(&id2, 2);
             for _ in 0..2 {
                 let slot = limit.lease(Duration::ZERO).await.unwrap().unwrap();
-                assert!(matches!(slot, echelon::resilience::concurrency::Slot::Shared(_)));
+                assert!(matches!(
+                    slot,
+                    echelon::resilience::concurrency::Slot::Shared(_)
+                ));
                 std::mem::forget(slot);
             }
         });
@@ -416,10 +434,16 @@ async fn a_dead_replicas_leases_come_back_within_the_ttl_and_live_ones_are_renew
     // A live lease is renewed: held for three TTLs, it still counts.
     let second = limit.lease(Duration::ZERO).await.unwrap().unwrap();
     tokio::time::sleep(Duration::from_secs(3)).await;
-    assert!(limit.lease(Duration::ZERO).await.unwrap().is_err(), "renewed leases hold");
+    assert!(
+        limit.lease(Duration::ZERO).await.unwrap().is_err(),
+        "renewed leases hold"
+    );
     drop((slot, second));
     tokio::time::sleep(Duration::from_millis(100)).await;
-    assert!(limit.lease(Duration::ZERO).await.unwrap().is_ok(), "released on drop");
+    assert!(
+        limit.lease(Duration::ZERO).await.unwrap().is_ok(),
+        "released on drop"
+    );
 }
 
 /// Requests at `gw` for `secs`, each timed; returns (answered, failed, slowest).
@@ -467,7 +491,9 @@ async fn wait_for_mode(gw: &Gateway, mode: &str, within: Duration) -> bool {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn redis_down_falls_back_locally_without_hanging_and_shared_mode_resumes() {
-    let Some(mut redis) = Redis::start() else { return };
+    let Some(mut redis) = Redis::start() else {
+        return;
+    };
     let (a, b) = pair().await;
     let gws = replicas(
         2,
@@ -484,9 +510,15 @@ async fn redis_down_falls_back_locally_without_hanging_and_shared_mode_resumes()
     let stop = Arc::new(AtomicBool::new(false));
     redis.stop();
     let (ok, failed, slowest) = load(&gws, Duration::from_millis(1500)).await;
-    assert!(ok > 0 && failed.is_empty(), "local fallback serves: {failed:?}");
+    assert!(
+        ok > 0 && failed.is_empty(),
+        "local fallback serves: {failed:?}"
+    );
     // timeout_ms (200) + the request's own time, with room for a loaded machine.
-    assert!(slowest < Duration::from_millis(1000), "a request hung for {slowest:?}");
+    assert!(
+        slowest < Duration::from_millis(1000),
+        "a request hung for {slowest:?}"
+    );
     assert_eq!(admin(&gws[0])["state"]["mode"], "local");
     assert_eq!(admin(&gws[0])["state"]["up"], false);
     stop.store(true, Ordering::Relaxed);
@@ -504,7 +536,9 @@ async fn redis_down_falls_back_locally_without_hanging_and_shared_mode_resumes()
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn redis_down_with_on_unavailable_reject_answers_503_naming_the_state_backend() {
-    let Some(mut redis) = Redis::start() else { return };
+    let Some(mut redis) = Redis::start() else {
+        return;
+    };
     let (a, b) = pair().await;
     // Only model a, so that nothing else can answer.
     let yaml = format!(
@@ -518,7 +552,11 @@ async fn redis_down_with_on_unavailable_reject_answers_503_naming_the_state_back
     redis.stop();
     let t = Instant::now();
     let e = gw.chat(request("a")).await.unwrap_err();
-    assert!(t.elapsed() < Duration::from_millis(1000), "{:?}", t.elapsed());
+    assert!(
+        t.elapsed() < Duration::from_millis(1000),
+        "{:?}",
+        t.elapsed()
+    );
     assert_eq!(e.status(), 503, "{}", e.message());
     let body = serde_json::to_string(&e.to_body()).unwrap();
     assert!(body.contains("state backend redis unavailable"), "{body}");

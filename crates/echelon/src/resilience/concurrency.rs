@@ -136,7 +136,10 @@ impl ConcurrencyLimit {
     /// # Errors
     /// `Ok(Err(LimitReached))` when no slot frees up in time; `Err(Unavailable)` when
     /// Redis did not answer and `state.on_unavailable` is `reject`.
-    pub async fn lease(&self, max_wait: Duration) -> Result<Result<Slot, LimitReached>, Unavailable> {
+    pub async fn lease(
+        &self,
+        max_wait: Duration,
+    ) -> Result<Result<Slot, LimitReached>, Unavailable> {
         let Some(sh) = &self.shared else {
             return Ok(self.acquire(max_wait).await.map(Slot::Local));
         };
@@ -155,7 +158,8 @@ impl ConcurrencyLimit {
                 .await;
             match got {
                 Ok(1) => {
-                    let renew = tokio::spawn(renew(sh.state.clone(), sh.key.clone(), name.clone(), ttl));
+                    let renew =
+                        tokio::spawn(renew(sh.state.clone(), sh.key.clone(), name.clone(), ttl));
                     return Ok(Ok(Slot::Shared(Lease {
                         state: sh.state.clone(),
                         key: sh.key.clone(),

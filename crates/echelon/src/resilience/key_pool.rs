@@ -237,7 +237,10 @@ impl KeyLease {
             "disable",
             slot.key.id(),
             delay,
-            vec![Arg::S(failures.to_string()), Arg::S(reason.replace('|', "/"))],
+            vec![
+                Arg::S(failures.to_string()),
+                Arg::S(reason.replace('|', "/")),
+            ],
         );
     }
 
@@ -359,7 +362,9 @@ impl KeyPool {
             let mut health = lock(&slot.state);
             match kind {
                 "c:" => {
-                    let Ok(till) = value.parse::<f64>() else { continue };
+                    let Ok(till) = value.parse::<f64>() else {
+                        continue;
+                    };
                     let till = till as i64;
                     if till <= now_ms {
                         continue;

@@ -599,6 +599,10 @@ polling_pools:
             })
         );
         let top: Vec<&String> = v.as_object().unwrap().keys().collect();
-        assert_eq!(top, ["echelons", "models", "pools", "routes"]);
+        assert_eq!(top, ["echelons", "models", "pools", "routes", "state"]);
+        assert_eq!(
+            v["state"],
+            json!({"backend": "memory", "mode": "memory", "up": true})
+        );
     }
 }

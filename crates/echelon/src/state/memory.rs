@@ -53,7 +53,9 @@ impl MemoryRegistry {
 
     /// The divisor of the in-process limits (`state.replicas` when shared, else 1).
     fn replicas(&self) -> f64 {
-        self.shared.as_ref().map_or(1.0, |s| f64::from(s.replicas()))
+        self.shared
+            .as_ref()
+            .map_or(1.0, |s| f64::from(s.replicas()))
     }
 
     fn lock(&self) -> MutexGuard<'_, HashMap<StateId, Held>> {
@@ -107,7 +109,11 @@ impl StateRegistry for MemoryRegistry {
             Some(state) => {
                 let n = self.replicas();
                 // A limit divided among replicas still grants one request each.
-                let local = if capacity >= 1.0 { (capacity / n).max(1.0) } else { capacity };
+                let local = if capacity >= 1.0 {
+                    (capacity / n).max(1.0)
+                } else {
+                    capacity
+                };
                 TokenBucket::new(local, refill_per_sec / n).with_shared(
                     state.clone(),
                     state.key(&format!("bucket:{}:{capacity}:{refill_per_sec}", id.key())),

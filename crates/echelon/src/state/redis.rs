@@ -233,7 +233,8 @@ impl RedisState {
         let me = self.clone();
         handle.spawn(async move {
             let keys: Vec<&str> = keys.iter().map(String::as_str).collect();
-            let args: Vec<&dyn ToRedisArgsDyn> = args.iter().map(|a| a as &dyn ToRedisArgsDyn).collect();
+            let args: Vec<&dyn ToRedisArgsDyn> =
+                args.iter().map(|a| a as &dyn ToRedisArgsDyn).collect();
             let _: Result<redis::Value, _> = me.run(script, &keys, &args).await;
         });
     }
