@@ -218,6 +218,9 @@ struct Shared {
     inner: Mutex<Inner>,
     /// The fleet-wide breaker in Redis, when the state is shared.
     remote: Option<(Arc<RedisState>, String)>,
+    /// What the shared breaker last answered (state, consecutive failures), for
+    /// `/admin/state`.
+    seen: Mutex<Option<(BreakerState, u32)>>,
 }
 
 struct Inner {
@@ -257,6 +260,7 @@ impl CircuitBreaker {
                 }),
                 settings,
                 remote: None,
+                seen: Mutex::new(None),
             }),
         }
     }
@@ -297,6 +301,17 @@ impl CircuitBreaker {
             .await;
         match answer {
             Ok(v) if v.len() == 4 => {
+                let wait = Duration::from_millis(u64::try_from(v[3]).unwrap_or(0));
+                let seen = match (v[0], v[1]) {
+                    (1, 0) => BreakerState::Closed,
+                    (0, _) if !wait.is_zero() => BreakerState::Open {
+                        until: Instant::now() + wait,
+                    },
+                    _ => BreakerState::HalfOpen {
+                        probes_in_flight: 1,
+                    },
+                };
+                self.shared.see(seen, None);
                 if v[0] == 1 {
                     Ok(Ok(BreakerPermit {
                         shared: Arc::clone(&self.shared),
@@ -306,7 +321,6 @@ impl CircuitBreaker {
                         remote: Some(v[2]),
                     }))
                 } else {
-                    let wait = Duration::from_millis(u64::try_from(v[3]).unwrap_or(0));
                     Ok(Err(BreakerOpen {
                         until: Instant::now() + wait,
                     }))
@@ -327,6 +341,7 @@ impl CircuitBreaker {
         let settings = &self.shared.settings;
         let recovery = i64::try_from(settings.recovery_time.as_millis()).unwrap_or(i64::MAX);
         let (state, key, name) = (state.clone(), key.clone(), self.shared.name.clone());
+        let me = Arc::clone(&self.shared);
         let Ok(handle) = tokio::runtime::Handle::try_current() else {
             return;
         };
@@ -343,6 +358,21 @@ impl CircuitBreaker {
             ];
             let answer: Result<Vec<i64>, Unavailable> =
                 state.run(&BREAKER_SCRIPT, &[&key], &args).await;
+            if let Ok(v) = &answer
+                && v.len() == 4
+            {
+                let seen = match v[1] {
+                    0 => BreakerState::Closed,
+                    1 => BreakerState::Open {
+                        until: Instant::now()
+                            + Duration::from_millis(u64::try_from(recovery).unwrap_or(0)),
+                    },
+                    _ => BreakerState::HalfOpen {
+                        probes_in_flight: 0,
+                    },
+                };
+                me.see(seen, Some(u32::try_from(v[2]).unwrap_or(u32::MAX)));
+            }
             if let Ok(v) = answer
                 && v.len() == 4
                 && v[0] != v[1]
@@ -508,6 +538,41 @@ impl CircuitBreaker {
     /// The breaker at `now`, for `/admin/state` (an open breaker past its `until`
     /// turns half-open here).
     pub fn snapshot_at(&self, now: Instant) -> BreakerSnapshot {
+        if let (Some((state, _)), Some((seen, failures))) = (
+            &self.shared.remote,
+            *self
+                .shared
+                .seen
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner),
+        ) && state.is_up()
+        {
+            // Shared: what Redis last answered (an open period past its end shows as
+            // half-open, as the script will turn it at the next attempt).
+            let seen = match seen {
+                BreakerState::Open { until } if now >= until => BreakerState::HalfOpen {
+                    probes_in_flight: 0,
+                },
+                s => s,
+            };
+            let next_change = match seen {
+                BreakerState::Open { until } => Some(until),
+                _ => None,
+            };
+            return BreakerSnapshot {
+                state: seen.name(),
+                next_change,
+                next_change_in: next_change.map(|u| u.saturating_duration_since(now)),
+                probes_in_flight: match seen {
+                    BreakerState::HalfOpen { probes_in_flight } => probes_in_flight,
+                    _ => 0,
+                },
+                consecutive_failures: failures,
+                window_requests: 0,
+                window_failures: 0,
+                reason: Some("shared through Redis: as last answered there".to_owned()),
+            };
+        }
         let mut inner = self.shared.lock();
         let transition = self.shared.advance(&mut inner, now);
         let (window_requests, window_failures) = inner
@@ -584,6 +649,13 @@ impl Drop for BreakerPermit {
 }
 
 impl Shared {
+    /// Keeps what the shared breaker answered (`failures`: when it said).
+    fn see(&self, state: BreakerState, failures: Option<u32>) {
+        let mut seen = self.seen.lock().unwrap_or_else(PoisonError::into_inner);
+        let failures = failures.or_else(|| seen.map(|(_, f)| f)).unwrap_or(0);
+        *seen = Some((state, failures));
+    }
+
     fn lock(&self) -> MutexGuard<'_, Inner> {
         // Every update leaves the state whole before the next statement can panic, so
         // a poisoned lock still guards a consistent state.
