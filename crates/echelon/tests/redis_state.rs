@@ -585,3 +585,50 @@ async fn redis_down_with_on_unavailable_reject_answers_503_naming_the_state_back
     assert!(wait_for_mode(&gw, "shared", Duration::from_secs(8)).await);
     gw.chat(request("a")).await.unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sticky_session_stays_on_its_instance_whichever_replica_gets_the_turn() {
+    let Some(redis) = Redis::start() else { return };
+    let mut ups = Vec::new();
+    for _ in 0..3 {
+        ups.push(TestUpstream::start().await.unwrap());
+    }
+    let mut yaml = state_yaml(&redis, "");
+    yaml.push_str("providers:\n");
+    for (i, u) in ups.iter().enumerate() {
+        yaml.push_str(&format!("  p{i}: {{ base_url: \"{}\" }}\n", u.base_url()));
+    }
+    yaml.push_str("models:\n");
+    for i in 0..ups.len() {
+        yaml.push_str(&format!("  m{i}: {{ provider: p{i}, max_retries: 0 }}\n"));
+    }
+    yaml.push_str(
+        "task_groups:\n  g:\n    echelon1: { models: [m0, m1, m2] }\n\
+         polling_pools:\n  pool: { task_groups: [g], rotation_strategy: round_robin }\n",
+    );
+    let config = Config::from_str(&yaml, "t.yaml").unwrap();
+    let (a, b) = (
+        Gateway::from_config(&config).unwrap(),
+        Gateway::from_config(&config).unwrap(),
+    );
+    let session = echelon::CallOptions {
+        session_id: Some("conv-1".into()),
+        ..echelon::CallOptions::default()
+    };
+    // A's rotation has moved on: its pick for the session is not what B's rotation,
+    // starting fresh, would pick first.
+    let unsessioned = a.chat(request("pool")).await.unwrap().model;
+    let first = a.chat_with(request("pool"), &session).await.unwrap().model;
+    assert_ne!(first, unsessioned);
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    for turn in 0..6 {
+        let gw = if turn % 2 == 0 { &b } else { &a };
+        let m = gw.chat_with(request("pool"), &session).await.unwrap().model;
+        assert_eq!(
+            m,
+            first,
+            "turn {turn} on replica {}",
+            if turn % 2 == 0 { "B" } else { "A" }
+        );
+    }
+}

@@ -276,7 +276,7 @@ async fn run_pool<'p>(
         }
         let pick = match (ps.simple_retry, last) {
             (true, Some(i)) => Some(i),
-            _ => ps.pool.select(session, &exclude),
+            _ => ps.pool.select_shared(session, &exclude).await,
         };
         let Some(i) = pick else {
             break;
