@@ -18,6 +18,10 @@
 # Per row: requests/s, p50/p99 latency, the gateway's added latency (gateway minus direct,
 # same round), and for gateway rows the gateway's CPU seconds per 1,000 requests (from
 # /proc/PID/stat); then the gateway's peak RSS (VmHWM) over the whole run.
+#
+# STATE=redis bench/run.sh: the same with `state: { backend: redis }` (issue 15), on a
+# redis-server of its own (Debian's redis-server, installed when missing) on a free port;
+# its table goes to its own section of BENCHMARKS.md, next to the memory one.
 set -euo pipefail
 root="$(cd "$(dirname "$0")/.." && pwd)"
 cd "$root"
@@ -29,12 +33,24 @@ case "${1:-}" in
   *) echo "usage: bench/run.sh [--no-write | soak [SECS]]" >&2; exit 2 ;;
 esac
 rounds="${ROUNDS:-3}" secs="${DURATION:-3}"
+state="${STATE:-memory}"
+case "$state" in memory|redis) ;; *) echo "STATE must be memory or redis" >&2; exit 2 ;; esac
 
 command -v wrk >/dev/null || { sudo_cmd=""; [ "$(id -u)" -ne 0 ] && sudo_cmd=sudo; $sudo_cmd apt-get install -y -qq wrk >/dev/null; }
 cargo build --release -q -p echelon-cli -p echelon-testkit
 bin="$root/target/release"
 
 source "$root/bench/common.sh"
+
+state_yaml="" marker="bench/run.sh"
+if [ "$state" = redis ]; then
+  command -v redis-server >/dev/null || { sudo_cmd=""; [ "$(id -u)" -ne 0 ] && sudo_cmd=sudo; $sudo_cmd apt-get install -y -qq --no-install-recommends redis-server >/dev/null; }
+  redis_port="$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')"
+  redis-server --port "$redis_port" --bind 127.0.0.1 --save "" --appendonly no >"$work/redis.out" 2>&1 & pids+=($!)
+  for _ in $(seq 100); do redis-cli -p "$redis_port" ping >/dev/null 2>&1 && break; sleep 0.05; done
+  state_yaml="state: { backend: redis, url: \"redis://127.0.0.1:$redis_port/0\", timeout_ms: 50 }"
+  marker="bench/run.sh state=redis"
+fi
 
 "$bin/echelon-testkit" --port 0 >"$work/up0.out" 2>&1 & pids+=($!); up0_pid=$!
 "$bin/echelon-testkit" --port 0 --latency-ms 50 >"$work/up50.out" 2>&1 & pids+=($!)
@@ -67,6 +83,7 @@ task_groups:
   fast_group: { echelon1: { models: [fast-a] }, echelon2: { models: [fast-b] } }
   slow_group: { echelon1: { models: [slow-a] }, echelon2: { models: [slow-b] } }
 usage: { ledger: "$work/ledger.db" }
+$state_yaml
 YAML
 "$bin/echelon" serve --config "$work/gw.yaml" --port 0 >"$work/gw.out" 2>"$work/gw.err" & pids+=($!); gw_pid=$!
 gw="$(wait_url "$work/gw.out")"
@@ -227,21 +244,23 @@ echo "$table"
 if [ "$write" = 1 ]; then
   cpu_model="$(sed -n 's/^model name\s*: //p' /proc/cpuinfo | head -1)"
   section="$(printf '%s\n' \
-    "<!-- bench/run.sh:begin (written by bench/run.sh; edit the script, not this) -->" \
-    "- **Command:** \`bench/run.sh\` (ROUNDS=$rounds, DURATION=$secs)" \
+    "<!-- $marker:begin (written by bench/run.sh; edit the script, not this) -->" \
+    "- **Command:** \`$([ "$state" = redis ] && printf 'STATE=redis ')bench/run.sh\` (ROUNDS=$rounds, DURATION=$secs)" \
     "- **Machine:** $(nproc) vCPU $cpu_model, $(awk '/MemTotal/ {printf "%.0f GiB", $2/1048576}' /proc/meminfo), $(rustc --version | cut -d' ' -f1-2); wrk, upstream and gateway share the cores; load average at the start $(cut -d' ' -f1-3 /proc/loadavg)" \
     "- **Date:** $(date -u +%Y-%m-%d)" \
     "" "$table" \
-    "<!-- bench/run.sh:end -->")"
-  python3 - BENCHMARKS.md "$section" <<'PY'
+    "<!-- $marker:end -->")"
+  python3 - BENCHMARKS.md "$section" "$marker" <<'PY'
 import re, sys
-path, section = sys.argv[1], sys.argv[2]
+path, section, marker = sys.argv[1], sys.argv[2], sys.argv[3]
 text = open(path).read()
-pattern = re.compile(r"<!-- bench/run.sh:begin.*?<!-- bench/run.sh:end -->", re.S)
+pattern = re.compile(re.escape(f"<!-- {marker}:begin") + r".*?" + re.escape(f"<!-- {marker}:end -->"), re.S)
+title = ("## Gateway vs direct: `bench/run.sh` (issue 7)" if marker == "bench/run.sh"
+         else "## Shared state on Redis: `STATE=redis bench/run.sh` (issue 15)")
 if pattern.search(text):
     text = pattern.sub(lambda _: section, text)
 else:
-    text = text.rstrip("\n") + "\n\n## Gateway vs direct: `bench/run.sh` (issue 7)\n\n" + section + "\n"
+    text = text.rstrip("\n") + "\n\n" + title + "\n\n" + section + "\n"
 open(path, "w").write(text)
 PY
   echo "written to BENCHMARKS.md"

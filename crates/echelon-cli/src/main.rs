@@ -137,9 +137,10 @@ enum Command {
         /// Config file or directory (for the ledger path).
         #[arg(long, short)]
         config: PathBuf,
-        /// Read this ledger instead of the config's.
+        /// Read this ledger instead of the config's; repeat it to report the ledgers of
+        /// several replicas together (`--ledger a.db --ledger b.db`).
         #[arg(long)]
-        ledger: Option<PathBuf>,
+        ledger: Vec<PathBuf>,
         /// Start of the period (inclusive).
         #[arg(long)]
         since: Option<String>,
@@ -557,18 +558,18 @@ fn progress_bar(total: u64, max_items: Option<u64>) -> indicatif::ProgressBar {
 
 fn usage(
     config_path: &std::path::Path,
-    ledger: Option<PathBuf>,
+    ledger: Vec<PathBuf>,
     since: Option<String>,
     until: Option<String>,
     by: By,
     format: Format,
 ) -> ExitCode {
     use echelon::usage::report::{self, GroupBy, ReportFormat, UsageFilter};
-    let path = match ledger {
-        Some(p) => p,
-        None => match load(config_path) {
+    let paths = match ledger {
+        l if !l.is_empty() => l,
+        _ => match load(config_path) {
             Ok(c) => match c.usage.ledger_path {
-                Some(p) => p,
+                Some(p) => vec![p],
                 None => {
                     eprintln!("error: the config disables the ledger (usage.ledger: false)");
                     return ExitCode::FAILURE;
@@ -606,7 +607,7 @@ fn usage(
         Format::Json => ReportFormat::Json,
         Format::Csv => ReportFormat::Csv,
     };
-    match report::report(&path, &filter, by) {
+    match report::report_many(&paths, &filter, by) {
         Ok(usage) => {
             print!("{}", report::render(&usage, format));
             ExitCode::SUCCESS

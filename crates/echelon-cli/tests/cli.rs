@@ -381,6 +381,26 @@ async fn sigterm_mid_run_loses_no_ledger_row() {
         "a ledger row for every request: {text}"
     );
     assert_eq!(v["total"]["failures"], 0, "{text}");
+    // Several ledgers (one per replica) are reported together.
+    let db2 = dir.path().join("ledger2.db");
+    std::fs::copy(&db, &db2).unwrap();
+    let out = Command::new(BIN)
+        .args(["usage", "--format", "json", "--by", "route", "--config"])
+        .arg(&p)
+        .arg("--ledger")
+        .arg(&db)
+        .arg("--ledger")
+        .arg(&db2)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["total"]["requests"], 40, "{v}");
+    assert_eq!(v["rows"][0]["requests"], 40, "{v}");
 }
 
 #[tokio::test]

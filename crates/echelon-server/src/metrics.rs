@@ -34,6 +34,12 @@ const DURATION_BUCKETS: &[f64] = &[
     0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 5.0, 10.0, 20.0, 30.0, 60.0, 120.0, 300.0,
 ];
 
+/// Buckets (seconds) of round trips to the shared state backend: tens of microseconds
+/// on one host, up to its `timeout_ms`.
+const STATE_BUCKETS: &[f64] = &[
+    0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25,
+];
+
 /// Buckets (seconds) of time to first token.
 const TTFT_BUCKETS: &[f64] = &[
     0.025, 0.05, 0.1, 0.25, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0, 5.0, 10.0, 30.0,
@@ -59,6 +65,8 @@ fn install() -> Result<PrometheusHandle, String> {
     for name in m::LATENCY_HISTOGRAMS {
         let buckets = if *name == m::TIME_TO_FIRST_TOKEN_SECONDS {
             TTFT_BUCKETS
+        } else if *name == m::STATE_ROUND_TRIP_SECONDS {
+            STATE_BUCKETS
         } else {
             DURATION_BUCKETS
         };

@@ -14,7 +14,7 @@ use echelon::usage::pricing::{Price, builtin_price, price_for};
 use echelon::usage::record::{AttemptRecord, RequestRecord};
 use echelon::usage::report::{
     GroupBy, ReportFormat, UsageFilter, UsageReport, UsageRow, parse_time_bound, render, report,
-    summary, usage_summary,
+    report_many, summary, usage_summary,
 };
 
 /// 2025-01-30T00:00:00Z, Unix ms.
@@ -276,6 +276,47 @@ async fn writer_lands_every_record_and_reports_sum_up() {
     assert_eq!(
         (seq, status, kind.as_str(), key),
         (2, Some(200), "ok", None)
+    );
+}
+
+#[tokio::test]
+async fn several_ledgers_one_per_replica_are_reported_together() {
+    let dir = tempfile::tempdir().unwrap();
+    let records: Vec<RequestRecord> = (0..60).map(record).collect();
+    let (one, all) = (
+        dir.path().join("all.db"),
+        [
+            dir.path().join("a.db"),
+            dir.path().join("b.db"),
+            dir.path().join("c.db"),
+        ],
+    );
+    write_all(&one, &records, 8, 4).await;
+    for (i, path) in all.iter().enumerate() {
+        let mine: Vec<RequestRecord> = records.iter().skip(i).step_by(3).cloned().collect();
+        write_all(path, &mine, 8, 4).await;
+    }
+    for by in [
+        GroupBy::Model,
+        GroupBy::Key,
+        GroupBy::Provider,
+        GroupBy::Day,
+    ] {
+        let together = report_many(&all, &UsageFilter::default(), by).unwrap();
+        let reference = report(&one, &UsageFilter::default(), by).unwrap();
+        assert_rows(&together.rows, &reference.rows);
+        assert_rows(
+            std::slice::from_ref(&together.total),
+            std::slice::from_ref(&reference.total),
+        );
+    }
+    assert!(
+        report_many(
+            &[dir.path().join("missing.db")],
+            &UsageFilter::default(),
+            GroupBy::Model
+        )
+        .is_err()
     );
 }
 

@@ -30,6 +30,7 @@ pub(crate) const SECTION_KEYS: &[&str] = &[
     "wrappers",
     "default_route",
     "usage",
+    "state",
 ];
 
 /// The stem of a global fallback file (`global_fallback.yaml`, seed 002).
@@ -62,6 +63,7 @@ pub(crate) struct Fragment {
     pub(crate) wrappers: Vec<Item<WrapperConfig, WrapperRefs>>,
     pub(crate) default_route: Option<Item<String, Ref>>,
     pub(crate) usage: Option<Item<UsageConfig, ()>>,
+    pub(crate) state: Option<Item<super::state::StateConfig, ()>>,
 }
 
 /// The shape of a file's top level.
@@ -259,6 +261,17 @@ fn native(
             file: file.clone(),
             pos: entry.key_pos,
             path: "usage".to_owned(),
+            value,
+            refs: (),
+        });
+    }
+    if let Some(entry) = view.get("state") {
+        let value = super::de::read(ctx, &entry.value, "state").unwrap_or_default();
+        fragment.state = Some(Item {
+            id: "state".to_owned(),
+            file: file.clone(),
+            pos: entry.key_pos,
+            path: "state".to_owned(),
             value,
             refs: (),
         });
@@ -655,6 +668,7 @@ pub(crate) fn assemble(
 
     let mut servers = Vec::new();
     let mut usages = Vec::new();
+    let (mut states, mut seen_state) = (Vec::new(), HashMap::new());
     let mut providers = Vec::new();
     let mut models = Vec::new();
     let mut groups = Vec::new();
@@ -679,6 +693,13 @@ pub(crate) fn assemble(
             fragment.server.into_iter().collect(),
             &mut seen_server,
             &mut servers,
+            &mut errors,
+        );
+        merge(
+            "section",
+            fragment.state.into_iter().collect(),
+            &mut seen_state,
+            &mut states,
             &mut errors,
         );
         merge(
@@ -738,6 +759,7 @@ pub(crate) fn assemble(
             || UsageConfig::with_ledger_path(UsageConfig::default_ledger_path_with_env(env)),
             |u| u.value,
         ),
+        state: states.pop().map(|s| s.value).unwrap_or_default(),
         ..Config::default()
     };
 

@@ -102,6 +102,7 @@ mod pool;
 mod read;
 mod sections;
 mod seed_provider;
+mod state;
 mod value;
 
 use std::path::Path;
@@ -115,6 +116,7 @@ pub use model::{
     ServerConfig, StreamFailureConfig, StreamFailureMode, TaskGroupConfig, TokenEncoding,
     UsageConfig, WrapperConfig,
 };
+pub use state::{OnUnavailable, StateBackend, StateConfig};
 
 impl Config {
     /// Loads a YAML or JSON file (JSON when the name ends in `.json`), or a directory

@@ -49,6 +49,9 @@ pub struct Config {
     pub default_route: Option<String>,
     /// The usage ledger and its writer (`usage:` section).
     pub usage: UsageConfig,
+    /// Where the resilience state lives and how a replica behaves without it
+    /// (`state:` section, issue 15); default: in memory.
+    pub state: super::state::StateConfig,
     /// What loaded but looks wrong (e.g. a `queue_timeout` that looks like
     /// milliseconds), each with where it is written; each is also logged at `warn`
     /// level when the configuration is loaded.

@@ -18,14 +18,14 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use echelon_types::{ErrorKind, Outcome, SkipReason};
-use tokio::sync::OwnedSemaphorePermit;
 use tokio::time::Instant;
 
 use super::breaker::{BreakerPermit, CircuitBreaker};
-use super::concurrency::ConcurrencyLimit;
+use super::concurrency::{ConcurrencyLimit, Slot};
 use super::key_pool::{KeyLease, KeyPool, NoKey};
-use super::token_bucket::TokenBucket;
+use super::token_bucket::{Taken, TokenBucket};
 use crate::key::ApiKey;
+use crate::state::redis::Unavailable;
 
 /// What one attempt asks of the admission steps.
 #[derive(Debug, Clone, Copy)]
@@ -58,6 +58,12 @@ impl Refusal {
             message,
             retry_at: None,
         }
+    }
+
+    /// The shared state backend did not answer (`state.on_unavailable: reject`): the
+    /// step is refused with `reason`, and the message names the backend.
+    fn unavailable(reason: SkipReason, _: Unavailable) -> Refusal {
+        Refusal::new(reason, Unavailable.to_string())
     }
 }
 
@@ -140,7 +146,11 @@ impl Admit for CircuitBreaker {
     type Ticket = BreakerTicket;
 
     async fn admit(&self, _ask: &Ask<'_>) -> Result<BreakerTicket, Refusal> {
-        match self.try_acquire() {
+        let answer = self
+            .acquire()
+            .await
+            .map_err(|e| Refusal::unavailable(SkipReason::CircuitOpen, e))?;
+        match answer {
             Ok(permit) => Ok(BreakerTicket {
                 breaker: self.clone(),
                 permit,
@@ -188,6 +198,8 @@ pub struct BucketTicket {
     /// Tokens taken and not given back.
     taken: u64,
     committed: bool,
+    /// Where they were taken (this process, or the fleet-wide bucket).
+    at: Taken,
 }
 
 impl Ticket for BucketTicket {
@@ -211,9 +223,9 @@ impl Ticket for BucketTicket {
             } else if let Some(used) = report.tokens_used {
                 let reserved = self.taken;
                 if used < reserved {
-                    self.bucket.refund((reserved - used) as f64);
+                    self.bucket.refund_to(self.at, (reserved - used) as f64);
                 } else if used > reserved {
-                    self.bucket.charge((used - reserved) as f64);
+                    self.bucket.charge_to(self.at, (used - reserved) as f64);
                 }
                 self.taken = 0;
             }
@@ -225,7 +237,7 @@ impl Ticket for BucketTicket {
 impl Drop for BucketTicket {
     fn drop(&mut self) {
         if !self.committed && self.taken > 0 {
-            self.bucket.refund(self.taken as f64);
+            self.bucket.refund_to(self.at, self.taken as f64);
         }
     }
 }
@@ -238,18 +250,24 @@ impl Admit for BucketStep<'_> {
             BucketUnit::Requests => 1,
             BucketUnit::Tokens => ask.tokens,
         };
-        if self.bucket.acquire(n as f64, ask.queue).await.is_err() {
+        let answer = self
+            .bucket
+            .take(n as f64, ask.queue)
+            .await
+            .map_err(|e| Refusal::unavailable(SkipReason::TokenBucket, e))?;
+        let Ok(at) = answer else {
             let message = match self.unit {
                 BucketUnit::Requests => format!("{} reached", self.label),
                 BucketUnit::Tokens => format!("{}: {n} tokens not available", self.label),
             };
             return Err(Refusal::new(SkipReason::TokenBucket, message));
-        }
+        };
         Ok(BucketTicket {
             bucket: self.bucket.clone(),
             unit: self.unit,
             taken: n,
             committed: false,
+            at,
         })
     }
 }
@@ -268,7 +286,7 @@ pub struct SlotStep<'a> {
 
 /// A slot of a concurrency limit, free again when the ticket is dropped or reported.
 #[derive(Debug)]
-pub struct SlotTicket(#[allow(dead_code)] OwnedSemaphorePermit);
+pub struct SlotTicket(#[allow(dead_code)] Slot);
 
 impl Ticket for SlotTicket {
     fn commit(&mut self) {}
@@ -279,7 +297,12 @@ impl Admit for SlotStep<'_> {
     type Ticket = SlotTicket;
 
     async fn admit(&self, ask: &Ask<'_>) -> Result<SlotTicket, Refusal> {
-        match self.limit.acquire(ask.queue).await {
+        let answer = self
+            .limit
+            .lease(ask.queue)
+            .await
+            .map_err(|e| Refusal::unavailable(SkipReason::Concurrency, e))?;
+        match answer {
             Ok(slot) => Ok(SlotTicket(slot)),
             Err(e) => Err(Refusal::new(
                 SkipReason::Concurrency,
@@ -327,6 +350,9 @@ impl Admit for Arc<KeyPool> {
     type Ticket = KeyTicket;
 
     async fn admit(&self, ask: &Ask<'_>) -> Result<KeyTicket, Refusal> {
+        self.sync_shared()
+            .await
+            .map_err(|e| Refusal::unavailable(SkipReason::NoKey, e))?;
         match self.acquire(ask.exclude_keys) {
             Ok(lease) => Ok(KeyTicket(lease)),
             Err(NoKey::CoolingDown { until }) => {

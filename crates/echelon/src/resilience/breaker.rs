@@ -9,12 +9,69 @@
 //! Ask [`CircuitBreaker::try_acquire`] before an attempt and report its outcome with
 //! [`CircuitBreaker::record`]. Which failures say something about the model's health
 //! (not a 400, not a cancelled request) is the caller's decision.
+//!
+//! With shared state (issue 15) the breaker's state machine (consecutive failures,
+//! open until, half-open probes) lives in one Redis hash and runs in one Lua script,
+//! so one replica opening it opens it for all and half-open admits
+//! `half_open_requests` probes fleet-wide; [`CircuitBreaker::acquire`] asks it. The
+//! failure-rate rule stays per replica: when it fires, the replica opens the shared
+//! breaker.
 
 use std::fmt;
-use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::sync::{Arc, LazyLock, Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
 
+use redis::Script;
 use tokio::time::Instant;
+
+use crate::state::redis::{Arg, NOW_MS, RedisState, Unavailable};
+
+/// The shared breaker: a hash `{s: 0 closed | 1 open | 2 half-open, u: open until (ms),
+/// e: epoch, f: consecutive failures, p: probes in flight}`. `acquire` answers
+/// `{granted, probe, epoch, ms until it may grant}`; `record` and `release` answer
+/// `{state before, state after, failures, 0}`. The same rules as the in-process one.
+static BREAKER_SCRIPT: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(&format!(
+        "{NOW_MS}{}",
+        r#"
+local k = KEYS[1]
+local h = redis.call('HMGET', k, 's', 'u', 'e', 'f', 'p')
+local s = tonumber(h[1]) or 0; local u = tonumber(h[2]) or 0; local e = tonumber(h[3]) or 0
+local f = tonumber(h[4]) or 0; local p = tonumber(h[5]) or 0
+local op = ARGV[1]
+local ret
+if s == 1 and now >= u then s = 2; p = 0; e = e + 1 end
+if op == 'acquire' then
+  if s == 0 then ret = {1, 0, e, 0}
+  elseif s == 1 then ret = {0, 0, e, u - now}
+  elseif p < tonumber(ARGV[2]) then p = p + 1; ret = {1, 1, e, 0}
+  else ret = {0, 0, e, 0} end
+elseif op == 'record' then
+  local before = s
+  local pe = tonumber(ARGV[2]); local probe = ARGV[3] == '1'; local ok = ARGV[4] == '1'
+  local thr = tonumber(ARGV[5]); local rec = tonumber(ARGV[6]); local rate = ARGV[7] == '1'
+  if pe == e then
+    if probe then
+      if ok then s = 0; f = 0; e = e + 1 else s = 1; u = now + rec; e = e + 1 end
+    elseif s == 0 then
+      if ok then f = 0 else
+        f = f + 1
+        if f >= thr or rate then s = 1; u = now + rec; e = e + 1 end
+      end
+    end
+  end
+  ret = {before, s, f, 0}
+else
+  local pe = tonumber(ARGV[2])
+  if s == 2 and pe == e and p > 0 then p = p - 1 end
+  ret = {s, s, f, 0}
+end
+redis.call('HSET', k, 's', s, 'u', tostring(u), 'e', e, 'f', f, 'p', p)
+redis.call('PEXPIRE', k, 86400000)
+return ret
+"#
+    ))
+});
 
 use super::window::Window;
 
@@ -151,12 +208,19 @@ pub struct BreakerPermit {
     epoch: u64,
     probe: bool,
     settled: bool,
+    /// Granted by the shared breaker: its epoch there.
+    remote: Option<i64>,
 }
 
 struct Shared {
     name: String,
     settings: BreakerSettings,
     inner: Mutex<Inner>,
+    /// The fleet-wide breaker in Redis, when the state is shared.
+    remote: Option<(Arc<RedisState>, String)>,
+    /// What the shared breaker last answered (state, consecutive failures), for
+    /// `/admin/state`.
+    seen: Mutex<Option<(BreakerState, u32)>>,
 }
 
 struct Inner {
@@ -195,8 +259,137 @@ impl CircuitBreaker {
                     reason: None,
                 }),
                 settings,
+                remote: None,
+                seen: Mutex::new(None),
             }),
         }
+    }
+
+    /// A closed breaker whose state is shared by every replica through the hash `key`
+    /// in Redis; this process's own state is the fallback while Redis is down.
+    pub fn with_shared(
+        name: impl Into<String>,
+        settings: BreakerSettings,
+        state: Arc<RedisState>,
+        key: String,
+    ) -> Self {
+        let mut b = CircuitBreaker::new(name, settings);
+        if let Some(shared) = Arc::get_mut(&mut b.shared) {
+            shared.remote = Some((state, key));
+        }
+        b
+    }
+
+    /// Whether the breaker's state is shared through Redis.
+    pub fn is_shared(&self) -> bool {
+        self.shared.remote.is_some()
+    }
+
+    /// Asks whether an attempt may start: the shared breaker when there is one and Redis
+    /// answers, else [`try_acquire`](Self::try_acquire).
+    ///
+    /// # Errors
+    /// `Ok(Err(BreakerOpen))` when refused; `Err(Unavailable)` when Redis did not
+    /// answer and `state.on_unavailable` is `reject`.
+    pub async fn acquire(&self) -> Result<Result<BreakerPermit, BreakerOpen>, Unavailable> {
+        let Some((state, key)) = &self.shared.remote else {
+            return Ok(self.try_acquire());
+        };
+        let probes = i64::from(self.shared.settings.half_open_requests);
+        let answer: Result<Vec<i64>, Unavailable> = state
+            .run(&BREAKER_SCRIPT, &[key], &[&"acquire", &probes])
+            .await;
+        match answer {
+            Ok(v) if v.len() == 4 => {
+                let wait = Duration::from_millis(u64::try_from(v[3]).unwrap_or(0));
+                let seen = match (v[0], v[1]) {
+                    (1, 0) => BreakerState::Closed,
+                    (0, _) if !wait.is_zero() => BreakerState::Open {
+                        until: Instant::now() + wait,
+                    },
+                    _ => BreakerState::HalfOpen {
+                        probes_in_flight: 1,
+                    },
+                };
+                self.shared.see(seen, None);
+                if v[0] == 1 {
+                    Ok(Ok(BreakerPermit {
+                        shared: Arc::clone(&self.shared),
+                        epoch: 0,
+                        probe: v[1] == 1,
+                        settled: false,
+                        remote: Some(v[2]),
+                    }))
+                } else {
+                    Ok(Err(BreakerOpen {
+                        until: Instant::now() + wait,
+                    }))
+                }
+            }
+            _ => {
+                state.fallback()?;
+                Ok(self.try_acquire())
+            }
+        }
+    }
+
+    /// Reports a permit of the shared breaker (in the background).
+    fn record_remote(&self, epoch: i64, probe: bool, success: bool, rate_fired: bool) {
+        let Some((state, key)) = &self.shared.remote else {
+            return;
+        };
+        let settings = &self.shared.settings;
+        let recovery = i64::try_from(settings.recovery_time.as_millis()).unwrap_or(i64::MAX);
+        let (state, key, name) = (state.clone(), key.clone(), self.shared.name.clone());
+        let me = Arc::clone(&self.shared);
+        let Ok(handle) = tokio::runtime::Handle::try_current() else {
+            return;
+        };
+        let threshold = i64::from(settings.failure_threshold);
+        handle.spawn(async move {
+            let args: [&dyn crate::state::redis::ToRedisArgsDyn; 7] = [
+                &"record",
+                &epoch,
+                &if probe { "1" } else { "0" },
+                &if success { "1" } else { "0" },
+                &threshold,
+                &recovery,
+                &if rate_fired { "1" } else { "0" },
+            ];
+            let answer: Result<Vec<i64>, Unavailable> =
+                state.run(&BREAKER_SCRIPT, &[&key], &args).await;
+            if let Ok(v) = &answer
+                && v.len() == 4
+            {
+                let seen = match v[1] {
+                    0 => BreakerState::Closed,
+                    1 => BreakerState::Open {
+                        until: Instant::now()
+                            + Duration::from_millis(u64::try_from(recovery).unwrap_or(0)),
+                    },
+                    _ => BreakerState::HalfOpen {
+                        probes_in_flight: 0,
+                    },
+                };
+                me.see(seen, Some(u32::try_from(v[2]).unwrap_or(u32::MAX)));
+            }
+            if let Ok(v) = answer
+                && v.len() == 4
+                && v[0] != v[1]
+            {
+                match v[1] {
+                    1 => tracing::warn!(
+                        model = %name,
+                        consecutive_failures = v[2],
+                        recovery_secs = recovery as f64 / 1000.0,
+                        "circuit breaker opened (shared): {}",
+                        if probe { "probe failed" } else { "failures" }
+                    ),
+                    0 => tracing::info!(model = %name, "circuit breaker closed (shared): probe succeeded"),
+                    _ => {}
+                }
+            }
+        });
     }
 
     /// The model name given to [`new`](Self::new).
@@ -237,6 +430,7 @@ impl CircuitBreaker {
             epoch,
             probe,
             settled: false,
+            remote: None,
         })
     }
 
@@ -264,6 +458,22 @@ impl CircuitBreaker {
         permit.settled = true;
         let settings = &self.shared.settings;
         let mut inner = self.shared.lock();
+        if let Some(epoch) = permit.remote {
+            // The failure-rate rule is counted here; the shared script does the rest.
+            let mut rate_fired = false;
+            if !permit.probe
+                && let (Some(window), Some(rate)) = (&mut inner.window, &settings.failure_rate)
+            {
+                window.add_at(now, [1, u64::from(!success)]);
+                let (requests, failures) = totals(window, now);
+                rate_fired = !success
+                    && requests >= rate.min_requests
+                    && f64::from(failures) >= rate.threshold * f64::from(requests);
+            }
+            drop(inner);
+            self.record_remote(epoch, permit.probe, success, rate_fired);
+            return;
+        }
         if permit.epoch != inner.epoch {
             return;
         }
@@ -328,6 +538,41 @@ impl CircuitBreaker {
     /// The breaker at `now`, for `/admin/state` (an open breaker past its `until`
     /// turns half-open here).
     pub fn snapshot_at(&self, now: Instant) -> BreakerSnapshot {
+        if let (Some((state, _)), Some((seen, failures))) = (
+            &self.shared.remote,
+            *self
+                .shared
+                .seen
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner),
+        ) && state.is_up()
+        {
+            // Shared: what Redis last answered (an open period past its end shows as
+            // half-open, as the script will turn it at the next attempt).
+            let seen = match seen {
+                BreakerState::Open { until } if now >= until => BreakerState::HalfOpen {
+                    probes_in_flight: 0,
+                },
+                s => s,
+            };
+            let next_change = match seen {
+                BreakerState::Open { until } => Some(until),
+                _ => None,
+            };
+            return BreakerSnapshot {
+                state: seen.name(),
+                next_change,
+                next_change_in: next_change.map(|u| u.saturating_duration_since(now)),
+                probes_in_flight: match seen {
+                    BreakerState::HalfOpen { probes_in_flight } => probes_in_flight,
+                    _ => 0,
+                },
+                consecutive_failures: failures,
+                window_requests: 0,
+                window_failures: 0,
+                reason: Some("shared through Redis: as last answered there".to_owned()),
+            };
+        }
         let mut inner = self.shared.lock();
         let transition = self.shared.advance(&mut inner, now);
         let (window_requests, window_failures) = inner
@@ -386,6 +631,14 @@ impl Drop for BreakerPermit {
         if self.settled || !self.probe {
             return;
         }
+        if let (Some(epoch), Some((state, key))) = (self.remote, &self.shared.remote) {
+            state.spawn_run(
+                &BREAKER_SCRIPT,
+                vec![key.clone()],
+                vec![Arg::S("release".to_owned()), Arg::I(epoch)],
+            );
+            return;
+        }
         let mut inner = self.shared.lock();
         if inner.epoch == self.epoch
             && let BreakerState::HalfOpen { probes_in_flight } = &mut inner.state
@@ -396,6 +649,13 @@ impl Drop for BreakerPermit {
 }
 
 impl Shared {
+    /// Keeps what the shared breaker answered (`failures`: when it said).
+    fn see(&self, state: BreakerState, failures: Option<u32>) {
+        let mut seen = self.seen.lock().unwrap_or_else(PoisonError::into_inner);
+        let failures = failures.or_else(|| seen.map(|(_, f)| f)).unwrap_or(0);
+        *seen = Some((state, failures));
+    }
+
     fn lock(&self) -> MutexGuard<'_, Inner> {
         // Every update leaves the state whole before the next statement can panic, so
         // a poisoned lock still guards a consistent state.

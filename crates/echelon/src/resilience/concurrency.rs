@@ -1,16 +1,101 @@
 //! The concurrency limit: at most N requests in flight through a model or an echelon
 //! (seed 001 `concurrency_limit`), with a bounded wait for a slot.
 
-use std::sync::Arc;
+//!
+//! With shared state (issue 15) the limit is fleet-wide: a slot is a **lease** in a
+//! Redis sorted set (member: the lease's name, score: its expiry in Redis `TIME` ms),
+//! renewed every third of `state.lease_ttl` while the request runs, so the slots of a
+//! replica killed with `kill -9` expire within the TTL.
+
+use std::sync::{Arc, LazyLock};
 use std::time::Duration;
 
+use redis::Script;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio::task::JoinHandle;
+
+use crate::state::redis::{Arg, NOW_MS, RedisState, Unavailable};
+
+/// `acquire` (1: leased, 0: full), `renew` and `release` of one lease.
+static LEASE_SCRIPT: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(&format!(
+        "{NOW_MS}{}",
+        r#"
+local op = ARGV[1]; local ttl = tonumber(ARGV[4])
+if op == 'acquire' then
+  redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
+  if redis.call('ZCARD', KEYS[1]) < tonumber(ARGV[2]) then
+    redis.call('ZADD', KEYS[1], now + ttl, ARGV[3])
+    redis.call('PEXPIRE', KEYS[1], ttl * 2)
+    return 1
+  end
+  return 0
+elseif op == 'renew' then
+  if redis.call('ZSCORE', KEYS[1], ARGV[3]) then
+    redis.call('ZADD', KEYS[1], 'XX', now + ttl, ARGV[3])
+    redis.call('PEXPIRE', KEYS[1], ttl * 2)
+    return 1
+  end
+  return 0
+end
+redis.call('ZREM', KEYS[1], ARGV[3])
+return 1
+"#
+    ))
+});
+
+/// How often a waiter asks Redis again for a fleet-wide slot.
+const LEASE_POLL: Duration = Duration::from_millis(10);
 
 /// A limit on requests in flight.
 #[derive(Debug)]
 pub struct ConcurrencyLimit {
     limit: u32,
     slots: Arc<Semaphore>,
+    /// The fleet-wide limit in Redis, when the state is shared; `slots` is then the
+    /// fallback (the limit divided by `state.replicas`).
+    shared: Option<SharedLimit>,
+}
+
+#[derive(Debug)]
+struct SharedLimit {
+    state: Arc<RedisState>,
+    key: String,
+    limit: u32,
+}
+
+/// A slot held: in this process, or a lease in Redis. Freed when dropped.
+#[derive(Debug)]
+pub enum Slot {
+    /// A slot of this process's semaphore.
+    Local(OwnedSemaphorePermit),
+    /// A fleet-wide lease.
+    Shared(Lease),
+}
+
+/// A fleet-wide lease: renewed while held, released when dropped.
+#[derive(Debug)]
+pub struct Lease {
+    state: Arc<RedisState>,
+    key: String,
+    name: String,
+    renew: JoinHandle<()>,
+}
+
+impl Drop for Lease {
+    fn drop(&mut self) {
+        self.renew.abort();
+        self.state.spawn_run(
+            &LEASE_SCRIPT,
+            vec![self.key.clone()],
+            vec![
+                Arg::S("release".to_owned()),
+                Arg::I(0),
+                Arg::S(self.name.clone()),
+                Arg::I(0),
+            ],
+        );
+    }
 }
 
 /// No slot freed up within the wait.
@@ -30,6 +115,74 @@ impl ConcurrencyLimit {
         ConcurrencyLimit {
             limit,
             slots: Arc::new(Semaphore::new(limit as usize)),
+            shared: None,
+        }
+    }
+
+    /// This limit (the in-process fallback) with a fleet-wide twin of `limit` leases
+    /// under `key` in Redis.
+    pub fn with_shared(mut self, state: Arc<RedisState>, key: String, limit: u32) -> Self {
+        self.shared = Some(SharedLimit {
+            state,
+            key,
+            limit: limit.max(1),
+        });
+        self
+    }
+
+    /// Takes a slot within `max_wait`: a fleet-wide lease when the limit is shared and
+    /// Redis answers, else a slot of this process ([`acquire`](Self::acquire)).
+    ///
+    /// # Errors
+    /// `Ok(Err(LimitReached))` when no slot frees up in time; `Err(Unavailable)` when
+    /// Redis did not answer and `state.on_unavailable` is `reject`.
+    pub async fn lease(
+        &self,
+        max_wait: Duration,
+    ) -> Result<Result<Slot, LimitReached>, Unavailable> {
+        let Some(sh) = &self.shared else {
+            return Ok(self.acquire(max_wait).await.map(Slot::Local));
+        };
+        let deadline = tokio::time::Instant::now() + max_wait;
+        let ttl = sh.state.lease_ttl();
+        let ttl_ms = i64::try_from(ttl.as_millis()).unwrap_or(i64::MAX).max(1);
+        let name = sh.state.lease_name();
+        loop {
+            let got: Result<i64, Unavailable> = sh
+                .state
+                .run(
+                    &LEASE_SCRIPT,
+                    &[&sh.key],
+                    &[&"acquire", &i64::from(sh.limit), &name, &ttl_ms],
+                )
+                .await;
+            match got {
+                Ok(1) => {
+                    let renew =
+                        tokio::spawn(renew(sh.state.clone(), sh.key.clone(), name.clone(), ttl));
+                    return Ok(Ok(Slot::Shared(Lease {
+                        state: sh.state.clone(),
+                        key: sh.key.clone(),
+                        name,
+                        renew,
+                    })));
+                }
+                Ok(_) => {
+                    let now = tokio::time::Instant::now();
+                    if now >= deadline {
+                        return Ok(Err(LimitReached {
+                            limit: sh.limit,
+                            waited: max_wait,
+                        }));
+                    }
+                    tokio::time::sleep(LEASE_POLL.min(deadline - now)).await;
+                }
+                Err(Unavailable) => {
+                    sh.state.fallback()?;
+                    let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+                    return Ok(self.acquire(left).await.map(Slot::Local));
+                }
+            }
         }
     }
 
@@ -59,6 +212,18 @@ impl ConcurrencyLimit {
             Ok(Ok(p)) => Ok(p),
             _ => Err(err),
         }
+    }
+}
+
+/// Renews a lease every third of its TTL until aborted.
+async fn renew(state: Arc<RedisState>, key: String, name: String, ttl: Duration) {
+    let ttl_ms = i64::try_from(ttl.as_millis()).unwrap_or(i64::MAX).max(1);
+    let every = (ttl / 3).max(Duration::from_millis(10));
+    loop {
+        tokio::time::sleep(every).await;
+        let _: Result<i64, Unavailable> = state
+            .run(&LEASE_SCRIPT, &[&key], &[&"renew", &0i64, &name, &ttl_ms])
+            .await;
     }
 }
 

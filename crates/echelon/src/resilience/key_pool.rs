@@ -9,14 +9,49 @@
 //! request again (the probe); a success re-enables it fully, another 401/403 doubles the
 //! wait (up to [`REPROBE_MAX`]). Time is tokio's ([`tokio::time::Instant`]), so tests
 //! can pause and advance it.
+//!
+//! With shared state (issue 15) the cooldowns and disabled keys of a pool are also kept
+//! in one Redis hash (`c:<key id>` → end of the cooldown, `d:<key id>` → `re-probe
+//! time|failures|reason`, times in Redis `TIME` ms): a replica writes there what its
+//! calls learn, and [`KeyPool::sync_shared`], one round trip before each lease, brings
+//! what the other replicas learnt into this pool, so a key cooled by a 429 on one
+//! replica is not used by another before its Retry-After.
 
 use std::sync::atomic::{AtomicU32, AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, LazyLock, Mutex, OnceLock};
 use std::time::Duration;
 
+use redis::Script;
 use tokio::time::Instant;
 
 use crate::key::{ApiKey, Redactor};
+use crate::state::redis::{Arg, NOW_MS, RedisState, Unavailable};
+
+/// `read` answers `{now, [field, value, …]}`; `cool`, `disable` and `enable` write one
+/// key's state (a cooldown only ever lengthens).
+static POOL_SCRIPT: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(&format!(
+        "{NOW_MS}{}",
+        r#"
+local op = ARGV[1]
+if op == 'read' then
+  return {now, redis.call('HGETALL', KEYS[1])}
+end
+if op == 'cool' then
+  local field = 'c:' .. ARGV[2]; local till = now + tonumber(ARGV[3])
+  local old = tonumber(redis.call('HGET', KEYS[1], field) or '0') or 0
+  if till > old then redis.call('HSET', KEYS[1], field, tostring(till)) end
+elseif op == 'disable' then
+  redis.call('HSET', KEYS[1], 'd:' .. ARGV[2],
+    tostring(now + tonumber(ARGV[3])) .. '|' .. ARGV[4] .. '|' .. ARGV[5])
+else
+  redis.call('HDEL', KEYS[1], 'd:' .. ARGV[2])
+end
+redis.call('PEXPIRE', KEYS[1], 7200000)
+return {now, {}}
+"#
+    ))
+});
 
 /// Longest cooldown a 429 can put a key into, whatever its Retry-After says.
 pub const MAX_KEY_COOLDOWN: Duration = Duration::from_secs(300);
@@ -91,6 +126,8 @@ pub struct KeyPool {
     next: AtomicUsize,
     /// Numbers the probe leases, so that only the probe in flight can end its probe.
     probes: AtomicU64,
+    /// The pool's hash in Redis, when the state is shared.
+    remote: OnceLock<(Arc<RedisState>, String)>,
 }
 
 /// Why no key could be leased.
@@ -158,6 +195,13 @@ impl KeyLease {
                 *state = Health::CoolingDown { until };
             }
         }
+        drop(state);
+        self.pool.write(
+            "cool",
+            slot.key.id(),
+            wait,
+            vec![Arg::S(String::new()), Arg::S(String::new())],
+        );
     }
 
     /// Disables the key after a 401/403, keeping the provider's message as the reason.
@@ -188,6 +232,16 @@ impl KeyLease {
             reprobe_at: now + delay,
             probe: None,
         };
+        drop(state);
+        self.pool.write(
+            "disable",
+            slot.key.id(),
+            delay,
+            vec![
+                Arg::S(failures.to_string()),
+                Arg::S(reason.replace('|', "/")),
+            ],
+        );
     }
 
     /// The call with the key succeeded: a disabled key (this lease was its re-probe,
@@ -199,6 +253,13 @@ impl KeyLease {
         if let Health::Disabled { failures, .. } = &*state {
             tracing::info!(pool = %self.pool.name, key_id = slot.key.id(), consecutive_failures = *failures, "key accepted again: re-enabled");
             *state = Health::Ok;
+            drop(state);
+            self.pool.write(
+                "enable",
+                slot.key.id(),
+                Duration::ZERO,
+                vec![Arg::S(String::new()), Arg::S(String::new())],
+            );
         }
     }
 }
@@ -260,7 +321,100 @@ impl KeyPool {
                 .collect(),
             next: AtomicUsize::new(0),
             probes: AtomicU64::new(0),
+            remote: OnceLock::new(),
         })
+    }
+
+    /// Shares the pool's cooldowns and disabled keys with every replica through the
+    /// hash `key` in Redis (once; a second call changes nothing).
+    pub fn share_through(&self, state: Arc<RedisState>, key: String) {
+        let _ = self.remote.set((state, key));
+    }
+
+    /// Whether the pool's key states are shared through Redis.
+    pub fn is_shared(&self) -> bool {
+        self.remote.get().is_some()
+    }
+
+    /// Brings the cooldowns and disabled keys other replicas wrote into this pool (one
+    /// round trip; nothing when the pool is not shared). A cooldown only lengthens a
+    /// local one; a disabled key stays disabled here until its own re-probe succeeds.
+    ///
+    /// # Errors
+    /// [`Unavailable`] when Redis did not answer and `state.on_unavailable` is `reject`
+    /// (with `local`, the pool goes on with what it knows).
+    pub async fn sync_shared(&self) -> Result<(), Unavailable> {
+        let Some((state, key)) = self.remote.get() else {
+            return Ok(());
+        };
+        let answer: Result<(i64, Vec<String>), Unavailable> =
+            state.run(&POOL_SCRIPT, &[key], &[&"read"]).await;
+        let (now_ms, fields) = match answer {
+            Ok(a) => a,
+            Err(Unavailable) => return state.fallback(),
+        };
+        let now = Instant::now();
+        let at = |ms: i64| now + Duration::from_millis(u64::try_from(ms - now_ms).unwrap_or(0));
+        for pair in fields.chunks_exact(2) {
+            let (field, value) = (&pair[0], &pair[1]);
+            let (kind, id) = field.split_at(field.find(':').map_or(0, |i| i + 1));
+            let Some(slot) = self.slots.iter().find(|s| s.key.id() == id) else {
+                continue;
+            };
+            let mut health = lock(&slot.state);
+            match kind {
+                "c:" => {
+                    let Ok(till) = value.parse::<f64>() else {
+                        continue;
+                    };
+                    let till = till as i64;
+                    if till <= now_ms {
+                        continue;
+                    }
+                    let until = at(till);
+                    match &*health {
+                        Health::Ok => *health = Health::CoolingDown { until },
+                        Health::CoolingDown { until: mine } if *mine < until => {
+                            *health = Health::CoolingDown { until }
+                        }
+                        _ => {}
+                    }
+                }
+                "d:" => {
+                    if matches!(&*health, Health::Disabled { .. }) {
+                        continue;
+                    }
+                    let mut parts = value.splitn(3, '|');
+                    let reprobe = parts.next().and_then(|v| v.parse::<f64>().ok());
+                    let failures = parts.next().and_then(|v| v.parse::<u32>().ok());
+                    let reason = parts.next().unwrap_or("").to_owned();
+                    if let (Some(reprobe), Some(failures)) = (reprobe, failures) {
+                        *health = Health::Disabled {
+                            reason,
+                            failures,
+                            reprobe_at: at(reprobe as i64),
+                            probe: None,
+                        };
+                    }
+                }
+                _ => {}
+            }
+        }
+        Ok(())
+    }
+
+    /// Writes one key's new state to the shared hash, in the background.
+    fn write(&self, op: &str, key_id: &str, wait: Duration, extra: Vec<Arg>) {
+        let Some((state, key)) = self.remote.get() else {
+            return;
+        };
+        let mut args = vec![
+            Arg::S(op.to_owned()),
+            Arg::S(key_id.to_owned()),
+            Arg::I(i64::try_from(wait.as_millis()).unwrap_or(i64::MAX)),
+        ];
+        args.extend(extra);
+        state.spawn_run(&POOL_SCRIPT, vec![key.clone()], args);
     }
 
     /// The pool's name.

@@ -12,10 +12,14 @@
 //! them back, so a large request is never starved by a stream of small ones and nobody
 //! polls.
 
-use std::sync::{Mutex, MutexGuard, PoisonError};
+use std::sync::{Arc, LazyLock, Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
 
+use redis::Script;
+
 use tokio::time::Instant;
+
+use crate::state::redis::{Arg, NOW_MS, RedisState, Unavailable};
 
 /// Slack for floating-point rounding when comparing a level with a request (tokens).
 const EPSILON: f64 = 1e-9;
@@ -33,7 +37,68 @@ pub struct TokenBucket {
     capacity: f64,
     refill_per_sec: f64,
     level: Mutex<Level>,
+    /// The fleet-wide bucket in Redis, when the state is shared (issue 15); the local
+    /// level above is then the fallback (its limits divided by `state.replicas`).
+    shared: Option<SharedBucket>,
 }
+
+/// A bucket's fleet-wide twin: a Redis hash `{t: tokens, a: as of (ms, Redis TIME)}`.
+#[derive(Debug)]
+struct SharedBucket {
+    state: Arc<RedisState>,
+    key: String,
+    capacity: f64,
+    refill_per_sec: f64,
+    /// How long the hash outlives its last write (ms): a full refill plus a minute.
+    ttl_ms: i64,
+}
+
+/// Where [`TokenBucket::take`] took its tokens, so that they are settled there.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Taken {
+    /// From this process's level.
+    Local,
+    /// From the fleet-wide bucket in Redis.
+    Shared,
+}
+
+/// The bucket's one script: `reserve` (the wait in ms, or -1: refused), `refund` and
+/// `charge`, each after refilling up to Redis `TIME`; the same arithmetic as
+/// [`TokenBucket::reserve_at`], [`TokenBucket::refund_at`] and
+/// [`TokenBucket::charge_at`].
+static BUCKET_SCRIPT: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(&format!(
+        "{NOW_MS}{}",
+        r#"
+local cap = tonumber(ARGV[2]); local rate = tonumber(ARGV[3]); local n = tonumber(ARGV[4])
+local h = redis.call('HMGET', KEYS[1], 't', 'a')
+local tokens = tonumber(h[1]); local at = tonumber(h[2])
+if tokens == nil or at == nil then tokens = cap; at = now end
+if now > at then
+  if tokens < cap then tokens = math.min(cap, tokens + (now - at) / 1000 * rate) end
+  at = now
+end
+local op = ARGV[1]; local result = 0
+if op == 'reserve' then
+  if n > cap then return -1 end
+  local deficit = n - tokens
+  if deficit > 1e-9 then
+    if rate <= 0 then return -1 end
+    result = math.ceil(deficit / rate * 1000)
+  end
+  if result > tonumber(ARGV[5]) then return -1 end
+  tokens = tokens - n
+elseif op == 'refund' then
+  tokens = math.min(cap, tokens + n)
+else
+  tokens = tokens - n
+end
+redis.call('HSET', KEYS[1], 't', tostring(tokens), 'a', tostring(at))
+redis.call('PEXPIRE', KEYS[1], tonumber(ARGV[6]))
+return result
+"#
+    ))
+});
 
 /// The mutable part: the level (tokens, may be negative) as of `at`.
 #[derive(Debug)]
@@ -72,6 +137,118 @@ impl TokenBucket {
                 tokens: capacity,
                 at: Instant::now(),
             }),
+            shared: None,
+        }
+    }
+
+    /// This bucket (the in-process fallback) with a fleet-wide twin under `key` in
+    /// Redis, of `capacity` tokens refilled at `refill_per_sec` (the full limits; this
+    /// bucket's own are the limits divided by `state.replicas`).
+    pub fn with_shared(
+        mut self,
+        state: Arc<RedisState>,
+        key: String,
+        capacity: f64,
+        refill_per_sec: f64,
+    ) -> Self {
+        let capacity = non_negative(capacity);
+        let refill_per_sec = non_negative(refill_per_sec);
+        let full = if refill_per_sec > 0.0 {
+            (capacity / refill_per_sec * 1000.0).min(86_400_000.0)
+        } else {
+            86_400_000.0
+        };
+        self.shared = Some(SharedBucket {
+            state,
+            key,
+            capacity,
+            refill_per_sec,
+            ttl_ms: full as i64 + 60_000,
+        });
+        self
+    }
+
+    /// Whether the bucket has a fleet-wide twin in Redis.
+    pub fn is_shared(&self) -> bool {
+        self.shared.is_some()
+    }
+
+    /// Takes `n` tokens within `max_wait`, from the fleet-wide bucket when there is one
+    /// and Redis answers, else from this process's level ([`acquire`](Self::acquire)).
+    /// Dropped while it waits, it gives the tokens back where it took them.
+    ///
+    /// # Errors
+    /// `Ok(Err(AcquireTimeout))` when the tokens are not to be had in time;
+    /// `Err(Unavailable)` when Redis did not answer and `state.on_unavailable` is
+    /// `reject`.
+    pub async fn take(
+        &self,
+        n: f64,
+        max_wait: Duration,
+    ) -> Result<Result<Taken, AcquireTimeout>, Unavailable> {
+        let Some(sh) = &self.shared else {
+            return Ok(self.acquire(n, max_wait).await.map(|()| Taken::Local));
+        };
+        let timeout = AcquireTimeout {
+            needed: n,
+            max_wait,
+        };
+        if !(n.is_finite() && n <= sh.capacity) {
+            return Ok(Err(timeout));
+        }
+        if n <= 0.0 {
+            return Ok(Ok(Taken::Shared));
+        }
+        let max_ms = i64::try_from(max_wait.as_millis()).unwrap_or(i64::MAX);
+        let answer: Result<i64, Unavailable> = sh
+            .state
+            .run(
+                &BUCKET_SCRIPT,
+                &[&sh.key],
+                &[
+                    &"reserve",
+                    &sh.capacity,
+                    &sh.refill_per_sec,
+                    &n,
+                    &max_ms,
+                    &sh.ttl_ms,
+                ],
+            )
+            .await;
+        match answer {
+            Ok(wait) if wait < 0 => Ok(Err(timeout)),
+            Ok(0) => Ok(Ok(Taken::Shared)),
+            Ok(wait) => {
+                let mut guard = SharedRefund {
+                    bucket: self,
+                    tokens: n,
+                };
+                tokio::time::sleep(Duration::from_millis(wait as u64)).await;
+                guard.tokens = 0.0;
+                Ok(Ok(Taken::Shared))
+            }
+            Err(Unavailable) => {
+                sh.state.fallback()?;
+                Ok(self.acquire(n, max_wait).await.map(|()| Taken::Local))
+            }
+        }
+    }
+
+    /// Gives back `n` tokens where they were taken ([`refund`](Self::refund) locally;
+    /// in Redis in the background).
+    pub fn refund_to(&self, at: Taken, n: f64) {
+        match (at, &self.shared) {
+            (Taken::Shared, Some(sh)) => sh.update("refund", n),
+            _ => self.refund(n),
+        }
+    }
+
+    /// Takes `n` more tokens where the reservation was taken ([`charge`](Self::charge)
+    /// locally; in Redis in the background).
+    pub fn charge_to(&self, at: Taken, n: f64) {
+        match (at, &self.shared) {
+            (Taken::Shared, Some(sh)) => sh.update("charge", n),
+            _ => self.charge(n),
         }
     }
 
@@ -275,6 +452,42 @@ impl TokenBucket {
             level.at = now;
         }
         level
+    }
+}
+
+impl SharedBucket {
+    /// A refund or a charge of `n` tokens, in the background.
+    fn update(&self, op: &'static str, n: f64) {
+        if !n.is_finite() || n <= 0.0 {
+            return;
+        }
+        self.state.spawn_run(
+            &BUCKET_SCRIPT,
+            vec![self.key.clone()],
+            vec![
+                Arg::S(op.to_owned()),
+                Arg::F(self.capacity),
+                Arg::F(self.refill_per_sec),
+                Arg::F(n),
+                Arg::I(0),
+                Arg::I(self.ttl_ms),
+            ],
+        );
+    }
+}
+
+/// Gives tokens reserved in Redis back if [`TokenBucket::take`] is dropped while it
+/// waits for them.
+struct SharedRefund<'a> {
+    bucket: &'a TokenBucket,
+    tokens: f64,
+}
+
+impl Drop for SharedRefund<'_> {
+    fn drop(&mut self) {
+        if self.tokens > 0.0 {
+            self.bucket.refund_to(Taken::Shared, self.tokens);
+        }
     }
 }
 

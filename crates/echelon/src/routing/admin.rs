@@ -34,6 +34,20 @@ pub struct AdminState {
     pub pools: BTreeMap<String, PoolState>,
     /// Per route name (what a request puts in `model`).
     pub routes: BTreeMap<String, RouteState>,
+    /// Where the resilience state lives and how this replica uses it now (issue 15).
+    pub state: StateView,
+}
+
+/// The state backend as `/admin/state` shows it.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct StateView {
+    /// `memory` or `redis` (`state.backend`).
+    pub backend: &'static str,
+    /// `memory` (nothing shared), `shared` (through Redis), `local` (Redis down: limits
+    /// divided by `state.replicas`) or `reject` (Redis down: attempts refused).
+    pub mode: &'static str,
+    /// Whether Redis answered the last time it was asked (`true` for `memory`).
+    pub up: bool,
 }
 
 /// One model.
@@ -424,6 +438,18 @@ impl Gateway {
                 .plans()
                 .map(|(name, plan)| (name.to_owned(), RouteState::of(plan, now)))
                 .collect(),
+            state: match self.registry().shared_state() {
+                None => StateView {
+                    backend: "memory",
+                    mode: "memory",
+                    up: true,
+                },
+                Some(s) => StateView {
+                    backend: "redis",
+                    mode: s.mode().as_str(),
+                    up: s.is_up(),
+                },
+            },
         }
     }
 }
@@ -592,6 +618,10 @@ polling_pools:
             })
         );
         let top: Vec<&String> = v.as_object().unwrap().keys().collect();
-        assert_eq!(top, ["echelons", "models", "pools", "routes"]);
+        assert_eq!(top, ["echelons", "models", "pools", "routes", "state"]);
+        assert_eq!(
+            v["state"],
+            json!({"backend": "memory", "mode": "memory", "up": true})
+        );
     }
 }

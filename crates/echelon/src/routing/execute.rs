@@ -67,9 +67,11 @@ pub(crate) async fn run_plan(
     let mut group_permit = None;
     let mut skip_own = false;
     if let Some(b) = &plan.group_breaker {
-        match b.try_acquire() {
-            Ok(p) => group_permit = Some(p),
-            Err(_) => {
+        // Shared through Redis when the state is (`state.backend: redis`); refused too
+        // when Redis is down with `on_unavailable: reject`.
+        match b.acquire().await {
+            Ok(Ok(p)) => group_permit = Some(p),
+            Ok(Err(_)) | Err(_) => {
                 tracing::info!(route = %job.route(), "group breaker open: going straight to the fallbacks");
                 skip_own = true;
             }
@@ -274,7 +276,7 @@ async fn run_pool<'p>(
         }
         let pick = match (ps.simple_retry, last) {
             (true, Some(i)) => Some(i),
-            _ => ps.pool.select(session, &exclude),
+            _ => ps.pool.select_shared(session, &exclude).await,
         };
         let Some(i) = pick else {
             break;

@@ -23,7 +23,7 @@ use super::stream::{Continuation, GatewayStream, StreamAccounting};
 use super::topology::{NodeRoutes, RouteInfo, Topology};
 use crate::config::{Config, StreamFailureMode};
 use crate::error::{GatewayError, GatewayErrorKind};
-use crate::state::{MemoryRegistry, StateRegistry};
+use crate::state::StateRegistry;
 use crate::usage::record::{Endpoint, RequestRecord};
 use crate::usage::{RecordSink, RequestMeta};
 
@@ -94,14 +94,18 @@ impl std::fmt::Debug for dyn RecordSink {
 }
 
 impl Gateway {
-    /// Builds the models and routes of a validated config over an in-memory state
-    /// registry. Nothing runs until [`start`](Self::start).
+    /// Builds the models and routes of a validated config over the state registry its
+    /// `state:` section asks for (in memory by default, shared through Redis with
+    /// `backend: redis`). Nothing runs until [`start`](Self::start).
     ///
     /// # Errors
     /// When a model's HTTP client cannot be built, or the config references something that
     /// does not exist (a config that passed validation never does).
     pub fn from_config(config: &Config) -> Result<Gateway, GatewayError> {
-        Gateway::with_registry(config, Arc::new(MemoryRegistry::new()))
+        let registry = crate::state::registry_for(&config.state).map_err(|e| {
+            GatewayError::new(crate::error::GatewayErrorKind::Unavailable, e.to_string())
+        })?;
+        Gateway::with_registry(config, registry)
     }
 
     /// [`from_config`](Self::from_config) over the given state registry.

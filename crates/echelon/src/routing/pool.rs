@@ -27,13 +27,30 @@
 // The router does not use pools yet; drop this once it does.
 
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard, PoisonError, Weak};
+use std::sync::{Arc, LazyLock, Mutex, MutexGuard, OnceLock, PoisonError, Weak};
 use std::time::Duration;
 
 use tokio::time::{Instant, MissedTickBehavior};
 
 use super::model::Model;
 use crate::resilience::key_pool::NoKey;
+use crate::state::redis::{Arg, RedisState, Unavailable};
+
+/// A shared sticky session (issue 15): `get` answers the instance's model id bound to
+/// the session (refreshing its idle TTL), `set` binds it.
+static SESSION_SCRIPT: LazyLock<redis::Script> = LazyLock::new(|| {
+    redis::Script::new(
+        r#"
+if ARGV[1] == 'get' then
+  local v = redis.call('GET', KEYS[1])
+  if v then redis.call('PEXPIRE', KEYS[1], tonumber(ARGV[3])) end
+  return v
+end
+redis.call('SET', KEYS[1], ARGV[2], 'PX', tonumber(ARGV[3]))
+return false
+"#,
+    )
+});
 
 /// Sticky sessions kept at most (the least recently used go first beyond that). With
 /// [`SessionKey`]s of 16 bytes the map stays within a few MiB however large the values
@@ -68,6 +85,11 @@ impl SessionKey {
         let mut key = [0u8; 16];
         key.copy_from_slice(&digest[..16]);
         SessionKey(key)
+    }
+
+    /// The key in hex (a Redis key fragment).
+    fn hex(&self) -> String {
+        self.0.iter().map(|b| format!("{b:02x}")).collect()
     }
 }
 
@@ -173,6 +195,8 @@ pub(crate) struct PollingPool {
     inner: Mutex<Inner>,
     picked: Vec<AtomicU64>,
     sessions: moka::sync::Cache<SessionKey, usize>,
+    /// Where sticky sessions are shared with the other replicas (Redis, key prefix).
+    shared_sessions: OnceLock<(Arc<RedisState>, String)>,
 }
 
 impl std::fmt::Debug for PollingPool {
@@ -220,7 +244,55 @@ impl PollingPool {
             instances,
             settings,
             sessions,
+            shared_sessions: OnceLock::new(),
         }
+    }
+
+    /// Shares the pool's sticky sessions with every replica through Redis, under keys
+    /// starting with `prefix` (once; a second call changes nothing).
+    pub(crate) fn share_sessions(&self, state: Arc<RedisState>, prefix: String) {
+        let _ = self.shared_sessions.set((state, prefix));
+    }
+
+    /// [`select`](Self::select), with the session's binding read from and written to
+    /// Redis when the pool's sessions are shared: a conversation stays on its instance
+    /// whichever replica gets the next turn. Redis down: this replica's own bindings.
+    pub(crate) async fn select_shared(
+        &self,
+        session: Option<SessionKey>,
+        exclude: &[usize],
+    ) -> Option<usize> {
+        let (Some(key), Some((state, prefix))) = (session, self.shared_sessions.get()) else {
+            return self.select(session, exclude);
+        };
+        let rkey = format!("{prefix}{}", key.hex());
+        let ttl_ms = i64::try_from(self.settings.session_ttl.min(MAX_DURATION).as_millis())
+            .unwrap_or(i64::MAX)
+            .max(1);
+        let bound: Result<Option<String>, Unavailable> = state
+            .run(&SESSION_SCRIPT, &[&rkey], &[&"get", &"", &ttl_ms])
+            .await;
+        let bound = bound.ok().flatten();
+        if let Some(i) = bound
+            .as_deref()
+            .and_then(|id| self.instances.iter().position(|m| m.id() == id))
+        {
+            self.sessions.insert(key, i);
+        }
+        let pick = self.select(session, exclude)?;
+        let id = self.instances[pick].id();
+        if bound.as_deref() != Some(id) {
+            state.spawn_run(
+                &SESSION_SCRIPT,
+                vec![rkey],
+                vec![
+                    Arg::S("set".to_owned()),
+                    Arg::S(id.to_owned()),
+                    Arg::I(ttl_ms),
+                ],
+            );
+        }
+        Some(pick)
     }
 
     /// The pool's name (its route).

@@ -150,6 +150,9 @@ impl Topology {
             }
             let settings = pool_settings(pc, &instances);
             let pool = Arc::new(PollingPool::new(name.clone(), instances.clone(), settings));
+            if let Some(state) = registry.shared_state() {
+                pool.share_sessions(state.clone(), state.key(&format!("session:{name}:")));
+            }
             let tier = Tier::new(
                 name.clone(),
                 instances,

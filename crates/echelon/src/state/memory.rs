@@ -1,10 +1,17 @@
 //! The in-process state registry: one map from stable id to unit, behind a mutex taken
 //! only while a topology is built (never on the request path).
+//!
+//! With a shared backend ([`MemoryRegistry::with_redis`], `state.backend: redis`) the
+//! units it makes also get their fleet-wide twin in Redis (breakers, token buckets,
+//! concurrency limits, key pools; retry budgets stay per replica), and their own
+//! in-process limits are the configured ones divided by `state.replicas`: what a
+//! replica enforces alone while Redis is down (`on_unavailable: local`).
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
 
+use super::redis::RedisState;
 use super::{StateId, StateRegistry};
 use crate::resilience::breaker::{BreakerSettings, CircuitBreaker};
 use crate::resilience::concurrency::ConcurrencyLimit;
@@ -26,12 +33,29 @@ enum Held {
 #[derive(Debug, Default)]
 pub struct MemoryRegistry {
     units: Mutex<HashMap<StateId, Held>>,
+    /// The shared backend the units' twins live in, if any.
+    shared: Option<Arc<RedisState>>,
 }
 
 impl MemoryRegistry {
     /// An empty registry.
     pub fn new() -> Self {
         MemoryRegistry::default()
+    }
+
+    /// An empty registry whose units share their state through `state` (Redis).
+    pub fn with_redis(state: Arc<RedisState>) -> Self {
+        MemoryRegistry {
+            units: Mutex::default(),
+            shared: Some(state),
+        }
+    }
+
+    /// The divisor of the in-process limits (`state.replicas` when shared, else 1).
+    fn replicas(&self) -> f64 {
+        self.shared
+            .as_ref()
+            .map_or(1.0, |s| f64::from(s.replicas()))
     }
 
     fn lock(&self) -> MutexGuard<'_, HashMap<StateId, Held>> {
@@ -65,14 +89,39 @@ impl StateRegistry for MemoryRegistry {
                 _ => None,
             },
             || {
-                let b = CircuitBreaker::new(name, settings.clone());
+                let b = match &self.shared {
+                    None => CircuitBreaker::new(name, settings.clone()),
+                    Some(state) => CircuitBreaker::with_shared(
+                        name,
+                        settings.clone(),
+                        state.clone(),
+                        state.key(&format!("breaker:{}", id.key())),
+                    ),
+                };
                 (b.clone(), Held::Breaker(b))
             },
         )
     }
 
     fn bucket(&self, id: &StateId, capacity: f64, refill_per_sec: f64) -> Arc<TokenBucket> {
-        let fresh = TokenBucket::new(capacity, refill_per_sec);
+        let fresh = match &self.shared {
+            None => TokenBucket::new(capacity, refill_per_sec),
+            Some(state) => {
+                let n = self.replicas();
+                // A limit divided among replicas still grants one request each.
+                let local = if capacity >= 1.0 {
+                    (capacity / n).max(1.0)
+                } else {
+                    capacity
+                };
+                TokenBucket::new(local, refill_per_sec / n).with_shared(
+                    state.clone(),
+                    state.key(&format!("bucket:{}:{capacity}:{refill_per_sec}", id.key())),
+                    capacity,
+                    refill_per_sec,
+                )
+            }
+        };
         let (cap, rate) = (fresh.capacity(), fresh.refill_per_sec());
         self.get_or(
             id,
@@ -90,7 +139,15 @@ impl StateRegistry for MemoryRegistry {
     }
 
     fn concurrency(&self, id: &StateId, limit: u32) -> Arc<ConcurrencyLimit> {
-        let fresh = ConcurrencyLimit::new(limit);
+        let fresh = match &self.shared {
+            None => ConcurrencyLimit::new(limit),
+            Some(state) => ConcurrencyLimit::new(limit.div_ceil(state.replicas().max(1)))
+                .with_shared(
+                    state.clone(),
+                    state.key(&format!("slots:{}:{limit}", id.key())),
+                    limit,
+                ),
+        };
         let limit = fresh.limit();
         self.get_or(
             id,
@@ -138,6 +195,9 @@ impl StateRegistry for MemoryRegistry {
             },
             || {
                 let p = make();
+                if let (Some(state), StateId::KeyPool { name, .. }) = (&self.shared, id) {
+                    p.share_through(state.clone(), state.key(&format!("keys:{name}")));
+                }
                 (p.clone(), Held::KeyPool(p))
             },
         )
@@ -149,6 +209,10 @@ impl StateRegistry for MemoryRegistry {
 
     fn len(&self) -> usize {
         self.lock().len()
+    }
+
+    fn shared_state(&self) -> Option<&Arc<RedisState>> {
+        self.shared.as_ref()
     }
 }
 

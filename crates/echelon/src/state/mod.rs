@@ -10,12 +10,16 @@
 //! backend can answer after its round trip while the memory one is ready at once.
 
 mod memory;
+pub mod redis;
 
 use std::fmt;
 use std::sync::Arc;
 use std::time::Duration;
 
 pub use memory::MemoryRegistry;
+pub use redis::{BadUrl, RedisState, StateMode, Unavailable};
+
+use crate::config::{StateBackend, StateConfig};
 
 use crate::resilience::breaker::{BreakerSettings, CircuitBreaker};
 use crate::resilience::concurrency::ConcurrencyLimit;
@@ -74,6 +78,29 @@ pub enum StateId {
     },
 }
 
+impl StateId {
+    /// The id as a Redis key fragment (after `state.key_prefix` and the unit's kind):
+    /// `model:<id>:<identity>:<unit>`, `route:<label>:<unit>`, `pool:<name>`.
+    pub fn key(&self) -> String {
+        match self {
+            StateId::Model { id, identity, unit } => format!("model:{id}:{identity}:{unit:?}"),
+            StateId::Route { label, unit } => format!("route:{label}:{unit:?}"),
+            StateId::KeyPool { name, .. } => format!("pool:{name}"),
+        }
+    }
+}
+
+/// The registry `config` asks for: in memory, or sharing its units through Redis.
+///
+/// # Errors
+/// [`BadUrl`] when `state.url` does not parse (a validated config never has one).
+pub fn registry_for(config: &StateConfig) -> Result<Arc<dyn StateRegistry>, BadUrl> {
+    Ok(match config.backend {
+        StateBackend::Memory => Arc::new(MemoryRegistry::new()),
+        StateBackend::Redis => Arc::new(MemoryRegistry::with_redis(RedisState::new(config)?)),
+    })
+}
+
 impl fmt::Display for StateId {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
@@ -114,6 +141,10 @@ pub trait StateRegistry: Send + Sync + fmt::Debug {
     fn retain(&self, keep: &dyn Fn(&StateId) -> bool);
     /// How many units it holds.
     fn len(&self) -> usize;
+    /// The shared backend its units' state lives in (`None`: in memory only).
+    fn shared_state(&self) -> Option<&Arc<RedisState>> {
+        None
+    }
     /// Whether it holds none.
     fn is_empty(&self) -> bool {
         self.len() == 0

@@ -71,6 +71,12 @@ pub const STREAM_NO_FINISH_REASON_TOTAL: &str = "echelon_stream_no_finish_reason
 /// (skipped with `malformed_event: skip`, or the one that ended the stream).
 pub const STREAM_ANOMALIES_TOTAL: &str = "echelon_stream_anomalies_total";
 
+/// `echelon_state_backend_up`: 1 while the shared state backend (Redis) answers, 0
+/// while this replica runs on its local fallback or rejects (absent with `memory`).
+pub const STATE_BACKEND_UP: &str = crate::state::redis::STATE_BACKEND_UP;
+/// `echelon_state_round_trip_seconds`: round trips to the shared state backend.
+pub const STATE_ROUND_TRIP_SECONDS: &str = crate::state::redis::STATE_ROUND_TRIP_SECONDS;
+
 /// Every metric this module records (what [`describe`] registers).
 pub const METRIC_NAMES: &[&str] = &[
     REQUESTS_TOTAL,
@@ -91,6 +97,8 @@ pub const METRIC_NAMES: &[&str] = &[
     LEDGER_QUEUE_DEPTH,
     STREAM_NO_FINISH_REASON_TOTAL,
     STREAM_ANOMALIES_TOTAL,
+    STATE_BACKEND_UP,
+    STATE_ROUND_TRIP_SECONDS,
 ];
 
 /// The histograms, for exporters that set buckets per metric.
@@ -98,6 +106,7 @@ pub const LATENCY_HISTOGRAMS: &[&str] = &[
     REQUEST_DURATION_SECONDS,
     TIME_TO_FIRST_TOKEN_SECONDS,
     ATTEMPT_DURATION_SECONDS,
+    STATE_ROUND_TRIP_SECONDS,
 ];
 
 /// The route label of a request: a client error with no attempt never reached the router
@@ -209,6 +218,9 @@ fn record_usage(model: &str, prompt: u64, completion: u64, cost_usd: f64) {
 ///
 /// [`Gateway::admin_state`]: crate::Gateway::admin_state
 pub fn observe_state(state: &AdminState) {
+    if state.state.backend == "redis" {
+        gauge!(STATE_BACKEND_UP).set(if state.state.up { 1.0 } else { 0.0 });
+    }
     for (id, m) in &state.models {
         gauge!(BREAKER_STATE, "model" => id.clone()).set(m.breaker.state.gauge_value());
         gauge!(MODEL_IN_FLIGHT, "model" => id.clone()).set(f64::from(m.in_flight));
@@ -240,6 +252,16 @@ pub fn observe_ledger_queue(depth: usize) {
 /// Registers help text and units for every metric in [`METRIC_NAMES`] with the installed
 /// recorder (call it once, after installing one).
 pub fn describe() {
+    describe_gauge!(
+        STATE_BACKEND_UP,
+        "1 while the shared state backend (Redis) answers; 0 while this replica uses its \
+         local fallback (state.on_unavailable: local) or rejects (reject)."
+    );
+    describe_histogram!(
+        STATE_ROUND_TRIP_SECONDS,
+        Unit::Seconds,
+        "Round trips to the shared state backend (one Lua script each)."
+    );
     describe_counter!(
         REQUESTS_TOTAL,
         Unit::Count,

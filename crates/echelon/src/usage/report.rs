@@ -271,6 +271,39 @@ pub fn report(path: &Path, filter: &UsageFilter, by: GroupBy) -> Result<UsageRep
     Ok(UsageReport { by, rows, total })
 }
 
+/// [`report`] over several ledgers (one per replica, issue 15), reported together: rows
+/// of the same group are added up, and so are the totals (a request is written to the
+/// ledger of the one replica that served it, so none counts twice).
+///
+/// # Errors
+/// As [`report`], for the first ledger that cannot be read.
+pub fn report_many(
+    paths: &[impl AsRef<Path>],
+    filter: &UsageFilter,
+    by: GroupBy,
+) -> Result<UsageReport, LedgerError> {
+    let mut rows: std::collections::BTreeMap<String, UsageRow> = std::collections::BTreeMap::new();
+    let mut totals = Vec::new();
+    for path in paths {
+        let one = report(path.as_ref(), filter, by)?;
+        for r in one.rows {
+            let sum = rows
+                .entry(r.key.clone())
+                .or_insert_with(|| UsageRow::empty(r.key.clone()));
+            *sum = UsageRow {
+                key: r.key.clone(),
+                ..UsageRow::total(&[sum.clone(), r])
+            };
+        }
+        totals.push(one.total);
+    }
+    Ok(UsageReport {
+        by,
+        rows: rows.into_values().collect(),
+        total: UsageRow::total(&totals),
+    })
+}
+
 /// The SQL of one report: one row per group when `grouped`, else one row named `TOTAL`
 /// over the whole selection (the same aggregates, so by key a request counts once).
 fn report_sql(by: GroupBy, grouped: bool) -> String {
