@@ -449,6 +449,17 @@ mod tests {
         assert!(matches!(
             e,
             StreamEvent::ContentBlockDelta {
+                delta: BlockDelta::ThinkingDelta { ref thinking },
+                ..
+            } if thinking == "x"
+        ));
+        let e: StreamEvent = serde_json::from_value(
+            json!({"type": "content_block_delta", "index": 0, "delta": {"type": "citations_delta", "citation": {}}}),
+        )
+        .unwrap();
+        assert!(matches!(
+            e,
+            StreamEvent::ContentBlockDelta {
                 delta: BlockDelta::Other,
                 ..
             }
