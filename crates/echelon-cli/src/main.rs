@@ -122,7 +122,7 @@ enum Command {
         #[arg(long, short)]
         config: PathBuf,
         #[command(flatten)]
-        args: JudgeArgs,
+        args: Box<JudgeArgs>,
     },
     /// Totals from the usage ledger: requests, failures, fallbacks, tokens and cost.
     ///
@@ -240,7 +240,7 @@ fn main() -> ExitCode {
             verbose,
         }) => migrate(&path, !no_backup, validate_only, verbose),
         Command::Serve { config, host, port } => run(serve(config, host, port)),
-        Command::Judge { config, args } => run(judge(config, args)),
+        Command::Judge { config, args } => run(judge(config, *args)),
         Command::Probe(args) => run(probe::probe(args)),
         Command::Usage {
             config,

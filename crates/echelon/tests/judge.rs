@@ -875,9 +875,7 @@ async fn score_batch_inside_a_current_thread_runtime_refuses_safely() {
 // ---------------------------------------------------------------------------
 // structured verdicts, voting, length re-asks, pairwise (issue 17)
 
-use echelon::judge::{
-    Aggregate, Inconsistent, JudgeMode, NO_QUORUM, VerdictMode,
-};
+use echelon::judge::{Aggregate, Inconsistent, JudgeMode, NO_QUORUM, VerdictMode};
 
 /// A gateway with `judge` (no `structured_output`) and `sjudge` (`structured_output:
 /// true`) on `up`.
@@ -906,10 +904,7 @@ fn scripted(answers: &[&str]) -> serde_json::Map<String, Value> {
 }
 
 fn bodies(up: &TestUpstream) -> Vec<Value> {
-    up.recorded()
-        .into_iter()
-        .map(|r| r.body.unwrap())
-        .collect()
+    up.recorded().into_iter().map(|r| r.body.unwrap()).collect()
 }
 
 #[tokio::test]
@@ -1026,7 +1021,10 @@ async fn samples_are_aggregated_with_their_stdev() {
     // Every sample is its own call: seeds 0..4, temperature 0.7 by default.
     let sent = bodies(&up);
     assert_eq!(sent.len(), 12);
-    let mut seeds: Vec<u64> = sent[..4].iter().map(|b| b["seed"].as_u64().unwrap()).collect();
+    let mut seeds: Vec<u64> = sent[..4]
+        .iter()
+        .map(|b| b["seed"].as_u64().unwrap())
+        .collect();
     seeds.sort_unstable();
     assert_eq!(seeds, vec![0, 1, 2, 3]);
     assert!(sent.iter().all(|b| b["temperature"] == 0.7));
@@ -1083,7 +1081,11 @@ async fn fewer_parsed_samples_than_the_quorum_is_an_error_not_a_guess() {
     );
     let out = j.judge_one(&item("f", "x")).await;
     assert_eq!(out.error.as_deref(), Some(NO_QUORUM));
-    assert!(out.sample_errors[0].contains("HTTP 500"), "{:?}", out.sample_errors);
+    assert!(
+        out.sample_errors[0].contains("HTTP 500"),
+        "{:?}",
+        out.sample_errors
+    );
 
     // Bad quorums are refused.
     for (samples, quorum) in [(3, 0), (3, 4)] {
@@ -1182,7 +1184,10 @@ async fn an_answer_cut_by_length_is_re_asked_once_with_twice_the_tokens() {
     assert_eq!(out.error.as_deref(), Some(UNPARSED));
     assert_eq!((out.length_reasks, out.reasks), (1, 1));
     let sent = bodies(&up);
-    let max: Vec<u64> = sent[2..].iter().map(|b| b["max_tokens"].as_u64().unwrap()).collect();
+    let max: Vec<u64> = sent[2..]
+        .iter()
+        .map(|b| b["max_tokens"].as_u64().unwrap())
+        .collect();
     assert_eq!(max, vec![4, 6, 6]);
 
     // A cut answer that already holds a verdict is not re-asked.
@@ -1284,7 +1289,9 @@ async fn an_inconsistent_pair_is_a_tie_or_an_error() {
     assert!(!err.is_scored());
 
     // An unreadable verdict is unparsed; a pairwise rubric needs both responses.
-    let out = judge(&up, pairwise(&["I cannot decide"])).judge_one(&pair("u")).await;
+    let out = judge(&up, pairwise(&["I cannot decide"]))
+        .judge_one(&pair("u"))
+        .await;
     assert_eq!(out.error.as_deref(), Some(UNPARSED));
     let bad = Judge::new(
         gateway(&up),

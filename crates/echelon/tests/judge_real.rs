@@ -72,7 +72,11 @@ async fn structured_verdicts_score_nearly_every_demo_item_and_pairs_are_decided(
     assert_eq!(judge.config().temperature, Some(0.0));
     let output = dir.path().join("scores.jsonl");
     let summary = judge
-        .run_file(&examples().join("judge_sample.jsonl"), &output, &no_progress)
+        .run_file(
+            &examples().join("judge_sample.jsonl"),
+            &output,
+            &no_progress,
+        )
         .await
         .unwrap();
     assert_eq!(summary.judged, 54);

@@ -266,7 +266,10 @@ mod tests {
         let k = a.key(&item, 0, false);
         assert_eq!(k.len(), 64);
         assert!(k.chars().all(|c| c.is_ascii_hexdigit()));
-        assert_eq!(k, a.key(&JudgeItem::new("different id", "p", "r"), 0, false));
+        assert_eq!(
+            k,
+            a.key(&JudgeItem::new("different id", "p", "r"), 0, false)
+        );
         assert_ne!(k, b.key(&item, 0, false));
         assert_ne!(k, a.key(&JudgeItem::new("1", "p", "r2"), 0, false));
         assert_ne!(k, a.key(&item.clone().with_reference("x"), 0, false));
@@ -282,7 +285,10 @@ mod tests {
         json.verdict = "json_schema";
         assert_ne!(k, KeyBase::new(&json).key(&item, 0, false));
         let pair = JudgeItem::pair("1", "p", "x", "y");
-        assert_ne!(a.key(&pair, 0, false), a.key(&JudgeItem::pair("1", "p", "y", "x"), 0, false));
+        assert_ne!(
+            a.key(&pair, 0, false),
+            a.key(&JudgeItem::pair("1", "p", "y", "x"), 0, false)
+        );
         // Field boundaries cannot shift.
         assert_ne!(
             a.key(&JudgeItem::new("1", "ab", "c"), 0, false),

@@ -227,7 +227,10 @@ mod tests {
     fn pairwise_lines_have_two_responses() {
         let line = r#"{"id": 1, "prompt": "p", "response_a": "x", "response_b": "y", "k": 2}"#;
         let item = JudgeItem::from_json_line_pairwise(line).unwrap();
-        assert_eq!(item.pair.as_ref().map(|p| (p.a.as_str(), p.b.as_str())), Some(("x", "y")));
+        assert_eq!(
+            item.pair.as_ref().map(|p| (p.a.as_str(), p.b.as_str())),
+            Some(("x", "y"))
+        );
         assert_eq!(item.extra.len(), 1);
         let line = r#"{"id": 1, "prompt": "p", "response_a": "x"}"#;
         assert_eq!(
@@ -235,7 +238,12 @@ mod tests {
             "missing `response_b`"
         );
         // A pointwise line is not a pairwise item, nor the reverse.
-        assert!(JudgeItem::from_json_line(r#"{"id": 1, "prompt": "p", "response_a": "x", "response_b": "y"}"#).is_err());
+        assert!(
+            JudgeItem::from_json_line(
+                r#"{"id": 1, "prompt": "p", "response_a": "x", "response_b": "y"}"#
+            )
+            .is_err()
+        );
     }
 
     #[test]

@@ -94,7 +94,9 @@ pub use parse::{
     render_pairwise, render_rubric,
 };
 pub use reward::{length_penalty, reward};
-pub use run::{BadLine, ErrorTally, MAX_BAD_LINES_KEPT, MAX_ERROR_IDS_KEPT, Progress, RunSummary, count_lines};
+pub use run::{
+    BadLine, ErrorTally, MAX_BAD_LINES_KEPT, MAX_ERROR_IDS_KEPT, Progress, RunSummary, count_lines,
+};
 pub use verdict::{
     DEFAULT_JSON_REMINDER, DEFAULT_JSON_RUBRIC, DEFAULT_PAIRWISE_PATTERNS,
     DEFAULT_PAIRWISE_REMINDER, DEFAULT_PAIRWISE_RUBRIC, PreferenceParser,
@@ -382,8 +384,7 @@ impl Judge {
             if config.patterns == default_patterns() {
                 config.patterns = default_pairwise_patterns();
             }
-            if !config.rubric.contains("{response_a}") || !config.rubric.contains("{response_b}")
-            {
+            if !config.rubric.contains("{response_a}") || !config.rubric.contains("{response_b}") {
                 return Err(JudgeError::Config(
                     "a pairwise rubric needs both `{response_a}` and `{response_b}`".into(),
                 ));
@@ -869,7 +870,14 @@ impl Inner {
                 _ => None,
             };
             if verdict.is_some() {
-                return done_with(verdict, None, Some(hit.raw), hit.model, Spend::default(), true);
+                return done_with(
+                    verdict,
+                    None,
+                    Some(hit.raw),
+                    hit.model,
+                    Spend::default(),
+                    true,
+                );
             }
         }
 
@@ -1051,9 +1059,10 @@ impl Inner {
         } else {
             &[false]
         };
-        let calls = orders.iter().enumerate().flat_map(|(o, swapped)| {
-            (0..k).map(move |i| (count_u32(o) * k + i, *swapped))
-        });
+        let calls = orders
+            .iter()
+            .enumerate()
+            .flat_map(|(o, swapped)| (0..k).map(move |i| (count_u32(o) * k + i, *swapped)));
         let samples =
             futures::future::join_all(calls.map(|(i, swapped)| self.sample(item, i, swapped)))
                 .await;
@@ -1087,9 +1096,7 @@ impl Inner {
             .chunks(k as usize)
             .map(|c| c.iter().flatten().copied().collect())
             .collect();
-        let short = per_order
-            .iter()
-            .any(|o| count_u32(o.len()) < self.quorum);
+        let short = per_order.iter().any(|o| count_u32(o.len()) < self.quorum);
         let order_prefs: Vec<Option<Preference>> = per_order.iter().map(|o| majority(o)).collect();
         let consistent = self
             .config

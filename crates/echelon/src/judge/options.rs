@@ -170,7 +170,11 @@ mod tests {
 
     #[test]
     fn names_round_trip() {
-        for v in [VerdictMode::Auto, VerdictMode::JsonSchema, VerdictMode::Regex] {
+        for v in [
+            VerdictMode::Auto,
+            VerdictMode::JsonSchema,
+            VerdictMode::Regex,
+        ] {
             assert_eq!(v.name().parse::<VerdictMode>().unwrap(), v);
         }
         assert_eq!(

@@ -232,7 +232,10 @@ mod tests {
             Some(ScoreParse::Score(7.0))
         );
         assert_eq!(
-            json_score("echo: ```json\n{\"reasoning\": \"ok {x}\", \"score\": \"9\"}\n```", &p),
+            json_score(
+                "echo: ```json\n{\"reasoning\": \"ok {x}\", \"score\": \"9\"}\n```",
+                &p
+            ),
             Some(ScoreParse::Score(9.0))
         );
         assert_eq!(
@@ -271,7 +274,10 @@ mod tests {
             ("[[A]]", Some(Preference::A)),
             ("B", Some(Preference::B)),
             ("{\"winner\": \"tie\"}", Some(Preference::Tie)),
-            ("echo: {\"reasoning\": \"r\", \"winner\": \"B\"}", Some(Preference::B)),
+            (
+                "echo: {\"reasoning\": \"r\", \"winner\": \"B\"}",
+                Some(Preference::B),
+            ),
             ("A is better than B", None),
             ("no idea", None),
         ] {
