@@ -109,6 +109,14 @@ enum Command {
     /// where response_tokens counts the judged response with tiktoken cl100k_base
     /// (target_tokens 0 = no penalty).
     ///
+    /// Structured verdicts: --verdict json_schema sends response_format with a JSON schema
+    /// ({"score": integer}) that llama-server and vLLM enforce; auto does so when every
+    /// model of the route declares structured_output: true. Voting: --samples K
+    /// --aggregate mean|median|majority --quorum Q (fewer than Q parsed samples is
+    /// "error": "no_quorum"). Pairwise: --mode pairwise on items with response_a and
+    /// response_b, --swap to ask both orders (position_consistent). --summary-json PATH
+    /// writes the summary (errors by kind with their ids, parse-failure rate, efficiency).
+    ///
     /// Output lines are appended and flushed as they complete; re-running the same command
     /// skips ids already in the output (a line cut by a kill is redone). Results are cached
     /// in SQLite by route, judge settings, rubric, prompt and response (--no-cache to skip).

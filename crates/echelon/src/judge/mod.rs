@@ -21,22 +21,56 @@
 //! # Asking the judge
 //! The rubric ([`DEFAULT_RUBRIC`], or your own) is a template with `{prompt}`,
 //! `{response}` and `{reference}` (empty when absent), sent as one user message with
-//! `temperature` (default 0) and `max_tokens`. The score is read with an ordered list of
-//! regexes ([`ScoreParser`], [`DEFAULT_PATTERNS`]): the first pattern that matches
-//! decides, and of its matches the last one counts. A score outside
-//! `[min_score, max_score]` (default 1..=10), or no score at all, makes the judge be asked
-//! again up to `max_reasks` times (default 2): its answer and a reminder of the format
-//! ([`DEFAULT_REMINDER`]) are appended as a follow-up turn. If no ask gives a score, the
-//! item gets `"error": "unparsed"` and the judge's last reply in `raw`, never a made-up
-//! score. A judge call that fails gets `"error": "<status>: <message>"` (the
+//! `temperature` (default 0; 0.7 with `samples > 1`) and `max_tokens`, plus `seed`,
+//! `reasoning_effort` and `extra_body` when set. The score is read from a JSON verdict
+//! `{"score": X}` if the reply holds one, else with an ordered list of regexes
+//! ([`ScoreParser`], [`DEFAULT_PATTERNS`]): the first pattern that matches decides, and of
+//! its matches the last one counts. A score outside `[min_score, max_score]` (default
+//! 1..=10), or no score at all, makes the judge be asked again up to `max_reasks` times
+//! (default 2): its answer and a reminder of the format ([`DEFAULT_REMINDER`]) are
+//! appended as a follow-up turn. If no ask gives a score, the item gets
+//! `"error": "unparsed"` and the judge's last reply in `raw`, never a made-up score. A
+//! judge call that fails gets `"error": "<status>: <message>"` (the
 //! [`GatewayError`](crate::GatewayError) status and message) and no score.
+//!
+//! ## Structured verdicts
+//! With [`VerdictMode::JsonSchema`] (or [`VerdictMode::Auto`] on a route whose every model
+//! declares `structured_output: true`) each ask carries OpenAI `response_format:
+//! {type: json_schema, json_schema: {name: "verdict", strict: true, schema}}` with the
+//! schema of `{"score": <integer in range>}` ([`score_schema`]; `{"winner": "A" | "B" |
+//! "tie"}` pairwise, [`pairwise_schema`]), a `"reasoning"` string first with
+//! `reasoning_field`. llama-server and vLLM constrain the output to it. The default
+//! rubric and reminder become their JSON forms ([`DEFAULT_JSON_RUBRIC`]); the re-asks stay.
+//!
+//! ## Length re-asks
+//! An answer cut by `finish_reason: length` before a verdict is asked again once (the
+//! same messages, not a follow-up turn) with `min(2 × max_tokens, max_tokens_cap)`
+//! tokens, counted in `length_reasks`; later re-asks keep that budget.
+//!
+//! ## Voting
+//! With `samples = K > 1` each item is judged K times, each call its own cache entry and
+//! `seed + i`; the scores are combined by `aggregate` (mean, median, majority) and the
+//! line gains `samples`, `aggregate`, `stdev`. Fewer than `quorum` (default `K / 2 + 1`)
+//! parsed samples is `"error": "no_quorum"`, never a partial guess. Each sample takes
+//! one of the `concurrency` slots, so at most `concurrency` judge calls are in flight.
+//!
+//! ## Pairwise
+//! With [`JudgeMode::Pairwise`] items have `response_a` and `response_b` instead of
+//! `response` ([`JudgeItem::from_json_line_pairwise`]); the rubric
+//! ([`DEFAULT_PAIRWISE_RUBRIC`]) has `{prompt}`, `{reference}`, `{response_a}` and
+//! `{response_b}`, and the judge answers A, B or tie. With `swap` each pair is also asked
+//! as B then A (read back to the input's order); `position_consistent` says whether the
+//! orders agree, and an inconsistent pair is a tie or `"error": "inconsistent"`
+//! (`inconsistent`). The line has `preference`, `p_a` (share of parsed samples preferring
+//! A) and `samples`; `score` and `reward` are null.
 //!
 //! # Output lines
 //! One JSON object per item ([`Judgement`]): `id`, `score`, `reward`, `length_penalty`,
-//! `response_tokens`, `raw`, `route`, `model`, `attempts`, `reasks`,
-//! `tokens: {prompt, completion}`, `cost` (USD), `cached`, `latency_ms`, `error` (when
-//! there is one), `prompt`/`response`/`reference` with `keep_inputs`, then the extra input
-//! fields.
+//! (pairwise: `preference`, `p_a`, `position_consistent`; votes: `samples`,
+//! `aggregate`, `stdev`), `response_tokens`, `raw`, `route`, `model`, `attempts`,
+//! `reasks`, `length_reasks`, `tokens: {prompt, completion}`, `cost` (USD), `cached`,
+//! `latency_ms`, `error` and `sample_errors` (when there are), `prompt`/`response`/
+//! `reference` with `keep_inputs`, then the extra input fields.
 //!
 //! # Concurrency, cache, resume
 //! At most `concurrency` items are judged at once (default 64), whatever the entry point:
@@ -53,8 +87,11 @@
 //!
 //! ## Cache key
 //! Hex SHA-256 of the route, the rubric, the reminder, the patterns, the score range,
-//! `max_reasks`, `temperature`, `max_tokens`, and the item's prompt, response and
-//! reference. The reward parameters are not in it: a cached score is re-rewarded with the
+//! `max_reasks`, `temperature`, `max_tokens`, the verdict mode, `reasoning_field`, the
+//! mode, `seed`, `reasoning_effort`, `max_tokens_cap` and `extra_body` (each left out at
+//! its default, so older keys stay valid), and the item's prompt, response (or
+//! `response_a` and `response_b`) and reference, the sample's index and whether the pair
+//! was swapped. One entry per sample. The reward parameters are not in it: a cached score is re-rewarded with the
 //! current ones. Errors and unparsed answers are never cached.
 
 mod cache;
