@@ -81,6 +81,20 @@ print(f"scored {s['scored']} of {s['judged']}, unparsed {s['unparsed']} "
 PY
 echo "(an item without a readable verdict would say \"error\": \"unparsed\" — never a made-up score)"
 
+say "echelon judge --samples 5: five judgements per item (seeds 7..11, temperature 0.7), averaged"
+votes="$(mktemp)"
+head -6 examples/judge_sample.jsonl >"$votes.in"
+"$ECHELON" judge --config examples/demo.yaml --route demo_pool --input "$votes.in" \
+  --output "$votes" --rubric examples/judge_rubric.txt --verdict json_schema --max-tokens 24 \
+  --seed 7 --samples 5 --aggregate mean --concurrency 4 --no-cache \
+  2> >(grep -v -E 'WARN|INFO' >&2) || true
+"$PY" - "$votes" <<'PY'
+import json, sys
+for line in open(sys.argv[1]):
+    j = json.loads(line)
+    print(f"{j['id']}: score {j['score']} from samples {j.get('samples')} (stdev {j.get('stdev')}) {j.get('error') or ''}")
+PY
+
 say "echelon judge --mode pairwise --swap: which of two answers is better, asked in both orders"
 prefs="$(mktemp)"
 "$ECHELON" judge --config examples/demo.yaml --route demo_pool --input examples/judge_pairs.jsonl \
