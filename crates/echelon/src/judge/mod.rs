@@ -210,8 +210,10 @@ pub struct JudgeConfig {
     /// `reasoning_effort` sent as is (`low`, `medium`, `high` for reasoning models).
     /// Default `None`.
     pub reasoning_effort: Option<String>,
-    /// Extra fields merged into every judge request body (the judge's own fields win).
-    /// Default empty.
+    /// Extra fields merged into every judge request body (`top_k`, vendor options); the
+    /// judge's own fields win (`model`, `messages`, `temperature`, `max_tokens`, `stream`,
+    /// `seed`, `reasoning_effort`, `response_format` are never taken from here when the
+    /// judge sets them). Default empty.
     pub extra_body: serde_json::Map<String, serde_json::Value>,
     /// Pointwise scores or pairwise preferences. Default [`JudgeMode::Pointwise`].
     pub mode: JudgeMode,
@@ -221,7 +223,8 @@ pub struct JudgeConfig {
     /// Pairwise with `swap`: what a pair whose orders disagree becomes. Default
     /// [`Inconsistent::Tie`].
     pub inconsistent: Inconsistent,
-    /// Items judged at once, at most. Default 64.
+    /// Judge calls in flight at once, at most (one per sample; [`Judge::run_file`] also
+    /// keeps at most this many items open). Default 64.
     pub concurrency: usize,
     /// The SQLite cache file; `None` (the default) disables the cache.
     pub cache_path: Option<PathBuf>,
@@ -526,7 +529,7 @@ impl Judge {
     }
 
     /// Judges one item: the cache, else the judge (with re-asks). Never fails: errors are
-    /// in [`Judgement::error`]. Waits for one of the `concurrency` slots first.
+    /// in [`Judgement::error`]. Each sample waits for one of the `concurrency` slots.
     pub async fn judge_one(&self, item: &JudgeItem) -> Judgement {
         self.inner.judge_one(item).await
     }
@@ -844,6 +847,19 @@ impl Inner {
     ) -> ChatCompletionRequest {
         let mut req = ChatCompletionRequest::new(self.config.route.clone(), messages.to_vec());
         req.extra = self.config.extra_body.clone();
+        // Fields of the request itself are set below, never twice.
+        for own in [
+            "model",
+            "messages",
+            "stream",
+            "stream_options",
+            "max_tokens",
+            "max_completion_tokens",
+            "temperature",
+            "user",
+        ] {
+            req.extra.remove(own);
+        }
         req.temperature = self.config.temperature;
         req.max_tokens = max_tokens;
         if let Some(seed) = self.config.seed {

@@ -2,7 +2,7 @@
 
 use super::options::{Aggregate, Preference};
 
-/// The aggregate of `scores` (not empty; `None` when empty).
+/// The aggregate of `scores`; `None` when there are none.
 pub fn aggregate(scores: &[f64], how: Aggregate) -> Option<f64> {
     if scores.is_empty() {
         return None;
@@ -50,8 +50,8 @@ pub fn stdev(scores: &[f64]) -> Option<f64> {
     Some((scores.iter().map(|s| (s - mean).powi(2)).sum::<f64>() / n).sqrt())
 }
 
-/// The most frequent preference; `tie` when A and B are as frequent (or nothing
-/// parsed... `None` then).
+/// The most frequent preference; `tie` when no verdict is more frequent than every
+/// other; `None` when there are none.
 pub fn majority(prefs: &[Preference]) -> Option<Preference> {
     if prefs.is_empty() {
         return None;
