@@ -451,6 +451,11 @@ pub struct ModelConfig {
     /// instruction to go on. Default `false`: some providers refuse a prefill (Anthropic's
     /// newest models answer 400).
     pub prefill: bool,
+    /// Whether the model constrains its output to a JSON schema given as OpenAI
+    /// `response_format: {type: json_schema, json_schema: {…}}` (OpenAI, llama.cpp's
+    /// llama-server, vLLM). `echelon judge --verdict auto` asks such a model for a JSON
+    /// verdict. Default `false`.
+    pub structured_output: bool,
     /// Streams: what an SSE event whose `data:` is not a chunk does (`malformed_event:
     /// skip | fail`). Default [`MalformedEvent::Skip`]: it is skipped and counted, and
     /// the stream goes on (a stream that never recovers still fails, see
@@ -516,6 +521,7 @@ impl ModelConfig {
             encoding: None,
             max_response_bytes: Self::DEFAULT_MAX_RESPONSE_BYTES,
             prefill: false,
+            structured_output: false,
             malformed_event: MalformedEvent::default(),
         }
     }
