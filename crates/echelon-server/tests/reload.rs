@@ -500,12 +500,16 @@ task_groups:
         }));
     }
     let mut reloads = 0;
+    let mut slowest_ms = 0;
     let mut which = "B";
+    let mut every_second = tokio::time::interval(Duration::from_secs(1));
+    every_second.tick().await;
     while Instant::now() + Duration::from_millis(1000) < deadline {
-        tokio::time::sleep(Duration::from_secs(1)).await;
+        every_second.tick().await;
         write_config(&path, &variant(which));
         let (status, body) = s.reload().await;
         assert_eq!(status, 200, "{body}");
+        slowest_ms = slowest_ms.max(body["took_ms"].as_u64().unwrap());
         reloads += 1;
         let st = s.state().await;
         assert_eq!(
@@ -520,11 +524,12 @@ task_groups:
     }
     let (ok, failed) = (ok.load(Ordering::Relaxed), failed.load(Ordering::Relaxed));
     eprintln!(
-        "reload load run: {secs} s, 32 clients, {reloads} reloads, {ok} ok, {failed} failed ({:.0} req/s)",
+        "reload load run: {secs} s, 32 clients, {reloads} reloads (slowest {slowest_ms} ms), \
+         {ok} ok, {failed} failed ({:.0} req/s)",
         ok as f64 / secs as f64
     );
     assert_eq!(failed, 0, "no request fails across {reloads} reloads");
-    assert!(reloads >= secs.saturating_sub(2), "{reloads} reloads");
+    assert!(reloads + 2 >= secs, "{reloads} reloads in {secs} s");
 
     let st = s.state().await;
     let level = model(&st, "metered")["buckets"][0]["available"]
