@@ -475,7 +475,7 @@ task_groups:
             let mut n = 0u64;
             while Instant::now() < deadline {
                 n += 1;
-                let stream = (i + n) % 4 == 0;
+                let stream = (i + n).is_multiple_of(4);
                 let r = s
                     .http
                     .post(s.url("/v1/chat/completions"))
