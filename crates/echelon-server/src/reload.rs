@@ -226,7 +226,8 @@ impl Reloader {
         outcome
     }
 
-    /// Reloads on every `SIGHUP` (Unix; elsewhere nothing), until the process ends.
+    /// Reloads on every `SIGHUP` (Unix; elsewhere nothing) while the reloader lives (the
+    /// task holds it weakly: dropping the last `Arc` ends the reloads).
     ///
     /// # Errors
     /// When the signal handler cannot be registered.
@@ -235,9 +236,14 @@ impl Reloader {
         {
             use tokio::signal::unix::{SignalKind, signal};
             let mut hangup = signal(SignalKind::hangup())?;
-            let me = self.clone();
+            // Weak: the task must not keep the gateway (and its ledger sender) alive
+            // after the server is done with it.
+            let me = Arc::downgrade(self);
             tokio::spawn(async move {
                 while hangup.recv().await.is_some() {
+                    let Some(me) = me.upgrade() else {
+                        break;
+                    };
                     tracing::info!("SIGHUP received: reloading the config");
                     me.reload(Trigger::Signal).await;
                 }
@@ -249,7 +255,8 @@ impl Reloader {
     /// Watches the source (a file: its directory, for the file's name, so that an
     /// editor's rename-over still counts; a directory: recursively) and reloads once it
     /// has been quiet for `debounce` after a change. The watcher lives as long as the
-    /// returned task.
+    /// returned task, which holds the reloader weakly (it ends once the reloader is
+    /// dropped and another change arrives).
     ///
     /// # Errors
     /// When the watcher cannot be started (e.g. the inotify limit is reached).
@@ -290,7 +297,7 @@ impl Reloader {
         };
         watcher.watch(&target, mode)?;
         lock(&self.status).watching = true;
-        let me = self.clone();
+        let me = Arc::downgrade(self);
         Ok(tokio::spawn(async move {
             let _watcher = watcher;
             while rx.recv().await.is_some() {
@@ -302,6 +309,9 @@ impl Reloader {
                         Err(_) => break,
                     }
                 }
+                let Some(me) = me.upgrade() else {
+                    return;
+                };
                 tracing::info!("config file changed: reloading");
                 me.reload(Trigger::Watch).await;
             }
