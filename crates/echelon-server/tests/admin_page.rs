@@ -6,11 +6,9 @@
 //! without chromium; `ECHELON_ADMIN_SCREENSHOT=docs/admin.png` keeps the screenshot.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-mod common;
-
+use std::net::SocketAddr;
 use std::process::Command;
 use std::sync::Arc;
-use std::time::Duration;
 
 use echelon::Gateway;
 use echelon::config::Config;
@@ -63,6 +61,16 @@ fn browse(browser: &str, url: &str, extra: &[&str]) -> (String, Vec<String>) {
     (String::from_utf8_lossy(&out.stdout).into_owned(), console)
 }
 
+async fn serve(app: axum::Router, options: &ServerOptions) -> SocketAddr {
+    let listener = echelon_server::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let options = options.clone();
+    tokio::spawn(async move {
+        echelon_server::serve(listener, app, &options, std::future::pending()).await
+    });
+    addr
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_admin_page_shows_an_open_breaker_and_a_cooling_key_and_never_a_key() {
     let Some(browser) = chromium() else {
@@ -99,17 +107,37 @@ polling_pools:
         limited.base_url(),
         good.base_url()
     );
-    let config = Config::from_str(&yaml, "admin.yaml").unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("echelon.yaml");
+    std::fs::write(&path, &yaml).unwrap();
+    let config = Config::load(&path).unwrap();
     let gateway = Arc::new(Gateway::from_config(&config).unwrap());
     let options = ServerOptions {
         api_keys: vec![SecretString::from(GATEWAY_KEY)],
         ..ServerOptions::default()
     };
-    let server = common::serve(gateway, &options).await;
+    let reloader = Arc::new(echelon_server::Reloader::new(gateway, &path, config));
+    let server = serve(
+        echelon_server::router_with_reloader(reloader, &options),
+        &options,
+    )
+    .await;
     let http = reqwest::Client::new();
+    // One reload, so the page has a last reload to show.
+    let r = http
+        .post(format!("http://{server}/admin/reload"))
+        .bearer_auth(GATEWAY_KEY)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
 
     // Without the key: 401 and the Basic challenge a browser answers with a prompt.
-    let anon = http.get(server.url("/admin")).send().await.unwrap();
+    let anon = http
+        .get(format!("http://{server}/admin"))
+        .send()
+        .await
+        .unwrap();
     assert_eq!(anon.status(), 401);
     assert!(anon.headers().contains_key("www-authenticate"));
 
@@ -122,7 +150,7 @@ polling_pools:
     });
     for _ in 0..3 {
         let r = http
-            .post(server.url("/v1/chat/completions"))
+            .post(format!("http://{server}/v1/chat/completions"))
             .bearer_auth(GATEWAY_KEY)
             .json(&json!({"model": "chat", "messages": [{"role": "user", "content": "hi"}]}))
             .send()
@@ -131,7 +159,7 @@ polling_pools:
         assert_eq!(r.status(), 200);
     }
     let page = http
-        .get(server.url("/admin"))
+        .get(format!("http://{server}/admin"))
         .basic_auth("admin", Some(GATEWAY_KEY))
         .send()
         .await
@@ -145,7 +173,7 @@ polling_pools:
     );
     assert!(page.headers().contains_key("content-security-policy"));
 
-    let url = format!("http://admin:{GATEWAY_KEY}@{}/admin", server.addr);
+    let url = format!("http://admin:{GATEWAY_KEY}@{server}/admin");
     let (dom, console) =
         tokio::task::spawn_blocking(move || browse(browser, &url, &["--dump-dom"]))
             .await
@@ -166,6 +194,10 @@ polling_pools:
     let key_id = echelon::key::key_id(UPSTREAM_KEY);
     assert!(dom.contains(&key_id), "keys by id ({key_id})");
     assert!(dom.contains("down") && dom.contains("chat_pool"));
+    assert!(
+        dom.contains("echelon.yaml") && dom.contains("last reload ok"),
+        "source and reload"
+    );
     for secret in [UPSTREAM_KEY, GATEWAY_KEY] {
         assert!(!dom.contains(secret), "a key in the page");
     }
@@ -173,7 +205,7 @@ polling_pools:
     let shot_dir = tempfile::tempdir().unwrap();
     let shot = shot_dir.path().join("admin.png");
     let arg = format!("--screenshot={}", shot.display());
-    let url = format!("http://admin:{GATEWAY_KEY}@{}/admin", server.addr);
+    let url = format!("http://admin:{GATEWAY_KEY}@{server}/admin");
     let (_, console) = tokio::task::spawn_blocking(move || browse(browser, &url, &[&arg]))
         .await
         .unwrap();
@@ -186,5 +218,4 @@ polling_pools:
     if let Some(keep) = std::env::var_os("ECHELON_ADMIN_SCREENSHOT") {
         std::fs::write(keep, &png).unwrap();
     }
-    tokio::time::sleep(Duration::from_millis(10)).await;
 }
