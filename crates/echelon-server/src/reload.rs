@@ -253,7 +253,8 @@ impl Reloader {
     }
 
     /// Watches the source (a file: its directory, for the file's name, so that an
-    /// editor's rename-over still counts; a directory: recursively) and reloads once it
+    /// editor's rename-over still counts, and for a swapped `..data` link as Kubernetes
+    /// mounts a ConfigMap; a directory: recursively) and reloads once it
     /// has been quiet for `debounce` after a change. The watcher lives as long as the
     /// returned task, which holds the reloader weakly (it ends once the reloader is
     /// dropped and another change arrives).
@@ -266,21 +267,26 @@ impl Reloader {
     ) -> Result<tokio::task::JoinHandle<()>, notify::Error> {
         use notify::{RecursiveMode, Watcher};
         let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<()>();
-        let source = std::fs::canonicalize(&self.source).unwrap_or_else(|_| self.source.clone());
+        // Not canonicalized: a file behind a symlink that is swapped (a Kubernetes
+        // ConfigMap's `..data`) is watched through the directory holding the link.
+        let source = if self.source.is_absolute() {
+            self.source.clone()
+        } else {
+            std::env::current_dir().map_or_else(|_| self.source.clone(), |d| d.join(&self.source))
+        };
         let is_dir = source.is_dir();
-        let file = source.clone();
+        let name = source.file_name().map(std::ffi::OsStr::to_owned);
+        let ours = move |p: &PathBuf| {
+            let n = p.file_name();
+            n == name.as_deref() || n.is_some_and(|n| n.to_string_lossy().starts_with("..data"))
+        };
         let mut watcher =
             notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
                 let Ok(event) = event else { return };
                 if matches!(event.kind, notify::EventKind::Access(_)) {
                     return;
                 }
-                if is_dir
-                    || event
-                        .paths
-                        .iter()
-                        .any(|p| p == &file || p.file_name() == file.file_name())
-                {
+                if is_dir || event.paths.iter().any(&ours) {
                     // The receiver is gone only when the task ended.
                     let _ = tx.send(());
                 }
