@@ -48,7 +48,9 @@ enum Command {
     ///     -d '{"model":"demo_group","messages":[{"role":"user","content":"Hi"}]}'
     ///
     /// Prints `echelon listening on http://HOST:PORT` once bound (port 0 picks a free one).
-    /// SIGINT/SIGTERM stop accepting and let in-flight requests finish.
+    /// SIGINT/SIGTERM stop accepting and let in-flight requests finish. SIGHUP (and
+    /// POST /admin/reload, and a file change with server.watch_config: true) reloads the
+    /// config, keeping the state of what did not change; a bad config is refused.
     #[command(verbatim_doc_comment)]
     Serve {
         /// Config file (YAML or JSON) or directory of them.
@@ -227,6 +229,26 @@ enum ConfigCommand {
         /// Config file (YAML or JSON) or directory of them.
         path: PathBuf,
     },
+    /// What changes from one config to another, as a hot reload (SIGHUP,
+    /// POST /admin/reload) would apply it: models, routes and providers added (+),
+    /// removed (-) and changed (~); keys added or removed, by id only; which state is
+    /// kept, rescaled (a bucket whose limit changed) or reset; settings that need a restart.
+    ///
+    /// Example:
+    ///   echelon config diff echelon.yaml echelon.new.yaml
+    ///   echelon config diff echelon.yaml echelon.new.yaml --json
+    ///
+    /// Exits 1 when either config does not load (its errors as file:line:col).
+    #[command(verbatim_doc_comment)]
+    Diff {
+        /// The config serving now.
+        old: PathBuf,
+        /// The config to reload.
+        new: PathBuf,
+        /// One JSON object (the body `POST /admin/reload` returns as `diff`).
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 fn main() -> ExitCode {
@@ -242,6 +264,7 @@ fn main() -> ExitCode {
     init_tracing(cli.log_format);
     match cli.command {
         Command::Config(ConfigCommand::Validate { path }) => validate(&path),
+        Command::Config(ConfigCommand::Diff { old, new, json }) => config_diff(&old, &new, json),
         Command::Config(ConfigCommand::Migrate {
             path,
             no_backup,
@@ -357,6 +380,31 @@ fn validate(path: &std::path::Path) -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+fn config_diff(old: &std::path::Path, new: &std::path::Path, json: bool) -> ExitCode {
+    let (a, b) = match (Config::load(old), Config::load(new)) {
+        (Ok(a), Ok(b)) => (a, b),
+        (a, b) => {
+            for e in [a.err(), b.err()].into_iter().flatten() {
+                eprintln!("{e}");
+            }
+            return ExitCode::FAILURE;
+        }
+    };
+    let diff = echelon::config::ConfigDiff::between(&a, &b);
+    if json {
+        match serde_json::to_string_pretty(&diff) {
+            Ok(text) => println!("{text}"),
+            Err(e) => {
+                eprintln!("error: {e}");
+                return ExitCode::FAILURE;
+            }
+        }
+    } else {
+        print!("{diff}");
+    }
+    ExitCode::SUCCESS
 }
 
 fn migrate(path: &std::path::Path, backup: bool, validate_only: bool, verbose: bool) -> ExitCode {
@@ -786,7 +834,23 @@ async fn serve(
             .unwrap_or_else(echelon_server::default_max_connections),
         shutdown_timeout: config.server.shutdown_timeout,
     };
-    let app = echelon_server::router(gateway.clone(), &options);
+    // Hot reload: SIGHUP, POST /admin/reload and, with server.watch_config, file changes.
+    let watch = config.server.watch_config;
+    let reloader = Arc::new(echelon_server::Reloader::new(
+        gateway.clone(),
+        config_path.clone(),
+        config,
+    ));
+    if let Err(e) = reloader.spawn_sighup() {
+        tracing::warn!("SIGHUP will not reload the config: {e}");
+    }
+    if watch {
+        reloader
+            .spawn_watch(echelon_server::reload::WATCH_DEBOUNCE)
+            .with_context(|| format!("cannot watch {}", config_path.display()))?;
+        tracing::info!(path = %config_path.display(), "watching the config for changes");
+    }
+    let app = echelon_server::router_with_reloader(reloader, &options);
     tracing::info!(
         routes = gateway.routes().len(),
         auth = !options.api_keys.is_empty(),

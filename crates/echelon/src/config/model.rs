@@ -139,6 +139,10 @@ pub struct ServerConfig {
     /// (`shutdown_timeout:`). Default [`ServerConfig::DEFAULT_SHUTDOWN_TIMEOUT`] (30 s).
     #[serde(deserialize_with = "secs::non_negative")]
     pub shutdown_timeout: Duration,
+    /// Reload the configuration when its file (or a file of its directory) changes
+    /// (`watch_config:`), after a quiet period of half a second; SIGHUP and
+    /// `POST /admin/reload` reload it whatever this says. Default `false`.
+    pub watch_config: bool,
 }
 
 impl ServerConfig {
@@ -169,6 +173,7 @@ impl Default for ServerConfig {
             header_read_timeout: Self::DEFAULT_HEADER_READ_TIMEOUT,
             max_connections: None,
             shutdown_timeout: Self::DEFAULT_SHUTDOWN_TIMEOUT,
+            watch_config: false,
         }
     }
 }
