@@ -62,13 +62,46 @@ say "the same request again: echelon1 fails, echelon2 answers"
 "$PY" examples/demo_client.py "$url/v1" demo_group --no-stream
 
 say "echelon judge: scoring examples/judge_sample.jsonl (54 pairs) with the real model (pool demo_pool)"
-scores="$(mktemp)"
+# --verdict json_schema: the request carries response_format with a JSON schema
+# ({"score": integer 1-10}); llama-server constrains SmolLM2's output to it, so nearly
+# every item gets a score (the regex verdict left most of them "unparsed").
+scores="$(mktemp)" summary="$(mktemp)"
 "$ECHELON" judge --config examples/demo.yaml --route demo_pool --input examples/judge_sample.jsonl \
-  --output "$scores" --rubric examples/judge_rubric.txt --max-tokens 8 --concurrency 4 --no-cache \
+  --output "$scores" --rubric examples/judge_rubric.txt --verdict json_schema --max-tokens 24 \
+  --seed 7 --concurrency 4 --no-cache --summary-json "$summary" \
   2> >(grep -v -E 'WARN|INFO' >&2) || true
 echo "first lines of the output:"
 head -3 "$scores" | cut -c1-220
-echo "(a 135M-parameter judge often answers without a usable score: those items say \"error\": \"unparsed\" — never a made-up score)"
+"$PY" - "$summary" <<'PY'
+import json, sys
+s = json.load(open(sys.argv[1]))
+print(f"scored {s['scored']} of {s['judged']}, unparsed {s['unparsed']} "
+      f"({s['parse_failure_rate']:.1%}); errors by kind: "
+      + (", ".join(f"{k} {v['count']}" for k, v in s['errors'].items()) or "none"))
+PY
+echo "(an item without a readable verdict would say \"error\": \"unparsed\" — never a made-up score)"
+
+say "echelon judge --samples 5: five judgements per item (seeds 7..11, temperature 0.7), averaged"
+votes="$(mktemp)"
+head -6 examples/judge_sample.jsonl >"$votes.in"
+"$ECHELON" judge --config examples/demo.yaml --route demo_pool --input "$votes.in" \
+  --output "$votes" --rubric examples/judge_rubric.txt --verdict json_schema --max-tokens 24 \
+  --seed 7 --samples 5 --aggregate mean --concurrency 4 --no-cache \
+  2> >(grep -v -E 'WARN|INFO' >&2) || true
+"$PY" - "$votes" <<'PY'
+import json, sys
+for line in open(sys.argv[1]):
+    j = json.loads(line)
+    print(f"{j['id']}: score {j['score']} from samples {j.get('samples')} (stdev {j.get('stdev')}) {j.get('error') or ''}")
+PY
+
+say "echelon judge --mode pairwise --swap: which of two answers is better, asked in both orders"
+prefs="$(mktemp)"
+"$ECHELON" judge --config examples/demo.yaml --route demo_pool --input examples/judge_pairs.jsonl \
+  --output "$prefs" --mode pairwise --swap --verdict json_schema --max-tokens 24 --seed 7 \
+  --concurrency 4 --no-cache 2> >(grep -v -E 'WARN|INFO' >&2) || true
+head -3 "$prefs" | cut -c1-200
+echo "(position_consistent: false = the judge picked by position, not content; such a pair is a tie)"
 
 say "gateway log (failed attempts)"
 grep -E 'attempt failed' "$log.err" | sed 's/\x1b\[[0-9;]*m//g' | tail -5 || true

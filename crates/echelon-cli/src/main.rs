@@ -48,7 +48,9 @@ enum Command {
     ///     -d '{"model":"demo_group","messages":[{"role":"user","content":"Hi"}]}'
     ///
     /// Prints `echelon listening on http://HOST:PORT` once bound (port 0 picks a free one).
-    /// SIGINT/SIGTERM stop accepting and let in-flight requests finish.
+    /// SIGINT/SIGTERM stop accepting and let in-flight requests finish. SIGHUP (and
+    /// POST /admin/reload, and a file change with server.watch_config: true) reloads the
+    /// config, keeping the state of what did not change; a bad config is refused.
     #[command(verbatim_doc_comment)]
     Serve {
         /// Config file (YAML or JSON) or directory of them.
@@ -109,6 +111,14 @@ enum Command {
     /// where response_tokens counts the judged response with tiktoken cl100k_base
     /// (target_tokens 0 = no penalty).
     ///
+    /// Structured verdicts: --verdict json_schema sends response_format with a JSON schema
+    /// ({"score": integer}) that llama-server and vLLM enforce; auto does so when every
+    /// model of the route declares structured_output: true. Voting: --samples K
+    /// --aggregate mean|median|majority --quorum Q (fewer than Q parsed samples is
+    /// "error": "no_quorum"). Pairwise: --mode pairwise on items with response_a and
+    /// response_b, --swap to ask both orders (position_consistent). --summary-json PATH
+    /// writes the summary (errors by kind with their ids, parse-failure rate, efficiency).
+    ///
     /// Output lines are appended and flushed as they complete; re-running the same command
     /// skips ids already in the output (a line cut by a kill is redone). Results are cached
     /// in SQLite by route, judge settings, rubric, prompt and response (--no-cache to skip).
@@ -122,7 +132,7 @@ enum Command {
         #[arg(long, short)]
         config: PathBuf,
         #[command(flatten)]
-        args: JudgeArgs,
+        args: Box<JudgeArgs>,
     },
     /// Totals from the usage ledger: requests, failures, fallbacks, tokens and cost.
     ///
@@ -219,6 +229,26 @@ enum ConfigCommand {
         /// Config file (YAML or JSON) or directory of them.
         path: PathBuf,
     },
+    /// What changes from one config to another, as a hot reload (SIGHUP,
+    /// POST /admin/reload) would apply it: models, routes and providers added (+),
+    /// removed (-) and changed (~); keys added or removed, by id only; which state is
+    /// kept, rescaled (a bucket whose limit changed) or reset; settings that need a restart.
+    ///
+    /// Example:
+    ///   echelon config diff echelon.yaml echelon.new.yaml
+    ///   echelon config diff echelon.yaml echelon.new.yaml --json
+    ///
+    /// Exits 1 when either config does not load (its errors as file:line:col).
+    #[command(verbatim_doc_comment)]
+    Diff {
+        /// The config serving now.
+        old: PathBuf,
+        /// The config to reload.
+        new: PathBuf,
+        /// One JSON object (the body `POST /admin/reload` returns as `diff`).
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 fn main() -> ExitCode {
@@ -234,6 +264,7 @@ fn main() -> ExitCode {
     init_tracing(cli.log_format);
     match cli.command {
         Command::Config(ConfigCommand::Validate { path }) => validate(&path),
+        Command::Config(ConfigCommand::Diff { old, new, json }) => config_diff(&old, &new, json),
         Command::Config(ConfigCommand::Migrate {
             path,
             no_backup,
@@ -241,7 +272,7 @@ fn main() -> ExitCode {
             verbose,
         }) => migrate(&path, !no_backup, validate_only, verbose),
         Command::Serve { config, host, port } => run(serve(config, host, port)),
-        Command::Judge { config, args } => run(judge(config, args)),
+        Command::Judge { config, args } => run(judge(config, *args)),
         Command::Probe(args) => run(probe::probe(args)),
         Command::Usage {
             config,
@@ -351,6 +382,31 @@ fn validate(path: &std::path::Path) -> ExitCode {
     }
 }
 
+fn config_diff(old: &std::path::Path, new: &std::path::Path, json: bool) -> ExitCode {
+    let (a, b) = match (Config::load(old), Config::load(new)) {
+        (Ok(a), Ok(b)) => (a, b),
+        (a, b) => {
+            for e in [a.err(), b.err()].into_iter().flatten() {
+                eprintln!("{e}");
+            }
+            return ExitCode::FAILURE;
+        }
+    };
+    let diff = echelon::config::ConfigDiff::between(&a, &b);
+    if json {
+        match serde_json::to_string_pretty(&diff) {
+            Ok(text) => println!("{text}"),
+            Err(e) => {
+                eprintln!("error: {e}");
+                return ExitCode::FAILURE;
+            }
+        }
+    } else {
+        print!("{diff}");
+    }
+    ExitCode::SUCCESS
+}
+
 fn migrate(path: &std::path::Path, backup: bool, validate_only: bool, verbose: bool) -> ExitCode {
     let options = echelon::config::MigrateOptions {
         backup,
@@ -441,6 +497,59 @@ struct JudgeArgs {
     /// Copy prompt, response and reference into the output lines.
     #[arg(long)]
     keep_inputs: bool,
+    /// How the verdict is asked for: json_schema sends OpenAI response_format with a
+    /// JSON schema ({"score": integer}; llama-server and vLLM constrain the output to
+    /// it), regex reads the reply with the patterns, auto uses json_schema when every
+    /// model of the route declares structured_output: true. A JSON verdict is read
+    /// first in every mode.
+    #[arg(long, default_value = "auto", value_parser = parse_mode::<echelon::judge::VerdictMode>)]
+    verdict: echelon::judge::VerdictMode,
+    /// With the JSON verdict: ask for a "reasoning" string before the verdict.
+    #[arg(long)]
+    reasoning_field: bool,
+    /// Independent judgements per item (each its own call and cache entry).
+    #[arg(long, default_value_t = 1)]
+    samples: u32,
+    /// How the samples' scores are combined: mean, median or majority.
+    #[arg(long, default_value = "mean", value_parser = parse_mode::<echelon::judge::Aggregate>)]
+    aggregate: echelon::judge::Aggregate,
+    /// Parsed samples an item needs (default samples/2 + 1); fewer is
+    /// "error": "no_quorum".
+    #[arg(long)]
+    quorum: Option<u32>,
+    /// Judge temperature (default 0, or 0.7 with --samples above 1).
+    #[arg(long)]
+    temperature: Option<f64>,
+    /// Seed sent to the judge; sample i gets seed + i.
+    #[arg(long)]
+    seed: Option<u64>,
+    /// An answer cut by finish_reason length is re-asked once with twice --max-tokens,
+    /// at most this many.
+    #[arg(long, default_value_t = echelon::judge::DEFAULT_MAX_TOKENS_CAP)]
+    max_tokens_cap: u32,
+    /// reasoning_effort sent to the judge as is (low, medium, high).
+    #[arg(long)]
+    reasoning_effort: Option<String>,
+    /// pointwise (a score per response) or pairwise (items with response_a and
+    /// response_b: A, B or tie).
+    #[arg(long, default_value = "pointwise", value_parser = parse_mode::<echelon::judge::JudgeMode>)]
+    mode: echelon::judge::JudgeMode,
+    /// Pairwise: judge both orders and report position_consistent.
+    #[arg(long)]
+    swap: bool,
+    /// Pairwise with --swap: an inconsistent pair is a tie or an error.
+    #[arg(long, default_value = "tie", value_parser = parse_mode::<echelon::judge::Inconsistent>)]
+    inconsistent: echelon::judge::Inconsistent,
+    /// Also write the run summary as JSON to this file.
+    #[arg(long)]
+    summary_json: Option<PathBuf>,
+}
+
+/// A judge mode name (`--verdict`, `--aggregate`, `--mode`, `--inconsistent`).
+fn parse_mode<T: std::str::FromStr<Err = echelon::judge::ParseModeError>>(
+    s: &str,
+) -> Result<T, String> {
+    s.parse::<T>().map_err(|e| e.to_string())
 }
 
 async fn judge(config_path: PathBuf, args: JudgeArgs) -> anyhow::Result<ExitCode> {
@@ -457,6 +566,18 @@ async fn judge(config_path: PathBuf, args: JudgeArgs) -> anyhow::Result<ExitCode
         keep_inputs: args.keep_inputs,
         max_items: args.max_items,
         max_tokens: args.max_tokens,
+        max_tokens_cap: Some(args.max_tokens_cap),
+        verdict: args.verdict,
+        reasoning_field: args.reasoning_field,
+        samples: args.samples,
+        aggregate: args.aggregate,
+        quorum: args.quorum,
+        temperature: args.temperature,
+        seed: args.seed,
+        reasoning_effort: args.reasoning_effort,
+        mode: args.mode,
+        swap: args.swap,
+        inconsistent: args.inconsistent,
         ..JudgeConfig::default()
     };
     if let Some(path) = &args.rubric {
@@ -527,8 +648,46 @@ async fn judge(config_path: PathBuf, args: JudgeArgs) -> anyhow::Result<ExitCode
         summary.total_cost,
         summary.wall_time.as_millis()
     );
+    eprintln!(
+        "score stdev {} · length re-asks {} · efficiency vs ideal {}{}",
+        summary
+            .score_stdev
+            .map_or("-".to_owned(), |m| format!("{m:.3}")),
+        summary.length_reasked,
+        summary
+            .efficiency
+            .map_or("-".to_owned(), |e| format!("{:.1}%", e * 100.0)),
+        if judge.config().mode == echelon::judge::JudgeMode::Pairwise {
+            format!(
+                " · preferences A {} B {} tie {}",
+                summary.preferences[0], summary.preferences[1], summary.preferences[2]
+            )
+        } else {
+            String::new()
+        }
+    );
+    for (kind, e) in &summary.errors {
+        let kept = e.ids.len() as u64;
+        let more = if e.count > kept {
+            format!(", … {} more", e.count - kept)
+        } else {
+            String::new()
+        };
+        let shown: Vec<&str> = e.ids.iter().take(20).map(String::as_str).collect();
+        let cut = if e.ids.len() > 20 { ", …" } else { "" };
+        eprintln!(
+            "error {kind}: {} items ({}{cut}{more})",
+            e.count,
+            shown.join(", ")
+        );
+    }
     for bad in &summary.bad_lines {
         eprintln!("bad line {}: {}", bad.line, bad.reason);
+    }
+    if let Some(path) = &args.summary_json {
+        let text = serde_json::to_string_pretty(&summary.to_json())?;
+        std::fs::write(path, text + "\n")
+            .with_context(|| format!("cannot write the summary {}", path.display()))?;
     }
     Ok(
         if summary.failed > 0 || summary.unparsed > 0 || summary.bad_line_count > 0 {
@@ -675,7 +834,23 @@ async fn serve(
             .unwrap_or_else(echelon_server::default_max_connections),
         shutdown_timeout: config.server.shutdown_timeout,
     };
-    let app = echelon_server::router(gateway.clone(), &options);
+    // Hot reload: SIGHUP, POST /admin/reload and, with server.watch_config, file changes.
+    let watch = config.server.watch_config;
+    let reloader = Arc::new(echelon_server::Reloader::new(
+        gateway.clone(),
+        config_path.clone(),
+        config,
+    ));
+    if let Err(e) = reloader.spawn_sighup() {
+        tracing::warn!("SIGHUP will not reload the config: {e}");
+    }
+    if watch {
+        reloader
+            .spawn_watch(echelon_server::reload::WATCH_DEBOUNCE)
+            .with_context(|| format!("cannot watch {}", config_path.display()))?;
+        tracing::info!(path = %config_path.display(), "watching the config for changes");
+    }
+    let app = echelon_server::router_with_reloader(reloader, &options);
     tracing::info!(
         routes = gateway.routes().len(),
         auth = !options.api_keys.is_empty(),

@@ -557,3 +557,126 @@ async fn judge_killed_mid_run_resumes_with_each_id_exactly_once() {
         up.chat_requests()
     );
 }
+
+/// Issue 17: `--verdict json_schema`, voting with a quorum, `--summary-json` with errors by
+/// kind, pairwise with `--swap`, and a bad mode name refused.
+#[tokio::test]
+async fn judge_votes_asks_for_the_schema_and_writes_the_summary_json() {
+    let up = TestUpstream::start().await.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let config = write(&dir, "c.yaml", &config_for(&up.base_url()));
+    let rubric = write(&dir, "rubric.txt", "Score: {response}");
+    let input = write(
+        &dir,
+        "in.jsonl",
+        "{\"id\": \"s\", \"prompt\": \"p\", \"response\": \"7\"}\n{\"id\": \"u\", \"prompt\": \"p\", \"response\": \"x\"}\n",
+    );
+    let output = dir.path().join("out.jsonl");
+    let summary = dir.path().join("summary.json");
+    let out = tokio::process::Command::new(BIN)
+        .args(["judge", "--route", "grp", "--no-cache", "--max-reasks", "0"])
+        .args([
+            "--verdict",
+            "json_schema",
+            "--samples",
+            "3",
+            "--aggregate",
+            "median",
+        ])
+        .args(["--seed", "10", "--config"])
+        .arg(&config)
+        .arg("--input")
+        .arg(&input)
+        .arg("--output")
+        .arg(&output)
+        .arg("--rubric")
+        .arg(&rubric)
+        .arg("--summary-json")
+        .arg(&summary)
+        .output()
+        .await
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "an error line: {err}");
+    assert!(err.contains("error no_quorum: 1 items (u)"), "{err}");
+    let lines: Vec<serde_json::Value> = std::fs::read_to_string(&output)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    let by_id = |id: &str| lines.iter().find(|l| l["id"] == id).unwrap().clone();
+    assert_eq!(by_id("s")["score"], 7.0);
+    assert_eq!(by_id("s")["samples"], serde_json::json!([7.0, 7.0, 7.0]));
+    assert_eq!(by_id("s")["aggregate"], "median");
+    assert_eq!(by_id("s")["stdev"], 0.0);
+    assert_eq!(by_id("u")["error"], "no_quorum");
+    assert_eq!(by_id("u")["score"], serde_json::Value::Null);
+    let sent = up.recorded();
+    assert_eq!(sent.len(), 6, "3 samples per item");
+    let body = sent[0].body.as_ref().unwrap();
+    assert_eq!(body["response_format"]["type"], "json_schema");
+    assert_eq!(body["temperature"], 0.7);
+    let mut seeds: Vec<u64> = sent
+        .iter()
+        .map(|r| r.body.as_ref().unwrap()["seed"].as_u64().unwrap())
+        .collect();
+    seeds.sort_unstable();
+    assert_eq!(seeds, vec![10, 10, 11, 11, 12, 12]);
+    let s: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&summary).unwrap()).unwrap();
+    assert_eq!(s["judged"], 2);
+    assert_eq!(s["errors"]["no_quorum"]["ids"], serde_json::json!(["u"]));
+    assert_eq!(s["parse_failure_rate"], 0.5);
+
+    // Pairwise, both orders: "Winner: A B" then (swapped) "Winner: B A" both prefer A.
+    let pairs = write(
+        &dir,
+        "pairs.jsonl",
+        "{\"id\": 1, \"prompt\": \"p\", \"response_a\": \"A\", \"response_b\": \"B\"}\n",
+    );
+    let rubric = write(&dir, "pair.txt", "Winner: {response_a} {response_b}");
+    let prefs = dir.path().join("prefs.jsonl");
+    let out = tokio::process::Command::new(BIN)
+        .args([
+            "judge",
+            "--route",
+            "grp",
+            "--no-cache",
+            "--mode",
+            "pairwise",
+            "--swap",
+        ])
+        .args(["--inconsistent", "error", "--config"])
+        .arg(&config)
+        .arg("--input")
+        .arg(&pairs)
+        .arg("--output")
+        .arg(&prefs)
+        .arg("--rubric")
+        .arg(&rubric)
+        .output()
+        .await
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{err}");
+    assert!(err.contains("preferences A 1 B 0 tie 0"), "{err}");
+    let line: serde_json::Value =
+        serde_json::from_str(std::fs::read_to_string(&prefs).unwrap().trim()).unwrap();
+    assert_eq!(line["preference"], "A", "{line}");
+    assert_eq!(line["position_consistent"], true);
+    assert_eq!(line["p_a"], 1.0);
+
+    // A mode name that does not exist is refused by the argument parser.
+    let out = Command::new(BIN)
+        .args(["judge", "--route", "grp", "--aggregate", "mode", "--config"])
+        .arg(&config)
+        .args(["--input", "x", "--output", "y"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("mean, median, majority"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}

@@ -51,7 +51,7 @@ pub(crate) struct ApiError {
 /// Every endpoint the server has, as a 404 names them.
 pub(crate) const ENDPOINTS: &str = "POST /v1/chat/completions, POST /v1/responses, \
 POST /v1/messages, POST /v1/messages/count_tokens, POST /v1/embeddings, GET /v1/models, \
-GET /health, GET /metrics, GET /admin/state";
+GET /health, GET /metrics, GET /admin, GET /admin/state, POST /admin/reload";
 
 impl ApiError {
     /// The message a client gets in the error body.

@@ -6,7 +6,8 @@
 //! (`messages.rs`), `POST /v1/embeddings` (routed and guarded like chat:
 //! `embeddings.rs`), `GET /v1/models` (the
 //! routes), `GET /health`, `GET /metrics` (Prometheus), `GET /admin/state` (breakers, buckets, keys, in-flight
-//! counts). Gateway keys, when configured, are checked as `Authorization: Bearer` on
+//! counts), `GET /admin` (the admin page) and `POST /admin/reload` (hot reload,
+//! `reload.rs`; also on SIGHUP and, with `server.watch_config`, on a file change). Gateway keys, when configured, are checked as `Authorization: Bearer` on
 //! `/v1/*` and `/admin/*` (on `/v1/messages*` also as `x-api-key`). Every error, 404 and
 //! 405 included, is the OpenAI error body (Anthropic's on `/v1/messages*`)
 //! (`{"error": {"message", "type", "param", "code", "attempts"}}`) with the status
@@ -34,6 +35,7 @@
 //! `header_read_timeout`, serves at most `max_connections` at once, and ends in-flight
 //! requests `shutdown_timeout` after shutdown begins (`conn.rs`).
 
+mod admin;
 mod auth;
 mod conn;
 mod content_type;
@@ -45,6 +47,7 @@ mod handlers;
 mod host;
 mod messages;
 mod metrics;
+pub mod reload;
 mod reply;
 mod responses;
 mod sse;
@@ -62,6 +65,7 @@ use secrecy::{ExposeSecret, SecretString};
 use tokio::net::TcpListener;
 
 pub use auth::GatewayKeys;
+pub use reload::Reloader;
 
 /// The inbound dialects' translations to and from the neutral chat shape, exactly as the
 /// endpoints make them, for tools and benchmarks (`benches/translate.rs`). The
@@ -151,14 +155,32 @@ pub(crate) struct AppState {
     pub(crate) gateway: Arc<Gateway>,
     pub(crate) keys: Arc<GatewayKeys>,
     pub(crate) log_bodies: bool,
+    /// Reloads the config (`POST /admin/reload`); `None` without a config file.
+    pub(crate) reloader: Option<Arc<Reloader>>,
 }
 
-/// The axum router with every endpoint.
+/// The axum router with every endpoint (`POST /admin/reload` answers 409: there is no
+/// config file to reload; see [`router_with_reloader`]).
 pub fn router(gateway: Arc<Gateway>, options: &ServerOptions) -> Router {
+    build_router(gateway, None, options)
+}
+
+/// [`router`] over the reloader's gateway, with `POST /admin/reload` reloading its
+/// config file.
+pub fn router_with_reloader(reloader: Arc<Reloader>, options: &ServerOptions) -> Router {
+    build_router(reloader.gateway().clone(), Some(reloader), options)
+}
+
+fn build_router(
+    gateway: Arc<Gateway>,
+    reloader: Option<Arc<Reloader>>,
+    options: &ServerOptions,
+) -> Router {
     let state = AppState {
         gateway,
         keys: Arc::new(GatewayKeys::new(&options.api_keys)),
         log_bodies: options.log_bodies,
+        reloader,
     };
     // Its body is read only as JSON (`content_type::JsonBody`).
     let chat = post(handlers::chat_completions);
@@ -197,11 +219,16 @@ pub fn router(gateway: Arc<Gateway>, options: &ServerOptions) -> Router {
             .method_not_allowed_fallback(handlers::method_not_allowed),
     )
     .merge(anthropic);
-    let admin = with_keys(
-        Router::new()
-            .route("/state", get(handlers::admin_state))
-            .method_not_allowed_fallback(handlers::method_not_allowed),
-    );
+    // Bearer or Basic (a browser's login prompt), with a Basic challenge on 401.
+    let admin = Router::new()
+        .route("/", get(admin::page))
+        .route("/state", get(handlers::admin_state))
+        .route("/reload", post(admin::reload).get(admin::reload_status))
+        .method_not_allowed_fallback(handlers::method_not_allowed)
+        .route_layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            admin::require_admin_key,
+        ));
     Router::new()
         .nest("/v1", v1)
         .nest("/admin", admin)

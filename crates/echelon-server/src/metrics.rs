@@ -160,6 +160,7 @@ mod tests {
             gateway: Arc::new(Gateway::from_config(&config).unwrap()),
             keys: Arc::new(GatewayKeys::new(&[SecretString::from(KEY)])),
             log_bodies: false,
+            reloader: None,
         };
         let app = routes(state.clone(), require_key).with_state(state);
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();

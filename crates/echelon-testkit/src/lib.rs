@@ -10,7 +10,8 @@
 //! local port. A normal answer echoes
 //! the last user message (`"echo: <text>"`), or, when the request forces a tool call
 //! (`tool_choice: "required"` or naming a function), calls that tool with
-//! `{"text": <last user text>}`; a [`Behavior`] makes one request
+//! `{"text": <last user text>}`, or, when the request carries `"x_answers": [..]` and an
+//! integer `"seed"`, answers `x_answers[seed % len]` (scripted judge samples); a [`Behavior`] makes one request
 //! (or every request) fail in a chosen way: an error status with
 //! `Retry-After`, a stall, a cut or reset connection, a stream cut or stalled
 //! mid-way, a malformed body, or a delay. A [`FaultPlan`] injects faults at

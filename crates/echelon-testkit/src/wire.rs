@@ -174,13 +174,24 @@ fn forced_tool(body: &Value) -> Option<String> {
     name.map(str::to_owned)
 }
 
+/// A scripted answer: with `"x_answers": [strings]` and an integer `"seed"` in the
+/// request, the answer is `x_answers[seed % len]` (so a judge's samples, each sent with
+/// its own seed, get answers chosen by the test); `None` otherwise.
+fn scripted_answer(body: &Value) -> Option<String> {
+    let answers = body.get("x_answers")?.as_array()?;
+    let seed = usize::try_from(body.get("seed")?.as_u64()?).ok()?;
+    let pick = answers.get(seed.checked_rem(answers.len())?)?;
+    pick.as_str().map(str::to_owned)
+}
+
 impl Answer {
     /// Builds the echo answer for a parsed request body.
     pub(crate) fn for_request(body: &Value, id: String, created: u64, model: String) -> Answer {
         let tool_call = forced_tool(body);
-        let full = match &tool_call {
-            Some(_) => json!({"text": last_user_text(body)}).to_string(),
-            None => format!("echo: {}", last_user_text(body)),
+        let full = match (&tool_call, scripted_answer(body)) {
+            (Some(_), _) => json!({"text": last_user_text(body)}).to_string(),
+            (None, Some(scripted)) => scripted,
+            (None, None) => format!("echo: {}", last_user_text(body)),
         };
         let max_tokens = ["max_completion_tokens", "max_tokens"]
             .iter()

@@ -871,3 +871,491 @@ async fn score_batch_inside_a_current_thread_runtime_refuses_safely() {
     );
     assert_eq!(up.chat_requests(), 0);
 }
+
+// ---------------------------------------------------------------------------
+// structured verdicts, voting, length re-asks, pairwise (issue 17)
+
+use echelon::judge::{Aggregate, Inconsistent, JudgeMode, NO_QUORUM, VerdictMode};
+
+/// A gateway with `judge` (no `structured_output`) and `sjudge` (`structured_output:
+/// true`) on `up`.
+fn gateway_structured(up: &TestUpstream) -> Arc<Gateway> {
+    let yaml = format!(
+        r#"
+providers:
+  p: {{ base_url: "{}", api_keys: ["k"] }}
+models:
+  judge: {{ provider: p, model: up-judge, max_retries: 0, retry_delay: 0.01 }}
+  sjudge: {{ provider: p, model: up-sjudge, max_retries: 0, retry_delay: 0.01, structured_output: true }}
+task_groups:
+  mixed: {{ echelon1: {{ models: [sjudge] }}, echelon2: {{ models: [judge] }} }}
+"#,
+        up.base_url()
+    );
+    Arc::new(Gateway::from_config(&Config::from_str(&yaml, "s.yaml").unwrap()).unwrap())
+}
+
+/// Scripted answers: the testkit answers sample `i` (sent with seed `i`) with
+/// `answers[i % len]`.
+fn scripted(answers: &[&str]) -> serde_json::Map<String, Value> {
+    let mut extra = serde_json::Map::new();
+    extra.insert("x_answers".into(), json!(answers));
+    extra
+}
+
+fn bodies(up: &TestUpstream) -> Vec<Value> {
+    up.recorded().into_iter().map(|r| r.body.unwrap()).collect()
+}
+
+#[tokio::test]
+async fn the_json_verdict_sends_the_schema_and_reads_the_json_answer() {
+    let up = TestUpstream::start().await.unwrap();
+    let j = judge(
+        &up,
+        JudgeConfig {
+            verdict: VerdictMode::JsonSchema,
+            reasoning_field: true,
+            reasoning_effort: Some("high".into()),
+            ..echo_config()
+        },
+    );
+    let out = j
+        .judge_one(&item("1", r#"{"reasoning": "fine", "score": 8}"#))
+        .await;
+    assert_eq!(out.score, Some(8.0), "{out:?}");
+    let body = &bodies(&up)[0];
+    assert_eq!(
+        body["response_format"],
+        json!({
+            "type": "json_schema",
+            "json_schema": {"name": "verdict", "strict": true, "schema": {
+                "type": "object",
+                "properties": {
+                    "reasoning": {"type": "string"},
+                    "score": {"type": "integer", "minimum": 1, "maximum": 10}
+                },
+                "required": ["reasoning", "score"],
+                "additionalProperties": false
+            }}
+        })
+    );
+    assert_eq!(body["reasoning_effort"], "high");
+
+    // A JSON answer out of range is re-asked, as any other.
+    let out = j.judge_one(&item("2", r#"{"score": 11}"#)).await;
+    assert_eq!(out.error.as_deref(), Some(UNPARSED));
+    assert_eq!(out.reasks, 2);
+}
+
+#[tokio::test]
+async fn auto_asks_for_the_schema_only_when_every_model_declares_structured_output() {
+    let up = TestUpstream::start().await.unwrap();
+    let gw = gateway_structured(&up);
+    let cases = [
+        ("sjudge", VerdictMode::JsonSchema),
+        ("judge", VerdictMode::Regex),
+        ("mixed", VerdictMode::Regex),
+    ];
+    for (route, want) in cases {
+        let j = Judge::new(
+            gw.clone(),
+            JudgeConfig {
+                route: route.into(),
+                ..echo_config()
+            },
+        )
+        .unwrap();
+        assert_eq!(j.config().verdict, want, "{route}");
+        let out = j.judge_one(&item(route, r#"{"score": 6}"#)).await;
+        // A JSON verdict is read in either mode.
+        assert_eq!(out.score, Some(6.0), "{route}");
+        let body = bodies(&up).pop().unwrap();
+        assert_eq!(
+            body.get("response_format").is_some(),
+            want == VerdictMode::JsonSchema,
+            "{route}: {body}"
+        );
+    }
+    // Forced regex on a structured model: no schema.
+    let j = Judge::new(
+        gw,
+        JudgeConfig {
+            route: "sjudge".into(),
+            verdict: VerdictMode::Regex,
+            ..echo_config()
+        },
+    )
+    .unwrap();
+    j.judge_one(&item("r", "Score: 3")).await;
+    assert!(bodies(&up).pop().unwrap().get("response_format").is_none());
+}
+
+#[tokio::test]
+async fn samples_are_aggregated_with_their_stdev() {
+    let up = TestUpstream::start().await.unwrap();
+    let answers = ["Score: 2", "Score: 9", "Score: 9", "Score: 4"];
+    for (how, want) in [
+        (Aggregate::Mean, 6.0),
+        (Aggregate::Median, 6.5),
+        (Aggregate::Majority, 9.0),
+    ] {
+        let j = judge(
+            &up,
+            JudgeConfig {
+                samples: 4,
+                aggregate: how,
+                seed: Some(0),
+                extra_body: scripted(&answers),
+                ..echo_config()
+            },
+        );
+        let out = j.judge_one(&item("v", "ignored")).await;
+        assert_eq!(out.score, Some(want), "{how:?}");
+        let line = out.to_value();
+        assert_eq!(line["samples"], json!([2.0, 9.0, 9.0, 4.0]));
+        assert_eq!(line["aggregate"], how.name());
+        let stdev = line["stdev"].as_f64().unwrap();
+        assert!((stdev - 9.5f64.sqrt()).abs() < 1e-9, "{stdev}");
+        assert_eq!(out.attempts, 4);
+    }
+    // Every sample is its own call: seeds 0..4, temperature 0.7 by default.
+    let sent = bodies(&up);
+    assert_eq!(sent.len(), 12);
+    let mut seeds: Vec<u64> = sent[..4]
+        .iter()
+        .map(|b| b["seed"].as_u64().unwrap())
+        .collect();
+    seeds.sort_unstable();
+    assert_eq!(seeds, vec![0, 1, 2, 3]);
+    assert!(sent.iter().all(|b| b["temperature"] == 0.7));
+    // One sample keeps temperature 0 and sends no seed by default.
+    let j = judge(&up, echo_config());
+    assert_eq!(j.config().temperature, Some(0.0));
+    j.judge_one(&item("one", "Score: 5")).await;
+    let body = bodies(&up).pop().unwrap();
+    assert_eq!(body["temperature"], 0.0);
+    assert!(body.get("seed").is_none());
+}
+
+#[tokio::test]
+async fn fewer_parsed_samples_than_the_quorum_is_an_error_not_a_guess() {
+    let up = TestUpstream::start().await.unwrap();
+    let config = JudgeConfig {
+        samples: 3,
+        seed: Some(0),
+        max_reasks: 0,
+        extra_body: scripted(&["Score: 5", "no idea", "nothing"]),
+        ..echo_config()
+    };
+    let j = judge(&up, config.clone());
+    assert_eq!(j.config().quorum, Some(2));
+    let out = j.judge_one(&item("q", "x")).await;
+    assert_eq!(out.error.as_deref(), Some(NO_QUORUM));
+    assert_eq!(out.score, None);
+    assert_eq!(out.reward, None);
+    let line = out.to_value();
+    assert_eq!(line["samples"], json!([5.0, null, null]));
+    assert_eq!(line["error"], "no_quorum");
+    assert_eq!(line["sample_errors"], json!(["unparsed"]));
+
+    // Quorum 1: the one parsed sample decides.
+    let j = judge(
+        &up,
+        JudgeConfig {
+            quorum: Some(1),
+            ..config.clone()
+        },
+    );
+    assert_eq!(j.judge_one(&item("q", "x")).await.score, Some(5.0));
+
+    // A failed call counts as a missing sample.
+    up.push_behavior(Behavior::status(500));
+    let j = judge(
+        &up,
+        JudgeConfig {
+            samples: 2,
+            quorum: Some(2),
+            extra_body: scripted(&["Score: 5"]),
+            ..config
+        },
+    );
+    let out = j.judge_one(&item("f", "x")).await;
+    assert_eq!(out.error.as_deref(), Some(NO_QUORUM));
+    assert!(
+        out.sample_errors[0].contains("HTTP 500"),
+        "{:?}",
+        out.sample_errors
+    );
+
+    // Bad quorums are refused.
+    for (samples, quorum) in [(3, 0), (3, 4)] {
+        let err = Judge::new(
+            gateway(&up),
+            JudgeConfig {
+                samples,
+                quorum: Some(quorum),
+                ..echo_config()
+            },
+        )
+        .unwrap_err();
+        assert!(matches!(err, JudgeError::Config(_)), "{err}");
+    }
+}
+
+#[tokio::test]
+async fn each_sample_and_each_mode_has_its_own_cache_entry() {
+    let up = TestUpstream::start().await.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let config = JudgeConfig {
+        samples: 3,
+        seed: Some(0),
+        cache_path: Some(dir.path().join("c.sqlite")),
+        extra_body: scripted(&["Score: 1", "Score: 2", "Score: 3", "Score: 4"]),
+        ..echo_config()
+    };
+    let first = judge(&up, config.clone()).judge_one(&item("c", "x")).await;
+    assert_eq!(first.score, Some(2.0));
+    assert_eq!(up.chat_requests(), 3);
+    let again = judge(&up, config.clone()).judge_one(&item("c", "x")).await;
+    assert!(again.cached);
+    assert_eq!(again.score, Some(2.0));
+    assert_eq!(again.to_value()["samples"], json!([1.0, 2.0, 3.0]));
+    assert_eq!(up.chat_requests(), 3, "served from the cache");
+    // A fourth sample: the first three are hits, only sample 3 is asked.
+    let four = judge(
+        &up,
+        JudgeConfig {
+            samples: 4,
+            ..config.clone()
+        },
+    )
+    .judge_one(&item("c", "x"))
+    .await;
+    assert_eq!(four.score, Some(2.5));
+    assert!(!four.cached);
+    assert_eq!(up.chat_requests(), 4);
+    // The JSON verdict is another entry.
+    judge(
+        &up,
+        JudgeConfig {
+            verdict: VerdictMode::JsonSchema,
+            ..config
+        },
+    )
+    .judge_one(&item("c", "x"))
+    .await;
+    assert_eq!(up.chat_requests(), 7);
+}
+
+#[tokio::test]
+async fn an_answer_cut_by_length_is_re_asked_once_with_twice_the_tokens() {
+    let up = TestUpstream::start().await.unwrap();
+    // "echo: one two three four five Score: 7" is 8 words; the testkit cuts at max_tokens.
+    let response = "one two three four five Score: 7";
+    let j = judge(
+        &up,
+        JudgeConfig {
+            max_tokens: Some(4),
+            max_reasks: 0,
+            ..echo_config()
+        },
+    );
+    let out = j.judge_one(&item("l", response)).await;
+    assert_eq!(out.score, Some(7.0), "{out:?}");
+    assert_eq!((out.length_reasks, out.reasks, out.attempts), (1, 0, 2));
+    assert_eq!(out.to_value()["length_reasks"], 1);
+    let sent = bodies(&up);
+    assert_eq!(sent[0]["max_tokens"], 4);
+    assert_eq!(sent[1]["max_tokens"], 8);
+    // The re-ask is the same question, not a follow-up turn.
+    assert_eq!(sent[1]["messages"], sent[0]["messages"]);
+
+    // Capped at 6: still cut, and asked with more room only once.
+    let j = judge(
+        &up,
+        JudgeConfig {
+            max_tokens: Some(4),
+            max_tokens_cap: Some(6),
+            max_reasks: 1,
+            ..echo_config()
+        },
+    );
+    let out = j.judge_one(&item("l2", response)).await;
+    assert_eq!(out.error.as_deref(), Some(UNPARSED));
+    assert_eq!((out.length_reasks, out.reasks), (1, 1));
+    let sent = bodies(&up);
+    let max: Vec<u64> = sent[2..]
+        .iter()
+        .map(|b| b["max_tokens"].as_u64().unwrap())
+        .collect();
+    assert_eq!(max, vec![4, 6, 6]);
+
+    // A cut answer that already holds a verdict is not re-asked.
+    let j = judge(
+        &up,
+        JudgeConfig {
+            max_tokens: Some(3),
+            ..echo_config()
+        },
+    );
+    let out = j.judge_one(&item("l3", "Score: 6 and more words")).await;
+    assert_eq!((out.score, out.length_reasks), (Some(6.0), 0));
+}
+
+fn pair(id: &str) -> JudgeItem {
+    JudgeItem::pair(id, "the prompt", "first answer", "second answer")
+}
+
+fn pairwise(answers: &[&str]) -> JudgeConfig {
+    JudgeConfig {
+        route: "judge".into(),
+        mode: JudgeMode::Pairwise,
+        seed: Some(0),
+        max_reasks: 0,
+        extra_body: scripted(answers),
+        ..JudgeConfig::default()
+    }
+}
+
+#[tokio::test]
+async fn pairwise_with_swap_reads_both_orders_back_to_the_input_order() {
+    let up = TestUpstream::start().await.unwrap();
+    // Seed 0 is A-then-B, seed 1 is B-then-A: "B" there is the input's A.
+    let j = judge(
+        &up,
+        JudgeConfig {
+            swap: true,
+            ..pairwise(&["A", "Winner: B"])
+        },
+    );
+    assert_eq!(j.config().rubric, echelon::judge::DEFAULT_PAIRWISE_RUBRIC);
+    let out = j.judge_one(&pair("p")).await;
+    let line = out.to_value();
+    assert_eq!(line["preference"], "A", "{line}");
+    assert_eq!(line["p_a"], 1.0);
+    assert_eq!(line["position_consistent"], true);
+    assert_eq!(line["samples"], json!(["A", "A"]));
+    assert_eq!(line["score"], Value::Null);
+    assert!(line.get("error").is_none());
+    assert!(out.is_scored());
+    let sent = bodies(&up);
+    let text = |b: &Value| b["messages"][0]["content"].as_str().unwrap().to_owned();
+    let (ab, ba) = match sent[0]["seed"].as_u64() {
+        Some(0) => (text(&sent[0]), text(&sent[1])),
+        _ => (text(&sent[1]), text(&sent[0])),
+    };
+    assert!(ab.find("first answer") < ab.find("second answer"), "{ab}");
+    assert!(ba.find("second answer") < ba.find("first answer"), "{ba}");
+
+    // Without swap: one call, no position_consistent.
+    let out = judge(&up, pairwise(&["[[B]]"])).judge_one(&pair("n")).await;
+    let line = out.to_value();
+    assert_eq!(line["preference"], "B");
+    assert_eq!(line["p_a"], 0.0);
+    assert!(line.get("position_consistent").is_none());
+}
+
+#[tokio::test]
+async fn an_inconsistent_pair_is_a_tie_or_an_error() {
+    let up = TestUpstream::start().await.unwrap();
+    // A in both orders: the judge prefers whatever comes first.
+    let answers = ["A", "A"];
+    let tie = judge(
+        &up,
+        JudgeConfig {
+            swap: true,
+            ..pairwise(&answers)
+        },
+    )
+    .judge_one(&pair("t"))
+    .await;
+    let line = tie.to_value();
+    assert_eq!(line["preference"], "tie");
+    assert_eq!(line["position_consistent"], false);
+    assert_eq!(line["p_a"], 0.5);
+    assert_eq!(line["samples"], json!(["A", "B"]));
+    let err = judge(
+        &up,
+        JudgeConfig {
+            swap: true,
+            inconsistent: Inconsistent::Error,
+            ..pairwise(&answers)
+        },
+    )
+    .judge_one(&pair("e"))
+    .await;
+    assert_eq!(err.error.as_deref(), Some("inconsistent"));
+    assert_eq!(err.pairwise.as_ref().unwrap().preference, None);
+    assert!(!err.is_scored());
+
+    // An unreadable verdict is unparsed; a pairwise rubric needs both responses.
+    let out = judge(&up, pairwise(&["I cannot decide"]))
+        .judge_one(&pair("u"))
+        .await;
+    assert_eq!(out.error.as_deref(), Some(UNPARSED));
+    let bad = Judge::new(
+        gateway(&up),
+        JudgeConfig {
+            rubric: "{response_a} only".into(),
+            ..pairwise(&answers)
+        },
+    )
+    .unwrap_err();
+    assert!(matches!(bad, JudgeError::Config(_)), "{bad}");
+}
+
+#[tokio::test]
+async fn pairwise_files_and_the_summary_by_error_kind() {
+    let up = TestUpstream::start().await.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let input = dir.path().join("pairs.jsonl");
+    let output = dir.path().join("out.jsonl");
+    write(
+        &input,
+        &[
+            json!({"id": 1, "prompt": "p", "response_a": "a", "response_b": "b", "tag": "x"}),
+            json!({"id": 2, "prompt": "p", "response": "not a pair"}),
+        ],
+    );
+    let j = judge(&up, pairwise(&["Winner: A"]));
+    let s = j.run_file(&input, &output, &no_progress).await.unwrap();
+    assert_eq!((s.judged, s.scored, s.bad_line_count), (1, 1, 1));
+    assert_eq!(s.preferences, [1, 0, 0]);
+    let out = read_lines(&output);
+    assert_eq!(out[0]["preference"], "A");
+    assert_eq!(out[0]["tag"], "x");
+
+    // Pointwise: errors by kind, with their ids.
+    let input = dir.path().join("in.jsonl");
+    let output = dir.path().join("out2.jsonl");
+    write(
+        &input,
+        &[
+            json!({"id": "a", "prompt": "p", "response": "Score: 4"}),
+            json!({"id": "b", "prompt": "p", "response": "no idea"}),
+            json!({"id": "c", "prompt": "p", "response": "Score: 8"}),
+            json!({"id": "d", "prompt": "p", "response": "nope"}),
+        ],
+    );
+    let j = judge(
+        &up,
+        JudgeConfig {
+            concurrency: 1,
+            max_reasks: 0,
+            ..echo_config()
+        },
+    );
+    let s = j.run_file(&input, &output, &no_progress).await.unwrap();
+    assert_eq!(s.errors.len(), 1);
+    let mut ids = s.errors["unparsed"].ids.clone();
+    ids.sort();
+    assert_eq!(ids, vec!["b", "d"]);
+    assert_eq!(s.errors["unparsed"].count, 2);
+    assert_eq!(s.mean_score, Some(6.0));
+    assert_eq!(s.score_stdev, Some(2.0));
+    assert!(s.efficiency.is_some_and(|e| e > 0.0));
+    let v = s.to_json();
+    assert_eq!(v["errors"]["unparsed"]["count"], 2);
+    assert_eq!(v["parse_failure_rate"], 0.5);
+    assert_eq!(v["score_stdev"], 2.0);
+}

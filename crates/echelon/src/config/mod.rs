@@ -92,6 +92,7 @@
 
 mod check;
 mod de;
+pub mod diff;
 mod env;
 mod error;
 mod load;
@@ -107,6 +108,7 @@ mod value;
 
 use std::path::Path;
 
+pub use diff::ConfigDiff;
 pub use error::{ConfigError, ConfigErrors};
 pub use migrate::{MigrateError, MigrateOptions, MigrationReport, migrate, migrate_with_env};
 pub use model::{

@@ -139,6 +139,10 @@ pub struct ServerConfig {
     /// (`shutdown_timeout:`). Default [`ServerConfig::DEFAULT_SHUTDOWN_TIMEOUT`] (30 s).
     #[serde(deserialize_with = "secs::non_negative")]
     pub shutdown_timeout: Duration,
+    /// Reload the configuration when its file (or a file of its directory) changes
+    /// (`watch_config:`), after a quiet period of half a second; SIGHUP and
+    /// `POST /admin/reload` reload it whatever this says. Default `false`.
+    pub watch_config: bool,
 }
 
 impl ServerConfig {
@@ -169,6 +173,7 @@ impl Default for ServerConfig {
             header_read_timeout: Self::DEFAULT_HEADER_READ_TIMEOUT,
             max_connections: None,
             shutdown_timeout: Self::DEFAULT_SHUTDOWN_TIMEOUT,
+            watch_config: false,
         }
     }
 }
@@ -451,6 +456,11 @@ pub struct ModelConfig {
     /// instruction to go on. Default `false`: some providers refuse a prefill (Anthropic's
     /// newest models answer 400).
     pub prefill: bool,
+    /// Whether the model constrains its output to a JSON schema given as OpenAI
+    /// `response_format: {type: json_schema, json_schema: {…}}` (OpenAI, llama.cpp's
+    /// llama-server, vLLM). `echelon judge --verdict auto` asks such a model for a JSON
+    /// verdict. Default `false`.
+    pub structured_output: bool,
     /// Streams: what an SSE event whose `data:` is not a chunk does (`malformed_event:
     /// skip | fail`). Default [`MalformedEvent::Skip`]: it is skipped and counted, and
     /// the stream goes on (a stream that never recovers still fails, see
@@ -516,6 +526,7 @@ impl ModelConfig {
             encoding: None,
             max_response_bytes: Self::DEFAULT_MAX_RESPONSE_BYTES,
             prefill: false,
+            structured_output: false,
             malformed_event: MalformedEvent::default(),
         }
     }

@@ -18,6 +18,7 @@ use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
 use super::item::JudgeItem;
+use super::options::Preference;
 use super::output::JudgeTokens;
 
 /// How long a writer waits for another process holding the database.
@@ -34,6 +35,12 @@ pub(crate) struct CachedJudgement {
     pub(crate) cost: f64,
     pub(crate) attempts: u32,
     pub(crate) reasks: u32,
+    /// Length re-asks of the original calls.
+    #[serde(default)]
+    pub(crate) length_reasks: u32,
+    /// A pairwise verdict (then `score` is 0 and unused).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub(crate) preference: Option<Preference>,
 }
 
 /// The cache-key parameters of a judge, hashed once.
@@ -48,6 +55,40 @@ pub(crate) struct KeyParams<'a> {
     pub(crate) max_reasks: u32,
     pub(crate) temperature: Option<f64>,
     pub(crate) max_tokens: Option<u32>,
+    // The settings below are left out of the document at their defaults, so a judge
+    // that uses none of them keeps the keys of earlier versions.
+    /// The verdict mode in use (`json_schema` or `regex`).
+    #[serde(skip_serializing_if = "is_regex")]
+    pub(crate) verdict: &'a str,
+    #[serde(skip_serializing_if = "is_false")]
+    pub(crate) reasoning_field: bool,
+    /// `pointwise` or `pairwise`.
+    #[serde(skip_serializing_if = "is_pointwise")]
+    pub(crate) mode: &'a str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub(crate) seed: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub(crate) reasoning_effort: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub(crate) max_tokens_cap: Option<u32>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub(crate) extra_body: Option<&'a serde_json::Map<String, serde_json::Value>>,
+}
+
+fn is_regex(v: &&str) -> bool {
+    *v == "regex"
+}
+
+fn is_pointwise(v: &&str) -> bool {
+    *v == "pointwise"
+}
+
+fn is_false(v: &bool) -> bool {
+    !*v
+}
+
+fn is_zero(v: &u32) -> bool {
+    *v == 0
 }
 
 /// A SHA-256 state that already holds a judge's parameters.
@@ -65,6 +106,16 @@ struct KeyItem<'a> {
     prompt: &'a str,
     response: &'a str,
     reference: &'a str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    response_a: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    response_b: Option<&'a str>,
+    /// The sample's index among the item's judge calls (0 for the only one).
+    #[serde(skip_serializing_if = "is_zero")]
+    sample: u32,
+    /// Pairwise: the responses were shown in the swapped order.
+    #[serde(skip_serializing_if = "is_false")]
+    swapped: bool,
 }
 
 impl KeyBase {
@@ -77,13 +128,18 @@ impl KeyBase {
         KeyBase(h)
     }
 
-    /// The hex key of one item.
-    pub(crate) fn key(&self, item: &JudgeItem) -> String {
+    /// The hex key of one sample of an item: `sample` is its index (0 for the only
+    /// one), `swapped` whether a pair is shown as B then A.
+    pub(crate) fn key(&self, item: &JudgeItem, sample: u32, swapped: bool) -> String {
         let mut h = self.0.clone();
         let doc = KeyItem {
             prompt: &item.prompt,
             response: &item.response,
             reference: item.reference.as_deref().unwrap_or(""),
+            response_a: item.pair.as_ref().map(|p| p.a.as_str()),
+            response_b: item.pair.as_ref().map(|p| p.b.as_str()),
+            sample,
+            swapped,
         };
         h.update(serde_json::to_vec(&doc).unwrap_or_default());
         let digest = h.finalize();
@@ -192,6 +248,13 @@ mod tests {
             max_reasks: 2,
             temperature: Some(0.0),
             max_tokens: None,
+            verdict: "regex",
+            reasoning_field: false,
+            mode: "pointwise",
+            seed: None,
+            reasoning_effort: None,
+            max_tokens_cap: None,
+            extra_body: None,
         }
     }
 
@@ -200,17 +263,36 @@ mod tests {
         let a = KeyBase::new(&params("judge"));
         let b = KeyBase::new(&params("other"));
         let item = JudgeItem::new("1", "p", "r");
-        let k = a.key(&item);
+        let k = a.key(&item, 0, false);
         assert_eq!(k.len(), 64);
         assert!(k.chars().all(|c| c.is_ascii_hexdigit()));
-        assert_eq!(k, a.key(&JudgeItem::new("different id", "p", "r")));
-        assert_ne!(k, b.key(&item));
-        assert_ne!(k, a.key(&JudgeItem::new("1", "p", "r2")));
-        assert_ne!(k, a.key(&item.clone().with_reference("x")));
+        assert_eq!(
+            k,
+            a.key(&JudgeItem::new("different id", "p", "r"), 0, false)
+        );
+        assert_ne!(k, b.key(&item, 0, false));
+        assert_ne!(k, a.key(&JudgeItem::new("1", "p", "r2"), 0, false));
+        assert_ne!(k, a.key(&item.clone().with_reference("x"), 0, false));
+        // Each sample, each order and each mode has its own entry; sample 0 keeps the
+        // key of a one-sample judge.
+        assert_ne!(k, a.key(&item, 1, false));
+        assert_ne!(a.key(&item, 1, false), a.key(&item, 2, false));
+        assert_ne!(k, a.key(&item, 0, true));
+        let mut pairwise = params("judge");
+        pairwise.mode = "pairwise";
+        assert_ne!(k, KeyBase::new(&pairwise).key(&item, 0, false));
+        let mut json = params("judge");
+        json.verdict = "json_schema";
+        assert_ne!(k, KeyBase::new(&json).key(&item, 0, false));
+        let pair = JudgeItem::pair("1", "p", "x", "y");
+        assert_ne!(
+            a.key(&pair, 0, false),
+            a.key(&JudgeItem::pair("1", "p", "y", "x"), 0, false)
+        );
         // Field boundaries cannot shift.
         assert_ne!(
-            a.key(&JudgeItem::new("1", "ab", "c")),
-            a.key(&JudgeItem::new("1", "a", "bc"))
+            a.key(&JudgeItem::new("1", "ab", "c"), 0, false),
+            a.key(&JudgeItem::new("1", "a", "bc"), 0, false)
         );
     }
 
@@ -229,6 +311,8 @@ mod tests {
             cost: 0.25,
             attempts: 1,
             reasks: 0,
+            length_reasks: 0,
+            preference: None,
         };
         assert_eq!(cache.get_blocking("k").unwrap(), None);
         cache.put_blocking("k", &v).unwrap();

@@ -90,8 +90,20 @@ pub struct JudgeItem {
     pub response: String,
     /// A reference answer (`{reference}`; empty when `None`).
     pub reference: Option<String>,
+    /// Pairwise items: the two responses compared (`response_a`, `response_b`);
+    /// `response` is then empty. `None` for a pointwise item.
+    pub pair: Option<ResponsePair>,
     /// Every other field of the input line, copied to the output line.
     pub extra: Map<String, Value>,
+}
+
+/// The two responses of a pairwise item.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ResponsePair {
+    /// `response_a` (`{response_a}` of the rubric).
+    pub a: String,
+    /// `response_b` (`{response_b}`).
+    pub b: String,
 }
 
 impl JudgeItem {
@@ -106,7 +118,24 @@ impl JudgeItem {
             prompt: prompt.into(),
             response: response.into(),
             reference: None,
+            pair: None,
             extra: Map::new(),
+        }
+    }
+
+    /// A pairwise item: `response_a` and `response_b` compared.
+    pub fn pair(
+        id: impl Into<ItemId>,
+        prompt: impl Into<String>,
+        response_a: impl Into<String>,
+        response_b: impl Into<String>,
+    ) -> JudgeItem {
+        JudgeItem {
+            pair: Some(ResponsePair {
+                a: response_a.into(),
+                b: response_b.into(),
+            }),
+            ..JudgeItem::new(id, prompt, "")
         }
     }
 
@@ -123,6 +152,19 @@ impl JudgeItem {
     /// # Errors
     /// A one-line reason: invalid JSON, not an object, a missing or mistyped field.
     pub fn from_json_line(line: &str) -> Result<JudgeItem, String> {
+        JudgeItem::parse_line(line, false)
+    }
+
+    /// Parses one pairwise input line: as [`from_json_line`](Self::from_json_line) with
+    /// `response_a` and `response_b` (strings) instead of `response`.
+    ///
+    /// # Errors
+    /// As [`from_json_line`](Self::from_json_line).
+    pub fn from_json_line_pairwise(line: &str) -> Result<JudgeItem, String> {
+        JudgeItem::parse_line(line, true)
+    }
+
+    fn parse_line(line: &str, pairwise: bool) -> Result<JudgeItem, String> {
         let value: Value = serde_json::from_str(line).map_err(|e| format!("invalid JSON: {e}"))?;
         let Value::Object(mut map) = value else {
             return Err("not a JSON object".to_owned());
@@ -138,7 +180,13 @@ impl JudgeItem {
             Some(_) => Err(format!("`{name}` must be a string")),
         };
         let prompt = text("prompt")?;
-        let response = text("response")?;
+        let (response, pair) = if pairwise {
+            let a = text("response_a")?;
+            let b = text("response_b")?;
+            (String::new(), Some(ResponsePair { a, b }))
+        } else {
+            (text("response")?, None)
+        };
         let reference = match map.remove("reference") {
             None | Some(Value::Null) => None,
             Some(Value::String(s)) => Some(s),
@@ -149,6 +197,7 @@ impl JudgeItem {
             prompt,
             response,
             reference,
+            pair,
             extra: map,
         })
     }
@@ -172,6 +221,29 @@ mod tests {
         assert_eq!(item.id.key(), "a-1");
         assert_eq!(item.reference, None);
         assert_eq!(item.extra["k"], serde_json::json!([1]));
+    }
+
+    #[test]
+    fn pairwise_lines_have_two_responses() {
+        let line = r#"{"id": 1, "prompt": "p", "response_a": "x", "response_b": "y", "k": 2}"#;
+        let item = JudgeItem::from_json_line_pairwise(line).unwrap();
+        assert_eq!(
+            item.pair.as_ref().map(|p| (p.a.as_str(), p.b.as_str())),
+            Some(("x", "y"))
+        );
+        assert_eq!(item.extra.len(), 1);
+        let line = r#"{"id": 1, "prompt": "p", "response_a": "x"}"#;
+        assert_eq!(
+            JudgeItem::from_json_line_pairwise(line).unwrap_err(),
+            "missing `response_b`"
+        );
+        // A pointwise line is not a pairwise item, nor the reverse.
+        assert!(
+            JudgeItem::from_json_line(
+                r#"{"id": 1, "prompt": "p", "response_a": "x", "response_b": "y"}"#
+            )
+            .is_err()
+        );
     }
 
     #[test]

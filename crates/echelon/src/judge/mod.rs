@@ -21,22 +21,56 @@
 //! # Asking the judge
 //! The rubric ([`DEFAULT_RUBRIC`], or your own) is a template with `{prompt}`,
 //! `{response}` and `{reference}` (empty when absent), sent as one user message with
-//! `temperature` (default 0) and `max_tokens`. The score is read with an ordered list of
-//! regexes ([`ScoreParser`], [`DEFAULT_PATTERNS`]): the first pattern that matches
-//! decides, and of its matches the last one counts. A score outside
-//! `[min_score, max_score]` (default 1..=10), or no score at all, makes the judge be asked
-//! again up to `max_reasks` times (default 2): its answer and a reminder of the format
-//! ([`DEFAULT_REMINDER`]) are appended as a follow-up turn. If no ask gives a score, the
-//! item gets `"error": "unparsed"` and the judge's last reply in `raw`, never a made-up
-//! score. A judge call that fails gets `"error": "<status>: <message>"` (the
+//! `temperature` (default 0; 0.7 with `samples > 1`) and `max_tokens`, plus `seed`,
+//! `reasoning_effort` and `extra_body` when set. The score is read from a JSON verdict
+//! `{"score": X}` if the reply holds one, else with an ordered list of regexes
+//! ([`ScoreParser`], [`DEFAULT_PATTERNS`]): the first pattern that matches decides, and of
+//! its matches the last one counts. A score outside `[min_score, max_score]` (default
+//! 1..=10), or no score at all, makes the judge be asked again up to `max_reasks` times
+//! (default 2): its answer and a reminder of the format ([`DEFAULT_REMINDER`]) are
+//! appended as a follow-up turn. If no ask gives a score, the item gets
+//! `"error": "unparsed"` and the judge's last reply in `raw`, never a made-up score. A
+//! judge call that fails gets `"error": "<status>: <message>"` (the
 //! [`GatewayError`](crate::GatewayError) status and message) and no score.
+//!
+//! ## Structured verdicts
+//! With [`VerdictMode::JsonSchema`] (or [`VerdictMode::Auto`] on a route whose every model
+//! declares `structured_output: true`) each ask carries OpenAI `response_format:
+//! {type: json_schema, json_schema: {name: "verdict", strict: true, schema}}` with the
+//! schema of `{"score": <integer in range>}` ([`score_schema`]; `{"winner": "A" | "B" |
+//! "tie"}` pairwise, [`pairwise_schema`]), a `"reasoning"` string first with
+//! `reasoning_field`. llama-server and vLLM constrain the output to it. The default
+//! rubric and reminder become their JSON forms ([`DEFAULT_JSON_RUBRIC`]); the re-asks stay.
+//!
+//! ## Length re-asks
+//! An answer cut by `finish_reason: length` before a verdict is asked again once (the
+//! same messages, not a follow-up turn) with `min(2 × max_tokens, max_tokens_cap)`
+//! tokens, counted in `length_reasks`; later re-asks keep that budget.
+//!
+//! ## Voting
+//! With `samples = K > 1` each item is judged K times, each call its own cache entry and
+//! `seed + i`; the scores are combined by `aggregate` (mean, median, majority) and the
+//! line gains `samples`, `aggregate`, `stdev`. Fewer than `quorum` (default `K / 2 + 1`)
+//! parsed samples is `"error": "no_quorum"`, never a partial guess. Each sample takes
+//! one of the `concurrency` slots, so at most `concurrency` judge calls are in flight.
+//!
+//! ## Pairwise
+//! With [`JudgeMode::Pairwise`] items have `response_a` and `response_b` instead of
+//! `response` ([`JudgeItem::from_json_line_pairwise`]); the rubric
+//! ([`DEFAULT_PAIRWISE_RUBRIC`]) has `{prompt}`, `{reference}`, `{response_a}` and
+//! `{response_b}`, and the judge answers A, B or tie. With `swap` each pair is also asked
+//! as B then A (read back to the input's order); `position_consistent` says whether the
+//! orders agree, and an inconsistent pair is a tie or `"error": "inconsistent"`
+//! (`inconsistent`). The line has `preference`, `p_a` (share of parsed samples preferring
+//! A) and `samples`; `score` and `reward` are null.
 //!
 //! # Output lines
 //! One JSON object per item ([`Judgement`]): `id`, `score`, `reward`, `length_penalty`,
-//! `response_tokens`, `raw`, `route`, `model`, `attempts`, `reasks`,
-//! `tokens: {prompt, completion}`, `cost` (USD), `cached`, `latency_ms`, `error` (when
-//! there is one), `prompt`/`response`/`reference` with `keep_inputs`, then the extra input
-//! fields.
+//! (pairwise: `preference`, `p_a`, `position_consistent`; votes: `samples`,
+//! `aggregate`, `stdev`), `response_tokens`, `raw`, `route`, `model`, `attempts`,
+//! `reasks`, `length_reasks`, `tokens: {prompt, completion}`, `cost` (USD), `cached`,
+//! `latency_ms`, `error` and `sample_errors` (when there are), `prompt`/`response`/
+//! `reference` with `keep_inputs`, then the extra input fields.
 //!
 //! # Concurrency, cache, resume
 //! At most `concurrency` items are judged at once (default 64), whatever the entry point:
@@ -53,17 +87,23 @@
 //!
 //! ## Cache key
 //! Hex SHA-256 of the route, the rubric, the reminder, the patterns, the score range,
-//! `max_reasks`, `temperature`, `max_tokens`, and the item's prompt, response and
-//! reference. The reward parameters are not in it: a cached score is re-rewarded with the
+//! `max_reasks`, `temperature`, `max_tokens`, the verdict mode, `reasoning_field`, the
+//! mode, `seed`, `reasoning_effort`, `max_tokens_cap` and `extra_body` (each left out at
+//! its default, so older keys stay valid), and the item's prompt, response (or
+//! `response_a` and `response_b`) and reference, the sample's index and whether the pair
+//! was swapped. One entry per sample. The reward parameters are not in it: a cached score is re-rewarded with the
 //! current ones. Errors and unparsed answers are never cached.
 
 mod cache;
 mod item;
+mod options;
 mod output;
 mod parse;
 mod reward;
 mod run;
 mod seen;
+mod verdict;
+mod vote;
 
 use std::panic::AssertUnwindSafe;
 use std::path::{Path, PathBuf};
@@ -81,14 +121,34 @@ use crate::routing::DEFAULT_ROUTE_ALIAS;
 use crate::tokens::Encoding;
 use crate::usage::TokenCount;
 
-pub use item::{ItemId, JudgeItem};
-pub use output::{JudgeTokens, Judgement, KeptInputs, UNPARSED};
+pub use item::{ItemId, JudgeItem, ResponsePair};
+pub use options::{Aggregate, Inconsistent, JudgeMode, ParseModeError, Preference, VerdictMode};
+pub use output::{
+    INCONSISTENT, JudgeTokens, Judgement, KeptInputs, NO_QUORUM, PairVerdict, UNPARSED, Votes,
+};
 pub use parse::{
     DEFAULT_PATTERNS, DEFAULT_REMINDER, DEFAULT_RUBRIC, ScoreParse, ScoreParser, default_patterns,
-    render_rubric,
+    render_pairwise, render_rubric,
 };
 pub use reward::{length_penalty, reward};
-pub use run::{BadLine, MAX_BAD_LINES_KEPT, Progress, RunSummary, count_lines};
+pub use run::{
+    BadLine, ErrorTally, MAX_BAD_LINES_KEPT, MAX_ERROR_IDS_KEPT, Progress, RunSummary, count_lines,
+};
+pub use verdict::{
+    DEFAULT_JSON_REMINDER, DEFAULT_JSON_RUBRIC, DEFAULT_PAIRWISE_PATTERNS,
+    DEFAULT_PAIRWISE_REMINDER, DEFAULT_PAIRWISE_RUBRIC, PreferenceParser,
+    default_pairwise_patterns, pairwise_schema, response_format, score_schema,
+};
+pub use vote::{aggregate, majority, stdev};
+
+/// Default [`JudgeConfig::max_tokens_cap`]: 4096 tokens.
+pub const DEFAULT_MAX_TOKENS_CAP: u32 = 4096;
+
+/// Default sampling temperature of a judge with `samples > 1` (0 with one sample).
+pub const DEFAULT_SAMPLE_TEMPERATURE: f64 = 0.7;
+
+/// Most samples per item ([`JudgeConfig::samples`]).
+pub const MAX_SAMPLES: u32 = 100;
 
 use cache::{Cache, CachedJudgement, KeyBase, KeyParams};
 
@@ -117,11 +177,54 @@ pub struct JudgeConfig {
     /// Response length (cl100k tokens) above which the penalty starts; 0 disables it.
     /// Default 512.
     pub target_tokens: u64,
-    /// Sampling temperature of the judge. Default `Some(0.0)`.
+    /// Sampling temperature of the judge. Default `None`: 0 with one sample,
+    /// [`DEFAULT_SAMPLE_TEMPERATURE`] (0.7) with `samples > 1`; [`Judge::new`] resolves
+    /// it, so [`Judge::config`] gives the temperature sent.
     pub temperature: Option<f64>,
     /// `max_tokens` of the judge. Default `None`.
     pub max_tokens: Option<u32>,
-    /// Items judged at once, at most. Default 64.
+    /// An answer cut by `finish_reason: length` before a verdict is asked again once
+    /// with `min(2 × max_tokens, max_tokens_cap)` tokens (with `max_tokens` unset:
+    /// `max_tokens_cap`), counted in [`Judgement::length_reasks`]; no re-ask when that is
+    /// not more than the first. `None`: no cap on the doubling (and no length re-ask
+    /// without `max_tokens`). Default `Some(`[`DEFAULT_MAX_TOKENS_CAP`]`)`.
+    pub max_tokens_cap: Option<u32>,
+    /// How the verdict is asked for and read. Default [`VerdictMode::Auto`].
+    pub verdict: VerdictMode,
+    /// With the JSON verdict: the schema asks for a `"reasoning"` string before the
+    /// verdict (a small judge reasons before it decides). Default `false`.
+    pub reasoning_field: bool,
+    /// Independent judgements per item (1 to [`MAX_SAMPLES`]), each its own call and
+    /// cache entry, combined by [`aggregate`](Self::aggregate). Default 1.
+    pub samples: u32,
+    /// How the samples' scores are combined. Default [`Aggregate::Mean`].
+    pub aggregate: Aggregate,
+    /// Parsed samples an item needs (per order, pairwise), 1 to `samples`; fewer is an
+    /// error line `"error": "no_quorum"` (with `samples > 1`), never a partial guess.
+    /// `None`: a majority, `samples / 2 + 1`; [`Judge::new`] resolves it.
+    pub quorum: Option<u32>,
+    /// The `seed` sent to the judge: sample `i` (counted over both orders with `swap`)
+    /// gets `seed + i`, so samples differ yet a run can be repeated. Default `None` (no
+    /// seed sent).
+    pub seed: Option<u64>,
+    /// `reasoning_effort` sent as is (`low`, `medium`, `high` for reasoning models).
+    /// Default `None`.
+    pub reasoning_effort: Option<String>,
+    /// Extra fields merged into every judge request body (`top_k`, vendor options); the
+    /// judge's own fields win (`model`, `messages`, `temperature`, `max_tokens`, `stream`,
+    /// `seed`, `reasoning_effort`, `response_format` are never taken from here when the
+    /// judge sets them). Default empty.
+    pub extra_body: serde_json::Map<String, serde_json::Value>,
+    /// Pointwise scores or pairwise preferences. Default [`JudgeMode::Pointwise`].
+    pub mode: JudgeMode,
+    /// Pairwise: judge each pair in both orders (A then B, B then A) and report
+    /// `position_consistent`. Default `false`.
+    pub swap: bool,
+    /// Pairwise with `swap`: what a pair whose orders disagree becomes. Default
+    /// [`Inconsistent::Tie`].
+    pub inconsistent: Inconsistent,
+    /// Judge calls in flight at once, at most (one per sample; [`Judge::run_file`] also
+    /// keeps at most this many items open). Default 64.
     pub concurrency: usize,
     /// The SQLite cache file; `None` (the default) disables the cache.
     pub cache_path: Option<PathBuf>,
@@ -144,8 +247,20 @@ impl Default for JudgeConfig {
             max_reasks: 2,
             reward_coefficient: 0.1,
             target_tokens: 512,
-            temperature: Some(0.0),
+            temperature: None,
             max_tokens: None,
+            max_tokens_cap: Some(DEFAULT_MAX_TOKENS_CAP),
+            verdict: VerdictMode::Auto,
+            reasoning_field: false,
+            samples: 1,
+            aggregate: Aggregate::Mean,
+            quorum: None,
+            seed: None,
+            reasoning_effort: None,
+            extra_body: serde_json::Map::new(),
+            mode: JudgeMode::Pointwise,
+            swap: false,
+            inconsistent: Inconsistent::Tie,
             concurrency: 64,
             cache_path: None,
             keep_inputs: false,
@@ -246,21 +361,38 @@ struct Inner {
     gateway: Arc<Gateway>,
     config: JudgeConfig,
     parser: ScoreParser,
+    /// Pairwise: the preference parser (from `patterns`).
+    pref_parser: Option<PreferenceParser>,
     /// The reminder with `{min}` and `{max}` filled in.
     reminder: String,
+    /// The JSON verdict mode: the `response_format` sent with every ask.
+    response_format: Option<serde_json::Value>,
+    /// The resolved quorum.
+    quorum: u32,
     key_base: KeyBase,
     cache: Option<Cache>,
-    /// `concurrency` permits: one per item being judged.
+    /// `concurrency` permits: one per judge call (sample) in flight.
     slots: Semaphore,
 }
 
 impl Judge {
-    /// Checks the config, compiles the patterns and opens the cache.
+    /// Checks the config, fills in the defaults that depend on other settings, compiles
+    /// the patterns and opens the cache.
+    ///
+    /// Resolved here (and so seen in [`config`](Self::config)): the `"default"` route;
+    /// [`VerdictMode::Auto`] (the JSON schema when every model behind the route declares
+    /// `structured_output: true`, else the patterns); `temperature` (0, or 0.7 with
+    /// `samples > 1`); `quorum` (`samples / 2 + 1`); and, when left at their defaults,
+    /// the rubric, reminder and patterns of the mode ([`DEFAULT_JSON_RUBRIC`] and
+    /// [`DEFAULT_JSON_REMINDER`] with the JSON verdict; [`DEFAULT_PAIRWISE_RUBRIC`],
+    /// [`DEFAULT_PAIRWISE_REMINDER`] and [`DEFAULT_PAIRWISE_PATTERNS`] pairwise).
     ///
     /// # Errors
     /// An invalid setting (`min_score > max_score`, a non-finite number, `concurrency` 0,
-    /// a rubric without `{response}`, no patterns), an unknown route, a pattern that does
-    /// not compile, or a cache file that cannot be opened.
+    /// a rubric without `{response}` (pairwise: `{response_a}` and `{response_b}`), no
+    /// patterns, `samples` 0 or above [`MAX_SAMPLES`], a quorum of 0 or above `samples`),
+    /// an unknown route, a pattern that does not compile, or a cache file that cannot be
+    /// opened.
     pub fn new(gateway: Arc<Gateway>, mut config: JudgeConfig) -> Result<Judge, JudgeError> {
         validate(&config)?;
         check_route(&gateway, &config.route)?;
@@ -273,7 +405,58 @@ impl Judge {
         {
             config.route = default.to_owned();
         }
+        if config.verdict == VerdictMode::Auto {
+            config.verdict = if route_is_structured(&gateway, &config.route) {
+                VerdictMode::JsonSchema
+            } else {
+                VerdictMode::Regex
+            };
+        }
+        let json = config.verdict == VerdictMode::JsonSchema;
+        let pairwise = config.mode == JudgeMode::Pairwise;
+        if pairwise {
+            if config.rubric == DEFAULT_RUBRIC {
+                config.rubric = DEFAULT_PAIRWISE_RUBRIC.to_owned();
+            }
+            if config.reminder == DEFAULT_REMINDER {
+                config.reminder = DEFAULT_PAIRWISE_REMINDER.to_owned();
+            }
+            if config.patterns == default_patterns() {
+                config.patterns = default_pairwise_patterns();
+            }
+            if !config.rubric.contains("{response_a}") || !config.rubric.contains("{response_b}") {
+                return Err(JudgeError::Config(
+                    "a pairwise rubric needs both `{response_a}` and `{response_b}`".into(),
+                ));
+            }
+        } else if json {
+            if config.rubric == DEFAULT_RUBRIC {
+                config.rubric = DEFAULT_JSON_RUBRIC.to_owned();
+            }
+            if config.reminder == DEFAULT_REMINDER {
+                config.reminder = DEFAULT_JSON_REMINDER.to_owned();
+            }
+        }
+        config.temperature = Some(config.temperature.unwrap_or(if config.samples > 1 {
+            DEFAULT_SAMPLE_TEMPERATURE
+        } else {
+            0.0
+        }));
+        let quorum = config.quorum.unwrap_or(config.samples / 2 + 1);
+        config.quorum = Some(quorum);
         let parser = ScoreParser::new(&config.patterns, config.min_score, config.max_score)?;
+        let pref_parser = if pairwise {
+            Some(PreferenceParser::new(&config.patterns)?)
+        } else {
+            None
+        };
+        let response_format = json.then(|| {
+            response_format(if pairwise {
+                pairwise_schema(config.reasoning_field)
+            } else {
+                score_schema(config.min_score, config.max_score, config.reasoning_field)
+            })
+        });
         let reminder = parse::fill(
             &config.reminder,
             &[
@@ -291,6 +474,15 @@ impl Judge {
             max_reasks: config.max_reasks,
             temperature: config.temperature,
             max_tokens: config.max_tokens,
+            verdict: config.verdict.name(),
+            reasoning_field: config.reasoning_field,
+            mode: config.mode.name(),
+            seed: config.seed,
+            reasoning_effort: config.reasoning_effort.as_deref(),
+            max_tokens_cap: config
+                .max_tokens_cap
+                .filter(|c| *c != DEFAULT_MAX_TOKENS_CAP),
+            extra_body: (!config.extra_body.is_empty()).then_some(&config.extra_body),
         });
         let cache = match &config.cache_path {
             None => None,
@@ -314,7 +506,10 @@ impl Judge {
                 gateway,
                 config,
                 parser,
+                pref_parser,
                 reminder,
+                response_format,
+                quorum,
                 key_base,
                 cache,
                 slots,
@@ -334,7 +529,7 @@ impl Judge {
     }
 
     /// Judges one item: the cache, else the judge (with re-asks). Never fails: errors are
-    /// in [`Judgement::error`]. Waits for one of the `concurrency` slots first.
+    /// in [`Judgement::error`]. Each sample waits for one of the `concurrency` slots.
     pub async fn judge_one(&self, item: &JudgeItem) -> Judgement {
         self.inner.judge_one(item).await
     }
@@ -433,7 +628,7 @@ fn validate(c: &JudgeConfig) -> Result<(), JudgeError> {
     if c.concurrency > Semaphore::MAX_PERMITS {
         return bad(format!("concurrency {} is too large", c.concurrency));
     }
-    if !c.rubric.contains("{response}") {
+    if c.mode == JudgeMode::Pointwise && !c.rubric.contains("{response}") {
         return bad(
             "the rubric has no `{response}` placeholder: the judge would never see the response"
                 .into(),
@@ -442,7 +637,37 @@ fn validate(c: &JudgeConfig) -> Result<(), JudgeError> {
     if c.patterns.is_empty() {
         return bad("at least one score pattern is needed".into());
     }
+    if c.samples == 0 || c.samples > MAX_SAMPLES {
+        return bad(format!(
+            "samples must be 1 to {MAX_SAMPLES}, not {}",
+            c.samples
+        ));
+    }
+    if let Some(q) = c.quorum
+        && (q == 0 || q > c.samples)
+    {
+        return bad(format!(
+            "quorum must be 1 to samples ({}), not {q}",
+            c.samples
+        ));
+    }
+    if c.max_tokens_cap == Some(0) {
+        return bad("max_tokens_cap must be at least 1".into());
+    }
     Ok(())
+}
+
+/// Whether every model behind `route` declares `structured_output: true`.
+fn route_is_structured(gateway: &Gateway, route: &str) -> bool {
+    let routes = gateway.routes();
+    let Some(info) = routes.iter().find(|r| r.id == route) else {
+        return false;
+    };
+    !info.models.is_empty()
+        && info
+            .models
+            .iter()
+            .all(|m| gateway.model(m).is_some_and(|m| m.structured_output()))
 }
 
 fn check_route(gateway: &Gateway, route: &str) -> Result<(), JudgeError> {
@@ -471,6 +696,7 @@ fn check_route(gateway: &Gateway, route: &str) -> Result<(), JudgeError> {
 struct Spend {
     attempts: u32,
     reasks: u32,
+    length_reasks: u32,
     tokens: JudgeTokens,
     cost: f64,
 }
@@ -481,15 +707,57 @@ impl Spend {
         Judgement {
             attempts: self.attempts,
             reasks: self.reasks,
+            length_reasks: self.length_reasks,
             tokens: self.tokens,
             cost: self.cost,
             ..j
         }
     }
+
+    fn add(&mut self, other: &Spend) {
+        self.attempts += other.attempts;
+        self.reasks += other.reasks;
+        self.length_reasks += other.length_reasks;
+        self.tokens.prompt += other.tokens.prompt;
+        self.tokens.completion += other.tokens.completion;
+        self.cost += other.cost;
+    }
 }
 
 fn count_u32(n: usize) -> u32 {
     u32::try_from(n).unwrap_or(u32::MAX)
+}
+
+fn millis(d: std::time::Duration) -> u64 {
+    u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
+}
+
+/// What one sample read.
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum Verdict {
+    Score(f64),
+    Pref(Preference),
+}
+
+/// One judge call of an item (with its re-asks): its verdict or why there is none.
+#[derive(Debug)]
+struct Sample {
+    verdict: Option<Verdict>,
+    /// A failed call: `"<status>: <message>"`. `None` with no verdict: unparsed.
+    error: Option<String>,
+    raw: Option<String>,
+    model: Option<String>,
+    spend: Spend,
+    cached: bool,
+    /// When its slot was granted.
+    started: Instant,
+    busy_ms: u64,
+}
+
+impl Sample {
+    fn error_text(&self) -> &str {
+        self.error.as_deref().unwrap_or(UNPARSED)
+    }
 }
 
 impl Inner {
@@ -506,15 +774,21 @@ impl Inner {
             model: None,
             attempts: 0,
             reasks: 0,
+            length_reasks: 0,
+            votes: None,
+            pairwise: None,
+            sample_errors: Vec::new(),
+            busy_ms: 0,
             tokens: JudgeTokens::default(),
             cost: 0.0,
             cached: false,
-            latency_ms: u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX),
+            latency_ms: millis(started.elapsed()),
             error: None,
             inputs: self.config.keep_inputs.then(|| KeptInputs {
                 prompt: item.prompt.clone(),
                 response: item.response.clone(),
                 reference: item.reference.clone(),
+                pair: item.pair.as_ref().map(|p| (p.a.clone(), p.b.clone())),
             }),
             extra: item.extra.clone(),
         }
@@ -550,54 +824,147 @@ impl Inner {
         })
     }
 
-    async fn judge_one(&self, item: &JudgeItem) -> Judgement {
+    /// The verdict of a reply, as the mode reads it.
+    fn read(&self, text: &str) -> (Option<Verdict>, ScoreParse) {
+        match &self.pref_parser {
+            Some(p) => match p.parse(text) {
+                Some(pref) => (Some(Verdict::Pref(pref)), ScoreParse::Unparsed),
+                None => (None, ScoreParse::Unparsed),
+            },
+            None => match self.parser.parse(text) {
+                ScoreParse::Score(s) => (Some(Verdict::Score(s)), ScoreParse::Score(s)),
+                other => (None, other),
+            },
+        }
+    }
+
+    /// One judge request body.
+    fn request(
+        &self,
+        messages: &[ChatMessage],
+        index: u32,
+        max_tokens: Option<u32>,
+    ) -> ChatCompletionRequest {
+        let mut req = ChatCompletionRequest::new(self.config.route.clone(), messages.to_vec());
+        req.extra = self.config.extra_body.clone();
+        // Fields of the request itself are set below, never twice.
+        for own in [
+            "model",
+            "messages",
+            "stream",
+            "stream_options",
+            "max_tokens",
+            "max_completion_tokens",
+            "temperature",
+            "user",
+        ] {
+            req.extra.remove(own);
+        }
+        req.temperature = self.config.temperature;
+        req.max_tokens = max_tokens;
+        if let Some(seed) = self.config.seed {
+            req.extra
+                .insert("seed".into(), seed.saturating_add(u64::from(index)).into());
+        }
+        if let Some(effort) = &self.config.reasoning_effort {
+            req.extra
+                .insert("reasoning_effort".into(), effort.clone().into());
+        }
+        if let Some(format) = &self.response_format {
+            req.extra.insert("response_format".into(), format.clone());
+        }
+        req
+    }
+
+    /// `max_tokens` of the length re-ask after an answer cut at `current`: twice it,
+    /// capped; `None` when that would not be more.
+    fn longer(&self, current: Option<u32>) -> Option<u32> {
+        let next = match (current, self.config.max_tokens_cap) {
+            (Some(m), Some(cap)) => m.saturating_mul(2).min(cap),
+            (Some(m), None) => m.saturating_mul(2),
+            (None, cap) => cap?,
+        };
+        (current.is_none_or(|m| next > m)).then_some(next)
+    }
+
+    /// Judges one sample of `item` (`index` among its calls; `swapped` shows a pair as B
+    /// then A): the cache, else the judge with re-asks. Holds a concurrency slot.
+    async fn sample(&self, item: &JudgeItem, index: u32, swapped: bool) -> Sample {
         // The semaphore is never closed; should it be, judge without a slot.
         let _slot = self.slots.acquire().await.ok();
         let started = Instant::now();
-        let response_tokens = Encoding::Cl100kBase.count_async(&item.response).await;
-        let key = self.cache.as_ref().map(|_| self.key_base.key(item));
+        let pairwise = self.pref_parser.is_some();
+        let key = self
+            .cache
+            .as_ref()
+            .map(|_| self.key_base.key(item, index, swapped));
+        let done_with = |verdict, error, raw, model, spend, cached| Sample {
+            verdict,
+            error,
+            raw,
+            model,
+            spend,
+            cached,
+            started,
+            busy_ms: millis(started.elapsed()),
+        };
 
         if let (Some(cache), Some(key)) = (&self.cache, &key)
             && let Some(hit) = cache.get(key.clone()).await
-            && hit.score >= self.config.min_score
-            && hit.score <= self.config.max_score
         {
-            return Judgement {
-                raw: Some(hit.raw),
-                model: hit.model,
-                cached: true,
-                ..self.scored(item, started, hit.score, response_tokens, Spend::default())
+            let verdict = match hit.preference {
+                Some(p) if pairwise => Some(Verdict::Pref(p)),
+                None if !pairwise
+                    && hit.score >= self.config.min_score
+                    && hit.score <= self.config.max_score =>
+                {
+                    Some(Verdict::Score(hit.score))
+                }
+                _ => None,
             };
+            if verdict.is_some() {
+                return done_with(
+                    verdict,
+                    None,
+                    Some(hit.raw),
+                    hit.model,
+                    Spend::default(),
+                    true,
+                );
+            }
         }
 
         let mut spend = Spend::default();
         let mut raw: Option<String> = None;
         let mut model: Option<String> = None;
-        let mut messages = vec![ChatMessage::new(
-            Role::User,
-            render_rubric(&self.config.rubric, item),
-        )];
-        for ask in 0..=self.config.max_reasks {
+        let first = if pairwise {
+            render_pairwise(&self.config.rubric, item, swapped)
+        } else {
+            render_rubric(&self.config.rubric, item)
+        };
+        let mut messages = vec![ChatMessage::new(Role::User, first)];
+        let mut max_tokens = self.config.max_tokens;
+        let mut ask = 0;
+        loop {
             spend.reasks = ask;
-            let mut req = ChatCompletionRequest::new(self.config.route.clone(), messages.clone());
-            req.temperature = self.config.temperature;
-            req.max_tokens = self.config.max_tokens;
+            let req = self.request(&messages, index, max_tokens);
             let done = match self.gateway.chat(req).await {
                 Ok(done) => done,
                 Err(e) => {
                     spend.attempts += count_u32(e.attempts().len());
                     tracing::debug!(id = %item.id, status = e.status(), error = %e, "judge call failed");
                     let error = format!("{}: {}", e.status(), e.message());
-                    return spend.onto(Judgement {
-                        response_tokens,
-                        raw,
-                        model,
-                        ..self.failed(item, started, error)
-                    });
+                    return done_with(None, Some(error), raw, model, spend, false);
                 }
             };
             spend.attempts += count_u32(done.attempts.len());
             let text = done.response.first_text().unwrap_or_default().to_owned();
+            let cut = done
+                .response
+                .choices
+                .first()
+                .and_then(|c| c.finish_reason.as_deref())
+                == Some("length");
             let answered_by = self.gateway.model(&done.model);
             let count = match (&done.response.usage, &answered_by) {
                 (Some(u), _) => TokenCount::from_usage(u),
@@ -621,10 +988,14 @@ impl Inner {
                 )
             });
 
-            let parsed = self.parser.parse(&text);
-            tracing::debug!(id = %item.id, ask, ?parsed, "judge answered");
-            if let ScoreParse::Score(score) = parsed {
+            let (verdict, parsed) = self.read(&text);
+            tracing::debug!(id = %item.id, ask, ?parsed, ?verdict, cut, "judge answered");
+            if let Some(verdict) = verdict {
                 if let (Some(cache), Some(key)) = (&self.cache, key) {
+                    let (score, preference) = match verdict {
+                        Verdict::Score(s) => (s, None),
+                        Verdict::Pref(p) => (0.0, Some(p)),
+                    };
                     let entry = CachedJudgement {
                         score,
                         raw: text.clone(),
@@ -633,27 +1004,199 @@ impl Inner {
                         cost: spend.cost,
                         attempts: spend.attempts,
                         reasks: spend.reasks,
+                        length_reasks: spend.length_reasks,
+                        preference,
                     };
                     cache.put(key, entry).await;
                 }
-                return Judgement {
-                    raw: Some(text),
-                    model: Some(done.model),
-                    ..self.scored(item, started, score, response_tokens, spend)
-                };
+                return done_with(
+                    Some(verdict),
+                    None,
+                    Some(text),
+                    Some(done.model),
+                    spend,
+                    false,
+                );
             }
-            if ask < self.config.max_reasks {
-                messages.push(ChatMessage::new(Role::Assistant, text.clone()));
-                messages.push(ChatMessage::new(Role::User, self.reminder.clone()));
-            }
-            raw = Some(text);
+            raw = Some(text.clone());
             model = Some(done.model);
+            // Cut before a verdict: the same question once more with room to finish.
+            if cut
+                && spend.length_reasks == 0
+                && let Some(longer) = self.longer(max_tokens)
+            {
+                spend.length_reasks += 1;
+                max_tokens = Some(longer);
+                continue;
+            }
+            if ask >= self.config.max_reasks {
+                break;
+            }
+            messages.push(ChatMessage::new(Role::Assistant, text));
+            messages.push(ChatMessage::new(Role::User, self.reminder.clone()));
+            ask += 1;
         }
-        spend.onto(Judgement {
+        done_with(None, None, raw, model, spend, false)
+    }
+
+    async fn judge_one(&self, item: &JudgeItem) -> Judgement {
+        if self.pref_parser.is_some() {
+            return self.judge_pair(item).await;
+        }
+        let k = self.config.samples;
+        let (samples, response_tokens) = futures::join!(
+            futures::future::join_all((0..k).map(|i| self.sample(item, i, false))),
+            Encoding::Cl100kBase.count_async(&item.response)
+        );
+        let started = samples
+            .iter()
+            .map(|s| s.started)
+            .min()
+            .unwrap_or_else(Instant::now);
+        let mut spend = Spend::default();
+        for s in &samples {
+            spend.add(&s.spend);
+        }
+        let busy_ms = samples.iter().map(|s| s.busy_ms).sum();
+        let cached = samples.iter().all(|s| s.cached);
+        let (raw, model) = raw_and_model(&samples);
+        let scores: Vec<Option<f64>> = samples
+            .iter()
+            .map(|s| match s.verdict {
+                Some(Verdict::Score(x)) => Some(x),
+                _ => None,
+            })
+            .collect();
+        let parsed: Vec<f64> = scores.iter().flatten().copied().collect();
+        let with = |j: Judgement| Judgement {
+            raw: raw.clone(),
+            model: model.clone(),
+            cached,
+            busy_ms,
             response_tokens,
+            ..j
+        };
+        if k == 1 {
+            let s = &samples[0];
+            return with(match s.verdict {
+                Some(Verdict::Score(score)) => {
+                    self.scored(item, started, score, response_tokens, spend)
+                }
+                _ => spend.onto(self.failed(item, started, s.error_text().to_owned())),
+            });
+        }
+        let votes = Votes {
+            samples: scores,
+            aggregate: self.config.aggregate,
+            stdev: stdev(&parsed),
+        };
+        let sample_errors = sample_errors(&samples);
+        let j = match aggregate(&parsed, self.config.aggregate) {
+            Some(score) if count_u32(parsed.len()) >= self.quorum => {
+                self.scored(item, started, score, response_tokens, spend)
+            }
+            _ => spend.onto(self.failed(item, started, NO_QUORUM.to_owned())),
+        };
+        with(Judgement {
+            votes: Some(votes),
+            sample_errors,
+            ..j
+        })
+    }
+
+    /// A pairwise item: `samples` calls per order (both orders with `swap`).
+    async fn judge_pair(&self, item: &JudgeItem) -> Judgement {
+        let k = self.config.samples;
+        let orders: &[bool] = if self.config.swap {
+            &[false, true]
+        } else {
+            &[false]
+        };
+        let calls = orders
+            .iter()
+            .enumerate()
+            .flat_map(|(o, swapped)| (0..k).map(move |i| (count_u32(o) * k + i, *swapped)));
+        let samples =
+            futures::future::join_all(calls.map(|(i, swapped)| self.sample(item, i, swapped)))
+                .await;
+        let started = samples
+            .iter()
+            .map(|s| s.started)
+            .min()
+            .unwrap_or_else(Instant::now);
+        let mut spend = Spend::default();
+        for s in &samples {
+            spend.add(&s.spend);
+        }
+        let busy_ms = samples.iter().map(|s| s.busy_ms).sum();
+        let cached = samples.iter().all(|s| s.cached);
+        let (raw, model) = raw_and_model(&samples);
+        // Verdicts in the input's order: a swapped order's A is the input's B.
+        let prefs: Vec<Option<Preference>> = samples
+            .iter()
+            .enumerate()
+            .map(|(i, s)| match s.verdict {
+                Some(Verdict::Pref(p)) if i >= k as usize => Some(p.swapped()),
+                Some(Verdict::Pref(p)) => Some(p),
+                _ => None,
+            })
+            .collect();
+        let parsed: Vec<Preference> = prefs.iter().flatten().copied().collect();
+        let p_a = (!parsed.is_empty()).then(|| {
+            parsed.iter().filter(|p| **p == Preference::A).count() as f64 / parsed.len() as f64
+        });
+        let per_order: Vec<Vec<Preference>> = prefs
+            .chunks(k as usize)
+            .map(|c| c.iter().flatten().copied().collect())
+            .collect();
+        let short = per_order.iter().any(|o| count_u32(o.len()) < self.quorum);
+        let order_prefs: Vec<Option<Preference>> = per_order.iter().map(|o| majority(o)).collect();
+        let consistent = self
+            .config
+            .swap
+            .then(|| order_prefs.first() == order_prefs.get(1));
+        let error = if short {
+            Some(if k == 1 {
+                samples
+                    .iter()
+                    .find(|s| s.verdict.is_none())
+                    .map_or(UNPARSED, |s| s.error_text())
+                    .to_owned()
+            } else {
+                NO_QUORUM.to_owned()
+            })
+        } else if consistent == Some(false) && self.config.inconsistent == Inconsistent::Error {
+            Some(INCONSISTENT.to_owned())
+        } else {
+            None
+        };
+        let preference = match (&error, consistent) {
+            (Some(_), _) => None,
+            (None, Some(false)) => Some(Preference::Tie),
+            (None, _) => order_prefs.first().copied().flatten(),
+        };
+        let base = match &error {
+            Some(e) => self.failed(item, started, e.clone()),
+            None => self.blank(item, started),
+        };
+        let sample_errors = if samples.len() > 1 {
+            sample_errors(&samples)
+        } else {
+            Vec::new()
+        };
+        spend.onto(Judgement {
             raw,
             model,
-            ..self.failed(item, started, UNPARSED.to_owned())
+            cached,
+            busy_ms,
+            sample_errors,
+            pairwise: Some(PairVerdict {
+                preference,
+                p_a,
+                samples: prefs,
+                position_consistent: consistent,
+            }),
+            ..base
         })
     }
 
@@ -683,6 +1226,7 @@ impl Inner {
                 prompt: String::new(),
                 response: String::new(),
                 reference: None,
+                pair: None,
                 extra: i.extra.clone(),
             })
             .collect();
@@ -717,6 +1261,28 @@ impl Inner {
             })
             .collect()
     }
+}
+
+/// The reply and model of the first sample with a verdict, else of the last one that
+/// answered.
+fn raw_and_model(samples: &[Sample]) -> (Option<String>, Option<String>) {
+    let pick = samples
+        .iter()
+        .find(|s| s.verdict.is_some())
+        .or_else(|| samples.iter().rev().find(|s| s.raw.is_some()));
+    pick.map_or((None, None), |s| (s.raw.clone(), s.model.clone()))
+}
+
+/// The distinct errors of the samples without a verdict, in sample order.
+fn sample_errors(samples: &[Sample]) -> Vec<String> {
+    let mut out: Vec<String> = Vec::new();
+    for s in samples.iter().filter(|s| s.verdict.is_none()) {
+        let e = s.error_text();
+        if !out.iter().any(|x| x == e) {
+            out.push(e.to_owned());
+        }
+    }
+    out
 }
 
 #[cfg(test)]

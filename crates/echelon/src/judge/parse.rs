@@ -88,6 +88,26 @@ pub fn render_rubric(rubric: &str, item: &JudgeItem) -> String {
     )
 }
 
+/// The pairwise rubric with an item's `{prompt}`, `{reference}` (empty when absent),
+/// `{response_a}` and `{response_b}`; `swapped` exchanges the two responses (the
+/// second order of `swap`).
+pub fn render_pairwise(rubric: &str, item: &JudgeItem, swapped: bool) -> String {
+    let (a, b) = match &item.pair {
+        Some(pair) => (pair.a.as_str(), pair.b.as_str()),
+        None => (item.response.as_str(), ""),
+    };
+    let (a, b) = if swapped { (b, a) } else { (a, b) };
+    fill(
+        rubric,
+        &[
+            ("prompt", &item.prompt),
+            ("response_a", a),
+            ("response_b", b),
+            ("reference", item.reference.as_deref().unwrap_or("")),
+        ],
+    )
+}
+
 /// A score bound as a person writes it: `1`, not `1.0`; `7.5` stays `7.5`.
 pub(crate) fn number_text(x: f64) -> String {
     if x.fract() == 0.0 && x.abs() < 1e15 {
@@ -142,8 +162,24 @@ impl ScoreParser {
         Ok(ScoreParser { patterns, min, max })
     }
 
-    /// Reads the score of `text`.
+    /// Whether `score` is in range: [`ScoreParse::Score`] or [`ScoreParse::OutOfRange`]
+    /// (a non-finite number is [`ScoreParse::Unparsed`]).
+    pub fn check(&self, score: f64) -> ScoreParse {
+        if !score.is_finite() {
+            ScoreParse::Unparsed
+        } else if score >= self.min && score <= self.max {
+            ScoreParse::Score(score)
+        } else {
+            ScoreParse::OutOfRange(score)
+        }
+    }
+
+    /// Reads the score of `text`: a JSON verdict `{"score": X}` (the whole reply, or
+    /// from its first `{` to its last `}`) first, then the patterns.
     pub fn parse(&self, text: &str) -> ScoreParse {
+        if let Some(parsed) = super::verdict::json_score(text, self) {
+            return parsed;
+        }
         for re in &self.patterns {
             let Some(caps) = re.captures_iter(text).last() else {
                 continue;

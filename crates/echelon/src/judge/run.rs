@@ -11,12 +11,27 @@ use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::task::JoinSet;
 
 use super::item::{ItemId, JudgeItem};
-use super::output::Judgement;
+use super::options::{JudgeMode, Preference};
+use super::output::{Judgement, NO_QUORUM, UNPARSED};
 use super::seen::{Seen, SeenIds};
 use super::{Judge, JudgeError};
 
 /// [`RunSummary::bad_lines`] keeps this many bad lines (all are counted).
 pub const MAX_BAD_LINES_KEPT: usize = 1000;
+
+/// [`ErrorTally::ids`] keeps this many ids per kind (all are counted).
+pub const MAX_ERROR_IDS_KEPT: usize = 1000;
+
+/// The items of one kind of error ([`RunSummary::errors`]).
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct ErrorTally {
+    /// Items with it.
+    pub count: u64,
+    /// Their ids (string form), the first [`MAX_ERROR_IDS_KEPT`].
+    pub ids: Vec<String>,
+    /// The first full error text of the kind (a failed call's message).
+    pub example: String,
+}
 
 /// An input line that is not an item.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -70,10 +85,26 @@ pub struct RunSummary {
     pub scored: u64,
     /// Of `scored`: served from the cache.
     pub cached: u64,
-    /// Of `judged`: the judge answered, but no score in range could be read.
+    /// Of `judged`: the judge answered, but no verdict could be read (`unparsed`), or
+    /// too few samples gave one (`no_quorum`).
     pub unparsed: u64,
-    /// Of `judged`: a judge call failed (or an internal error).
+    /// Of `judged`: a judge call failed, an internal error, or an inconsistent pair
+    /// (`inconsistent: error`).
     pub failed: u64,
+    /// Of `judged`: items that needed a length re-ask.
+    pub length_reasked: u64,
+    /// Every error line by kind ([`Judgement::error_kind`]: `unparsed`, `no_quorum`,
+    /// `inconsistent`, `internal`, or a failed call's status), sorted by kind.
+    pub errors: std::collections::BTreeMap<String, ErrorTally>,
+    /// Standard deviation (population) of the scores of `scored`.
+    pub score_stdev: Option<f64>,
+    /// Pairwise: decided items preferring A, B, and ties.
+    pub preferences: [u64; 3],
+    /// Ideal wall time over the real one: the judge calls' summed time divided by the
+    /// concurrency, over the wall time (1.0 = the concurrency was kept full all along).
+    pub efficiency: Option<f64>,
+    /// The concurrency of the run.
+    pub concurrency: usize,
     /// Of `judged`: items that needed at least one re-ask.
     pub reasked: u64,
     /// Bad input lines, counted.
@@ -90,6 +121,55 @@ pub struct RunSummary {
     pub total_cost: f64,
     /// Wall time of the run.
     pub wall_time: Duration,
+}
+
+impl RunSummary {
+    /// The summary as JSON (`--summary-json`): every field, durations in milliseconds
+    /// (`wall_ms`), `errors` as `{kind: {count, ids, example}}`, `preferences` as
+    /// `{A, B, tie}`.
+    pub fn to_json(&self) -> serde_json::Value {
+        let errors: serde_json::Map<String, serde_json::Value> = self
+            .errors
+            .iter()
+            .map(|(k, e)| {
+                (
+                    k.clone(),
+                    serde_json::json!({"count": e.count, "ids": e.ids, "example": e.example}),
+                )
+            })
+            .collect();
+        let bad: Vec<serde_json::Value> = self
+            .bad_lines
+            .iter()
+            .map(|b| serde_json::json!({"line": b.line, "reason": b.reason}))
+            .collect();
+        let finite = |x: Option<f64>| x.filter(|v| v.is_finite());
+        serde_json::json!({
+            "lines": self.lines,
+            "resumed": self.resumed,
+            "truncated_partial_line": self.truncated_partial_line,
+            "skipped": self.skipped,
+            "judged": self.judged,
+            "scored": self.scored,
+            "cached": self.cached,
+            "unparsed": self.unparsed,
+            "failed": self.failed,
+            "reasked": self.reasked,
+            "length_reasked": self.length_reasked,
+            "errors": errors,
+            "bad_line_count": self.bad_line_count,
+            "bad_lines": bad,
+            "parse_failure_rate": self.parse_failure_rate,
+            "mean_score": finite(self.mean_score),
+            "score_stdev": finite(self.score_stdev),
+            "mean_reward": finite(self.mean_reward),
+            "preferences": {"A": self.preferences[0], "B": self.preferences[1], "tie": self.preferences[2]},
+            "total_cost": self.total_cost,
+            "concurrency": self.concurrency,
+            "efficiency": finite(self.efficiency),
+            "wall_ms": u64::try_from(self.wall_time.as_millis()).unwrap_or(u64::MAX),
+        })
+    }
 }
 
 fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> JudgeError + '_ {
@@ -184,7 +264,9 @@ struct Tally {
     progress: Progress,
     summary: RunSummary,
     score_sum: f64,
+    score_sq_sum: f64,
     reward_sum: f64,
+    busy_ms: u64,
     started: Instant,
 }
 
@@ -207,17 +289,42 @@ impl Tally {
         if j.reasks > 0 {
             s.reasked += 1;
         }
-        if let Some(score) = j.score {
+        if j.length_reasks > 0 {
+            s.length_reasked += 1;
+        }
+        self.busy_ms = self.busy_ms.saturating_add(j.busy_ms);
+        if j.is_scored() {
             s.scored += 1;
-            self.score_sum += score;
-            self.reward_sum += j.reward.unwrap_or(score);
+            if let Some(score) = j.score {
+                self.score_sum += score;
+                self.score_sq_sum += score * score;
+                self.reward_sum += j.reward.unwrap_or(score);
+            }
+            if let Some(p) = j.pairwise.as_ref().and_then(|p| p.preference) {
+                let slot = match p {
+                    Preference::A => 0,
+                    Preference::B => 1,
+                    Preference::Tie => 2,
+                };
+                s.preferences[slot] += 1;
+            }
             if j.cached {
                 s.cached += 1;
             }
-        } else if j.is_unparsed() {
+        } else if matches!(j.error.as_deref(), Some(UNPARSED | NO_QUORUM)) {
             s.unparsed += 1;
         } else {
             s.failed += 1;
+        }
+        if let Some(kind) = j.error_kind() {
+            let e = s.errors.entry(kind.to_owned()).or_default();
+            e.count += 1;
+            if e.ids.len() < MAX_ERROR_IDS_KEPT {
+                e.ids.push(j.id.key());
+            }
+            if e.example.is_empty() {
+                e.example = j.error.clone().unwrap_or_default();
+            }
         }
         let p = &mut self.progress;
         p.done += 1;
@@ -247,11 +354,19 @@ impl Tally {
         } else {
             s.unparsed as f64 / read as f64
         };
-        if s.scored > 0 {
-            s.mean_score = Some(self.score_sum / s.scored as f64);
-            s.mean_reward = Some(self.reward_sum / s.scored as f64);
+        let with_score = s.scored - s.preferences.iter().sum::<u64>();
+        if with_score > 0 {
+            let n = with_score as f64;
+            let mean = self.score_sum / n;
+            s.mean_score = Some(mean);
+            s.mean_reward = Some(self.reward_sum / n);
+            s.score_stdev = Some((self.score_sq_sum / n - mean * mean).max(0.0).sqrt());
         }
         s.wall_time = self.started.elapsed();
+        let wall_ms = s.wall_time.as_secs_f64() * 1000.0;
+        if s.judged > 0 && wall_ms > 0.0 && s.concurrency > 0 {
+            s.efficiency = Some(self.busy_ms as f64 / s.concurrency as f64 / wall_ms);
+        }
         self.summary
     }
 }
@@ -263,7 +378,7 @@ enum Line {
     Item(JudgeItem),
 }
 
-fn classify(bytes: &[u8]) -> Line {
+fn classify(bytes: &[u8], mode: JudgeMode) -> Line {
     let Ok(text) = std::str::from_utf8(bytes) else {
         return Line::Bad("not valid UTF-8".to_owned());
     };
@@ -271,7 +386,11 @@ fn classify(bytes: &[u8]) -> Line {
     if text.trim().is_empty() {
         return Line::Blank;
     }
-    match JudgeItem::from_json_line(text) {
+    let parsed = match mode {
+        JudgeMode::Pointwise => JudgeItem::from_json_line(text),
+        JudgeMode::Pairwise => JudgeItem::from_json_line_pairwise(text),
+    };
+    match parsed {
         Ok(item) => Line::Item(item),
         Err(reason) => Line::Bad(reason),
     }
@@ -321,10 +440,13 @@ impl Judge {
             summary: RunSummary {
                 resumed,
                 truncated_partial_line: truncated,
+                concurrency: self.inner.config.concurrency,
                 ..RunSummary::default()
             },
             score_sum: 0.0,
+            score_sq_sum: 0.0,
             reward_sum: 0.0,
+            busy_ms: 0,
             started,
         };
         let concurrency = self.inner.config.concurrency;
@@ -354,7 +476,7 @@ impl Judge {
                 }
                 line_no += 1;
                 tally.progress.lines += 1;
-                let item = match classify(&buf) {
+                let item = match classify(&buf, self.inner.config.mode) {
                     Line::Blank => continue,
                     Line::Bad(reason) => {
                         tally.bad_line(line_no, reason);

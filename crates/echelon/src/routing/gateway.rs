@@ -163,14 +163,18 @@ impl Gateway {
 
     /// Builds a new topology from `config` over the same state registry and swaps it in:
     /// new requests use it at once, requests in flight finish on the old one. Units whose
-    /// id and settings did not change (a model with the same provider, upstream model and
-    /// base URL; a key pool with the same keys) keep their state; the rest start fresh,
-    /// and the registry forgets units the new topology no longer has.
+    /// id did not change (a model with the same provider, upstream model and base URL; a
+    /// key pool with the same keys) keep their state, a bucket whose limit changed is
+    /// rescaled to the same fraction of its new capacity; the rest start fresh, and the
+    /// registry forgets units the new topology no longer has. Routes keep their counters
+    /// and fallback history, polling pools their instances' health, by name.
     ///
     /// # Errors
     /// As [`from_config`](Self::from_config); the old topology then keeps serving.
     pub fn reload(&self, config: &Config) -> Result<(), GatewayError> {
-        let topology = Arc::new(Topology::build(config, self.registry.as_ref())?);
+        let mut topology = Topology::build(config, self.registry.as_ref())?;
+        topology.adopt(&self.topology());
+        let topology = Arc::new(topology);
         let live = topology.state_ids();
         self.topology.store(topology.clone());
         self.registry.retain(&|id| live.contains(id));
@@ -688,6 +692,32 @@ task_groups:
         });
         assert!(gw.reload(&bad.unwrap()).is_err());
         assert!(Arc::ptr_eq(&current, &gw.topology()));
+    }
+
+    #[tokio::test]
+    async fn reload_keeps_route_counters_and_pool_health() {
+        let gw = Gateway::from_config(&Config::from_str(YAML, "t.yaml").unwrap()).unwrap();
+        gw.topology().plan("g").unwrap().stats.record(&[], true);
+        let pool = |gw: &Gateway| {
+            gw.topology()
+                .pools()
+                .map(|(_, p)| p.clone())
+                .next()
+                .unwrap()
+        };
+        for _ in 0..10 {
+            pool(&gw).record(0, false);
+        }
+        assert_eq!(pool(&gw).healthy_count(), 1);
+        gw.reload(&Config::from_str(YAML, "t.yaml").unwrap())
+            .unwrap();
+        assert_eq!(gw.stats("g").unwrap().total_requests, 1);
+        assert_eq!(pool(&gw).healthy_count(), 1, "a stays out of the rotation");
+        // a's identity changes: another upstream, healthy again.
+        let changed = YAML.replace("a: { provider: p,", "a: { provider: p, model: elsewhere,");
+        gw.reload(&Config::from_str(&changed, "t.yaml").unwrap())
+            .unwrap();
+        assert_eq!(pool(&gw).healthy_count(), 2);
     }
 
     #[tokio::test]

@@ -51,6 +51,8 @@ pub struct Model {
     context_window: Option<u32>,
     /// Whether it continues an answer given as a last assistant message (`prefill`).
     prefill: bool,
+    /// Whether it constrains its output to a JSON schema (`structured_output`).
+    structured_output: bool,
     queue_timeout: Duration,
     pub(crate) breaker: CircuitBreaker,
     /// Request buckets: one request each.
@@ -170,6 +172,7 @@ impl Model {
             retry_delay: config.retry_delay,
             context_window: config.context_window,
             prefill: config.prefill,
+            structured_output: config.structured_output,
             queue_timeout: config.queue_timeout,
             breaker: registry.breaker(
                 &unit_id(Unit::Breaker),
@@ -287,6 +290,12 @@ impl Model {
     /// `prefill` setting): a stream continued on it is sent the partial answer that way.
     pub fn prefill(&self) -> bool {
         self.prefill
+    }
+
+    /// Whether it constrains its output to a JSON schema given as OpenAI
+    /// `response_format` (the model's `structured_output` setting).
+    pub fn structured_output(&self) -> bool {
+        self.structured_output
     }
 
     /// Longest wait for a bucket or a concurrency slot before the model is skipped.

@@ -157,7 +157,7 @@ pub struct InstanceSnapshot {
 }
 
 /// The health of one instance.
-#[derive(Debug, Default)]
+#[derive(Debug, Default, Clone)]
 struct Health {
     unhealthy_since: Option<Instant>,
     consecutive_failures: u32,
@@ -589,6 +589,24 @@ impl PollingPool {
                 }
             })
             .collect()
+    }
+
+    /// Takes over the health of `old`'s instances that are the same upstream here (same
+    /// model id and state ids): a hot reload keeps instance health (issue 18).
+    pub(crate) fn adopt_health(&self, old: &PollingPool) {
+        let before = lock(&old.inner).health.clone();
+        let mut inner = lock(&self.inner);
+        for (i, m) in self.instances.iter().enumerate() {
+            let same = old
+                .instances
+                .iter()
+                .position(|o| o.id() == m.id() && o.state_ids() == m.state_ids());
+            if let (Some(prev), Some(h)) =
+                (same.and_then(|j| before.get(j)), inner.health.get_mut(i))
+            {
+                *h = prev.clone();
+            }
+        }
     }
 
     /// Instances in the rotation now.

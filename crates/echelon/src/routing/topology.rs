@@ -356,6 +356,22 @@ impl Topology {
         ids
     }
 
+    /// Carries `old`'s route counters and fallback history over to the routes of the same
+    /// name (shared: requests still in flight on `old` count here too), and its polling
+    /// pools' instance health to the pools of the same name (a hot reload, issue 18).
+    pub(crate) fn adopt(&mut self, old: &Topology) {
+        for (name, plan) in &mut self.routes {
+            if let Some(p) = old.routes.get(name) {
+                plan.stats = p.stats.clone();
+            }
+        }
+        for (name, pool) in &self.pools {
+            if let Some(o) = old.pools.get(name) {
+                pool.adopt_health(o);
+            }
+        }
+    }
+
     /// The plan of one route.
     pub(crate) fn plan(&self, route: &str) -> Option<&Plan> {
         self.routes.get(route)

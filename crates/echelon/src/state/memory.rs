@@ -123,19 +123,23 @@ impl StateRegistry for MemoryRegistry {
             }
         };
         let (cap, rate) = (fresh.capacity(), fresh.refill_per_sec());
-        self.get_or(
-            id,
-            |h| match h {
-                Held::Bucket(b) if b.capacity() == cap && b.refill_per_sec() == rate => {
-                    Some(b.clone())
-                }
-                _ => None,
-            },
-            || {
-                let b = Arc::new(fresh);
-                (b.clone(), Held::Bucket(b))
-            },
-        )
+        let mut units = self.lock();
+        let old = match units.get(id) {
+            Some(Held::Bucket(b)) if b.capacity() == cap && b.refill_per_sec() == rate => {
+                return b.clone();
+            }
+            Some(Held::Bucket(b)) => Some(b.clone()),
+            _ => None,
+        };
+        // Another limit under the same id (a reload changed it): the new bucket holds the
+        // same fraction of its capacity as the old one did (a debt stays a debt), not a
+        // full bucket, so a reload cannot be used to reset a limit.
+        if let Some(old) = old {
+            rescale(&fresh, &old);
+        }
+        let b = Arc::new(fresh);
+        units.insert(id.clone(), Held::Bucket(b.clone()));
+        b
     }
 
     fn concurrency(&self, id: &StateId, limit: u32) -> Arc<ConcurrencyLimit> {
@@ -216,6 +220,17 @@ impl StateRegistry for MemoryRegistry {
     }
 }
 
+/// Brings `fresh` (full) down to the fraction of its capacity that `old` holds now.
+/// Nothing changes when either capacity is not a positive finite number.
+fn rescale(fresh: &TokenBucket, old: &TokenBucket) {
+    let (new_cap, old_cap) = (fresh.capacity(), old.capacity());
+    if !(new_cap.is_finite() && old_cap.is_finite() && new_cap > 0.0 && old_cap > 0.0) {
+        return;
+    }
+    let fraction = old.available() / old_cap;
+    fresh.charge(new_cap - fraction * new_cap);
+}
+
 #[cfg(test)]
 #[allow(clippy::unwrap_used)]
 mod tests {
@@ -239,8 +254,9 @@ mod tests {
         let b = r.bucket(&id(Unit::RpmLimit), 10.0, 1.0);
         assert!(Arc::ptr_eq(&a, &b), "the level carries over");
         let c = r.bucket(&id(Unit::RpmLimit), 20.0, 1.0);
-        assert!(!Arc::ptr_eq(&a, &c), "another limit starts fresh");
-        assert!((c.available() - 20.0).abs() < 1e-9);
+        assert!(!Arc::ptr_eq(&a, &c), "another limit is another bucket");
+        // 6 of 10 left (plus a few µs of refill): 12 of 20, not a full bucket.
+        assert!((c.available() - 12.0).abs() < 0.01, "{}", c.available());
         let s = BreakerSettings::default();
         let b1 = r.breaker(&id(Unit::Breaker), "m", &s);
         let p = b1.try_acquire().unwrap();
@@ -256,6 +272,19 @@ mod tests {
             r.breaker(&other, "m", &s).snapshot().consecutive_failures,
             0
         );
+    }
+
+    #[test]
+    fn a_changed_limit_rescales_the_level_and_keeps_a_debt() {
+        let r = MemoryRegistry::new();
+        let a = r.bucket(&id(Unit::TpmLimit), 100.0, 0.0);
+        a.charge(150.0);
+        assert!((a.available() + 50.0).abs() < 1e-9);
+        let b = r.bucket(&id(Unit::TpmLimit), 200.0, 0.0);
+        assert!((b.available() + 100.0).abs() < 1e-9, "{}", b.available());
+        // Unlimited on either side: nothing to scale, the new bucket starts full.
+        let c = r.bucket(&id(Unit::TpmLimit), f64::INFINITY, 0.0);
+        assert!(c.available().is_infinite());
     }
 
     #[test]

@@ -114,13 +114,16 @@ impl fmt::Display for StateId {
 /// Hands out the resilience units of a topology by stable id: the unit already held
 /// under that id when its settings are the same, else a new one (which then replaces it).
 ///
-/// Settings that changed start a unit fresh (a bucket with another limit starts full, a
-/// breaker with another threshold closed); carrying a level over a changed limit is hot
-/// reload's work (issue 18).
+/// Settings that changed start a unit fresh (a breaker with another threshold closed, a
+/// concurrency limit with another limit empty), except a token bucket: one with another
+/// capacity or refill under the same id starts at the fraction of its capacity the old
+/// one held (a debt stays a debt), so a reload never refills a limit (issue 18).
 pub trait StateRegistry: Send + Sync + fmt::Debug {
     /// The breaker under `id` with these settings (`name` is for its logs).
     fn breaker(&self, id: &StateId, name: &str, settings: &BreakerSettings) -> CircuitBreaker;
-    /// The token bucket under `id` with this capacity (tokens) and refill (tokens/s).
+    /// The token bucket under `id` with this capacity (tokens) and refill (tokens/s);
+    /// one held under `id` with other settings is replaced by a bucket rescaled to the
+    /// same fraction of its capacity.
     fn bucket(&self, id: &StateId, capacity: f64, refill_per_sec: f64) -> Arc<TokenBucket>;
     /// The concurrency limit under `id` with this limit (requests in flight).
     fn concurrency(&self, id: &StateId, limit: u32) -> Arc<ConcurrencyLimit>;
