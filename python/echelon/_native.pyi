@@ -159,10 +159,28 @@ class Gateway:
         patterns: Optional[List[str]] = None,
         min_score: float = 1.0,
         max_score: float = 10.0,
-        temperature: Optional[float] = 0.0,
+        temperature: Optional[float] = None,
         max_tokens: Optional[int] = None,
         reminder: Optional[str] = None,
-    ) -> Judge: ...
+        verdict: str = "auto",
+        reasoning_field: bool = False,
+        samples: int = 1,
+        aggregate: str = "mean",
+        quorum: Optional[int] = None,
+        seed: Optional[int] = None,
+        mode: str = "pointwise",
+        swap: bool = False,
+        inconsistent: str = "tie",
+        max_tokens_cap: Optional[int] = 4096,
+        reasoning_effort: Optional[str] = None,
+    ) -> Judge:
+        """A judge over ``route`` (seed 003), with ``echelon judge``'s options:
+        ``verdict`` ``auto`` | ``json_schema`` | ``regex``; ``samples`` K judgements per
+        item aggregated by ``aggregate`` ``mean`` | ``median`` | ``majority`` (fewer
+        than ``quorum`` parsed → ``error: no_quorum``); ``mode="pairwise"`` judges items
+        with ``response_a`` / ``response_b`` (``swap`` both orders, ``inconsistent``
+        ``tie`` | ``error``). ``temperature`` None is 0, or 0.7 when ``samples`` > 1.
+        Raises :class:`EchelonError` (400) for a bad option or rubric."""
     @property
     def ledger_path(self) -> Optional["os.PathLike[str]"]:
         """The ledger file (a pathlib.Path), None when the config disables it."""

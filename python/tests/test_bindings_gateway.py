@@ -240,7 +240,8 @@ def test_state_and_health_check_all(upstream, gateway):
         two_tier(good.url, good.url).replace('bad: { base_url: "' + good.url, 'bad: { base_url: "http://127.0.0.1:9')
     )
     state = gw.state()
-    assert set(state) == {"models", "echelons", "pools", "routes"}
+    assert set(state) == {"models", "echelons", "pools", "routes", "state"}
+    assert state["state"]["backend"] == "memory"
     assert state["models"]["good-model"]["breaker"]["state"] == "closed"
     assert "g" in state["routes"]
     health = run(lambda: gw.health_check_all())

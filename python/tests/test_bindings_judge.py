@@ -117,3 +117,26 @@ def test_compute_score_failures_raise_or_skip_but_never_score_zero(gw):
     assert unparsed("d", "99", "5") == {"score": None, "scored": False, "error": "unparsed"}
     with pytest.raises(ValueError):
         echelon.rl.make_compute_score(gw, "judge-model", on_failure="zero")
+
+
+def test_voting_and_pairwise_options_reach_the_judge(gw):
+    # K samples of the same echoed score: each its own call, aggregated, stdev 0.
+    voter = gw.judge(route="judge-model", rubric=RUBRIC, patterns=PATTERNS, samples=3,
+                     aggregate="median", seed=5, target_tokens=0)
+    [voted] = voter.score_sync([{"id": "v", "prompt": "2+2", "response": "6"}])
+    assert voted["score"] == 6 and voted["samples"] == [6, 6, 6]
+    assert voted["aggregate"] == "median" and voted["stdev"] == 0
+    assert voted["attempts"] == 3
+
+    # Pairwise: the echoed rubric always names the response shown first as the winner,
+    # so the swapped order disagrees and inconsistent="tie" makes it a tie, never a guess.
+    pairwise = gw.judge(route="judge-model", mode="pairwise", swap=True, inconsistent="tie",
+                        rubric="Q: {prompt}\nWinner: A\nfirst: {response_a}\nsecond: {response_b}")
+    [pair] = pairwise.score_sync(
+        [{"id": "p", "prompt": "2+2", "response_a": "x", "response_b": "y"}])
+    assert pair["score"] is None and "error" not in pair
+    assert pair["position_consistent"] is False and pair["preference"] == "tie"
+    assert pair["p_a"] == 0.5
+
+    with pytest.raises(echelon.EchelonError, match="verdict"):
+        gw.judge(route="judge-model", verdict="yaml")

@@ -32,15 +32,20 @@ impl Judge {
     }
 }
 
-/// Items from Python dicts (`id`, `prompt`, `response`, optional `reference`; other keys
-/// are kept and echoed).
-fn items_of(items: &Bound<'_, PyAny>) -> PyResult<Vec<JudgeItem>> {
+/// Items from Python dicts (`id`, `prompt`, `response`, optional `reference`; in pairwise
+/// mode `response_a` and `response_b` instead of `response`; other keys are kept and
+/// echoed).
+fn items_of(items: &Bound<'_, PyAny>, pairwise: bool) -> PyResult<Vec<JudgeItem>> {
     let mut out = Vec::new();
     for (i, item) in items.try_iter()?.enumerate() {
         let value = from_py(&item?)?;
         let line = serde_json::to_string(&value).unwrap_or_default();
-        let parsed = JudgeItem::from_json_line(&line)
-            .map_err(|e| local_error(400, format!("items[{i}]: {e}")))?;
+        let parsed = if pairwise {
+            JudgeItem::from_json_line_pairwise(&line)
+        } else {
+            JudgeItem::from_json_line(&line)
+        }
+        .map_err(|e| local_error(400, format!("items[{i}]: {e}")))?;
         out.push(parsed);
     }
     Ok(out)
@@ -66,6 +71,13 @@ async fn judge_all(
     futures::future::join_all(items.iter().map(|item| judge.judge_one(item))).await
 }
 
+impl Judge {
+    /// Whether the judge compares two responses (`mode="pairwise"`).
+    fn pairwise(&self) -> bool {
+        self.inner.config().mode == echelon::judge::JudgeMode::Pairwise
+    }
+}
+
 #[pymethods]
 impl Judge {
     /// `await judge.score(items)` → a list of result dicts in input order: `id`, `score`,
@@ -77,7 +89,7 @@ impl Judge {
         py: Python<'py>,
         items: &Bound<'py, PyAny>,
     ) -> PyResult<Bound<'py, PyAny>> {
-        let items = items_of(items)?;
+        let items = items_of(items, self.pairwise())?;
         let judge = self.inner.clone();
         pyo3_async_runtimes::tokio::future_into_py(py, async move {
             results(judge_all(judge, items).await)
@@ -86,7 +98,7 @@ impl Judge {
 
     /// [`score`](Self::score), blocking the thread (not the GIL).
     fn score_sync(&self, py: Python<'_>, items: &Bound<'_, PyAny>) -> PyResult<Py<PyAny>> {
-        let items = items_of(items)?;
+        let items = items_of(items, self.pairwise())?;
         let judge = self.inner.clone();
         let done = py.detach(|| crate::runtime().block_on(judge_all(judge, items)));
         results(done)

@@ -133,9 +133,19 @@ impl Gateway {
 
     /// A judge over a route (seed 003): see `echelon.Judge`. `cache`: True (judge_cache.db
     /// next to the ledger), False, or a path.
+    ///
+    /// The issue-17 options are `echelon judge`'s flags: `verdict` (`auto`, `json_schema`,
+    /// `regex`), `reasoning_field`, `samples` (K judgements per item), `aggregate`
+    /// (`mean`, `median`, `majority`), `quorum`, `seed`, `mode` (`pointwise`,
+    /// `pairwise`: items then carry `response_a` and `response_b`), `swap`,
+    /// `inconsistent` (`tie`, `error`), `max_tokens_cap` (the length re-ask's ceiling),
+    /// `reasoning_effort`. `temperature` None is 0, or 0.7 with `samples` > 1.
     #[pyo3(signature = (route, rubric=None, concurrency=64, max_reasks=2, cache=None,
         reward_coefficient=0.1, target_tokens=512, patterns=None, min_score=1.0,
-        max_score=10.0, temperature=Some(0.0), max_tokens=None, reminder=None))]
+        max_score=10.0, temperature=None, max_tokens=None, reminder=None,
+        verdict="auto", reasoning_field=false, samples=1, aggregate="mean", quorum=None,
+        seed=None, mode="pointwise", swap=false, inconsistent="tie", max_tokens_cap=Some(4096),
+        reasoning_effort=None))]
     #[allow(clippy::too_many_arguments)]
     fn judge(
         &self,
@@ -152,7 +162,19 @@ impl Gateway {
         temperature: Option<f64>,
         max_tokens: Option<u32>,
         reminder: Option<String>,
+        verdict: &str,
+        reasoning_field: bool,
+        samples: u32,
+        aggregate: &str,
+        quorum: Option<u32>,
+        seed: Option<u64>,
+        mode: &str,
+        swap: bool,
+        inconsistent: &str,
+        max_tokens_cap: Option<u32>,
+        reasoning_effort: Option<String>,
     ) -> PyResult<judge::Judge> {
+        let bad = |what: &str, e: String| local_error(400, format!("judge: {what}: {e}"));
         let mut jc = echelon::judge::JudgeConfig {
             route,
             concurrency: concurrency.max(1),
@@ -163,6 +185,25 @@ impl Gateway {
             max_score,
             temperature,
             max_tokens,
+            verdict: verdict
+                .parse()
+                .map_err(|e: echelon::judge::ParseModeError| bad("verdict", e.to_string()))?,
+            reasoning_field,
+            samples: samples.max(1),
+            aggregate: aggregate
+                .parse()
+                .map_err(|e: echelon::judge::ParseModeError| bad("aggregate", e.to_string()))?,
+            quorum,
+            seed,
+            mode: mode
+                .parse()
+                .map_err(|e: echelon::judge::ParseModeError| bad("mode", e.to_string()))?,
+            swap,
+            inconsistent: inconsistent
+                .parse()
+                .map_err(|e: echelon::judge::ParseModeError| bad("inconsistent", e.to_string()))?,
+            max_tokens_cap,
+            reasoning_effort,
             ..echelon::judge::JudgeConfig::default()
         };
         if let Some(r) = rubric {
