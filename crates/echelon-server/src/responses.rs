@@ -14,17 +14,16 @@
 //! gateway checks and meters every stream the same way).
 
 use std::convert::Infallible;
-use std::sync::Arc;
 
 use axum::body::Body;
 use axum::extract::State;
 use axum::response::Response;
 use bytes::Bytes;
 use echelon::GatewayStream;
+use echelon_types::NativeResponse;
 use echelon_types::responses::{
     Response as ResponseObject, ResponseEvent, ResponseStreamTranslator, parse_responses_request,
 };
-use echelon_types::{NativeRequest, NativeResponse, NativeResponses};
 use http::{HeaderValue, StatusCode};
 
 use crate::AppState;
@@ -53,15 +52,8 @@ async fn in_span(r: crate::handlers::Routed) -> Result<Response, ApiError> {
     if !translated.ignored.is_empty() {
         tracing::debug!(fields = ?translated.ignored, "Responses fields without a chat equivalent, ignored");
     }
-    let mut req = translated.chat;
-    // The request as it came, for a provider that serves the Responses API itself
-    // (`responses: true`); the body parsed above, so this parse cannot fail.
-    if let Ok(serde_json::Value::Object(body)) = serde_json::from_slice(&body) {
-        req.native = Some(Arc::new(NativeRequest::Responses(NativeResponses {
-            body,
-            chat_messages: req.messages.len(),
-        })));
-    }
+    // It carries the request as sent, for a provider with `responses: true`.
+    let req = translated.chat;
     let echo = translated.echo;
     let route = req.model.clone();
     tracing::debug!(route = %echelon_types::bounded_name(&route), stream = req.is_stream(), "response");

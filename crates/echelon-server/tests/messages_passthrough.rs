@@ -71,9 +71,7 @@ async fn anthropic_upstream(fail: bool) -> (String, Seen) {
         }
     };
     let app = axum::Router::new().route("/v1/messages", post(answer));
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    tokio::spawn(async move { axum::serve(listener, app).await });
+    let addr = common::spawn_upstream(app).await;
     (format!("http://{addr}"), seen)
 }
 

@@ -56,9 +56,7 @@ async fn upstream() -> String {
     let app = axum::Router::new()
         .route("/v1/chat/completions", post(chat))
         .route("/v1/messages", post(messages));
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    tokio::spawn(async move { axum::serve(listener, app).await });
+    let addr = common::spawn_upstream(app).await;
     format!("http://{addr}")
 }
 

@@ -81,9 +81,7 @@ async fn upstream(fail: bool) -> (String, Seen) {
     let app = axum::Router::new()
         .route("/v1/responses", post(responses))
         .route("/v1/chat/completions", post(chat));
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    tokio::spawn(async move { axum::serve(listener, app).await });
+    let addr = common::spawn_upstream(app).await;
     (format!("http://{addr}/v1"), seen)
 }
 

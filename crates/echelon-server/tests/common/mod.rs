@@ -16,6 +16,15 @@ pub(crate) struct Served {
     server: Option<tokio::task::JoinHandle<std::io::Result<()>>>,
 }
 
+/// Serves `app` (a fake upstream of a test) on a free port of 127.0.0.1, for the rest
+/// of the test's runtime; returns where it listens.
+pub(crate) async fn spawn_upstream(app: axum::Router) -> SocketAddr {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move { axum::serve(listener, app).await });
+    addr
+}
+
 /// Serves `gateway` with `options` on a free port.
 pub(crate) async fn serve(gateway: Arc<Gateway>, options: &ServerOptions) -> Served {
     let app = echelon_server::router(gateway, options);

@@ -3,10 +3,15 @@
 //! The body is walked as JSON so that every refusal names the Responses path at fault
 //! (`input[2].content[0].type`), not a path of the chat request it becomes.
 
+use std::sync::Arc;
+
 use serde_json::{Map, Value, json};
 
 use crate::request_check::type_name;
-use crate::{ChatCompletionRequest, ChatMessage, Extra, RequestError, Role, StreamOptions};
+use crate::{
+    ChatCompletionRequest, ChatMessage, Extra, NativeRequest, NativeResponses, RequestError, Role,
+    StreamOptions,
+};
 
 /// Fields of a Responses request that chat completions has under the same name and
 /// meaning: passed through as they came. The sampling extras (`top_k`, `min_p`,
@@ -68,7 +73,8 @@ pub struct Echo {
     pub user: Value,
 }
 
-/// Parses a `POST /v1/responses` body and translates it to a chat-completion request.
+/// Parses a `POST /v1/responses` body and translates it to a chat-completion request,
+/// which carries the body as sent in [`ChatCompletionRequest::native`].
 ///
 /// `input` (a string, or message / `function_call` / `function_call_output` items)
 /// becomes `messages`, `instructions` a system message before them; function `tools`
@@ -100,7 +106,16 @@ pub fn parse_responses_request(body: &[u8]) -> Result<TranslatedRequest, Request
             ),
         });
     };
-    translate(obj)
+    // The request as sent rides beside its translation, for a provider that serves the
+    // Responses API itself (`responses: true`).
+    let body = obj.clone();
+    let mut translated = translate(obj)?;
+    let chat = &mut translated.chat;
+    chat.native = Some(Arc::new(NativeRequest::Responses(NativeResponses {
+        body,
+        chat_messages: chat.messages.len(),
+    })));
+    Ok(translated)
 }
 
 fn translate(mut obj: Map<String, Value>) -> Result<TranslatedRequest, RequestError> {

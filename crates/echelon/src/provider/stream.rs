@@ -283,6 +283,31 @@ impl Reader {
     }
 }
 
+/// The events of an SSE body arriving as `bytes` (pieces split anywhere), each event's
+/// `data` turned into zero or more [`StreamEvent`]s by `decode` (which keeps whatever
+/// state the wire needs between events); a transport error passes through, and a
+/// frame the SSE parser refuses is [`ErrorKind::Malformed`].
+pub(super) fn decoded_sse<S, D>(
+    bytes: S,
+    mut decode: D,
+) -> impl Stream<Item = Result<StreamEvent, ProviderError>> + Send
+where
+    S: Stream<Item = Result<bytes::Bytes, ProviderError>> + Send,
+    D: FnMut(&str) -> Vec<Result<StreamEvent, ProviderError>> + Send,
+{
+    use eventsource_stream::{EventStreamError, Eventsource};
+    bytes.eventsource().flat_map(move |event| {
+        futures::stream::iter(match event {
+            Ok(e) => decode(&e.data),
+            Err(EventStreamError::Transport(e)) => vec![Err(e)],
+            Err(e) => vec![Err(ProviderError::new(
+                ErrorKind::Malformed,
+                format!("malformed SSE: {e}"),
+            ))],
+        })
+    })
+}
+
 #[cfg(test)]
 #[allow(clippy::unwrap_used)]
 mod tests {

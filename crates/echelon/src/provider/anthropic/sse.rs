@@ -11,13 +11,13 @@
 
 use echelon_types::anthropic::{BlockDelta, MessagesUsage, StreamEvent as Event};
 use echelon_types::{ChatCompletionChunk, ChunkChoice, Delta, Extra, Usage};
-use eventsource_stream::{EventStreamError, Eventsource};
-use futures::{Stream, StreamExt};
+use futures::Stream;
 use serde_json::{Value, json};
 
 use super::request::{finish_reason, now_secs, usage};
 use crate::provider::StreamEvent;
 use crate::provider::error::{ErrorKind, ProviderError, upstream_text};
+use crate::provider::stream::decoded_sse;
 
 /// What the decoder remembers between events.
 #[derive(Debug, Default)]
@@ -203,20 +203,8 @@ pub(super) fn events<S>(bytes: S) -> impl Stream<Item = Result<StreamEvent, Prov
 where
     S: Stream<Item = Result<bytes::Bytes, ProviderError>> + Send,
 {
-    bytes
-        .eventsource()
-        .scan(Decoder::default(), |decoder, event| {
-            let out = match event {
-                Ok(e) => decoder.decode(&e.data),
-                Err(EventStreamError::Transport(e)) => vec![Err(e)],
-                Err(e) => vec![Err(ProviderError::new(
-                    ErrorKind::Malformed,
-                    format!("malformed SSE: {e}"),
-                ))],
-            };
-            futures::future::ready(Some(futures::stream::iter(out)))
-        })
-        .flatten()
+    let mut decoder = Decoder::default();
+    decoded_sse(bytes, move |data| decoder.decode(data))
 }
 
 #[cfg(test)]

@@ -52,9 +52,11 @@ pub struct OpenAiProvider {
     models_url: Result<reqwest::Url, String>,
     /// `{base_url}/embeddings`, the same way.
     embeddings_url: Result<reqwest::Url, String>,
-    /// `{base_url}/responses` when the provider declares `responses: true`: a
-    /// `/v1/responses` request goes there as the client sent it.
-    responses_url: Option<Result<reqwest::Url, String>>,
+    /// `{base_url}/responses`, the same way.
+    responses_url: Result<reqwest::Url, String>,
+    /// Whether the provider declares `responses: true`: a `/v1/responses` request then
+    /// goes to `responses_url` as the client sent it.
+    responses: bool,
     timeouts: Timeouts,
     /// Scrubs the model's keys (and key shapes) out of every error message.
     redactor: Redactor,
@@ -79,7 +81,8 @@ impl OpenAiProvider {
             chat_url: parse_url(format!("{base}/chat/completions")),
             models_url: parse_url(format!("{base}/models")),
             embeddings_url: parse_url(format!("{base}/embeddings")),
-            responses_url: None,
+            responses_url: parse_url(format!("{base}/responses")),
+            responses: false,
             timeouts,
             redactor: Redactor::default(),
             max_response_bytes: super::DEFAULT_MAX_RESPONSE_BYTES,
@@ -98,14 +101,7 @@ impl OpenAiProvider {
     /// `{base_url}/responses` as they came (`responses: true` in the provider's config);
     /// without it they are bridged to chat completions.
     pub fn with_responses(mut self, responses: bool) -> Self {
-        self.responses_url = responses.then(|| {
-            let chat = match &self.chat_url {
-                Ok(u) => u.as_str().to_owned(),
-                Err(raw) => raw.clone(),
-            };
-            let base = chat.trim_end_matches("/chat/completions");
-            parse_url(format!("{base}/responses"))
-        });
+        self.responses = responses;
         self
     }
 
@@ -220,10 +216,8 @@ impl OpenAiProvider {
         &self,
         req: &'r ProviderRequest<'_>,
     ) -> Option<(&Result<reqwest::Url, String>, &'r NativeResponses)> {
-        Some((
-            self.responses_url.as_ref()?,
-            responses::native_of(req.body)?,
-        ))
+        let native = responses::native_of(req.body).filter(|_| self.responses)?;
+        Some((&self.responses_url, native))
     }
 
     /// One non-streamed Responses call: the Response object as a chat completion, the

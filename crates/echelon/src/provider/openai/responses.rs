@@ -11,11 +11,11 @@ use echelon_types::{
     ChatCompletion, ChatCompletionChunk, ChatCompletionRequest, Choice, ChunkChoice, Delta, Extra,
     NativeRequest, NativeResponses, Usage,
 };
-use eventsource_stream::{EventStreamError, Eventsource};
-use futures::{Stream, StreamExt};
+use futures::Stream;
 use serde_json::{Map, Value, json};
 
 use crate::provider::error::{ErrorKind, ProviderError, upstream_text};
+use crate::provider::stream::decoded_sse;
 use crate::provider::{ProviderRequest, StreamEvent};
 
 /// The client's own Responses request behind `body`, when it came as one and the
@@ -264,6 +264,9 @@ impl Decoder {
     /// the end; `response.failed` and `error` → a failure; any other event proves the
     /// stream alive.
     fn decode(&mut self, data: &str) -> Vec<Result<StreamEvent, ProviderError>> {
+        if data.trim().is_empty() {
+            return vec![Ok(StreamEvent::Keepalive)];
+        }
         let event: Value = match serde_json::from_str(data) {
             Ok(v @ Value::Object(_)) => v,
             Ok(_) | Err(_) => {
@@ -363,21 +366,8 @@ pub(super) fn events<S>(bytes: S) -> impl Stream<Item = Result<StreamEvent, Prov
 where
     S: Stream<Item = Result<bytes::Bytes, ProviderError>> + Send,
 {
-    bytes
-        .eventsource()
-        .scan(Decoder::default(), |decoder, event| {
-            let out = match event {
-                Ok(e) if e.data.trim().is_empty() => vec![Ok(StreamEvent::Keepalive)],
-                Ok(e) => decoder.decode(&e.data),
-                Err(EventStreamError::Transport(e)) => vec![Err(e)],
-                Err(e) => vec![Err(ProviderError::new(
-                    ErrorKind::Malformed,
-                    format!("malformed SSE: {e}"),
-                ))],
-            };
-            futures::future::ready(Some(futures::stream::iter(out)))
-        })
-        .flatten()
+    let mut decoder = Decoder::default();
+    decoded_sse(bytes, move |data| decoder.decode(data))
 }
 
 #[cfg(test)]
