@@ -21,11 +21,16 @@ pub(crate) fn stream_response(stream: GatewayStream) -> Response {
         let mut stream = state?;
         match stream.next().await {
             Some(Ok(chunk)) => {
-                let line = match serde_json::to_vec(&chunk) {
-                    Ok(json) => frame(&json),
-                    Err(e) => frame(
-                        &ApiError::internal(format!("chunk serialisation failed: {e}")).body_json(),
-                    ),
+                // As the upstream wrote it when the gateway changed nothing in it.
+                let line = match chunk.verbatim.get() {
+                    Some(text) => frame(text.as_bytes()),
+                    None => match serde_json::to_vec(&chunk) {
+                        Ok(json) => frame(&json),
+                        Err(e) => frame(
+                            &ApiError::internal(format!("chunk serialisation failed: {e}"))
+                                .body_json(),
+                        ),
+                    },
                 };
                 Some((Ok::<_, Infallible>(line), Some(stream)))
             }

@@ -31,7 +31,7 @@ pub use embeddings::{
 pub use error::{Attempt, ErrorBody, ErrorObject};
 pub use outcome::{ErrorKind, Outcome, SkipReason, UnknownErrorKind, UnknownOutcome};
 pub use request_check::{RequestError, parse_request};
-pub use stream::{ChatCompletionChunk, ChunkChoice, Delta};
+pub use stream::{ChatCompletionChunk, ChunkChoice, Delta, Verbatim};
 
 /// A JSON object of fields the gateway does not model, kept as they came.
 pub type Extra = serde_json::Map<String, serde_json::Value>;

@@ -8,7 +8,7 @@ use std::time::Duration;
 use backon::{BackoffBuilder, ExponentialBackoff, ExponentialBuilder};
 use echelon_types::{
     Attempt, ChatCompletion, ChatCompletionChunk, ChatCompletionRequest, EmbeddingRequest,
-    EmbeddingResponse, Outcome, SkipReason,
+    EmbeddingResponse, InputItem, Outcome, SkipReason,
 };
 use tokio::time::Instant;
 
@@ -83,6 +83,21 @@ impl<'a> Job<'a> {
         match self {
             Job::Chat(r) | Job::Stream(r) => encoding.prompt_bounds(&r.messages),
             Job::Embed(r) => crate::tokens::largest_input_bounds(encoding, &r.input),
+        }
+    }
+
+    /// A bound the prompt's [`PromptCount::total`] never exceeds, without tokenizing: its
+    /// bytes plus the framing (a token of a byte-level BPE covers at least one byte).
+    /// Token ids of an embeddings input count as given.
+    fn total_upper_bound(self, encoding: Encoding) -> u64 {
+        match self {
+            Job::Chat(r) | Job::Stream(r) => encoding.prompt_bounds(&r.messages).upper,
+            Job::Embed(r) => r.input.items().fold(0u64, |n, item| {
+                n.saturating_add(match item {
+                    InputItem::Text(t) => t.len() as u64,
+                    InputItem::Tokens(ids) => ids.len() as u64,
+                })
+            }),
         }
     }
 
@@ -462,18 +477,28 @@ pub(crate) async fn try_model(
         }),
     };
     // The TPM reservation: the prompt plus the output cap the call is sent with (for
-    // embeddings, the inputs alone).
+    // embeddings, the inputs alone). The prompt is reserved on its byte bound, which
+    // needs no tokenizer (tiktoken's tables are 20–40 MB and its count was the largest
+    // user-space cost of a small request, issue 16); the answer's usage settles the
+    // reservation (the bucket ticket refunds the difference). A prompt whose bound
+    // could never fit the bucket is counted exactly, so that the bound alone never
+    // refuses a request the real count admits.
     let tokens = match &model.tpm {
         None => 0,
-        Some(_) => {
-            let prompt = st.prompt_tokens(model, job).await.total;
-            match &req {
-                Outbound::Chat(r) => prompt.saturating_add(
-                    r.effective_max_tokens()
-                        .map_or(DEFAULT_OUTPUT_RESERVE, u64::from),
-                ),
-                Outbound::Embed(_) => prompt,
-            }
+        Some(tpm) => {
+            let output = match &req {
+                Outbound::Chat(r) => r
+                    .effective_max_tokens()
+                    .map_or(DEFAULT_OUTPUT_RESERVE, u64::from),
+                Outbound::Embed(_) => 0,
+            };
+            let bound = job.total_upper_bound(model.encoding());
+            let prompt = if bound.saturating_add(output) as f64 <= tpm.capacity() {
+                bound
+            } else {
+                st.prompt_tokens(model, job).await.total
+            };
+            prompt.saturating_add(output)
         }
     };
     if !mt.entered {

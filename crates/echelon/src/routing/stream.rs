@@ -249,6 +249,9 @@ impl GatewayStream {
             .continuation
             .as_ref()
             .is_some_and(|c| !c.failed.is_empty());
+        // A continuation rewrites its chunks (id, role, the seam's text): serialized
+        // from the fields, not relayed as the upstream wrote them.
+        let mut changed = continued;
         let mut passed_text = false;
         for c in &mut chunk.choices {
             if continued {
@@ -278,6 +281,7 @@ impl GatewayStream {
         if let Some(usage) = &mut chunk.usage {
             if let Some(c) = &self.continuation {
                 add_usage(usage, &c.carried);
+                changed = true;
             }
             self.accounting.usage = Some(usage.clone());
             if !self.accounting.client_wants_usage {
@@ -285,6 +289,7 @@ impl GatewayStream {
                     return None;
                 }
                 chunk.usage = None;
+                changed = true;
             }
         }
         let finish = chunk.choices.iter().any(|c| c.finish_reason.is_some());
@@ -307,6 +312,7 @@ impl GatewayStream {
             }
             if !echelon.is_empty() {
                 chunk.extra.insert("echelon".to_owned(), echelon.into());
+                changed = true;
             }
         }
         if continued {
@@ -321,6 +327,9 @@ impl GatewayStream {
             if empty {
                 return None;
             }
+        }
+        if changed {
+            chunk.verbatim.clear();
         }
         Some(chunk)
     }

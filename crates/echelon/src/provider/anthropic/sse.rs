@@ -47,6 +47,7 @@ impl Decoder {
             }],
             usage: None,
             extra: Extra::new(),
+            verbatim: Default::default(),
         }
     }
 

@@ -356,6 +356,7 @@ impl ChunkMapper {
             choices,
             usage,
             extra: Map::new(),
+            verbatim: Default::default(),
         })
     }
 }

@@ -243,6 +243,7 @@ impl Decoder {
             }],
             usage: None,
             extra: Extra::new(),
+            verbatim: Default::default(),
         }
     }
 

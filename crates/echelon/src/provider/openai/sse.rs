@@ -84,9 +84,13 @@ fn decode(data: &str) -> Result<StreamEvent, ProviderError> {
     match serde_json::from_str::<ChatCompletionChunk>(data) {
         // An error object has none of a chunk's required fields: it parses as an
         // empty chunk with `error` among the unknown fields.
-        Ok(chunk) => match chunk.extra.get("error") {
+        Ok(mut chunk) => match chunk.extra.get("error") {
             Some(err) => Err(error_event(err)),
-            None => Ok(StreamEvent::Chunk(chunk)),
+            None => {
+                // Relayed as it came unless the gateway changes it.
+                chunk.verbatim = echelon_types::Verbatim::new(data);
+                Ok(StreamEvent::Chunk(chunk))
+            }
         },
         Err(_) => decode_slowly(data),
     }
