@@ -208,7 +208,7 @@ text = open(sys.argv[1]).read()
 def ms(v):
     n, unit = re.fullmatch(r"([\d.]+)(us|ms|s|m)", v).groups()
     return float(n) * {"us": 0.001, "ms": 1, "s": 1000, "m": 60000}[unit]
-pct = dict(re.findall(r"^\s+(\d+)%\s+(\S+)$", text, re.M))
+pct = dict(re.findall(r"^\s+(\d+)%\s+(\S+)\s*$", text, re.M))  # "1.38s " ends in a blank
 rps = float(re.search(r"Requests/sec:\s+([\d.]+)", text).group(1))
 n = int(re.search(r"(\d+) requests in", text).group(1))
 bad = re.search(r"Non-2xx or 3xx responses: (\d+)", text)
@@ -217,7 +217,7 @@ sock = re.search(r"Socket errors: connect (\d+), read (\d+), write (\d+), timeou
 if sock:
     errs += sum(int(x) for x in sock.groups())
 cpu = (int(sys.argv[3]) - int(sys.argv[2])) / int(sys.argv[4])
-print(f"{rps:.1f} {ms(pct.get('50', '0us')):.3f} {ms(pct.get('99', '0us')):.3f} {n} {errs} {cpu:.3f}")
+print(f"{rps:.1f} {ms(pct['50']):.3f} {ms(pct['99']):.3f} {n} {errs} {cpu:.3f}")
 PY
 }
 
