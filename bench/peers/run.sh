@@ -274,13 +274,20 @@ PY
 echo
 echo "$table"
 
+load_at_end="$(cut -d' ' -f1-3 /proc/loadavg)"
+busy=""
+if awk -v l="${load_at_start%% *}" -v n="$(nproc)" 'BEGIN { exit !(l >= n / 2) }'; then
+  busy=" — a busy machine (other builds): the ratios are not the quiet machine's; rerun on a quiet one"
+fi
+[ -z "$busy" ] || echo "note: load average at the start $load_at_start$busy"
+
 if [ "$write" = 1 ]; then
   marker="bench/peers"
   cpu_model="$(sed -n 's/^model name\s*: //p' /proc/cpuinfo | head -1)"
   section="$(printf '%s\n' \
     "<!-- $marker:begin (written by bench/peers/run.sh; edit the script, not this) -->" \
     "- **Command:** \`DURATION=$secs ROUNDS=$rounds bench/peers/run.sh --write\` (CONNECTIONS=$conns, WARMUP=$warmup)" \
-    "- **Machine:** $(nproc) vCPU $cpu_model, $(awk '/MemTotal/ {printf "%.0f GiB", $2/1048576}' /proc/meminfo); wrk, the upstream and the servers share the cores; load average at the start **$load_at_start**" \
+    "- **Machine:** $(nproc) vCPU $cpu_model, $(awk '/MemTotal/ {printf "%.0f GiB", $2/1048576}' /proc/meminfo); wrk, the upstream and the servers share the cores; load average at the start **$load_at_start**, at the end $load_at_end$busy" \
     "- **Date:** $(date -u '+%Y-%m-%d %H:%M UTC')" \
     "- **Peers:** @portkey-ai/gateway $portkey_v (npm, node $(node --version)), litellm[proxy] $litellm_v (PyPI, $("$litellm_venv/bin/python" --version)); Echelon $echelon_v bare config (one model, gateway key on, no retries, no ledger, no metrics)" \
     "" "$table" \
