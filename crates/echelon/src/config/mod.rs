@@ -119,6 +119,7 @@ pub use model::{
     UsageConfig, WrapperConfig,
 };
 pub use state::{OnUnavailable, StateBackend, StateConfig};
+pub(crate) use state::check_redis_url;
 
 impl Config {
     /// Loads a YAML or JSON file (JSON when the name ends in `.json`), or a directory
