@@ -118,8 +118,8 @@ pub use model::{
     ServerConfig, StreamFailureConfig, StreamFailureMode, TaskGroupConfig, TokenEncoding,
     UsageConfig, WrapperConfig,
 };
-pub use state::{OnUnavailable, StateBackend, StateConfig};
 pub(crate) use state::check_redis_url;
+pub use state::{OnUnavailable, StateBackend, StateConfig};
 
 impl Config {
     /// Loads a YAML or JSON file (JSON when the name ends in `.json`), or a directory

@@ -180,8 +180,8 @@ pub(crate) fn check_redis_url(url: &str) -> Result<String, String> {
         "redis+unix://",
         "unix://",
     ]
-        .iter()
-        .any(|s| trimmed.starts_with(s));
+    .iter()
+    .any(|s| trimmed.starts_with(s));
     if !scheme_ok {
         return Err(with_hint(
             format!("`{}` is not a Redis URL", scrub(trimmed)),

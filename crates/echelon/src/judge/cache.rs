@@ -347,7 +347,11 @@ impl RedisCache {
 
     /// Whether an operation may try Redis now (not within an outage's pause).
     fn may_try(&self) -> bool {
-        let retry_at = self.0.retry_at.lock().unwrap_or_else(PoisonError::into_inner);
+        let retry_at = self
+            .0
+            .retry_at
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
         retry_at.is_none_or(|at| Instant::now() >= at)
     }
 
@@ -362,10 +366,7 @@ impl RedisCache {
                 match tokio::time::timeout(REDIS_TIMEOUT, cmd.query_async::<T>(&mut conn)).await {
                     Ok(Ok(v)) => Ok(v),
                     Ok(Err(e)) => Err(e.to_string()),
-                    Err(_) => Err(format!(
-                        "no answer within {} ms",
-                        REDIS_TIMEOUT.as_millis()
-                    )),
+                    Err(_) => Err(format!("no answer within {} ms", REDIS_TIMEOUT.as_millis())),
                 }
             }
             Err(e) => Err(e.to_string()),
@@ -375,12 +376,20 @@ impl RedisCache {
                 if self.0.down.swap(false, Ordering::Relaxed) {
                     tracing::info!(url = %self.0.shown, "judge cache: redis is back");
                 }
-                *self.0.retry_at.lock().unwrap_or_else(PoisonError::into_inner) = None;
+                *self
+                    .0
+                    .retry_at
+                    .lock()
+                    .unwrap_or_else(PoisonError::into_inner) = None;
                 Some(v)
             }
             Err(error) => {
                 *self.0.conn.lock().unwrap_or_else(PoisonError::into_inner) = None;
-                *self.0.retry_at.lock().unwrap_or_else(PoisonError::into_inner) =
+                *self
+                    .0
+                    .retry_at
+                    .lock()
+                    .unwrap_or_else(PoisonError::into_inner) =
                     Some(Instant::now() + REDIS_RETRY_AFTER);
                 if !self.0.down.swap(true, Ordering::Relaxed) {
                     tracing::warn!(
@@ -415,7 +424,8 @@ impl RedisCache {
         let mut cmd = redis::cmd("SET");
         cmd.arg(self.redis_key(key)).arg(text);
         if let Some(ttl) = self.0.ttl {
-            cmd.arg("PX").arg(u64::try_from(ttl.as_millis()).unwrap_or(u64::MAX).max(1));
+            cmd.arg("PX")
+                .arg(u64::try_from(ttl.as_millis()).unwrap_or(u64::MAX).max(1));
         }
         let _: Option<redis::Value> = self.query(cmd).await;
     }

@@ -169,8 +169,8 @@ pub fn is_cache_url(target: &str) -> bool {
         "redis+unix://",
         "unix://",
     ]
-        .iter()
-        .any(|s| t.starts_with(s))
+    .iter()
+    .any(|s| t.starts_with(s))
 }
 
 /// What a [`Judge`] does; build with `..JudgeConfig::default()`.
@@ -252,8 +252,8 @@ pub struct JudgeConfig {
     pub cache_path: Option<PathBuf>,
     /// The Redis the cache lives in instead of a file (issue 15): a `redis://` or
     /// `rediss://` (TLS) URL, checked by [`Judge::new`]; every judge on it shares the
-    /// entries (`<state.key_prefix>judge:<key>`, the prefix of the gateway's `state:`
-    /// section, `echelon:` by default). Redis failing never fails an item (it is logged
+    /// entries (`<state.key_prefix>judge:<key>`: the gateway's `state.key_prefix` when its
+    /// `state.backend` is `redis`, else `echelon:`). Redis failing never fails an item (it is logged
     /// once, and the items are judged uncached until Redis answers). Setting it and
     /// `cache_path` is an error. Default `None`; [`is_cache_url`] tells a URL from a path.
     pub cache_url: Option<String>,
