@@ -488,9 +488,14 @@ struct JudgeArgs {
     /// several. Default: the seed's formats (最终评分 X, 评分: X, Score: X, a lone 1–10).
     #[arg(long = "pattern")]
     patterns: Vec<String>,
-    /// Cache file; default judge_cache.db next to the usage ledger.
+    /// Cache file, or a Redis URL (redis://host:6379/0, rediss:// for TLS) shared by
+    /// parallel judge processes (keys <state.key_prefix>judge:<key>; Redis failing never
+    /// fails an item); default judge_cache.db next to the usage ledger.
     #[arg(long)]
-    cache: Option<PathBuf>,
+    cache: Option<String>,
+    /// With a Redis --cache: entries expire after this many seconds (default never).
+    #[arg(long)]
+    cache_ttl: Option<u64>,
     /// Do not read or write the cache.
     #[arg(long)]
     no_cache: bool,
@@ -587,17 +592,23 @@ async fn judge(config_path: PathBuf, args: JudgeArgs) -> anyhow::Result<ExitCode
     if !args.patterns.is_empty() {
         jc.patterns = args.patterns;
     }
+    jc.cache_ttl = args.cache_ttl.map(std::time::Duration::from_secs);
     jc.cache_path = if args.no_cache {
         None
+    } else if let Some(target) = args.cache {
+        if echelon::judge::is_cache_url(&target) {
+            jc.cache_url = Some(target);
+            None
+        } else {
+            Some(PathBuf::from(target))
+        }
     } else {
-        args.cache.or_else(|| {
-            config
-                .usage
-                .ledger_path
-                .clone()
-                .or_else(echelon::config::UsageConfig::default_ledger_path)
-                .and_then(|p| p.parent().map(|d| d.join("judge_cache.db")))
-        })
+        config
+            .usage
+            .ledger_path
+            .clone()
+            .or_else(echelon::config::UsageConfig::default_ledger_path)
+            .and_then(|p| p.parent().map(|d| d.join("judge_cache.db")))
     };
     let judge = Judge::new(gateway, jc)?;
     let total = count_lines(&args.input).await?;

@@ -166,3 +166,134 @@ usage: {{ ledger: false }}
     b.kill().unwrap();
     b.wait().unwrap();
 }
+
+/// `echelon judge --cache redis://…`: a second judge process (another output file, so
+/// nothing is resumed) finds every item in the Redis cache, `cached: true`, and the
+/// upstream counts no new call; the entries are the `<key_prefix>judge:<key>` keys with
+/// the `--cache-ttl`. With the Redis gone, a third run still judges every item (uncached).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_judge_process_hits_the_redis_cache_of_the_first() {
+    let Some((redis_server, port)) = redis() else {
+        return;
+    };
+    let up = TestUpstream::start().await.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let config = common::write(
+        &dir,
+        "gw.yaml",
+        &format!(
+            r#"
+providers: {{ p: {{ base_url: "{}" }} }}
+models: {{ m1: {{ provider: p, max_retries: 0 }} }}
+usage: {{ ledger: false }}
+"#,
+            up.base_url()
+        ),
+    );
+    // The test upstream echoes the rubric, so it answers "Score: N".
+    let rubric = common::write(&dir, "rubric.txt", "Score: {response}");
+    let items: String = (1..=6)
+        .map(|i| {
+            format!(
+                "{{\"id\": {i}, \"prompt\": \"p{i}\", \"response\": \"{}\"}}\n",
+                i + 2
+            )
+        })
+        .collect();
+    let input = common::write(&dir, "in.jsonl", &items);
+    let url = format!("redis://127.0.0.1:{port}/0");
+    let judge = |out: &str| {
+        let mut c = tokio::process::Command::new(common::BIN);
+        c.args(["judge", "--route", "m1", "--concurrency", "3", "--config"])
+            .arg(&config)
+            .arg("--input")
+            .arg(&input)
+            .arg("--output")
+            .arg(dir.path().join(out))
+            .arg("--rubric")
+            .arg(&rubric)
+            .args(["--cache", &url, "--cache-ttl", "3600"]);
+        c
+    };
+    let read = |out: &str| -> Vec<serde_json::Value> {
+        std::fs::read_to_string(dir.path().join(out))
+            .unwrap()
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect()
+    };
+
+    let first = judge("a.jsonl").output().await.unwrap();
+    assert!(
+        first.status.success(),
+        "{}",
+        String::from_utf8_lossy(&first.stderr)
+    );
+    let a = read("a.jsonl");
+    assert_eq!(a.len(), 6);
+    assert!(
+        a.iter()
+            .all(|l| l["cached"] == false && l["score"].is_number()),
+        "{a:?}"
+    );
+    assert_eq!(up.chat_requests(), 6);
+
+    let second = judge("b.jsonl").output().await.unwrap();
+    assert!(
+        second.status.success(),
+        "{}",
+        String::from_utf8_lossy(&second.stderr)
+    );
+    let b = read("b.jsonl");
+    assert_eq!(b.len(), 6);
+    for line in &b {
+        assert_eq!(line["cached"], true, "{line}");
+        let twin = a.iter().find(|l| l["id"] == line["id"]).unwrap();
+        assert_eq!(line["score"], twin["score"], "{line}");
+    }
+    assert_eq!(up.chat_requests(), 6, "the second process paid for nothing");
+
+    // The entries: under the default key prefix (no `state: backend: redis` here), with
+    // the TTL.
+    let mut conn = redis_conn(port);
+    let keys: Vec<String> = redis::cmd("KEYS")
+        .arg("echelon:judge:*")
+        .query(&mut conn)
+        .unwrap();
+    assert_eq!(keys.len(), 6, "{keys:?}");
+    let ttl: i64 = redis::cmd("TTL").arg(&keys[0]).query(&mut conn).unwrap();
+    assert!((3500..=3600).contains(&ttl), "{ttl}");
+    let value: String = redis::cmd("GET").arg(&keys[0]).query(&mut conn).unwrap();
+    let value: serde_json::Value = serde_json::from_str(&value).unwrap();
+    assert!(
+        value["score"].is_number() && value["raw"].is_string(),
+        "{value}"
+    );
+
+    // Redis gone: every item is still judged, uncached, and the outage is logged once.
+    drop(redis_server);
+    let third = judge("c.jsonl").output().await.unwrap();
+    let err = String::from_utf8_lossy(&third.stderr);
+    assert!(third.status.success(), "{err}");
+    let c = read("c.jsonl");
+    assert_eq!(c.len(), 6);
+    assert!(
+        c.iter()
+            .all(|l| l["cached"] == false && l["score"].is_number()),
+        "{c:?}"
+    );
+    assert_eq!(up.chat_requests(), 12);
+    assert_eq!(
+        err.matches("judge cache: redis unavailable").count(),
+        1,
+        "{err}"
+    );
+}
+
+/// A plain (blocking) connection to the test's Redis.
+fn redis_conn(port: u16) -> redis::Connection {
+    redis::Client::open(format!("redis://127.0.0.1:{port}/0"))
+        .unwrap()
+        .get_connection()
+        .unwrap()
+}

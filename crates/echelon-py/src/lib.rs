@@ -132,7 +132,8 @@ impl Gateway {
     }
 
     /// A judge over a route (seed 003): see `echelon.Judge`. `cache`: True (judge_cache.db
-    /// next to the ledger), False, or a path.
+    /// next to the ledger), False, a path, or a Redis URL (`redis://…`, `rediss://…`)
+    /// shared by parallel judge workers.
     ///
     /// The issue-17 options are `echelon judge`'s flags: `verdict` (`auto`, `json_schema`,
     /// `regex`), `reasoning_field`, `samples` (K judgements per item), `aggregate`
@@ -215,7 +216,12 @@ impl Gateway {
         if let Some(p) = patterns {
             jc.patterns = p;
         }
-        jc.cache_path = self.cache_path(cache)?;
+        match self.cache_path(cache)? {
+            Some(target) if echelon::judge::is_cache_url(&target.to_string_lossy()) => {
+                jc.cache_url = Some(target.to_string_lossy().into_owned());
+            }
+            other => jc.cache_path = other,
+        }
         judge::Judge::new(self.inner.clone(), jc)
     }
 

@@ -211,6 +211,24 @@ fn the_state_section_is_validated_at_load() {
     );
 }
 
+/// `rediss://` (TLS through rustls) is accepted at load, and a gateway is built on it
+/// (nothing connects before the first request, so no TLS server is needed).
+#[test]
+fn a_rediss_url_loads_and_builds_a_gateway() {
+    let base =
+        "models: { m: { provider: p } }\nproviders: { p: { base_url: \"http://127.0.0.1:1\" } }\n";
+    let c = Config::from_str(
+        &format!(
+            "{base}state: {{ backend: redis, url: \"rediss://user:pw@redis.example.com:6380/1\" }}\n"
+        ),
+        "t.yaml",
+    )
+    .unwrap();
+    assert_eq!(c.state.url, "rediss://user:pw@redis.example.com:6380/1");
+    let gw = Gateway::from_config(&c).unwrap();
+    assert!(gw.registry().shared_state().is_some());
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn three_replicas_share_one_rpm_limit() {
     let Some(redis) = Redis::start() else { return };

@@ -118,6 +118,7 @@ pub use model::{
     ServerConfig, StreamFailureConfig, StreamFailureMode, TaskGroupConfig, TokenEncoding,
     UsageConfig, WrapperConfig,
 };
+pub(crate) use state::check_redis_url;
 pub use state::{OnUnavailable, StateBackend, StateConfig};
 
 impl Config {

@@ -3,7 +3,7 @@
 //! ```yaml
 //! state:
 //!   backend: redis                 # memory (default) | redis
-//!   url: "redis://127.0.0.1:6379/0"  # redis:// (no TLS), `${VAR}` works
+//!   url: "redis://127.0.0.1:6379/0"  # redis://, or rediss:// (TLS); `${VAR}` works
 //!   key_prefix: "echelon:"         # every key the gateway writes starts with it
 //!   timeout_ms: 50                 # longest round trip before Redis counts as down
 //!   lease_ttl: 10                  # s: a dead replica's concurrency slots come back after it
@@ -113,8 +113,8 @@ fn supported(word: &str, names: &[&str]) -> String {
 pub struct StateConfig {
     /// `memory` (default) or `redis`.
     pub backend: StateBackend,
-    /// The Redis URL (`redis://[user:pass@]host[:port][/db]`; `rediss://`, TLS, is
-    /// refused), checked at load. Default [`StateConfig::DEFAULT_URL`]. Only used with `backend: redis`.
+    /// The Redis URL (`redis://[user:pass@]host[:port][/db]`, or `rediss://` for TLS,
+    /// verified against the system's root certificates), checked at load. Default [`StateConfig::DEFAULT_URL`]. Only used with `backend: redis`.
     #[serde(deserialize_with = "redis_url")]
     pub url: String,
     /// Prefix of every key written (default `echelon:`): replicas sharing limits use the
@@ -167,20 +167,21 @@ impl Default for StateConfig {
     }
 }
 
-/// Checks a Redis URL: `redis://`, `valkey://`, `redis+unix://` or `unix://`, parsed
-/// by the Redis client itself. TLS (`rediss://`, `valkeys://`) is not built in: it is
-/// refused here rather than failing at the first connection.
+/// Checks a Redis URL: `redis://`, `rediss://` (TLS, verified against the system's
+/// root certificates; `#insecure` at the end skips the verification), `valkey://`,
+/// `valkeys://`, `redis+unix://` or `unix://`, parsed by the Redis client itself.
 pub(crate) fn check_redis_url(url: &str) -> Result<String, String> {
     let trimmed = url.trim();
-    if trimmed.starts_with("rediss://") || trimmed.starts_with("valkeys://") {
-        return Err(with_hint(
-            "TLS to Redis (`rediss://`) is not supported by this build",
-            "use `redis://` on a private network or through a TLS tunnel (stunnel, a sidecar)",
-        ));
-    }
-    let scheme_ok = ["redis://", "valkey://", "redis+unix://", "unix://"]
-        .iter()
-        .any(|s| trimmed.starts_with(s));
+    let scheme_ok = [
+        "redis://",
+        "rediss://",
+        "valkey://",
+        "valkeys://",
+        "redis+unix://",
+        "unix://",
+    ]
+    .iter()
+    .any(|s| trimmed.starts_with(s));
     if !scheme_ok {
         return Err(with_hint(
             format!("`{}` is not a Redis URL", scrub(trimmed)),
@@ -222,11 +223,12 @@ mod tests {
     fn urls_are_checked_and_passwords_never_shown() {
         assert!(check_redis_url("redis://127.0.0.1:6379/0").is_ok());
         assert!(check_redis_url("redis://u:p@h:6380").is_ok());
-        assert!(
-            check_redis_url("rediss://h:6380")
-                .unwrap_err()
-                .contains("TLS")
+        // TLS (rustls, issue 15): accepted and parsed, no server needed.
+        assert_eq!(
+            check_redis_url(" rediss://u:p@cache.example.com:6380/2 ").unwrap(),
+            "rediss://u:p@cache.example.com:6380/2"
         );
+        assert!(check_redis_url("valkeys://h:6380").is_ok());
         let e = check_redis_url("http://127.0.0.1:6379").unwrap_err();
         assert!(e.contains("not a Redis URL"), "{e}");
         let e = check_redis_url("redis://:secret@h:6379/notadb").unwrap_err();

@@ -1,4 +1,6 @@
-//! The judgement cache: one SQLite table from a SHA-256 key to a scored judgement.
+//! The judgement cache: one SQLite table from a SHA-256 key to a scored judgement, or
+//! (issue 15) one Redis string per key, `<key prefix>judge:<key>`, holding the same JSON,
+//! shared by every judge process on that Redis.
 //!
 //! The key is the hex SHA-256 of a JSON document holding the route, every judge
 //! parameter that can change a score (rubric, reminder, patterns, score range,
@@ -10,8 +12,12 @@
 //! retries exactly what failed.
 
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
+
+use redis::aio::{ConnectionManager, ConnectionManagerConfig};
+use tokio::time::Instant;
 
 use rusqlite::{Connection, OptionalExtension, params};
 use serde::{Deserialize, Serialize};
@@ -152,16 +158,43 @@ impl KeyBase {
     }
 }
 
-/// The open cache, shared by every in-flight item.
+/// The open cache, shared by every in-flight item: a SQLite file or a Redis.
 #[derive(Debug, Clone)]
-pub(crate) struct Cache {
+pub(crate) enum Cache {
+    /// A SQLite file ([`JudgeConfig::cache_path`](super::JudgeConfig::cache_path)).
+    File(FileCache),
+    /// A Redis ([`JudgeConfig::cache_url`](super::JudgeConfig::cache_url)).
+    Redis(RedisCache),
+}
+
+impl Cache {
+    /// The entry of `key`; a failed read is logged and counts as a miss.
+    pub(crate) async fn get(&self, key: String) -> Option<CachedJudgement> {
+        match self {
+            Cache::File(c) => c.get(key).await,
+            Cache::Redis(c) => c.get(&key).await,
+        }
+    }
+
+    /// Stores an entry; a failed write is logged and otherwise ignored.
+    pub(crate) async fn put(&self, key: String, value: CachedJudgement) {
+        match self {
+            Cache::File(c) => c.put(key, value).await,
+            Cache::Redis(c) => c.put(&key, &value).await,
+        }
+    }
+}
+
+/// The SQLite cache file.
+#[derive(Debug, Clone)]
+pub(crate) struct FileCache {
     conn: Arc<Mutex<Connection>>,
     path: PathBuf,
 }
 
-impl Cache {
+impl FileCache {
     /// Opens (creating if needed) the cache file.
-    pub(crate) fn open(path: &Path) -> Result<Cache, rusqlite::Error> {
+    pub(crate) fn open(path: &Path) -> Result<FileCache, rusqlite::Error> {
         let conn = Connection::open(path)?;
         conn.busy_timeout(BUSY_TIMEOUT)?;
         conn.pragma_update_and_check(None, "journal_mode", "WAL", |row| row.get::<_, String>(0))?;
@@ -173,7 +206,7 @@ impl Cache {
                  created_at INTEGER NOT NULL DEFAULT (unixepoch())
              )",
         )?;
-        Ok(Cache {
+        Ok(FileCache {
             conn: Arc::new(Mutex::new(conn)),
             path: path.to_owned(),
         })
@@ -229,6 +262,180 @@ impl Cache {
         if let Err(error) = result {
             tracing::warn!(path = %self.path.display(), %error, "judge cache: write failed");
         }
+    }
+}
+
+/// How long one Redis operation of the judge cache may take (connecting included).
+const REDIS_TIMEOUT: Duration = Duration::from_secs(2);
+/// How long the judge cache leaves a Redis that failed alone before it tries again.
+const REDIS_RETRY_AFTER: Duration = Duration::from_secs(5);
+
+/// The judge cache on Redis: `GET` and `SET [EX ttl]` of `<prefix>judge:<key>`, the
+/// value the JSON of [`CachedJudgement`] (as in the SQLite file).
+///
+/// Never fails an item: an error or a timeout ([`REDIS_TIMEOUT`]) is a miss (or a lost
+/// write), logged once per outage; for [`REDIS_RETRY_AFTER`] after it the items skip
+/// Redis (judged uncached), then the next one tries again and the first answer ends the
+/// outage.
+#[derive(Debug, Clone)]
+pub(crate) struct RedisCache(Arc<RedisInner>);
+
+struct RedisInner {
+    client: redis::Client,
+    /// Made on first use, inside the runtime that runs the judge; dropped after a
+    /// failure so the next try connects afresh (from the runtime it runs in then).
+    conn: Mutex<Option<ConnectionManager>>,
+    /// `<key prefix>judge:`.
+    prefix: String,
+    ttl: Option<Duration>,
+    /// Whether the last operation failed (an outage is logged once).
+    down: AtomicBool,
+    /// During an outage: when the next operation may try Redis again.
+    retry_at: Mutex<Option<Instant>>,
+    /// The URL without its password, for the logs.
+    shown: String,
+}
+
+impl std::fmt::Debug for RedisInner {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RedisCache")
+            .field("url", &self.shown)
+            .field("prefix", &self.prefix)
+            .finish_non_exhaustive()
+    }
+}
+
+impl RedisCache {
+    /// A cache on the Redis at `url` (checked by the caller), its keys under `prefix`
+    /// (`<prefix>judge:<key>`), entries expiring after `ttl` (`None`: never). Nothing is
+    /// connected until the first item.
+    pub(crate) fn new(
+        url: &str,
+        prefix: &str,
+        ttl: Option<Duration>,
+    ) -> Result<RedisCache, redis::RedisError> {
+        let client = redis::Client::open(url)?;
+        Ok(RedisCache(Arc::new(RedisInner {
+            client,
+            conn: Mutex::new(None),
+            prefix: format!("{prefix}judge:"),
+            ttl,
+            down: AtomicBool::new(false),
+            retry_at: Mutex::new(None),
+            shown: scrub(url),
+        })))
+    }
+
+    /// The Redis key of a cache key.
+    pub(crate) fn redis_key(&self, key: &str) -> String {
+        format!("{}{key}", self.0.prefix)
+    }
+
+    fn connection(&self) -> Result<ConnectionManager, redis::RedisError> {
+        let mut held = self.0.conn.lock().unwrap_or_else(PoisonError::into_inner);
+        if let Some(c) = held.as_ref() {
+            return Ok(c.clone());
+        }
+        let config = ConnectionManagerConfig::new()
+            .set_connection_timeout(Some(REDIS_TIMEOUT))
+            .set_response_timeout(Some(REDIS_TIMEOUT))
+            .set_number_of_retries(0);
+        let made = ConnectionManager::new_lazy_with_config(self.0.client.clone(), config)?;
+        *held = Some(made.clone());
+        Ok(made)
+    }
+
+    /// Whether an operation may try Redis now (not within an outage's pause).
+    fn may_try(&self) -> bool {
+        let retry_at = self
+            .0
+            .retry_at
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        retry_at.is_none_or(|at| Instant::now() >= at)
+    }
+
+    /// Runs `cmd` within [`REDIS_TIMEOUT`]; `None` after a failure (logged once per
+    /// outage) or while Redis is left alone.
+    async fn query<T: redis::FromRedisValue>(&self, cmd: redis::Cmd) -> Option<T> {
+        if !self.may_try() {
+            return None;
+        }
+        let result = match self.connection() {
+            Ok(mut conn) => {
+                match tokio::time::timeout(REDIS_TIMEOUT, cmd.query_async::<T>(&mut conn)).await {
+                    Ok(Ok(v)) => Ok(v),
+                    Ok(Err(e)) => Err(e.to_string()),
+                    Err(_) => Err(format!("no answer within {} ms", REDIS_TIMEOUT.as_millis())),
+                }
+            }
+            Err(e) => Err(e.to_string()),
+        };
+        match result {
+            Ok(v) => {
+                if self.0.down.swap(false, Ordering::Relaxed) {
+                    tracing::info!(url = %self.0.shown, "judge cache: redis is back");
+                }
+                *self
+                    .0
+                    .retry_at
+                    .lock()
+                    .unwrap_or_else(PoisonError::into_inner) = None;
+                Some(v)
+            }
+            Err(error) => {
+                *self.0.conn.lock().unwrap_or_else(PoisonError::into_inner) = None;
+                *self
+                    .0
+                    .retry_at
+                    .lock()
+                    .unwrap_or_else(PoisonError::into_inner) =
+                    Some(Instant::now() + REDIS_RETRY_AFTER);
+                if !self.0.down.swap(true, Ordering::Relaxed) {
+                    tracing::warn!(
+                        url = %self.0.shown,
+                        %error,
+                        "judge cache: redis unavailable; judging uncached until it answers"
+                    );
+                }
+                None
+            }
+        }
+    }
+
+    /// The entry of `key`; a miss when Redis fails or the entry is unreadable.
+    pub(crate) async fn get(&self, key: &str) -> Option<CachedJudgement> {
+        let mut cmd = redis::cmd("GET");
+        cmd.arg(self.redis_key(key));
+        let text: Option<String> = self.query(cmd).await?;
+        let text = text?;
+        serde_json::from_str(&text)
+            .inspect_err(|error| {
+                tracing::warn!(key, %error, "judge cache: unreadable redis entry");
+            })
+            .ok()
+    }
+
+    /// Stores `value` under `key` (with the TTL); a failure is logged once per outage.
+    pub(crate) async fn put(&self, key: &str, value: &CachedJudgement) {
+        let Ok(text) = serde_json::to_string(value) else {
+            return;
+        };
+        let mut cmd = redis::cmd("SET");
+        cmd.arg(self.redis_key(key)).arg(text);
+        if let Some(ttl) = self.0.ttl {
+            cmd.arg("PX")
+                .arg(u64::try_from(ttl.as_millis()).unwrap_or(u64::MAX).max(1));
+        }
+        let _: Option<redis::Value> = self.query(cmd).await;
+    }
+}
+
+/// `url` without its password, for logs.
+fn scrub(url: &str) -> String {
+    match (url.find("://"), url.rfind('@')) {
+        (Some(s), Some(at)) if at > s => format!("{}://***@{}", &url[..s], &url[at + 1..]),
+        _ => url.to_owned(),
     }
 }
 
@@ -299,7 +506,7 @@ mod tests {
     #[test]
     fn entries_round_trip() {
         let dir = tempfile::tempdir().unwrap();
-        let cache = Cache::open(&dir.path().join("c.sqlite")).unwrap();
+        let cache = FileCache::open(&dir.path().join("c.sqlite")).unwrap();
         let v = CachedJudgement {
             score: 7.0,
             raw: "Score: 7".into(),

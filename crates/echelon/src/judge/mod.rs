@@ -83,7 +83,11 @@
 //! already written. With `cache_path`, scored judgements are kept in SQLite and a re-run
 //! of the same items is served from it (`cached: true`, no upstream call, and zero
 //! `attempts`, `tokens` and `cost`: those count what this run spent); see [Cache
-//! key](#cache-key).
+//! key](#cache-key). With `cache_url` (`redis://…`, `rediss://…`) the entries are kept
+//! in Redis instead, under `<state.key_prefix>judge:<key>` (the same JSON as in the
+//! file, expiring after `cache_ttl` if set), so parallel judge processes on one Redis
+//! never pay twice for an item; a Redis that fails or is slower than 2 s never fails an
+//! item: the outage is logged once and items are judged uncached until it answers.
 //!
 //! ## Cache key
 //! Hex SHA-256 of the route, the rubric, the reminder, the patterns, the score range,
@@ -108,7 +112,7 @@ mod vote;
 use std::panic::AssertUnwindSafe;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, OnceLock};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use echelon_types::{ChatCompletionRequest, ChatMessage, Role};
 use futures::{FutureExt, Stream, StreamExt};
@@ -150,7 +154,24 @@ pub const DEFAULT_SAMPLE_TEMPERATURE: f64 = 0.7;
 /// Most samples per item ([`JudgeConfig::samples`]).
 pub const MAX_SAMPLES: u32 = 100;
 
-use cache::{Cache, CachedJudgement, KeyBase, KeyParams};
+use cache::{Cache, CachedJudgement, FileCache, KeyBase, KeyParams, RedisCache};
+
+/// Whether a cache target (`echelon judge --cache`, the Python `cache=`) names a Redis
+/// ([`JudgeConfig::cache_url`]: `redis://`, `rediss://`, `valkey://`, `valkeys://`,
+/// `redis+unix://`, `unix://`) rather than a file ([`JudgeConfig::cache_path`]).
+pub fn is_cache_url(target: &str) -> bool {
+    let t = target.trim_start();
+    [
+        "redis://",
+        "rediss://",
+        "valkey://",
+        "valkeys://",
+        "redis+unix://",
+        "unix://",
+    ]
+    .iter()
+    .any(|s| t.starts_with(s))
+}
 
 /// What a [`Judge`] does; build with `..JudgeConfig::default()`.
 #[derive(Debug, Clone, PartialEq)]
@@ -226,8 +247,19 @@ pub struct JudgeConfig {
     /// Judge calls in flight at once, at most (one per sample; [`Judge::run_file`] also
     /// keeps at most this many items open). Default 64.
     pub concurrency: usize,
-    /// The SQLite cache file; `None` (the default) disables the cache.
+    /// The SQLite cache file; `None` (the default) disables the cache (unless
+    /// [`cache_url`](Self::cache_url) is set).
     pub cache_path: Option<PathBuf>,
+    /// The Redis the cache lives in instead of a file (issue 15): a `redis://` or
+    /// `rediss://` (TLS) URL, checked by [`Judge::new`]; every judge on it shares the
+    /// entries (`<state.key_prefix>judge:<key>`: the gateway's `state.key_prefix` when its
+    /// `state.backend` is `redis`, else `echelon:`). Redis failing never fails an item (it is logged
+    /// once, and the items are judged uncached until Redis answers). Setting it and
+    /// `cache_path` is an error. Default `None`; [`is_cache_url`] tells a URL from a path.
+    pub cache_url: Option<String>,
+    /// With [`cache_url`](Self::cache_url): entries expire this long after they are
+    /// written (`None`, the default: never; must be at least 1 ms).
+    pub cache_ttl: Option<Duration>,
     /// Copy `prompt`, `response` and `reference` to the output lines. Default `false`.
     pub keep_inputs: bool,
     /// [`Judge::run_file`]: judge at most this many new items in this run (items
@@ -263,6 +295,8 @@ impl Default for JudgeConfig {
             inconsistent: Inconsistent::Tie,
             concurrency: 64,
             cache_path: None,
+            cache_url: None,
+            cache_ttl: None,
             keep_inputs: false,
             max_items: None,
         }
@@ -301,6 +335,9 @@ pub enum JudgeError {
         /// The I/O error.
         source: std::io::Error,
     },
+    /// The Redis URL of the cache ([`JudgeConfig::cache_url`]) is not one.
+    #[error("judge cache: {0}")]
+    CacheUrl(String),
     /// The cache file cannot be opened.
     #[error("{}", cache_message(path, source))]
     Cache {
@@ -484,9 +521,19 @@ impl Judge {
                 .filter(|c| *c != DEFAULT_MAX_TOKENS_CAP),
             extra_body: (!config.extra_body.is_empty()).then_some(&config.extra_body),
         });
-        let cache = match &config.cache_path {
-            None => None,
-            Some(path) => {
+        let cache = match (&config.cache_path, &config.cache_url) {
+            (None, None) => None,
+            (_, Some(url)) => {
+                let prefix = gateway.registry().shared_state().map_or_else(
+                    || crate::config::StateConfig::DEFAULT_KEY_PREFIX.to_owned(),
+                    |s| s.key(""),
+                );
+                Some(Cache::Redis(
+                    RedisCache::new(url, &prefix, config.cache_ttl)
+                        .map_err(|e| JudgeError::CacheUrl(e.to_string()))?,
+                ))
+            }
+            (Some(path), None) => {
                 // A fresh machine has no data directory yet: create it, as the ledger does.
                 if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
                     std::fs::create_dir_all(dir).map_err(|source| JudgeError::CacheDir {
@@ -494,10 +541,12 @@ impl Judge {
                         source,
                     })?;
                 }
-                Some(Cache::open(path).map_err(|source| JudgeError::Cache {
-                    path: path.clone(),
-                    source,
-                })?)
+                Some(Cache::File(FileCache::open(path).map_err(|source| {
+                    JudgeError::Cache {
+                        path: path.clone(),
+                        source,
+                    }
+                })?))
             }
         };
         let slots = Semaphore::new(config.concurrency);
@@ -625,6 +674,15 @@ fn validate(c: &JudgeConfig) -> Result<(), JudgeError> {
     if c.concurrency == 0 {
         return bad("concurrency must be at least 1".into());
     }
+    if c.cache_path.is_some() && c.cache_url.is_some() {
+        return bad("cache_path and cache_url are both set: the cache is a file or a Redis".into());
+    }
+    if let Some(url) = &c.cache_url {
+        crate::config::check_redis_url(url).map_err(JudgeError::CacheUrl)?;
+    }
+    if c.cache_ttl.is_some_and(|t| t < Duration::from_millis(1)) {
+        return bad("cache_ttl must be at least 1 ms".into());
+    }
     if c.concurrency > Semaphore::MAX_PERMITS {
         return bad(format!("concurrency {} is too large", c.concurrency));
     }
@@ -728,7 +786,7 @@ fn count_u32(n: usize) -> u32 {
     u32::try_from(n).unwrap_or(u32::MAX)
 }
 
-fn millis(d: std::time::Duration) -> u64 {
+fn millis(d: Duration) -> u64 {
     u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
 }
 
