@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
 # `await llm(prompt)` through the Python bindings (in-process Rust gateway) against the
-# official openai.AsyncOpenAI client straight to the same upstream: CALLS calls (default
-# 2000) from TASKS concurrent asyncio tasks (default 256), each answered by a test upstream
-# after 50 ms. Prints wall time, % of ideal (ideal = CALLS / TASKS × 50 ms) and the calling
+# official openai.AsyncOpenAI client straight to the same upstream and through the release
+# `echelon serve` on it, and LiteLLM's in-process `Router.acompletion` (installed from PyPI
+# into the bench venv by this script): CALLS calls (default 2000) from TASKS concurrent
+# asyncio tasks (default 256), each answered by a test upstream after 50 ms, side by side
+# in one run. Prints wall time, % of ideal (ideal = CALLS / TASKS × 50 ms) and the calling
 # process's CPU per call (time.process_time: every thread of the process, the bindings'
 # tokio workers included). Each client runs in its own process. Release wheel.
 #
@@ -17,7 +19,11 @@ PY="$(scripts/python-venv.sh)"
 venv_bin="$(dirname "$PY")"
 "$venv_bin/maturin" --version >/dev/null 2>&1 ||
   "$PY" -m pip install -q --disable-pip-version-check 'maturin>=1.9,<2'
-cargo build -q --locked --release -p echelon-testkit
+"$PY" -c 'import openai' 2>/dev/null ||
+  "$PY" -m pip install -q --disable-pip-version-check openai
+"$PY" -c 'import litellm' 2>/dev/null ||
+  "$PY" -m pip install -q --disable-pip-version-check litellm
+cargo build -q --locked --release -p echelon-testkit -p echelon-cli
 
 work="$(mktemp -d)"
 pids=()
@@ -45,6 +51,12 @@ usage:
   ledger: $work/ledger.db
 YAML
 
+"$root/target/release/echelon" serve --config "$work/echelon.yaml" --port 0 >"$work/serve.out" 2>&1 &
+pids+=($!)
+for _ in $(seq 1 200); do grep -q 'listening on' "$work/serve.out" && break; sleep 0.05; done
+serve_url="$(sed -n 's/^.*listening on \(http[^ ]*\).*$/\1/p' "$work/serve.out" | head -1)"
+[ -n "$serve_url" ] || { cat "$work/serve.out"; exit 1; }
+
 cat >"$work/bench.py" <<'PY'
 import asyncio, sys, time
 
@@ -56,6 +68,13 @@ async def main():
         gw = echelon.Gateway.from_config(config)
         llm = gw.llm("m")
         call = lambda i: llm(f"q{i}")
+    elif mode == "litellm-router":
+        import litellm
+        router = litellm.Router(model_list=[{"model_name": "m", "litellm_params": {
+            "model": "openai/m", "api_base": f"{url}/v1", "api_key": "bench"}}], num_retries=0)
+        async def call(i):
+            r = await router.acompletion(model="m", messages=[{"role": "user", "content": f"q{i}"}])
+            return r.choices[0].message.content
     else:
         import openai
         client = openai.AsyncOpenAI(base_url=f"{url}/v1", api_key="bench", max_retries=0)
@@ -86,3 +105,6 @@ PY
 echo "client                  calls  tasks     wall   ideal%  CPU/call  errors"
 "$PY" "$work/bench.py" echelon "$url" "$work/echelon.yaml" "$calls" "$tasks"
 "$PY" "$work/bench.py" openai-direct "$url" "$work/echelon.yaml" "$calls" "$tasks"
+"$PY" "$work/bench.py" openai-via-serve "$serve_url" "$work/echelon.yaml" "$calls" "$tasks"
+LITELLM_LOCAL_MODEL_COST_MAP=True "$PY" "$work/bench.py" litellm-router "$url" "$work/echelon.yaml" "$calls" "$tasks"
+echo "load average: $(cat /proc/loadavg)"

@@ -245,4 +245,15 @@ mod tests {
         assert_eq!(m["content"][0]["input"], json!({"text": "Paris"}));
         assert_eq!(error_body(529, "x")["error"]["type"], "overloaded_error");
     }
+
+    #[test]
+    fn a_forced_tool_answers_a_json_object_prompt_with_that_object() {
+        let a = answer(json!({"model": "x", "max_tokens": 50,
+                              "tools": [{"name": "verdict", "input_schema": {"type": "object"}}],
+                              "tool_choice": {"type": "tool", "name": "verdict"},
+                              "messages": [{"role": "user", "content": "{\"score\": 7}"}]}));
+        let m = message(&a, true);
+        assert_eq!(m["content"][0]["name"], "verdict");
+        assert_eq!(m["content"][0]["input"], json!({"score": 7}));
+    }
 }

@@ -154,7 +154,8 @@ pub(crate) struct Answer {
     /// The wire it is written in.
     pub(crate) dialect: Dialect,
     /// A forced tool call (`tool_choice: "required"` or naming a function): the tool's
-    /// name; the arguments are `{"text": <last user text>}` ([`content`](Self::content)).
+    /// name; the arguments ([`content`](Self::content)) are the last user text when it is
+    /// a JSON object (so a test scripts a structured answer), else `{"text": <that text>}`.
     pub(crate) tool_call: Option<String>,
 }
 
@@ -174,6 +175,15 @@ fn forced_tool(body: &Value) -> Option<String> {
     name.map(str::to_owned)
 }
 
+/// A forced tool call's arguments for the last user text `text`: `text` itself when it is
+/// a JSON object, else `{"text": text}`.
+fn tool_arguments(text: &str) -> String {
+    match serde_json::from_str::<Value>(text) {
+        Ok(Value::Object(_)) => text.to_owned(),
+        _ => json!({"text": text}).to_string(),
+    }
+}
+
 /// A scripted answer: with `"x_answers": [strings]` and an integer `"seed"` in the
 /// request, the answer is `x_answers[seed % len]` (so a judge's samples, each sent with
 /// its own seed, get answers chosen by the test); `None` otherwise.
@@ -189,7 +199,7 @@ impl Answer {
     pub(crate) fn for_request(body: &Value, id: String, created: u64, model: String) -> Answer {
         let tool_call = forced_tool(body);
         let full = match (&tool_call, scripted_answer(body)) {
-            (Some(_), _) => json!({"text": last_user_text(body)}).to_string(),
+            (Some(_), _) => tool_arguments(&last_user_text(body)),
             (None, Some(scripted)) => scripted,
             (None, None) => format!("echo: {}", last_user_text(body)),
         };

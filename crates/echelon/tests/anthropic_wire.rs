@@ -261,6 +261,55 @@ async fn a_streamed_tool_call_becomes_tool_call_deltas() {
     );
 }
 
+/// A chat request asking for `response_format` json_schema, whose last user text is `text`.
+fn structured_ask(text: &str) -> ChatCompletionRequest {
+    let mut req = ChatCompletionRequest::new("claude", vec![ChatMessage::new(Role::User, text)]);
+    req.extra.insert(
+        "response_format".into(),
+        json!({"type": "json_schema", "json_schema": {"name": "verdict", "strict": true,
+               "schema": {"type": "object", "properties": {"score": {"type": "integer"}}}}}),
+    );
+    req
+}
+
+#[tokio::test]
+async fn a_json_schema_format_is_a_forced_tool_read_back_as_content() {
+    let s = setup().await;
+    let done = s.gw.chat(structured_ask(r#"{"score": 8}"#)).await.unwrap();
+    let choice = &done.response.choices[0];
+    assert_eq!(choice.message["content"], r#"{"score":8}"#);
+    assert!(choice.message.get("tool_calls").is_none());
+    assert_eq!(choice.finish_reason.as_deref(), Some("stop"));
+    let sent = s.claude.recorded().pop().unwrap().body.unwrap();
+    assert_eq!(
+        sent["tool_choice"],
+        json!({"type": "tool", "name": "verdict"})
+    );
+    assert_eq!(sent["tools"][0]["name"], "verdict");
+    assert_eq!(
+        sent["tools"][0]["input_schema"]["properties"]["score"]["type"],
+        "integer"
+    );
+    assert!(sent.get("response_format").is_none());
+
+    // Streamed: the tool's input_json_deltas are content deltas.
+    let mut req = structured_ask(r#"{"score": 8}"#);
+    req.stream = Some(true);
+    let mut stream = s.gw.chat_stream(req).await.unwrap();
+    let (mut text, mut finish) = (String::new(), None);
+    while let Some(c) = stream.next().await {
+        let c = c.unwrap();
+        let Some(ch) = c.choices.first() else {
+            continue;
+        };
+        assert!(ch.delta.extra.get("tool_calls").is_none(), "{c:?}");
+        text.push_str(ch.delta.content.as_deref().unwrap_or_default());
+        finish = finish.or(ch.finish_reason.clone());
+    }
+    assert_eq!(text, r#"{"score": 8}"#);
+    assert_eq!(finish.as_deref(), Some("stop"));
+}
+
 #[tokio::test]
 async fn a_failure_after_the_first_content_is_a_stream_error() {
     let s = setup().await;

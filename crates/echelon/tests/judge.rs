@@ -948,6 +948,53 @@ async fn the_json_verdict_sends_the_schema_and_reads_the_json_answer() {
 }
 
 #[tokio::test]
+async fn an_anthropic_judge_gets_its_json_verdict_through_a_forced_tool() {
+    let up = TestUpstream::start_with(UpstreamOptions {
+        record_requests: true,
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    let yaml = format!(
+        r#"
+providers:
+  a: {{ base_url: "{}", api: anthropic, api_keys: ["k"] }}
+models:
+  claude: {{ provider: a, model: claude-judge, max_retries: 0, retry_delay: 0.01 }}
+"#,
+        up.base_url().trim_end_matches("/v1")
+    );
+    let gw = Arc::new(Gateway::from_config(&Config::from_str(&yaml, "a.yaml").unwrap()).unwrap());
+    let j = Judge::new(
+        gw,
+        JudgeConfig {
+            route: "claude".into(),
+            verdict: VerdictMode::JsonSchema,
+            reasoning_field: true,
+            ..echo_config()
+        },
+    )
+    .unwrap();
+    let out = j
+        .judge_one(&item("1", r#"{"reasoning": "fine", "score": 8}"#))
+        .await;
+    assert_eq!(out.score, Some(8.0), "{out:?}");
+    assert_eq!(out.reasks, 0);
+    let body = &bodies(&up)[0];
+    assert_eq!(
+        body["tool_choice"],
+        json!({"type": "tool", "name": "verdict"})
+    );
+    assert_eq!(
+        body["tools"][0]["input_schema"]["required"],
+        json!(["reasoning", "score"])
+    );
+    // Out of range through the tool: re-asked, then unparsed, never a made-up score.
+    let out = j.judge_one(&item("2", r#"{"score": 11}"#)).await;
+    assert_eq!(out.error.as_deref(), Some(UNPARSED));
+}
+
+#[tokio::test]
 async fn auto_asks_for_the_schema_only_when_every_model_declares_structured_output() {
     let up = TestUpstream::start().await.unwrap();
     let gw = gateway_structured(&up);

@@ -142,22 +142,24 @@ impl AnthropicProvider {
 
     /// One non-streamed call; with `keep_native` (the client asked in the Messages
     /// dialect) the answer keeps its own shape beside the translation.
+    /// `structured` names the request's forced structured-output tool, read back as text.
     async fn call_inner(
         &self,
         send: reqwest::RequestBuilder,
         key: Option<&ApiKey>,
         keep_native: bool,
+        structured: Option<String>,
     ) -> Result<ChatCompletion, ProviderError> {
         let resp = send.send().await.map_err(from_reqwest)?;
         let resp = check_status(resp, &self.redactor, key).await?;
         let bytes = read_capped(resp, self.max_response_bytes).await?;
         let message = message(&bytes)?;
         if keep_native {
-            let mut completion = request::to_completion(message.clone());
+            let mut completion = request::to_completion(message.clone(), structured.as_deref());
             completion.native = Some(Arc::new(NativeResponse::Anthropic(message)));
             Ok(completion)
         } else {
-            Ok(request::to_completion(message))
+            Ok(request::to_completion(message, structured.as_deref()))
         }
     }
 
@@ -165,6 +167,7 @@ impl AnthropicProvider {
         &self,
         send: reqwest::RequestBuilder,
         key: Option<&ApiKey>,
+        structured: Option<String>,
     ) -> Result<ChunkStream, ProviderError> {
         let first_token_deadline = Instant::now() + self.timeouts.first_token;
         let resp = match tokio::time::timeout_at(first_token_deadline, send.send()).await {
@@ -177,7 +180,7 @@ impl AnthropicProvider {
             self.max_response_bytes,
         );
         let redactor = self.redactor.clone();
-        let events = sse::events(bytes).map(move |event| match event {
+        let events = sse::events(bytes, structured).map(move |event| match event {
             Ok(StreamEvent::Malformed(why)) => Ok(StreamEvent::Malformed(
                 ProviderError::new(ErrorKind::Malformed, why)
                     .redacted(&redactor)
@@ -216,7 +219,7 @@ impl AnthropicProvider {
                     max_tokens: Some(1),
                     ..ProviderRequest::new(&ping, upstream_model, false)
                 };
-                self.call_inner(self.post_messages(key, &req), key, false)
+                self.call_inner(self.post_messages(key, &req), key, false, None)
                     .await
                     .map(drop)
             }
@@ -270,9 +273,10 @@ fn message(bytes: &[u8]) -> Result<MessagesResponse, ProviderError> {
     Ok(message)
 }
 
-/// A non-streamed Messages answer as a chat completion.
+/// A non-streamed Messages answer as a chat completion (a `tool_use` block stays a tool
+/// call: the request that would say it was a structured-output one is not known here).
 pub(crate) fn answer(bytes: &[u8]) -> Result<ChatCompletion, ProviderError> {
-    message(bytes).map(request::to_completion)
+    message(bytes).map(|m| request::to_completion(m, None))
 }
 
 /// The Messages request body of `req`, as sent.
@@ -288,7 +292,8 @@ impl Provider for AnthropicProvider {
         req: &'a ProviderRequest<'a>,
     ) -> BoxFuture<'a, Result<ChatCompletion, ProviderError>> {
         let keep_native = request::native_of(req.body).is_some();
-        let call = self.call_inner(self.post_messages(key, req), key, keep_native);
+        let structured = request::structured_tool_name(req.body);
+        let call = self.call_inner(self.post_messages(key, req), key, keep_native, structured);
         Box::pin(async move {
             call.await
                 .and_then(finished)
@@ -301,7 +306,8 @@ impl Provider for AnthropicProvider {
         key: Option<&'a ApiKey>,
         req: &'a ProviderRequest<'a>,
     ) -> BoxFuture<'a, Result<ChunkStream, ProviderError>> {
-        let stream = self.stream_inner(self.post_messages(key, req), key);
+        let structured = request::structured_tool_name(req.body);
+        let stream = self.stream_inner(self.post_messages(key, req), key, structured);
         Box::pin(async move { stream.await.map_err(|e| e.redacted(&self.redactor)) })
     }
 

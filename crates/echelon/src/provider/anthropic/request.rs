@@ -29,8 +29,10 @@ pub const DEFAULT_MAX_TOKENS: u32 = 4096;
 /// `temperature`, `top_p`, `top_k` as they are, `user` → `metadata.user_id`, function
 /// tools → tools (`parameters` → `input_schema`), `tool_choice` `auto`/`required`/
 /// `none`/`{function}` → `auto`/`any`/`none`/`tool`, `parallel_tool_calls: false` →
-/// `disable_parallel_tool_use`. Other OpenAI fields (`response_format`, `seed`, `n`,
-/// `logprobs`, …) have no Anthropic equivalent and are not sent.
+/// `disable_parallel_tool_use`. A `response_format` of `json_schema` or `json_object` on
+/// a request without tools of its own becomes a forced tool call ([`structured_tool`]);
+/// with tools of its own it is not sent. Other OpenAI fields (`seed`, `n`, `logprobs`,
+/// …) have no Anthropic equivalent and are not sent.
 ///
 /// A request that came in the Messages dialect ([`native_of`]) is sent as the client
 /// wrote it, unknown fields and blocks (`thinking`, `cache_control`, server tools)
@@ -173,6 +175,13 @@ fn translate(req: &ProviderRequest<'_>) -> MessagesRequest {
             o.insert("disable_parallel_tool_use".into(), Value::Bool(true));
         }
     }
+    let tools = match structured_tool(body) {
+        Some(tool) => {
+            tool_choice = Some(json!({"type": "tool", "name": tool.name}));
+            Some(vec![tool])
+        }
+        None => tools,
+    };
     MessagesRequest {
         model: req.model.to_owned(),
         messages,
@@ -194,6 +203,88 @@ fn translate(req: &ProviderRequest<'_>) -> MessagesRequest {
         }),
         extra: Extra::new(),
     }
+}
+
+/// The name of [`structured_tool`] for a `json_object` format, or a `json_schema` one
+/// without a usable name.
+pub(super) const STRUCTURED_TOOL: &str = "json_response";
+
+/// The tool a structured-output request is answered through on the Messages wire, which
+/// has no `response_format`: for a chat request (not one that came in the Messages
+/// dialect) with `response_format: {type: json_schema, json_schema: {name, description,
+/// schema}}` and no tools of its own, a tool of that name (characters outside
+/// `[A-Za-z0-9_-]` as `_`, at most 64, Anthropic's rule; empty as [`STRUCTURED_TOOL`])
+/// whose `input_schema` is the schema (`{"type": "object"}` when absent); for
+/// `{type: json_object}` the tool [`STRUCTURED_TOOL`] with that permissive schema. The
+/// request forces it (`tool_choice: {type: tool, name}`), and its `tool_use` block in
+/// the answer is read back as the message's text (the input as JSON), finishing `stop`:
+/// Anthropic's way of getting JSON out of Claude (its "JSON mode" guide). `strict` is
+/// not sent. `None` for any other request, one with tools of its own included (its
+/// `response_format` is then not sent, as before).
+pub(super) fn structured_tool(body: &ChatCompletionRequest) -> Option<Tool> {
+    if native_of(body).is_some() {
+        return None;
+    }
+    let extra = &body.extra;
+    if extra
+        .get("tools")
+        .and_then(Value::as_array)
+        .is_some_and(|t| !t.is_empty())
+    {
+        return None;
+    }
+    let format = extra.get("response_format")?;
+    let permissive = || json!({"type": "object"});
+    match format.get("type").and_then(Value::as_str)? {
+        "json_object" => Some(Tool {
+            name: STRUCTURED_TOOL.to_owned(),
+            description: Some("Answer with a JSON object.".to_owned()),
+            input_schema: Some(permissive()),
+            extra: Extra::new(),
+        }),
+        "json_schema" => {
+            let spec = format.get("json_schema");
+            let name: String = spec
+                .and_then(|s| s.get("name"))
+                .and_then(Value::as_str)
+                .unwrap_or_default()
+                .chars()
+                .map(|c| {
+                    if c.is_ascii_alphanumeric() || c == '_' || c == '-' {
+                        c
+                    } else {
+                        '_'
+                    }
+                })
+                .take(64)
+                .collect();
+            Some(Tool {
+                name: if name.is_empty() {
+                    STRUCTURED_TOOL.to_owned()
+                } else {
+                    name
+                },
+                description: Some(
+                    spec.and_then(|s| s.get("description"))
+                        .and_then(Value::as_str)
+                        .unwrap_or("Answer with a JSON object that follows this schema.")
+                        .to_owned(),
+                ),
+                input_schema: Some(
+                    spec.and_then(|s| s.get("schema"))
+                        .cloned()
+                        .unwrap_or_else(permissive),
+                ),
+                extra: Extra::new(),
+            })
+        }
+        _ => None,
+    }
+}
+
+/// The name of the tool [`structured_tool`] forces for `body`, if any.
+pub(super) fn structured_tool_name(body: &ChatCompletionRequest) -> Option<String> {
+    structured_tool(body).map(|t| t.name)
 }
 
 /// A user message's content: a string as it is, parts as blocks.
@@ -317,14 +408,25 @@ pub(super) fn usage(u: &MessagesUsage) -> Usage {
 /// when there is none and there are tool calls), `tool_use` blocks as `tool_calls`
 /// (input as JSON text), `thinking` blocks' text as `reasoning_content`, the stop
 /// reason by [`finish_reason`] (none stays none: the answer may be incomplete), usage
-/// by [`usage`].
-pub(super) fn to_completion(m: MessagesResponse) -> ChatCompletion {
+/// by [`usage`]. With `structured` (the name of the request's [`structured_tool`]) a
+/// `tool_use` block of that tool is the message's text instead (its input as JSON), and
+/// `tool_use` finishes as `stop` when no other tool was called.
+pub(super) fn to_completion(m: MessagesResponse, structured: Option<&str>) -> ChatCompletion {
     let mut text = String::new();
     let mut thinking = String::new();
     let mut calls = Vec::new();
+    let mut answered = false;
     for b in &m.content {
         match b.kind.as_str() {
             "text" => text.push_str(b.text.as_deref().unwrap_or_default()),
+            "tool_use" if structured.is_some() && b.name.as_deref() == structured => {
+                answered = true;
+                text.push_str(
+                    &b.input
+                        .as_ref()
+                        .map_or_else(|| "{}".to_owned(), Value::to_string),
+                );
+            }
             "thinking" => thinking.push_str(
                 b.extra
                     .get("thinking")
@@ -342,6 +444,7 @@ pub(super) fn to_completion(m: MessagesResponse) -> ChatCompletion {
             _ => {}
         }
     }
+    let structured_answer = answered && calls.is_empty();
     let mut message = serde_json::Map::new();
     message.insert("role".into(), json!("assistant"));
     message.insert(
@@ -366,7 +469,10 @@ pub(super) fn to_completion(m: MessagesResponse) -> ChatCompletion {
         choices: vec![Choice {
             index: 0,
             message,
-            finish_reason: m.stop_reason.as_deref().map(finish_reason),
+            finish_reason: m.stop_reason.as_deref().map(|r| match r {
+                "tool_use" if structured_answer => "stop".to_owned(),
+                r => finish_reason(r),
+            }),
             extra: Extra::new(),
         }],
         usage: Some(usage(&m.usage)),
@@ -526,7 +632,7 @@ mod tests {
             "usage": {"input_tokens": 10, "output_tokens": 5, "cache_creation_input_tokens": 100, "cache_read_input_tokens": 1000}
         }))
         .unwrap();
-        let c = serde_json::to_value(to_completion(m)).unwrap();
+        let c = serde_json::to_value(to_completion(m, None)).unwrap();
         assert_eq!(c["choices"][0]["finish_reason"], "tool_calls");
         assert_eq!(c["choices"][0]["message"]["content"], "Sure.");
         assert_eq!(c["choices"][0]["message"]["reasoning_content"], "hmm");
@@ -539,5 +645,99 @@ mod tests {
             json!({"prompt_tokens": 1110, "completion_tokens": 5, "total_tokens": 1115,
                    "prompt_tokens_details": {"cached_tokens": 1000}, "cache_creation_input_tokens": 100})
         );
+    }
+
+    #[test]
+    fn a_json_schema_format_without_tools_is_a_forced_tool() {
+        let schema = json!({"type": "object", "properties": {"score": {"type": "integer"}},
+                            "required": ["score"], "additionalProperties": false});
+        let v = wire(
+            json!({"model": "r", "messages": [{"role": "user", "content": "rate"}],
+                   "response_format": {"type": "json_schema",
+                       "json_schema": {"name": "verdict", "strict": true, "schema": schema}}}),
+            None,
+        );
+        assert_eq!(
+            v["tools"],
+            json!([{"name": "verdict",
+                    "description": "Answer with a JSON object that follows this schema.",
+                    "input_schema": schema}])
+        );
+        assert_eq!(v["tool_choice"], json!({"type": "tool", "name": "verdict"}));
+        assert!(v.get("response_format").is_none(), "{v}");
+
+        // json_object: the same with a permissive schema; an odd name is made valid.
+        let v = wire(
+            json!({"model": "r", "messages": [{"role": "user", "content": "x"}],
+                   "response_format": {"type": "json_object"}}),
+            None,
+        );
+        assert_eq!(v["tools"][0]["name"], STRUCTURED_TOOL);
+        assert_eq!(v["tools"][0]["input_schema"], json!({"type": "object"}));
+        assert_eq!(
+            v["tool_choice"],
+            json!({"type": "tool", "name": STRUCTURED_TOOL})
+        );
+        let v = wire(
+            json!({"model": "r", "messages": [{"role": "user", "content": "x"}],
+                   "response_format": {"type": "json_schema", "json_schema": {"name": "my verdict!"}}}),
+            None,
+        );
+        assert_eq!(v["tools"][0]["name"], "my_verdict_");
+        assert_eq!(v["tools"][0]["input_schema"], json!({"type": "object"}));
+
+        // Plain text: nothing forced.
+        let v = wire(
+            json!({"model": "r", "messages": [{"role": "user", "content": "x"}],
+                   "response_format": {"type": "text"}}),
+            None,
+        );
+        assert!(
+            v.get("tools").is_none() && v.get("tool_choice").is_none(),
+            "{v}"
+        );
+    }
+
+    #[test]
+    fn a_request_with_its_own_tools_keeps_them_and_drops_the_format() {
+        let v = wire(
+            json!({"model": "r", "messages": [{"role": "user", "content": "x"}],
+                   "tools": [{"type": "function", "function": {"name": "f"}}], "tool_choice": "auto",
+                   "response_format": {"type": "json_schema", "json_schema": {"name": "v", "schema": {"type": "object"}}}}),
+            None,
+        );
+        assert_eq!(v["tools"].as_array().unwrap().len(), 1);
+        assert_eq!(v["tools"][0]["name"], "f");
+        assert_eq!(v["tool_choice"], json!({"type": "auto"}));
+    }
+
+    fn tool_answer(blocks: Value) -> MessagesResponse {
+        serde_json::from_value(json!({
+            "id": "msg_2", "type": "message", "role": "assistant", "model": "claude-x",
+            "content": blocks, "stop_reason": "tool_use", "stop_sequence": null,
+            "usage": {"input_tokens": 10, "output_tokens": 5}
+        }))
+        .unwrap()
+    }
+
+    #[test]
+    fn the_forced_tools_input_is_the_answers_text_finishing_stop() {
+        let blocks = json!([{"type": "tool_use", "id": "toolu_1", "name": "verdict", "input": {"score": 7}}]);
+        let c = serde_json::to_value(to_completion(tool_answer(blocks.clone()), Some("verdict")))
+            .unwrap();
+        let choice = &c["choices"][0];
+        assert_eq!(choice["message"]["content"], "{\"score\":7}");
+        assert!(choice["message"].get("tool_calls").is_none(), "{c}");
+        assert_eq!(choice["finish_reason"], "stop");
+
+        // Without the structured tool (or another tool's call) it stays a tool call.
+        let c = serde_json::to_value(to_completion(tool_answer(blocks.clone()), None)).unwrap();
+        assert_eq!(c["choices"][0]["finish_reason"], "tool_calls");
+        let c = serde_json::to_value(to_completion(tool_answer(blocks), Some("other"))).unwrap();
+        assert_eq!(
+            c["choices"][0]["message"]["tool_calls"][0]["function"]["name"],
+            "verdict"
+        );
+        assert_eq!(c["choices"][0]["finish_reason"], "tool_calls");
     }
 }

@@ -30,9 +30,22 @@ pub(super) struct Decoder {
     /// The Anthropic block index of each tool call so far, in order: the position is
     /// the chat `tool_calls` index.
     tool_blocks: Vec<u32>,
+    /// The name of the request's forced structured-output tool
+    /// ([`structured_tool`](super::request::structured_tool)): its block streams as content.
+    structured: Option<String>,
+    /// The block index of that tool's `tool_use` block, once it started.
+    structured_block: Option<u32>,
 }
 
 impl Decoder {
+    /// A decoder for a request whose structured-output tool is `structured`.
+    pub(super) fn new(structured: Option<String>) -> Decoder {
+        Decoder {
+            structured,
+            ..Decoder::default()
+        }
+    }
+
     fn chunk(&self, delta: Delta, finish_reason: Option<String>) -> ChatCompletionChunk {
         ChatCompletionChunk {
             id: self.id.clone(),
@@ -120,6 +133,16 @@ impl Decoder {
             Event::ContentBlockStart {
                 index,
                 content_block,
+            } if content_block.kind == "tool_use"
+                && self.structured.is_some()
+                && content_block.name == self.structured =>
+            {
+                self.structured_block = Some(index);
+                one(StreamEvent::Keepalive)
+            }
+            Event::ContentBlockStart {
+                index,
+                content_block,
             } if content_block.kind == "tool_use" => {
                 let position = self.tool_blocks.len();
                 self.tool_blocks.push(index);
@@ -157,6 +180,17 @@ impl Decoder {
             Event::ContentBlockDelta {
                 index,
                 delta: BlockDelta::InputJsonDelta { partial_json },
+            } if self.structured_block == Some(index) => one(StreamEvent::Chunk(self.chunk(
+                Delta {
+                    role: None,
+                    content: Some(partial_json),
+                    extra: Extra::new(),
+                },
+                None,
+            ))),
+            Event::ContentBlockDelta {
+                index,
+                delta: BlockDelta::InputJsonDelta { partial_json },
             } => match self.tool_blocks.iter().position(|b| *b == index) {
                 Some(position) => {
                     let call = json!({"index": position, "function": {"arguments": partial_json}});
@@ -167,10 +201,15 @@ impl Decoder {
                 ))),
             },
             Event::MessageDelta { delta, usage } => {
-                let finish = delta
-                    .stop_reason
-                    .as_deref()
-                    .map_or_else(|| "stop".to_owned(), finish_reason);
+                let finish = match delta.stop_reason.as_deref() {
+                    None => "stop".to_owned(),
+                    Some("tool_use")
+                        if self.structured_block.is_some() && self.tool_blocks.is_empty() =>
+                    {
+                        "stop".to_owned()
+                    }
+                    Some(r) => finish_reason(r),
+                };
                 let mut usage_chunk = self.chunk(Delta::default(), None);
                 usage_chunk.choices.clear();
                 usage_chunk.usage = Some(self.usage(&usage));
@@ -200,11 +239,17 @@ impl Decoder {
 }
 
 /// The decoded events of an Anthropic SSE body that arrives as `bytes`.
-pub(super) fn events<S>(bytes: S) -> impl Stream<Item = Result<StreamEvent, ProviderError>> + Send
+///
+/// `structured` names the request's forced structured-output tool: its `tool_use`
+/// block's `input_json_delta`s stream as content, and its `tool_use` stop as `stop`.
+pub(super) fn events<S>(
+    bytes: S,
+    structured: Option<String>,
+) -> impl Stream<Item = Result<StreamEvent, ProviderError>> + Send
 where
     S: Stream<Item = Result<bytes::Bytes, ProviderError>> + Send,
 {
-    let mut decoder = Decoder::default();
+    let mut decoder = Decoder::new(structured);
     decoded_sse(bytes, move |data| decoder.decode(data))
 }
 
@@ -285,5 +330,51 @@ mod tests {
         assert_eq!(out[1].as_ref().unwrap_err().kind, ErrorKind::RateLimited);
         assert!(matches!(out[2], Ok(StreamEvent::Malformed(_))));
         assert!(matches!(out[3], Ok(StreamEvent::Keepalive)));
+    }
+
+    #[test]
+    fn the_forced_tools_input_streams_as_content_finishing_stop() {
+        let mut d = Decoder::new(Some("verdict".into()));
+        let out: Vec<_> = [
+            r#"{"type":"message_start","message":{"id":"msg_1","type":"message","role":"assistant","content":[],"model":"claude-x","stop_reason":null,"stop_sequence":null,"usage":{"input_tokens":4,"output_tokens":1}}}"#,
+            r#"{"type":"content_block_start","index":0,"content_block":{"type":"tool_use","id":"toolu_1","name":"verdict","input":{}}}"#,
+            r#"{"type":"content_block_delta","index":0,"delta":{"type":"input_json_delta","partial_json":"{\"score\":"}}"#,
+            r#"{"type":"content_block_delta","index":0,"delta":{"type":"input_json_delta","partial_json":" 7}"}}"#,
+            r#"{"type":"content_block_stop","index":0}"#,
+            r#"{"type":"message_delta","delta":{"stop_reason":"tool_use","stop_sequence":null},"usage":{"output_tokens":5}}"#,
+            r#"{"type":"message_stop"}"#,
+        ]
+        .iter()
+        .flat_map(|e| d.decode(e))
+        .collect();
+        assert!(matches!(out[1], Ok(StreamEvent::Keepalive)));
+        let text: String = out[2..4]
+            .iter()
+            .map(|e| chunk(e).choices[0].delta.content.clone().unwrap())
+            .collect();
+        assert_eq!(text, "{\"score\": 7}");
+        assert!(
+            chunk(&out[2]).choices[0]
+                .delta
+                .extra
+                .get("tool_calls")
+                .is_none()
+        );
+        assert_eq!(
+            chunk(&out[5]).choices[0].finish_reason.as_deref(),
+            Some("stop")
+        );
+
+        // Another tool's block stays a tool call.
+        let mut d = Decoder::new(Some("verdict".into()));
+        let out = d.decode(
+            r#"{"type":"content_block_start","index":0,"content_block":{"type":"tool_use","id":"t","name":"f","input":{}}}"#,
+        );
+        assert!(
+            chunk(&out[0]).choices[0]
+                .delta
+                .extra
+                .contains_key("tool_calls")
+        );
     }
 }
