@@ -154,6 +154,10 @@ mod tests {
         // The fields' own serialization is what a cleared chunk is sent as.
         parsed.verbatim.clear();
         assert_eq!(parsed.verbatim.get(), None);
-        assert!(serde_json::to_string(&parsed).unwrap().contains(r#""content":null"#));
+        assert!(
+            serde_json::to_string(&parsed)
+                .unwrap()
+                .contains(r#""content":null"#)
+        );
     }
 }
