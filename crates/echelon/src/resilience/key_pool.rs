@@ -325,6 +325,34 @@ impl KeyPool {
         })
     }
 
+    /// Takes over the state of every key this pool has in common with `old` (same key id):
+    /// a key that stays across a reload keeps its cooldown or disabled state even when
+    /// other keys were added or removed (issue 18). A probe lease in flight in `old` is
+    /// not carried over: the disabled key is re-probed from this pool when its time comes.
+    pub fn adopt_states(&self, old: &KeyPool) {
+        for slot in &self.slots {
+            let Some(from) = old.slots.iter().find(|s| s.key.id() == slot.key.id()) else {
+                continue;
+            };
+            let health = match &*lock(&from.state) {
+                Health::Ok => Health::Ok,
+                Health::CoolingDown { until } => Health::CoolingDown { until: *until },
+                Health::Disabled {
+                    reason,
+                    failures,
+                    reprobe_at,
+                    ..
+                } => Health::Disabled {
+                    reason: reason.clone(),
+                    failures: *failures,
+                    reprobe_at: *reprobe_at,
+                    probe: None,
+                },
+            };
+            *lock(&slot.state) = health;
+        }
+    }
+
     /// Shares the pool's cooldowns and disabled keys with every replica through the
     /// hash `key` in Redis (once; a second call changes nothing).
     pub fn share_through(&self, state: Arc<RedisState>, key: String) {

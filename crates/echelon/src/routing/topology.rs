@@ -631,6 +631,63 @@ default_route: g
     }
 
     #[test]
+    fn a_key_that_stays_keeps_its_cooldown_and_disabled_state_when_the_key_list_changes() {
+        use crate::resilience::key_pool::KeyState;
+        let registry = MemoryRegistry::new();
+        let first = build(YAML, &registry);
+        let pool = first.model("a").unwrap().keys().clone();
+        let lease = pool.acquire(&[]).unwrap();
+        let cooled = lease.key().id().to_owned();
+        lease.cool_down(Some(Duration::from_secs(600)), Duration::from_secs(1));
+        let lease = pool.acquire(&[]).unwrap();
+        let disabled = lease.key().id().to_owned();
+        lease.disable("401 invalid key");
+        assert_ne!(cooled, disabled);
+        // k3 added: both old keys stay, each with its state; the new key starts ok.
+        let added = YAML.replace(r#"["k1", "k2"]"#, r#"["k1", "k2", "k3"]"#);
+        let second = build(&added, &registry);
+        let states: HashMap<String, KeyState> = second
+            .model("a")
+            .unwrap()
+            .keys()
+            .snapshot()
+            .into_iter()
+            .map(|k| (k.id, k.state))
+            .collect();
+        assert_eq!(states.len(), 3);
+        assert!(
+            matches!(states[&cooled], KeyState::CoolingDown { .. }),
+            "{states:?}"
+        );
+        assert!(
+            matches!(states[&disabled], KeyState::Disabled { .. }),
+            "{states:?}"
+        );
+        let k3 = crate::key::key_id("k3");
+        assert!(matches!(states[&k3], KeyState::Ok), "{states:?}");
+        // k3 removed again and the disabled key with it: the cooling one still cools.
+        let kept_one = YAML.replace(
+            r#"["k1", "k2"]"#,
+            &format!(
+                r#"["{}"]"#,
+                if cooled == crate::key::key_id("k1") {
+                    "k1"
+                } else {
+                    "k2"
+                }
+            ),
+        );
+        let third = build(&kept_one, &registry);
+        let snap = third.model("a").unwrap().keys().snapshot();
+        assert_eq!(snap.len(), 1);
+        assert_eq!(snap[0].id, cooled);
+        assert!(
+            matches!(snap[0].state, KeyState::CoolingDown { .. }),
+            "{snap:?}"
+        );
+    }
+
+    #[test]
     fn a_second_build_over_the_same_registry_keeps_unchanged_units() {
         let registry = MemoryRegistry::new();
         let first = build(YAML, &registry);

@@ -191,20 +191,29 @@ impl StateRegistry for MemoryRegistry {
     }
 
     fn key_pool(&self, id: &StateId, make: &mut dyn FnMut() -> Arc<KeyPool>) -> Arc<KeyPool> {
-        self.get_or(
-            id,
-            |h| match h {
-                Held::KeyPool(p) => Some(p.clone()),
-                _ => None,
-            },
-            || {
-                let p = make();
-                if let (Some(state), StateId::KeyPool { name, .. }) = (&self.shared, id) {
-                    p.share_through(state.clone(), state.key(&format!("keys:{name}")));
+        let mut units = self.lock();
+        if let Some(Held::KeyPool(p)) = units.get(id) {
+            return p.clone();
+        }
+        let p = make();
+        if let StateId::KeyPool { name, .. } = id {
+            // The same pool with another key list (a reload added or removed keys): the
+            // keys that stay keep their cooldown or disabled state.
+            let before = units.iter().find_map(|(other, held)| match (other, held) {
+                (StateId::KeyPool { name: n, .. }, Held::KeyPool(old)) if n == name => {
+                    Some(old.clone())
                 }
-                (p.clone(), Held::KeyPool(p))
-            },
-        )
+                _ => None,
+            });
+            if let Some(old) = before {
+                p.adopt_states(&old);
+            }
+            if let Some(state) = &self.shared {
+                p.share_through(state.clone(), state.key(&format!("keys:{name}")));
+            }
+        }
+        units.insert(id.clone(), Held::KeyPool(p.clone()));
+        p
     }
 
     fn retain(&self, keep: &dyn Fn(&StateId) -> bool) {
