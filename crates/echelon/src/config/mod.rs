@@ -118,8 +118,8 @@ pub use model::{
     ServerConfig, StreamFailureConfig, StreamFailureMode, TaskGroupConfig, TokenEncoding,
     UsageConfig, WrapperConfig,
 };
-pub(crate) use state::check_redis_url;
 pub use state::{OnUnavailable, StateBackend, StateConfig};
+pub(crate) use state::{REDIS_SCHEMES, check_redis_url};
 
 impl Config {
     /// Loads a YAML or JSON file (JSON when the name ends in `.json`), or a directory

@@ -170,18 +170,19 @@ impl Default for StateConfig {
 /// Checks a Redis URL: `redis://`, `rediss://` (TLS, verified against the system's
 /// root certificates; `#insecure` at the end skips the verification), `valkey://`,
 /// `valkeys://`, `redis+unix://` or `unix://`, parsed by the Redis client itself.
+/// The URL schemes of a Redis (or Valkey) server the Redis client connects to.
+pub(crate) const REDIS_SCHEMES: [&str; 6] = [
+    "redis://",
+    "rediss://",
+    "valkey://",
+    "valkeys://",
+    "redis+unix://",
+    "unix://",
+];
+
 pub(crate) fn check_redis_url(url: &str) -> Result<String, String> {
     let trimmed = url.trim();
-    let scheme_ok = [
-        "redis://",
-        "rediss://",
-        "valkey://",
-        "valkeys://",
-        "redis+unix://",
-        "unix://",
-    ]
-    .iter()
-    .any(|s| trimmed.starts_with(s));
+    let scheme_ok = REDIS_SCHEMES.iter().any(|s| trimmed.starts_with(s));
     if !scheme_ok {
         return Err(with_hint(
             format!("`{}` is not a Redis URL", scrub(trimmed)),

@@ -161,16 +161,9 @@ use cache::{Cache, CachedJudgement, FileCache, KeyBase, KeyParams, RedisCache};
 /// `redis+unix://`, `unix://`) rather than a file ([`JudgeConfig::cache_path`]).
 pub fn is_cache_url(target: &str) -> bool {
     let t = target.trim_start();
-    [
-        "redis://",
-        "rediss://",
-        "valkey://",
-        "valkeys://",
-        "redis+unix://",
-        "unix://",
-    ]
-    .iter()
-    .any(|s| t.starts_with(s))
+    crate::config::REDIS_SCHEMES
+        .iter()
+        .any(|s| t.starts_with(s))
 }
 
 /// What a [`Judge`] does; build with `..JudgeConfig::default()`.
