@@ -141,7 +141,7 @@ text = open(sys.argv[1]).read()
 def ms(v):
     n, unit = re.fullmatch(r"([\d.]+)(us|ms|s|m)", v).groups()
     return float(n) * {"us": 0.001, "ms": 1, "s": 1000, "m": 60000}[unit]
-pct = dict(re.findall(r"^\s+(\d+)%\s+(\S+)$", text, re.M))
+pct = dict(re.findall(r"^\s+(\d+)%\s+(\S+)\s*$", text, re.M))  # "1.38s " ends in a blank
 rps = float(re.search(r"Requests/sec:\s+([\d.]+)", text).group(1))
 n = int(re.search(r"(\d+) requests in", text).group(1))
 bad = re.search(r"Non-2xx or 3xx responses: (\d+)", text)
