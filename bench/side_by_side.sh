@@ -5,6 +5,7 @@
 #   bench/side_by_side.sh ROUNDS TREE...      # e.g. bench/side_by_side.sh 8 /tmp/base .
 #   CONNECTIONS=1 bench/side_by_side.sh 6 /tmp/base .
 #   bench/side_by_side.sh 6 .:bare .          # the same build, bare config vs every feature on
+#   STREAM=1 bench/side_by_side.sh 5 .        # streamed chat completions instead
 #
 # TREE:bare runs that tree with a bare config instead: one provider with one key, one
 # model in a task group of one echelon, no limits, no breaker, no ledger, no metrics.
@@ -13,7 +14,8 @@
 # testkit upstream at 0 ms and `echelon serve` in front of it (a task group of two models
 # with a 3-key pool, RPM/TPM/seed-004 buckets, concurrency limits, breakers, the ledger
 # and metrics on, as bench/run.sh), all at once; then, ROUNDS times, drives each gateway
-# in turn with `wrk -d3s` at CONNECTIONS (50) for a small non-streamed chat completion.
+# in turn with `wrk -d3s` at CONNECTIONS (50) for a small non-streamed chat completion
+# (streamed, `"stream": true`, with STREAM=1: the testkit then sends 9 events and [DONE]).
 # Alternating the builds within each round spreads a drift of the machine over all of
 # them. Prints per tree its gateway CPU nanoseconds per request (user + system, from
 # /proc/PID/stat) for every round, then the median and the minimum; the median requests/s,
@@ -30,8 +32,10 @@ command -v wrk >/dev/null || { sudo_cmd=""; [ "$(id -u)" -ne 0 ] && sudo_cmd=sud
 cat >"$work/req.lua" <<'LUA'
 wrk.method = "POST"
 wrk.headers["Content-Type"] = "application/json"
-wrk.body = '{"model":"fast_group","messages":[{"role":"user","content":"hello there, how are you"}],"max_tokens":16}'
+wrk.body = '{"model":"fast_group","messages":[{"role":"user","content":"hello there, how are you"}],"max_tokens":16STREAM_FIELD}'
 LUA
+stream_field=""; [ "${STREAM:-0}" = 1 ] && stream_field=',"stream":true'
+sed -i "s/STREAM_FIELD/$stream_field/" "$work/req.lua"
 trees=() gw_pids=() gw_urls=() up_pids=()
 i=0
 for entry in "$@"; do
