@@ -9,6 +9,12 @@
 # tokio workers included). Each client runs in its own process. Release wheel.
 #
 #   bench/python_bindings.sh [CALLS] [TASKS]
+#   WARM=1 bench/python_bindings.sh    # also each client warmed with one wave of TASKS calls
+#
+# By default each client is warmed with one call (its imports and one connection), so the
+# measured run opens its other TASKS - 1 connections itself: a cold start. With WARM=1
+# every client also gets a second row, `(warm)`, measured after one concurrent wave of
+# TASKS calls, whose connections it then reuses: the steady state of a long loop.
 set -euo pipefail
 root="$(cd "$(dirname "$0")/.." && pwd)"
 cd "$root"
@@ -61,6 +67,7 @@ cat >"$work/bench.py" <<'PY'
 import asyncio, sys, time
 
 mode, url, config, calls, tasks = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4]), int(sys.argv[5])
+warm = len(sys.argv) > 6 and sys.argv[6] == "warm"
 
 async def main():
     if mode == "echelon":
@@ -82,6 +89,8 @@ async def main():
             r = await client.chat.completions.create(model="m", messages=[{"role": "user", "content": f"q{i}"}])
             return r.choices[0].message.content
     await call(-1)  # warm up: connection, imports
+    if warm:  # and every connection the run will use
+        await asyncio.gather(*(call(-2 - i) for i in range(tasks)))
     left = iter(range(calls))
     errors = 0
     async def worker():
@@ -95,7 +104,8 @@ async def main():
     await asyncio.gather(*(worker() for _ in range(tasks)))
     wall, cpu = time.perf_counter() - t0, time.process_time() - c0
     ideal = calls / tasks * 0.050
-    print(f"{mode:<22} {calls:>6} {tasks:>6} {wall:>8.2f} s {100 * ideal / wall:>7.1f}% {1000 * cpu / calls:>9.2f} ms {errors:>6}")
+    label = f"{mode} (warm)" if warm else mode
+    print(f"{label:<22} {calls:>6} {tasks:>6} {wall:>8.2f} s {100 * ideal / wall:>7.1f}% {1000 * cpu / calls:>9.2f} ms {errors:>6}")
     if mode == "echelon":
         await gw.close()
 
@@ -107,4 +117,10 @@ echo "client                  calls  tasks     wall   ideal%  CPU/call  errors"
 "$PY" "$work/bench.py" openai-direct "$url" "$work/echelon.yaml" "$calls" "$tasks"
 "$PY" "$work/bench.py" openai-via-serve "$serve_url" "$work/echelon.yaml" "$calls" "$tasks"
 LITELLM_LOCAL_MODEL_COST_MAP=True "$PY" "$work/bench.py" litellm-router "$url" "$work/echelon.yaml" "$calls" "$tasks"
+if [ "${WARM:-0}" = 1 ]; then
+  "$PY" "$work/bench.py" echelon "$url" "$work/echelon.yaml" "$calls" "$tasks" warm
+  "$PY" "$work/bench.py" openai-direct "$url" "$work/echelon.yaml" "$calls" "$tasks" warm
+  "$PY" "$work/bench.py" openai-via-serve "$serve_url" "$work/echelon.yaml" "$calls" "$tasks" warm
+  LITELLM_LOCAL_MODEL_COST_MAP=True "$PY" "$work/bench.py" litellm-router "$url" "$work/echelon.yaml" "$calls" "$tasks" warm
+fi
 echo "load average: $(cat /proc/loadavg)"

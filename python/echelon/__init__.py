@@ -40,12 +40,15 @@ LLM = _native.Llm
 
 
 def _close_open_gateways() -> None:
-    """At exit: close the gateways still open, so that their ledger rows reach the disk."""
+    """At exit: close the gateways still open, so that their ledger rows reach the disk,
+    then end the calls still in flight and wait (at most 2 s) until the runtime's tasks
+    are done, so that none of them touches Python while the interpreter finalizes."""
     for gw in list(_native._open_gateways):
         try:
             gw.close_sync()
         except Exception:  # noqa: BLE001 - exiting anyway; the rest still get closed
             pass
+    _native._quiesce(2.0)
 
 
 atexit.register(_close_open_gateways)

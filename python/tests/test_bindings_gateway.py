@@ -369,3 +369,35 @@ def test_an_abandoned_stream_is_recorded_as_499(upstream, gateway, tmp_path):
     asyncio.run(scenario())
     db = sqlite3.connect(str(tmp_path / "ledger.db"))
     assert db.execute("SELECT status, stream FROM requests").fetchall() == [(499, 1)]
+
+
+def test_the_interpreter_exits_cleanly_with_calls_still_completing(upstream, tmp_path):
+    """Calls whose answers arrive while the interpreter shuts down (asyncio.run has
+    returned, the gateway is closed) must not crash it: the runtime's tasks finish touching
+    Python before finalization starts. Before the fix about one exit in ten was a
+    segfault (a tokio worker completing an asyncio future during Py_FinalizeEx)."""
+    import subprocess
+    import sys
+
+    slow = upstream("--latency-ms", "30")
+    path = tmp_path / "exit.yaml"
+    path.write_text(two_tier(slow.url, slow.url) + "\nusage:\n  ledger: false\n")
+    code = (
+        "import asyncio, echelon\n"
+        f"gw = echelon.Gateway.from_config({str(path)!r})\n"
+        "llm = gw.llm('good-model')\n"
+        "async def main():\n"
+        "    done = await asyncio.gather(*(llm(f'q{i}') for i in range(200)))\n"
+        "    assert len(done) == 200\n"
+        "    calls = [asyncio.ensure_future(llm(f'late{i}')) for i in range(200)]\n"
+        "    await asyncio.sleep(0.029)  # leave while their answers arrive\n"
+        "    await gw.close()\n"
+        "asyncio.run(main())\n"
+        "print('exited')\n"
+    )
+    crashes = []
+    for run in range(12):
+        out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+        if out.returncode != 0 or out.stdout.strip() != "exited":
+            crashes.append((run, out.returncode, out.stderr[-500:]))
+    assert crashes == []

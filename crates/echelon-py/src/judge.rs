@@ -91,9 +91,7 @@ impl Judge {
     ) -> PyResult<Bound<'py, PyAny>> {
         let items = items_of(items, self.pairwise())?;
         let judge = self.inner.clone();
-        pyo3_async_runtimes::tokio::future_into_py(py, async move {
-            results(judge_all(judge, items).await)
-        })
+        crate::awaitable(py, async move { results(judge_all(judge, items).await) })
     }
 
     /// [`score`](Self::score), blocking the thread (not the GIL).

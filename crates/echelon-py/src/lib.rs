@@ -16,8 +16,8 @@ mod usage;
 
 use std::future::Future;
 use std::path::PathBuf;
-use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::sync::{Arc, LazyLock, Mutex};
+use std::time::{Duration, Instant};
 
 use echelon::config::Config;
 use echelon::error::GatewayErrorKind;
@@ -29,6 +29,7 @@ use pyo3::exceptions::PyStopAsyncIteration;
 use pyo3::prelude::*;
 use pyo3::types::{PyDict, PyList};
 use serde_json::{Map, Value};
+use tokio_util::sync::CancellationToken;
 
 use crate::convert::{dict_to_map, from_py, to_py};
 use crate::errors::{ConfigError, gateway_error, local_error};
@@ -37,6 +38,48 @@ use crate::usage::TeeSink;
 /// The process's tokio runtime (made on first use, multi-thread).
 fn runtime() -> &'static tokio::runtime::Runtime {
     pyo3_async_runtimes::tokio::get_runtime()
+}
+
+/// Cancelled by [`_quiesce`] when the interpreter exits: the calls still in flight then
+/// end at once instead of completing while Python finalizes.
+static EXITING: LazyLock<CancellationToken> = LazyLock::new(CancellationToken::new);
+
+/// `fut` as an awaitable asyncio future (`pyo3_async_runtimes::tokio::future_into_py`),
+/// ended early with an `EchelonError` (status 499) when the interpreter exits.
+fn awaitable<'py, F, T>(py: Python<'py>, fut: F) -> PyResult<Bound<'py, PyAny>>
+where
+    F: Future<Output = PyResult<T>> + Send + 'static,
+    T: for<'a> IntoPyObject<'a> + Send + 'static,
+{
+    pyo3_async_runtimes::tokio::future_into_py(py, async move {
+        tokio::select! {
+            biased;
+            () = EXITING.cancelled() => Err(local_error(499, "the interpreter is exiting")),
+            out = fut => out,
+        }
+    })
+}
+
+/// At exit (the atexit hook of `echelon/__init__.py`, after the open gateways are
+/// closed): ends the calls still in flight and waits, with the GIL released, until the
+/// runtime has no task left, at most `timeout` seconds.
+///
+/// A tokio worker that completes an asyncio future takes the GIL and calls into Python
+/// (`call_soon_threadsafe`); done while `Py_FinalizeEx` runs, that crashed the
+/// interpreter (a segfault in about one exit in two with calls in flight, one in ten
+/// without). Waiting here, while the interpreter is still whole, lets every such task
+/// finish first.
+#[pyfunction]
+fn _quiesce(py: Python<'_>, timeout: f64) {
+    EXITING.cancel();
+    let wait = Duration::try_from_secs_f64(timeout).unwrap_or(Duration::ZERO);
+    let deadline = Instant::now() + wait;
+    py.detach(|| {
+        let metrics = runtime().metrics();
+        while metrics.num_alive_tasks() > 0 && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(1));
+        }
+    });
 }
 
 /// Runs `fut` to completion on the runtime with the GIL released.
@@ -119,9 +162,10 @@ impl Gateway {
     /// `{"ok": bool, "error": str | None}`.
     fn health_check_all<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyAny>> {
         let gw = self.inner.clone();
-        pyo3_async_runtimes::tokio::future_into_py(py, async move {
-            health_to_object(gw.health_check_all().await)
-        })
+        awaitable(
+            py,
+            async move { health_to_object(gw.health_check_all().await) },
+        )
     }
 
     /// [`health_check_all`](Self::health_check_all), blocking.
@@ -234,7 +278,7 @@ impl Gateway {
     /// Stops the background tasks, waits for the records still being written and closes
     /// the ledger (every row is on disk when it returns). Awaitable; idempotent.
     fn close<'py>(slf: Py<Self>, py: Python<'py>) -> PyResult<Bound<'py, PyAny>> {
-        pyo3_async_runtimes::tokio::future_into_py(py, async move { slf.get().shutdown().await })
+        awaitable(py, async move { slf.get().shutdown().await })
     }
 
     /// [`close`](Self::close), blocking.
@@ -490,7 +534,7 @@ impl Llm {
     ) -> PyResult<Bound<'py, PyAny>> {
         let params = self.prompt_request(py, &prompt, kwargs)?;
         let handle = self.handle.clone();
-        pyo3_async_runtimes::tokio::future_into_py(py, complete(handle, prompt, params))
+        awaitable(py, complete(handle, prompt, params))
     }
 
     /// `llm(prompt)` from synchronous code: blocks the thread (not the GIL) until the text.
@@ -519,7 +563,7 @@ impl Llm {
     ) -> PyResult<Bound<'py, PyAny>> {
         let params = self.prompt_request(py, &prompt, kwargs)?;
         let handle = self.handle.clone();
-        pyo3_async_runtimes::tokio::future_into_py(py, async move {
+        awaitable(py, async move {
             let text = complete(handle, prompt, params).await?;
             Python::attach(|py| match formatter {
                 None => Ok(text.into_pyobject(py)?.into_any().unbind()),
@@ -540,7 +584,7 @@ impl Llm {
     ) -> PyResult<Bound<'py, PyAny>> {
         let (req, timeout) = build_request(self.handle.name(), messages, params)?;
         let handle = self.handle.clone();
-        pyo3_async_runtimes::tokio::future_into_py(py, chat(handle, req, timeout))
+        awaitable(py, chat(handle, req, timeout))
     }
 
     /// [`chat`](Self::chat), blocking.
@@ -661,7 +705,7 @@ impl ChatStream {
     /// failure.
     fn __anext__<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyAny>> {
         let state = self.state.clone();
-        pyo3_async_runtimes::tokio::future_into_py(py, async move {
+        awaitable(py, async move {
             let mut guard = state.lock().await;
             if let StreamState::NotStarted { .. } = &*guard {
                 let StreamState::NotStarted {
@@ -702,7 +746,7 @@ impl ChatStream {
     /// it had ended). Awaitable.
     fn aclose<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyAny>> {
         let state = self.state.clone();
-        pyo3_async_runtimes::tokio::future_into_py(py, async move {
+        awaitable(py, async move {
             *state.lock().await = StreamState::Done;
             Ok(())
         })
@@ -716,6 +760,7 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<Llm>()?;
     m.add_class::<ChatStream>()?;
     m.add_class::<judge::Judge>()?;
+    m.add_function(wrap_pyfunction!(_quiesce, m)?)?;
     errors::register(m)?;
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;
     m.add(
