@@ -385,6 +385,10 @@ fn restart_notes(old: &Config, new: &Config) -> Vec<String> {
     if old.usage != new.usage {
         out.push("usage".to_owned());
     }
+    // The exporter is installed in the process's tracing subscriber once, at start.
+    if old.telemetry != new.telemetry {
+        out.push("telemetry".to_owned());
+    }
     out
 }
 
