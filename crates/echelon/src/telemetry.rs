@@ -36,7 +36,8 @@ pub fn enabled() -> bool {
 
 /// The span of one call to `model` (`gen_ai.operation.name` = `operation`,
 /// `chat` or `embeddings`) for the request routed as `route`: named
-/// `{operation} {upstream model}` as the GenAI conventions say, of kind client. The
+/// `{operation} {upstream model}` as the GenAI conventions say, of kind client; the
+/// route as the client wrote it, cut to the length the gateway echoes. The
 /// fields recorded later ([`Empty`](tracing::field::Empty) until then):
 /// `gen_ai.response.model`, `gen_ai.usage.input_tokens`, `gen_ai.usage.output_tokens`,
 /// `error.type`, `echelon.attempt.kind`, `echelon.key_id`, `http.response.status_code`.
@@ -66,7 +67,7 @@ pub(crate) fn attempt_span(
         gen_ai.usage.output_tokens = tracing::field::Empty,
         error.type = tracing::field::Empty,
         http.response.status_code = tracing::field::Empty,
-        echelon.route = route,
+        echelon.route = %echelon_types::bounded_name(route),
         echelon.model = model_id,
         echelon.attempt = attempt,
         echelon.attempt.kind = tracing::field::Empty,

@@ -2559,13 +2559,26 @@ fn telemetry_section_loads_expands_and_reports_its_errors() {
     assert_eq!(on.telemetry.sample_ratio, 0.25);
 
     for (bad, key, says) in [
-        ("{ sample_ratio: 1.5 }", "telemetry.sample_ratio", "between 0 and 1"),
-        ("{ otlp_endpoint: \"grpc://c:4317\" }", "telemetry.otlp_endpoint", "OTLP/HTTP endpoint"),
-        ("{ service_name: \"\" }", "telemetry.service_name", "must not be empty"),
+        (
+            "{ sample_ratio: 1.5 }",
+            "telemetry.sample_ratio",
+            "between 0 and 1",
+        ),
+        (
+            "{ otlp_endpoint: \"grpc://c:4317\" }",
+            "telemetry.otlp_endpoint",
+            "OTLP/HTTP endpoint",
+        ),
+        (
+            "{ service_name: \"\" }",
+            "telemetry.service_name",
+            "must not be empty",
+        ),
         ("{ sample_rate: 0.5 }", "telemetry", "sample_ratio"),
     ] {
-        let errors = Config::from_str_with_env(&format!("{base}telemetry: {bad}\n"), "t.yaml", &none)
-            .unwrap_err();
+        let errors =
+            Config::from_str_with_env(&format!("{base}telemetry: {bad}\n"), "t.yaml", &none)
+                .unwrap_err();
         let e = errors.0.first().unwrap();
         assert_eq!(e.file, "t.yaml", "{e}");
         assert_eq!(e.line, Some(5), "{e}");

@@ -122,8 +122,8 @@ pub use model::{
     UsageConfig, WrapperConfig,
 };
 pub use state::{OnUnavailable, StateBackend, StateConfig};
-pub use telemetry::TelemetryConfig;
 pub(crate) use state::{REDIS_SCHEMES, check_redis_url};
+pub use telemetry::TelemetryConfig;
 
 impl Config {
     /// Loads a YAML or JSON file (JSON when the name ends in `.json`), or a directory
