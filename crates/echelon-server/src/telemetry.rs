@@ -15,7 +15,7 @@ use std::time::Duration;
 
 use echelon::config::TelemetryConfig;
 use opentelemetry::propagation::TextMapPropagator;
-use opentelemetry::trace::TracerProvider as _;
+use opentelemetry::trace::{TraceContextExt as _, TracerProvider as _};
 use opentelemetry_otlp::{Protocol, WithExportConfig};
 use opentelemetry_sdk::Resource;
 use opentelemetry_sdk::propagation::TraceContextPropagator;
@@ -178,7 +178,11 @@ pub(crate) fn record_request(operation: &'static str, route: &str) {
         return;
     }
     let span = Span::current();
-    span.record("otel.name", format!("{operation} {route}"));
+    // The layer takes a recorded `otel.name` only before the span starts (the incoming
+    // parent starts it): rename the started span itself.
+    let name = format!("{operation} {route}");
+    span.context().span().update_name(name.clone());
+    span.record("otel.name", name);
     span.record("gen_ai.operation.name", operation);
     span.record("gen_ai.request.model", route);
     span.record("echelon.route", route);
