@@ -8,7 +8,7 @@
 mod common;
 
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use echelon::Gateway;
 use echelon::config::Config;
@@ -20,6 +20,11 @@ use tracing_subscriber::prelude::*;
 
 const TRACE_ID: &str = "4bf92f3577b34da6a3ce929d0e0e4736";
 const CALLER_SPAN: &str = "00f067aa0ba902b7";
+const CHUNK_DELAY: Duration = Duration::from_millis(50);
+
+fn unix_nanos(t: SystemTime) -> u64 {
+    t.duration_since(UNIX_EPOCH).unwrap().as_nanos() as u64
+}
 
 async fn upstream(alias: &str, key: &str) -> TestUpstream {
     TestUpstream::start_with(UpstreamOptions {
@@ -32,7 +37,7 @@ async fn upstream(alias: &str, key: &str) -> TestUpstream {
 }
 
 /// The spans of the receiver once `want` have arrived (they are flushed by then).
-async fn spans(receiver: &OtlpReceiver, want: usize) -> Vec<ReceivedSpan> {
+async fn received(receiver: &OtlpReceiver, want: usize) -> Vec<ReceivedSpan> {
     let deadline = Instant::now() + Duration::from_secs(5);
     loop {
         let got = receiver.spans();
@@ -51,6 +56,14 @@ async fn a_request_that_fails_over_twice_is_one_trace_with_a_span_per_attempt() 
         upstream("up-b", "sk-secret-b").await,
         upstream("up-c", "sk-secret-c").await,
     );
+    // A slow stream: its spans must stay open until its last chunk.
+    let d = TestUpstream::start_with(UpstreamOptions {
+        model_alias: "up-d".into(),
+        chunk_delay: CHUNK_DELAY,
+        ..Default::default()
+    })
+    .await
+    .unwrap();
     a.set_behavior(Behavior::status(500));
     b.set_behavior(Behavior::status(500));
     // `a2` shares a's provider: after a fails it is skipped (`provider_failed`).
@@ -61,11 +74,13 @@ providers:
   pa: {{ base_url: "{}", api_keys: [sk-secret-a] }}
   pb: {{ base_url: "{}", api_keys: [sk-secret-b] }}
   pc: {{ base_url: "{}", api_keys: [sk-secret-c] }}
+  pd: {{ base_url: "{}" }}
 models:
   a: {{ provider: pa, model: up-a, max_retries: 0 }}
   a2: {{ provider: pa, model: up-a, max_retries: 0 }}
   b: {{ provider: pb, model: up-b, max_retries: 0 }}
   c: {{ provider: pc, model: up-c, max_retries: 0 }}
+  d: {{ provider: pd, model: up-d }}
 task_groups:
   grp:
     echelon1: {{ models: [a] }}
@@ -76,7 +91,8 @@ task_groups:
         receiver.endpoint(),
         a.base_url(),
         b.base_url(),
-        c.base_url()
+        c.base_url(),
+        d.base_url()
     );
     let config = Config::from_str(&yaml, "t.yaml").unwrap();
     let (layer, telemetry) = Telemetry::start::<tracing_subscriber::Registry>(&config.telemetry)
@@ -104,7 +120,7 @@ task_groups:
         .await
         .unwrap()
         .unwrap();
-    let spans = spans(&receiver, 4).await;
+    let spans = received(&receiver, 4).await;
     let names: Vec<&str> = spans.iter().map(|s| s.name.as_str()).collect();
 
     // The request span: under the caller's traceparent, kind server.
@@ -211,6 +227,68 @@ task_groups:
             .to_owned();
         assert_eq!(tp, format!("00-{TRACE_ID}-{}-01", span.span_id));
     }
+
+    // A stream: the request and attempt spans end with its last chunk, not its first,
+    // and the attempt span has the stream's tokens.
+    let resp = reqwest::Client::new()
+        .post(server.url("/v1/chat/completions"))
+        .json(&json!({
+            "model": "d", "stream": true, "stream_options": {"include_usage": true},
+            "messages": [{"role": "user", "content": "hi"}]
+        }))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    let head_at = SystemTime::now();
+    let text = resp.text().await.unwrap();
+    let end_at = SystemTime::now();
+    assert!(text.ends_with("data: [DONE]\n\n"), "{text}");
+    let streamed = end_at.duration_since(head_at).unwrap();
+    assert!(streamed >= 2 * CHUNK_DELAY, "the stream took {streamed:?}");
+    let t = telemetry.clone();
+    tokio::task::spawn_blocking(move || t.force_flush())
+        .await
+        .unwrap()
+        .unwrap();
+    let all = received(&receiver, 6).await;
+    let stream_request = all
+        .iter()
+        .find(|s| s.name == "chat d")
+        .expect("stream request span");
+    let stream_attempt = all
+        .iter()
+        .find(|s| s.name == "chat up-d")
+        .expect("stream attempt span");
+    assert_eq!(stream_attempt.parent_span_id, stream_request.span_id);
+    // Closing at the first chunk would end them about `streamed` before the end.
+    let slack = unix_nanos(end_at) - CHUNK_DELAY.as_nanos() as u64 / 2;
+    assert!(
+        stream_attempt.end_unix_nanos >= slack,
+        "the attempt span ended {:?} before the stream",
+        Duration::from_nanos(unix_nanos(end_at) - stream_attempt.end_unix_nanos)
+    );
+    assert!(
+        stream_request.end_unix_nanos >= slack,
+        "the request span ends with the stream"
+    );
+    assert_eq!(
+        stream_attempt.attr("echelon.attempt.kind").as_deref(),
+        Some("ok")
+    );
+    assert_eq!(
+        stream_attempt.attr("gen_ai.response.model").as_deref(),
+        Some("up-d")
+    );
+    assert!(
+        stream_attempt.attr("gen_ai.usage.output_tokens").is_some(),
+        "{stream_attempt:?}"
+    );
+    assert_eq!(
+        stream_attempt.attr("echelon.key_id"),
+        None,
+        "a keyless provider"
+    );
 
     tokio::task::spawn_blocking(move || telemetry.shutdown())
         .await

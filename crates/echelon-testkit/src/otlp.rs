@@ -36,6 +36,10 @@ pub struct ReceivedSpan {
     pub kind: i32,
     /// The status code as OTLP numbers it (0 unset, 1 ok, 2 error).
     pub status_code: i32,
+    /// When it started, in nanoseconds since the Unix epoch.
+    pub start_unix_nanos: u64,
+    /// When it ended, in nanoseconds since the Unix epoch.
+    pub end_unix_nanos: u64,
     /// Its attributes, the values as JSON (string, integer, float, bool).
     pub attributes: BTreeMap<String, Value>,
     /// Its events: name and attributes.
@@ -158,6 +162,8 @@ async fn handle(
                     parent_span_id: hex(&span.parent_span_id),
                     kind: span.kind,
                     status_code: span.status.map_or(0, |s| s.code),
+                    start_unix_nanos: span.start_time_unix_nano,
+                    end_unix_nanos: span.end_time_unix_nano,
                     attributes: attributes(&span.attributes),
                     events: span
                         .events

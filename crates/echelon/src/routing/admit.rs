@@ -101,6 +101,9 @@ impl Admitted {
     /// Hands every ticket the sent call's outcome and releases what they hold.
     pub(crate) fn report(self, report: &Report<'_>) {
         crate::telemetry::record_outcome(&self.span, report.outcome, report.status);
+        // The exporter ends a span at its last exit: entered here, a stream's attempt
+        // span ends with the stream, not with its first chunk.
+        let _entered = (!self.span.is_none()).then(|| self.span.enter());
         self.breaker.report(report);
         for b in self.buckets {
             b.report(report);
