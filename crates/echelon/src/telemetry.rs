@@ -160,3 +160,21 @@ impl opentelemetry::propagation::Injector for Injector<'_> {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Off (the default): no span, no event, no header; nothing is formatted.
+    #[test]
+    fn off_builds_nothing() {
+        assert!(!enabled());
+        let span = attempt_span("chat", "route", "m", "p", "up", 1);
+        assert!(span.is_none());
+        record_key(&span, "abcd1234");
+        record_usage(&span, Some("up"), Some(1), Some(2));
+        let req = propagate(reqwest::Client::new().get("http://127.0.0.1:1/"));
+        let built = req.build().unwrap_or_else(|e| panic!("{e}"));
+        assert!(built.headers().get("traceparent").is_none());
+    }
+}
