@@ -512,4 +512,13 @@ task_groups:
         assert_eq!(d.needs_restart, ["server.port"]);
         assert!(!d.is_empty());
     }
+
+    /// The exporter is installed once, at start (issue 18).
+    #[test]
+    fn the_telemetry_section_needs_a_restart() {
+        let new = format!("telemetry: {{ otlp_endpoint: \"http://c:4318\" }}\n{OLD}");
+        let d = ConfigDiff::between(&cfg(OLD), &cfg(&new));
+        assert_eq!(d.needs_restart, ["telemetry"]);
+        assert!(d.to_string().contains("restart telemetry"), "{d}");
+    }
 }
