@@ -22,6 +22,12 @@
 # STATE=redis bench/run.sh: the same with `state: { backend: redis }` (issue 15), on a
 # redis-server of its own (Debian's redis-server, installed when missing) on a free port;
 # its table goes to its own section of BENCHMARKS.md, next to the memory one.
+#
+# TELEMETRY=1 bench/run.sh: telemetry's cost (issue 18, target: at most 10% fewer
+# requests/s at concurrency 50): a second gateway with `telemetry:` exporting every span
+# (sample_ratio 1) to a local OTLP/HTTP sink (python3, answers 200 and drops the body),
+# against the same gateway without it. Only those rows run: "direct" is the gateway
+# with telemetry off, "gateway" the one with it on; its own section of BENCHMARKS.md.
 set -euo pipefail
 root="$(cd "$(dirname "$0")/.." && pwd)"
 cd "$root"
@@ -34,6 +40,7 @@ case "${1:-}" in
 esac
 rounds="${ROUNDS:-3}" secs="${DURATION:-3}"
 state="${STATE:-memory}"
+telemetry="${TELEMETRY:-0}"
 case "$state" in memory|redis) ;; *) echo "STATE must be memory or redis" >&2; exit 2 ;; esac
 
 command -v wrk >/dev/null || { sudo_cmd=""; [ "$(id -u)" -ne 0 ] && sudo_cmd=sudo; $sudo_cmd apt-get install -y -qq wrk >/dev/null; }
@@ -51,6 +58,7 @@ if [ "$state" = redis ]; then
   state_yaml="state: { backend: redis, url: \"redis://127.0.0.1:$redis_port/0\", timeout_ms: 50 }"
   marker="bench/run.sh state=redis"
 fi
+[ "$telemetry" = 1 ] && marker="bench/run.sh telemetry=1"
 
 "$bin/echelon-testkit" --port 0 >"$work/up0.out" 2>&1 & pids+=($!); up0_pid=$!
 "$bin/echelon-testkit" --port 0 --latency-ms 50 >"$work/up50.out" 2>&1 & pids+=($!)
@@ -87,6 +95,31 @@ $state_yaml
 YAML
 "$bin/echelon" serve --config "$work/gw.yaml" --port 0 >"$work/gw.out" 2>"$work/gw.err" & pids+=($!); gw_pid=$!
 gw="$(wait_url "$work/gw.out")"
+# The gateway (and its pid) the "gateway" column measures; the "direct" one's pid.
+gw_target="$gw" gw_target_pid="$gw_pid" direct_pid="$up0_pid"
+if [ "$telemetry" = 1 ]; then
+  otlp_port="$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')"
+  python3 - "$otlp_port" >"$work/otlp.out" 2>&1 <<'PY' & pids+=($!)
+import http.server, sys
+class Sink(http.server.BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    def do_POST(self):
+        self.rfile.read(int(self.headers.get("Content-Length", 0)))
+        self.send_response(200)
+        self.send_header("Content-Type", "application/x-protobuf")
+        self.send_header("Content-Length", "0")
+        self.end_headers()
+    def log_message(self, *args):
+        pass
+http.server.ThreadingHTTPServer(("127.0.0.1", int(sys.argv[1])), Sink).serve_forever()
+PY
+  { cat "$work/gw.yaml"; echo "telemetry: { otlp_endpoint: \"http://127.0.0.1:$otlp_port\", sample_ratio: 1.0 }"; } >"$work/gw-otel.yaml"
+  sed -i "s|ledger: \"$work/ledger.db\"|ledger: \"$work/ledger-otel.db\"|" "$work/gw-otel.yaml"
+  "$bin/echelon" serve --config "$work/gw-otel.yaml" --port 0 >"$work/gw-otel.out" 2>"$work/gw-otel.err" & pids+=($!)
+  gw_target_pid=$!
+  gw_target="$(wait_url "$work/gw-otel.out")"
+  direct_pid="$gw_pid"
+fi
 
 lua() { # $1 = file, $2 = model, $3 = true|false (stream)
   local extra=""; [ "$3" = true ] && extra=',"stream":true'
@@ -171,8 +204,15 @@ scenarios=(
   "messages out c50 0ms|test-model|claude-a|json|50|$up0|messages /v1/messages|json /v1/chat/completions"
   "messages native c50 0ms|test-model|claude-a|json|50|$up0|messages /v1/messages|messages /v1/messages"
 )
+if [ "$telemetry" = 1 ]; then
+  scenarios=(
+    "telemetry json c50 0ms|fast_group|fast_group|json|50|$gw"
+    "telemetry stream c50 0ms|fast_group|fast_group|sse|50|$gw"
+  )
+fi
 echo "warming up the gateway"
 wrk -t2 -c50 -d2s -s "$work/fast_group-json.lua" "$gw/v1/chat/completions" >/dev/null
+[ "$telemetry" = 1 ] && wrk -t2 -c50 -d2s -s "$work/fast_group-json.lua" "$gw_target/v1/chat/completions" >/dev/null
 results="$work/results.tsv"
 : >"$results"
 for round in $(seq 1 "$rounds"); do
@@ -180,11 +220,12 @@ for round in $(seq 1 "$rounds"); do
     IFS='|' read -r name m_direct m_gw kind conns up direct_at gw_at <<<"$s"
     read -r d_kind d_path <<<"${direct_at:-$kind /v1/chat/completions}"
     read -r g_kind g_path <<<"${gw_at:-$kind /v1/chat/completions}"
-    d="$(wrk_run "$up" "$work/$m_direct-$d_kind.lua" "$conns" "$secs" "$up0_pid" "$d_path")"
-    g="$(wrk_run "$gw" "$work/$m_gw-$g_kind.lua" "$conns" "$secs" "$gw_pid" "$g_path")"
+    d="$(wrk_run "$up" "$work/$m_direct-$d_kind.lua" "$conns" "$secs" "$direct_pid" "$d_path")"
+    g="$(wrk_run "$gw_target" "$work/$m_gw-$g_kind.lua" "$conns" "$secs" "$gw_target_pid" "$g_path")"
     printf '%s\t%s\tdirect\t%s\n%s\t%s\tgateway\t%s\n' "$round" "$name" "$d" "$round" "$name" "$g" >>"$results"
     echo "round $round, $name: direct [$d] gateway [$g]  (rps p50 p99 n errors cpu_s)"
   done
+  [ "$telemetry" = 1 ] && continue  # the probe rows are the memory table's
   for target in direct gateway; do
     if [ "$target" = direct ]; then url="$up0/v1" model=test-model; else url="$gw/v1" model=fast_group; fi
     p="$("$bin/echelon" probe --url "$url" --model "$model" --stream -n 300 --warmup 30 --json)"
@@ -192,7 +233,7 @@ for round in $(seq 1 "$rounds"); do
     echo "round $round, ttft $target: $(echo "$p" | python3 -c 'import json,sys; r=json.load(sys.stdin); print(r["ttft_ms"], r["errors"], "errors")')"
   done
 done
-hwm="$(hwm_kb "$gw_pid")"
+hwm="$(hwm_kb "$gw_target_pid")"
 
 table="$(python3 - "$results" "$hwm" "$rounds" "$secs" <<'PY'
 import json, statistics, sys
@@ -245,7 +286,7 @@ if [ "$write" = 1 ]; then
   cpu_model="$(sed -n 's/^model name\s*: //p' /proc/cpuinfo | head -1)"
   section="$(printf '%s\n' \
     "<!-- $marker:begin (written by bench/run.sh; edit the script, not this) -->" \
-    "- **Command:** \`$([ "$state" = redis ] && printf 'STATE=redis ')bench/run.sh\` (ROUNDS=$rounds, DURATION=$secs)" \
+    "- **Command:** \`$([ "$state" = redis ] && printf 'STATE=redis ')$([ "$telemetry" = 1 ] && printf 'TELEMETRY=1 ')bench/run.sh\` (ROUNDS=$rounds, DURATION=$secs)$([ "$telemetry" = 1 ] && printf '; direct = the gateway with telemetry off, gateway = with every span exported to a local OTLP/HTTP sink')" \
     "- **Machine:** $(nproc) vCPU $cpu_model, $(awk '/MemTotal/ {printf "%.0f GiB", $2/1048576}' /proc/meminfo), $(rustc --version | cut -d' ' -f1-2); wrk, upstream and gateway share the cores; load average at the start $(cut -d' ' -f1-3 /proc/loadavg)" \
     "- **Date:** $(date -u +%Y-%m-%d)" \
     "" "$table" \
@@ -256,6 +297,7 @@ path, section, marker = sys.argv[1], sys.argv[2], sys.argv[3]
 text = open(path).read()
 pattern = re.compile(re.escape(f"<!-- {marker}:begin") + r".*?" + re.escape(f"<!-- {marker}:end -->"), re.S)
 title = ("## Gateway vs direct: `bench/run.sh` (issue 7)" if marker == "bench/run.sh"
+         else "## Telemetry on vs off: `TELEMETRY=1 bench/run.sh` (issue 18)" if "telemetry" in marker
          else "## Shared state on Redis: `STATE=redis bench/run.sh` (issue 15)")
 if pattern.search(text):
     text = pattern.sub(lambda _: section, text)

@@ -261,8 +261,29 @@ fn main() -> ExitCode {
         _ => 0,
     };
     echelon_socket::reserve_descriptors(descriptors::for_connections(connections));
-    init_tracing(cli.log_format);
-    match cli.command {
+    // `echelon serve` with `telemetry:` exports traces: the section is read before the
+    // subscriber exists (a config that does not load is reported by `serve` itself).
+    let telemetry = match &cli.command {
+        Command::Serve { config, .. } => Config::load(config)
+            .ok()
+            .map(|c| c.telemetry)
+            .filter(|t| t.enabled()),
+        _ => None,
+    };
+    let exporter = init_tracing(cli.log_format, telemetry.as_ref());
+    let code = dispatch(cli.command);
+    // After the runtime is gone: the last spans are sent (a blocking call).
+    if let Some(exporter) = exporter
+        && let Err(e) = exporter.shutdown()
+    {
+        eprintln!("warning: the last spans were not exported: {e}");
+    }
+    code
+}
+
+/// Runs the command.
+fn dispatch(command: Command) -> ExitCode {
+    match command {
         Command::Config(ConfigCommand::Validate { path }) => validate(&path),
         Command::Config(ConfigCommand::Diff { old, new, json }) => config_diff(&old, &new, json),
         Command::Config(ConfigCommand::Migrate {
@@ -304,19 +325,58 @@ fn main() -> ExitCode {
     }
 }
 
-fn init_tracing(format: LogFormat) {
+/// The process's subscriber: log lines (text or JSON) filtered by `ECHELON_LOG` (default
+/// `info`) and, with `telemetry`, the OpenTelemetry layer exporting the request and
+/// attempt spans (issue 18); returns the exporter to shut down at exit. The exported
+/// spans (target `echelon::otel`) never reach the log lines.
+fn init_tracing(
+    format: LogFormat,
+    telemetry: Option<&echelon::config::TelemetryConfig>,
+) -> Option<echelon_server::telemetry::Telemetry> {
+    use tracing_subscriber::prelude::*;
+    type Boxed = Box<dyn tracing_subscriber::Layer<tracing_subscriber::Registry> + Send + Sync>;
     let filter = tracing_subscriber::EnvFilter::try_from_env("ECHELON_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let filter = match format!("{}=off", echelon::telemetry::TARGET).parse() {
+        Ok(directive) => filter.add_directive(directive),
+        Err(_) => filter,
+    };
     // Colour codes only for a terminal: in a log file or a pipe they are noise.
     let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
+    let fmt = tracing_subscriber::fmt::layer()
         .with_ansi(ansi)
         .with_writer(std::io::stderr);
-    match format {
-        LogFormat::Text => builder.init(),
-        LogFormat::Json => builder.json().init(),
+    let fmt: Boxed = match format {
+        LogFormat::Text => fmt.with_filter(filter).boxed(),
+        LogFormat::Json => fmt.json().with_filter(filter).boxed(),
+    };
+    let mut layers = vec![fmt];
+    let mut exporter = None;
+    let mut failed = None;
+    if let Some(config) = telemetry {
+        match echelon_server::telemetry::Telemetry::start(config) {
+            Ok(Some((layer, handle))) => {
+                layers.push(layer);
+                exporter = Some(handle);
+            }
+            Ok(None) => {}
+            Err(e) => failed = Some(e),
+        }
     }
+    tracing_subscriber::registry().with(layers).init();
+    if let Some(e) = failed {
+        tracing::warn!("telemetry off: {e}");
+    }
+    if let (Some(config), Some(_)) = (telemetry, &exporter) {
+        echelon_server::telemetry::enable();
+        tracing::info!(
+            endpoint = config.traces_url().as_deref().unwrap_or_default(),
+            service = %config.service_name,
+            sample_ratio = config.sample_ratio,
+            "exporting traces over OTLP/HTTP"
+        );
+    }
+    exporter
 }
 
 /// Runs a command on a multi-thread runtime.

@@ -174,6 +174,51 @@ async fn serve_finishes_in_flight_requests_on_sigterm() {
     );
 }
 
+/// Issue 18: `echelon serve` with `telemetry:` installs the exporter in its subscriber,
+/// and the spans of a request are sent by SIGTERM at the latest (no wait for the batch).
+#[tokio::test]
+async fn serve_exports_the_request_spans_by_its_exit() {
+    let up = TestUpstream::start().await.unwrap();
+    let receiver = echelon_testkit::OtlpReceiver::start().await.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let yaml = format!(
+        "{}telemetry: {{ otlp_endpoint: \"{}\" }}\n",
+        config_for(&up.base_url()),
+        receiver.endpoint()
+    );
+    let p = write(&dir, "c.yaml", &yaml);
+    let (mut child, url) = spawn_serve(&p, dir.path());
+    let resp = reqwest::Client::new()
+        .post(format!("{url}/v1/chat/completions"))
+        .header(
+            "traceparent",
+            "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01",
+        )
+        .json(&serde_json::json!({"model": "grp", "messages": [{"role": "user", "content": "hi"}]}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    sigterm(&child);
+    let status = tokio::task::spawn_blocking(move || child.wait())
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(status.success(), "{status:?}");
+    let spans = receiver.spans();
+    let names: Vec<&str> = spans.iter().map(|s| s.name.as_str()).collect();
+    assert!(names.contains(&"chat grp"), "{names:?}");
+    assert!(names.contains(&"chat m1"), "{names:?}");
+    assert!(
+        spans
+            .iter()
+            .all(|s| s.trace_id == "0af7651916cd43dd8448eb211c80319c"),
+        "{spans:?}"
+    );
+    let tp = up.recorded()[0].headers.get("traceparent").cloned();
+    assert!(tp.is_some(), "the upstream got a traceparent");
+}
+
 /// Issue 14 item 10: a request that outlasts the operator's patience no longer keeps
 /// `serve` alive after SIGTERM: a second signal exits at once (status 143).
 #[tokio::test]

@@ -56,6 +56,9 @@ where
     let request_id = request_id(&headers);
     let arrived = std::time::Instant::now();
     let span = tracing::info_span!("request", request_id = %request_id);
+    // The exported span (`telemetry:`; none when off), innermost so that the handler
+    // records into it and the attempts are its children.
+    let otel = crate::telemetry::request_span(&headers, &request_id);
     let options = call_options(&headers, request_id.clone());
     let run = async move {
         let JsonBody(body) = body?;
@@ -72,10 +75,22 @@ where
         .await
     };
     let mut resp = run
+        .instrument(otel.clone())
         .instrument(span)
         .await
         .unwrap_or_else(|e| e.in_dialect(dialect).into_response());
     echo_request_id(&mut resp, &request_id);
+    if !otel.is_none() {
+        crate::telemetry::record_status(&otel, resp.status());
+        // A stream's request span ends with its last chunk.
+        let sse = resp
+            .headers()
+            .get(http::header::CONTENT_TYPE)
+            .is_some_and(|v| v.as_bytes().starts_with(b"text/event-stream"));
+        if sse {
+            resp = resp.map(|body| crate::telemetry::body_in_span(body, otel));
+        }
+    }
     resp
 }
 
@@ -123,6 +138,7 @@ async fn chat(r: Routed) -> Result<Response, ApiError> {
     // in the ledger and the metrics anyway. Failures, skips, fallbacks and breaker
     // transitions still log at info or above.
     tracing::debug!(route = %echelon_types::bounded_name(&req.model), stream = req.is_stream(), "chat completion");
+    crate::telemetry::record_request("chat", &echelon_types::bounded_name(&req.model));
     // Every routed answer, an error too, says the gateway's own time
     // (`x-echelon-overhead-ms`): for a stream, up to its response head.
     let routed_error = |e: echelon::GatewayError| {
@@ -134,6 +150,7 @@ async fn chat(r: Routed) -> Result<Response, ApiError> {
             .chat_stream_with(req, &options)
             .await
             .map_err(routed_error)?;
+        crate::telemetry::record_answer(stream.model(), None, None);
         let overhead = overhead_ms(arrived, stream.attempts());
         let mut resp = stream_response(stream);
         resp.headers_mut()
@@ -145,6 +162,11 @@ async fn chat(r: Routed) -> Result<Response, ApiError> {
             .chat_with(req, &options)
             .await
             .map_err(routed_error)?;
+        crate::telemetry::record_answer(
+            &done.model,
+            Some(&done.response.model),
+            done.response.usage.as_ref(),
+        );
         let mut resp = json_response(StatusCode::OK, &done.response)?;
         put_route_headers(resp.headers_mut(), &done.model, &done.attempts);
         put_overhead(resp.headers_mut(), arrived, &done.attempts);

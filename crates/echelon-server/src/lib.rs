@@ -51,6 +51,7 @@ pub mod reload;
 mod reply;
 mod responses;
 mod sse;
+pub mod telemetry;
 
 use std::future::Future;
 use std::net::SocketAddr;

@@ -38,6 +38,7 @@
 pub mod anthropic;
 mod behavior;
 pub mod embeddings;
+pub mod otlp;
 pub mod real;
 mod server;
 mod timer;
@@ -54,6 +55,7 @@ use tokio::task::JoinHandle;
 pub use behavior::{Behavior, FaultPlan, ParseBehaviorError};
 /// The header map type of [`RecordedRequest::headers`] (hyper's re-export of `http`).
 pub use hyper::HeaderMap;
+pub use otlp::{OtlpReceiver, ReceivedSpan};
 
 /// Options of a [`TestUpstream`]; build with `..Default::default()`.
 #[derive(Clone, Debug)]

@@ -21,6 +21,7 @@ pub mod provider;
 pub mod resilience;
 pub mod routing;
 pub mod state;
+pub mod telemetry;
 pub mod tokens;
 pub mod usage;
 

@@ -2526,3 +2526,64 @@ connect: 1, rate_limited: 2, server_error: 3, malformed: 4, stream_cut: 5 } }\n"
         ]
     );
 }
+
+// telemetry (issue 18)
+
+/// `telemetry:` loads with its defaults, takes `${VAR}`, and reports a bad value at its
+/// file, line and column.
+#[test]
+fn telemetry_section_loads_expands_and_reports_its_errors() {
+    let base = "models:\n  m: { provider: p, model: x }\nproviders:\n  p: { base_url: \"http://127.0.0.1:1/v1\" }\n";
+    let none = |_: &str| None;
+    let off = Config::from_str_with_env(base, "t.yaml", &none).unwrap();
+    assert!(!off.telemetry.enabled(), "off by default");
+    assert_eq!(off.telemetry.service_name, "echelon");
+    assert_eq!(off.telemetry.sample_ratio, 1.0);
+
+    let env = env_of(&[("OTLP", "http://collector:4318/")]);
+    let on = Config::from_str_with_env(
+        &format!("{base}telemetry: {{ otlp_endpoint: \"${{OTLP}}\", service_name: gw, sample_ratio: 0.25 }}\n"),
+        "t.yaml",
+        &env,
+    )
+    .unwrap();
+    assert_eq!(
+        on.telemetry.otlp_endpoint.as_deref(),
+        Some("http://collector:4318")
+    );
+    assert_eq!(
+        on.telemetry.traces_url().as_deref(),
+        Some("http://collector:4318/v1/traces")
+    );
+    assert_eq!(on.telemetry.service_name, "gw");
+    assert_eq!(on.telemetry.sample_ratio, 0.25);
+
+    for (bad, key, says) in [
+        (
+            "{ sample_ratio: 1.5 }",
+            "telemetry.sample_ratio",
+            "between 0 and 1",
+        ),
+        (
+            "{ otlp_endpoint: \"grpc://c:4317\" }",
+            "telemetry.otlp_endpoint",
+            "OTLP/HTTP endpoint",
+        ),
+        (
+            "{ service_name: \"\" }",
+            "telemetry.service_name",
+            "must not be empty",
+        ),
+        ("{ sample_rate: 0.5 }", "telemetry", "sample_ratio"),
+    ] {
+        let errors =
+            Config::from_str_with_env(&format!("{base}telemetry: {bad}\n"), "t.yaml", &none)
+                .unwrap_err();
+        let e = errors.0.first().unwrap();
+        assert_eq!(e.file, "t.yaml", "{e}");
+        assert_eq!(e.line, Some(5), "{e}");
+        assert!(e.column.is_some(), "{e}");
+        assert!(e.key_path.starts_with(key), "{bad}: {e}");
+        assert!(e.to_string().contains(says), "{bad}: {e}");
+    }
+}

@@ -385,6 +385,10 @@ fn restart_notes(old: &Config, new: &Config) -> Vec<String> {
     if old.usage != new.usage {
         out.push("usage".to_owned());
     }
+    // The exporter is installed in the process's tracing subscriber once, at start.
+    if old.telemetry != new.telemetry {
+        out.push("telemetry".to_owned());
+    }
     out
 }
 
@@ -507,5 +511,14 @@ task_groups:
         let d = ConfigDiff::between(&cfg(OLD), &cfg(&new));
         assert_eq!(d.needs_restart, ["server.port"]);
         assert!(!d.is_empty());
+    }
+
+    /// The exporter is installed once, at start (issue 18).
+    #[test]
+    fn the_telemetry_section_needs_a_restart() {
+        let new = format!("telemetry: {{ otlp_endpoint: \"http://c:4318\" }}\n{OLD}");
+        let d = ConfigDiff::between(&cfg(OLD), &cfg(&new));
+        assert_eq!(d.needs_restart, ["telemetry"]);
+        assert!(d.to_string().contains("restart telemetry"), "{d}");
     }
 }

@@ -31,6 +31,7 @@ pub(crate) const SECTION_KEYS: &[&str] = &[
     "default_route",
     "usage",
     "state",
+    "telemetry",
 ];
 
 /// The stem of a global fallback file (`global_fallback.yaml`, seed 002).
@@ -64,6 +65,7 @@ pub(crate) struct Fragment {
     pub(crate) default_route: Option<Item<String, Ref>>,
     pub(crate) usage: Option<Item<UsageConfig, ()>>,
     pub(crate) state: Option<Item<super::state::StateConfig, ()>>,
+    pub(crate) telemetry: Option<Item<super::telemetry::TelemetryConfig, ()>>,
 }
 
 /// The shape of a file's top level.
@@ -272,6 +274,17 @@ fn native(
             file: file.clone(),
             pos: entry.key_pos,
             path: "state".to_owned(),
+            value,
+            refs: (),
+        });
+    }
+    if let Some(entry) = view.get("telemetry") {
+        let value = super::de::read(ctx, &entry.value, "telemetry").unwrap_or_default();
+        fragment.telemetry = Some(Item {
+            id: "telemetry".to_owned(),
+            file: file.clone(),
+            pos: entry.key_pos,
+            path: "telemetry".to_owned(),
             value,
             refs: (),
         });
@@ -669,6 +682,7 @@ pub(crate) fn assemble(
     let mut servers = Vec::new();
     let mut usages = Vec::new();
     let (mut states, mut seen_state) = (Vec::new(), HashMap::new());
+    let (mut telemetries, mut seen_telemetry) = (Vec::new(), HashMap::new());
     let mut providers = Vec::new();
     let mut models = Vec::new();
     let mut groups = Vec::new();
@@ -700,6 +714,13 @@ pub(crate) fn assemble(
             fragment.state.into_iter().collect(),
             &mut seen_state,
             &mut states,
+            &mut errors,
+        );
+        merge(
+            "section",
+            fragment.telemetry.into_iter().collect(),
+            &mut seen_telemetry,
+            &mut telemetries,
             &mut errors,
         );
         merge(
@@ -760,6 +781,7 @@ pub(crate) fn assemble(
             |u| u.value,
         ),
         state: states.pop().map(|s| s.value).unwrap_or_default(),
+        telemetry: telemetries.pop().map(|t| t.value).unwrap_or_default(),
         ..Config::default()
     };
 

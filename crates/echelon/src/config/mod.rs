@@ -29,6 +29,8 @@
 //!   flush_interval_ms: 200
 //! ```
 //!
+//! `telemetry:` exports traces over OTLP/HTTP ([`TelemetryConfig`]; off by default).
+//!
 //! A model may also set `pricing: { input_per_1m: 0.15, output_per_1m: 0.60,
 //! cached_input_per_1m: 0.075 }` (USD per 1M tokens) and `encoding: o200k_base`
 //! (or `cl100k_base`), and `malformed_event: fail` (default `skip`: a stream's SSE
@@ -104,6 +106,7 @@ mod read;
 mod sections;
 mod seed_provider;
 mod state;
+mod telemetry;
 mod value;
 
 use std::path::Path;
@@ -120,6 +123,7 @@ pub use model::{
 };
 pub use state::{OnUnavailable, StateBackend, StateConfig};
 pub(crate) use state::{REDIS_SCHEMES, check_redis_url};
+pub use telemetry::TelemetryConfig;
 
 impl Config {
     /// Loads a YAML or JSON file (JSON when the name ends in `.json`), or a directory

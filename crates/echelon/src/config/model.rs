@@ -52,6 +52,8 @@ pub struct Config {
     /// Where the resilience state lives and how a replica behaves without it
     /// (`state:` section, issue 15); default: in memory.
     pub state: super::state::StateConfig,
+    /// Traces over OTLP/HTTP (`telemetry:` section, issue 18); default: off.
+    pub telemetry: super::telemetry::TelemetryConfig,
     /// What loaded but looks wrong (e.g. a `queue_timeout` that looks like
     /// milliseconds), each with where it is written; each is also logged at `warn`
     /// level when the configuration is loaded.

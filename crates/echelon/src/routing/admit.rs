@@ -48,6 +48,10 @@ pub(crate) struct Admitted {
     key: Option<KeyTicket>,
     pool: Option<PoolTicket>,
     _in_flight: Option<InFlight>,
+    /// The attempt's span (`telemetry`; [`tracing::Span::none`] when off): held as long
+    /// as the tickets, so a stream's attempt span stays open until its last chunk, and
+    /// handed the outcome with them.
+    span: tracing::Span,
 }
 
 impl Admitted {
@@ -59,6 +63,17 @@ impl Admitted {
     /// The key's index in its pool.
     pub(crate) fn key_index(&self) -> Option<usize> {
         self.key.as_ref().map(KeyTicket::index)
+    }
+
+    /// The same tickets holding the attempt's `span` (`telemetry`).
+    pub(crate) fn with_span(mut self, span: tracing::Span) -> Self {
+        self.span = span;
+        self
+    }
+
+    /// The attempt's span ([`tracing::Span::none`] when telemetry is off).
+    pub(crate) fn span(&self) -> &tracing::Span {
+        &self.span
     }
 
     /// Feeds the outcome of this attempt to a polling pool's instance health too.
@@ -85,6 +100,10 @@ impl Admitted {
 
     /// Hands every ticket the sent call's outcome and releases what they hold.
     pub(crate) fn report(self, report: &Report<'_>) {
+        crate::telemetry::record_outcome(&self.span, report.outcome, report.status);
+        // The exporter ends a span at its last exit: entered here, a stream's attempt
+        // span ends with the stream, not with its first chunk.
+        let _entered = (!self.span.is_none()).then(|| self.span.enter());
         self.breaker.report(report);
         for b in self.buckets {
             b.report(report);
@@ -153,5 +172,6 @@ pub(crate) async fn admit(tier: &Tier, model: &Model, ask: &Ask<'_>) -> Result<A
         key,
         pool: None,
         _in_flight: None,
+        span: tracing::Span::none(),
     })
 }

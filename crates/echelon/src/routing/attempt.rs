@@ -70,6 +70,14 @@ impl<'a> Job<'a> {
         }
     }
 
+    /// `gen_ai.operation.name` of its calls: `chat` or `embeddings`.
+    pub(crate) fn operation(self) -> &'static str {
+        match self {
+            Job::Chat(_) | Job::Stream(_) => "chat",
+            Job::Embed(_) => "embeddings",
+        }
+    }
+
     /// The request field a context-length error names.
     fn prompt_param(self) -> &'static str {
         match self {
@@ -398,6 +406,7 @@ impl RequestState {
             kind = reason.as_str(),
             "model skipped: {message}"
         );
+        crate::telemetry::skipped(model.id(), model.provider(), reason.as_str());
         self.push_failed(Attempt {
             model: model.id().to_owned(),
             provider: model.provider().to_owned(),
@@ -576,8 +585,29 @@ pub(crate) async fn try_model(
         st.calls += 1;
         st.call_started(model, admitted.key().map(|k| k.id().to_owned()));
         let key_index = admitted.key_index();
+        // One span per call, a child of the request's (`telemetry`; none when off): the
+        // upstream gets its `traceparent`, and for a stream it lives with the tickets.
+        let span = crate::telemetry::attempt_span(
+            job.operation(),
+            job.route(),
+            model.id(),
+            model.provider(),
+            model.upstream_model(),
+            st.calls,
+        );
+        if let Some(k) = admitted.key() {
+            crate::telemetry::record_key(&span, k.id());
+        }
         let started = Instant::now();
-        let result = call(model, admitted.key(), &req, defaults.timeout).await;
+        let result = if span.is_none() {
+            call(model, admitted.key(), &req, defaults.timeout).await
+        } else {
+            use tracing::Instrument;
+            call(model, admitted.key(), &req, defaults.timeout)
+                .instrument(span.clone())
+                .await
+        };
+        let admitted = admitted.with_span(span);
         let key_id = st.call_ended();
         let latency_ms = started.elapsed().as_millis() as u64;
         let e = match result {
@@ -593,15 +623,32 @@ pub(crate) async fn try_model(
                 });
                 return Flow::Answered(match answer {
                     CallAnswer::Chat(c) => {
+                        crate::telemetry::record_usage(
+                            admitted.span(),
+                            Some(&c.model),
+                            c.usage.as_ref().map(|u| u.prompt_tokens),
+                            c.usage.as_ref().map(|u| u.completion_tokens),
+                        );
                         admitted.report(&Report::ok(c.usage.as_ref().map(|u| u.total_tokens)));
                         Answer::Chat(c)
                     }
-                    CallAnswer::Stream { buffered, rest } => Answer::Stream {
-                        buffered,
-                        rest,
-                        admitted,
-                    },
+                    CallAnswer::Stream { buffered, rest } => {
+                        // The tokens are recorded at the stream's end (`stream.rs`).
+                        let served = buffered.front().map(|c| c.model.as_str());
+                        crate::telemetry::record_usage(admitted.span(), served, None, None);
+                        Answer::Stream {
+                            buffered,
+                            rest,
+                            admitted,
+                        }
+                    }
                     CallAnswer::Embeddings(r) => {
+                        crate::telemetry::record_usage(
+                            admitted.span(),
+                            Some(&r.model),
+                            r.usage.as_ref().map(|u| u.prompt_tokens),
+                            None,
+                        );
                         admitted.report(&Report::ok(r.usage.as_ref().map(|u| u.total_tokens)));
                         Answer::Embeddings(r)
                     }

@@ -518,6 +518,10 @@ impl GatewayStream {
             match self.rest.next().await {
                 None => {
                     let used = self.accounting.usage.as_ref().map(|u| u.total_tokens);
+                    if let (Some(a), Some(u)) = (&self.admitted, &self.accounting.usage) {
+                        let (input, output) = (Some(u.prompt_tokens), Some(u.completion_tokens));
+                        crate::telemetry::record_usage(a.span(), None, input, output);
+                    }
                     self.report(&Report::ok(used));
                     if !self.accounting.finished {
                         // Delivered (the provider said `[DONE]`), but flagged: the answer

@@ -116,6 +116,8 @@ impl AnthropicProvider {
             .and_then(|n| n.version.as_deref())
             .unwrap_or(ANTHROPIC_VERSION);
         let mut req = req.timeout(timeout).header("anthropic-version", version);
+        // The attempt span's `traceparent` when telemetry is on.
+        req = crate::telemetry::propagate(req);
         if let Some(beta) = native.and_then(|n| n.beta.as_deref()) {
             req = req.header("anthropic-beta", beta);
         }

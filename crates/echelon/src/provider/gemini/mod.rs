@@ -109,6 +109,8 @@ impl GeminiProvider {
         timeout: Duration,
     ) -> reqwest::RequestBuilder {
         let req = self.http.request(method, url).timeout(timeout);
+        // The attempt span's `traceparent` when telemetry is on.
+        let req = crate::telemetry::propagate(req);
         match key {
             Some(key) => req.header(API_KEY_HEADER, key.expose()),
             None => req,

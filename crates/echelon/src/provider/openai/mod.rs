@@ -132,7 +132,8 @@ impl OpenAiProvider {
             Ok(url) => self.http.request(method, url.clone()),
             Err(raw) => self.http.request(method, raw),
         };
-        let req = req.timeout(timeout);
+        // The attempt span's `traceparent` when telemetry is on.
+        let req = crate::telemetry::propagate(req.timeout(timeout));
         match key {
             Some(key) => req.bearer_auth(key.expose()),
             None => req,

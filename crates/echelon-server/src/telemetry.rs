@@ -1,0 +1,252 @@
+//! Traces over OTLP/HTTP (issue 18, `telemetry:` in the config): the exporter and the
+//! `tracing` layer the binary installs, and the request span of a routed endpoint.
+//!
+//! The request span (`POST /v1/...`, kind server) is the parent of one span per attempt
+//! (built by the library: [`echelon::telemetry`]); a request that arrives with a W3C
+//! `traceparent` is traced under it, and each attempt sends its own upstream. Spans
+//! are batched and posted to `{otlp_endpoint}/v1/traces` as protobuf by the SDK's batch
+//! processor (its own thread, a blocking reqwest client over rustls).
+//!
+//! Off (no `telemetry.otlp_endpoint`) nothing is installed and
+//! [`echelon::telemetry::enabled`] stays false: no span is built for export and no
+//! header read or written.
+
+use std::time::Duration;
+
+use echelon::config::TelemetryConfig;
+use opentelemetry::propagation::TextMapPropagator;
+use opentelemetry::trace::{TraceContextExt as _, TracerProvider as _};
+use opentelemetry_otlp::{Protocol, WithExportConfig};
+use opentelemetry_sdk::Resource;
+use opentelemetry_sdk::propagation::TraceContextPropagator;
+use opentelemetry_sdk::trace::{
+    BatchConfigBuilder, BatchSpanProcessor, Sampler, SdkTracerProvider,
+};
+use tracing::Span;
+use tracing_opentelemetry::OpenTelemetrySpanExt;
+use tracing_subscriber::Layer;
+use tracing_subscriber::filter::Targets;
+use tracing_subscriber::registry::LookupSpan;
+
+/// How long a finished span may wait in the batch before it is sent (the SDK's default
+/// is 5 s); [`Telemetry::force_flush`] and [`Telemetry::shutdown`] send at once.
+pub const BATCH_DELAY: Duration = Duration::from_secs(1);
+
+/// Most time an export request may take before it is given up.
+pub const EXPORT_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Why telemetry could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum TelemetryError {
+    /// The OTLP exporter could not be built (a bad endpoint, no HTTP client).
+    #[error("cannot start the OTLP exporter for {endpoint}: {message}")]
+    Exporter {
+        /// Where spans were to go.
+        endpoint: String,
+        /// What the exporter said.
+        message: String,
+    },
+}
+
+/// The running exporter: keep it while the server runs, then [`shutdown`](Self::shutdown)
+/// to send the last spans.
+#[derive(Debug, Clone)]
+pub struct Telemetry {
+    provider: SdkTracerProvider,
+}
+
+/// A `tracing` layer exporting the spans of target [`echelon::telemetry::TARGET`].
+pub type TelemetryLayer<S> = Box<dyn Layer<S> + Send + Sync + 'static>;
+
+impl Telemetry {
+    /// Starts the exporter `config` asks for and returns the layer to install in the
+    /// process's subscriber, with the handle that flushes it; `None` when telemetry is
+    /// off (no `otlp_endpoint`). Once the layer is installed, call [`enable`]: before
+    /// that the library builds no span.
+    ///
+    /// The layer sees only the spans of target [`echelon::telemetry::TARGET`] (the
+    /// request and attempt spans), never the log lines. Sampling is parent-based: a
+    /// request with a sampled `traceparent` is kept, a new trace with probability
+    /// `sample_ratio`.
+    ///
+    /// # Errors
+    /// [`TelemetryError::Exporter`] when the exporter cannot be built.
+    pub fn start<S>(
+        config: &TelemetryConfig,
+    ) -> Result<Option<(TelemetryLayer<S>, Telemetry)>, TelemetryError>
+    where
+        S: tracing::Subscriber + for<'a> LookupSpan<'a> + Send + Sync,
+    {
+        let Some(url) = config.traces_url() else {
+            return Ok(None);
+        };
+        let exporter = opentelemetry_otlp::SpanExporter::builder()
+            .with_http()
+            .with_protocol(Protocol::HttpBinary)
+            .with_endpoint(url.clone())
+            .with_timeout(EXPORT_TIMEOUT)
+            .build()
+            .map_err(|e| TelemetryError::Exporter {
+                endpoint: url.clone(),
+                message: e.to_string(),
+            })?;
+        let batch = BatchSpanProcessor::builder(exporter)
+            .with_batch_config(
+                BatchConfigBuilder::default()
+                    .with_scheduled_delay(BATCH_DELAY)
+                    .build(),
+            )
+            .build();
+        let provider = SdkTracerProvider::builder()
+            .with_span_processor(batch)
+            .with_sampler(Sampler::ParentBased(Box::new(Sampler::TraceIdRatioBased(
+                config.sample_ratio,
+            ))))
+            .with_resource(
+                Resource::builder()
+                    .with_service_name(config.service_name.clone())
+                    .build(),
+            )
+            .build();
+        let tracer = provider.tracer("echelon");
+        let layer = tracing_opentelemetry::layer()
+            .with_tracer(tracer)
+            .with_filter(
+                Targets::new().with_target(echelon::telemetry::TARGET, tracing::Level::TRACE),
+            );
+        Ok(Some((Box::new(layer), Telemetry { provider })))
+    }
+
+    /// Sends every finished span now (blocks until the export is done or failed).
+    ///
+    /// # Errors
+    /// The SDK's error text when the export failed.
+    pub fn force_flush(&self) -> Result<(), String> {
+        self.provider.force_flush().map_err(|e| e.to_string())
+    }
+
+    /// Sends the last spans and stops the exporter (blocks; call it off the async
+    /// workers, e.g. after the runtime is done).
+    ///
+    /// # Errors
+    /// The SDK's error text when the last export failed.
+    pub fn shutdown(&self) -> Result<(), String> {
+        self.provider.shutdown().map_err(|e| e.to_string())
+    }
+}
+
+/// Turns the library's spans on: call it once the layer of [`Telemetry::start`] is in
+/// the subscriber.
+pub fn enable() {
+    echelon::telemetry::set_enabled(true);
+}
+
+/// The span of one routed request ([`Span::none`] when telemetry is off), named
+/// `POST {path}` until the handler names it `{operation} {route}`, kind server, child of
+/// the caller's `traceparent` when it sent a valid one.
+pub(crate) fn request_span(headers: &http::HeaderMap, request_id: &str) -> Span {
+    if !echelon::telemetry::enabled() {
+        return Span::none();
+    }
+    let span = tracing::info_span!(
+        target: echelon::telemetry::TARGET,
+        "request",
+        otel.name = tracing::field::Empty,
+        otel.kind = "server",
+        otel.status_code = tracing::field::Empty,
+        gen_ai.operation.name = tracing::field::Empty,
+        gen_ai.request.model = tracing::field::Empty,
+        gen_ai.response.model = tracing::field::Empty,
+        gen_ai.usage.input_tokens = tracing::field::Empty,
+        gen_ai.usage.output_tokens = tracing::field::Empty,
+        error.type = tracing::field::Empty,
+        http.response.status_code = tracing::field::Empty,
+        echelon.route = tracing::field::Empty,
+        echelon.model = tracing::field::Empty,
+        echelon.request_id = request_id,
+    );
+    let parent = TraceContextPropagator::new().extract(&Extractor(headers));
+    // An invalid or missing traceparent leaves a new trace.
+    let _ = span.set_parent(parent);
+    span
+}
+
+/// Names the current request span `{operation} {route}` and records what the request
+/// asked (no-op when telemetry is off).
+pub(crate) fn record_request(operation: &'static str, route: &str) {
+    if !echelon::telemetry::enabled() {
+        return;
+    }
+    let span = Span::current();
+    // The layer takes a recorded `otel.name` only before the span starts (the incoming
+    // parent starts it): rename the started span itself.
+    let name = format!("{operation} {route}");
+    span.context().span().update_name(name.clone());
+    span.record("otel.name", name);
+    span.record("gen_ai.operation.name", operation);
+    span.record("gen_ai.request.model", route);
+    span.record("echelon.route", route);
+}
+
+/// Records on the current request span the model id that answered, the model the
+/// answer names and its tokens (no-op when telemetry is off).
+pub(crate) fn record_answer(
+    model_id: &str,
+    response_model: Option<&str>,
+    usage: Option<&echelon_types::Usage>,
+) {
+    if !echelon::telemetry::enabled() {
+        return;
+    }
+    let span = Span::current();
+    span.record("echelon.model", model_id);
+    echelon::telemetry::record_usage(
+        &span,
+        response_model,
+        usage.map(|u| u.prompt_tokens),
+        usage.map(|u| u.completion_tokens),
+    );
+}
+
+/// Records the response's status on the request `span`: `error.type` is the status code
+/// for a 4xx or 5xx (the HTTP semantic conventions' rule), a 5xx also marks it an error.
+pub(crate) fn record_status(span: &Span, status: http::StatusCode) {
+    if span.is_none() {
+        return;
+    }
+    span.record("http.response.status_code", status.as_u16());
+    if status.is_client_error() || status.is_server_error() {
+        span.record("error.type", status.as_str());
+    }
+    if status.is_server_error() {
+        span.record("otel.status_code", "ERROR");
+    }
+}
+
+/// `body` polled inside `span`, which it holds until its last chunk (a stream's request
+/// span ends with the stream; a continuation's attempts are its children).
+pub(crate) fn body_in_span(body: axum::body::Body, span: Span) -> axum::body::Body {
+    use futures::StreamExt;
+    use tracing::Instrument;
+    let stream = body.into_data_stream();
+    axum::body::Body::from_stream(futures::stream::unfold(
+        (stream, span),
+        |(mut stream, span)| async move {
+            let next = stream.next().instrument(span.clone()).await?;
+            Some((next, (stream, span)))
+        },
+    ))
+}
+
+/// Reads propagation headers from an [`http::HeaderMap`].
+struct Extractor<'a>(&'a http::HeaderMap);
+
+impl opentelemetry::propagation::Extractor for Extractor<'_> {
+    fn get(&self, key: &str) -> Option<&str> {
+        self.0.get(key).and_then(|v| v.to_str().ok())
+    }
+
+    fn keys(&self) -> Vec<&str> {
+        self.0.keys().map(http::HeaderName::as_str).collect()
+    }
+}
