@@ -591,20 +591,39 @@ impl PollingPool {
             .collect()
     }
 
-    /// Takes over the health of `old`'s instances that are the same upstream here (same
-    /// model id and state ids): a hot reload keeps instance health (issue 18).
+    /// Takes over, from `old`, the health of its instances that are the same upstream
+    /// here (same model id and state ids) and the sticky sessions bound to them: a hot
+    /// reload keeps instance health and conversations stay on their instance (issue 18).
+    /// A session bound to an instance the new config no longer has is dropped (its next
+    /// turn is placed by rotation). Each kept session starts a new `session_ttl`.
     pub(crate) fn adopt_health(&self, old: &PollingPool) {
+        // For each of `old`'s instances, its index here when it stayed.
+        let moved: Vec<Option<usize>> = old
+            .instances
+            .iter()
+            .map(|o| {
+                self.instances
+                    .iter()
+                    .position(|m| o.id() == m.id() && o.state_ids() == m.state_ids())
+            })
+            .collect();
         let before = lock(&old.inner).health.clone();
-        let mut inner = lock(&self.inner);
-        for (i, m) in self.instances.iter().enumerate() {
-            let same = old
-                .instances
-                .iter()
-                .position(|o| o.id() == m.id() && o.state_ids() == m.state_ids());
-            if let (Some(prev), Some(h)) =
-                (same.and_then(|j| before.get(j)), inner.health.get_mut(i))
-            {
-                *h = prev.clone();
+        {
+            let mut inner = lock(&self.inner);
+            for (j, prev) in before.iter().enumerate() {
+                if let Some(h) = moved
+                    .get(j)
+                    .copied()
+                    .flatten()
+                    .and_then(|i| inner.health.get_mut(i))
+                {
+                    *h = prev.clone();
+                }
+            }
+        }
+        for (key, j) in old.sessions.iter() {
+            if let Some(i) = moved.get(j).copied().flatten() {
+                self.sessions.insert(*key, i);
             }
         }
     }
@@ -827,6 +846,32 @@ mod tests {
         for _ in 0..10 {
             assert_eq!(p.select(Some(sk("conv-1")), &[]), Some(next));
         }
+    }
+
+    #[test]
+    fn a_reload_keeps_sticky_sessions_on_instances_that_stayed() {
+        let old = pool_at(&[NOWHERE, NOWHERE, NOWHERE], settings(Rotation::RoundRobin));
+        let on: Vec<usize> = (0..3)
+            .map(|k| old.select(Some(sk(&format!("conv-{k}"))), &[]).unwrap())
+            .collect();
+        assert_eq!(on, [0, 1, 2]);
+        // The new config drops m0 and puts m2 first: m1 and m2 stay, at new indices.
+        let models = vec![
+            model("m2", NOWHERE, &[]),
+            model("m1", NOWHERE, &[]),
+            model("m9", NOWHERE, &[]),
+        ];
+        let new = PollingPool::new("test_pool".into(), models, settings(Rotation::RoundRobin));
+        new.adopt_health(&old);
+        new.sessions.run_pending_tasks();
+        for _ in 0..5 {
+            new.select(None, &[]).unwrap(); // other traffic moves the rotation on
+            assert_eq!(new.select(Some(sk("conv-1")), &[]), Some(1), "m1 is now index 1");
+            assert_eq!(new.select(Some(sk("conv-2")), &[]), Some(0), "m2 is now index 0");
+        }
+        // conv-0's instance is gone: it is placed by rotation, then stays there.
+        let placed = new.select(Some(sk("conv-0")), &[]).unwrap();
+        assert_eq!(new.select(Some(sk("conv-0")), &[]), Some(placed));
     }
 
     #[test]
