@@ -650,3 +650,120 @@ async fn a_sticky_session_stays_on_its_instance_whichever_replica_gets_the_turn(
         );
     }
 }
+
+/// `EVALSHA` + `EVAL` calls Redis has answered so far (`INFO commandstats`).
+fn script_calls(port: u16) -> u64 {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+    s.set_read_timeout(Some(Duration::from_millis(500)))
+        .unwrap();
+    s.write_all(b"INFO commandstats\r\n").unwrap();
+    let mut text = String::new();
+    let mut buf = [0u8; 8192];
+    // A bulk reply `$<len>\r\n<body>\r\n`: read until the body is complete.
+    loop {
+        let n = s.read(&mut buf).unwrap();
+        text.push_str(&String::from_utf8_lossy(&buf[..n]));
+        if let Some((head, body)) = text.split_once("\r\n")
+            && let Ok(len) = head.trim_start_matches('$').parse::<usize>()
+            && body.len() >= len
+        {
+            break;
+        }
+        assert!(n > 0, "redis closed the connection");
+    }
+    text.lines()
+        .filter(|l| l.starts_with("cmdstat_evalsha:") || l.starts_with("cmdstat_eval:"))
+        .filter_map(|l| {
+            l.split("calls=")
+                .nth(1)?
+                .split(',')
+                .next()?
+                .parse::<u64>()
+                .ok()
+        })
+        .sum()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_candidates_admission_is_one_round_trip() {
+    let Some(redis) = Redis::start() else { return };
+    let a = TestUpstream::start().await.unwrap();
+    // Every admission step a candidate can have: the breaker, the echelon's rpm_limit
+    // and concurrency_limit, the model's rpm_limit, tpm_limit and concurrency_limit,
+    // and a key pool.
+    let yaml = format!(
+        r#"{}
+providers:
+  pa: {{ base_url: "{}", api_keys: ["k1", "k2"] }}
+models:
+  a: {{ provider: pa, max_retries: 0, rpm_limit: 1000, tpm_limit: 100000, concurrency_limit: 10 }}
+task_groups:
+  grp: {{ echelon1: {{ models: [a], rpm_limit: 1000, concurrency_limit: 10 }} }}
+"#,
+        state_yaml(&redis, ""),
+        a.base_url()
+    );
+    let gw = Arc::new(Gateway::from_config(&Config::from_str(&yaml, "t.yaml").unwrap()).unwrap());
+    // The first request loads the scripts (NOSCRIPT, then EVAL).
+    gw.chat(request("grp")).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    a.set_behavior(Behavior::Delay(Duration::from_millis(600)));
+    let (mut admission, mut total) = (0, 0);
+    let n = 3;
+    for _ in 0..n {
+        let before = script_calls(redis.port);
+        let gw2 = gw.clone();
+        let call = tokio::spawn(async move { gw2.chat(request("grp")).await.unwrap() });
+        // Mid-call: admitted, not yet settled.
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        admission += script_calls(redis.port) - before;
+        assert_eq!(call.await.unwrap().model, "a");
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        total += script_calls(redis.port) - before;
+    }
+    let (admission, total) = (admission / n, total / n);
+    eprintln!("script calls per request: {admission} to admit, {total} in all");
+    assert_eq!(admission, 1, "one round trip admits the candidate");
+    // Settling: the breaker's record, the TPM settlement, two lease releases.
+    assert!(total <= 5, "{total} script calls per request");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_candidate_refused_by_a_later_step_keeps_nothing_of_the_earlier_ones() {
+    let Some(redis) = Redis::start() else { return };
+    let (a, b) = pair().await;
+    let gws = replicas(
+        2,
+        &redis,
+        "",
+        &a,
+        &b,
+        "",
+        "rpm_limit: 5, concurrency_limit: 1",
+    );
+    // Replica A holds the one fleet-wide slot for 800 ms.
+    a.push_behavior(Behavior::Delay(Duration::from_millis(800)));
+    let gw = gws[0].clone();
+    let held = tokio::spawn(async move { gw.chat(request("grp")).await.unwrap() });
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    // Ten candidates on B pass the breaker and the rpm_limit, then find the slot taken:
+    // each is refused whole, its rpm token given back in the same script.
+    for _ in 0..10 {
+        assert_eq!(gws[1].chat(request("grp")).await.unwrap().model, "b");
+    }
+    assert_eq!(held.await.unwrap().model, "a");
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    // 4 of the 5 tokens are left (the held request spent one), whichever replica asks.
+    for i in 0..4 {
+        let r = gws[i % 2].chat(request("grp")).await.unwrap();
+        assert_eq!(
+            r.model, "a",
+            "request {i}: the refused candidates spent no token"
+        );
+        // The lease is released in the background after the answer.
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(gws[1].chat(request("grp")).await.unwrap().model, "b");
+    assert_eq!(a.chat_requests(), 5);
+}

@@ -25,33 +25,37 @@ use redis::Script;
 use tokio::time::Instant;
 
 use crate::key::{ApiKey, Redactor};
+use crate::state::batch::{Step, StepKind};
 use crate::state::redis::{Arg, NOW_MS, RedisState, Unavailable};
 
 /// `read` answers `{now, [field, value, …]}`; `cool`, `disable` and `enable` write one
 /// key's state (a cooldown only ever lengthens).
-static POOL_SCRIPT: LazyLock<Script> = LazyLock::new(|| {
-    Script::new(&format!(
-        "{NOW_MS}{}",
-        r#"
-local op = ARGV[1]
+///
+/// The pool's Lua function `pool(key, args)`: the body of [`POOL_SCRIPT`] and one step
+/// of the combined admission script (`state::batch`).
+pub(crate) const POOL_LUA: &str = r#"
+local function pool(k, A)
+local op = A[1]
 if op == 'read' then
-  return {now, redis.call('HGETALL', KEYS[1])}
+  return {now, redis.call('HGETALL', k)}
 end
 if op == 'cool' then
-  local field = 'c:' .. ARGV[2]; local till = now + tonumber(ARGV[3])
-  local old = tonumber(redis.call('HGET', KEYS[1], field) or '0') or 0
-  if till > old then redis.call('HSET', KEYS[1], field, tostring(till)) end
+  local field = 'c:' .. A[2]; local till = now + tonumber(A[3])
+  local old = tonumber(redis.call('HGET', k, field) or '0') or 0
+  if till > old then redis.call('HSET', k, field, tostring(till)) end
 elseif op == 'disable' then
-  redis.call('HSET', KEYS[1], 'd:' .. ARGV[2],
-    tostring(now + tonumber(ARGV[3])) .. '|' .. ARGV[4] .. '|' .. ARGV[5])
+  redis.call('HSET', k, 'd:' .. A[2],
+    tostring(now + tonumber(A[3])) .. '|' .. A[4] .. '|' .. A[5])
 else
-  redis.call('HDEL', KEYS[1], 'd:' .. ARGV[2])
+  redis.call('HDEL', k, 'd:' .. A[2])
 end
-redis.call('PEXPIRE', KEYS[1], 7200000)
+redis.call('PEXPIRE', k, 7200000)
 return {now, {}}
-"#
-    ))
-});
+end
+"#;
+
+static POOL_SCRIPT: LazyLock<Script> =
+    LazyLock::new(|| Script::new(&format!("{NOW_MS}{POOL_LUA}return pool(KEYS[1], ARGV)\n")));
 
 /// Longest cooldown a 429 can put a key into, whatever its Retry-After says.
 pub const MAX_KEY_COOLDOWN: Duration = Duration::from_secs(300);
@@ -377,10 +381,30 @@ impl KeyPool {
         };
         let answer: Result<(i64, Vec<String>), Unavailable> =
             state.run(&POOL_SCRIPT, &[key], &[&"read"]).await;
-        let (now_ms, fields) = match answer {
-            Ok(a) => a,
-            Err(Unavailable) => return state.fallback(),
-        };
+        match answer {
+            Ok((now_ms, fields)) => {
+                self.apply_shared(now_ms, &fields);
+                Ok(())
+            }
+            Err(Unavailable) => state.fallback(),
+        }
+    }
+
+    /// The shared hash's `read`, as one step of a combined admission (`state::batch`);
+    /// `None` when the pool is not shared.
+    pub fn shared_step(&self) -> Option<Step> {
+        let (_, key) = self.remote.get()?;
+        Some(Step {
+            kind: StepKind::Pool,
+            key: key.clone(),
+            args: vec![Arg::S("read".to_owned())],
+        })
+    }
+
+    /// Brings what the shared hash held (`fields`: field, value, …, read at Redis time
+    /// `now_ms`) into this pool: a cooldown only lengthens a local one; a disabled key
+    /// stays disabled here until its own re-probe succeeds.
+    pub fn apply_shared(&self, now_ms: i64, fields: &[String]) {
         let now = Instant::now();
         let at = |ms: i64| now + Duration::from_millis(u64::try_from(ms - now_ms).unwrap_or(0));
         for pair in fields.chunks_exact(2) {
@@ -428,7 +452,6 @@ impl KeyPool {
                 _ => {}
             }
         }
-        Ok(())
     }
 
     /// Writes one key's new state to the shared hash, in the background.

@@ -6,11 +6,15 @@ use std::sync::Arc;
 use super::model::{InFlight, Model};
 use super::plan::Tier;
 use super::pool::PollingPool;
+use redis::FromRedisValue;
+
 use crate::key::ApiKey;
 use crate::resilience::admission::{
     Admit, Ask, BreakerTicket, BucketStep, BucketTicket, BucketUnit, KeyTicket, Refusal, Report,
-    SlotStep, SlotTicket, Ticket,
+    SlotStep, SlotTicket, Ticket, breaker_verdict, lease_key,
 };
+use crate::resilience::token_bucket::Taken;
+use crate::state::batch::{self, BatchAnswer};
 
 /// A polling pool's instance as a reporter: the attempt's outcome feeds its health.
 #[derive(Debug)]
@@ -105,41 +109,22 @@ impl Admitted {
 /// the model's request buckets, its `tpm_limit`, the echelon's and the model's
 /// concurrency limits, then a key. The first refusal ends it, and whatever the earlier
 /// steps took goes back as their tickets drop.
+///
+/// With shared state every step is asked of Redis in one round trip ([`admit_shared`]);
+/// this step-by-step path is the one of the memory backend, of a candidate that may
+/// queue for a bucket or a slot, and of a replica whose Redis is down.
 pub(crate) async fn admit(tier: &Tier, model: &Model, ask: &Ask<'_>) -> Result<Admitted, Refusal> {
+    if let Some(done) = admit_shared(tier, model, ask).await {
+        return done;
+    }
     let breaker = model.breaker.admit(ask).await?;
     let mut buckets = Vec::new();
-    if let Some(rpm) = &tier.rpm {
-        let step = BucketStep {
-            bucket: rpm,
-            unit: BucketUnit::Requests,
-            label: &tier.rpm_label,
-        };
-        buckets.push(step.admit(ask).await?);
-    }
-    for nb in &model.request_buckets {
-        let step = BucketStep {
-            bucket: &nb.bucket,
-            unit: BucketUnit::Requests,
-            label: nb.name,
-        };
-        buckets.push(step.admit(ask).await?);
-    }
-    if let Some(tpm) = &model.tpm {
-        let step = BucketStep {
-            bucket: tpm,
-            unit: BucketUnit::Tokens,
-            label: "tpm_limit",
-        };
+    for step in bucket_steps(tier, model) {
         buckets.push(step.admit(ask).await?);
     }
     let mut slots = Vec::new();
-    for (owner, limit) in [
-        ("echelon", &tier.concurrency),
-        ("model", &model.concurrency),
-    ] {
-        if let Some(limit) = limit {
-            slots.push(SlotStep { limit, owner }.admit(ask).await?);
-        }
+    for step in slot_steps(tier, model) {
+        slots.push(step.admit(ask).await?);
     }
     let key = if model.keys().is_empty() {
         None
@@ -154,4 +139,147 @@ pub(crate) async fn admit(tier: &Tier, model: &Model, ask: &Ask<'_>) -> Result<A
         pool: None,
         _in_flight: None,
     })
+}
+
+/// The token-bucket steps of a candidate, in admission order: the echelon's
+/// `rpm_limit`, the model's request buckets, its `tpm_limit`.
+fn bucket_steps<'a>(tier: &'a Tier, model: &'a Model) -> Vec<BucketStep<'a>> {
+    let mut steps = Vec::new();
+    if let Some(rpm) = &tier.rpm {
+        steps.push(BucketStep {
+            bucket: rpm,
+            unit: BucketUnit::Requests,
+            label: &tier.rpm_label,
+        });
+    }
+    for nb in &model.request_buckets {
+        steps.push(BucketStep {
+            bucket: &nb.bucket,
+            unit: BucketUnit::Requests,
+            label: nb.name,
+        });
+    }
+    if let Some(tpm) = &model.tpm {
+        steps.push(BucketStep {
+            bucket: tpm,
+            unit: BucketUnit::Tokens,
+            label: "tpm_limit",
+        });
+    }
+    steps
+}
+
+/// The concurrency steps of a candidate: the echelon's limit, then the model's.
+fn slot_steps<'a>(tier: &'a Tier, model: &'a Model) -> Vec<SlotStep<'a>> {
+    [
+        ("echelon", &tier.concurrency),
+        ("model", &model.concurrency),
+    ]
+    .into_iter()
+    .filter_map(|(owner, limit)| limit.as_deref().map(|limit| SlotStep { limit, owner }))
+    .collect()
+}
+
+/// What one step of a combined admission stands for.
+enum Part<'a> {
+    Breaker,
+    Bucket(BucketStep<'a>, u64),
+    Slot(SlotStep<'a>, String),
+    Keys,
+}
+
+/// The admission of a candidate whose units are shared, in **one** Redis round trip
+/// (`state::batch`): every step's script in one, atomically, admitting all or refusing
+/// at the first step that refuses with nothing held. The answers are read by the same
+/// functions as the step-by-step path's, so the tickets and the refusals are the same.
+///
+/// `None`: take the step-by-step path instead: the units are not shared, Redis is down
+/// or did not answer (the units then fall back as `state.on_unavailable` says), or a
+/// bucket or a slot refused a candidate that may queue for it (`queue_timeout` > 0).
+async fn admit_shared(
+    tier: &Tier,
+    model: &Model,
+    ask: &Ask<'_>,
+) -> Option<Result<Admitted, Refusal>> {
+    let state = model.breaker.shared_state()?;
+    if !state.is_up() {
+        return None;
+    }
+    let mut parts = vec![Part::Breaker];
+    let mut steps = vec![model.breaker.shared_step()?];
+    let mut buckets = Vec::new();
+    for b in bucket_steps(tier, model) {
+        let n = b.tokens(ask);
+        if n == 0 {
+            buckets.push(b.ticket(0, Taken::Shared));
+            continue;
+        }
+        steps.push(b.bucket.shared_step(n as f64)?);
+        parts.push(Part::Bucket(b, n));
+    }
+    for s in slot_steps(tier, model) {
+        let name = state.lease_name();
+        steps.push(s.limit.shared_step(&name)?);
+        parts.push(Part::Slot(s, name));
+    }
+    if !model.keys().is_empty() {
+        steps.push(model.keys().shared_step()?);
+        parts.push(Part::Keys);
+    }
+    let answers = match batch::admit(state, &steps).await.ok()? {
+        BatchAnswer::Refused { step, answer } => {
+            return match parts.into_iter().nth(step)? {
+                Part::Breaker => {
+                    let v = Vec::<i64>::from_redis_value(answer).ok()?;
+                    match breaker_verdict(&model.breaker, model.breaker.shared_answer(&v)?) {
+                        Err(refused) => Some(Err(refused)),
+                        Ok(_) => None,
+                    }
+                }
+                _ if !ask.queue.is_zero() => None,
+                Part::Bucket(b, n) => Some(Err(b.refusal(n))),
+                Part::Slot(s, _) => Some(Err(s.refusal(s.limit.reached(ask.queue)))),
+                Part::Keys => None,
+            };
+        }
+        BatchAnswer::Admitted(answers) => answers,
+    };
+    let mut breaker = None;
+    let mut slots = Vec::new();
+    let mut synced = true;
+    for (part, answer) in parts.into_iter().zip(answers) {
+        match part {
+            Part::Breaker => {
+                breaker = Vec::<i64>::from_redis_value(answer)
+                    .ok()
+                    .and_then(|v| model.breaker.shared_answer(&v))
+                    .and_then(|granted| breaker_verdict(&model.breaker, granted).ok());
+            }
+            Part::Bucket(b, n) => buckets.push(b.ticket(n, Taken::Shared)),
+            Part::Slot(s, name) => slots.extend(s.limit.shared_slot(name).map(SlotTicket::new)),
+            Part::Keys => match <(i64, Vec<String>)>::from_redis_value(answer) {
+                Ok((now_ms, fields)) => model.keys().apply_shared(now_ms, &fields),
+                Err(_) => synced = false,
+            },
+        }
+    }
+    // An answer not of the script's shape (never from a sound Redis): what was granted
+    // goes back as its tickets drop, and the step-by-step path decides.
+    let breaker = breaker.filter(|_| synced)?;
+    let key = if model.keys().is_empty() {
+        None
+    } else {
+        match lease_key(model.keys(), ask) {
+            Ok(k) => Some(k),
+            Err(refused) => return Some(Err(refused)),
+        }
+    };
+    Some(Ok(Admitted {
+        breaker,
+        buckets,
+        slots,
+        key,
+        pool: None,
+        _in_flight: None,
+    }))
 }
