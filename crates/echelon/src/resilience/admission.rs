@@ -390,14 +390,24 @@ impl Admit for Arc<KeyPool> {
         self.sync_shared()
             .await
             .map_err(|e| Refusal::unavailable(SkipReason::NoKey, e))?;
-        lease_key(self, ask)
+        lease_key(self, ask, None)
     }
 }
 
 /// Leases a key of `pool` (its state already brought up to date with the shared one):
-/// the ticket, or the refusal saying why none is usable.
-pub fn lease_key(pool: &Arc<KeyPool>, ask: &Ask<'_>) -> Result<KeyTicket, Refusal> {
-    match pool.acquire(ask.exclude_keys) {
+/// the ticket, or the refusal saying why none is usable. `picked`: the key id a
+/// combined admission chose fleet-wide and the name of its fleet-wide lease
+/// ([`KeyPool::acquire_picked`]).
+pub fn lease_key(
+    pool: &Arc<KeyPool>,
+    ask: &Ask<'_>,
+    picked: Option<(String, String)>,
+) -> Result<KeyTicket, Refusal> {
+    let got = match picked {
+        Some((id, lease)) => pool.acquire_picked(ask.exclude_keys, &id, lease),
+        None => pool.acquire(ask.exclude_keys),
+    };
+    match got {
         Ok(lease) => Ok(KeyTicket(lease)),
         Err(NoKey::CoolingDown { until }) => {
             let wait = until.saturating_duration_since(Instant::now());

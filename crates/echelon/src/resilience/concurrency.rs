@@ -71,16 +71,20 @@ struct SharedLimit {
 impl SharedLimit {
     /// The lease `name`, granted: renewed every third of the TTL until dropped.
     fn granted(&self, name: String) -> Lease {
-        let ttl = self.state.lease_ttl();
-        let renew = tokio::spawn(renew(
-            self.state.clone(),
-            self.key.clone(),
-            name.clone(),
-            ttl,
-        ));
+        Lease::held(self.state.clone(), self.key.clone(), name)
+    }
+}
+
+impl Lease {
+    /// The lease `name` already added to the sorted set `key` (by a script): renewed
+    /// every third of `state.lease_ttl` until dropped, then removed. Also what counts a
+    /// key's requests in flight fleet-wide (`resilience::key_pool`).
+    pub fn held(state: Arc<RedisState>, key: String, name: String) -> Lease {
+        let ttl = state.lease_ttl();
+        let renew = tokio::spawn(renew(state.clone(), key.clone(), name.clone(), ttl));
         Lease {
-            state: self.state.clone(),
-            key: self.key.clone(),
+            state,
+            key,
             name,
             renew,
         }

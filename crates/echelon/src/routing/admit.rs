@@ -185,7 +185,7 @@ enum Part<'a> {
     Breaker,
     Bucket(BucketStep<'a>, u64),
     Slot(SlotStep<'a>, String),
-    Keys,
+    Keys(String),
 }
 
 /// The admission of a candidate whose units are shared, in **one** Redis round trip
@@ -223,8 +223,9 @@ async fn admit_shared(
         parts.push(Part::Slot(s, name));
     }
     if !model.keys().is_empty() {
-        steps.push(model.keys().shared_step()?);
-        parts.push(Part::Keys);
+        let name = state.lease_name();
+        steps.push(model.keys().shared_step(ask.exclude_keys, Some(&name))?);
+        parts.push(Part::Keys(name));
     }
     let answers = match batch::admit(state, &steps).await.ok()? {
         BatchAnswer::Refused { step, answer } => {
@@ -239,7 +240,7 @@ async fn admit_shared(
                 _ if !ask.queue.is_zero() => None,
                 Part::Bucket(b, n) => Some(Err(b.refusal(n))),
                 Part::Slot(s, _) => Some(Err(s.refusal(s.limit.reached(ask.queue)))),
-                Part::Keys => None,
+                Part::Keys(_) => None,
             };
         }
         BatchAnswer::Admitted(answers) => answers,
@@ -247,6 +248,7 @@ async fn admit_shared(
     let mut breaker = None;
     let mut slots = Vec::new();
     let mut synced = true;
+    let mut picked = None;
     for (part, answer) in parts.into_iter().zip(answers) {
         match part {
             Part::Breaker => {
@@ -257,8 +259,11 @@ async fn admit_shared(
             }
             Part::Bucket(b, n) => buckets.push(b.ticket(n, Taken::Shared)),
             Part::Slot(s, name) => slots.extend(s.limit.shared_slot(name).map(SlotTicket::new)),
-            Part::Keys => match <(i64, Vec<String>)>::from_redis_value(answer) {
-                Ok((now_ms, fields)) => model.keys().apply_shared(now_ms, &fields),
+            Part::Keys(lease) => match <(i64, Vec<String>, String)>::from_redis_value(answer) {
+                Ok((now_ms, fields, id)) => {
+                    model.keys().apply_shared(now_ms, &fields);
+                    picked = Some((id, lease));
+                }
                 Err(_) => synced = false,
             },
         }
@@ -269,7 +274,7 @@ async fn admit_shared(
     let key = if model.keys().is_empty() {
         None
     } else {
-        match lease_key(model.keys(), ask) {
+        match lease_key(model.keys(), ask, picked) {
             Ok(k) => Some(k),
             Err(refused) => return Some(Err(refused)),
         }
