@@ -867,3 +867,41 @@ async fn the_least_loaded_key_is_chosen_across_the_fleet() {
     let on_first = keys.iter().filter(|k| **k == keys[0]).count();
     assert_eq!(on_first, 2, "two in flight on each key: {keys:?}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_candidate_queued_by_a_bucket_waits_within_its_one_round_trip() {
+    let Some(redis) = Redis::start() else { return };
+    let a = TestUpstream::start().await.unwrap();
+    let yaml = format!(
+        r#"{}
+providers:
+  pa: {{ base_url: "{}" }}
+models:
+  a: {{ provider: pa, max_retries: 0, rpm_limit: 60, queue_timeout: 3 }}
+task_groups:
+  grp: {{ echelon1: {{ models: [a] }} }}
+"#,
+        state_yaml(&redis, ""),
+        a.base_url()
+    );
+    let gw = Gateway::from_config(&Config::from_str(&yaml, "t.yaml").unwrap()).unwrap();
+    // The burst of 60, then one more: its token is reserved at once and paid back by
+    // the refill (1 per second) about a second later.
+    for _ in 0..60 {
+        gw.chat(request("grp")).await.unwrap();
+    }
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let before = script_calls(redis.port);
+    let t = Instant::now();
+    assert_eq!(gw.chat(request("grp")).await.unwrap().model, "a");
+    let waited = t.elapsed();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let calls = script_calls(redis.port) - before;
+    assert!(
+        waited >= Duration::from_millis(500) && waited < Duration::from_millis(2500),
+        "queued for the refill: {waited:?}"
+    );
+    // One to admit (breaker + bucket), one to settle the breaker.
+    assert_eq!(calls, 2, "script calls for the queued request");
+    assert_eq!(a.chat_requests(), 61);
+}

@@ -241,10 +241,11 @@ impl TokenBucket {
         }
     }
 
-    /// The fleet-wide `reserve` of `n` tokens **without waiting**, as one step of a
-    /// combined admission (`state::batch`; its answer is 0 when granted, -1 when
+    /// The fleet-wide `reserve` of `n` tokens within `max_wait`, as one step of a
+    /// combined admission (`state::batch`; its answer is the wait in ms before the
+    /// reserved tokens are paid back by the refill, 0 when they are there, -1 when
     /// refused). `None` when the bucket is not shared.
-    pub fn shared_step(&self, n: f64) -> Option<Step> {
+    pub fn shared_step(&self, n: f64, max_wait: Duration) -> Option<Step> {
         let sh = self.shared.as_ref()?;
         Some(Step {
             kind: StepKind::Bucket,
@@ -254,7 +255,7 @@ impl TokenBucket {
                 Arg::F(sh.capacity),
                 Arg::F(sh.refill_per_sec),
                 Arg::F(n),
-                Arg::I(0),
+                Arg::I(i64::try_from(max_wait.as_millis()).unwrap_or(i64::MAX)),
                 Arg::I(sh.ttl_ms),
             ],
         })

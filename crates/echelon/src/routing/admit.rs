@@ -112,7 +112,7 @@ impl Admitted {
 ///
 /// With shared state every step is asked of Redis in one round trip ([`admit_shared`]);
 /// this step-by-step path is the one of the memory backend, of a candidate that may
-/// queue for a bucket or a slot, and of a replica whose Redis is down.
+/// wait for a concurrency slot, and of a replica whose Redis is down.
 pub(crate) async fn admit(tier: &Tier, model: &Model, ask: &Ask<'_>) -> Result<Admitted, Refusal> {
     if let Some(done) = admit_shared(tier, model, ask).await {
         return done;
@@ -195,7 +195,10 @@ enum Part<'a> {
 ///
 /// `None`: take the step-by-step path instead: the units are not shared, Redis is down
 /// or did not answer (the units then fall back as `state.on_unavailable` says), or a
-/// bucket or a slot refused a candidate that may queue for it (`queue_timeout` > 0).
+/// full concurrency limit refused a candidate that may wait for a slot
+/// (`queue_timeout` > 0). A bucket's wait is part of the round trip: its tokens are
+/// reserved (first come, first served) and the candidate sleeps until the refill has
+/// paid them, holding its other grants.
 async fn admit_shared(
     tier: &Tier,
     model: &Model,
@@ -214,7 +217,7 @@ async fn admit_shared(
             buckets.push(b.ticket(0, Taken::Shared));
             continue;
         }
-        steps.push(b.bucket.shared_step(n as f64)?);
+        steps.push(b.bucket.shared_step(n as f64, ask.queue)?);
         parts.push(Part::Bucket(b, n));
     }
     for s in slot_steps(tier, model) {
@@ -237,8 +240,9 @@ async fn admit_shared(
                         Ok(_) => None,
                     }
                 }
-                _ if !ask.queue.is_zero() => None,
                 Part::Bucket(b, n) => Some(Err(b.refusal(n))),
+                // Waiting for a slot is polling Redis: the step-by-step path does it.
+                Part::Slot(..) if !ask.queue.is_zero() => None,
                 Part::Slot(s, _) => Some(Err(s.refusal(s.limit.reached(ask.queue)))),
                 Part::Keys(_) => None,
             };
@@ -249,6 +253,8 @@ async fn admit_shared(
     let mut slots = Vec::new();
     let mut synced = true;
     let mut picked = None;
+    // The longest a bucket's reserved tokens take to be paid back by its refill (ms).
+    let mut wait = 0u64;
     for (part, answer) in parts.into_iter().zip(answers) {
         match part {
             Part::Breaker => {
@@ -257,7 +263,11 @@ async fn admit_shared(
                     .and_then(|v| model.breaker.shared_answer(&v))
                     .and_then(|granted| breaker_verdict(&model.breaker, granted).ok());
             }
-            Part::Bucket(b, n) => buckets.push(b.ticket(n, Taken::Shared)),
+            Part::Bucket(b, n) => {
+                let ms = i64::from_redis_value(answer).unwrap_or(0);
+                wait = wait.max(u64::try_from(ms).unwrap_or(0));
+                buckets.push(b.ticket(n, Taken::Shared));
+            }
             Part::Slot(s, name) => slots.extend(s.limit.shared_slot(name).map(SlotTicket::new)),
             Part::Keys(lease) => match <(i64, Vec<String>, String)>::from_redis_value(answer) {
                 Ok((now_ms, fields, id)) => {
@@ -279,12 +289,18 @@ async fn admit_shared(
             Err(refused) => return Some(Err(refused)),
         }
     };
-    Some(Ok(Admitted {
+    let admitted = Admitted {
         breaker,
         buckets,
         slots,
         key,
         pool: None,
         _in_flight: None,
-    }))
+    };
+    // A bucket queued the candidate (within its `queue_timeout`): it waits holding what
+    // it was granted; dropped meanwhile, every ticket gives its share back.
+    if wait > 0 {
+        tokio::time::sleep(std::time::Duration::from_millis(wait)).await;
+    }
+    Some(Ok(admitted))
 }

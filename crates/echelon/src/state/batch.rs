@@ -24,7 +24,8 @@ use crate::resilience::token_bucket::BUCKET_LUA;
 pub enum StepKind {
     /// `breaker(key, {'acquire', half_open_requests})`.
     Breaker,
-    /// `bucket(key, {'reserve', capacity, refill/s, n, 0, ttl ms})` (never waits).
+    /// `bucket(key, {'reserve', capacity, refill/s, n, max wait ms, ttl ms})`: the wait
+    /// in ms (tokens reserved, paid back by the refill by then), or -1: refused.
     Bucket,
     /// `lease(key, {'acquire', limit, name, ttl ms})`.
     Lease,
@@ -88,7 +89,7 @@ for i = 1, #KEYS do
   local kind = steps[i][1]; local a = steps[i][2]; local k = KEYS[i]
   local r; local ok
   if kind == 'b' then r = breaker(k, a); ok = r[1] == 1
-  elseif kind == 't' then r = bucket(k, a); ok = r == 0
+  elseif kind == 't' then r = bucket(k, a); ok = r >= 0
   elseif kind == 'l' then r = lease(k, a); ok = r == 1
   else r = pool(k, a); ok = true end
   if not ok then
