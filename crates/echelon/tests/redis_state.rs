@@ -905,3 +905,76 @@ task_groups:
     assert_eq!(calls, 2, "script calls for the queued request");
     assert_eq!(a.chat_requests(), 61);
 }
+
+/// One fleet-wide `pick` of a key of `pool` (the key pool's step of an admission):
+/// the key's id and its lease.
+async fn pick(
+    state: &Arc<RedisState>,
+    pool: &Arc<echelon::resilience::key_pool::KeyPool>,
+) -> echelon::resilience::key_pool::KeyLease {
+    use echelon::state::batch::{self, BatchAnswer};
+    let name = state.lease_name();
+    let step = pool.shared_step(&[], Some(&name)).unwrap();
+    let BatchAnswer::Admitted(mut answers) = batch::admit(state, &[step]).await.unwrap() else {
+        panic!("a pick never refuses");
+    };
+    let (now, fields, id): (i64, Vec<String>, String) =
+        redis::FromRedisValue::from_redis_value(answers.remove(0)).unwrap();
+    pool.apply_shared(now, &fields);
+    pool.acquire_picked(&[], &id, name).unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dead_replicas_key_counts_expire_within_the_lease_ttl() {
+    use echelon::key::ApiKey;
+    use echelon::resilience::key_pool::KeyPool;
+    let Some(redis) = Redis::start() else { return };
+    let config = Config::from_str(
+        &format!(
+            "{}models: {{ m: {{ provider: p }} }}\nproviders: {{ p: {{ base_url: \"http://127.0.0.1:1\" }} }}\n",
+            state_yaml(&redis, "lease_ttl: 1")
+        ),
+        "t.yaml",
+    )
+    .unwrap();
+    let pool = |state: &Arc<RedisState>| {
+        let p = KeyPool::new(
+            "p",
+            vec![ApiKey::new("k1".into()), ApiKey::new("k2".into())],
+        );
+        p.share_through(state.clone(), "t:keys:p".to_owned());
+        p
+    };
+    // Replica A picks a key and dies with it (no release, no renewal: `kill -9`).
+    let cfg = config.state.clone();
+    let dead = std::thread::spawn(move || {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(async {
+            let state = RedisState::new(&cfg).unwrap();
+            let lease = pick(&state, &pool(&state)).await;
+            let id = lease.key().id().to_owned();
+            std::mem::forget(lease);
+            id
+        })
+    })
+    .join()
+    .unwrap();
+    let state = RedisState::new(&config.state).unwrap();
+    let b = pool(&state);
+    let held = pick(&state, &b).await;
+    assert_ne!(
+        held.key().id(),
+        dead,
+        "the dead replica's request still counts"
+    );
+    // Past the TTL its count is gone while B's own lease is renewed: the least-loaded
+    // key is the dead replica's again (a tie would go to B's next in round-robin, the
+    // key B holds).
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let next = pick(&state, &b).await;
+    assert_eq!(next.key().id(), dead, "expired within the lease TTL");
+    drop((held, next));
+}
