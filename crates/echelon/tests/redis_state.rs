@@ -978,3 +978,64 @@ async fn a_dead_replicas_key_counts_expire_within_the_lease_ttl() {
     assert_eq!(next.key().id(), dead, "expired within the lease TTL");
     drop((held, next));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_candidate_waits_for_a_fleet_wide_slot_within_its_queue_timeout() {
+    let Some(redis) = Redis::start() else { return };
+    let (a, b) = pair().await;
+    let yaml = format!(
+        r#"{}
+providers:
+  pa: {{ base_url: "{}" }}
+  pb: {{ base_url: "{}" }}
+models:
+  a: {{ provider: pa, max_retries: 0, concurrency_limit: 1, queue_timeout: 3, rpm_limit: 100 }}
+  b: {{ provider: pb, max_retries: 0 }}
+task_groups:
+  grp: {{ echelon1: {{ models: [a] }}, echelon2: {{ models: [b] }} }}
+"#,
+        state_yaml(&redis, ""),
+        a.base_url(),
+        b.base_url()
+    );
+    let config = Config::from_str(&yaml, "t.yaml").unwrap();
+    let gws: Vec<_> = (0..2)
+        .map(|_| Arc::new(Gateway::from_config(&config).unwrap()))
+        .collect();
+    a.push_behavior(Behavior::Delay(Duration::from_millis(600)));
+    let gw = gws[0].clone();
+    let held = tokio::spawn(async move { gw.chat(request("grp")).await.unwrap() });
+    tokio::time::sleep(Duration::from_millis(150)).await;
+    let t = Instant::now();
+    let r = gws[1].chat(request("grp")).await.unwrap();
+    let waited = t.elapsed();
+    assert_eq!(
+        r.model, "a",
+        "B waited for A's slot instead of falling over"
+    );
+    assert!(
+        waited >= Duration::from_millis(300) && waited < Duration::from_millis(2500),
+        "{waited:?}"
+    );
+    assert_eq!(held.await.unwrap().model, "a");
+    // The polls (one every 10 ms for ~450 ms) held nothing: of the rpm_limit's 100
+    // tokens 2 are spent (and about one refilled meanwhile, 100 per minute).
+    let mut conn = redis::Client::open(redis.url())
+        .unwrap()
+        .get_multiplexed_async_connection()
+        .await
+        .unwrap();
+    let keys: Vec<String> = redis::cmd("KEYS")
+        .arg("t:bucket:*")
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    assert_eq!(keys.len(), 1, "{keys:?}");
+    let tokens: f64 = redis::cmd("HGET")
+        .arg(&keys[0])
+        .arg("t")
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    assert!((97.5..=100.0).contains(&tokens), "{tokens} tokens left");
+}

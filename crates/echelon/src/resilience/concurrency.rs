@@ -49,7 +49,7 @@ static LEASE_SCRIPT: LazyLock<Script> =
     LazyLock::new(|| Script::new(&format!("{NOW_MS}{LEASE_LUA}return lease(KEYS[1], ARGV)\n")));
 
 /// How often a waiter asks Redis again for a fleet-wide slot.
-const LEASE_POLL: Duration = Duration::from_millis(10);
+pub(crate) const LEASE_POLL: Duration = Duration::from_millis(10);
 
 /// A limit on requests in flight.
 #[derive(Debug)]

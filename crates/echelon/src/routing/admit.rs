@@ -2,17 +2,20 @@
 //! the tickets it holds until the call's outcome is reported (for a stream, at its end).
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use super::model::{InFlight, Model};
 use super::plan::Tier;
 use super::pool::PollingPool;
 use redis::FromRedisValue;
+use tokio::time::Instant;
 
 use crate::key::ApiKey;
 use crate::resilience::admission::{
     Admit, Ask, BreakerTicket, BucketStep, BucketTicket, BucketUnit, KeyTicket, Refusal, Report,
     SlotStep, SlotTicket, Ticket, breaker_verdict, lease_key,
 };
+use crate::resilience::concurrency::LEASE_POLL;
 use crate::resilience::token_bucket::Taken;
 use crate::state::batch::{self, BatchAnswer};
 
@@ -111,8 +114,8 @@ impl Admitted {
 /// steps took goes back as their tickets drop.
 ///
 /// With shared state every step is asked of Redis in one round trip ([`admit_shared`]);
-/// this step-by-step path is the one of the memory backend, of a candidate that may
-/// wait for a concurrency slot, and of a replica whose Redis is down.
+/// this step-by-step path is the one of the memory backend and of a replica whose Redis
+/// is down.
 pub(crate) async fn admit(tier: &Tier, model: &Model, ask: &Ask<'_>) -> Result<Admitted, Refusal> {
     if let Some(done) = admit_shared(tier, model, ask).await {
         return done;
@@ -193,17 +196,50 @@ enum Part<'a> {
 /// at the first step that refuses with nothing held. The answers are read by the same
 /// functions as the step-by-step path's, so the tickets and the refusals are the same.
 ///
-/// `None`: take the step-by-step path instead: the units are not shared, Redis is down
-/// or did not answer (the units then fall back as `state.on_unavailable` says), or a
-/// full concurrency limit refused a candidate that may wait for a slot
-/// (`queue_timeout` > 0). A bucket's wait is part of the round trip: its tokens are
-/// reserved (first come, first served) and the candidate sleeps until the refill has
-/// paid them, holding its other grants.
+/// A bucket's wait is part of the round trip: its tokens are reserved (first come, first
+/// served) and the candidate sleeps until the refill has paid them, holding its other
+/// grants. A full concurrency limit is asked again, the whole candidate in one round
+/// trip each time, every [`LEASE_POLL`] within the candidate's `queue_timeout` (holding
+/// nothing meanwhile), as the step-by-step path polls for a slot.
+///
+/// `None`: take the step-by-step path instead: the units are not shared, or Redis is
+/// down or did not answer (the units then fall back as `state.on_unavailable` says).
 async fn admit_shared(
     tier: &Tier,
     model: &Model,
     ask: &Ask<'_>,
 ) -> Option<Result<Admitted, Refusal>> {
+    let deadline = Instant::now() + ask.queue;
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        let now = Ask {
+            queue: left,
+            ..*ask
+        };
+        match admit_shared_once(tier, model, &now, ask.queue).await? {
+            Once::Done(done) => return Some(done),
+            Once::SlotFull(refused) if left.is_zero() => return Some(Err(refused)),
+            Once::SlotFull(_) => tokio::time::sleep(LEASE_POLL.min(left)).await,
+        }
+    }
+}
+
+/// What one combined admission came to.
+enum Once {
+    /// Admitted, or refused for good.
+    Done(Result<Admitted, Refusal>),
+    /// A concurrency limit was full (nothing is held): may be asked again.
+    SlotFull(Refusal),
+}
+
+/// One round trip of [`admit_shared`]; `queue` is the candidate's whole wait (for the
+/// refusal's message), `ask.queue` what is left of it.
+async fn admit_shared_once(
+    tier: &Tier,
+    model: &Model,
+    ask: &Ask<'_>,
+    queue: Duration,
+) -> Option<Once> {
     let state = model.breaker.shared_state()?;
     if !state.is_up() {
         return None;
@@ -236,14 +272,12 @@ async fn admit_shared(
                 Part::Breaker => {
                     let v = Vec::<i64>::from_redis_value(answer).ok()?;
                     match breaker_verdict(&model.breaker, model.breaker.shared_answer(&v)?) {
-                        Err(refused) => Some(Err(refused)),
+                        Err(refused) => Some(Once::Done(Err(refused))),
                         Ok(_) => None,
                     }
                 }
-                Part::Bucket(b, n) => Some(Err(b.refusal(n))),
-                // Waiting for a slot is polling Redis: the step-by-step path does it.
-                Part::Slot(..) if !ask.queue.is_zero() => None,
-                Part::Slot(s, _) => Some(Err(s.refusal(s.limit.reached(ask.queue)))),
+                Part::Bucket(b, n) => Some(Once::Done(Err(b.refusal(n)))),
+                Part::Slot(s, _) => Some(Once::SlotFull(s.refusal(s.limit.reached(queue)))),
                 Part::Keys(_) => None,
             };
         }
@@ -286,7 +320,7 @@ async fn admit_shared(
     } else {
         match lease_key(model.keys(), ask, picked) {
             Ok(k) => Some(k),
-            Err(refused) => return Some(Err(refused)),
+            Err(refused) => return Some(Once::Done(Err(refused))),
         }
     };
     let admitted = Admitted {
@@ -300,7 +334,7 @@ async fn admit_shared(
     // A bucket queued the candidate (within its `queue_timeout`): it waits holding what
     // it was granted; dropped meanwhile, every ticket gives its share back.
     if wait > 0 {
-        tokio::time::sleep(std::time::Duration::from_millis(wait)).await;
+        tokio::time::sleep(Duration::from_millis(wait)).await;
     }
-    Some(Ok(admitted))
+    Some(Once::Done(Ok(admitted)))
 }
