@@ -78,7 +78,8 @@ impl SharedLimit {
 impl Lease {
     /// The lease `name` already added to the sorted set `key` (by a script): renewed
     /// every third of `state.lease_ttl` until dropped, then removed. Also what counts a
-    /// key's requests in flight fleet-wide (`resilience::key_pool`).
+    /// key's requests in flight fleet-wide (`resilience::key_pool`). Inside a tokio
+    /// runtime only (the renewal is a task).
     pub fn held(state: Arc<RedisState>, key: String, name: String) -> Lease {
         let ttl = state.lease_ttl();
         let renew = tokio::spawn(renew(state.clone(), key.clone(), name.clone(), ttl));

@@ -461,7 +461,8 @@ impl KeyPool {
 
     /// Leases the key `picked` (its id) that a `pick` step leased fleet-wide under
     /// `lease`, when it is still usable here; else (or with no pick: `picked` empty) as
-    /// [`acquire`](Self::acquire) does, and the fleet-wide lease is given back.
+    /// [`acquire`](Self::acquire) does, and the fleet-wide lease is given back. Call it
+    /// inside a tokio runtime (the fleet-wide lease is renewed by a task of its own).
     ///
     /// # Errors
     /// As [`acquire`](Self::acquire).
