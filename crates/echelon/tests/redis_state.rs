@@ -231,14 +231,40 @@ fn a_rediss_url_loads_and_builds_a_gateway() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn three_replicas_share_one_rpm_limit() {
+    // 120 requests of burst, 2 per second; each replica alone would allow all of it.
+    rpm_accuracy(120, Duration::from_secs(4), false).await;
+}
+
+/// The issue's accuracy run: `rpm_limit: 600` for 20 s. Opt-in (CI stays short):
+/// `cargo test -p echelon --test redis_state -- --ignored for_20_s --nocapture`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "a 20 s run; the 4 s one runs in CI"]
+async fn three_replicas_share_one_rpm_limit_for_20_s() {
+    rpm_accuracy(600, Duration::from_secs(20), true).await;
+}
+
+/// Three replicas, twelve clients on `rpm_limit: rpm` for `run` (as fast as they can,
+/// or `paced` at 3× the limit's allowance over the run, 3.3× to be sure of it): the
+/// upstream admits at most the allowance (rate × time + capacity) + 1%.
+async fn rpm_accuracy(rpm: u32, run: Duration, paced: bool) {
     let Some(redis) = Redis::start() else { return };
     let (a, b) = pair().await;
-    // 120 requests of burst, 2 per second; each replica alone would allow all of it.
     // A generous timeout: this test is about accuracy in shared mode, and twelve busy
     // clients on two cores can delay polling Redis's answer past 200 ms.
-    let gws = replicas(3, &redis, "timeout_ms: 5000", &a, &b, "", "rpm_limit: 120");
+    let gws = replicas(
+        3,
+        &redis,
+        "timeout_ms: 5000",
+        &a,
+        &b,
+        "",
+        &format!("rpm_limit: {rpm}"),
+    );
+    let allowance = f64::from(rpm) * (1.0 + run.as_secs_f64() / 60.0);
+    // Each of the 12 clients sends one request per `every`.
+    let every =
+        paced.then(|| Duration::from_secs_f64(run.as_secs_f64() * 12.0 / (3.3 * allowance)));
     let started = Instant::now();
-    let run = Duration::from_secs(4);
     let mut clients = Vec::new();
     for gw in &gws {
         for _ in 0..4 {
@@ -246,6 +272,9 @@ async fn three_replicas_share_one_rpm_limit() {
             clients.push(tokio::spawn(async move {
                 let mut n = 0u32;
                 while started.elapsed() < run {
+                    if let Some(every) = every {
+                        tokio::time::sleep_until((started + every * n).into()).await;
+                    }
                     gw.chat(request("grp")).await.unwrap();
                     n += 1;
                 }
@@ -259,9 +288,11 @@ async fn three_replicas_share_one_rpm_limit() {
     }
     let secs = started.elapsed().as_secs_f64();
     let admitted = a.chat_requests() as f64;
-    let allowance = 120.0 + 2.0 * secs;
+    let allowance = f64::from(rpm) + f64::from(rpm) / 60.0 * secs;
     eprintln!(
-        "sent {sent}, upstream a admitted {admitted} in {secs:.2} s (allowance {allowance:.0})"
+        "rpm_limit {rpm} (paced: {paced}): sent {sent}, upstream a admitted {admitted} in {secs:.2} s \
+         (allowance {allowance:.1}, {:+.2}% of it)",
+        (admitted / allowance - 1.0) * 100.0
     );
     assert!(
         f64::from(sent) >= 3.0 * allowance,
@@ -271,7 +302,10 @@ async fn three_replicas_share_one_rpm_limit() {
         admitted <= allowance * 1.01,
         "three replicas admitted {admitted}, more than the one limit's {allowance:.1} + 1%"
     );
-    assert!(admitted >= 120.0, "the limit's burst was used: {admitted}");
+    assert!(
+        admitted >= f64::from(rpm),
+        "the limit's burst was used: {admitted}"
+    );
     for gw in &gws {
         assert_eq!(admin(gw)["state"]["mode"], "shared", "no replica fell back");
     }
@@ -279,13 +313,35 @@ async fn three_replicas_share_one_rpm_limit() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn three_replicas_share_one_tpm_limit_settled_with_the_real_usage() {
+    // The burst is 600 tokens, 10 per second.
+    tpm_accuracy(600, Duration::from_secs(3)).await;
+}
+
+/// The TPM variant of the issue's accuracy run: `tpm_limit: 6000` for 20 s. Opt-in:
+/// `cargo test -p echelon --test redis_state -- --ignored for_20_s --nocapture`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "a 20 s run; the 3 s one runs in CI"]
+async fn three_replicas_share_one_tpm_limit_for_20_s() {
+    tpm_accuracy(6000, Duration::from_secs(20)).await;
+}
+
+/// Three replicas, nine clients on `tpm_limit: tpm` for `run`: the tokens the upstream
+/// reports used stay within the allowance + 1%.
+async fn tpm_accuracy(tpm: u32, run: Duration) {
     let Some(redis) = Redis::start() else { return };
     let (a, b) = pair().await;
     // Each call reserves prompt + max_tokens (16) and is settled with the testkit's
-    // real usage (5 tokens); the burst is 600 tokens, 10 per second.
-    let gws = replicas(3, &redis, "timeout_ms: 5000", &a, &b, "", "tpm_limit: 600");
+    // real usage (5 tokens).
+    let gws = replicas(
+        3,
+        &redis,
+        "timeout_ms: 5000",
+        &a,
+        &b,
+        "",
+        &format!("tpm_limit: {tpm}"),
+    );
     let started = Instant::now();
-    let run = Duration::from_secs(3);
     let mut clients = Vec::new();
     for gw in &gws {
         for _ in 0..3 {
@@ -313,14 +369,21 @@ async fn three_replicas_share_one_tpm_limit_settled_with_the_real_usage() {
         refused += r;
     }
     let secs = started.elapsed().as_secs_f64();
-    let allowance = 600.0 + 10.0 * secs;
-    eprintln!("tokens used at a: {used} in {secs:.2} s (allowance {allowance:.0})");
+    let allowance = f64::from(tpm) + f64::from(tpm) / 60.0 * secs;
+    eprintln!(
+        "tpm_limit {tpm}: tokens used at a: {used} in {secs:.2} s (allowance {allowance:.1}, \
+         {:+.2}% of it; {refused} calls refused to b)",
+        (used as f64 / allowance - 1.0) * 100.0
+    );
     // Every reservation covers its call's usage, so settling never overdraws.
     assert!(
         (used as f64) <= allowance * 1.01,
         "three replicas used {used} tokens, more than the one limit's {allowance:.0}"
     );
-    assert!(used as f64 >= 600.0 * 0.75, "the limit was used: {used}");
+    assert!(
+        used as f64 >= f64::from(tpm) * 0.75,
+        "the limit was used: {used}"
+    );
     assert!(refused > 0, "the load went past the limit");
     for gw in &gws {
         assert_eq!(admin(gw)["state"]["mode"], "shared", "no replica fell back");
@@ -649,4 +712,330 @@ async fn a_sticky_session_stays_on_its_instance_whichever_replica_gets_the_turn(
             if turn % 2 == 0 { "B" } else { "A" }
         );
     }
+}
+
+/// `EVALSHA` + `EVAL` calls Redis has answered so far (`INFO commandstats`).
+fn script_calls(port: u16) -> u64 {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+    s.set_read_timeout(Some(Duration::from_millis(500)))
+        .unwrap();
+    s.write_all(b"INFO commandstats\r\n").unwrap();
+    let mut text = String::new();
+    let mut buf = [0u8; 8192];
+    // A bulk reply `$<len>\r\n<body>\r\n`: read until the body is complete.
+    loop {
+        let n = s.read(&mut buf).unwrap();
+        text.push_str(&String::from_utf8_lossy(&buf[..n]));
+        if let Some((head, body)) = text.split_once("\r\n")
+            && let Ok(len) = head.trim_start_matches('$').parse::<usize>()
+            && body.len() >= len
+        {
+            break;
+        }
+        assert!(n > 0, "redis closed the connection");
+    }
+    text.lines()
+        .filter(|l| l.starts_with("cmdstat_evalsha:") || l.starts_with("cmdstat_eval:"))
+        .filter_map(|l| {
+            l.split("calls=")
+                .nth(1)?
+                .split(',')
+                .next()?
+                .parse::<u64>()
+                .ok()
+        })
+        .sum()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_candidates_admission_is_one_round_trip() {
+    let Some(redis) = Redis::start() else { return };
+    let a = TestUpstream::start().await.unwrap();
+    // Every admission step a candidate can have: the breaker, the echelon's rpm_limit
+    // and concurrency_limit, the model's rpm_limit, tpm_limit and concurrency_limit,
+    // and a key pool.
+    let yaml = format!(
+        r#"{}
+providers:
+  pa: {{ base_url: "{}", api_keys: ["k1", "k2"] }}
+models:
+  a: {{ provider: pa, max_retries: 0, rpm_limit: 1000, tpm_limit: 100000, concurrency_limit: 10 }}
+task_groups:
+  grp: {{ echelon1: {{ models: [a], rpm_limit: 1000, concurrency_limit: 10 }} }}
+"#,
+        state_yaml(&redis, ""),
+        a.base_url()
+    );
+    let gw = Arc::new(Gateway::from_config(&Config::from_str(&yaml, "t.yaml").unwrap()).unwrap());
+    // The first request loads the scripts (NOSCRIPT, then EVAL).
+    gw.chat(request("grp")).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    a.set_behavior(Behavior::Delay(Duration::from_millis(600)));
+    let (mut admission, mut total) = (0, 0);
+    let n = 3;
+    for _ in 0..n {
+        let before = script_calls(redis.port);
+        let gw2 = gw.clone();
+        let call = tokio::spawn(async move { gw2.chat(request("grp")).await.unwrap() });
+        // Mid-call: admitted, not yet settled.
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        admission += script_calls(redis.port) - before;
+        assert_eq!(call.await.unwrap().model, "a");
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        total += script_calls(redis.port) - before;
+    }
+    let (admission, total) = (admission / n, total / n);
+    eprintln!("script calls per request: {admission} to admit, {total} in all");
+    assert_eq!(admission, 1, "one round trip admits the candidate");
+    // Settling (in the background, one call each): the breaker's record, the TPM
+    // settlement, two concurrency leases and the key's fleet-wide in-flight lease
+    // released. Before: 7 calls to admit and 11 in all.
+    assert!(total <= 6, "{total} script calls per request");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_candidate_refused_by_a_later_step_keeps_nothing_of_the_earlier_ones() {
+    let Some(redis) = Redis::start() else { return };
+    let (a, b) = pair().await;
+    let gws = replicas(
+        2,
+        &redis,
+        "",
+        &a,
+        &b,
+        "",
+        "rpm_limit: 5, concurrency_limit: 1",
+    );
+    // Replica A holds the one fleet-wide slot for 800 ms.
+    a.push_behavior(Behavior::Delay(Duration::from_millis(800)));
+    let gw = gws[0].clone();
+    let held = tokio::spawn(async move { gw.chat(request("grp")).await.unwrap() });
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    // Ten candidates on B pass the breaker and the rpm_limit, then find the slot taken:
+    // each is refused whole, its rpm token given back in the same script.
+    for _ in 0..10 {
+        assert_eq!(gws[1].chat(request("grp")).await.unwrap().model, "b");
+    }
+    assert_eq!(held.await.unwrap().model, "a");
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    // 4 of the 5 tokens are left (the held request spent one), whichever replica asks.
+    for i in 0..4 {
+        let r = gws[i % 2].chat(request("grp")).await.unwrap();
+        assert_eq!(
+            r.model, "a",
+            "request {i}: the refused candidates spent no token"
+        );
+        // The lease is released in the background after the answer.
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(gws[1].chat(request("grp")).await.unwrap().model, "b");
+    assert_eq!(a.chat_requests(), 5);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_least_loaded_key_is_chosen_across_the_fleet() {
+    let Some(redis) = Redis::start() else { return };
+    let (a, b) = pair().await;
+    let gws = replicas(2, &redis, "", &a, &b, r#"api_keys: ["k1", "k2"]"#, "");
+    a.set_behavior(Behavior::Delay(Duration::from_millis(700)));
+    let mut calls = Vec::new();
+    // Each replica on its own would start with the same key (its round-robin starts at
+    // the first); alternating replicas, every request must find the key the other
+    // replica's request in flight does not hold.
+    for i in 0..4 {
+        let gw = gws[i % 2].clone();
+        calls.push(tokio::spawn(async move {
+            gw.chat(request("grp")).await.unwrap()
+        }));
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    for c in calls {
+        assert_eq!(c.await.unwrap().model, "a");
+    }
+    let keys: Vec<String> = a
+        .recorded()
+        .iter()
+        .map(|r| r.authorization.clone().unwrap())
+        .collect();
+    assert_eq!(keys.len(), 4);
+    assert_ne!(
+        keys[0], keys[1],
+        "B chose the key A was not using: {keys:?}"
+    );
+    assert_ne!(keys[2], keys[3], "{keys:?}");
+    let on_first = keys.iter().filter(|k| **k == keys[0]).count();
+    assert_eq!(on_first, 2, "two in flight on each key: {keys:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_candidate_queued_by_a_bucket_waits_within_its_one_round_trip() {
+    let Some(redis) = Redis::start() else { return };
+    let a = TestUpstream::start().await.unwrap();
+    let yaml = format!(
+        r#"{}
+providers:
+  pa: {{ base_url: "{}" }}
+models:
+  a: {{ provider: pa, max_retries: 0, rpm_limit: 60, queue_timeout: 3 }}
+task_groups:
+  grp: {{ echelon1: {{ models: [a] }} }}
+"#,
+        state_yaml(&redis, ""),
+        a.base_url()
+    );
+    let gw = Gateway::from_config(&Config::from_str(&yaml, "t.yaml").unwrap()).unwrap();
+    // The burst of 60, then one more: its token is reserved at once and paid back by
+    // the refill (1 per second) about a second later.
+    for _ in 0..60 {
+        gw.chat(request("grp")).await.unwrap();
+    }
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let before = script_calls(redis.port);
+    let t = Instant::now();
+    assert_eq!(gw.chat(request("grp")).await.unwrap().model, "a");
+    let waited = t.elapsed();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let calls = script_calls(redis.port) - before;
+    assert!(
+        waited >= Duration::from_millis(500) && waited < Duration::from_millis(2500),
+        "queued for the refill: {waited:?}"
+    );
+    // One to admit (breaker + bucket), one to settle the breaker.
+    assert_eq!(calls, 2, "script calls for the queued request");
+    assert_eq!(a.chat_requests(), 61);
+}
+
+/// One fleet-wide `pick` of a key of `pool` (the key pool's step of an admission):
+/// the key's id and its lease.
+async fn pick(
+    state: &Arc<RedisState>,
+    pool: &Arc<echelon::resilience::key_pool::KeyPool>,
+) -> echelon::resilience::key_pool::KeyLease {
+    use echelon::state::batch::{self, BatchAnswer};
+    let name = state.lease_name();
+    let step = pool.shared_step(&[], Some(&name)).unwrap();
+    let BatchAnswer::Admitted(mut answers) = batch::admit(state, &[step]).await.unwrap() else {
+        panic!("a pick never refuses");
+    };
+    let (now, fields, id): (i64, Vec<String>, String) =
+        redis::FromRedisValue::from_redis_value(answers.remove(0)).unwrap();
+    pool.apply_shared(now, &fields);
+    pool.acquire_picked(&[], &id, name).unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dead_replicas_key_counts_expire_within_the_lease_ttl() {
+    use echelon::key::ApiKey;
+    use echelon::resilience::key_pool::KeyPool;
+    let Some(redis) = Redis::start() else { return };
+    let config = Config::from_str(
+        &format!(
+            "{}models: {{ m: {{ provider: p }} }}\nproviders: {{ p: {{ base_url: \"http://127.0.0.1:1\" }} }}\n",
+            state_yaml(&redis, "lease_ttl: 1")
+        ),
+        "t.yaml",
+    )
+    .unwrap();
+    let pool = |state: &Arc<RedisState>| {
+        let p = KeyPool::new(
+            "p",
+            vec![ApiKey::new("k1".into()), ApiKey::new("k2".into())],
+        );
+        p.share_through(state.clone(), "t:keys:p".to_owned());
+        p
+    };
+    // Replica A picks a key and dies with it (no release, no renewal: `kill -9`).
+    let cfg = config.state.clone();
+    let dead = std::thread::spawn(move || {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(async {
+            let state = RedisState::new(&cfg).unwrap();
+            let lease = pick(&state, &pool(&state)).await;
+            let id = lease.key().id().to_owned();
+            std::mem::forget(lease);
+            id
+        })
+    })
+    .join()
+    .unwrap();
+    let state = RedisState::new(&config.state).unwrap();
+    let b = pool(&state);
+    let held = pick(&state, &b).await;
+    assert_ne!(
+        held.key().id(),
+        dead,
+        "the dead replica's request still counts"
+    );
+    // Past the TTL its count is gone while B's own lease is renewed: the least-loaded
+    // key is the dead replica's again (a tie would go to B's next in round-robin, the
+    // key B holds).
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let next = pick(&state, &b).await;
+    assert_eq!(next.key().id(), dead, "expired within the lease TTL");
+    drop((held, next));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_candidate_waits_for_a_fleet_wide_slot_within_its_queue_timeout() {
+    let Some(redis) = Redis::start() else { return };
+    let (a, b) = pair().await;
+    let yaml = format!(
+        r#"{}
+providers:
+  pa: {{ base_url: "{}" }}
+  pb: {{ base_url: "{}" }}
+models:
+  a: {{ provider: pa, max_retries: 0, concurrency_limit: 1, queue_timeout: 3, rpm_limit: 100 }}
+  b: {{ provider: pb, max_retries: 0 }}
+task_groups:
+  grp: {{ echelon1: {{ models: [a] }}, echelon2: {{ models: [b] }} }}
+"#,
+        state_yaml(&redis, ""),
+        a.base_url(),
+        b.base_url()
+    );
+    let config = Config::from_str(&yaml, "t.yaml").unwrap();
+    let gws: Vec<_> = (0..2)
+        .map(|_| Arc::new(Gateway::from_config(&config).unwrap()))
+        .collect();
+    a.push_behavior(Behavior::Delay(Duration::from_millis(600)));
+    let gw = gws[0].clone();
+    let held = tokio::spawn(async move { gw.chat(request("grp")).await.unwrap() });
+    tokio::time::sleep(Duration::from_millis(150)).await;
+    let t = Instant::now();
+    let r = gws[1].chat(request("grp")).await.unwrap();
+    let waited = t.elapsed();
+    assert_eq!(
+        r.model, "a",
+        "B waited for A's slot instead of falling over"
+    );
+    assert!(
+        waited >= Duration::from_millis(300) && waited < Duration::from_millis(2500),
+        "{waited:?}"
+    );
+    assert_eq!(held.await.unwrap().model, "a");
+    // The polls (one every 10 ms for ~450 ms) held nothing: of the rpm_limit's 100
+    // tokens 2 are spent (and about one refilled meanwhile, 100 per minute).
+    let mut conn = redis::Client::open(redis.url())
+        .unwrap()
+        .get_multiplexed_async_connection()
+        .await
+        .unwrap();
+    let keys: Vec<String> = redis::cmd("KEYS")
+        .arg("t:bucket:*")
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    assert_eq!(keys.len(), 1, "{keys:?}");
+    let tokens: f64 = redis::cmd("HGET")
+        .arg(&keys[0])
+        .arg("t")
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    assert!((97.5..=100.0).contains(&tokens), "{tokens} tokens left");
 }

@@ -20,8 +20,8 @@ use std::time::Duration;
 use echelon_types::{ErrorKind, Outcome, SkipReason};
 use tokio::time::Instant;
 
-use super::breaker::{BreakerPermit, CircuitBreaker};
-use super::concurrency::{ConcurrencyLimit, Slot};
+use super::breaker::{BreakerOpen, BreakerPermit, CircuitBreaker};
+use super::concurrency::{ConcurrencyLimit, LimitReached, Slot};
 use super::key_pool::{KeyLease, KeyPool, NoKey};
 use super::token_bucket::{Taken, TokenBucket};
 use crate::key::ApiKey;
@@ -150,19 +150,28 @@ impl Admit for CircuitBreaker {
             .acquire()
             .await
             .map_err(|e| Refusal::unavailable(SkipReason::CircuitOpen, e))?;
-        match answer {
-            Ok(permit) => Ok(BreakerTicket {
-                breaker: self.clone(),
-                permit,
-            }),
-            Err(open) => {
-                let left = open.until.saturating_duration_since(Instant::now());
-                Err(Refusal {
-                    reason: SkipReason::CircuitOpen,
-                    message: format!("circuit breaker open for {} ms more", left.as_millis()),
-                    retry_at: Some(open.until),
-                })
-            }
+        breaker_verdict(self, answer)
+    }
+}
+
+/// The ticket of a permit `breaker` granted, or the refusal of an open one (the step's
+/// answer, in memory, from Redis, or from a combined admission).
+pub fn breaker_verdict(
+    breaker: &CircuitBreaker,
+    answer: Result<BreakerPermit, BreakerOpen>,
+) -> Result<BreakerTicket, Refusal> {
+    match answer {
+        Ok(permit) => Ok(BreakerTicket {
+            breaker: breaker.clone(),
+            permit,
+        }),
+        Err(open) => {
+            let left = open.until.saturating_duration_since(Instant::now());
+            Err(Refusal {
+                reason: SkipReason::CircuitOpen,
+                message: format!("circuit breaker open for {} ms more", left.as_millis()),
+                retry_at: Some(open.until),
+            })
         }
     }
 }
@@ -246,29 +255,46 @@ impl Admit for BucketStep<'_> {
     type Ticket = BucketTicket;
 
     async fn admit(&self, ask: &Ask<'_>) -> Result<BucketTicket, Refusal> {
-        let n = match self.unit {
-            BucketUnit::Requests => 1,
-            BucketUnit::Tokens => ask.tokens,
-        };
+        let n = self.tokens(ask);
         let answer = self
             .bucket
             .take(n as f64, ask.queue)
             .await
             .map_err(|e| Refusal::unavailable(SkipReason::TokenBucket, e))?;
-        let Ok(at) = answer else {
-            let message = match self.unit {
-                BucketUnit::Requests => format!("{} reached", self.label),
-                BucketUnit::Tokens => format!("{}: {n} tokens not available", self.label),
-            };
-            return Err(Refusal::new(SkipReason::TokenBucket, message));
-        };
-        Ok(BucketTicket {
+        match answer {
+            Ok(at) => Ok(self.ticket(n, at)),
+            Err(_) => Err(self.refusal(n)),
+        }
+    }
+}
+
+impl BucketStep<'_> {
+    /// The tokens this step takes for `ask`: 1 request, or the attempt's tokens.
+    pub fn tokens(&self, ask: &Ask<'_>) -> u64 {
+        match self.unit {
+            BucketUnit::Requests => 1,
+            BucketUnit::Tokens => ask.tokens,
+        }
+    }
+
+    /// The ticket of `n` tokens taken `at`.
+    pub fn ticket(&self, n: u64, at: Taken) -> BucketTicket {
+        BucketTicket {
             bucket: self.bucket.clone(),
             unit: self.unit,
             taken: n,
             committed: false,
             at,
-        })
+        }
+    }
+
+    /// The refusal of `n` tokens.
+    pub fn refusal(&self, n: u64) -> Refusal {
+        let message = match self.unit {
+            BucketUnit::Requests => format!("{} reached", self.label),
+            BucketUnit::Tokens => format!("{}: {n} tokens not available", self.label),
+        };
+        Refusal::new(SkipReason::TokenBucket, message)
     }
 }
 
@@ -304,11 +330,22 @@ impl Admit for SlotStep<'_> {
             .map_err(|e| Refusal::unavailable(SkipReason::Concurrency, e))?;
         match answer {
             Ok(slot) => Ok(SlotTicket(slot)),
-            Err(e) => Err(Refusal::new(
-                SkipReason::Concurrency,
-                format!("{} {e}", self.owner),
-            )),
+            Err(e) => Err(self.refusal(e)),
         }
+    }
+}
+
+impl SlotStep<'_> {
+    /// The refusal of a full limit.
+    pub fn refusal(&self, e: LimitReached) -> Refusal {
+        Refusal::new(SkipReason::Concurrency, format!("{} {e}", self.owner))
+    }
+}
+
+impl SlotTicket {
+    /// The ticket of a slot held.
+    pub fn new(slot: Slot) -> SlotTicket {
+        SlotTicket(slot)
     }
 }
 
@@ -353,31 +390,47 @@ impl Admit for Arc<KeyPool> {
         self.sync_shared()
             .await
             .map_err(|e| Refusal::unavailable(SkipReason::NoKey, e))?;
-        match self.acquire(ask.exclude_keys) {
-            Ok(lease) => Ok(KeyTicket(lease)),
-            Err(NoKey::CoolingDown { until }) => {
-                let wait = until.saturating_duration_since(Instant::now());
-                Err(Refusal {
-                    reason: SkipReason::KeyCooldown,
-                    message: format!("every key cooling down for {} ms more", wait.as_millis()),
-                    retry_at: Some(until),
-                })
-            }
-            Err(NoKey::Exhausted) => Err(match self.next_reprobe(ask.exclude_keys) {
-                // The time of the next re-probe, for the attempt list and the log.
-                Some(at) => Refusal {
-                    reason: SkipReason::NoKey,
-                    message: format!(
-                        "every key is disabled; next re-probe in {} s",
-                        at.saturating_duration_since(Instant::now())
-                            .as_secs_f64()
-                            .ceil()
-                    ),
-                    retry_at: Some(at),
-                },
-                None => Refusal::new(SkipReason::NoKey, "every key is disabled".to_owned()),
-            }),
+        lease_key(self, ask, None)
+    }
+}
+
+/// Leases a key of `pool` (its state already brought up to date with the shared one):
+/// the ticket, or the refusal saying why none is usable. `picked`: the key id a
+/// combined admission chose fleet-wide and the name of its fleet-wide lease
+/// ([`KeyPool::acquire_picked`]).
+pub fn lease_key(
+    pool: &Arc<KeyPool>,
+    ask: &Ask<'_>,
+    picked: Option<(String, String)>,
+) -> Result<KeyTicket, Refusal> {
+    let got = match picked {
+        Some((id, lease)) => pool.acquire_picked(ask.exclude_keys, &id, lease),
+        None => pool.acquire(ask.exclude_keys),
+    };
+    match got {
+        Ok(lease) => Ok(KeyTicket(lease)),
+        Err(NoKey::CoolingDown { until }) => {
+            let wait = until.saturating_duration_since(Instant::now());
+            Err(Refusal {
+                reason: SkipReason::KeyCooldown,
+                message: format!("every key cooling down for {} ms more", wait.as_millis()),
+                retry_at: Some(until),
+            })
         }
+        Err(NoKey::Exhausted) => Err(match pool.next_reprobe(ask.exclude_keys) {
+            // The time of the next re-probe, for the attempt list and the log.
+            Some(at) => Refusal {
+                reason: SkipReason::NoKey,
+                message: format!(
+                    "every key is disabled; next re-probe in {} s",
+                    at.saturating_duration_since(Instant::now())
+                        .as_secs_f64()
+                        .ceil()
+                ),
+                retry_at: Some(at),
+            },
+            None => Refusal::new(SkipReason::NoKey, "every key is disabled".to_owned()),
+        }),
     }
 }
 

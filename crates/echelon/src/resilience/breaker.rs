@@ -24,32 +24,33 @@ use std::time::Duration;
 use redis::Script;
 use tokio::time::Instant;
 
-use crate::state::redis::{Arg, NOW_MS, RedisState, Unavailable};
+use crate::state::batch::{Step, StepKind};
+use crate::state::redis::{Arg, NOW_MS, RedisState, ToRedisArgsDyn, Unavailable};
 
 /// The shared breaker: a hash `{s: 0 closed | 1 open | 2 half-open, u: open until (ms),
 /// e: epoch, f: consecutive failures, p: probes in flight}`. `acquire` answers
 /// `{granted, probe, epoch, ms until it may grant}`; `record` and `release` answer
 /// `{state before, state after, failures, 0}`. The same rules as the in-process one.
-static BREAKER_SCRIPT: LazyLock<Script> = LazyLock::new(|| {
-    Script::new(&format!(
-        "{NOW_MS}{}",
-        r#"
-local k = KEYS[1]
+///
+/// The breaker's Lua function `breaker(key, args)`: the body of [`BREAKER_SCRIPT`] and
+/// one step of the combined admission script (`state::batch`).
+pub(crate) const BREAKER_LUA: &str = r#"
+local function breaker(k, A)
 local h = redis.call('HMGET', k, 's', 'u', 'e', 'f', 'p')
 local s = tonumber(h[1]) or 0; local u = tonumber(h[2]) or 0; local e = tonumber(h[3]) or 0
 local f = tonumber(h[4]) or 0; local p = tonumber(h[5]) or 0
-local op = ARGV[1]
+local op = A[1]
 local ret
 if s == 1 and now >= u then s = 2; p = 0; e = e + 1 end
 if op == 'acquire' then
   if s == 0 then ret = {1, 0, e, 0}
   elseif s == 1 then ret = {0, 0, e, u - now}
-  elseif p < tonumber(ARGV[2]) then p = p + 1; ret = {1, 1, e, 0}
+  elseif p < tonumber(A[2]) then p = p + 1; ret = {1, 1, e, 0}
   else ret = {0, 0, e, 0} end
 elseif op == 'record' then
   local before = s
-  local pe = tonumber(ARGV[2]); local probe = ARGV[3] == '1'; local ok = ARGV[4] == '1'
-  local thr = tonumber(ARGV[5]); local rec = tonumber(ARGV[6]); local rate = ARGV[7] == '1'
+  local pe = tonumber(A[2]); local probe = A[3] == '1'; local ok = A[4] == '1'
+  local thr = tonumber(A[5]); local rec = tonumber(A[6]); local rate = A[7] == '1'
   if pe == e then
     if probe then
       if ok then s = 0; f = 0; e = e + 1 else s = 1; u = now + rec; e = e + 1 end
@@ -62,14 +63,19 @@ elseif op == 'record' then
   end
   ret = {before, s, f, 0}
 else
-  local pe = tonumber(ARGV[2])
+  local pe = tonumber(A[2])
   if s == 2 and pe == e and p > 0 then p = p - 1 end
   ret = {s, s, f, 0}
 end
 redis.call('HSET', k, 's', s, 'u', tostring(u), 'e', e, 'f', f, 'p', p)
 redis.call('PEXPIRE', k, 86400000)
 return ret
-"#
+end
+"#;
+
+static BREAKER_SCRIPT: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(&format!(
+        "{NOW_MS}{BREAKER_LUA}return breaker(KEYS[1], ARGV)\n"
     ))
 });
 
@@ -280,6 +286,11 @@ impl CircuitBreaker {
         b
     }
 
+    /// The shared state backend its state lives in, if it is shared.
+    pub fn shared_state(&self) -> Option<&Arc<RedisState>> {
+        self.shared.remote.as_ref().map(|(state, _)| state)
+    }
+
     /// Whether the breaker's state is shared through Redis.
     pub fn is_shared(&self) -> bool {
         self.shared.remote.is_some()
@@ -292,45 +303,70 @@ impl CircuitBreaker {
     /// `Ok(Err(BreakerOpen))` when refused; `Err(Unavailable)` when Redis did not
     /// answer and `state.on_unavailable` is `reject`.
     pub async fn acquire(&self) -> Result<Result<BreakerPermit, BreakerOpen>, Unavailable> {
-        let Some((state, key)) = &self.shared.remote else {
+        let Some(step) = self.shared_step() else {
             return Ok(self.try_acquire());
         };
-        let probes = i64::from(self.shared.settings.half_open_requests);
-        let answer: Result<Vec<i64>, Unavailable> = state
-            .run(&BREAKER_SCRIPT, &[key], &[&"acquire", &probes])
-            .await;
-        match answer {
-            Ok(v) if v.len() == 4 => {
-                let wait = Duration::from_millis(u64::try_from(v[3]).unwrap_or(0));
-                let seen = match (v[0], v[1]) {
-                    (1, 0) => BreakerState::Closed,
-                    (0, _) if !wait.is_zero() => BreakerState::Open {
-                        until: Instant::now() + wait,
-                    },
-                    _ => BreakerState::HalfOpen {
-                        probes_in_flight: 1,
-                    },
-                };
-                self.shared.see(seen, None);
-                if v[0] == 1 {
-                    Ok(Ok(BreakerPermit {
-                        shared: Arc::clone(&self.shared),
-                        epoch: 0,
-                        probe: v[1] == 1,
-                        settled: false,
-                        remote: Some(v[2]),
-                    }))
-                } else {
-                    Ok(Err(BreakerOpen {
-                        until: Instant::now() + wait,
-                    }))
-                }
-            }
-            _ => {
+        let Some((state, _)) = &self.shared.remote else {
+            return Ok(self.try_acquire());
+        };
+        let args: Vec<&dyn ToRedisArgsDyn> =
+            step.args.iter().map(|a| a as &dyn ToRedisArgsDyn).collect();
+        let answer: Result<Vec<i64>, Unavailable> =
+            state.run(&BREAKER_SCRIPT, &[&step.key], &args).await;
+        match answer.ok().and_then(|v| self.shared_answer(&v)) {
+            Some(granted) => Ok(granted),
+            None => {
                 state.fallback()?;
                 Ok(self.try_acquire())
             }
         }
+    }
+
+    /// The shared breaker's `acquire` as one step of a combined admission
+    /// (`state::batch`); `None` when the breaker is not shared.
+    pub fn shared_step(&self) -> Option<Step> {
+        let (_, key) = self.shared.remote.as_ref()?;
+        Some(Step {
+            kind: StepKind::Breaker,
+            key: key.clone(),
+            args: vec![
+                Arg::S("acquire".to_owned()),
+                Arg::I(i64::from(self.shared.settings.half_open_requests)),
+            ],
+        })
+    }
+
+    /// Reads the shared breaker's answer to `acquire` (`{granted, probe, epoch, ms
+    /// until it may grant}`): a permit, or open until when. `None` when the answer is
+    /// not of that shape.
+    pub fn shared_answer(&self, v: &[i64]) -> Option<Result<BreakerPermit, BreakerOpen>> {
+        if v.len() != 4 {
+            return None;
+        }
+        let wait = Duration::from_millis(u64::try_from(v[3]).unwrap_or(0));
+        let seen = match (v[0], v[1]) {
+            (1, 0) => BreakerState::Closed,
+            (0, _) if !wait.is_zero() => BreakerState::Open {
+                until: Instant::now() + wait,
+            },
+            _ => BreakerState::HalfOpen {
+                probes_in_flight: 1,
+            },
+        };
+        self.shared.see(seen, None);
+        Some(if v[0] == 1 {
+            Ok(BreakerPermit {
+                shared: Arc::clone(&self.shared),
+                epoch: 0,
+                probe: v[1] == 1,
+                settled: false,
+                remote: Some(v[2]),
+            })
+        } else {
+            Err(BreakerOpen {
+                until: Instant::now() + wait,
+            })
+        })
     }
 
     /// Reports a permit of the shared breaker (in the background).

@@ -14,38 +14,42 @@ use redis::Script;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio::task::JoinHandle;
 
+use crate::state::batch::{Step, StepKind};
 use crate::state::redis::{Arg, NOW_MS, RedisState, Unavailable};
 
 /// `acquire` (1: leased, 0: full), `renew` and `release` of one lease.
-static LEASE_SCRIPT: LazyLock<Script> = LazyLock::new(|| {
-    Script::new(&format!(
-        "{NOW_MS}{}",
-        r#"
-local op = ARGV[1]; local ttl = tonumber(ARGV[4])
+///
+/// The lease's Lua function `lease(key, args)`: the body of [`LEASE_SCRIPT`] and one
+/// step of the combined admission script (`state::batch`).
+pub(crate) const LEASE_LUA: &str = r#"
+local function lease(k, A)
+local op = A[1]; local ttl = tonumber(A[4])
 if op == 'acquire' then
-  redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
-  if redis.call('ZCARD', KEYS[1]) < tonumber(ARGV[2]) then
-    redis.call('ZADD', KEYS[1], now + ttl, ARGV[3])
-    redis.call('PEXPIRE', KEYS[1], ttl * 2)
+  redis.call('ZREMRANGEBYSCORE', k, '-inf', now)
+  if redis.call('ZCARD', k) < tonumber(A[2]) then
+    redis.call('ZADD', k, now + ttl, A[3])
+    redis.call('PEXPIRE', k, ttl * 2)
     return 1
   end
   return 0
 elseif op == 'renew' then
-  if redis.call('ZSCORE', KEYS[1], ARGV[3]) then
-    redis.call('ZADD', KEYS[1], 'XX', now + ttl, ARGV[3])
-    redis.call('PEXPIRE', KEYS[1], ttl * 2)
+  if redis.call('ZSCORE', k, A[3]) then
+    redis.call('ZADD', k, 'XX', now + ttl, A[3])
+    redis.call('PEXPIRE', k, ttl * 2)
     return 1
   end
   return 0
 end
-redis.call('ZREM', KEYS[1], ARGV[3])
+redis.call('ZREM', k, A[3])
 return 1
-"#
-    ))
-});
+end
+"#;
+
+static LEASE_SCRIPT: LazyLock<Script> =
+    LazyLock::new(|| Script::new(&format!("{NOW_MS}{LEASE_LUA}return lease(KEYS[1], ARGV)\n")));
 
 /// How often a waiter asks Redis again for a fleet-wide slot.
-const LEASE_POLL: Duration = Duration::from_millis(10);
+pub(crate) const LEASE_POLL: Duration = Duration::from_millis(10);
 
 /// A limit on requests in flight.
 #[derive(Debug)]
@@ -62,6 +66,30 @@ struct SharedLimit {
     state: Arc<RedisState>,
     key: String,
     limit: u32,
+}
+
+impl SharedLimit {
+    /// The lease `name`, granted: renewed every third of the TTL until dropped.
+    fn granted(&self, name: String) -> Lease {
+        Lease::held(self.state.clone(), self.key.clone(), name)
+    }
+}
+
+impl Lease {
+    /// The lease `name` already added to the sorted set `key` (by a script): renewed
+    /// every third of `state.lease_ttl` until dropped, then removed. Also what counts a
+    /// key's requests in flight fleet-wide (`resilience::key_pool`). Inside a tokio
+    /// runtime only (the renewal is a task).
+    pub fn held(state: Arc<RedisState>, key: String, name: String) -> Lease {
+        let ttl = state.lease_ttl();
+        let renew = tokio::spawn(renew(state.clone(), key.clone(), name.clone(), ttl));
+        Lease {
+            state,
+            key,
+            name,
+            renew,
+        }
+    }
 }
 
 /// A slot held: in this process, or a lease in Redis. Freed when dropped.
@@ -157,16 +185,7 @@ impl ConcurrencyLimit {
                 )
                 .await;
             match got {
-                Ok(1) => {
-                    let renew =
-                        tokio::spawn(renew(sh.state.clone(), sh.key.clone(), name.clone(), ttl));
-                    return Ok(Ok(Slot::Shared(Lease {
-                        state: sh.state.clone(),
-                        key: sh.key.clone(),
-                        name,
-                        renew,
-                    })));
-                }
+                Ok(1) => return Ok(Ok(Slot::Shared(sh.granted(name)))),
                 Ok(_) => {
                     let now = tokio::time::Instant::now();
                     if now >= deadline {
@@ -183,6 +202,42 @@ impl ConcurrencyLimit {
                     return Ok(self.acquire(left).await.map(Slot::Local));
                 }
             }
+        }
+    }
+
+    /// The fleet-wide `acquire` of a lease named `name` (from
+    /// [`RedisState::lease_name`]), as one step of a combined admission
+    /// (`state::batch`; its answer is 1 when leased, 0 when full). `None` when the
+    /// limit is not shared.
+    pub fn shared_step(&self, name: &str) -> Option<Step> {
+        let sh = self.shared.as_ref()?;
+        let ttl_ms = i64::try_from(sh.state.lease_ttl().as_millis())
+            .unwrap_or(i64::MAX)
+            .max(1);
+        Some(Step {
+            kind: StepKind::Lease,
+            key: sh.key.clone(),
+            args: vec![
+                Arg::S("acquire".to_owned()),
+                Arg::I(i64::from(sh.limit)),
+                Arg::S(name.to_owned()),
+                Arg::I(ttl_ms),
+            ],
+        })
+    }
+
+    /// The slot of the lease `name` that a combined admission granted: renewed while
+    /// held, released when dropped. `None` when the limit is not shared.
+    pub fn shared_slot(&self, name: String) -> Option<Slot> {
+        Some(Slot::Shared(self.shared.as_ref()?.granted(name)))
+    }
+
+    /// Why a combined admission found the fleet-wide limit full (`waited`: the wait
+    /// the attempt allowed).
+    pub fn reached(&self, waited: Duration) -> LimitReached {
+        LimitReached {
+            limit: self.shared.as_ref().map_or(self.limit, |sh| sh.limit),
+            waited,
         }
     }
 

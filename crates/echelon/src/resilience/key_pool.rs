@@ -24,34 +24,65 @@ use std::time::Duration;
 use redis::Script;
 use tokio::time::Instant;
 
+use super::concurrency::Lease;
 use crate::key::{ApiKey, Redactor};
+use crate::state::batch::{Step, StepKind};
 use crate::state::redis::{Arg, NOW_MS, RedisState, Unavailable};
 
-/// `read` answers `{now, [field, value, …]}`; `cool`, `disable` and `enable` write one
+/// `read` answers `{now, [field, value, …]}`; `pick` (args: lease TTL ms, lease name,
+/// candidate key ids in preference order) also leases the candidate with the fewest
+/// requests in flight fleet-wide that is neither cooling nor disabled there (a sorted
+/// set of leases per key, `<hash>:f:<key id>`, expiring like concurrency leases) and
+/// answers `{now, fields, its id or ''}`; `cool`, `disable` and `enable` write one
 /// key's state (a cooldown only ever lengthens).
-static POOL_SCRIPT: LazyLock<Script> = LazyLock::new(|| {
-    Script::new(&format!(
-        "{NOW_MS}{}",
-        r#"
-local op = ARGV[1]
+///
+/// The pool's Lua function `pool(key, args)`: the body of [`POOL_SCRIPT`] and one step
+/// of the combined admission script (`state::batch`).
+pub(crate) const POOL_LUA: &str = r#"
+local function pool(k, A)
+local op = A[1]
 if op == 'read' then
-  return {now, redis.call('HGETALL', KEYS[1])}
+  return {now, redis.call('HGETALL', k)}
+end
+if op == 'pick' then
+  local ttl = tonumber(A[2]); local best = ''; local least
+  for i = 4, #A do
+    local id = A[i]
+    local c = tonumber(redis.call('HGET', k, 'c:' .. id) or '0') or 0
+    local d = redis.call('HGET', k, 'd:' .. id)
+    local due = true
+    if d then due = (tonumber(string.match(d, '^[^|]*')) or 0) <= now end
+    if c <= now and due then
+      local f = k .. ':f:' .. id
+      redis.call('ZREMRANGEBYSCORE', f, '-inf', now)
+      local n = redis.call('ZCARD', f)
+      if least == nil or n < least then best = id; least = n end
+    end
+  end
+  if best ~= '' then
+    local f = k .. ':f:' .. best
+    redis.call('ZADD', f, now + ttl, A[3])
+    redis.call('PEXPIRE', f, ttl * 2)
+  end
+  return {now, redis.call('HGETALL', k), best}
 end
 if op == 'cool' then
-  local field = 'c:' .. ARGV[2]; local till = now + tonumber(ARGV[3])
-  local old = tonumber(redis.call('HGET', KEYS[1], field) or '0') or 0
-  if till > old then redis.call('HSET', KEYS[1], field, tostring(till)) end
+  local field = 'c:' .. A[2]; local till = now + tonumber(A[3])
+  local old = tonumber(redis.call('HGET', k, field) or '0') or 0
+  if till > old then redis.call('HSET', k, field, tostring(till)) end
 elseif op == 'disable' then
-  redis.call('HSET', KEYS[1], 'd:' .. ARGV[2],
-    tostring(now + tonumber(ARGV[3])) .. '|' .. ARGV[4] .. '|' .. ARGV[5])
+  redis.call('HSET', k, 'd:' .. A[2],
+    tostring(now + tonumber(A[3])) .. '|' .. A[4] .. '|' .. A[5])
 else
-  redis.call('HDEL', KEYS[1], 'd:' .. ARGV[2])
+  redis.call('HDEL', k, 'd:' .. A[2])
 end
-redis.call('PEXPIRE', KEYS[1], 7200000)
+redis.call('PEXPIRE', k, 7200000)
 return {now, {}}
-"#
-    ))
-});
+end
+"#;
+
+static POOL_SCRIPT: LazyLock<Script> =
+    LazyLock::new(|| Script::new(&format!("{NOW_MS}{POOL_LUA}return pool(KEYS[1], ARGV)\n")));
 
 /// Longest cooldown a 429 can put a key into, whatever its Retry-After says.
 pub const MAX_KEY_COOLDOWN: Duration = Duration::from_secs(300);
@@ -150,6 +181,9 @@ pub struct KeyLease {
     index: usize,
     /// For the re-probe of a disabled key: the probe's number.
     probe: Option<u64>,
+    /// Its count in the fleet-wide in-flight set of the key (shared state), removed
+    /// when the lease drops.
+    _fleet: Option<Lease>,
 }
 
 impl KeyLease {
@@ -377,10 +411,103 @@ impl KeyPool {
         };
         let answer: Result<(i64, Vec<String>), Unavailable> =
             state.run(&POOL_SCRIPT, &[key], &[&"read"]).await;
-        let (now_ms, fields) = match answer {
-            Ok(a) => a,
-            Err(Unavailable) => return state.fallback(),
+        match answer {
+            Ok((now_ms, fields)) => {
+                self.apply_shared(now_ms, &fields);
+                Ok(())
+            }
+            Err(Unavailable) => state.fallback(),
+        }
+    }
+
+    /// The shared hash's `read`, as one step of a combined admission (`state::batch`);
+    /// `None` when the pool is not shared.
+    ///
+    /// With `lease` (a name from [`RedisState::lease_name`]) the step is a `pick`: it
+    /// also leases, in Redis, the usable key not in `exclude` with the fewest requests
+    /// in flight **across the fleet** (ties: this replica's round-robin order), for
+    /// [`acquire_picked`](Self::acquire_picked).
+    pub fn shared_step(&self, exclude: &[usize], lease: Option<&str>) -> Option<Step> {
+        let (state, key) = self.remote.get()?;
+        let Some(lease) = lease else {
+            return Some(Step {
+                kind: StepKind::Pool,
+                key: key.clone(),
+                args: vec![Arg::S("read".to_owned())],
+            });
         };
+        let ttl_ms = i64::try_from(state.lease_ttl().as_millis())
+            .unwrap_or(i64::MAX)
+            .max(1);
+        let mut args = vec![
+            Arg::S("pick".to_owned()),
+            Arg::I(ttl_ms),
+            Arg::S(lease.to_owned()),
+        ];
+        let now = Instant::now();
+        let n = self.slots.len();
+        let start = self.next.fetch_add(1, Ordering::Relaxed);
+        for i in (0..n).map(|k| (start + k) % n) {
+            if !exclude.contains(&i) && self.candidacy(i, now).is_ok() {
+                args.push(Arg::S(self.slots[i].key.id().to_owned()));
+            }
+        }
+        Some(Step {
+            kind: StepKind::Pool,
+            key: key.clone(),
+            args,
+        })
+    }
+
+    /// Leases the key `picked` (its id) that a `pick` step leased fleet-wide under
+    /// `lease`, when it is still usable here; else (or with no pick: `picked` empty) as
+    /// [`acquire`](Self::acquire) does, and the fleet-wide lease is given back. Call it
+    /// inside a tokio runtime (the fleet-wide lease is renewed by a task of its own).
+    ///
+    /// # Errors
+    /// As [`acquire`](Self::acquire).
+    pub fn acquire_picked(
+        self: &Arc<Self>,
+        exclude: &[usize],
+        picked: &str,
+        lease: String,
+    ) -> Result<KeyLease, NoKey> {
+        let fleet = self
+            .remote
+            .get()
+            .filter(|_| !picked.is_empty())
+            .map(|(state, key)| Lease::held(state.clone(), format!("{key}:f:{picked}"), lease));
+        let found = self
+            .slots
+            .iter()
+            .position(|s| s.key.id() == picked)
+            .filter(|i| !exclude.contains(i));
+        let lease = found.and_then(|i| match self.candidacy(i, Instant::now()) {
+            Ok(Candidate::Usable) => {
+                self.slots[i].in_flight.fetch_add(1, Ordering::Relaxed);
+                Some(KeyLease {
+                    pool: self.clone(),
+                    index: i,
+                    probe: None,
+                    _fleet: None,
+                })
+            }
+            Ok(Candidate::Probe) => self.claim_probe(i),
+            Err(_) => None,
+        });
+        match lease {
+            Some(mut lease) => {
+                lease._fleet = fleet;
+                Ok(lease)
+            }
+            None => self.acquire(exclude),
+        }
+    }
+
+    /// Brings what the shared hash held (`fields`: field, value, …, read at Redis time
+    /// `now_ms`) into this pool: a cooldown only lengthens a local one; a disabled key
+    /// stays disabled here until its own re-probe succeeds.
+    pub fn apply_shared(&self, now_ms: i64, fields: &[String]) {
         let now = Instant::now();
         let at = |ms: i64| now + Duration::from_millis(u64::try_from(ms - now_ms).unwrap_or(0));
         for pair in fields.chunks_exact(2) {
@@ -428,7 +555,6 @@ impl KeyPool {
                 _ => {}
             }
         }
-        Ok(())
     }
 
     /// Writes one key's new state to the shared hash, in the background.
@@ -483,6 +609,7 @@ impl KeyPool {
                         pool: self.clone(),
                         index: i,
                         probe: None,
+                        _fleet: None,
                     });
                 }
                 Ok((i, Candidate::Probe)) => {
@@ -508,25 +635,13 @@ impl KeyPool {
                 continue;
             }
             let slot = &self.slots[i];
-            let candidate = {
-                let mut state = lock(&slot.state);
-                match &*state {
-                    Health::Disabled {
-                        reprobe_at,
-                        probe: None,
-                        ..
-                    } if *reprobe_at <= now => Candidate::Probe,
-                    Health::Disabled { .. } => continue,
-                    Health::CoolingDown { until } if *until > now => {
-                        earliest = Some(earliest.map_or(*until, |e| e.min(*until)));
-                        continue;
-                    }
-                    Health::CoolingDown { .. } => {
-                        *state = Health::Ok;
-                        Candidate::Usable
-                    }
-                    Health::Ok => Candidate::Usable,
+            let candidate = match self.candidacy(i, now) {
+                Ok(c) => c,
+                Err(Some(until)) => {
+                    earliest = Some(earliest.map_or(until, |e| e.min(until)));
+                    continue;
                 }
+                Err(None) => continue,
             };
             let load = slot.in_flight.load(Ordering::Relaxed);
             if best.as_ref().is_none_or(|(_, l, _)| load < *l) {
@@ -537,6 +652,27 @@ impl KeyPool {
             (Some((i, _, candidate)), _) => Ok((i, candidate)),
             (None, Some(until)) => Err(NoKey::CoolingDown { until }),
             (None, None) => Err(NoKey::Exhausted),
+        }
+    }
+
+    /// What slot `i` may be at `now`: usable, a due re-probe, or not a candidate
+    /// (`Err(Some(until))`: cooling down until then; `Err(None)`: disabled). A cooldown
+    /// that has ended is cleared.
+    fn candidacy(&self, i: usize, now: Instant) -> Result<Candidate, Option<Instant>> {
+        let mut state = lock(&self.slots[i].state);
+        match &*state {
+            Health::Disabled {
+                reprobe_at,
+                probe: None,
+                ..
+            } if *reprobe_at <= now => Ok(Candidate::Probe),
+            Health::Disabled { .. } => Err(None),
+            Health::CoolingDown { until } if *until > now => Err(Some(*until)),
+            Health::CoolingDown { .. } => {
+                *state = Health::Ok;
+                Ok(Candidate::Usable)
+            }
+            Health::Ok => Ok(Candidate::Usable),
         }
     }
 
@@ -564,6 +700,7 @@ impl KeyPool {
             pool: self.clone(),
             index: i,
             probe: Some(number),
+            _fleet: None,
         })
     }
 

@@ -19,6 +19,7 @@ use redis::Script;
 
 use tokio::time::Instant;
 
+use crate::state::batch::{Step, StepKind};
 use crate::state::redis::{Arg, NOW_MS, RedisState, Unavailable};
 
 /// Slack for floating-point rounding when comparing a level with a request (tokens).
@@ -62,23 +63,20 @@ pub enum Taken {
     Shared,
 }
 
-/// The bucket's one script: `reserve` (the wait in ms, or -1: refused), `refund` and
-/// `charge`, each after refilling up to Redis `TIME`; the same arithmetic as
-/// [`TokenBucket::reserve_at`], [`TokenBucket::refund_at`] and
-/// [`TokenBucket::charge_at`].
-static BUCKET_SCRIPT: LazyLock<Script> = LazyLock::new(|| {
-    Script::new(&format!(
-        "{NOW_MS}{}",
-        r#"
-local cap = tonumber(ARGV[2]); local rate = tonumber(ARGV[3]); local n = tonumber(ARGV[4])
-local h = redis.call('HMGET', KEYS[1], 't', 'a')
+/// The bucket's Lua function `bucket(key, args)`, the body of [`BUCKET_SCRIPT`] and one
+/// step of the combined admission script (`state::batch`); `args` are `{op, capacity,
+/// refill/s, n, max wait ms, ttl ms}` and `now` is the prelude's Redis `TIME`.
+pub(crate) const BUCKET_LUA: &str = r#"
+local function bucket(k, A)
+local cap = tonumber(A[2]); local rate = tonumber(A[3]); local n = tonumber(A[4])
+local h = redis.call('HMGET', k, 't', 'a')
 local tokens = tonumber(h[1]); local at = tonumber(h[2])
 if tokens == nil or at == nil then tokens = cap; at = now end
 if now > at then
   if tokens < cap then tokens = math.min(cap, tokens + (now - at) / 1000 * rate) end
   at = now
 end
-local op = ARGV[1]; local result = 0
+local op = A[1]; local result = 0
 if op == 'reserve' then
   if n > cap then return -1 end
   local deficit = n - tokens
@@ -86,17 +84,26 @@ if op == 'reserve' then
     if rate <= 0 then return -1 end
     result = math.ceil(deficit / rate * 1000)
   end
-  if result > tonumber(ARGV[5]) then return -1 end
+  if result > tonumber(A[5]) then return -1 end
   tokens = tokens - n
 elseif op == 'refund' then
   tokens = math.min(cap, tokens + n)
 else
   tokens = tokens - n
 end
-redis.call('HSET', KEYS[1], 't', tostring(tokens), 'a', tostring(at))
-redis.call('PEXPIRE', KEYS[1], tonumber(ARGV[6]))
+redis.call('HSET', k, 't', tostring(tokens), 'a', tostring(at))
+redis.call('PEXPIRE', k, tonumber(A[6]))
 return result
-"#
+end
+"#;
+
+/// The bucket's one script: `reserve` (the wait in ms, or -1: refused), `refund` and
+/// `charge`, each after refilling up to Redis `TIME`; the same arithmetic as
+/// [`TokenBucket::reserve_at`], [`TokenBucket::refund_at`] and
+/// [`TokenBucket::charge_at`].
+static BUCKET_SCRIPT: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(&format!(
+        "{NOW_MS}{BUCKET_LUA}return bucket(KEYS[1], ARGV)\n"
     ))
 });
 
@@ -232,6 +239,26 @@ impl TokenBucket {
                 Ok(self.acquire(n, max_wait).await.map(|()| Taken::Local))
             }
         }
+    }
+
+    /// The fleet-wide `reserve` of `n` tokens within `max_wait`, as one step of a
+    /// combined admission (`state::batch`; its answer is the wait in ms before the
+    /// reserved tokens are paid back by the refill, 0 when they are there, -1 when
+    /// refused). `None` when the bucket is not shared.
+    pub fn shared_step(&self, n: f64, max_wait: Duration) -> Option<Step> {
+        let sh = self.shared.as_ref()?;
+        Some(Step {
+            kind: StepKind::Bucket,
+            key: sh.key.clone(),
+            args: vec![
+                Arg::S("reserve".to_owned()),
+                Arg::F(sh.capacity),
+                Arg::F(sh.refill_per_sec),
+                Arg::F(n),
+                Arg::I(i64::try_from(max_wait.as_millis()).unwrap_or(i64::MAX)),
+                Arg::I(sh.ttl_ms),
+            ],
+        })
     }
 
     /// Gives back `n` tokens where they were taken ([`refund`](Self::refund) locally;

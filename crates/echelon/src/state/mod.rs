@@ -9,6 +9,7 @@
 //! trait, and the admission steps (`resilience::admission`) are async so that a shared
 //! backend can answer after its round trip while the memory one is ready at once.
 
+pub mod batch;
 mod memory;
 pub mod redis;
 

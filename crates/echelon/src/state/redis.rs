@@ -4,9 +4,11 @@
 //! Every operation is one atomic Lua script run with `EVALSHA` (the `redis` crate's
 //! [`Script`] loads it on `NOSCRIPT` and retries), whose time is Redis `TIME`, never a
 //! replica's clock. The scripts are next to the unit they serve
-//! (`resilience::token_bucket`, `concurrency`, `breaker`, `key_pool`); this file only
-//! runs them: with a deadline of `state.timeout_ms`, and with a health flag so that a
-//! request never waits on a backend known to be down.
+//! (`resilience::token_bucket`, `concurrency`, `breaker`, `key_pool`), each a Lua
+//! function that `state::batch` also composes into the one script admitting a whole
+//! candidate in one round trip; this file only runs them: with a deadline of
+//! `state.timeout_ms`, and with a health flag so that a request never waits on a
+//! backend known to be down.
 //!
 //! Health: an error or a timeout marks the backend down (logged once per transition);
 //! while it is down no request touches it and one background task pings it with
