@@ -350,6 +350,7 @@ async fn admit_shared_once(
         key,
         pool: None,
         _in_flight: None,
+        span: tracing::Span::none(),
     };
     // A bucket queued the candidate (within its `queue_timeout`): it waits holding what
     // it was granted; dropped meanwhile, every ticket gives its share back.

@@ -866,8 +866,16 @@ mod tests {
         new.sessions.run_pending_tasks();
         for _ in 0..5 {
             new.select(None, &[]).unwrap(); // other traffic moves the rotation on
-            assert_eq!(new.select(Some(sk("conv-1")), &[]), Some(1), "m1 is now index 1");
-            assert_eq!(new.select(Some(sk("conv-2")), &[]), Some(0), "m2 is now index 0");
+            assert_eq!(
+                new.select(Some(sk("conv-1")), &[]),
+                Some(1),
+                "m1 is now index 1"
+            );
+            assert_eq!(
+                new.select(Some(sk("conv-2")), &[]),
+                Some(0),
+                "m2 is now index 0"
+            );
         }
         // conv-0's instance is gone: it is placed by rotation, then stays there.
         let placed = new.select(Some(sk("conv-0")), &[]).unwrap();
