@@ -245,6 +245,9 @@ async fn admit_shared(
 }
 
 /// What one combined admission came to.
+// Returned once per admission and matched at once, never stored: boxing would only add
+// an allocation per candidate.
+#[allow(clippy::large_enum_variant)]
 enum Once {
     /// Admitted, or refused for good.
     Done(Result<Admitted, Refusal>),
