@@ -39,6 +39,7 @@ case "${1:-}" in
   *) echo "usage: bench/run.sh [--no-write | soak [SECS]]" >&2; exit 2 ;;
 esac
 rounds="${ROUNDS:-3}" secs="${DURATION:-3}"
+start_load="$(cut -d' ' -f1-3 /proc/loadavg)"  # for the table's header
 state="${STATE:-memory}"
 telemetry="${TELEMETRY:-0}"
 case "$state" in memory|redis) ;; *) echo "STATE must be memory or redis" >&2; exit 2 ;; esac
@@ -287,7 +288,7 @@ if [ "$write" = 1 ]; then
   section="$(printf '%s\n' \
     "<!-- $marker:begin (written by bench/run.sh; edit the script, not this) -->" \
     "- **Command:** \`$([ "$state" = redis ] && printf 'STATE=redis ')$([ "$telemetry" = 1 ] && printf 'TELEMETRY=1 ')bench/run.sh\` (ROUNDS=$rounds, DURATION=$secs)$([ "$telemetry" = 1 ] && printf '; direct = the gateway with telemetry off, gateway = with every span exported to a local OTLP/HTTP sink')" \
-    "- **Machine:** $(nproc) vCPU $cpu_model, $(awk '/MemTotal/ {printf "%.0f GiB", $2/1048576}' /proc/meminfo), $(rustc --version | cut -d' ' -f1-2); wrk, upstream and gateway share the cores; load average at the start $(cut -d' ' -f1-3 /proc/loadavg)" \
+    "- **Machine:** $(nproc) vCPU $cpu_model, $(awk '/MemTotal/ {printf "%.0f GiB", $2/1048576}' /proc/meminfo), $(rustc --version | cut -d' ' -f1-2); wrk, upstream and gateway share the cores; load average at the start $start_load, at the end $(cut -d' ' -f1-3 /proc/loadavg)" \
     "- **Date:** $(date -u +%Y-%m-%d)" \
     "" "$table" \
     "<!-- $marker:end -->")"
