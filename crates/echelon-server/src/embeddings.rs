@@ -32,7 +32,7 @@ async fn embed_in_span(r: crate::handlers::Routed) -> Result<Response, ApiError>
         ..
     } = r;
     let req = parse_embedding_request(&body).map_err(ApiError::invalid_request)?;
-    crate::telemetry::record_request("embeddings", &echelon_types::bounded_name(&req.model));
+    crate::telemetry::record_request("embeddings", &req.model);
     tracing::debug!(
         route = %echelon_types::bounded_name(&req.model),
         inputs = req.input.len(),

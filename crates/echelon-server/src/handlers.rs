@@ -138,7 +138,7 @@ async fn chat(r: Routed) -> Result<Response, ApiError> {
     // in the ledger and the metrics anyway. Failures, skips, fallbacks and breaker
     // transitions still log at info or above.
     tracing::debug!(route = %echelon_types::bounded_name(&req.model), stream = req.is_stream(), "chat completion");
-    crate::telemetry::record_request("chat", &echelon_types::bounded_name(&req.model));
+    crate::telemetry::record_request("chat", &req.model);
     // Every routed answer, an error too, says the gateway's own time
     // (`x-echelon-overhead-ms`): for a stream, up to its response head.
     let routed_error = |e: echelon::GatewayError| {

@@ -89,7 +89,7 @@ async fn messages_in_span(r: Routed) -> Result<Response, ApiError> {
         beta: forwarded(&headers, "anthropic-beta"),
     })));
     tracing::debug!(route = %echelon_types::bounded_name(&chat.model), stream = chat.is_stream(), "messages");
-    crate::telemetry::record_request("chat", &echelon_types::bounded_name(&chat.model));
+    crate::telemetry::record_request("chat", &chat.model);
     let routed_error = |e: echelon::GatewayError| {
         ApiError::from(&e).with_overhead_ms(overhead_ms(arrived, e.attempts()))
     };

@@ -57,7 +57,7 @@ async fn in_span(r: crate::handlers::Routed) -> Result<Response, ApiError> {
     let echo = translated.echo;
     let route = req.model.clone();
     tracing::debug!(route = %echelon_types::bounded_name(&route), stream = req.is_stream(), "response");
-    crate::telemetry::record_request("chat", &echelon_types::bounded_name(&route));
+    crate::telemetry::record_request("chat", &route);
     let routed_error = |e: echelon::GatewayError| {
         ApiError::from(&e).with_overhead_ms(overhead_ms(arrived, e.attempts()))
     };

@@ -180,11 +180,13 @@ pub(crate) fn request_span(headers: &http::HeaderMap, request_id: &str) -> Span 
 }
 
 /// Names the current request span `{operation} {route}` and records what the request
-/// asked (no-op when telemetry is off).
+/// asked, the route as the client wrote it bounded by `echelon_types::bounded_name`
+/// (no-op when telemetry is off).
 pub(crate) fn record_request(operation: &'static str, route: &str) {
     if !echelon::telemetry::enabled() {
         return;
     }
+    let route = &*echelon_types::bounded_name(route);
     let span = Span::current();
     // The layer takes a recorded `otel.name` only before the span starts (the incoming
     // parent starts it): rename the started span itself.

@@ -62,6 +62,25 @@ pub(crate) struct Admitted {
 }
 
 impl Admitted {
+    /// What one admission granted, in admission order, before any pool ticket, in-flight
+    /// count or span is attached.
+    fn new(
+        breaker: BreakerTicket,
+        buckets: Vec<BucketTicket>,
+        slots: Vec<SlotTicket>,
+        key: Option<KeyTicket>,
+    ) -> Self {
+        Admitted {
+            breaker,
+            buckets,
+            slots,
+            key,
+            pool: None,
+            _in_flight: None,
+            span: tracing::Span::none(),
+        }
+    }
+
     /// The key to send, if the model has keys.
     pub(crate) fn key(&self) -> Option<&ApiKey> {
         self.key.as_ref().map(KeyTicket::key)
@@ -153,15 +172,7 @@ pub(crate) async fn admit(tier: &Tier, model: &Model, ask: &Ask<'_>) -> Result<A
     } else {
         Some(model.keys().admit(ask).await?)
     };
-    Ok(Admitted {
-        breaker,
-        buckets,
-        slots,
-        key,
-        pool: None,
-        _in_flight: None,
-        span: tracing::Span::none(),
-    })
+    Ok(Admitted::new(breaker, buckets, slots, key))
 }
 
 /// The token-bucket steps of a candidate, in admission order: the echelon's
@@ -321,8 +332,10 @@ async fn admit_shared_once(
                     .and_then(|granted| breaker_verdict(&model.breaker, granted).ok());
             }
             Part::Bucket(b, n) => {
-                let ms = i64::from_redis_value(answer).unwrap_or(0);
-                wait = wait.max(u64::try_from(ms).unwrap_or(0));
+                // Never past the candidate's own queue wait, whatever Redis answers.
+                let ms = u64::try_from(i64::from_redis_value(answer).unwrap_or(0)).unwrap_or(0);
+                let left = u64::try_from(ask.queue.as_millis()).unwrap_or(u64::MAX);
+                wait = wait.max(ms.min(left));
                 buckets.push(b.ticket(n, Taken::Shared));
             }
             Part::Slot(s, name) => slots.extend(s.limit.shared_slot(name).map(SlotTicket::new)),
@@ -346,15 +359,7 @@ async fn admit_shared_once(
             Err(refused) => return Some(Once::Done(Err(refused))),
         }
     };
-    let admitted = Admitted {
-        breaker,
-        buckets,
-        slots,
-        key,
-        pool: None,
-        _in_flight: None,
-        span: tracing::Span::none(),
-    };
+    let admitted = Admitted::new(breaker, buckets, slots, key);
     // A bucket queued the candidate (within its `queue_timeout`): it waits holding what
     // it was granted; dropped meanwhile, every ticket gives its share back.
     if wait > 0 {
