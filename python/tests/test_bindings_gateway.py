@@ -275,6 +275,44 @@ def test_many_tasks_and_threads_at_once(upstream, gateway):
     assert llm.get_usage_summary()["requests"] == 220
 
 
+def test_event_loops_in_several_threads_each_get_their_own_answers(upstream, gateway):
+    # Each loop has its own queue of finished calls and wake-up socket: answers must
+    # reach the loop (and the future) that made the call, also when a thread runs a
+    # second loop after its first one closed.
+    good = upstream("--latency-ms", "5")
+    llm = gateway(two_tier(good.url, good.url)).llm("good-model")
+    got = {}
+    failures = []
+
+    def in_thread(k):
+        try:
+            for rnd in range(2):  # two loops in turn in the same thread
+
+                async def calls():
+                    return await asyncio.gather(*(llm(f"{k}-{rnd}-{i}") for i in range(50)))
+
+                got[(k, rnd)] = asyncio.run(calls())
+        except Exception as e:  # noqa: BLE001 - reported by the assertion below
+            failures.append(repr(e))
+
+    threads = [threading.Thread(target=in_thread, args=(k,)) for k in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert failures == []
+    for k in range(4):
+        for rnd in range(2):
+            assert got[(k, rnd)] == [f"echo: {k}-{rnd}-{i}" for i in range(50)]
+
+
+def test_an_awaitable_needs_a_running_loop(upstream, gateway):
+    good = upstream()
+    llm = gateway(two_tier(good.url, good.url)).llm("good-model")
+    with pytest.raises(RuntimeError):
+        llm("no loop")
+
+
 def test_the_gil_is_released_while_a_sync_call_waits(upstream, gateway):
     slow = upstream("--latency-ms", "400")
     llm = gateway(two_tier(slow.url, slow.url)).llm("good-model")

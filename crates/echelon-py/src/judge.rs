@@ -5,10 +5,9 @@ use std::sync::Arc;
 
 use echelon::judge::{JudgeConfig, JudgeItem};
 use pyo3::prelude::*;
-use pyo3::types::PyList;
 use serde_json::Value;
 
-use crate::convert::{from_py, to_py};
+use crate::convert::from_py;
 use crate::errors::local_error;
 
 /// A judge over a gateway route: `await judge.score(items)` / `judge.score_sync(items)`.
@@ -51,16 +50,9 @@ fn items_of(items: &Bound<'_, PyAny>, pairwise: bool) -> PyResult<Vec<JudgeItem>
     Ok(out)
 }
 
-/// Judgements as a list of dicts.
-fn results(judgements: Vec<echelon::judge::Judgement>) -> PyResult<Py<PyAny>> {
-    let values: Vec<Value> = judgements.iter().map(|j| j.to_value()).collect();
-    Python::attach(|py| {
-        let list = PyList::empty(py);
-        for v in &values {
-            list.append(to_py(py, v)?)?;
-        }
-        Ok(list.into_any().unbind())
-    })
+/// Judgements as a JSON array of objects (a list of dicts in Python).
+fn results(judgements: &[echelon::judge::Judgement]) -> Value {
+    Value::Array(judgements.iter().map(|j| j.to_value()).collect())
 }
 
 /// Every item judged, at most `concurrency` at once, in input order.
@@ -91,15 +83,18 @@ impl Judge {
     ) -> PyResult<Bound<'py, PyAny>> {
         let items = items_of(items, self.pairwise())?;
         let judge = self.inner.clone();
-        crate::awaitable(py, async move { results(judge_all(judge, items).await) })
+        crate::bridge::awaitable(
+            py,
+            async move { Ok(results(&judge_all(judge, items).await)) },
+        )
     }
 
     /// [`score`](Self::score), blocking the thread (not the GIL).
     fn score_sync(&self, py: Python<'_>, items: &Bound<'_, PyAny>) -> PyResult<Py<PyAny>> {
         let items = items_of(items, self.pairwise())?;
         let judge = self.inner.clone();
-        let done = py.detach(|| crate::runtime().block_on(judge_all(judge, items)));
-        results(done)
+        let done = crate::block_on(py, judge_all(judge, items))?;
+        crate::bridge::IntoPython::into_python(results(&done), py)
     }
 
     /// The route the judge asks on (the default route resolved).

@@ -3,12 +3,13 @@
 //! package (python/echelon) re-exports it and adds the pure-Python pieces
 //! (`OpenAICompatible`, `echelon.rl`).
 //!
-//! Every call runs on one multi-thread tokio runtime per process (pyo3-async-runtimes'),
-//! with the GIL released: awaitables are asyncio futures bridged to tokio, and cancelling
-//! the awaiting task drops the Rust future (the upstream connection closes and the
-//! request is recorded with status 499). The `*_sync` variants block the calling thread
+//! Every call runs on one multi-thread tokio runtime per process, with the GIL released:
+//! awaitables are asyncio futures bridged to tokio (`bridge`: no tokio worker ever takes
+//! the GIL), and cancelling the awaiting task drops the Rust future (the upstream
+//! connection closes and the request is recorded with status 499). The `*_sync` variants block the calling thread
 //! (not the GIL) until the answer.
 
+mod bridge;
 mod convert;
 mod errors;
 mod judge;
@@ -16,7 +17,7 @@ mod usage;
 
 use std::future::Future;
 use std::path::PathBuf;
-use std::sync::{Arc, LazyLock, Mutex};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use echelon::config::Config;
@@ -25,71 +26,64 @@ use echelon::routing::GatewayStream;
 use echelon::usage::ledger::{Ledger, LedgerWriter};
 use echelon::{GatewayError, LlmHandle};
 use echelon_types::ChatCompletionRequest;
-use pyo3::exceptions::PyStopAsyncIteration;
 use pyo3::prelude::*;
 use pyo3::types::{PyDict, PyList};
 use serde_json::{Map, Value};
-use tokio_util::sync::CancellationToken;
 
+use crate::bridge::{EXITING, Failure, IntoPython, awaitable};
 use crate::convert::{dict_to_map, from_py, to_py};
 use crate::errors::{ConfigError, gateway_error, local_error};
 use crate::usage::TeeSink;
 
-/// The process's tokio runtime (made on first use, multi-thread).
-fn runtime() -> &'static tokio::runtime::Runtime {
-    pyo3_async_runtimes::tokio::get_runtime()
-}
-
-/// Cancelled by [`_quiesce`] when the interpreter exits: the calls still in flight then
-/// end at once instead of completing while Python finalizes.
-static EXITING: LazyLock<CancellationToken> = LazyLock::new(CancellationToken::new);
-
-/// `fut` as an awaitable asyncio future (`pyo3_async_runtimes::tokio::future_into_py`),
-/// ended early with an `EchelonError` (status 499) when the interpreter exits.
-fn awaitable<'py, F, T>(py: Python<'py>, fut: F) -> PyResult<Bound<'py, PyAny>>
-where
-    F: Future<Output = PyResult<T>> + Send + 'static,
-    T: for<'a> IntoPyObject<'a> + Send + 'static,
-{
-    pyo3_async_runtimes::tokio::future_into_py(py, async move {
-        tokio::select! {
-            biased;
-            () = EXITING.cancelled() => Err(local_error(499, "the interpreter is exiting")),
-            out = fut => out,
-        }
-    })
+/// The process's tokio runtime: made on first use, multi-thread (one worker per core),
+/// its threads named `echelon-py`.
+///
+/// # Errors
+/// `EchelonError` (500) when the operating system refuses its threads or its I/O driver.
+fn runtime() -> PyResult<&'static tokio::runtime::Runtime> {
+    static RUNTIME: std::sync::OnceLock<Result<tokio::runtime::Runtime, String>> =
+        std::sync::OnceLock::new();
+    RUNTIME
+        .get_or_init(|| {
+            tokio::runtime::Builder::new_multi_thread()
+                .enable_all()
+                .thread_name("echelon-py")
+                .build()
+                .map_err(|e| e.to_string())
+        })
+        .as_ref()
+        .map_err(|e| local_error(500, format!("cannot start the tokio runtime: {e}")))
 }
 
 /// At exit (the atexit hook of `echelon/__init__.py`, after the open gateways are
-/// closed): ends the calls still in flight and waits, with the GIL released, until the
-/// runtime has no task left, at most `timeout` seconds.
+/// closed): ends the calls still in flight and waits, with the GIL released, until none
+/// is left, at most `timeout` seconds.
 ///
-/// A tokio worker that completes an asyncio future takes the GIL and calls into Python
-/// (`call_soon_threadsafe`); done while `Py_FinalizeEx` runs, that crashed the
-/// interpreter (a segfault in about one exit in two with calls in flight, one in ten
-/// without). Waiting here, while the interpreter is still whole, lets every such task
-/// finish first.
+/// No tokio task calls into Python (`bridge`), but a task still running while
+/// `Py_FinalizeEx` runs may drop the last reference to a Python object (deferred to
+/// PyO3's pool) or push to a queue no loop will drain; ending them here, while the
+/// interpreter is still whole, keeps the exit quiet. (With `pyo3_async_runtimes`, whose
+/// tasks took the GIL to complete their futures, exiting with calls in flight crashed
+/// the interpreter in about one exit in two.)
 #[pyfunction]
 fn _quiesce(py: Python<'_>, timeout: f64) {
     EXITING.cancel();
     let wait = Duration::try_from_secs_f64(timeout).unwrap_or(Duration::ZERO);
     let deadline = Instant::now() + wait;
     py.detach(|| {
-        let metrics = runtime().metrics();
-        while metrics.num_alive_tasks() > 0 && Instant::now() < deadline {
+        while bridge::calls_in_flight() > 0 && Instant::now() < deadline {
             std::thread::sleep(Duration::from_millis(1));
         }
     });
 }
 
 /// Runs `fut` to completion on the runtime with the GIL released.
-fn block_on<T: Send>(py: Python<'_>, fut: impl Future<Output = T> + Send) -> T {
-    py.detach(|| runtime().block_on(fut))
-}
-
-/// A JSON value as a Python object (owned, GIL-independent).
-fn value_to_object(value: &Value) -> PyResult<Py<PyAny>> {
-    Python::attach(|py| to_py(py, value).map(Bound::unbind))
+///
+/// # Errors
+/// When the runtime cannot start ([`runtime`]).
+fn block_on<T: Send>(py: Python<'_>, fut: impl Future<Output = T> + Send) -> PyResult<T> {
+    let rt = runtime()?;
+    Ok(py.detach(|| rt.block_on(fut)))
 }
 
 /// The gateway: every model and route of a config, with the ledger `echelon serve`
@@ -164,15 +158,15 @@ impl Gateway {
         let gw = self.inner.clone();
         awaitable(
             py,
-            async move { health_to_object(gw.health_check_all().await) },
+            async move { Ok(health_value(gw.health_check_all().await)) },
         )
     }
 
     /// [`health_check_all`](Self::health_check_all), blocking.
     fn health_check_all_sync(&self, py: Python<'_>) -> PyResult<Py<PyAny>> {
         let gw = self.inner.clone();
-        let results = block_on(py, async move { gw.health_check_all().await });
-        health_to_object(results)
+        let results = block_on(py, async move { gw.health_check_all().await })?;
+        health_value(results).into_python(py)
     }
 
     /// A judge over a route (seed 003): see `echelon.Judge`. `cache`: True (judge_cache.db
@@ -283,7 +277,7 @@ impl Gateway {
 
     /// [`close`](Self::close), blocking.
     fn close_sync(slf: Py<Self>, py: Python<'_>) -> PyResult<()> {
-        block_on(py, async move { slf.get().shutdown().await })
+        Ok(block_on(py, async move { slf.get().shutdown().await })??)
     }
 
     fn __enter__(slf: Py<Self>) -> Py<Self> {
@@ -331,7 +325,7 @@ impl Gateway {
             .with_record_sink(sink.clone());
         let gateway = Arc::new(gateway);
         {
-            let _enter = runtime().enter();
+            let _enter = runtime()?.enter();
             gateway.start().map_err(|e| gateway_error(&e))?;
         }
         Ok(Gateway {
@@ -343,15 +337,15 @@ impl Gateway {
     }
 
     /// `close()`'s work.
-    async fn shutdown(&self) -> PyResult<()> {
+    async fn shutdown(&self) -> Result<(), Failure> {
         self.inner.shutdown().await;
         self.sink.close_ledger();
         let writer = self.writer.lock().ok().and_then(|mut w| w.take());
         if let Some(writer) = writer {
             tokio::task::spawn_blocking(move || writer.join())
                 .await
-                .map_err(|e| local_error(500, format!("ledger writer: {e}")))?
-                .map_err(|e| local_error(500, format!("ledger writer: {e}")))?;
+                .map_err(|e| Failure::Local(500, format!("ledger writer: {e}")))?
+                .map_err(|e| Failure::Local(500, format!("ledger writer: {e}")))?;
         }
         Ok(())
     }
@@ -381,10 +375,8 @@ impl Gateway {
     }
 }
 
-/// Health results as a dict of dicts.
-fn health_to_object(
-    results: std::collections::BTreeMap<String, Result<(), String>>,
-) -> PyResult<Py<PyAny>> {
+/// Health results as a JSON object of objects (model id → `ok`, `error`).
+fn health_value(results: std::collections::BTreeMap<String, Result<(), String>>) -> Value {
     let map: Map<String, Value> = results
         .into_iter()
         .map(|(id, r)| {
@@ -395,7 +387,7 @@ fn health_to_object(
             (id, v)
         })
         .collect();
-    value_to_object(&Value::Object(map))
+    Value::Object(map)
 }
 
 /// A chat request on a route from Python arguments: the messages, the keyword parameters
@@ -478,14 +470,14 @@ async fn complete(
     handle: LlmHandle,
     prompt: String,
     params: Option<(ChatCompletionRequest, Option<Duration>)>,
-) -> PyResult<String> {
+) -> Result<String, Failure> {
     let result = match params {
         None => handle.complete(&prompt).await,
         Some((req, timeout)) => {
             with_timeout(timeout, async { text_of(handle.chat(req).await?) }).await
         }
     };
-    result.map_err(|e| gateway_error(&e))
+    Ok(result?)
 }
 
 /// A route used like one model (seed 000's AsyncLLM, seed 004's LLM_Interface). Every
@@ -547,7 +539,7 @@ impl Llm {
     ) -> PyResult<String> {
         let params = self.prompt_request(py, &prompt, kwargs)?;
         let handle = self.handle.clone();
-        block_on(py, complete(handle, prompt, params))
+        Ok(block_on(py, complete(handle, prompt, params))??)
     }
 
     /// `await llm.call_with_format(prompt, formatter=None, **params)` (seed 000): the
@@ -565,10 +557,7 @@ impl Llm {
         let handle = self.handle.clone();
         awaitable(py, async move {
             let text = complete(handle, prompt, params).await?;
-            Python::attach(|py| match formatter {
-                None => Ok(text.into_pyobject(py)?.into_any().unbind()),
-                Some(f) => f.call1(py, (text,)),
-            })
+            Ok(Formatted { text, formatter })
         })
     }
 
@@ -597,7 +586,7 @@ impl Llm {
     ) -> PyResult<Py<PyAny>> {
         let (req, timeout) = build_request(self.handle.name(), messages, params)?;
         let handle = self.handle.clone();
-        block_on(py, chat(handle, req, timeout))
+        block_on(py, chat(handle, req, timeout))??.into_python(py)
     }
 
     /// `async for chunk in llm.chat_stream(messages, **params)`: chunk dicts in OpenAI's
@@ -663,18 +652,14 @@ impl Llm {
     }
 }
 
-/// A chat completion as a Python dict.
+/// A chat completion as JSON (a dict in Python).
 async fn chat(
     handle: LlmHandle,
     req: ChatCompletionRequest,
     timeout: Option<Duration>,
-) -> PyResult<Py<PyAny>> {
-    let done = with_timeout(timeout, handle.chat(req))
-        .await
-        .map_err(|e| gateway_error(&e))?;
-    let v = serde_json::to_value(&done.response)
-        .map_err(|e| local_error(500, format!("internal: {e}")))?;
-    value_to_object(&v)
+) -> Result<Value, Failure> {
+    let done = with_timeout(timeout, handle.chat(req)).await?;
+    serde_json::to_value(&done.response).map_err(|e| Failure::Local(500, format!("internal: {e}")))
 }
 
 /// Where a [`ChatStream`] is.
@@ -714,29 +699,24 @@ impl ChatStream {
                     timeout,
                 } = std::mem::replace(&mut *guard, StreamState::Done)
                 else {
-                    return Err(PyStopAsyncIteration::new_err(()));
+                    return Err(Failure::Stop);
                 };
-                let stream = with_timeout(timeout, handle.chat_stream(*req))
-                    .await
-                    .map_err(|e| gateway_error(&e))?;
+                let stream = with_timeout(timeout, handle.chat_stream(*req)).await?;
                 *guard = StreamState::Open(Box::new(stream));
             }
             let StreamState::Open(stream) = &mut *guard else {
-                return Err(PyStopAsyncIteration::new_err(()));
+                return Err(Failure::Stop);
             };
             match stream.next().await {
-                Some(Ok(chunk)) => {
-                    let v = serde_json::to_value(&chunk)
-                        .map_err(|e| local_error(500, format!("internal: {e}")))?;
-                    value_to_object(&v)
-                }
+                Some(Ok(chunk)) => serde_json::to_value(&chunk)
+                    .map_err(|e| Failure::Local(500, format!("internal: {e}"))),
                 Some(Err(e)) => {
                     *guard = StreamState::Done;
-                    Err(gateway_error(&e))
+                    Err(e.into())
                 }
                 None => {
                     *guard = StreamState::Done;
-                    Err(PyStopAsyncIteration::new_err(()))
+                    Err(Failure::Stop)
                 }
             }
         })
@@ -750,6 +730,22 @@ impl ChatStream {
             *state.lock().await = StreamState::Done;
             Ok(())
         })
+    }
+}
+
+/// `call_with_format`'s answer: the text, passed through the formatter on the event
+/// loop's thread.
+struct Formatted {
+    text: String,
+    formatter: Option<Py<PyAny>>,
+}
+
+impl IntoPython for Formatted {
+    fn into_python(self, py: Python<'_>) -> PyResult<Py<PyAny>> {
+        match self.formatter {
+            None => self.text.into_python(py),
+            Some(f) => f.call1(py, (self.text,)),
+        }
     }
 }
 
