@@ -28,6 +28,8 @@
 # (sample_ratio 1) to a local OTLP/HTTP sink (python3, answers 200 and drops the body),
 # against the same gateway without it. Only those rows run: "direct" is the gateway
 # with telemetry off, "gateway" the one with it on; its own section of BENCHMARKS.md.
+# SAMPLE_RATIO=0.1 (with TELEMETRY=1) keeps that share of the traces instead of all
+# (head sampling: the requests left out build no span); its own section too.
 set -euo pipefail
 root="$(cd "$(dirname "$0")/.." && pwd)"
 cd "$root"
@@ -42,6 +44,7 @@ rounds="${ROUNDS:-3}" secs="${DURATION:-3}"
 start_load="$(cut -d' ' -f1-3 /proc/loadavg)"  # for the table's header
 state="${STATE:-memory}"
 telemetry="${TELEMETRY:-0}"
+ratio="${SAMPLE_RATIO:-1.0}"
 case "$state" in memory|redis) ;; *) echo "STATE must be memory or redis" >&2; exit 2 ;; esac
 
 command -v wrk >/dev/null || { sudo_cmd=""; [ "$(id -u)" -ne 0 ] && sudo_cmd=sudo; $sudo_cmd apt-get install -y -qq wrk >/dev/null; }
@@ -60,6 +63,7 @@ if [ "$state" = redis ]; then
   marker="bench/run.sh state=redis"
 fi
 [ "$telemetry" = 1 ] && marker="bench/run.sh telemetry=1"
+[ "$telemetry" = 1 ] && [ "$ratio" != 1.0 ] && marker="bench/run.sh telemetry=1 sample_ratio=$ratio"
 
 "$bin/echelon-testkit" --port 0 >"$work/up0.out" 2>&1 & pids+=($!); up0_pid=$!
 "$bin/echelon-testkit" --port 0 --latency-ms 50 >"$work/up50.out" 2>&1 & pids+=($!)
@@ -114,7 +118,7 @@ class Sink(http.server.BaseHTTPRequestHandler):
         pass
 http.server.ThreadingHTTPServer(("127.0.0.1", int(sys.argv[1])), Sink).serve_forever()
 PY
-  { cat "$work/gw.yaml"; echo "telemetry: { otlp_endpoint: \"http://127.0.0.1:$otlp_port\", sample_ratio: 1.0 }"; } >"$work/gw-otel.yaml"
+  { cat "$work/gw.yaml"; echo "telemetry: { otlp_endpoint: \"http://127.0.0.1:$otlp_port\", sample_ratio: $ratio }"; } >"$work/gw-otel.yaml"
   sed -i "s|ledger: \"$work/ledger.db\"|ledger: \"$work/ledger-otel.db\"|" "$work/gw-otel.yaml"
   "$bin/echelon" serve --config "$work/gw-otel.yaml" --port 0 >"$work/gw-otel.out" 2>"$work/gw-otel.err" & pids+=($!)
   gw_target_pid=$!
@@ -287,7 +291,7 @@ if [ "$write" = 1 ]; then
   cpu_model="$(sed -n 's/^model name\s*: //p' /proc/cpuinfo | head -1)"
   section="$(printf '%s\n' \
     "<!-- $marker:begin (written by bench/run.sh; edit the script, not this) -->" \
-    "- **Command:** \`$([ "$state" = redis ] && printf 'STATE=redis ')$([ "$telemetry" = 1 ] && printf 'TELEMETRY=1 ')bench/run.sh\` (ROUNDS=$rounds, DURATION=$secs)$([ "$telemetry" = 1 ] && printf '; direct = the gateway with telemetry off, gateway = with every span exported to a local OTLP/HTTP sink')" \
+    "- **Command:** \`$([ "$state" = redis ] && printf 'STATE=redis ')$([ "$telemetry" = 1 ] && printf 'TELEMETRY=1 ')$([ "$telemetry" = 1 ] && [ "$ratio" != 1.0 ] && printf 'SAMPLE_RATIO=%s ' "$ratio")bench/run.sh\` (ROUNDS=$rounds, DURATION=$secs)$([ "$telemetry" = 1 ] && printf '; direct = the gateway with telemetry off, gateway = with telemetry on (sample_ratio %s), its spans exported to a local OTLP/HTTP sink' "$ratio")" \
     "- **Machine:** $(nproc) vCPU $cpu_model, $(awk '/MemTotal/ {printf "%.0f GiB", $2/1048576}' /proc/meminfo), $(rustc --version | cut -d' ' -f1-2); wrk, upstream and gateway share the cores; load average at the start $start_load, at the end $(cut -d' ' -f1-3 /proc/loadavg)" \
     "- **Date:** $(date -u +%Y-%m-%d)" \
     "" "$table" \
@@ -298,6 +302,7 @@ path, section, marker = sys.argv[1], sys.argv[2], sys.argv[3]
 text = open(path).read()
 pattern = re.compile(re.escape(f"<!-- {marker}:begin") + r".*?" + re.escape(f"<!-- {marker}:end -->"), re.S)
 title = ("## Gateway vs direct: `bench/run.sh` (issue 7)" if marker == "bench/run.sh"
+         else "## Telemetry at a lower sample ratio: `TELEMETRY=1 SAMPLE_RATIO=... bench/run.sh` (issue 18)" if "sample_ratio" in marker
          else "## Telemetry on vs off: `TELEMETRY=1 bench/run.sh` (issue 18)" if "telemetry" in marker
          else "## Shared state on Redis: `STATE=redis bench/run.sh` (issue 15)")
 if pattern.search(text):

@@ -9,6 +9,8 @@ use http::StatusCode;
 use serde_json::json;
 use tracing::Instrument;
 
+use crate::telemetry::RequestTrace;
+
 use crate::AppState;
 use crate::content_type::JsonBody;
 use crate::error::{ApiError, ErrorDialect};
@@ -57,8 +59,9 @@ where
     let arrived = std::time::Instant::now();
     let span = tracing::info_span!("request", request_id = %request_id);
     // The exported span (`telemetry:`; none when off), innermost so that the handler
-    // records into it and the attempts are its children.
-    let otel = crate::telemetry::request_span(&headers, &request_id);
+    // records into it and the attempts are its children; or, left out by sampling, no
+    // span at all.
+    let trace = crate::telemetry::request_trace(&headers, &request_id);
     let options = call_options(&headers, request_id.clone());
     let run = async move {
         let JsonBody(body) = body?;
@@ -74,21 +77,36 @@ where
         })
         .await
     };
-    let mut resp = run
-        .instrument(otel.clone())
-        .instrument(span)
-        .await
-        .unwrap_or_else(|e| e.in_dialect(dialect).into_response());
+    let result = match &trace {
+        RequestTrace::Traced(otel) if otel.is_none() => run.instrument(span).await,
+        RequestTrace::Traced(otel) => run.instrument(otel.clone()).instrument(span).await,
+        RequestTrace::Unsampled(tp) => {
+            echelon::telemetry::unsampled(tp.clone(), run)
+                .instrument(span)
+                .await
+        }
+    };
+    let mut resp = result.unwrap_or_else(|e| e.in_dialect(dialect).into_response());
     echo_request_id(&mut resp, &request_id);
-    if !otel.is_none() {
-        crate::telemetry::record_status(&otel, resp.status());
-        // A stream's request span ends with its last chunk.
-        let sse = resp
-            .headers()
+    // A stream's request span ends with its last chunk; an unsampled stream's
+    // continuation attempts stay unsampled.
+    let sse = |resp: &Response| {
+        resp.headers()
             .get(http::header::CONTENT_TYPE)
-            .is_some_and(|v| v.as_bytes().starts_with(b"text/event-stream"));
-        if sse {
-            resp = resp.map(|body| crate::telemetry::body_in_span(body, otel));
+            .is_some_and(|v| v.as_bytes().starts_with(b"text/event-stream"))
+    };
+    match trace {
+        RequestTrace::Traced(otel) if otel.is_none() => {}
+        RequestTrace::Traced(otel) => {
+            crate::telemetry::record_status(&otel, resp.status());
+            if sse(&resp) {
+                resp = resp.map(|body| crate::telemetry::body_in_span(body, otel));
+            }
+        }
+        RequestTrace::Unsampled(tp) => {
+            if sse(&resp) {
+                resp = resp.map(|body| crate::telemetry::body_unsampled(body, tp));
+            }
         }
     }
     resp

@@ -11,6 +11,7 @@
 //! [`echelon::telemetry::enabled`] stays false: no span is built for export and no
 //! header read or written.
 
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use echelon::config::TelemetryConfig;
@@ -34,6 +35,25 @@ pub const BATCH_DELAY: Duration = Duration::from_secs(1);
 
 /// Most time an export request may take before it is given up.
 pub const EXPORT_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// `telemetry.sample_ratio` of the running exporter, as `f64` bits (1.0 until started).
+static SAMPLE_RATIO: AtomicU64 = AtomicU64::new(0x3FF0_0000_0000_0000);
+
+/// Whether a new trace (no sampled or unsampled `traceparent` from the caller) is kept:
+/// with probability `ratio` (0 never, 1 always), drawn from std's per-thread SipHash keys
+/// (`RandomState`, a new state each call), which is enough for head sampling.
+fn keep_new_trace(ratio: f64) -> bool {
+    use std::hash::BuildHasher as _;
+    if ratio >= 1.0 {
+        return true;
+    }
+    if ratio.is_nan() || ratio <= 0.0 {
+        return false;
+    }
+    let draw = std::collections::hash_map::RandomState::new().hash_one(0u8);
+    // `as` saturates: ratio < 1 keeps the product below 2^64.
+    draw < (ratio * 18_446_744_073_709_551_616.0) as u64
+}
 
 /// Why telemetry could not start.
 #[derive(Debug, thiserror::Error)]
@@ -65,9 +85,10 @@ impl Telemetry {
     /// that the library builds no span.
     ///
     /// The layer sees only the spans of target [`echelon::telemetry::TARGET`] (the
-    /// request and attempt spans), never the log lines. Sampling is parent-based: a
-    /// request with a sampled `traceparent` is kept, a new trace with probability
-    /// `sample_ratio`.
+    /// request and attempt spans), never the log lines. Sampling is parent-based, decided
+    /// per request before any span is built ([`request_trace`]): a request with a sampled
+    /// `traceparent` is kept, one with an unsampled `traceparent` is not, a new trace is
+    /// kept with probability `sample_ratio`.
     ///
     /// # Errors
     /// [`TelemetryError::Exporter`] when the exporter cannot be built.
@@ -97,11 +118,12 @@ impl Telemetry {
                     .build(),
             )
             .build();
+        // The ratio is applied at the edge ([`request_trace`]): a request it leaves out
+        // builds no span at all. What reaches the SDK is kept.
+        SAMPLE_RATIO.store(config.sample_ratio.to_bits(), Ordering::Relaxed);
         let provider = SdkTracerProvider::builder()
             .with_span_processor(batch)
-            .with_sampler(Sampler::ParentBased(Box::new(Sampler::TraceIdRatioBased(
-                config.sample_ratio,
-            ))))
+            .with_sampler(Sampler::ParentBased(Box::new(Sampler::AlwaysOn)))
             .with_resource(
                 Resource::builder()
                     .with_service_name(config.service_name.clone())
@@ -149,12 +171,37 @@ pub fn enable() {
     echelon::telemetry::set_enabled(true);
 }
 
-/// The span of one routed request ([`Span::none`] when telemetry is off), named
-/// `POST {path}` until the handler names it `{operation} {route}`, kind server, child of
-/// the caller's `traceparent` when it sent a valid one.
-pub(crate) fn request_span(headers: &http::HeaderMap, request_id: &str) -> Span {
+/// How one routed request is traced.
+#[derive(Debug)]
+pub(crate) enum RequestTrace {
+    /// Its span ([`Span::none`] when telemetry is off).
+    Traced(Span),
+    /// Left out by sampling: run it inside [`echelon::telemetry::unsampled`] with the
+    /// caller's `traceparent` (if any), to pass upstream unchanged.
+    Unsampled(Option<http::HeaderValue>),
+}
+
+/// Head sampling and the span of one routed request. A valid caller `traceparent`
+/// decides (its sampled flag: parent-based); a new trace is kept with probability
+/// `sample_ratio`. A kept request's span is named `POST {path}` until the handler names
+/// it `{operation} {route}`, kind server, child of the caller's span when it sent one.
+pub(crate) fn request_trace(headers: &http::HeaderMap, request_id: &str) -> RequestTrace {
     if !echelon::telemetry::enabled() {
-        return Span::none();
+        return RequestTrace::Traced(Span::none());
+    }
+    let parent = TraceContextPropagator::new().extract(&Extractor(headers));
+    let caller = parent.span().span_context().clone();
+    let keep = if caller.is_valid() {
+        caller.is_sampled()
+    } else {
+        keep_new_trace(f64::from_bits(SAMPLE_RATIO.load(Ordering::Relaxed)))
+    };
+    if !keep {
+        let passed = caller
+            .is_valid()
+            .then(|| headers.get("traceparent").cloned())
+            .flatten();
+        return RequestTrace::Unsampled(passed);
     }
     let span = tracing::info_span!(
         target: echelon::telemetry::TARGET,
@@ -173,17 +220,16 @@ pub(crate) fn request_span(headers: &http::HeaderMap, request_id: &str) -> Span 
         echelon.model = tracing::field::Empty,
         echelon.request_id = request_id,
     );
-    let parent = TraceContextPropagator::new().extract(&Extractor(headers));
     // An invalid or missing traceparent leaves a new trace.
     let _ = span.set_parent(parent);
-    span
+    RequestTrace::Traced(span)
 }
 
 /// Names the current request span `{operation} {route}` and records what the request
 /// asked, the route as the client wrote it bounded by `echelon_types::bounded_name`
 /// (no-op when telemetry is off).
 pub(crate) fn record_request(operation: &'static str, route: &str) {
-    if !echelon::telemetry::enabled() {
+    if !echelon::telemetry::traced() {
         return;
     }
     let route = &*echelon_types::bounded_name(route);
@@ -205,7 +251,7 @@ pub(crate) fn record_answer(
     response_model: Option<&str>,
     usage: Option<&echelon_types::Usage>,
 ) {
-    if !echelon::telemetry::enabled() {
+    if !echelon::telemetry::traced() {
         return;
     }
     let span = Span::current();
@@ -248,6 +294,23 @@ pub(crate) fn body_in_span(body: axum::body::Body, span: Span) -> axum::body::Bo
     ))
 }
 
+/// `body` polled inside [`echelon::telemetry::unsampled`] (a stream's continuation
+/// attempts, made while it is polled, build no span either).
+pub(crate) fn body_unsampled(
+    body: axum::body::Body,
+    traceparent: Option<http::HeaderValue>,
+) -> axum::body::Body {
+    use futures::StreamExt;
+    let stream = body.into_data_stream();
+    axum::body::Body::from_stream(futures::stream::unfold(
+        (stream, traceparent),
+        |(mut stream, tp)| async move {
+            let next = echelon::telemetry::unsampled(tp.clone(), stream.next()).await?;
+            Some((next, (stream, tp)))
+        },
+    ))
+}
+
 /// Reads propagation headers from an [`http::HeaderMap`].
 struct Extractor<'a>(&'a http::HeaderMap);
 
@@ -258,5 +321,20 @@ impl opentelemetry::propagation::Extractor for Extractor<'_> {
 
     fn keys(&self) -> Vec<&str> {
         self.0.keys().map(http::HeaderName::as_str).collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::keep_new_trace;
+
+    #[test]
+    fn a_new_trace_is_kept_at_the_configured_ratio() {
+        assert!((0..1000).all(|_| keep_new_trace(1.0)));
+        assert!((0..1000).all(|_| !keep_new_trace(0.0)));
+        assert!((0..1000).all(|_| !keep_new_trace(f64::NAN)));
+        let kept = (0..20_000).filter(|_| keep_new_trace(0.25)).count();
+        // 0.25 × 20,000 = 5,000; its binomial sd is about 61.
+        assert!((4_600..=5_400).contains(&kept), "{kept}");
     }
 }

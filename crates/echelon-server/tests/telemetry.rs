@@ -2,7 +2,8 @@
 //! `OtlpReceiver`, decoding the protobuf): a request that fails over twice gives one
 //! request span under the caller's `traceparent` and one child span per attempt with
 //! the GenAI attributes, a skipped candidate as an event, and each upstream call
-//! carries its attempt's `traceparent`.
+//! carries its attempt's `traceparent`; a caller's unsampled trace builds no span and
+//! its `traceparent` reaches the upstream unchanged.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod common;
@@ -289,6 +290,37 @@ task_groups:
         None,
         "a keyless provider"
     );
+
+    // A caller's unsampled trace (flags 00): no span at all, and the upstream gets the
+    // caller's traceparent as it came, so the decision travels on.
+    let before = all.len();
+    let unsampled = format!("00-{TRACE_ID}-{CALLER_SPAN}-00");
+    let resp = reqwest::Client::new()
+        .post(server.url("/v1/chat/completions"))
+        .header("traceparent", &unsampled)
+        .json(&json!({"model": "c", "messages": [{"role": "user", "content": "hi"}]}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    let t = telemetry.clone();
+    tokio::task::spawn_blocking(move || t.force_flush())
+        .await
+        .unwrap()
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert_eq!(
+        receiver.spans().len(),
+        before,
+        "no span for an unsampled trace"
+    );
+    let passed = c
+        .recorded()
+        .last()
+        .and_then(|r| r.headers.get("traceparent"))
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_owned);
+    assert_eq!(passed.as_deref(), Some(unsampled.as_str()));
 
     tokio::task::spawn_blocking(move || telemetry.shutdown())
         .await

@@ -7,6 +7,10 @@
 //! [`set_enabled`]. Until then (telemetry off, the default) no span is built and no
 //! header added: [`attempt_span`] returns [`Span::none`] after one relaxed atomic load.
 //!
+//! Sampling is decided once per request, at the edge (`echelon_server::telemetry`): a
+//! request left out runs inside [`unsampled`] and builds no span at all, so a low
+//! `sample_ratio` lowers the cost, not only the volume.
+//!
 //! The spans use the target [`TARGET`], which a log subscriber can filter out so that
 //! they do not add context to log lines.
 
@@ -21,6 +25,30 @@ use tracing_opentelemetry::OpenTelemetrySpanExt;
 pub const TARGET: &str = "echelon::otel";
 
 static ENABLED: AtomicBool = AtomicBool::new(false);
+
+tokio::task_local! {
+    /// Set over a request the server decided not to trace (head sampling: an unsampled
+    /// caller's trace, or a new trace `sample_ratio` leaves out): its attempts build no
+    /// span. Holds the caller's `traceparent`, passed upstream unchanged so that the
+    /// decision travels with the trace (W3C Trace Context).
+    static UNSAMPLED: Option<http::HeaderValue>;
+}
+
+/// `fut` (a request's work) with no span built for its attempts: see [`traced`]. The
+/// upstream calls carry `traceparent` as given (the caller's, or none).
+pub async fn unsampled<F: std::future::Future>(
+    traceparent: Option<http::HeaderValue>,
+    fut: F,
+) -> F::Output {
+    UNSAMPLED.scope(traceparent, fut).await
+}
+
+/// Whether the current request's spans are built: telemetry is on ([`enabled`]) and the
+/// request is not inside [`unsampled`].
+#[inline]
+pub fn traced() -> bool {
+    enabled() && UNSAMPLED.try_with(|_| ()).is_err()
+}
 
 /// Turns the building of spans for export (and the upstream `traceparent`) on or off;
 /// the server turns it on once its OpenTelemetry layer is installed.
@@ -50,7 +78,7 @@ pub(crate) fn attempt_span(
     upstream_model: &str,
     attempt: u32,
 ) -> Span {
-    if !enabled() {
+    if !traced() {
         return Span::none();
     }
     tracing::info_span!(
@@ -123,7 +151,7 @@ pub fn record_usage(
 /// current span (the request's), with `model`, `provider` and `kind` (the skip's reason,
 /// e.g. `circuit_open`).
 pub(crate) fn skipped(model_id: &str, provider: &str, reason: &'static str) {
-    if !enabled() {
+    if !traced() {
         return;
     }
     tracing::info!(
@@ -136,10 +164,17 @@ pub(crate) fn skipped(model_id: &str, provider: &str, reason: &'static str) {
 }
 
 /// `req` with the W3C `traceparent` (and `tracestate`) of the current span, the
-/// attempt's, when telemetry is on; `req` as it is otherwise.
+/// attempt's, when telemetry is on; in an [`unsampled`] request, the caller's
+/// `traceparent` (if any) as it came; `req` as it is when telemetry is off.
 pub(crate) fn propagate(req: reqwest::RequestBuilder) -> reqwest::RequestBuilder {
     if !enabled() {
         return req;
+    }
+    if let Ok(passed) = UNSAMPLED.try_with(Clone::clone) {
+        return match passed {
+            Some(tp) => req.header("traceparent", tp),
+            None => req,
+        };
     }
     let cx = Span::current().context();
     let mut headers = http::HeaderMap::new();
