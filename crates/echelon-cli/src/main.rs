@@ -326,9 +326,9 @@ fn dispatch(command: Command) -> ExitCode {
 }
 
 /// The process's subscriber: log lines (text or JSON) filtered by `ECHELON_LOG` (default
-/// `info`) and, with `telemetry`, the OpenTelemetry layer exporting the request and
-/// attempt spans (issue 18); returns the exporter to shut down at exit. The exported
-/// spans (target `echelon::otel`) never reach the log lines.
+/// `info`); with `telemetry`, the OTLP exporter of the request and attempt spans (issue
+/// 18, built with the OpenTelemetry API, not through this subscriber), returned to shut
+/// down at exit.
 fn init_tracing(
     format: LogFormat,
     telemetry: Option<&echelon::config::TelemetryConfig>,
@@ -337,10 +337,6 @@ fn init_tracing(
     type Boxed = Box<dyn tracing_subscriber::Layer<tracing_subscriber::Registry> + Send + Sync>;
     let filter = tracing_subscriber::EnvFilter::try_from_env("ECHELON_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let filter = match format!("{}=off", echelon::telemetry::TARGET).parse() {
-        Ok(directive) => filter.add_directive(directive),
-        Err(_) => filter,
-    };
     // Colour codes only for a terminal: in a log file or a pipe they are noise.
     let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
     let fmt = tracing_subscriber::fmt::layer()
@@ -350,25 +346,15 @@ fn init_tracing(
         LogFormat::Text => fmt.with_filter(filter).boxed(),
         LogFormat::Json => fmt.json().with_filter(filter).boxed(),
     };
-    let mut layers = vec![fmt];
+    tracing_subscriber::registry().with(fmt).init();
     let mut exporter = None;
-    let mut failed = None;
     if let Some(config) = telemetry {
         match echelon_server::telemetry::Telemetry::start(config) {
-            Ok(Some((layer, handle))) => {
-                layers.push(layer);
-                exporter = Some(handle);
-            }
-            Ok(None) => {}
-            Err(e) => failed = Some(e),
+            Ok(handle) => exporter = handle,
+            Err(e) => tracing::warn!("telemetry off: {e}"),
         }
     }
-    tracing_subscriber::registry().with(layers).init();
-    if let Some(e) = failed {
-        tracing::warn!("telemetry off: {e}");
-    }
     if let (Some(config), Some(_)) = (telemetry, &exporter) {
-        echelon_server::telemetry::enable();
         tracing::info!(
             endpoint = config.traces_url().as_deref().unwrap_or_default(),
             service = %config.service_name,

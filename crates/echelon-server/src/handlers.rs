@@ -79,7 +79,11 @@ where
     };
     let result = match &trace {
         RequestTrace::Traced(otel) if otel.is_none() => run.instrument(span).await,
-        RequestTrace::Traced(otel) => run.instrument(otel.clone()).instrument(span).await,
+        RequestTrace::Traced(otel) => {
+            use opentelemetry::context::FutureExt as _;
+            let cx = otel.context().cloned().unwrap_or_default();
+            run.with_context(cx).instrument(span).await
+        }
         RequestTrace::Unsampled(tp) => {
             echelon::telemetry::unsampled(tp.clone(), run)
                 .instrument(span)

@@ -1,33 +1,31 @@
-//! Traces over OTLP/HTTP (issue 18, `telemetry:` in the config): the exporter and the
-//! `tracing` layer the binary installs, and the request span of a routed endpoint.
+//! Traces over OTLP/HTTP (issue 18, `telemetry:` in the config): the exporter, head
+//! sampling, and the request span of a routed endpoint.
 //!
-//! The request span (`POST /v1/...`, kind server) is the parent of one span per attempt
-//! (built by the library: [`echelon::telemetry`]); a request that arrives with a W3C
-//! `traceparent` is traced under it, and each attempt sends its own upstream. Spans
-//! are batched and posted to `{otlp_endpoint}/v1/traces` as protobuf by the SDK's batch
-//! processor (its own thread, a blocking reqwest client over rustls).
+//! The request span (`{operation} {route}`, kind server) is the parent of one span per
+//! attempt (built by the library: [`echelon::telemetry`]); a request that arrives with a
+//! W3C `traceparent` is traced under it, and each attempt sends its own upstream. Spans
+//! are built with the OpenTelemetry API (not through `tracing`), batched and posted to
+//! `{otlp_endpoint}/v1/traces` as protobuf by the SDK's batch processor (its own thread,
+//! a blocking reqwest client over rustls).
 //!
 //! Off (no `telemetry.otlp_endpoint`) nothing is installed and
-//! [`echelon::telemetry::enabled`] stays false: no span is built for export and no
-//! header read or written.
+//! [`echelon::telemetry::enabled`] stays false: no span is built and no header read or
+//! written.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use echelon::config::TelemetryConfig;
+use echelon::telemetry::TraceSpan;
+use opentelemetry::KeyValue;
 use opentelemetry::propagation::TextMapPropagator;
-use opentelemetry::trace::{TraceContextExt as _, TracerProvider as _};
+use opentelemetry::trace::{SpanKind, TraceContextExt as _, Tracer as _, TracerProvider as _};
 use opentelemetry_otlp::{Protocol, WithExportConfig};
 use opentelemetry_sdk::Resource;
 use opentelemetry_sdk::propagation::TraceContextPropagator;
 use opentelemetry_sdk::trace::{
     BatchConfigBuilder, BatchSpanProcessor, Sampler, SdkTracerProvider,
 };
-use tracing::Span;
-use tracing_opentelemetry::OpenTelemetrySpanExt;
-use tracing_subscriber::Layer;
-use tracing_subscriber::filter::Targets;
-use tracing_subscriber::registry::LookupSpan;
 
 /// How long a finished span may wait in the batch before it is sent (the SDK's default
 /// is 5 s); [`Telemetry::force_flush`] and [`Telemetry::shutdown`] send at once.
@@ -75,29 +73,20 @@ pub struct Telemetry {
     provider: SdkTracerProvider,
 }
 
-/// A `tracing` layer exporting the spans of target [`echelon::telemetry::TARGET`].
-pub type TelemetryLayer<S> = Box<dyn Layer<S> + Send + Sync + 'static>;
-
 impl Telemetry {
-    /// Starts the exporter `config` asks for and returns the layer to install in the
-    /// process's subscriber, with the handle that flushes it; `None` when telemetry is
-    /// off (no `otlp_endpoint`). Once the layer is installed, call [`enable`]: before
-    /// that the library builds no span.
+    /// Starts the exporter `config` asks for and turns span building on
+    /// ([`echelon::telemetry::install`]); returns the handle that flushes it, `None` when
+    /// telemetry is off (no `otlp_endpoint`). Call it once per process: the first tracer
+    /// installed stays.
     ///
-    /// The layer sees only the spans of target [`echelon::telemetry::TARGET`] (the
-    /// request and attempt spans), never the log lines. Sampling is parent-based, decided
+    /// Sampling is parent-based, decided
     /// per request before any span is built ([`request_trace`]): a request with a sampled
     /// `traceparent` is kept, one with an unsampled `traceparent` is not, a new trace is
     /// kept with probability `sample_ratio`.
     ///
     /// # Errors
     /// [`TelemetryError::Exporter`] when the exporter cannot be built.
-    pub fn start<S>(
-        config: &TelemetryConfig,
-    ) -> Result<Option<(TelemetryLayer<S>, Telemetry)>, TelemetryError>
-    where
-        S: tracing::Subscriber + for<'a> LookupSpan<'a> + Send + Sync,
-    {
+    pub fn start(config: &TelemetryConfig) -> Result<Option<Telemetry>, TelemetryError> {
         let Some(url) = config.traces_url() else {
             return Ok(None);
         };
@@ -130,21 +119,8 @@ impl Telemetry {
                     .build(),
             )
             .build();
-        let tracer = provider.tracer("echelon");
-        // Only the attributes the spans declare: not the layer's defaults of source
-        // location (file, module, line), thread name and id, `target`, and busy/idle
-        // times, which read the clock at every poll of an instrumented future. Together
-        // they were about a quarter of telemetry's CPU per request (BENCHMARKS.md).
-        let layer = tracing_opentelemetry::layer()
-            .with_tracer(tracer)
-            .with_location(false)
-            .with_threads(false)
-            .with_target(false)
-            .with_tracked_inactivity(false)
-            .with_filter(
-                Targets::new().with_target(echelon::telemetry::TARGET, tracing::Level::TRACE),
-            );
-        Ok(Some((Box::new(layer), Telemetry { provider })))
+        echelon::telemetry::install(provider.tracer("echelon"));
+        Ok(Some(Telemetry { provider }))
     }
 
     /// Sends every finished span now (blocks until the export is done or failed).
@@ -165,17 +141,11 @@ impl Telemetry {
     }
 }
 
-/// Turns the library's spans on: call it once the layer of [`Telemetry::start`] is in
-/// the subscriber.
-pub fn enable() {
-    echelon::telemetry::set_enabled(true);
-}
-
 /// How one routed request is traced.
 #[derive(Debug)]
 pub(crate) enum RequestTrace {
-    /// Its span ([`Span::none`] when telemetry is off).
-    Traced(Span),
+    /// Its span ([`TraceSpan::none`] when telemetry is off).
+    Traced(TraceSpan),
     /// Left out by sampling: run it inside [`echelon::telemetry::unsampled`] with the
     /// caller's `traceparent` (if any), to pass upstream unchanged.
     Unsampled(Option<http::HeaderValue>),
@@ -183,12 +153,12 @@ pub(crate) enum RequestTrace {
 
 /// Head sampling and the span of one routed request. A valid caller `traceparent`
 /// decides (its sampled flag: parent-based); a new trace is kept with probability
-/// `sample_ratio`. A kept request's span is named `POST {path}` until the handler names
-/// it `{operation} {route}`, kind server, child of the caller's span when it sent one.
+/// `sample_ratio`. A kept request's span is named `request` until the handler names it
+/// `{operation} {route}`, kind server, child of the caller's span when it sent one.
 pub(crate) fn request_trace(headers: &http::HeaderMap, request_id: &str) -> RequestTrace {
-    if !echelon::telemetry::enabled() {
-        return RequestTrace::Traced(Span::none());
-    }
+    let Some(tracer) = echelon::telemetry::tracer() else {
+        return RequestTrace::Traced(TraceSpan::none());
+    };
     let parent = TraceContextPropagator::new().extract(&Extractor(headers));
     let caller = parent.span().span_context().clone();
     let keep = if caller.is_valid() {
@@ -203,59 +173,42 @@ pub(crate) fn request_trace(headers: &http::HeaderMap, request_id: &str) -> Requ
             .flatten();
         return RequestTrace::Unsampled(passed);
     }
-    let span = tracing::info_span!(
-        target: echelon::telemetry::TARGET,
-        "request",
-        otel.name = tracing::field::Empty,
-        otel.kind = "server",
-        otel.status_code = tracing::field::Empty,
-        gen_ai.operation.name = tracing::field::Empty,
-        gen_ai.request.model = tracing::field::Empty,
-        gen_ai.response.model = tracing::field::Empty,
-        gen_ai.usage.input_tokens = tracing::field::Empty,
-        gen_ai.usage.output_tokens = tracing::field::Empty,
-        error.type = tracing::field::Empty,
-        http.response.status_code = tracing::field::Empty,
-        echelon.route = tracing::field::Empty,
-        echelon.model = tracing::field::Empty,
-        echelon.request_id = request_id,
-    );
-    // An invalid or missing traceparent leaves a new trace.
-    let _ = span.set_parent(parent);
-    RequestTrace::Traced(span)
+    // An invalid or missing traceparent leaves an empty parent: a new trace.
+    let span = tracer
+        .span_builder("request")
+        .with_kind(SpanKind::Server)
+        .with_attributes([KeyValue::new("echelon.request_id", request_id.to_owned())])
+        .start_with_context(tracer, &parent);
+    RequestTrace::Traced(TraceSpan::started(&parent, span))
 }
 
 /// Names the current request span `{operation} {route}` and records what the request
 /// asked, the route as the client wrote it bounded by `echelon_types::bounded_name`
-/// (no-op when telemetry is off).
+/// (no-op when the request is not traced).
 pub(crate) fn record_request(operation: &'static str, route: &str) {
-    if !echelon::telemetry::traced() {
+    let span = TraceSpan::current();
+    if span.is_none() {
         return;
     }
-    let route = &*echelon_types::bounded_name(route);
-    let span = Span::current();
-    // The layer takes a recorded `otel.name` only before the span starts (the incoming
-    // parent starts it): rename the started span itself.
-    let name = format!("{operation} {route}");
-    span.context().span().update_name(name.clone());
-    span.record("otel.name", name);
-    span.record("gen_ai.operation.name", operation);
-    span.record("gen_ai.request.model", route);
-    span.record("echelon.route", route);
+    let route = echelon_types::bounded_name(route).into_owned();
+    span.rename(format!("{operation} {route}"));
+    span.set(KeyValue::new("gen_ai.operation.name", operation));
+    span.set(KeyValue::new("gen_ai.request.model", route.clone()));
+    span.set(KeyValue::new("echelon.route", route));
 }
 
 /// Records on the current request span the model id that answered, the model the
-/// answer names and its tokens (no-op when telemetry is off).
+/// answer names and its tokens (no-op when the request is not traced).
 pub(crate) fn record_answer(
     model_id: &str,
     response_model: Option<&str>,
     usage: Option<&echelon_types::Usage>,
 ) {
-    if !echelon::telemetry::traced() {
+    let span = TraceSpan::current();
+    if span.is_none() {
         return;
     }
-    let span = Span::current();
-    span.record("echelon.model", model_id);
+    span.set(KeyValue::new("echelon.model", model_id.to_owned()));
     echelon::telemetry::record_usage(
         &span,
         response_model,
@@ -266,30 +219,37 @@ pub(crate) fn record_answer(
 
 /// Records the response's status on the request `span`: `error.type` is the status code
 /// for a 4xx or 5xx (the HTTP semantic conventions' rule), a 5xx also marks it an error.
-pub(crate) fn record_status(span: &Span, status: http::StatusCode) {
+pub(crate) fn record_status(span: &TraceSpan, status: http::StatusCode) {
     if span.is_none() {
         return;
     }
-    span.record("http.response.status_code", status.as_u16());
+    span.set(KeyValue::new(
+        "http.response.status_code",
+        i64::from(status.as_u16()),
+    ));
     if status.is_client_error() || status.is_server_error() {
-        span.record("error.type", status.as_str());
+        span.set(KeyValue::new("error.type", status.as_str().to_owned()));
     }
     if status.is_server_error() {
-        span.record("otel.status_code", "ERROR");
+        span.fail();
     }
 }
 
-/// `body` polled inside `span`, which it holds until its last chunk (a stream's request
-/// span ends with the stream; a continuation's attempts are its children).
-pub(crate) fn body_in_span(body: axum::body::Body, span: Span) -> axum::body::Body {
+/// `body` polled with the request's context attached, which it holds until its last
+/// chunk (a stream's request span ends with the stream; a continuation's attempts are
+/// its children).
+pub(crate) fn body_in_span(body: axum::body::Body, span: TraceSpan) -> axum::body::Body {
     use futures::StreamExt;
-    use tracing::Instrument;
+    use opentelemetry::context::FutureExt as _;
+    let Some(cx) = span.context().cloned() else {
+        return body;
+    };
     let stream = body.into_data_stream();
     axum::body::Body::from_stream(futures::stream::unfold(
-        (stream, span),
-        |(mut stream, span)| async move {
-            let next = stream.next().instrument(span.clone()).await?;
-            Some((next, (stream, span)))
+        (stream, cx),
+        |(mut stream, cx)| async move {
+            let next = stream.next().with_context(cx.clone()).await?;
+            Some((next, (stream, cx)))
         },
     ))
 }

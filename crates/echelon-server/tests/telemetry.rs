@@ -17,7 +17,6 @@ use echelon_server::ServerOptions;
 use echelon_server::telemetry::Telemetry;
 use echelon_testkit::{Behavior, OtlpReceiver, ReceivedSpan, TestUpstream, UpstreamOptions};
 use serde_json::{Value, json};
-use tracing_subscriber::prelude::*;
 
 const TRACE_ID: &str = "4bf92f3577b34da6a3ce929d0e0e4736";
 const CALLER_SPAN: &str = "00f067aa0ba902b7";
@@ -96,11 +95,9 @@ task_groups:
         d.base_url()
     );
     let config = Config::from_str(&yaml, "t.yaml").unwrap();
-    let (layer, telemetry) = Telemetry::start::<tracing_subscriber::Registry>(&config.telemetry)
+    let telemetry = Telemetry::start(&config.telemetry)
         .unwrap()
         .expect("telemetry is on");
-    tracing_subscriber::registry().with(layer).init();
-    echelon_server::telemetry::enable();
 
     let gateway = Arc::new(Gateway::from_config(&config).unwrap());
     let server = common::serve(gateway, &ServerOptions::default()).await;

@@ -2,29 +2,34 @@
 //!
 //! The library builds the **attempt** spans (one per call to a model, a child of the
 //! request's span, with the GenAI semantic conventions' attributes) and sends each
-//! call's W3C `traceparent` upstream; the server builds the request span and installs
-//! the OpenTelemetry layer that exports them (`echelon_server::telemetry`), then calls
-//! [`set_enabled`]. Until then (telemetry off, the default) no span is built and no
-//! header added: [`attempt_span`] returns [`Span::none`] after one relaxed atomic load.
+//! call's W3C `traceparent` upstream; the server builds the request span, runs the
+//! request with its [`Context`] attached (`opentelemetry::context::FutureExt`), and
+//! hands the SDK's tracer to [`install`]. Until then (telemetry off, the default) no span
+//! is built and no header added: [`attempt_span`] returns [`TraceSpan::none`] after one
+//! relaxed atomic load.
+//!
+//! The spans are built with the OpenTelemetry API directly, not through `tracing` and
+//! `tracing-opentelemetry`: that path cost about 21 µs of CPU per request on the bench
+//! machine (the registry, the layer's span builders and every `record`), against a few
+//! for the SDK's own spans (BENCHMARKS.md, "Telemetry").
 //!
 //! Sampling is decided once per request, at the edge (`echelon_server::telemetry`): a
 //! request left out runs inside [`unsampled`] and builds no span at all, so a low
 //! `sample_ratio` lowers the cost, not only the volume.
-//!
-//! The spans use the target [`TARGET`], which a log subscriber can filter out so that
-//! they do not add context to log lines.
 
+use std::sync::OnceLock;
 use std::sync::atomic::{AtomicBool, Ordering};
 
 use opentelemetry::propagation::TextMapPropagator;
+use opentelemetry::trace::{SpanKind, Status, TraceContextExt as _, Tracer as _};
+use opentelemetry::{Context, KeyValue};
 use opentelemetry_sdk::propagation::TraceContextPropagator;
-use tracing::Span;
-use tracing_opentelemetry::OpenTelemetrySpanExt;
-
-/// The `tracing` target of the spans built for export (`echelon::otel`).
-pub const TARGET: &str = "echelon::otel";
+use opentelemetry_sdk::trace::SdkTracer;
 
 static ENABLED: AtomicBool = AtomicBool::new(false);
+
+/// The tracer spans are built with ([`install`]).
+static TRACER: OnceLock<SdkTracer> = OnceLock::new();
 
 tokio::task_local! {
     /// Set over a request the server decided not to trace (head sampling: an unsampled
@@ -32,6 +37,24 @@ tokio::task_local! {
     /// span. Holds the caller's `traceparent`, passed upstream unchanged so that the
     /// decision travels with the trace (W3C Trace Context).
     static UNSAMPLED: Option<http::HeaderValue>;
+}
+
+/// Turns the building of spans (and the upstream `traceparent`) on, with `tracer` (the
+/// server's, exporting over OTLP). The first tracer installed stays for the process.
+pub fn install(tracer: SdkTracer) {
+    let _ = TRACER.set(tracer);
+    ENABLED.store(true, Ordering::Relaxed);
+}
+
+/// The installed tracer, when telemetry is on.
+pub fn tracer() -> Option<&'static SdkTracer> {
+    if enabled() { TRACER.get() } else { None }
+}
+
+/// Whether spans are built for export ([`install`]).
+#[inline]
+pub fn enabled() -> bool {
+    ENABLED.load(Ordering::Relaxed)
 }
 
 /// `fut` (a request's work) with no span built for its attempts: see [`traced`]. The
@@ -50,26 +73,73 @@ pub fn traced() -> bool {
     enabled() && UNSAMPLED.try_with(|_| ()).is_err()
 }
 
-/// Turns the building of spans for export (and the upstream `traceparent`) on or off;
-/// the server turns it on once its OpenTelemetry layer is installed.
-pub fn set_enabled(on: bool) {
-    ENABLED.store(on, Ordering::Relaxed);
-}
+/// One exported span (the [`Context`] that holds it), or none: telemetry off or the
+/// request unsampled. The span ends when the last clone of its context is dropped, so
+/// whoever holds a stream's span holds it open until the stream's end.
+#[derive(Debug, Clone, Default)]
+pub struct TraceSpan(Option<Context>);
 
-/// Whether spans are built for export ([`set_enabled`]).
-#[inline]
-pub fn enabled() -> bool {
-    ENABLED.load(Ordering::Relaxed)
+impl TraceSpan {
+    /// No span: every record is a no-op.
+    pub fn none() -> Self {
+        TraceSpan(None)
+    }
+
+    /// `span`, started, in a context of its own (its parent's entries kept).
+    pub fn started(parent: &Context, span: opentelemetry_sdk::trace::Span) -> Self {
+        TraceSpan(Some(parent.with_span(span)))
+    }
+
+    /// The current context's span (the request's inside the server's handler), or none
+    /// when the request is not [`traced`].
+    pub fn current() -> Self {
+        if traced() {
+            TraceSpan(Some(Context::current()))
+        } else {
+            TraceSpan(None)
+        }
+    }
+
+    /// Whether there is no span.
+    pub fn is_none(&self) -> bool {
+        self.0.is_none()
+    }
+
+    /// The context holding the span, to attach while its work is polled.
+    pub fn context(&self) -> Option<&Context> {
+        self.0.as_ref()
+    }
+
+    /// Sets one attribute.
+    pub fn set(&self, attribute: KeyValue) {
+        if let Some(cx) = &self.0 {
+            cx.span().set_attribute(attribute);
+        }
+    }
+
+    /// Renames the span.
+    pub fn rename(&self, name: String) {
+        if let Some(cx) = &self.0 {
+            cx.span().update_name(name);
+        }
+    }
+
+    /// Marks the span failed (status `ERROR`).
+    pub fn fail(&self) {
+        if let Some(cx) = &self.0 {
+            cx.span().set_status(Status::error(""));
+        }
+    }
 }
 
 /// The span of one call to `model` (`gen_ai.operation.name` = `operation`,
 /// `chat` or `embeddings`) for the request routed as `route`: named
-/// `{operation} {upstream model}` as the GenAI conventions say, of kind client; the
-/// route as the client wrote it, cut to the length the gateway echoes. The
-/// fields recorded later ([`Empty`](tracing::field::Empty) until then):
-/// `gen_ai.response.model`, `gen_ai.usage.input_tokens`, `gen_ai.usage.output_tokens`,
-/// `error.type`, `echelon.attempt.kind`, `echelon.key_id`, `http.response.status_code`.
-/// [`Span::none`] when telemetry is off.
+/// `{operation} {upstream model}` as the GenAI conventions say, of kind client, a child
+/// of the current context's span (the request's); the route as the client wrote it, cut
+/// to the length the gateway echoes. Recorded later: `gen_ai.response.model`,
+/// `gen_ai.usage.input_tokens`, `gen_ai.usage.output_tokens`, `error.type`,
+/// `echelon.attempt.kind`, `echelon.key_id`, `http.response.status_code`.
+/// [`TraceSpan::none`] when telemetry is off or the request unsampled.
 pub(crate) fn attempt_span(
     operation: &'static str,
     route: &str,
@@ -77,58 +147,59 @@ pub(crate) fn attempt_span(
     provider: &str,
     upstream_model: &str,
     attempt: u32,
-) -> Span {
-    if !traced() {
-        return Span::none();
-    }
-    tracing::info_span!(
-        target: TARGET,
-        "attempt",
-        otel.name = format!("{operation} {upstream_model}"),
-        otel.kind = "client",
-        otel.status_code = tracing::field::Empty,
-        gen_ai.operation.name = operation,
-        gen_ai.provider.name = provider,
-        gen_ai.request.model = upstream_model,
-        gen_ai.response.model = tracing::field::Empty,
-        gen_ai.usage.input_tokens = tracing::field::Empty,
-        gen_ai.usage.output_tokens = tracing::field::Empty,
-        error.type = tracing::field::Empty,
-        http.response.status_code = tracing::field::Empty,
-        echelon.route = %echelon_types::bounded_name(route),
-        echelon.model = model_id,
-        echelon.attempt = attempt,
-        echelon.attempt.kind = tracing::field::Empty,
-        echelon.key_id = tracing::field::Empty,
-    )
+) -> TraceSpan {
+    let Some(tracer) = tracer().filter(|_| traced()) else {
+        return TraceSpan::none();
+    };
+    let parent = Context::current();
+    let span = tracer
+        .span_builder(format!("{operation} {upstream_model}"))
+        .with_kind(SpanKind::Client)
+        .with_attributes([
+            KeyValue::new("gen_ai.operation.name", operation),
+            KeyValue::new("gen_ai.provider.name", provider.to_owned()),
+            KeyValue::new("gen_ai.request.model", upstream_model.to_owned()),
+            KeyValue::new(
+                "echelon.route",
+                echelon_types::bounded_name(route).into_owned(),
+            ),
+            KeyValue::new("echelon.model", model_id.to_owned()),
+            KeyValue::new("echelon.attempt", i64::from(attempt)),
+        ])
+        .start_with_context(tracer, &parent);
+    TraceSpan::started(&parent, span)
 }
 
 /// Records the id of the attempt's key on its span (the short id, never the key).
-pub(crate) fn record_key(span: &Span, key_id: &str) {
+pub(crate) fn record_key(span: &TraceSpan, key_id: &str) {
     if !span.is_none() {
-        span.record("echelon.key_id", key_id);
+        span.set(KeyValue::new("echelon.key_id", key_id.to_owned()));
     }
 }
 
 /// Records a finished attempt on its span: its kind (`ok`, or the failure's kind, also
 /// its `error.type`) and the HTTP status.
-pub(crate) fn record_outcome(span: &Span, outcome: echelon_types::Outcome, status: Option<u16>) {
+pub(crate) fn record_outcome(
+    span: &TraceSpan,
+    outcome: echelon_types::Outcome,
+    status: Option<u16>,
+) {
     if span.is_none() {
         return;
     }
-    span.record("echelon.attempt.kind", outcome.as_str());
+    span.set(KeyValue::new("echelon.attempt.kind", outcome.as_str()));
     if let Some(s) = status {
-        span.record("http.response.status_code", s);
+        span.set(KeyValue::new("http.response.status_code", i64::from(s)));
     }
     if outcome != echelon_types::Outcome::Ok {
-        span.record("error.type", outcome.as_str());
-        span.record("otel.status_code", "ERROR");
+        span.set(KeyValue::new("error.type", outcome.as_str()));
+        span.fail();
     }
 }
 
 /// Records what the answer says on `span`: the model that answered and the tokens.
 pub fn record_usage(
-    span: &Span,
+    span: &TraceSpan,
     response_model: Option<&str>,
     input_tokens: Option<u64>,
     output_tokens: Option<u64>,
@@ -137,34 +208,38 @@ pub fn record_usage(
         return;
     }
     if let Some(m) = response_model {
-        span.record("gen_ai.response.model", m);
+        span.set(KeyValue::new("gen_ai.response.model", m.to_owned()));
     }
+    let count = |n: u64| i64::try_from(n).unwrap_or(i64::MAX);
     if let Some(n) = input_tokens {
-        span.record("gen_ai.usage.input_tokens", n);
+        span.set(KeyValue::new("gen_ai.usage.input_tokens", count(n)));
     }
     if let Some(n) = output_tokens {
-        span.record("gen_ai.usage.output_tokens", n);
+        span.set(KeyValue::new("gen_ai.usage.output_tokens", count(n)));
     }
 }
 
 /// A candidate passed over without a call, as an event `candidate skipped` on the
-/// current span (the request's), with `model`, `provider` and `kind` (the skip's reason,
-/// e.g. `circuit_open`).
+/// current context's span (the request's), with `model`, `provider` and `kind` (the
+/// skip's reason, e.g. `circuit_open`).
 pub(crate) fn skipped(model_id: &str, provider: &str, reason: &'static str) {
     if !traced() {
         return;
     }
-    tracing::info!(
-        target: TARGET,
-        model = model_id,
-        provider = provider,
-        kind = reason,
-        "candidate skipped"
-    );
+    Context::map_current(|cx| {
+        cx.span().add_event(
+            "candidate skipped",
+            vec![
+                KeyValue::new("model", model_id.to_owned()),
+                KeyValue::new("provider", provider.to_owned()),
+                KeyValue::new("kind", reason),
+            ],
+        );
+    });
 }
 
-/// `req` with the W3C `traceparent` (and `tracestate`) of the current span, the
-/// attempt's, when telemetry is on; in an [`unsampled`] request, the caller's
+/// `req` with the W3C `traceparent` (and `tracestate`) of the current context's span,
+/// the attempt's, when telemetry is on; in an [`unsampled`] request, the caller's
 /// `traceparent` (if any) as it came; `req` as it is when telemetry is off.
 pub(crate) fn propagate(req: reqwest::RequestBuilder) -> reqwest::RequestBuilder {
     if !enabled() {
@@ -176,9 +251,10 @@ pub(crate) fn propagate(req: reqwest::RequestBuilder) -> reqwest::RequestBuilder
             None => req,
         };
     }
-    let cx = Span::current().context();
     let mut headers = http::HeaderMap::new();
-    TraceContextPropagator::new().inject_context(&cx, &mut Injector(&mut headers));
+    Context::map_current(|cx| {
+        TraceContextPropagator::new().inject_context(cx, &mut Injector(&mut headers));
+    });
     req.headers(headers)
 }
 
@@ -204,6 +280,7 @@ mod tests {
     #[test]
     fn off_builds_nothing() {
         assert!(!enabled());
+        assert!(tracer().is_none());
         let span = attempt_span("chat", "route", "m", "p", "up", 1);
         assert!(span.is_none());
         record_key(&span, "abcd1234");

@@ -18,6 +18,7 @@ use crate::resilience::admission::{
 use crate::resilience::concurrency::LEASE_POLL;
 use crate::resilience::token_bucket::Taken;
 use crate::state::batch::{self, BatchAnswer};
+use crate::telemetry::TraceSpan;
 
 /// A polling pool's instance as a reporter: the attempt's outcome feeds its health.
 #[derive(Debug)]
@@ -55,10 +56,10 @@ pub(crate) struct Admitted {
     key: Option<KeyTicket>,
     pool: Option<PoolTicket>,
     _in_flight: Option<InFlight>,
-    /// The attempt's span (`telemetry`; [`tracing::Span::none`] when off): held as long
-    /// as the tickets, so a stream's attempt span stays open until its last chunk, and
-    /// handed the outcome with them.
-    span: tracing::Span,
+    /// The attempt's span (`telemetry`; none when off): held as long as the tickets, so
+    /// a stream's attempt span stays open until its last chunk, and handed the outcome
+    /// with them.
+    span: TraceSpan,
 }
 
 impl Admitted {
@@ -77,7 +78,7 @@ impl Admitted {
             key,
             pool: None,
             _in_flight: None,
-            span: tracing::Span::none(),
+            span: TraceSpan::none(),
         }
     }
 
@@ -92,13 +93,13 @@ impl Admitted {
     }
 
     /// The same tickets holding the attempt's `span` (`telemetry`).
-    pub(crate) fn with_span(mut self, span: tracing::Span) -> Self {
+    pub(crate) fn with_span(mut self, span: TraceSpan) -> Self {
         self.span = span;
         self
     }
 
-    /// The attempt's span ([`tracing::Span::none`] when telemetry is off).
-    pub(crate) fn span(&self) -> &tracing::Span {
+    /// The attempt's span (none when telemetry is off).
+    pub(crate) fn span(&self) -> &TraceSpan {
         &self.span
     }
 
@@ -126,10 +127,9 @@ impl Admitted {
 
     /// Hands every ticket the sent call's outcome and releases what they hold.
     pub(crate) fn report(self, report: &Report<'_>) {
+        // The span ends when `self` is dropped, at the end of this call: a stream's
+        // attempt span ends with the stream, not with its first chunk.
         crate::telemetry::record_outcome(&self.span, report.outcome, report.status);
-        // The exporter ends a span at its last exit: entered here, a stream's attempt
-        // span ends with the stream, not with its first chunk.
-        let _entered = (!self.span.is_none()).then(|| self.span.enter());
         self.breaker.report(report);
         for b in self.buckets {
             b.report(report);

@@ -599,13 +599,14 @@ pub(crate) async fn try_model(
             crate::telemetry::record_key(&span, k.id());
         }
         let started = Instant::now();
-        let result = if span.is_none() {
-            call(model, admitted.key(), &req, defaults.timeout).await
-        } else {
-            use tracing::Instrument;
-            call(model, admitted.key(), &req, defaults.timeout)
-                .instrument(span.clone())
-                .await
+        let result = match span.context() {
+            None => call(model, admitted.key(), &req, defaults.timeout).await,
+            Some(cx) => {
+                use opentelemetry::context::FutureExt as _;
+                call(model, admitted.key(), &req, defaults.timeout)
+                    .with_context(cx.clone())
+                    .await
+            }
         };
         let admitted = admitted.with_span(span);
         let key_id = st.call_ended();
