@@ -250,7 +250,8 @@ fn submit(call: Call) -> PyResult<()> {
         Some(tx) => tx,
         None => {
             let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<Call>();
-            // Ends when the interpreter exits (`_quiesce` waits for every task to end).
+            // Ends when the interpreter exits (`_quiesce`); the calls still queued then
+            // are dropped, which ends their count in `IN_FLIGHT`.
             crate::runtime()?.spawn(async move {
                 let mut batch = Vec::with_capacity(64);
                 loop {

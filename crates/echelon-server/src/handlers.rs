@@ -78,7 +78,7 @@ where
         .await
     };
     let result = match &trace {
-        RequestTrace::Traced(otel) if otel.is_none() => run.instrument(span).await,
+        RequestTrace::Off => run.instrument(span).await,
         RequestTrace::Traced(otel) => {
             use opentelemetry::context::FutureExt as _;
             let cx = otel.context().cloned().unwrap_or_default();
@@ -100,7 +100,7 @@ where
             .is_some_and(|v| v.as_bytes().starts_with(b"text/event-stream"))
     };
     match trace {
-        RequestTrace::Traced(otel) if otel.is_none() => {}
+        RequestTrace::Off => {}
         RequestTrace::Traced(otel) => {
             crate::telemetry::record_status(&otel, resp.status());
             if sse(&resp) {

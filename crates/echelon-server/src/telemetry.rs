@@ -144,7 +144,9 @@ impl Telemetry {
 /// How one routed request is traced.
 #[derive(Debug)]
 pub(crate) enum RequestTrace {
-    /// Its span ([`TraceSpan::none`] when telemetry is off).
+    /// Telemetry is off: nothing to build, attach or record.
+    Off,
+    /// Traced: its span.
     Traced(TraceSpan),
     /// Left out by sampling: run it inside [`echelon::telemetry::unsampled`] with the
     /// caller's `traceparent` (if any), to pass upstream unchanged.
@@ -157,7 +159,7 @@ pub(crate) enum RequestTrace {
 /// `{operation} {route}`, kind server, child of the caller's span when it sent one.
 pub(crate) fn request_trace(headers: &http::HeaderMap, request_id: &str) -> RequestTrace {
     let Some(tracer) = echelon::telemetry::tracer() else {
-        return RequestTrace::Traced(TraceSpan::none());
+        return RequestTrace::Off;
     };
     let parent = TraceContextPropagator::new().extract(&Extractor(headers));
     let caller = parent.span().span_context().clone();

@@ -36,6 +36,15 @@ async fn upstream(alias: &str, key: &str) -> TestUpstream {
     .unwrap()
 }
 
+/// Exports every finished span now (the SDK's flush blocks: off the async workers).
+async fn flush(telemetry: &Telemetry) {
+    let t = telemetry.clone();
+    tokio::task::spawn_blocking(move || t.force_flush())
+        .await
+        .unwrap()
+        .unwrap();
+}
+
 /// The spans of the receiver once `want` have arrived (they are flushed by then).
 async fn received(receiver: &OtlpReceiver, want: usize) -> Vec<ReceivedSpan> {
     let deadline = Instant::now() + Duration::from_secs(5);
@@ -113,11 +122,7 @@ task_groups:
     assert_eq!(body["model"], "up-c");
 
     // Deterministic: everything finished is exported now, no waiting for the batch.
-    let t = telemetry.clone();
-    tokio::task::spawn_blocking(move || t.force_flush())
-        .await
-        .unwrap()
-        .unwrap();
+    flush(&telemetry).await;
     let spans = received(&receiver, 4).await;
     let names: Vec<&str> = spans.iter().map(|s| s.name.as_str()).collect();
 
@@ -244,11 +249,7 @@ task_groups:
     assert!(text.ends_with("data: [DONE]\n\n"), "{text}");
     let streamed = end_at.duration_since(head_at).unwrap();
     assert!(streamed >= 2 * CHUNK_DELAY, "the stream took {streamed:?}");
-    let t = telemetry.clone();
-    tokio::task::spawn_blocking(move || t.force_flush())
-        .await
-        .unwrap()
-        .unwrap();
+    flush(&telemetry).await;
     let all = received(&receiver, 6).await;
     let stream_request = all
         .iter()
@@ -300,11 +301,7 @@ task_groups:
         .await
         .unwrap();
     assert_eq!(resp.status(), 200);
-    let t = telemetry.clone();
-    tokio::task::spawn_blocking(move || t.force_flush())
-        .await
-        .unwrap()
-        .unwrap();
+    flush(&telemetry).await;
     tokio::time::sleep(Duration::from_millis(200)).await;
     assert_eq!(
         receiver.spans().len(),
