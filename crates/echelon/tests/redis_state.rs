@@ -121,6 +121,19 @@ fn state_yaml(redis: &Redis, extra: &str) -> String {
     )
 }
 
+/// A config of one model on an unreachable provider, with `state:` on `redis` (`extra`
+/// added to the section): for tests that drive the state units themselves.
+fn one_model_config(redis: &Redis, extra: &str) -> Config {
+    Config::from_str(
+        &format!(
+            "{}models: {{ m: {{ provider: p }} }}\nproviders: {{ p: {{ base_url: \"http://127.0.0.1:1\" }} }}\n",
+            state_yaml(redis, extra)
+        ),
+        "t.yaml",
+    )
+    .unwrap()
+}
+
 /// `replicas` gateways on one Redis: group `grp` = echelon1 model `a` (settings
 /// `a_extra`, provider settings `pa_extra`) on `a`, echelon2 model `b` on `b`.
 fn replicas(
@@ -486,14 +499,7 @@ async fn a_breaker_opened_on_one_replica_rejects_on_the_others_and_probes_fleet_
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_dead_replicas_leases_come_back_within_the_ttl_and_live_ones_are_renewed() {
     let Some(redis) = Redis::start() else { return };
-    let config = Config::from_str(
-        &format!(
-            "{}models: {{ m: {{ provider: p }} }}\nproviders: {{ p: {{ base_url: \"http://127.0.0.1:1\" }} }}\n",
-            state_yaml(&redis, "lease_ttl: 1")
-        ),
-        "t.yaml",
-    )
-    .unwrap();
+    let config = one_model_config(&redis, "lease_ttl: 1");
     let id = StateId::Route {
         label: "g.echelon1".to_owned(),
         unit: Unit::Concurrency,
@@ -929,14 +935,7 @@ async fn a_dead_replicas_key_counts_expire_within_the_lease_ttl() {
     use echelon::key::ApiKey;
     use echelon::resilience::key_pool::KeyPool;
     let Some(redis) = Redis::start() else { return };
-    let config = Config::from_str(
-        &format!(
-            "{}models: {{ m: {{ provider: p }} }}\nproviders: {{ p: {{ base_url: \"http://127.0.0.1:1\" }} }}\n",
-            state_yaml(&redis, "lease_ttl: 1")
-        ),
-        "t.yaml",
-    )
-    .unwrap();
+    let config = one_model_config(&redis, "lease_ttl: 1");
     let pool = |state: &Arc<RedisState>| {
         let p = KeyPool::new(
             "p",
